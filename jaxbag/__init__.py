@@ -1,0 +1,22 @@
+"""jaxbag: EmbeddingBag for JAX and Flax.
+
+The public API; implementations live in ``jaxbag._src``.
+"""
+
+from jaxbag._src.ops import embedding_bag as embedding_bag
+from jaxbag._src.ops import renorm as renorm
+from jaxbag._src.segments import lengths_to_segment_ids as lengths_to_segment_ids
+from jaxbag._src.segments import offsets_to_segment_ids as offsets_to_segment_ids
+from jaxbag._src.validation import MODES as MODES
+from jaxbag._src.validation import validate as validate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "embedding_bag",
+    "lengths_to_segment_ids",
+    "offsets_to_segment_ids",
+    "renorm",
+    "validate",
+]

@@ -1,0 +1,336 @@
+"""Ragged batching: pack variable-length id sequences into static-shape batches.
+
+Dimensions used below:
+
+* ``B``: bags per batch (the fixed batch size, padding bags included).
+* ``N``: real ids in the batch (sum of the bag lengths), varies per batch.
+* ``N_pad``: the padded id capacity, chosen from a small ladder of bucket sizes.
+
+A jitted function compiles once per distinct input shape. Feeding it batches whose
+flat id array has a different length every time recompiles on every step. The
+helpers here fix the batch size ``B`` and round ``N`` up to a bucket ``N_pad``
+taken from a short geometric ladder (``128, 256, 512, ...`` by default), so a
+whole training run sees only a handful of shapes. Padding positions carry the
+segment id ``B`` (one past the last bag), which :func:`jaxbag.embedding_bag`
+drops, and padding bags are empty (they pool to zeros) and are flagged ``False``
+in ``bag_mask`` so callers can mask them out of losses and metrics.
+
+Packing runs on the host with NumPy (it is data preparation, done before the
+arrays are handed to a jitted step), so nothing here is traced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "PackedBags",
+    "bucket_size",
+    "geometric_buckets",
+    "pack_bags",
+]
+
+DEFAULT_MIN_SIZE = 128
+DEFAULT_GROWTH = 2.0
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class PackedBags(NamedTuple):
+    """A batch of ``B`` bags flattened into static-shape arrays (a JAX pytree).
+
+    Jagged layout (TorchRec style), for ``B = 4`` bag slots holding three real bags
+    ``[5, 2, 7]``, ``[]``, ``[3, 3]`` and one padding bag, with ``N = 5`` real ids
+    rounded up to the bucket ``N_pad = 8``::
+
+        bag slot        0          1     2         3 (padding)
+                     ┌─────────┬────┬──────┬─────┐
+        lengths      │    3    │ 0  │  2   │  0  │            [B]
+                     └─────────┴────┴──────┴─────┘
+        offsets       0         3    3      5     5           [B + 1]
+                     ┌──┬──┬──┬──┬──┬──┬──┬──┐
+        indices      │5 │2 │7 │3 │3 │0 │0 │0 │                [N_pad]
+        segment_ids  │0 │0 │0 │2 │2 │4 │4 │4 │                [N_pad]
+                     └──┴──┴──┴──┴──┴──┴──┴──┘
+                      real ids (N=5)  padding: segment id B=4, dropped
+        bag_mask      T  T  T  F                              [B]
+
+    Attributes:
+        indices: int32 ``[N_pad]``. The ids of all bags, concatenated in bag order,
+            then padding (id ``0``; it never contributes because its segment id is
+            out of range).
+        segment_ids: int32 ``[N_pad]``, sorted. The bag of each position; padding
+            positions hold ``B`` so they are dropped by
+            ``jaxbag.embedding_bag(..., segment_ids=..., num_bags=B)``.
+        offsets: int32 ``[B + 1]``. Start of each bag in ``indices`` plus a final
+            entry equal to ``N`` (CSR row pointers, ``include_last_offset`` style).
+        lengths: int32 ``[B]``. Number of ids in each bag (0 for empty and padding bags).
+        bag_mask: bool ``[B]``. ``True`` for the bags that came from the input,
+            ``False`` for the padding bags that fill the last, partial batch.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import jaxbag
+        >>> batch = jaxbag.pack_bags([[5, 2, 7], [], [3, 3]], batch_size=4)
+        >>> batch.indices.shape, batch.num_bags
+        ((128,), 4)
+        >>> weight = jnp.ones((10, 2), jnp.float32)
+        >>> pooled = jaxbag.embedding_bag(
+        ...     weight, batch.indices, segment_ids=batch.segment_ids,
+        ...     num_bags=batch.num_bags, mode="sum")
+        >>> pooled[:, 0].tolist()
+        [3.0, 0.0, 2.0, 0.0]
+    """
+
+    indices: npt.NDArray[np.int32]
+    segment_ids: npt.NDArray[np.int32]
+    offsets: npt.NDArray[np.int32]
+    lengths: npt.NDArray[np.int32]
+    bag_mask: npt.NDArray[np.bool_]
+
+    @property
+    def num_bags(self) -> int:
+        """``B``, the number of bag slots (static: read from a shape, safe under jit)."""
+        return int(self.bag_mask.shape[0])
+
+    @property
+    def capacity(self) -> int:
+        """``N_pad``, the padded number of id positions (static)."""
+        return int(self.indices.shape[0])
+
+
+def _check_ladder_args(min_size: int, growth: float) -> None:
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 1:
+        raise ValueError(
+            f"min_size must be a positive int, got {min_size!r}; "
+            "e.g. jaxbag.bucket_size(n, min_size=128)."
+        )
+    if not isinstance(growth, (int, float, np.integer, np.floating)) or not growth > 1.0:
+        raise ValueError(
+            f"growth must be a number > 1, got {growth!r}; "
+            "e.g. jaxbag.bucket_size(n, growth=2.0) for powers of two."
+        )
+
+
+def _next_rung(size: int, growth: float) -> int:
+    return max(size + 1, math.ceil(size * growth))
+
+
+def geometric_buckets(
+    max_size: int, *, min_size: int = DEFAULT_MIN_SIZE, growth: float = DEFAULT_GROWTH
+) -> tuple[int, ...]:
+    """The geometric ladder of bucket sizes ``min_size, ceil(min_size*growth), ...``.
+
+    The ladder stops at the first rung ``>= max_size``; with the defaults it is the
+    powers of two from 128.
+
+    Args:
+        max_size: int. The largest number of ids a batch can hold; the last rung is
+            the first one at or above it.
+        min_size: int >= 1. The first rung (the floor: every batch pads to at least this).
+        growth: float > 1. Ratio between consecutive rungs.
+
+    Returns:
+        A tuple of increasing Python ints, to pass as ``bucket_sizes=`` to
+        :func:`pack_bags` or :func:`bucket_size`.
+
+    Examples:
+        >>> import jaxbag
+        >>> jaxbag.geometric_buckets(1000, min_size=128)
+        (128, 256, 512, 1024)
+        >>> jaxbag.geometric_buckets(300, min_size=100, growth=1.5)
+        (100, 150, 225, 338)
+    """
+    _check_ladder_args(min_size, growth)
+    if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 0:
+        raise ValueError(
+            f"max_size must be a non-negative int, got {max_size!r}; "
+            "e.g. jaxbag.geometric_buckets(4096)."
+        )
+    sizes = [int(min_size)]
+    while sizes[-1] < max_size:
+        sizes.append(_next_rung(sizes[-1], float(growth)))
+    return tuple(sizes)
+
+
+def bucket_size(
+    n: int,
+    *,
+    bucket_sizes: Sequence[int] | None = None,
+    min_size: int = DEFAULT_MIN_SIZE,
+    growth: float = DEFAULT_GROWTH,
+) -> int:
+    """The smallest bucket that holds ``n`` ids.
+
+    Args:
+        n: int >= 0. The number of real ids in a batch (``N``).
+        bucket_sizes: optional explicit, increasing sizes. When given, ``min_size``
+            and ``growth`` are ignored and ``n`` above the largest size is an error.
+        min_size: int >= 1. First rung of the default geometric ladder.
+        growth: float > 1. Ratio of the default geometric ladder (unbounded).
+
+    Returns:
+        ``N_pad``, a Python int ``>= n``.
+
+    Raises:
+        ValueError: ``n`` is negative or larger than every explicit bucket, or the
+            ladder arguments are invalid.
+
+    Examples:
+        >>> import jaxbag
+        >>> jaxbag.bucket_size(5), jaxbag.bucket_size(129), jaxbag.bucket_size(4096)
+        (128, 256, 4096)
+        >>> jaxbag.bucket_size(700, bucket_sizes=(512, 1024, 2048))
+        1024
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(
+            f"n must be a non-negative int (the number of ids), got {n!r}; "
+            "e.g. jaxbag.bucket_size(1000)."
+        )
+    if bucket_sizes is not None:
+        sizes = _check_bucket_sizes(bucket_sizes)
+        for size in sizes:
+            if size >= n:
+                return size
+        raise ValueError(
+            f"n={int(n)} ids do not fit in the largest bucket {sizes[-1]} of "
+            f"bucket_sizes={sizes}; add a larger bucket, e.g. "
+            f"bucket_sizes=jaxbag.geometric_buckets({int(n)}), or split the batch."
+        )
+    _check_ladder_args(min_size, growth)
+    size = int(min_size)
+    while size < n:
+        size = _next_rung(size, float(growth))
+    return size
+
+
+def _check_bucket_sizes(bucket_sizes: Sequence[int]) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in bucket_sizes)
+        ok = len(sizes) > 0 and all(
+            not isinstance(s, bool) and isinstance(s, (int, np.integer)) for s in bucket_sizes
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or any(s < 1 for s in sizes) or any(a >= b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(
+            f"bucket_sizes must be a non-empty, strictly increasing sequence of positive "
+            f"ints, got {bucket_sizes!r}; e.g. bucket_sizes=(256, 512, 1024) or "
+            "bucket_sizes=jaxbag.geometric_buckets(1024)."
+        )
+    return sizes
+
+
+def pack_bags(
+    bags: Sequence[Sequence[int] | npt.ArrayLike],
+    *,
+    batch_size: int | None = None,
+    bucket_sizes: Sequence[int] | None = None,
+    min_size: int = DEFAULT_MIN_SIZE,
+    growth: float = DEFAULT_GROWTH,
+) -> PackedBags:
+    """Packs variable-length id sequences into one static-shape, padded batch.
+
+    The flat length is rounded up to a bucket (see :func:`bucket_size`) and the
+    number of bags is padded up to ``batch_size`` with empty, masked-out bags, so a
+    jitted consumer sees at most ``len(bucket ladder)`` distinct shapes. See
+    :class:`PackedBags` for the layout.
+
+    Args:
+        bags: a sequence of ``b <= B`` bags, each a 1-D sequence or array of
+            non-negative integer ids (lists, tuples or NumPy arrays; may be empty).
+        batch_size: ``B``, the fixed number of bag slots; defaults to ``len(bags)``.
+            Must be ``>= len(bags)``.
+        bucket_sizes: optional explicit increasing capacities to choose ``N_pad`` from.
+        min_size: first rung of the default geometric ladder (the floor of ``N_pad``).
+        growth: ratio of the default geometric ladder.
+
+    Returns:
+        A :class:`PackedBags` of NumPy arrays: indices/segment_ids int32 ``[N_pad]``,
+        offsets int32 ``[B + 1]``, lengths int32 ``[B]``, bag_mask bool ``[B]``.
+
+    Raises:
+        ValueError: a bag is not 1-D integer data, an id is negative or does not fit
+            in int32, ``batch_size`` is smaller than ``len(bags)``, or ``N`` exceeds
+            every explicit bucket.
+
+    Examples:
+        >>> import jaxbag
+        >>> batch = jaxbag.pack_bags([[5, 2, 7], [], [3, 3]], batch_size=4,
+        ...                          bucket_sizes=(8, 16))
+        >>> batch.indices.tolist()
+        [5, 2, 7, 3, 3, 0, 0, 0]
+        >>> batch.segment_ids.tolist()
+        [0, 0, 0, 2, 2, 4, 4, 4]
+        >>> batch.offsets.tolist(), batch.bag_mask.tolist()
+        ([0, 3, 3, 5, 5], [True, True, True, False])
+    """
+    if isinstance(bags, (str, bytes)) or not isinstance(bags, Sequence):
+        raise ValueError(
+            f"bags must be a sequence of 1-D id sequences, got {type(bags).__name__}; "
+            "e.g. jaxbag.pack_bags([[1, 2], [3]], batch_size=4)."
+        )
+    num_real = len(bags)
+    if batch_size is None:
+        batch_size = num_real
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(
+            f"batch_size must be a positive int, got {batch_size!r}; "
+            "e.g. jaxbag.pack_bags(bags, batch_size=32)."
+        )
+    if num_real > batch_size:
+        raise ValueError(
+            f"got {num_real} bags but batch_size={int(batch_size)}; pass at most "
+            "batch_size bags per call (split the data into batches first)."
+        )
+
+    arrays: list[np.ndarray] = []
+    for i, bag in enumerate(bags):
+        arr = np.asarray(bag)
+        if arr.ndim != 1:
+            raise ValueError(
+                f"bags[{i}] must be a 1-D sequence of ids, got shape {arr.shape}; "
+                "e.g. bags=[[1, 2], [3]]."
+            )
+        if arr.size == 0:
+            continue
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(
+                f"bags[{i}] must hold integer ids, got dtype {arr.dtype}; "
+                "convert with np.asarray(bag, dtype=np.int32)."
+            )
+        arrays.append(arr)
+
+    lengths = np.zeros(batch_size, dtype=np.int32)
+    lengths[:num_real] = [np.size(bag) for bag in bags]
+    total = int(lengths.sum(dtype=np.int64))
+    n_pad = bucket_size(total, bucket_sizes=bucket_sizes, min_size=min_size, growth=growth)
+
+    indices = np.zeros(n_pad, dtype=np.int32)
+    if total:
+        flat = np.concatenate(arrays)
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi > _INT32_MAX:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"ids must lie in [0, {_INT32_MAX}] (non-negative int32), got {bad}; "
+                "map or hash your ids into the embedding table's range first."
+            )
+        indices[:total] = flat
+    segment_ids = np.full(n_pad, batch_size, dtype=np.int32)
+    segment_ids[:total] = np.repeat(np.arange(batch_size, dtype=np.int32), lengths)
+    offsets = np.zeros(batch_size + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    bag_mask = np.arange(batch_size) < num_real
+    return PackedBags(
+        indices=indices,
+        segment_ids=segment_ids,
+        offsets=offsets,
+        lengths=lengths,
+        bag_mask=bag_mask,
+    )

@@ -1,0 +1,350 @@
+"""Argument checks for :func:`jaxbag.embedding_bag`.
+
+Two kinds of checks:
+
+* *static* checks (dtypes, ranks, shapes, mode, option combinations) always run, at trace time too;
+* *value* checks (ids in range, well-formed offsets, sorted segment ids) need concrete values. They run
+  eagerly inside :func:`jaxbag.embedding_bag` when its inputs are concrete, and on demand under
+  ``jit`` through :func:`validate`, which uses :func:`jax.experimental.checkify.check` for traced
+  values (wrap the caller in :func:`jax.experimental.checkify.checkify`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.experimental import checkify
+from jax.typing import ArrayLike
+
+__all__ = ["MODES", "validate"]
+
+MODES = ("sum", "mean", "max", "sqrtn")
+
+
+def is_concrete(*xs: object) -> bool:
+    """Whether none of ``xs`` is a tracer (i.e. their values are known now)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(
+            f"mode must be one of {MODES}; got mode={mode!r}. "
+            "For example: embedding_bag(weight, indices, offsets, mode='mean')."
+        )
+
+
+def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
+    """Returns ``padding_idx`` in ``[0, V)`` (negative values count from the end, as torch)."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+        raise TypeError(
+            f"padding_idx must be a Python int or None; got {padding_idx!r} "
+            f"of type {type(padding_idx).__name__}."
+        )
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(
+            f"padding_idx must be within [-{num_embeddings}, {num_embeddings}) for a table of "
+            f"num_embeddings={num_embeddings}; got padding_idx={padding_idx}."
+        )
+    return int(padding_idx) % num_embeddings
+
+
+def _require_int(name: str, x: Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be an integer array (int32 or int64); got dtype {x.dtype}. "
+            f"Cast it first: {name}.astype(jnp.int32)."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The input form after static checks. ``num_bags`` is ``B``; ``ids_shape`` is indices' shape."""
+
+    num_bags: int
+    two_d: bool
+
+
+def check_static(
+    *,
+    num_embeddings: int,
+    indices: Array,
+    offsets: Array | None,
+    per_sample_weights: Array | None,
+    segment_ids: Array | None,
+    num_bags: int | None,
+    include_last_offset: bool,
+    mode: str,
+    scale_grad_by_freq: bool = False,
+) -> Layout:
+    """Checks everything that does not need values; returns the number of bags."""
+    check_mode(mode)
+    _require_int("indices", indices)
+    if indices.ndim == 2:
+        if offsets is not None:
+            raise ValueError(
+                f"offsets must be None when indices is 2-D [B, L] = {indices.shape} (each row is a "
+                f"bag); got offsets of shape {jnp.shape(offsets)}. Flatten instead: "
+                "embedding_bag(weight, indices.reshape(-1), offsets, ...)."
+            )
+        if segment_ids is not None:
+            raise ValueError(
+                f"segment_ids must be None when indices is 2-D [B, L] = {indices.shape} (each row "
+                "is a bag); pass 1-D indices with segment_ids instead."
+            )
+        if num_bags is not None and num_bags != indices.shape[0]:
+            raise ValueError(
+                f"num_bags={num_bags} does not match 2-D indices of shape {indices.shape}; "
+                "leave num_bags=None for 2-D input."
+            )
+        layout = Layout(num_bags=indices.shape[0], two_d=True)
+    elif indices.ndim == 1:
+        if offsets is not None and segment_ids is not None:
+            raise ValueError(
+                "pass either offsets or segment_ids (with num_bags), not both: "
+                "embedding_bag(weight, indices, offsets) or "
+                "embedding_bag(weight, indices, segment_ids=ids, num_bags=B)."
+            )
+        if offsets is not None:
+            _require_int("offsets", offsets)
+            if offsets.ndim != 1:
+                raise ValueError(
+                    f"offsets must be 1-D [B] (or [B+1] with include_last_offset=True); got shape "
+                    f"{offsets.shape}."
+                )
+            b = offsets.shape[0] - (1 if include_last_offset else 0)
+            if b < 0:
+                raise ValueError(
+                    "include_last_offset=True needs at least one offset (the end of the last bag); "
+                    "got an empty offsets array."
+                )
+            if num_bags is not None and num_bags != b:
+                raise ValueError(
+                    f"num_bags={num_bags} does not match offsets of shape {offsets.shape} "
+                    f"(include_last_offset={include_last_offset}, so B={b}); leave num_bags=None."
+                )
+            layout = Layout(num_bags=b, two_d=False)
+        elif segment_ids is not None:
+            _require_int("segment_ids", segment_ids)
+            if segment_ids.shape != indices.shape:
+                raise ValueError(
+                    f"segment_ids must have the shape of indices {indices.shape}; got "
+                    f"{segment_ids.shape}."
+                )
+            if num_bags is None or isinstance(num_bags, bool) or not isinstance(
+                num_bags, (int, np.integer)
+            ):
+                raise ValueError(
+                    "segment_ids needs a static Python int num_bags (the number of bags B; ids >= B "
+                    f"are dropped); got num_bags={num_bags!r}. For example: embedding_bag(weight, "
+                    "indices, segment_ids=ids, num_bags=32)."
+                )
+            if num_bags < 0:
+                raise ValueError(f"num_bags must be >= 0; got num_bags={num_bags}.")
+            layout = Layout(num_bags=int(num_bags), two_d=False)
+        else:
+            raise ValueError(
+                f"1-D indices of shape {indices.shape} need offsets (bag starts) or segment_ids with "
+                "num_bags. For a single bag: embedding_bag(weight, indices, jnp.array([0])); or pass "
+                "2-D indices [B, L] where each row is a bag."
+            )
+    else:
+        raise ValueError(
+            f"indices must be 1-D [N] (with offsets or segment_ids) or 2-D [B, L]; got shape "
+            f"{indices.shape}."
+        )
+    if per_sample_weights is not None:
+        if mode == "max":
+            raise ValueError(
+                "per_sample_weights is not supported with mode='max' (as in torch): use mode='sum', "
+                "'mean' or 'sqrtn', or drop per_sample_weights."
+            )
+        if not jnp.issubdtype(per_sample_weights.dtype, jnp.floating):
+            raise TypeError(
+                "per_sample_weights must be a floating-point array; got dtype "
+                f"{per_sample_weights.dtype}. Cast it first: per_sample_weights.astype(jnp.float32)."
+            )
+        if per_sample_weights.shape != indices.shape:
+            raise ValueError(
+                f"per_sample_weights must have the shape of indices {indices.shape}; got "
+                f"{per_sample_weights.shape}."
+            )
+    if scale_grad_by_freq and mode == "max":
+        raise ValueError(
+            "scale_grad_by_freq is not supported with mode='max' (as in torch): use mode='sum' or "
+            "'mean', or scale_grad_by_freq=False."
+        )
+    return layout
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """A value check: ``bad`` is a scalar bool; ``args`` fill ``message`` when it is true."""
+
+    error: type[Exception]
+    bad: Array
+    message: str
+    args: Sequence[Array]
+
+
+def _first(mask: Array) -> Array:
+    return jnp.argmax(mask).astype(jnp.int32)
+
+
+def _value_problems(
+    num_embeddings: int,
+    indices: Array,
+    offsets: Array | None,
+    segment_ids: Array | None,
+) -> list[_Problem]:
+    problems = []
+    flat = indices.reshape(-1)
+    n = flat.shape[0]
+    out = (flat < 0) | (flat >= num_embeddings)
+    pos = _first(out)
+    if indices.ndim == 2:
+        where = "indices[{}, {}] = {}"
+        where_args = [pos // indices.shape[1], pos % indices.shape[1]]
+    else:
+        where = "indices[{}] = {}"
+        where_args = [pos]
+    problems.append(
+        _Problem(
+            IndexError,
+            jnp.any(out),
+            where + f" is out of range for a table of num_embeddings={num_embeddings}: ids must "
+            f"satisfy 0 <= id < {num_embeddings}. (Under jit such ids contribute zeros.)",
+            [*where_args, flat[pos] if n else jnp.int32(0)],
+        )
+    )
+    if offsets is not None and offsets.shape[0] > 0:
+        problems.append(
+            _Problem(
+                ValueError,
+                offsets[0] != 0,
+                "offsets[0] = {} but the first bag must start at 0: offsets[0] must be 0.",
+                [offsets[0]],
+            )
+        )
+    if offsets is not None and offsets.shape[0] > 1:
+        dec = offsets[1:] < offsets[:-1]
+        i = _first(dec) + 1
+        problems.append(
+            _Problem(
+                ValueError,
+                jnp.any(dec),
+                "offsets[{}] = {} is smaller than offsets[{}] = {}: offsets must be non-decreasing "
+                "(equal offsets make empty bags).",
+                [i, offsets[i], i - 1, offsets[i - 1]],
+            )
+        )
+    if offsets is not None and offsets.shape[0] > 0:
+        past = offsets > n
+        j = _first(past)
+        problems.append(
+            _Problem(
+                ValueError,
+                jnp.any(past),
+                "offsets[{}] = {} is past the end of indices" + f" (N = {n}): offsets must be <= N.",
+                [j, offsets[j]],
+            )
+        )
+    if segment_ids is not None and n > 1:
+        dec = segment_ids[1:] < segment_ids[:-1]
+        i = _first(dec) + 1
+        problems.append(
+            _Problem(
+                ValueError,
+                jnp.any(dec),
+                "segment_ids[{}] = {} is smaller than segment_ids[{}] = {}: segment ids must be "
+                "sorted (non-decreasing).",
+                [i, segment_ids[i], i - 1, segment_ids[i - 1]],
+            )
+        )
+    return problems
+
+
+def raise_value_problems(
+    num_embeddings: int,
+    indices: Array,
+    offsets: Array | None,
+    segment_ids: Array | None,
+) -> None:
+    """Raises the first value problem; inputs must be concrete."""
+    for p in _value_problems(num_embeddings, indices, offsets, segment_ids):
+        if bool(p.bad):
+            raise p.error(p.message.format(*(int(a) for a in p.args)))
+
+
+def validate(
+    num_embeddings: int,
+    indices: ArrayLike,
+    offsets: ArrayLike | None = None,
+    *,
+    mode: str = "mean",
+    per_sample_weights: ArrayLike | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    segment_ids: ArrayLike | None = None,
+    num_bags: int | None = None,
+) -> None:
+    """Checks the arguments of :func:`jaxbag.embedding_bag`, values included, eagerly or under jit.
+
+    :func:`jaxbag.embedding_bag` already runs every check when its inputs are concrete. Under
+    ``jit`` (or ``vmap``) values are unknown, so it only runs the static checks and treats bad ids
+    safely (out-of-range ids contribute zeros, never another row). Call ``validate`` inside the
+    jitted function and wrap it in :func:`jax.experimental.checkify.checkify` to have the value
+    checks reported there.
+
+    Args:
+      num_embeddings: ``V``, the number of rows of the table.
+      indices: ``int [N]`` or ``int [B, L]`` ids.
+      offsets: optional ``int [B]`` (``[B+1]`` with ``include_last_offset``) bag starts.
+      mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
+      per_sample_weights: optional ``float`` array of ``indices``' shape.
+      padding_idx: optional padding row, in ``[-V, V)``.
+      include_last_offset: whether ``offsets`` ends with the end of the last bag.
+      segment_ids: optional sorted ``int [N]`` bag of each id (with ``num_bags``).
+      num_bags: static number of bags for ``segment_ids``.
+
+    Raises:
+      TypeError, ValueError, IndexError: eagerly, naming the argument and the first offending
+        position. Under ``checkify.checkify`` the value problems are returned as its error instead.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag
+      >>> from jax.experimental import checkify
+      >>> def f(w, ids, offs):
+      ...   jaxbag.validate(w.shape[0], ids, offs)
+      ...   return jaxbag.embedding_bag(w, ids, offs)
+      >>> err, _ = checkify.checkify(jax.jit(f))(jnp.ones((4, 2)), jnp.array([0, 9]), jnp.array([0]))
+      >>> print(err.get().splitlines()[0])  # doctest: +ELLIPSIS
+      indices[1] = 9 is out of range for a table of num_embeddings=4: ...
+    """
+    indices = jnp.asarray(indices)
+    offsets = None if offsets is None else jnp.asarray(offsets)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    per_sample_weights = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
+    normalize_padding_idx(padding_idx, num_embeddings)
+    check_static(
+        num_embeddings=num_embeddings,
+        indices=indices,
+        offsets=offsets,
+        per_sample_weights=per_sample_weights,
+        segment_ids=segment_ids,
+        num_bags=num_bags,
+        include_last_offset=include_last_offset,
+        mode=mode,
+    )
+    if is_concrete(indices, offsets, segment_ids):
+        raise_value_problems(num_embeddings, indices, offsets, segment_ids)
+        return
+    for p in _value_problems(num_embeddings, indices, offsets, segment_ids):
+        checkify.check(jnp.logical_not(p.bad), p.message, *p.args)
