@@ -3,6 +3,8 @@
 The public API; implementations live in ``jaxbag._src``.
 """
 
+from jaxbag import nnx as nnx
+from jaxbag._src.linen import EmbeddingBag as EmbeddingBag
 from jaxbag._src.ops import embedding_bag as embedding_bag
 from jaxbag._src.ops import renorm as renorm
 from jaxbag._src.segments import lengths_to_segment_ids as lengths_to_segment_ids
@@ -13,9 +15,11 @@ from jaxbag._src.validation import validate as validate
 __version__ = "0.1.0"
 
 __all__ = [
+    "EmbeddingBag",
     "MODES",
     "embedding_bag",
     "lengths_to_segment_ids",
+    "nnx",
     "offsets_to_segment_ids",
     "renorm",
     "validate",

@@ -1,0 +1,168 @@
+"""``jaxbag.EmbeddingBag``: the flax.linen module over :func:`jaxbag.embedding_bag`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxbag._src import module_common as common
+
+__all__ = ["EmbeddingBag"]
+
+
+class EmbeddingBag(nn.Module):
+    """Bags of embeddings (flax.linen), like ``torch.nn.EmbeddingBag``.
+
+    Legend: ``V`` = ``num_embeddings``, ``D`` = ``features``, ``N`` ids, ``B`` bags.
+
+    Attributes:
+      num_embeddings: ``V``, rows in the table.
+      features: ``D``, the width of each row.
+      mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
+      padding_idx: optional row skipped in every bag (negative counts from the end); initialised
+        to zeros, as torch does.
+      max_norm: optional; looked-up rows are rescaled to this ``norm_type``-norm (see
+        :func:`jaxbag.embedding_bag`).
+      norm_type: the p of the p-norm for ``max_norm``.
+      scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
+      include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
+      freeze: if true no gradient reaches the table (``stop_gradient``); an optimizer with weight
+        decay still needs the table masked out (``optax.masked``).
+      dtype: the computation dtype (the table is cast to it); ``None`` keeps ``param_dtype``.
+      param_dtype: the dtype of the ``embedding`` parameter.
+      embedding_init: initialiser of the ``[V, D]`` ``embedding`` parameter (flax's ``nn.Embed``
+        default).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag
+      >>> bag = jaxbag.EmbeddingBag(num_embeddings=10, features=4, mode="sum")
+      >>> ids, offsets = jnp.array([1, 2, 4, 5, 4]), jnp.array([0, 2])
+      >>> params = bag.init(jax.random.key(0), ids, offsets)
+      >>> params["params"]["embedding"].shape
+      (10, 4)
+      >>> bag.apply(params, ids, offsets).shape
+      (2, 4)
+    """
+
+    num_embeddings: int
+    features: int
+    mode: str = "mean"
+    padding_idx: int | None = None
+    max_norm: float | None = None
+    norm_type: float = 2.0
+    scale_grad_by_freq: bool = False
+    include_last_offset: bool = False
+    freeze: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    embedding_init: common.Initializer = common.default_embed_init
+
+    @property
+    def settings(self) -> common.BagSettings:
+        """The options passed on to :func:`jaxbag.embedding_bag`."""
+        return common.BagSettings(
+            num_embeddings=self.num_embeddings,
+            features=self.features,
+            mode=self.mode,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            include_last_offset=self.include_last_offset,
+        )
+
+    def setup(self) -> None:
+        self.settings.check()
+        self.embedding = self.param(
+            "embedding",
+            common.padded_init(self.embedding_init, self.padding_idx, self.num_embeddings),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(
+        self,
+        indices: ArrayLike,
+        offsets: ArrayLike | None = None,
+        per_sample_weights: ArrayLike | None = None,
+        *,
+        segment_ids: ArrayLike | None = None,
+        num_bags: int | None = None,
+    ) -> Array:
+        """Reduces each bag of ids; arguments and forms as :func:`jaxbag.embedding_bag`.
+
+        Args:
+          indices: ``int [N]`` (with ``offsets`` or ``segment_ids``) or ``int [B, L]``.
+          offsets: ``int [B]`` bag starts (``[B+1]`` with ``include_last_offset``).
+          per_sample_weights: optional ``float`` weights of ``indices``' shape.
+          segment_ids: ``int [N]`` sorted bag of each id (with ``num_bags``).
+          num_bags: static ``B`` for ``segment_ids``.
+
+        Returns:
+          ``[B, D]`` bags in ``dtype`` (or ``param_dtype``); empty bags are zeros.
+        """
+        return common.apply_bag(
+            self.embedding,
+            self.settings,
+            dtype=self.dtype,
+            freeze=self.freeze,
+            indices=indices,
+            offsets=offsets,
+            per_sample_weights=per_sample_weights,
+            segment_ids=segment_ids,
+            num_bags=num_bags,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Any
+    ) -> EmbeddingBag:
+        """A module whose ``embedding`` is initialised to ``embeddings [V, D]`` (torch's API).
+
+        Args:
+          embeddings: ``float [V, D]`` table.
+          freeze: whether no gradient reaches the table (default true, as torch).
+          **kwargs: the other attributes (``mode``, ``padding_idx``, ...). The padding row is not
+            zeroed (as torch).
+
+        Returns:
+          The module; ``module.init(key, ...)["params"]["embedding"]`` equals ``embeddings``.
+        """
+        table = jnp.asarray(embeddings)
+        kwargs.setdefault("param_dtype", table.dtype)
+        return cls(
+            num_embeddings=table.shape[0],
+            features=table.shape[1],
+            freeze=freeze,
+            embedding_init=common.pretrained_init(table),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_torch(cls, source: Any, **overrides: Any) -> tuple[EmbeddingBag, dict]:
+        """Converts a torch ``nn.EmbeddingBag`` (or its ``state_dict``, or a weight) to linen.
+
+        Args:
+          source: an ``nn.EmbeddingBag`` (settings and weight are read), its ``state_dict()``
+            or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``).
+          **overrides: module attributes that replace or complete those read from ``source``.
+
+        Returns:
+          ``(module, variables)`` with ``variables = {"params": {"embedding": table}}``.
+        """
+        settings, table, extra = common.settings_from_torch(source, overrides)
+        module = cls(
+            num_embeddings=settings.num_embeddings,
+            features=settings.features,
+            **settings.op_kwargs(),
+            **extra,
+        )
+        return module, {"params": {"embedding": jnp.asarray(table)}}
+
+    def to_torch(self, variables: dict) -> Any:
+        """Builds the equivalent ``torch.nn.EmbeddingBag`` from ``variables`` (imports torch)."""
+        return common.make_torch_module(self.settings, variables["params"]["embedding"])

@@ -1,0 +1,174 @@
+"""What the linen and NNX ``EmbeddingBag`` modules share: settings, initialisers, the call."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxbag._src import validation
+from jaxbag._src.ops import embedding_bag
+
+Initializer = Any  # (key, shape, dtype) -> Array, as flax's initializers
+default_embed_init = nn.initializers.variance_scaling(
+    1.0, "fan_in", "normal", out_axis=0
+)  # as flax's nn.Embed
+
+
+@dataclasses.dataclass(frozen=True)
+class BagSettings:
+    """The options of an EmbeddingBag module that are passed on to :func:`jaxbag.embedding_bag`."""
+
+    num_embeddings: int
+    features: int
+    mode: str = "mean"
+    padding_idx: int | None = None
+    max_norm: float | None = None
+    norm_type: float = 2.0
+    scale_grad_by_freq: bool = False
+    include_last_offset: bool = False
+
+    def check(self) -> None:
+        """Raises on settings that can never work (before any parameter is created)."""
+        for name in ("num_embeddings", "features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
+        validation.check_mode(self.mode)
+        validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
+
+    def op_kwargs(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        del d["num_embeddings"], d["features"]
+        return d
+
+
+def padded_init(init: Initializer, padding_idx: int | None, num_embeddings: int) -> Initializer:
+    """Wraps ``init`` so that the padding row starts at zero (as torch's EmbeddingBag)."""
+    pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
+    if pad is None:
+        return init
+
+    def wrapped(key, shape, dtype=jnp.float32):
+        return init(key, shape, dtype).at[pad].set(0)
+
+    return wrapped
+
+
+def pretrained_init(embeddings: ArrayLike) -> Initializer:
+    """An initialiser that returns ``embeddings`` (checking shape, casting to the param dtype)."""
+    table = np.asarray(embeddings)
+    if table.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [V, D]; got shape {table.shape}.")
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        if tuple(shape) != table.shape:
+            raise ValueError(f"pretrained embeddings have shape {table.shape}, expected {shape}.")
+        return jnp.asarray(table, dtype)
+
+    return init
+
+
+def apply_bag(
+    table: Array,
+    settings: BagSettings,
+    *,
+    dtype: Any,
+    freeze: bool,
+    indices: ArrayLike,
+    offsets: ArrayLike | None,
+    per_sample_weights: ArrayLike | None,
+    segment_ids: ArrayLike | None,
+    num_bags: int | None,
+) -> Array:
+    """The forward pass of both modules: cast, maybe stop the gradient, call the op."""
+    if freeze:
+        table = jax.lax.stop_gradient(table)
+    if dtype is not None:
+        table = table.astype(dtype)
+    return embedding_bag(
+        table,
+        indices,
+        offsets,
+        per_sample_weights=per_sample_weights,
+        segment_ids=segment_ids,
+        num_bags=num_bags,
+        **settings.op_kwargs(),
+    )
+
+
+# ----------------------------------------------------------------------------- torch interop
+# Duck-typed so that torch is only imported when a torch module is actually built.
+
+
+def settings_from_torch(
+    source: Any, overrides: Mapping[str, Any]
+) -> tuple[BagSettings, np.ndarray, dict[str, Any]]:
+    """Reads the table (and, for a module, the settings) of a torch ``nn.EmbeddingBag``.
+
+    ``source`` is an ``nn.EmbeddingBag``, its ``state_dict()`` (a mapping with ``"weight"``), a
+    weight tensor, or a NumPy array; ``overrides`` give or replace settings. Returns the settings,
+    the table, and the overrides that are not settings (``dtype``, ``freeze``, ...).
+    """
+    settings: dict[str, Any] = {}
+    if hasattr(source, "embedding_dim") and hasattr(source, "weight"):
+        settings = {
+            "mode": source.mode,
+            "padding_idx": source.padding_idx,
+            "max_norm": source.max_norm,
+            "norm_type": float(source.norm_type),
+            "scale_grad_by_freq": bool(source.scale_grad_by_freq),
+            "include_last_offset": bool(source.include_last_offset),
+        }
+        weight = source.weight
+    elif isinstance(source, Mapping):
+        if "weight" not in source:
+            raise KeyError(
+                f"a torch EmbeddingBag state_dict has a 'weight' entry; got keys {sorted(source)}."
+            )
+        weight = source["weight"]
+    else:
+        weight = source
+    if hasattr(weight, "detach"):
+        weight = weight.detach().cpu()
+        if str(weight.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            weight = weight.float()
+        weight = weight.numpy()
+    table = np.asarray(weight)
+    if table.ndim != 2:
+        raise ValueError(f"the torch weight must be 2-D [V, D]; got shape {table.shape}.")
+    names = {f.name for f in dataclasses.fields(BagSettings)}
+    settings.update({k: v for k, v in overrides.items() if k in names})
+    extra = {k: v for k, v in overrides.items() if k not in names}
+    return BagSettings(table.shape[0], table.shape[1], **settings), table, extra
+
+
+def make_torch_module(settings: BagSettings, table: ArrayLike) -> Any:
+    """Builds a ``torch.nn.EmbeddingBag`` with ``settings`` and the weight ``table`` (imports torch)."""
+    import torch  # noqa: PLC0415  (only when asked for)
+
+    if settings.mode == "sqrtn":
+        raise ValueError("torch's EmbeddingBag has no mode='sqrtn'; use 'sum', 'mean' or 'max'.")
+    arr = np.asarray(table)
+    if arr.dtype == jnp.bfloat16:  # torch.from_numpy knows no bfloat16
+        weight = torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+    else:
+        weight = torch.from_numpy(np.array(arr))
+    return torch.nn.EmbeddingBag.from_pretrained(
+        weight,
+        freeze=False,
+        mode=settings.mode,
+        padding_idx=settings.padding_idx,
+        max_norm=settings.max_norm,
+        norm_type=settings.norm_type,
+        scale_grad_by_freq=settings.scale_grad_by_freq,
+        include_last_offset=settings.include_last_offset,
+    )

@@ -1,0 +1,172 @@
+"""``jaxbag.nnx.EmbeddingBag``: the flax.nnx module over :func:`jaxbag.embedding_bag`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxbag._src import module_common as common
+
+__all__ = ["EmbeddingBag", "FrozenEmbedding"]
+
+
+class FrozenEmbedding(nnx.Variable):
+    """A table that is not an ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer`` skip it."""
+
+
+class EmbeddingBag(nnx.Module):
+    """Bags of embeddings (flax.nnx), like ``torch.nn.EmbeddingBag``.
+
+    Legend: ``V`` = ``num_embeddings``, ``D`` = ``features``, ``N`` ids, ``B`` bags.
+
+    Args:
+      num_embeddings: ``V``, rows in the table.
+      features: ``D``, the width of each row.
+      mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
+      padding_idx: optional row skipped in every bag (negative counts from the end); initialised
+        to zeros, as torch does.
+      max_norm: optional; looked-up rows are rescaled to this ``norm_type``-norm.
+      norm_type: the p of the p-norm for ``max_norm``.
+      scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
+      include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
+      dtype: the computation dtype (the table is cast to it); ``None`` keeps ``param_dtype``.
+      param_dtype: the dtype of the ``embedding`` parameter.
+      embedding_init: initialiser of the ``[V, D]`` table (flax's ``nnx.Embed`` default).
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+    Attributes:
+      embedding: ``nnx.Param [V, D]`` (a :class:`FrozenEmbedding` for a frozen pretrained table).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxbag
+      >>> from flax import nnx
+      >>> bag = jaxbag.nnx.EmbeddingBag(10, 4, mode="sum", rngs=nnx.Rngs(0))
+      >>> bag(jnp.array([1, 2, 4, 5, 4]), jnp.array([0, 2])).shape
+      (2, 4)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        mode: str = "mean",
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        include_last_offset: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        embedding_init: common.Initializer = common.default_embed_init,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.settings = common.BagSettings(
+            num_embeddings=num_embeddings,
+            features=features,
+            mode=mode,
+            padding_idx=padding_idx,
+            max_norm=max_norm,
+            norm_type=norm_type,
+            scale_grad_by_freq=scale_grad_by_freq,
+            include_last_offset=include_last_offset,
+        )
+        self.settings.check()
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        init = common.padded_init(embedding_init, padding_idx, num_embeddings)
+        self.embedding: nnx.Variable = nnx.Param(
+            init(rngs.params(), (num_embeddings, features), param_dtype)
+        )
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the table is a :class:`FrozenEmbedding` (no gradient reaches it)."""
+        return isinstance(self.embedding, FrozenEmbedding)
+
+    def __call__(
+        self,
+        indices: ArrayLike,
+        offsets: ArrayLike | None = None,
+        per_sample_weights: ArrayLike | None = None,
+        *,
+        segment_ids: ArrayLike | None = None,
+        num_bags: int | None = None,
+    ) -> Array:
+        """Reduces each bag of ids; arguments and forms as :func:`jaxbag.embedding_bag`.
+
+        Args:
+          indices: ``int [N]`` (with ``offsets`` or ``segment_ids``) or ``int [B, L]``.
+          offsets: ``int [B]`` bag starts (``[B+1]`` with ``include_last_offset``).
+          per_sample_weights: optional ``float`` weights of ``indices``' shape.
+          segment_ids: ``int [N]`` sorted bag of each id (with ``num_bags``).
+          num_bags: static ``B`` for ``segment_ids``.
+
+        Returns:
+          ``[B, D]`` bags in ``dtype`` (or ``param_dtype``); empty bags are zeros.
+        """
+        return common.apply_bag(
+            self.embedding[...],
+            self.settings,
+            dtype=self.dtype,
+            freeze=self.frozen,
+            indices=indices,
+            offsets=offsets,
+            per_sample_weights=per_sample_weights,
+            segment_ids=segment_ids,
+            num_bags=num_bags,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Any
+    ) -> EmbeddingBag:
+        """A module holding ``embeddings [V, D]`` (torch's API).
+
+        Args:
+          embeddings: ``float [V, D]`` table.
+          freeze: if true (default, as torch) the table is a :class:`FrozenEmbedding`, not an
+            ``nnx.Param``: no gradient reaches it and optimizers leave it alone.
+          **kwargs: the other constructor arguments (``mode``, ``padding_idx``, ...); ``rngs`` is
+            not needed. The padding row is not zeroed (as torch).
+
+        Returns:
+          The module.
+        """
+        table = jnp.asarray(embeddings)
+        kwargs.setdefault("param_dtype", table.dtype)
+        kwargs.setdefault("rngs", nnx.Rngs(0))
+        module = cls(
+            table.shape[0],
+            table.shape[1],
+            embedding_init=common.pretrained_init(table),
+            **kwargs,
+        )
+        if freeze:
+            module.embedding = FrozenEmbedding(module.embedding[...])
+        return module
+
+    @classmethod
+    def from_torch(cls, source: Any, **overrides: Any) -> EmbeddingBag:
+        """Converts a torch ``nn.EmbeddingBag`` (or its ``state_dict``, or a weight) to NNX.
+
+        Args:
+          source: an ``nn.EmbeddingBag`` (settings and weight are read), its ``state_dict()``
+            or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``).
+          **overrides: constructor arguments that replace or complete those read from ``source``.
+
+        Returns:
+          A trainable module (its ``embedding`` is an ``nnx.Param``).
+        """
+        settings, table, extra = common.settings_from_torch(source, overrides)
+        extra.setdefault("param_dtype", table.dtype)
+        return cls.from_pretrained(table, freeze=False, **settings.op_kwargs(), **extra)
+
+    def to_torch(self) -> Any:
+        """Builds the equivalent ``torch.nn.EmbeddingBag`` (imports torch)."""
+        return common.make_torch_module(self.settings, jax.device_get(self.embedding[...]))
