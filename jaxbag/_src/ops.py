@@ -17,7 +17,7 @@ __all__ = ["embedding_bag", "renorm"]
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """float32 for narrow float tables (bf16, f16), the table's dtype otherwise (f32, f64)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _row_norms(rows: Array, norm_type: float) -> Array:

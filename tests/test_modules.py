@@ -1,0 +1,147 @@
+"""The linen and NNX modules: init, parity with each other and the op, pretrained, torch round trip."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import jaxbag
+
+IDS = jnp.array([1, 2, 4, 5, 4, 0, 3], jnp.int32)
+OFFSETS = jnp.array([0, 2, 2, 5], jnp.int32)
+WEIGHTS = jnp.array([0.5, 1.0, 2.0, -1.0, 0.25, 1.5, 3.0], jnp.float32)
+
+
+def _table(v=10, d=4, seed=0):
+    return jax.random.normal(jax.random.key(seed), (v, d), jnp.float32)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sqrtn"])
+@pytest.mark.parametrize("padding_idx", [None, 4, -6])
+def test_linen_and_nnx_identical_for_same_table(mode, padding_idx):
+    table = _table()
+    kwargs = dict(mode=mode, padding_idx=padding_idx)
+    lin = jaxbag.EmbeddingBag.from_pretrained(table, freeze=False, **kwargs)
+    variables = lin.init(jax.random.key(0), IDS, OFFSETS)
+    nn_mod = jaxbag.nnx.EmbeddingBag.from_pretrained(table, freeze=False, **kwargs)
+    weights = None if mode == "max" else WEIGHTS
+    out_lin = lin.apply(variables, IDS, OFFSETS, weights)
+    out_nnx = nn_mod(IDS, OFFSETS, weights)
+    direct = jaxbag.embedding_bag(table, IDS, OFFSETS, per_sample_weights=weights, **kwargs)
+    np.testing.assert_array_equal(out_lin, out_nnx)
+    np.testing.assert_array_equal(out_lin, direct)
+    # gradients too
+    g_lin = jax.grad(lambda p: lin.apply(p, IDS, OFFSETS, weights).sum())(variables)
+    g_nnx = nnx.grad(lambda m: m(IDS, OFFSETS, weights).sum())(nn_mod)
+    np.testing.assert_array_equal(g_lin["params"]["embedding"], g_nnx["embedding"][...])
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_init_shapes_names_dtypes_and_zero_padding_row(api):
+    if api == "linen":
+        mod = jaxbag.EmbeddingBag(num_embeddings=12, features=3, padding_idx=-1,
+                                  param_dtype=jnp.bfloat16)
+        params = mod.init(jax.random.key(0), IDS, OFFSETS)["params"]
+        assert list(params) == ["embedding"]
+        table = params["embedding"]
+        out = mod.apply({"params": params}, IDS, OFFSETS)
+    else:
+        mod = jaxbag.nnx.EmbeddingBag(12, 3, padding_idx=-1, param_dtype=jnp.bfloat16,
+                                      rngs=nnx.Rngs(0))
+        assert isinstance(mod.embedding, nnx.Param)
+        table = mod.embedding[...]
+        out = mod(IDS, OFFSETS)
+    assert table.shape == (12, 3) and table.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(table[11], np.float32), np.zeros(3, np.float32))
+    assert float(jnp.std(table[:11].astype(jnp.float32))) > 0.1  # really initialised
+    assert out.dtype == jnp.bfloat16 and out.shape == (4, 3)
+    # empty bag (offsets 2, 2) gives zeros
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), np.zeros(3, np.float32))
+
+
+def test_dtype_casts_the_computation():
+    mod = jaxbag.EmbeddingBag(10, 4, dtype=jnp.bfloat16)
+    variables = mod.init(jax.random.key(0), IDS, OFFSETS)
+    assert variables["params"]["embedding"].dtype == jnp.float32
+    out = mod.apply(variables, IDS, OFFSETS)
+    assert out.dtype == jnp.bfloat16
+    ref = jaxbag.embedding_bag(variables["params"]["embedding"].astype(jnp.bfloat16), IDS, OFFSETS)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+def test_from_pretrained_freeze_linen():
+    table = _table()
+    frozen = jaxbag.EmbeddingBag.from_pretrained(table, mode="sum")
+    variables = frozen.init(jax.random.key(0), IDS, OFFSETS)
+    np.testing.assert_array_equal(variables["params"]["embedding"], table)
+    g = jax.grad(lambda p: frozen.apply(p, IDS, OFFSETS).sum())(variables)
+    np.testing.assert_array_equal(g["params"]["embedding"], jnp.zeros_like(table))
+    trainable = jaxbag.EmbeddingBag.from_pretrained(table, freeze=False, mode="sum")
+    g = jax.grad(lambda p: trainable.apply(p, IDS, OFFSETS).sum())(variables)
+    assert float(jnp.abs(g["params"]["embedding"]).sum()) > 0
+
+
+def test_from_pretrained_freeze_nnx_optimizer_leaves_table_alone():
+    table = _table()
+
+    class Model(nnx.Module):
+        def __init__(self, freeze):
+            self.bag = jaxbag.nnx.EmbeddingBag.from_pretrained(table, freeze=freeze, mode="sum")
+            self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+        def __call__(self, ids, offsets):
+            return self.head(self.bag(ids, offsets))
+
+    for freeze in (True, False):
+        model = Model(freeze)
+        opt = nnx.Optimizer(model, optax.adamw(0.1, weight_decay=0.1), wrt=nnx.Param)
+        grads = nnx.grad(lambda m: m(IDS, OFFSETS).sum())(model)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int steps and floats
+            opt.update(model, grads)
+        changed = not np.array_equal(model.bag.embedding[...], table)
+        assert changed is (not freeze)
+        assert model.bag.frozen is freeze
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_torch_round_trip(mode):
+    torch.manual_seed(0)
+    tb = torch.nn.EmbeddingBag(9, 5, mode=mode, padding_idx=3, include_last_offset=True)
+    ids = torch.tensor([1, 3, 2, 8, 0, 3, 7])
+    offsets = torch.tensor([0, 2, 2, 5, 7])
+    expected = tb(ids, offsets).detach().numpy()
+    jids, joff = jnp.asarray(ids.numpy()), jnp.asarray(offsets.numpy())
+
+    lin, variables = jaxbag.EmbeddingBag.from_torch(tb)
+    assert (lin.mode, lin.padding_idx, lin.include_last_offset) == (mode, 3, True)
+    np.testing.assert_allclose(lin.apply(variables, jids, joff), expected, rtol=1e-6, atol=1e-6)
+    nn_mod = jaxbag.nnx.EmbeddingBag.from_torch(tb)
+    np.testing.assert_allclose(nn_mod(jids, joff), expected, rtol=1e-6, atol=1e-6)
+    # state_dict + settings given by hand
+    from_sd = jaxbag.nnx.EmbeddingBag.from_torch(
+        tb.state_dict(), mode=mode, padding_idx=3, include_last_offset=True
+    )
+    np.testing.assert_allclose(from_sd(jids, joff), expected, rtol=1e-6, atol=1e-6)
+
+    # export back: the same settings and weight, and the same outputs after a change in JAX
+    variables = jax.tree.map(lambda t: t * 2.0, variables)
+    back = lin.to_torch(variables)
+    assert (back.mode, back.padding_idx, back.include_last_offset) == (mode, 3, True)
+    np.testing.assert_allclose(back(ids, offsets).detach().numpy(),
+                               lin.apply(variables, jids, joff), rtol=1e-6, atol=1e-6)
+    back_nnx = nn_mod.to_torch()
+    np.testing.assert_array_equal(back_nnx.weight.detach().numpy(), tb.weight.detach().numpy())
+
+
+def test_module_settings_errors():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        jaxbag.nnx.EmbeddingBag(10, 4, mode="avg", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="padding_idx must be within"):
+        jaxbag.EmbeddingBag(10, 4, padding_idx=10).init(jax.random.key(0), IDS, OFFSETS)
+    with pytest.raises(ValueError, match="features must be a positive int"):
+        jaxbag.nnx.EmbeddingBag(10, 0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no mode='sqrtn'"):
+        jaxbag.nnx.EmbeddingBag(10, 4, mode="sqrtn", rngs=nnx.Rngs(0)).to_torch()
