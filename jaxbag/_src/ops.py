@@ -252,8 +252,9 @@ def renorm(
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
-      >>> jaxbag.renorm(jnp.array([[3., 4.], [3., 4.]]), jnp.array([1]), 1.0).round(3).tolist()
-      [[3.0, 4.0], [0.6, 0.8]]
+      >>> new = jaxbag.renorm(jnp.array([[3., 4.], [3., 4.]]), jnp.array([1]), max_norm=1.0)
+      >>> new[0].tolist(), [round(float(x), 4) for x in new[1]]
+      ([3.0, 4.0], [0.6, 0.8])
     """
     weight = jnp.asarray(weight)
     ids = jnp.asarray(indices).reshape(-1)

@@ -1,0 +1,22 @@
+"""The ``Examples:`` blocks of the public docstrings run and print what they claim."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "jaxbag._src.ops",
+    "jaxbag._src.segments",
+    "jaxbag._src.validation",
+    "jaxbag._src.linen",
+    "jaxbag._src.nnx",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0
