@@ -4,10 +4,21 @@ The public API; implementations live in ``jaxbag._src``.
 """
 
 from jaxbag import nnx as nnx
+from jaxbag import sharding as sharding
 from jaxbag._src.batching import PackedBags as PackedBags
 from jaxbag._src.batching import bucket_size as bucket_size
 from jaxbag._src.batching import geometric_buckets as geometric_buckets
 from jaxbag._src.batching import pack_bags as pack_bags
+from jaxbag._src.collection import CollectionLayout as CollectionLayout
+from jaxbag._src.collection import TableConfig as TableConfig
+from jaxbag._src.collection import collection_layout as collection_layout
+from jaxbag._src.collection import concat_features as concat_features
+from jaxbag._src.collection import embedding_bag_collection as embedding_bag_collection
+from jaxbag._src.collection import init_collection as init_collection
+from jaxbag._src.collection import pack_tables as pack_tables
+from jaxbag._src.collection import unpack_tables as unpack_tables
+from jaxbag._src.collection_linen import EmbeddingBagCollection as EmbeddingBagCollection
+from jaxbag._src.jagged import JaggedFeatures as JaggedFeatures
 from jaxbag._src.linen import EmbeddingBag as EmbeddingBag
 from jaxbag._src.ops import embedding_bag as embedding_bag
 from jaxbag._src.ops import renorm as renorm
@@ -19,16 +30,27 @@ from jaxbag._src.validation import validate as validate
 __version__ = "0.1.0"
 
 __all__ = [
+    "CollectionLayout",
     "EmbeddingBag",
+    "EmbeddingBagCollection",
+    "JaggedFeatures",
     "MODES",
     "PackedBags",
+    "TableConfig",
     "bucket_size",
+    "collection_layout",
+    "concat_features",
     "embedding_bag",
+    "embedding_bag_collection",
     "geometric_buckets",
+    "init_collection",
     "lengths_to_segment_ids",
     "nnx",
     "offsets_to_segment_ids",
     "pack_bags",
+    "pack_tables",
     "renorm",
+    "sharding",
+    "unpack_tables",
     "validate",
 ]

@@ -1,0 +1,60 @@
+"""Default config: fastText-style classifier on BBC News (5 classes, 2225 articles).
+
+Run: ``python -m experiments.train --config configs/bbc_news.py --workdir runs/bbc_news``;
+override any field with e.g. ``--config.model.features=128``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "bbc_news"  # "bbc_news" | "ag_news_csv" | "jsonl"
+    config.data.test_fraction = 0.2  # bbc_news: seeded stratified split
+    config.data.max_per_class = 0  # bbc_news: first k files per class (0: all)
+    config.data.train_path = ""  # ag_news_csv / jsonl
+    config.data.test_path = ""
+    config.data.num_classes = 0  # ag_news_csv / jsonl (0: len(class_names))
+    config.data.class_names = ()
+
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.ngrams = 2  # words + bigrams
+    config.tokenizer.num_buckets = 2**16  # hash buckets for the n-grams
+    config.tokenizer.min_freq = 1
+    config.tokenizer.max_size = 0  # vocabulary cap, <unk> included (0: none)
+    config.tokenizer.max_tokens = 0  # truncate documents (0: no)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.features = 64
+    config.model.hidden = 0  # 0: embedding -> logits (fastText)
+    config.model.dropout = 0.0
+    config.model.mode = "mean"
+    config.model.embed_init_scale = 0.1
+    config.model.ignore_unknown = True  # leave <unk> out of the bags (fastText drops OOV words)
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adamw"  # adamw | adam | adagrad | sgd
+    config.optim.learning_rate = 0.01
+    config.optim.schedule = "cosine"  # constant | cosine | linear
+    config.optim.warmup_steps = 0
+    config.optim.weight_decay = 0.0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.momentum = 0.9  # sgd
+    config.optim.grad_clip = 0.0  # global-norm clipping (0: off)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.num_epochs = 10
+    config.train.batch_size = 32
+    config.train.eval_batch_size = 256
+    config.train.bucket_min_size = 4096  # smallest padded id count of a batch
+    config.train.bucket_growth = 2.0  # ratio between padded id counts
+    config.train.stop_after_epochs = 0  # >0: stop after that epoch, as if killed (tests)
+    config.train.max_checkpoints = 2
+    config.train.progress_bar = True
+    config.train.log_every_steps = 10  # progress-bar refresh (a host sync)
+    config.train.plot = True
+    return config

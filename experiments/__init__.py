@@ -1,0 +1,1 @@
+"""Experiments built on jaxbag (not part of the installed library)."""

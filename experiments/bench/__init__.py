@@ -1,0 +1,1 @@
+"""Helpers of ``experiments/benchmark.py``: problems, implementations, timing and reporting."""

@@ -1,0 +1,327 @@
+r"""EmbeddingBag benchmark: jaxbag vs torch vs XLA formulations, forward / backward / train step.
+
+    python -m experiments.benchmark --config configs/bench_reference.py --workdir runs/bench \
+        [--config.repeats=20 --config.modes="('sum',)" ...]
+
+Everything runs in one process on whatever backend JAX has (CPU here). Each jax function is
+jit-compiled first (``lower().compile()``, timed apart from the runs), called once (reported as the
+first call), warmed up, then timed ``repeats`` times with ``block_until_ready``; medians (and
+p10/p90) are reported. torch runs with ``torch.set_num_threads`` set to the number of cores XLA's
+CPU thread pool uses. Memory: jax reports ``compiled.memory_analysis().temp_size_in_bytes``; torch
+the peak-RSS growth during its timed calls.
+
+Outputs in ``--workdir``: ``results.json`` (every measurement + machine info), ``table.txt`` (the
+printed table), ``reference.png`` and ``sweep_<name>.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.bench import impls, problems, report, timing
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a benchmark config (configs/bench_*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json, table.txt and plots.")
+
+
+def _as_dict(x: Any) -> dict[str, Any]:
+    return x.to_dict() if isinstance(x, ml_collections.ConfigDict) else dict(x)
+
+
+def _shape_list(config: ml_collections.ConfigDict) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(shape spec, extra record fields) for the reference shapes and every sweep point."""
+    out = []
+    for s in config.shapes:
+        out.append((_as_dict(s), {"sweep": None, "modes": tuple(config.modes), "phases": tuple(config.phases)}))
+    for sw in config.sweeps:
+        for v in sw.points:
+            spec = _as_dict(sw.base)
+            spec[sw.param] = int(v)
+            spec["name"] = f"{sw.name}:{sw.param}={int(v)}"
+            out.append((spec, {"sweep": sw.name, "modes": tuple(sw.modes), "phases": tuple(sw.phases)}))
+    return out
+
+
+def _record(p: problems.Problem, phase: str, mode: str, impl: str, framework: str, extra: dict) -> dict:
+    rec = p.describe()
+    rec.update(phase=phase, mode=mode, impl=impl, framework=framework, sweep=extra["sweep"])
+    if extra["sweep"] is not None:
+        rec["sweep_param"] = extra["sweep_param"]
+    return rec
+
+
+def _timed(rec: dict, t: timing.Timing) -> dict:
+    rec.update(dataclasses.asdict(t))
+    return rec
+
+
+class Runner:
+    """Runs every (shape, phase, mode, implementation) the config asks for."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.results: list[dict[str, Any]] = []
+        self.torch = None
+        if config.torch:
+            import torch
+
+            from experiments.bench import torch_impls
+
+            self.torch = torch
+            self.torch_impls = torch_impls
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _jax(self, fn, args, *, repeats=None, donate=(), carry=None):
+        c = self.config
+        return timing.time_jax(
+            fn, args, repeats=int(repeats or c.repeats), warmup=int(c.warmup),
+            donate_argnums=donate, carry=carry, settle_s=float(c.settle_s),
+        )
+
+    def _torch(self, fn, *, repeats=None):
+        c = self.config
+        return timing.time_torch(
+            fn, repeats=int(repeats or c.repeats), warmup=int(c.warmup), settle_s=float(c.settle_s)
+        )
+
+    def _log(self, rec: dict) -> None:
+        if rec.get("skipped"):
+            msg = f"skipped ({rec['skipped']})"
+        else:
+            msg = f"{rec['median_ms']:.3f} ms (compile {rec['compile_s']:.2f} s)"
+        print(f"  {rec['shape']:<22} {rec['phase']:<8} {rec['mode']:<5} {rec['impl']:<14} {msg}", flush=True)
+        self.results.append(rec)
+
+    # -- phases ------------------------------------------------------------------------------------
+
+    def forward(self, p, mode, extra):
+        c = self.config
+        ref = problems.reference_output(p, mode) if c.check else None
+        batch = impls.device_batch(p)
+        w = jnp.asarray(p.weight)
+        if self.torch is not None:
+            t_in = self.torch_impls.TorchInputs(p)
+            t, out = self._torch(self.torch_impls.forward(t_in, mode))
+            rec = _timed(_record(p, "fwd", mode, "torch", "torch", extra), t)
+            if ref is not None:
+                rec["max_abs_err"] = float(np.max(np.abs(out.numpy() - ref)))
+            self._log(rec)
+        for name in c.fwd_impls:
+            rec = _record(p, "fwd", mode, name, "jax", extra)
+            builder = impls.FORWARDS.get(name)
+            fwd = None if builder is None else builder(p, mode, c.options)
+            if fwd is None:
+                rec["skipped"] = "not applicable" if builder is not None else "unknown impl"
+                self._log(rec)
+                continue
+            t, out = self._jax(fwd, (w, batch))
+            _timed(rec, t)
+            if ref is not None:
+                rec["max_abs_err"] = float(np.max(np.abs(np.asarray(out) - ref)))
+            self._log(rec)
+            del out
+
+    def fwd_bwd(self, p, mode, extra):
+        c = self.config
+        batch = impls.device_batch(p)
+        w = jnp.asarray(p.weight)
+        cot = jnp.asarray(p.cotangent)
+        ref_grad = None
+        if self.torch is not None:
+            t_in = self.torch_impls.TorchInputs(p)
+            t, g = self._torch(self.torch_impls.fwd_bwd(t_in, mode, sparse=False))
+            self._log(_timed(_record(p, "fwd_bwd", mode, "torch", "torch", extra), t))
+            ref_grad = g.numpy() if c.check else None
+            del g
+            if mode != "max":  # torch: sparse gradients are not supported with mode="max"
+                t, g = self._torch(self.torch_impls.fwd_bwd(t_in, mode, sparse=True))
+                self._log(_timed(_record(p, "fwd_bwd", mode, "torch_sparse", "torch", extra), t))
+                del g
+        for name in c.grad_impls:
+            rec = _record(p, "fwd_bwd", mode, name, "jax", extra)
+            if name == "jaxbag_rows":
+                t, rg = self._jax(impls.rows_fwd_bwd(p, mode, cot), (w, batch))
+                _timed(rec, t)
+                if ref_grad is not None:
+                    rows, grads = impls.rowgrads_to_dense_at(rg, p.num_embeddings)
+                    err = np.max(np.abs(grads - ref_grad[rows])) if rows.size else 0.0
+                    # every other row of the dense reference must be zero
+                    mask = np.ones(p.num_embeddings, bool)
+                    mask[rows] = False
+                    err = max(float(err), float(np.max(np.abs(ref_grad[mask]), initial=0.0)))
+                    rec["max_abs_err"] = err
+                self._log(rec)
+                del rg
+                continue
+            builder = impls.FORWARDS.get(name)
+            fwd = None if builder is None else builder(p, mode, c.options)
+            if fwd is None:
+                rec["skipped"] = "not applicable" if builder is not None else "unknown impl"
+                self._log(rec)
+                continue
+            t, g = self._jax(impls.dense_fwd_bwd(fwd, cot), (w, batch))
+            _timed(rec, t)
+            if ref_grad is not None:
+                rec["max_abs_err"] = float(np.max(np.abs(np.asarray(g) - ref_grad)))
+            self._log(rec)
+            del g
+        del ref_grad
+        gc.collect()
+
+    def train(self, p, mode, extra):
+        c = self.config
+        batch = impls.device_batch(p)
+        targets = jnp.asarray(p.targets)
+        lr = float(c.learning_rate)
+        reps = int(c.train_repeats)
+        losses = {}
+        if self.torch is not None:
+            t_in = self.torch_impls.TorchInputs(p)
+            for sparse in (False, True):
+                if sparse and mode == "max":
+                    continue
+                name = "torch_sparse" if sparse else "torch"
+                fn, keep = self.torch_impls.train_step(t_in, mode, sparse, lr)
+                t, loss = self._torch(fn, repeats=reps)
+                losses[name] = float(loss)
+                rec = _timed(_record(p, "train", mode, name, "torch", extra), t)
+                rec["final_loss"] = losses[name]
+                self._log(rec)
+                del keep, fn
+                gc.collect()
+        carry = lambda out, args: (out[0], out[1], args[2])  # noqa: E731
+        for name in c.train_impls:
+            rec = _record(p, "train", mode, name, "jax", extra)
+            if name.endswith("_sparse"):
+                init, step = impls.sparse_train_step(p, mode, targets, lr)
+                baseline = "torch_sparse"
+            else:
+                builder = impls.FORWARDS.get(name)
+                fwd = None if builder is None else builder(p, mode, c.options)
+                if fwd is None:
+                    rec["skipped"] = "not applicable" if builder is not None else "unknown impl"
+                    self._log(rec)
+                    continue
+                init, step = impls.dense_train_step(fwd, targets, lr)
+                baseline = "torch"
+            w = jnp.array(p.weight)  # a fresh copy: donated
+            state = init(w)
+            t, out = self._jax(step, (w, state, batch), repeats=reps, donate=(0, 1), carry=carry)
+            _timed(rec, t)
+            rec["final_loss"] = float(out[2])
+            if baseline in losses:
+                rec["max_abs_err"] = abs(rec["final_loss"] - losses[baseline])
+            self._log(rec)
+            del out, w, state
+            gc.collect()
+
+    # -- driver ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        c = self.config
+        for spec, extra in _shape_list(c):
+            p = problems.make_problem(
+                spec["name"], int(spec["V"]), int(spec["D"]), int(spec["B"]), int(spec["N"]),
+                lengths=spec.get("lengths", "uniform"), ids=spec.get("ids", "uniform"),
+                seed=int(c.seed),
+            )
+            if extra["sweep"] is not None:
+                sw = next(s for s in c.sweeps if s.name == extra["sweep"])
+                extra = dict(extra, sweep_param=sw.param)
+            print(f"{p.name}: V={p.num_embeddings} D={p.features} B={p.num_bags} N={p.num_ids}", flush=True)
+            for phase in extra["phases"]:
+                for mode in extra["modes"]:
+                    getattr(self, {"fwd": "forward", "fwd_bwd": "fwd_bwd", "train": "train"}[phase])(
+                        p, mode, extra
+                    )
+            del p
+            gc.collect()
+
+
+def _add_ratios(results: list[dict[str, Any]], memcpy_gbps: float) -> None:
+    base: dict[tuple, dict[str, float]] = {}
+    for r in results:
+        if r["framework"] == "torch" and not r.get("skipped"):
+            base.setdefault((r["shape"], r["phase"], r["mode"]), {})[r["impl"]] = r["median_ms"]
+    for r in results:
+        if r.get("skipped"):
+            continue
+        b = base.get((r["shape"], r["phase"], r["mode"]), {})
+        if "torch" in b:
+            r["x_torch"] = r["median_ms"] / b["torch"]
+        if "torch_sparse" in b:
+            r["x_torch_sparse"] = r["median_ms"] / b["torch_sparse"]
+        if r["phase"] == "fwd":
+            r["gathered_bytes"] = r["N"] * r["D"] * 4
+            r["gbps"] = r["gathered_bytes"] / (r["median_ms"] * 1e-3) / 1e9
+            r["frac_memcpy"] = r["gbps"] / memcpy_gbps
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Runs the benchmark described by ``config``; writes and returns ``{"meta", "results"}``."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    threads = int(config.threads) or timing.thread_count()
+    meta: dict[str, Any] = {
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.processor() or platform.machine(),
+        "cores": timing.thread_count(),
+        "threads": threads,
+        "loadavg_start": list(os.getloadavg()),
+        "config": config.to_dict(),
+    }
+    runner = Runner(config)
+    if runner.torch is not None:
+        runner.torch.set_num_threads(threads)
+        meta["torch"] = runner.torch.__version__
+        meta["torch_threads"] = runner.torch.get_num_threads()
+    else:
+        meta["torch"] = meta["torch_threads"] = None
+    meta["memcpy_gbps"] = timing.memcpy_bandwidth(int(config.memcpy_mb))
+    meta["impl_doc"] = dict(impls.FORWARD_DOC)
+    t0 = time.perf_counter()
+    runner.run()
+    meta["wall_s"] = time.perf_counter() - t0
+    meta["loadavg_end"] = list(os.getloadavg())
+    meta["peak_rss_bytes"] = timing.max_rss_bytes()
+    _add_ratios(runner.results, meta["memcpy_gbps"])
+    table = report.format_table(runner.results, meta)
+    print(table, flush=True)
+    (workdir / "table.txt").write_text(table + "\n")
+    report.write_json(workdir / "results.json", runner.results, meta)
+    if config.plots:
+        meta["plots"] = report.plot(workdir, runner.results, [s.to_dict() for s in config.sweeps])
+        report.write_json(workdir / "results.json", runner.results, meta)
+    return {"meta": meta, "results": runner.results}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required.")
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

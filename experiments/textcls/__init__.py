@@ -1,0 +1,15 @@
+"""fastText-style text classification with jaxbag: data, features, model, training pieces.
+
+One idea per module:
+
+* :mod:`.data`: BBC News / AG_NEWS CSV / JSON-lines loaders and the stratified split.
+* :mod:`.tokenizer`: regex tokenizer, vocabulary, hashed n-grams (the featurizer).
+* :mod:`.batches`: epoch order from (seed, epoch) and static-shape batches via ``jaxbag.pack_bags``.
+* :mod:`.model`: the NNX fastText model on ``jaxbag.nnx.EmbeddingBag``.
+* :mod:`.optim`: optax optimiser and schedule from the config.
+* :mod:`.metrics`: metrics as a pytree of sums and counts; confusion matrix.
+* :mod:`.checkpoint`: orbax CheckpointManager save / resume.
+* :mod:`.artifacts`: the JSON files of a workdir (config, vocab, split, metrics, summary).
+* :mod:`.plots`: loss / accuracy curves as a PNG.
+* :mod:`.config_check`: unknown ``--config.*`` override keys, reported with the valid keys.
+"""

@@ -1,0 +1,99 @@
+"""The JSON files of a workdir: config, vocabulary, split, per-epoch metrics, summary.
+
+``predict`` needs only these and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+CONFIG = "config.json"
+VOCAB = "vocab.json"
+SPLIT = "split.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PLOT = "curves.png"
+# Sections of the config a resumed run must share with the run that made the workdir.
+RESUME_SECTIONS = ("seed", "data", "tokenizer", "model")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON round-trip of the config (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+    return ml_collections.ConfigDict(read_json(path))
+
+
+def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Writes ``config.json``; if the workdir already has one, the sections that define
+    the data and model (:data:`RESUME_SECTIONS`) must be equal."""
+    path = workdir / CONFIG
+    new = config_to_dict(config)
+    if path.is_file():
+        old = read_json(path)
+        diffs = [s for s in RESUME_SECTIONS if old.get(s) != new.get(s)]
+        if diffs:
+            raise ValueError(
+                f"{workdir} was made with a different config (sections {diffs} differ from "
+                f"{path}); resuming would mix incompatible runs. Use a new --workdir or the same config."
+            )
+    write_json(path, new)
+
+
+def check_or_write_split(workdir: Path, record: Mapping[str, Any]) -> None:
+    """Writes ``split.json``, or checks that the existing one records the same split."""
+    path = workdir / SPLIT
+    if path.is_file():
+        old = read_json(path)
+        if old != json.loads(json.dumps(record)):
+            raise ValueError(
+                f"{path} records a different train/test split than the data now loaded; "
+                "use a new --workdir."
+            )
+        return
+    write_json(path, dict(record))
+
+
+def read_metrics(workdir: Path, *, up_to_epoch: int) -> list[dict[str, Any]]:
+    """The per-epoch records of ``metrics.jsonl`` with ``epoch <= up_to_epoch``; the file
+    is rewritten to just those (a killed run may have logged an epoch it never saved)."""
+    path = workdir / METRICS
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["epoch"] <= up_to_epoch]
+    write_metrics(path, rows)
+    return rows
+
+
+def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def append_metrics(workdir: Path, row: Mapping[str, Any]) -> None:
+    with (workdir / METRICS).open("a") as fh:
+        fh.write(json.dumps(dict(row)) + "\n")

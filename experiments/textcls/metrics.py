@@ -1,0 +1,65 @@
+"""Classification metrics as a small pytree of sums and counts, and the confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Metrics(NamedTuple):
+    """Sums over examples (a pytree; add two with :meth:`merge`, read with :meth:`compute`).
+
+    Attributes:
+        loss_sum: float32 scalar, the summed per-example loss.
+        correct: float32 scalar, how many predictions were right.
+        count: float32 scalar, how many real (unmasked) examples were seen.
+    """
+
+    loss_sum: jax.Array
+    correct: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def zeros(cls) -> Metrics:
+        # Three distinct buffers: a train step may donate them.
+        return cls(*(jnp.zeros((), jnp.float32) for _ in range(3)))
+
+    @classmethod
+    def from_batch(cls, per_example_loss: jax.Array, logits: jax.Array, labels: jax.Array,
+                   mask: jax.Array) -> Metrics:
+        """Metrics of one batch; ``mask`` (bool ``[B]``) drops the padding bags."""
+        m = mask.astype(jnp.float32)
+        hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        return cls(jnp.sum(per_example_loss * m), jnp.sum(hit * m), jnp.sum(m))
+
+    def merge(self, other: Metrics) -> Metrics:
+        return Metrics(*(a + b for a, b in zip(self, other)))
+
+    def compute(self) -> dict[str, float]:
+        """Host floats ``{"loss", "accuracy", "count"}`` (mean loss and accuracy)."""
+        loss_sum, correct, count = (float(x) for x in jax.device_get(tuple(self)))
+        n = max(count, 1.0)
+        return {"loss": loss_sum / n, "accuracy": correct / n, "count": count}
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 ``[C, C]``; row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
+    return cm
+
+
+def format_confusion(cm: np.ndarray, class_names: Sequence[str]) -> str:
+    """A plain-text table (rows: true class, columns: predicted class)."""
+    names = [str(n) for n in class_names]
+    width = max(6, *(len(n) for n in names), len(str(int(cm.max(initial=0)))))
+    head = "true \\ pred".ljust(width + 2) + " ".join(n[:width].rjust(width) for n in names)
+    rows = [
+        names[i][:width].ljust(width + 2) + " ".join(str(int(v)).rjust(width) for v in cm[i])
+        for i in range(cm.shape[0])
+    ]
+    return "\n".join([head, *rows])

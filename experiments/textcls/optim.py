@@ -1,0 +1,54 @@
+"""The optax optimiser and learning-rate schedule described by ``config.optim``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+
+def make_schedule(optim_config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+    """``constant``, ``cosine`` or ``linear`` decay to 0, after ``warmup_steps`` linear warmup."""
+    lr = float(optim_config["learning_rate"])
+    warmup = min(int(optim_config["warmup_steps"]), max(total_steps - 1, 0))
+    kind = str(optim_config["schedule"])
+    decay_steps = max(total_steps - warmup, 1)
+    if kind == "constant":
+        main = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps)
+    elif kind == "linear":
+        main = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        raise ValueError(
+            f"config.optim.schedule must be 'constant', 'cosine' or 'linear', got {kind!r}"
+        )
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def make_optimizer(optim_config: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
+    """``adamw``, ``adam``, ``adagrad`` or ``sgd`` (with momentum) on the schedule,
+    after optional global-norm clipping (``grad_clip > 0``)."""
+    schedule = make_schedule(optim_config, total_steps)
+    name = str(optim_config["name"])
+    wd = float(optim_config["weight_decay"])
+    if name == "adamw":
+        opt = optax.adamw(schedule, b1=float(optim_config["b1"]), b2=float(optim_config["b2"]),
+                          weight_decay=wd)
+    elif name == "adam":
+        opt = optax.adam(schedule, b1=float(optim_config["b1"]), b2=float(optim_config["b2"]))
+    elif name == "adagrad":
+        opt = optax.adagrad(schedule)
+    elif name == "sgd":
+        opt = optax.sgd(schedule, momentum=float(optim_config["momentum"]) or None)
+    else:
+        raise ValueError(
+            f"config.optim.name must be 'adamw', 'adam', 'adagrad' or 'sgd', got {name!r}"
+        )
+    clip = float(optim_config["grad_clip"])
+    if clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(clip), opt)
+    return opt

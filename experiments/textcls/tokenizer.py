@@ -1,0 +1,195 @@
+"""Tokenizer, vocabulary and fastText-style hashed n-grams.
+
+A document becomes one bag of ids:
+
+* unigram ids ``[0, V)`` from a :class:`Vocabulary` built on the training split
+  only (id 0 is ``<unk>``, for words not in the vocabulary);
+* n-gram ids ``[V, V + num_buckets)`` for every run of 2..``ngrams`` consecutive
+  tokens, hashed into ``num_buckets`` buckets with a stable hash (CRC-32 of each
+  token, combined with 64-bit FNV-1a), so ids do not depend on the vocabulary,
+  the process or ``PYTHONHASHSEED``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+TOKEN_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*|\d+(?:[.,]\d+)*")
+UNK = "<unk>"
+UNKNOWN_ID = 0  # the id of UNK
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cases ``text`` and returns its words (letters, inner apostrophes) and numbers.
+
+    >>> tokenize("Profits at TimeWarner jumped 76% to $1.13bn, don't panic!")
+    ['profits', 'at', 'timewarner', 'jumped', '76', 'to', '1.13', 'bn', "don't", 'panic']
+    """
+    return TOKEN_RE.findall(text.lower())
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """Token <-> id map; ``tokens[0]`` is ``<unk>``, the id of every unknown word."""
+
+    tokens: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tokens or self.tokens[0] != UNK:
+            raise ValueError(f"tokens[0] must be {UNK!r}")
+        index = {t: i for i, t in enumerate(self.tokens)}
+        if len(index) != len(self.tokens):
+            raise ValueError("vocabulary tokens must be unique")
+        object.__setattr__(self, "_index", index)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def build(
+        cls, token_lists: Iterable[Sequence[str]], *, min_freq: int = 1, max_size: int = 0
+    ) -> Vocabulary:
+        """Counts tokens and keeps those seen ``>= min_freq`` times, most frequent first.
+
+        Ties are broken alphabetically (deterministic). ``max_size > 0`` caps the size,
+        ``<unk>`` included.
+        """
+        counts = collections.Counter()
+        for toks in token_lists:
+            counts.update(toks)
+        counts.pop(UNK, None)
+        kept = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        if max_size > 0:
+            kept = kept[: max_size - 1]
+        return cls((UNK, *kept))
+
+    def encode(self, tokens: Sequence[str]) -> np.ndarray:
+        """int32 ``[len(tokens)]`` ids, 0 for unknown tokens."""
+        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        return np.fromiter((index.get(t, 0) for t in tokens), dtype=np.int32, count=len(tokens))
+
+
+def token_hashes(tokens: Sequence[str], cache: dict[str, int] | None = None) -> np.ndarray:
+    """uint64 ``[len(tokens)]``: the CRC-32 of each token's UTF-8 bytes."""
+    if cache is None:
+        cache = {}
+    out = np.empty(len(tokens), dtype=np.uint64)
+    for i, t in enumerate(tokens):
+        h = cache.get(t)
+        if h is None:
+            h = cache[t] = zlib.crc32(t.encode("utf-8"))
+        out[i] = h
+    return out
+
+
+def ngram_buckets(hashes: np.ndarray, *, ngrams: int, num_buckets: int) -> np.ndarray:
+    """Bucket ids in ``[0, num_buckets)`` of every 2..``ngrams``-gram, int64.
+
+    Order: all bigrams left to right, then all trigrams, and so on. The hash of an
+    n-gram folds its token hashes with 64-bit FNV-1a (one token hash per step),
+    then a final xor-shift, then ``mod num_buckets``.
+    """
+    n_tok = hashes.shape[0]
+    parts = []
+    with np.errstate(over="ignore"):
+        for n in range(2, ngrams + 1):
+            if n_tok < n:
+                break
+            h = np.full(n_tok - n + 1, _FNV_OFFSET, dtype=np.uint64)
+            for k in range(n):
+                h = (h ^ hashes[k : n_tok - n + 1 + k]) * _FNV_PRIME
+            h ^= h >> np.uint64(29)
+            parts.append((h % np.uint64(num_buckets)).astype(np.int64))
+    if not parts:
+        return np.zeros((0,), np.int64)
+    return np.concatenate(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Featurizer:
+    """Text -> one bag of int32 ids (unigrams then hashed n-grams).
+
+    Attributes:
+        vocab: the unigram vocabulary (``V`` ids).
+        ngrams: longest n-gram (1: words only, 2: words + bigrams, ...).
+        num_buckets: hash buckets for the n-grams (ignored when ``ngrams == 1``).
+        max_tokens: keep only the first ``max_tokens`` tokens of a text (0: all).
+    """
+
+    vocab: Vocabulary
+    ngrams: int = 2
+    num_buckets: int = 2**16
+    max_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ngrams < 1:
+            raise ValueError(f"ngrams must be >= 1, got {self.ngrams}")
+        if self.ngrams > 1 and self.num_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 1 when ngrams > 1, got {self.num_buckets}")
+        object.__setattr__(self, "_hash_cache", {})
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the embedding table: ``V`` (+ ``num_buckets`` with n-grams)."""
+        return len(self.vocab) + (self.num_buckets if self.ngrams > 1 else 0)
+
+    def tokens(self, text: str) -> list[str]:
+        toks = tokenize(text)
+        return toks[: self.max_tokens] if self.max_tokens > 0 else toks
+
+    def __call__(self, text: str) -> np.ndarray:
+        toks = self.tokens(text)
+        ids = self.vocab.encode(toks)
+        if self.ngrams == 1 or len(toks) < 2:
+            return ids
+        grams = ngram_buckets(
+            token_hashes(toks, self._hash_cache),  # type: ignore[attr-defined]
+            ngrams=self.ngrams,
+            num_buckets=self.num_buckets,
+        )
+        return np.concatenate([ids, (grams + len(self.vocab)).astype(np.int32)])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ngrams": self.ngrams,
+            "num_buckets": self.num_buckets,
+            "max_tokens": self.max_tokens,
+            "tokens": list(self.vocab.tokens),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Featurizer:
+        return cls(
+            vocab=Vocabulary(tuple(obj["tokens"])),
+            ngrams=int(obj["ngrams"]),
+            num_buckets=int(obj["num_buckets"]),
+            max_tokens=int(obj["max_tokens"]),
+        )
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], tokenizer_config: Mapping[str, Any]) -> Featurizer:
+        """Builds the vocabulary from ``texts`` (the training split) and ``config.tokenizer``."""
+        max_tokens = int(tokenizer_config["max_tokens"])
+        token_lists = (
+            (tokenize(t)[:max_tokens] if max_tokens > 0 else tokenize(t)) for t in texts
+        )
+        vocab = Vocabulary.build(
+            token_lists,
+            min_freq=int(tokenizer_config["min_freq"]),
+            max_size=int(tokenizer_config["max_size"]),
+        )
+        return cls(
+            vocab=vocab,
+            ngrams=int(tokenizer_config["ngrams"]),
+            num_buckets=int(tokenizer_config["num_buckets"]),
+            max_tokens=max_tokens,
+        )

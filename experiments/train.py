@@ -1,0 +1,290 @@
+r"""Train and evaluate a fastText-style text classifier built on jaxbag.
+
+    python -m experiments.train --config configs/bbc_news.py --workdir runs/bbc_news \
+        [--config.model.features=128 ...] [--print_config]
+
+Everything happens in :func:`train_and_evaluate`. The workdir receives ``config.json``,
+``split.json``, ``vocab.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoints/``
+(orbax, one per epoch), ``summary.json`` and ``curves.png``. Running again on the same
+workdir resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from experiments.textcls import artifacts, checkpoint, config_check
+from experiments.textcls.batches import Batch, epoch_order, iterate_batches, num_batches
+from experiments.textcls.data import load_splits
+from experiments.textcls.metrics import Metrics, confusion_matrix, format_confusion
+from experiments.textcls.model import build_model
+from experiments.textcls.optim import make_optimizer
+from experiments.textcls.tokenizer import Featurizer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (after overrides) and exit."
+)
+
+
+def _featurize(featurizer: Featurizer, texts: tuple[str, ...]) -> list[np.ndarray]:
+    return [featurizer(t) for t in texts]
+
+
+def _load_or_fit_featurizer(workdir: Path, texts: tuple[str, ...], tok_config: Any) -> Featurizer:
+    path = workdir / artifacts.VOCAB
+    if path.is_file():
+        return Featurizer.from_json(artifacts.read_json(path))
+    featurizer = Featurizer.fit(texts, tok_config)
+    artifacts.write_json(path, featurizer.to_json())
+    return featurizer
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains the model described by ``config``, evaluating on the test split each epoch.
+
+    Resumes from the latest checkpoint in ``workdir`` if there is one (the batch order
+    of an epoch depends only on ``(config.seed, epoch)`` and the optimiser state and
+    PRNG key are checkpointed, so a resumed run ends with the same parameters as an
+    uninterrupted one). ``config`` is read, never modified.
+
+    Returns:
+        The summary dict (also written to ``workdir/summary.json`` when the run
+        completes ``config.train.num_epochs`` epochs).
+    """
+    t_start = time.perf_counter()
+    config = ml_collections.FrozenConfigDict(config)
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    artifacts.check_resume_config(workdir, ml_collections.ConfigDict(config))
+    tc = config.train
+
+    # Data and features.
+    train_ds, test_ds, split_record = load_splits(config.data, config.seed)
+    artifacts.check_or_write_split(workdir, split_record)
+    featurizer = _load_or_fit_featurizer(workdir, train_ds.texts, config.tokenizer)
+    train_bags = _featurize(featurizer, train_ds.texts)
+    test_bags = _featurize(featurizer, test_ds.texts)
+    num_classes = train_ds.num_classes
+    logging.info(
+        "data %s: %d train / %d test, %d classes, vocabulary %d + %d n-gram buckets, "
+        "%.0f ids per train document",
+        config.data.name, len(train_ds), len(test_ds), num_classes, len(featurizer.vocab),
+        featurizer.num_embeddings - len(featurizer.vocab),
+        float(np.mean([b.size for b in train_bags])) if train_bags else 0.0,
+    )
+
+    # Model, optimiser, state.
+    model = build_model(
+        config.model, num_embeddings=featurizer.num_embeddings, num_classes=num_classes,
+        seed=config.seed,
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch_size = tc.batch_size
+    steps_per_epoch = num_batches(len(train_ds), batch_size)
+    tx = make_optimizer(config.optim, total_steps=tc.num_epochs * steps_per_epoch)
+    state = checkpoint.TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.fold_in(jax.random.key(config.seed), 1),  # dropout stream
+    )
+    manager = checkpoint.make_manager(workdir, max_to_keep=tc.max_checkpoints)
+    restored = checkpoint.restore_latest(manager, state)
+    resumed_from = 0
+    if restored is not None:
+        state = restored
+        resumed_from = state.epoch
+        logging.info("resuming from the checkpoint of epoch %d in %s", state.epoch, workdir)
+    history = artifacts.read_metrics(workdir, up_to_epoch=state.epoch)
+
+    # Jitted steps; the Python counters run once per trace, i.e. once per compilation.
+    compilations = {"train_step": 0, "eval_step": 0}
+
+    def loss_and_metrics(p, batch: Batch, dropout_key):
+        m = nnx.merge(graphdef, p, rest)
+        logits = m(batch.bags.indices, batch.bags.segment_ids, num_bags=batch.bags.num_bags,
+                   dropout_key=dropout_key)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+        mask = batch.bags.bag_mask.astype(jnp.float32)
+        loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return loss, Metrics.from_batch(per_example, logits, batch.labels, batch.bags.bag_mask)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(p, opt_state, metrics: Metrics, batch: Batch, rng, step):
+        compilations["train_step"] += 1
+        key = jax.random.fold_in(rng, step)
+        grads, batch_metrics = jax.grad(loss_and_metrics, has_aux=True)(p, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, metrics.merge(batch_metrics)
+
+    @jax.jit
+    def eval_step(p, batch: Batch):
+        compilations["eval_step"] += 1
+        m = nnx.merge(graphdef, p, rest)
+        logits = m(batch.bags.indices, batch.bags.segment_ids, num_bags=batch.bags.num_bags)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+        return (Metrics.from_batch(per_example, logits, batch.labels, batch.bags.bag_mask),
+                jnp.argmax(logits, axis=-1))
+
+    def evaluate(p) -> tuple[dict[str, float], np.ndarray]:
+        total, preds = Metrics.zeros(), []
+        order = np.arange(len(test_ds))
+        for batch in iterate_batches(test_bags, test_ds.labels, order, batch_size=tc.eval_batch_size,
+                                     min_size=tc.bucket_min_size, growth=tc.bucket_growth):
+            batch_metrics, batch_preds = eval_step(p, batch)
+            total = total.merge(batch_metrics)
+            preds.append(np.asarray(batch_preds)[np.asarray(batch.bags.bag_mask)])
+        return total.compute(), np.concatenate(preds) if preds else np.zeros((0,), np.int64)
+
+    # Training.
+    params, opt_state, global_step = state.params, state.opt_state, state.global_step
+    stopped_early = False
+    for epoch in range(state.epoch + 1, tc.num_epochs + 1):
+        order = epoch_order(len(train_ds), seed=config.seed, epoch=epoch)
+        metrics = Metrics.zeros()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{tc.num_epochs}",
+                   disable=not tc.progress_bar, leave=True, dynamic_ncols=True, file=sys.stdout)
+        t_epoch = time.perf_counter()
+        for i, batch in enumerate(iterate_batches(train_bags, train_ds.labels, order,
+                                                  batch_size=batch_size, min_size=tc.bucket_min_size,
+                                                  growth=tc.bucket_growth)):
+            params, opt_state, metrics = train_step(params, opt_state, metrics, batch, state.rng,
+                                                    np.int32(global_step))
+            global_step += 1
+            bar.update(1)
+            if not bar.disable and ((i + 1) % tc.log_every_steps == 0 or i + 1 == steps_per_epoch):
+                m = metrics.compute()
+                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{100 * m['accuracy']:.2f}%")
+        jax.block_until_ready((params, metrics))
+        epoch_time = time.perf_counter() - t_epoch
+        bar.close()
+        train_m = metrics.compute()
+        test_m, _ = evaluate(params)
+        row = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "train_loss": train_m["loss"],
+            "train_accuracy": train_m["accuracy"],
+            "test_loss": test_m["loss"],
+            "test_accuracy": test_m["accuracy"],
+            "epoch_time_s": epoch_time,
+        }
+        history.append(row)
+        artifacts.append_metrics(workdir, row)
+        checkpoint.save(manager, checkpoint.TrainState(params, opt_state, state.rng, epoch, global_step))
+        logging.info(
+            "epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.2fs",
+            epoch, row["train_loss"], 100 * row["train_accuracy"], row["test_loss"],
+            100 * row["test_accuracy"], epoch_time,
+        )
+        if tc.stop_after_epochs > 0 and epoch >= tc.stop_after_epochs and epoch < tc.num_epochs:
+            stopped_early = True
+            logging.info("stopping after epoch %d (config.train.stop_after_epochs)", epoch)
+            break
+    manager.close()
+
+    # Summary.
+    test_m, preds = evaluate(params)
+    cm = confusion_matrix(test_ds.labels, preds, num_classes)
+    epoch_times = [h["epoch_time_s"] for h in history]
+    median_epoch = statistics.median(epoch_times) if epoch_times else float("nan")
+    best = max(history, key=lambda h: h["test_accuracy"]) if history else None
+    summary = {
+        "test_accuracy": test_m["accuracy"],
+        "test_loss": test_m["loss"],
+        "best_epoch": best["epoch"] if best else None,
+        "best_test_accuracy": best["test_accuracy"] if best else None,
+        "epochs": history[-1]["epoch"] if history else 0,
+        "train_time_s": time.perf_counter() - t_start,
+        "epoch_time_s": median_epoch,
+        "examples_per_s": len(train_ds) / median_epoch if epoch_times else float("nan"),
+        "compilations": dict(compilations),
+        "resumed_from_epoch": resumed_from,
+        "stopped_early": stopped_early,
+        "num_train": len(train_ds),
+        "num_test": len(test_ds),
+        "num_embeddings": featurizer.num_embeddings,
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "class_names": list(train_ds.class_names),
+        "confusion_matrix": cm.tolist(),
+        "backend": jax.default_backend(),
+    }
+    logging.info("train_step compiled %d times, eval_step %d times",
+                 compilations["train_step"], compilations["eval_step"])
+    if stopped_early:
+        return summary
+    if tc.plot and history:
+        from experiments.textcls.plots import plot_curves  # matplotlib only when plotting
+
+        plot_curves(history, workdir / artifacts.PLOT, title=f"{config.data.name} (jaxbag fastText)")
+    artifacts.write_json(workdir / artifacts.SUMMARY, summary)
+    print(f"test confusion matrix ({config.data.name}, epoch {summary['epochs']}):")
+    print(format_confusion(cm, train_ds.class_names))
+    print(
+        f"test accuracy {100 * summary['test_accuracy']:.2f}% | best epoch {summary['best_epoch']} "
+        f"({100 * (summary['best_test_accuracy'] or 0):.2f}%) | run {summary['train_time_s']:.1f}s | "
+        f"median epoch {summary['epoch_time_s']:.3f}s | {summary['examples_per_s']:.0f} examples/s | "
+        f"train_step compiled {compilations['train_step']}x"
+    )
+    return summary
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, after checking ``--config.*`` keys (unknown ones list the valid keys)."""
+    errors = config_check.unknown_override_errors(argv)
+    if errors:
+        for e in errors:
+            print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
+
+
+def _quiet_orbax() -> None:
+    """Drops orbax's INFO chatter (a dozen lines per checkpoint) from the absl log."""
+    import logging as std_logging
+
+    def keep(record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+    logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv: list[str]) -> None:
+    _quiet_orbax()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/bbc_news.py")
+    if _PRINT_CONFIG.value:
+        print(_CONFIG.value)
+        return
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required, e.g. --workdir runs/bbc_news")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

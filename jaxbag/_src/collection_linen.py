@@ -1,0 +1,90 @@
+"""``jaxbag.EmbeddingBagCollection``: the flax.linen module over the collection core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flax import linen as nn
+from jax import Array
+
+from jaxbag._src import collection
+from jaxbag._src.collection import CollectionLayout, TableConfig
+from jaxbag._src.jagged import JaggedFeatures
+
+__all__ = ["EmbeddingBagCollection"]
+
+
+class EmbeddingBagCollection(nn.Module):
+    """Several embedding-bag tables looked up by several features (flax.linen).
+
+    Legend: ``B`` examples, ``D_f`` the width of feature ``f``'s table.
+
+    Parameters: one array per group of stacked tables (see :func:`jaxbag.collection_layout`),
+    named after its tables (``"user+item"``); :func:`jaxbag.unpack_tables` splits them per table.
+    With a ``plan`` each parameter carries its ``PartitionSpec`` (``nn.Partitioned``), so
+    ``nn.get_sharding(jax.eval_shape(model.init, ...), mesh)`` gives the ``out_shardings`` to
+    initialise it sharded, and the lookup runs row/table-wise sharded (see
+    :mod:`jaxbag.sharding`).
+
+    Attributes:
+      tables: the :class:`jaxbag.TableConfig` s.
+      stack: stack tables of equal width, dtype and mode (one gather per group).
+      plan: optional :class:`jaxbag.sharding.ShardingPlan`.
+      dtype: dtype of the concatenated output (``None``: the tables' common dtype or float32).
+
+    Examples:
+      >>> import jax, jaxbag
+      >>> model = jaxbag.EmbeddingBagCollection(tables=(
+      ...     jaxbag.TableConfig("words", 100, 8, ("title", "body")),
+      ...     jaxbag.TableConfig("tags", 10, 4, ("tags",), mode="sum")))
+      >>> jf = jaxbag.JaggedFeatures.from_lists(
+      ...     {"title": [[1, 2], [3]], "body": [[4, 5, 6], []], "tags": [[1], [2, 3]]})
+      >>> variables = model.init(jax.random.key(0), jf)
+      >>> {k: v.shape for k, v in variables["params"].items()}
+      {'words': (100, 8), 'tags': (10, 4)}
+      >>> model.apply(variables, jf, concat=True).shape
+      (2, 20)
+    """
+
+    tables: Sequence[TableConfig]
+    stack: bool = True
+    plan: Any = None
+    dtype: Any = None
+
+    @property
+    def layout(self) -> CollectionLayout:
+        """The static :class:`jaxbag.CollectionLayout` of this module."""
+        return collection.collection_layout(tuple(self.tables), stack=self.stack, plan=self.plan)
+
+    def setup(self) -> None:
+        layout = self.layout
+        specs = layout.param_specs()
+        params = {}
+        for g in layout.groups:
+
+            def init(key, g=g):
+                return collection.init_group(layout, g, key)
+
+            if self.plan is not None:
+                init = nn.with_partitioning(init, tuple(specs[g.name]), mesh=self.plan.mesh)
+            params[g.name] = self.param(g.name, init)
+        self.embeddings = params
+
+    def __call__(
+        self, features: JaggedFeatures, *, concat: bool = False
+    ) -> dict[str, Array] | Array:
+        """Looks up every feature; see :func:`jaxbag.embedding_bag_collection`.
+
+        Args:
+          features: a :class:`jaxbag.JaggedFeatures` with the tables' features.
+          concat: return ``[B, sum D_f]`` instead of ``{feature: [B, D_f]}``.
+
+        Returns:
+          The pooled features.
+        """
+        return collection.embedding_bag_collection(
+            dict(self.embeddings), features, layout=self.layout, concat=concat, dtype=self.dtype
+        )
+
+

@@ -1,0 +1,522 @@
+"""``JaggedFeatures``: a batch of several ragged id features, with static shapes (a pytree).
+
+Legend: ``K`` features (keys), ``B`` examples in the batch, ``S`` batch shards (``num_shards``),
+``C_k`` the id capacity of feature ``k`` per shard, ``T = sum_k C_k`` the capacity of one shard.
+
+The TorchRec ``KeyedJaggedTensor`` idea, padded to static sizes so that ``jit`` compiles once.
+A batch of ``B = 3`` examples with two features::
+
+    example                 0          1        2
+    "words"              [ 4 1 ]     [ ]    [ 2 2 7 ]
+    "tags"               [ 9 ]       [ 3 ]  [ ]
+
+    keys     ("words", "tags")                      static (aux data)
+    lengths  [[2 0 3],                               int32 [K, B]
+              [1 1 0]]
+    values   [ 4 1 2 2 7 p p p | 9 3 p p ]           int32 [S * T], here capacities (8, 4)
+              '---- "words" ----' '-"tags"-'         each feature a fixed region: its ids in
+                                                     example order, then padding p (dropped)
+
+With ``num_shards = S > 1`` the batch is cut into ``S`` equal blocks of ``B / S`` examples and
+``values`` holds one such ``[T]`` block per shard, so it can be split over a data-parallel mesh
+axis (``values`` with ``P(batch_axis)``, ``lengths`` with ``P(None, batch_axis)``): each device then
+holds a complete ``JaggedFeatures`` of its own examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxbag._src import segments
+
+__all__ = ["JaggedFeatures"]
+
+
+def _check_keys(keys: Sequence[str]) -> tuple[str, ...]:
+    keys = tuple(keys)
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise TypeError(f"keys must be a non-empty sequence of str; got keys={keys!r}.")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"keys must be distinct; got keys={keys!r}.")
+    return keys
+
+
+def _capacity_for(
+    name: str, count: int, capacity: int | Mapping[str, int] | None, round_to: int
+) -> int:
+    """The static capacity of one feature (per shard): the given one, or ``count`` rounded up."""
+    if capacity is None:
+        return max(round_to, -(-count // round_to) * round_to)
+    cap = capacity[name] if isinstance(capacity, Mapping) else capacity
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 0:
+        raise ValueError(f"capacity for feature {name!r} must be an int >= 0; got {cap!r}.")
+    if count > cap:
+        raise ValueError(
+            f"feature {name!r} has {count} ids in one batch shard but capacity={int(cap)}; "
+            f"pass a larger capacity, e.g. capacity={{{name!r}: {count}}} (or capacity=None to "
+            "size it from the data)."
+        )
+    return int(cap)
+
+
+@jax.tree_util.register_pytree_node_class
+class JaggedFeatures:
+    """A batch of ``B`` examples with ``K`` ragged id features, padded to static shapes.
+
+    Legend: ``K`` features, ``B`` examples, ``S`` batch shards, ``C_k`` the capacity (ids per
+    shard) of feature ``k``, ``T = sum(capacities)``.
+
+    A pytree: ``values``, ``lengths`` and ``weights`` are its leaves; ``keys``, ``capacities`` and
+    ``num_shards`` are static (changing them recompiles a jitted function, changing the ids does
+    not). Build it on the host with :meth:`from_lists`, :meth:`from_lengths` or
+    :meth:`from_offsets`; pass it to jitted functions as any other argument.
+
+    Attributes:
+      keys: ``K`` feature names (static).
+      values: ``int32 [S * T]`` ids; shard ``s`` occupies ``[s * T, (s + 1) * T)``, in which
+        feature ``k`` occupies ``C_k`` positions from ``sum(capacities[:k])``: the ids of the
+        shard's examples in order, then padding (never read).
+      lengths: ``int32 [K, B]`` ids per feature and example (0 for an empty bag).
+      weights: optional ``float [S * T]`` per-id weights, laid out as ``values``.
+      capacities: ``C_k`` per feature (static).
+      num_shards: ``S`` (static); example ``b`` lives in shard ``b // (B // S)``.
+
+    Examples:
+      >>> import jaxbag
+      >>> jf = jaxbag.JaggedFeatures.from_lists(
+      ...     {"words": [[4, 1], [], [2, 2, 7]], "tags": [[9], [3], []]}, capacity={"words": 8, "tags": 4})
+      >>> jf.keys, jf.batch_size, jf.capacities
+      (('words', 'tags'), 3, (8, 4))
+      >>> jf.lengths.tolist()
+      [[2, 0, 3], [1, 1, 0]]
+      >>> jf.values.tolist()
+      [4, 1, 2, 2, 7, 0, 0, 0, 9, 3, 0, 0]
+      >>> jf.to_lists()["words"]
+      [[4, 1], [], [2, 2, 7]]
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str],
+        values: ArrayLike,
+        lengths: ArrayLike,
+        weights: ArrayLike | None = None,
+        *,
+        capacities: Sequence[int],
+        num_shards: int = 1,
+    ) -> None:
+        """Wraps arrays already in the padded layout (see the class docstring); checks shapes.
+
+        Args:
+          keys: ``K`` distinct feature names.
+          values: ``int [S * T]`` ids in the padded layout.
+          lengths: ``int [K, B]`` bag lengths.
+          weights: optional ``float [S * T]``.
+          capacities: ``K`` ints, the per-shard capacity of each feature.
+          num_shards: ``S``, dividing ``B``.
+        """
+        self._keys = _check_keys(keys)
+        self._capacities = tuple(int(c) for c in capacities)
+        self._num_shards = int(num_shards)
+        self.values = jnp.asarray(values)
+        self.lengths = jnp.asarray(lengths)
+        self.weights = None if weights is None else jnp.asarray(weights)
+        k, t, s = len(self._keys), sum(self._capacities), self._num_shards
+        if len(self._capacities) != k or any(c < 0 for c in self._capacities):
+            raise ValueError(
+                f"capacities must hold one int >= 0 per key ({k}); got {self._capacities}."
+            )
+        if s < 1:
+            raise ValueError(f"num_shards must be >= 1; got num_shards={num_shards}.")
+        if self.lengths.ndim != 2 or self.lengths.shape[0] != k:
+            raise ValueError(
+                f"lengths must have shape [K, B] = [{k}, B]; got {self.lengths.shape}."
+            )
+        if self.lengths.shape[1] % s:
+            raise ValueError(
+                f"the batch size B={self.lengths.shape[1]} must be divisible by "
+                f"num_shards={s}; pad the batch with empty examples."
+            )
+        if self.values.shape != (s * t,):
+            raise ValueError(
+                f"values must have shape [num_shards * sum(capacities)] = [{s * t}]; "
+                f"got {self.values.shape}."
+            )
+        if not jnp.issubdtype(self.values.dtype, jnp.integer):
+            raise TypeError(f"values must be integer ids; got dtype {self.values.dtype}.")
+        if self.weights is not None and self.weights.shape != self.values.shape:
+            raise ValueError(
+                f"weights must have the shape of values {self.values.shape}; "
+                f"got {self.weights.shape}."
+            )
+
+    # -- pytree ---------------------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.values, self.lengths, self.weights), (
+            self._keys,
+            self._capacities,
+            self._num_shards,
+        )
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj._keys, obj._capacities, obj._num_shards = aux
+        obj.values, obj.lengths, obj.weights = children
+        return obj
+
+    # -- static facts ---------------------------------------------------------------------------
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The ``K`` feature names, in layout order."""
+        return self._keys
+
+    @property
+    def capacities(self) -> tuple[int, ...]:
+        """``C_k``: the ids each feature may hold per shard (static)."""
+        return self._capacities
+
+    @property
+    def num_shards(self) -> int:
+        """``S``: the number of batch blocks in ``values``."""
+        return self._num_shards
+
+    @property
+    def batch_size(self) -> int:
+        """``B``: the number of examples."""
+        return int(self.lengths.shape[1])
+
+    @property
+    def shard_capacity(self) -> int:
+        """``T = sum(capacities)``: the length of one shard's block of ``values``."""
+        return sum(self._capacities)
+
+    def key_offset(self, key: str) -> int:
+        """Where feature ``key``'s region starts inside each shard block."""
+        i = self.index(key)
+        return sum(self._capacities[:i])
+
+    def index(self, key: str) -> int:
+        """The position of ``key`` in :attr:`keys`."""
+        try:
+            return self._keys.index(key)
+        except ValueError:
+            raise KeyError(
+                f"feature {key!r} is not in this JaggedFeatures; its keys are {self._keys}."
+            ) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"JaggedFeatures(keys={self._keys}, batch_size={self.batch_size}, "
+            f"capacities={self._capacities}, num_shards={self._num_shards}, "
+            f"weighted={self.weights is not None})"
+        )
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def from_lists(
+        cls,
+        features: Mapping[str, Sequence[Sequence[int]]],
+        *,
+        weights: Mapping[str, Sequence[Sequence[float]]] | None = None,
+        capacity: int | Mapping[str, int] | None = None,
+        num_shards: int = 1,
+        round_to: int = 8,
+    ) -> JaggedFeatures:
+        """Builds the padded layout from Python lists (or NumPy arrays), one list per feature.
+
+        Args:
+          features: ``{key: bags}`` where ``bags`` holds ``B`` id lists (one per example; every
+            feature the same ``B``). Key order is layout order.
+          weights: optional ``{key: bags}`` of per-id weights, shaped as ``features`` (every key).
+          capacity: ids per feature per shard: one int for all, a ``{key: int}`` mapping, or
+            ``None`` (the largest count over shards, rounded up to ``round_to``). Fix it to keep
+            shapes, and so compilations, the same from batch to batch.
+          num_shards: ``S``, batch blocks (the size of the data-parallel mesh axis); divides ``B``.
+          round_to: rounding of the automatic capacity.
+
+        Returns:
+          A :class:`JaggedFeatures` with int32 ``values`` (float32 ``weights``).
+
+        Raises:
+          ValueError: features of different batch sizes, a capacity too small, bad ``num_shards``.
+        """
+        keys = _check_keys(list(features))
+        bags = {k: [np.asarray(b, np.int64).reshape(-1) for b in features[k]] for k in keys}
+        sizes = {k: len(v) for k, v in bags.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"every feature needs the same number of examples; got {sizes}.")
+        b = sizes[keys[0]]
+        if num_shards < 1 or b % num_shards:
+            raise ValueError(
+                f"num_shards={num_shards} must be >= 1 and divide the batch size B={b}; pad the "
+                "batch with empty examples ([]) to a multiple of num_shards."
+            )
+        wbags = None
+        if weights is not None:
+            if set(weights) != set(keys):
+                raise ValueError(
+                    f"weights must have exactly the keys of features {keys}; got {tuple(weights)}."
+                )
+            wbags = {k: [np.asarray(w, np.float32).reshape(-1) for w in weights[k]] for k in keys}
+            for k in keys:
+                if [len(x) for x in wbags[k]] != [len(x) for x in bags[k]]:
+                    raise ValueError(f"weights[{k!r}] must match features[{k!r}] bag by bag.")
+        lengths = np.array([[len(x) for x in bags[k]] for k in keys], np.int64).reshape(len(keys), b)
+        flat = np.concatenate([np.concatenate(bags[k] + [np.zeros(0, np.int64)]) for k in keys])
+        flat_w = None
+        if wbags is not None:
+            flat_w = np.concatenate(
+                [np.concatenate(wbags[k] + [np.zeros(0, np.float32)]) for k in keys]
+            )
+        return cls._from_flat(
+            keys, flat, lengths, flat_w, capacity=capacity, num_shards=num_shards, round_to=round_to
+        )
+
+    @classmethod
+    def from_lengths(
+        cls,
+        keys: Sequence[str],
+        values: ArrayLike,
+        lengths: ArrayLike,
+        *,
+        weights: ArrayLike | None = None,
+        capacity: int | Mapping[str, int] | None = None,
+        num_shards: int = 1,
+        round_to: int = 8,
+    ) -> JaggedFeatures:
+        """Builds the padded layout from TorchRec's flat (unpadded) ``KeyedJaggedTensor`` arrays.
+
+        Args:
+          keys: ``K`` feature names.
+          values: ``int [sum(lengths)]`` ids, key-major then example-major, no padding.
+          lengths: ``int [K * B]`` (or ``[K, B]``) ids per feature and example.
+          weights: optional ``float [sum(lengths)]``.
+          capacity, num_shards, round_to: as :meth:`from_lists`.
+
+        Returns:
+          A :class:`JaggedFeatures`.
+
+        Examples:
+          >>> import jaxbag
+          >>> jf = jaxbag.JaggedFeatures.from_lengths(["a", "b"], [1, 2, 3, 4], [2, 0, 1, 1], capacity=2)
+          >>> jf.values.tolist(), jf.to_lists()
+          ([1, 2, 3, 4], {'a': [[1, 2], []], 'b': [[3], [4]]})
+        """
+        keys = _check_keys(keys)
+        lengths = np.asarray(lengths, np.int64)
+        if lengths.size % len(keys):
+            raise ValueError(
+                f"lengths must have K * B entries with K={len(keys)} keys; got {lengths.size}."
+            )
+        lengths = lengths.reshape(len(keys), -1)
+        if (lengths < 0).any():
+            raise ValueError("lengths must be >= 0.")
+        values = np.asarray(values).reshape(-1)
+        if values.shape[0] != lengths.sum():
+            raise ValueError(
+                f"values must hold sum(lengths)={int(lengths.sum())} ids; got {values.shape[0]}."
+            )
+        w = None if weights is None else np.asarray(weights, np.float32).reshape(-1)
+        if w is not None and w.shape != values.shape:
+            raise ValueError(f"weights must have the shape of values {values.shape}; got {w.shape}.")
+        b = lengths.shape[1]
+        if num_shards < 1 or b % num_shards:
+            raise ValueError(
+                f"num_shards={num_shards} must be >= 1 and divide the batch size B={b}."
+            )
+        return cls._from_flat(
+            keys, values, lengths, w, capacity=capacity, num_shards=num_shards, round_to=round_to
+        )
+
+    @classmethod
+    def from_offsets(
+        cls,
+        keys: Sequence[str],
+        values: ArrayLike,
+        offsets: ArrayLike,
+        **kwargs: Any,
+    ) -> JaggedFeatures:
+        """As :meth:`from_lengths`, with TorchRec's ``offsets [K * B + 1]`` instead of lengths.
+
+        Args:
+          keys: ``K`` feature names.
+          values: ``int [offsets[-1]]`` flat ids, key-major.
+          offsets: ``int [K * B + 1]`` non-decreasing, starting at 0.
+          **kwargs: ``weights``, ``capacity``, ``num_shards``, ``round_to`` of :meth:`from_lengths`.
+
+        Returns:
+          A :class:`JaggedFeatures`.
+        """
+        offsets = np.asarray(offsets, np.int64).reshape(-1)
+        if offsets.size < 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+            raise ValueError(
+                f"offsets must start at 0 and be non-decreasing; got {offsets.tolist()[:16]}."
+            )
+        return cls.from_lengths(keys, values, np.diff(offsets), **kwargs)
+
+    @classmethod
+    def _from_flat(cls, keys, flat, lengths, flat_w, *, capacity, num_shards, round_to):
+        k, b = lengths.shape
+        bs = b // num_shards
+        starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1))])  # key-major bag starts
+        # ids of feature i in shard s: one contiguous run of the flat key-major values.
+        runs = {}
+        for i in range(k):
+            for s in range(num_shards):
+                lo = starts[i * b + s * bs]
+                hi = starts[i * b + (s + 1) * bs]
+                runs[i, s] = (int(lo), int(hi))
+        caps = tuple(
+            _capacity_for(keys[i], max(hi - lo for (lo, hi) in (runs[i, s] for s in range(num_shards))),
+                          capacity, round_to)
+            for i in range(k)
+        )
+        t = sum(caps)
+        values = np.zeros(num_shards * t, np.int32)
+        weights = None if flat_w is None else np.zeros(num_shards * t, np.float32)
+        if flat.size and (flat.min() < np.iinfo(np.int32).min or flat.max() > np.iinfo(np.int32).max):
+            raise ValueError("ids must fit in int32.")
+        for s in range(num_shards):
+            pos = s * t
+            for i in range(k):
+                lo, hi = runs[i, s]
+                values[pos : pos + hi - lo] = flat[lo:hi]
+                if weights is not None:
+                    weights[pos : pos + hi - lo] = flat_w[lo:hi]
+                pos += caps[i]
+        return cls(
+            keys,
+            values,
+            lengths.astype(np.int32),
+            weights,
+            capacities=caps,
+            num_shards=num_shards,
+        )
+
+    # -- views ----------------------------------------------------------------------------------
+    def to_lists(self) -> dict[str, list[list[int]]]:
+        """The ids back as ``{key: [ids of example 0, ...]}`` (host; for checks and debugging)."""
+        values = np.asarray(self.values)
+        lengths = np.asarray(self.lengths)
+        k, b = lengths.shape
+        bs, t = b // self._num_shards, self.shard_capacity
+        out: dict[str, list[list[int]]] = {}
+        for i, key in enumerate(self._keys):
+            bags = []
+            for s in range(self._num_shards):
+                pos = s * t + sum(self._capacities[:i])
+                for j in range(s * bs, (s + 1) * bs):
+                    n = int(lengths[i, j])
+                    bags.append(values[pos : pos + n].tolist())
+                    pos += n
+            out[key] = bags
+        return out
+
+    def feature(self, key: str) -> tuple[Array, Array, Array | None]:
+        """One feature in the segment-id form of :func:`jaxbag.embedding_bag` (jit-friendly).
+
+        Args:
+          key: a feature name.
+
+        Returns:
+          ``(indices [S * C_k], segment_ids [S * C_k], weights [S * C_k] or None)``: sorted
+          segment ids in ``[0, B]``, padding positions get ``B`` (pass ``num_bags=B``).
+
+        Examples:
+          >>> import jax.numpy as jnp, jaxbag
+          >>> jf = jaxbag.JaggedFeatures.from_lists({"a": [[1, 2], [], [3]]}, capacity=4)
+          >>> ids, seg, _ = jf.feature("a")
+          >>> ids.tolist(), seg.tolist()
+          ([1, 2, 3, 0], [0, 0, 2, 3])
+          >>> w = jnp.eye(4)
+          >>> jaxbag.embedding_bag(w, ids, segment_ids=seg, num_bags=3, mode="sum")[:, :4].tolist()
+          [[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+        """
+        return pack_features(self, [key])
+
+    def with_values(self, values: Array) -> JaggedFeatures:
+        """A copy with other ``values`` of the same shape (e.g. remapped ids); not checked."""
+        leaves, aux = self.tree_flatten()
+        return self.tree_unflatten(aux, (values,) + tuple(leaves[1:]))
+
+
+def pack_features(
+    jf: JaggedFeatures,
+    keys: Sequence[str],
+    transform: Callable[[int, Array], Array] | None = None,
+) -> tuple[Array, Array, Array | None]:
+    """Concatenates features into one segment-id batch with sorted segment ids (jit-friendly).
+
+    Slot ``j`` (feature ``keys[j]``) owns bags ``[j * B, (j + 1) * B)``: example ``b`` of slot
+    ``j`` is bag ``j * B + b``. The real ids come first in bag order, then all padding, whose
+    segment id is ``len(keys) * B`` (dropped by ``num_bags=len(keys) * B``). The permutation that
+    moves padding behind is computed from ``lengths`` alone (O(ids), no sort).
+
+    Args:
+      jf: the batch.
+      keys: the features to pack, in slot order (each at most once).
+      transform: optional ``(slot j, ids [C]) -> ids [C]`` applied to a region's ids before packing
+        (e.g. to offset them into a stacked table).
+
+    Returns:
+      ``(ids [M], segment_ids int32 [M], weights [M] or None)`` with ``M = S * sum(C_k)`` over
+      ``keys``.
+    """
+    b, s_count, t = jf.batch_size, jf.num_shards, jf.shard_capacity
+    bs = b // s_count
+    regions = []  # (slot, shard, start, capacity, key index)
+    for j, key in enumerate(keys):
+        i = jf.index(key)
+        off = jf.key_offset(key)
+        for s in range(s_count):
+            regions.append((j, s, s * t + off, jf.capacities[i], i))
+    total = sum(r[3] for r in regions)
+    lengths = jnp.asarray(jf.lengths).astype(jnp.int32)
+    # Real ids per region; exclusive cumulative sums give where each region's real ids and
+    # padding go in the packed order (regions are already in (slot, shard) = bag order).
+    counts = jnp.stack(
+        [jnp.sum(lengths[i, s * bs : (s + 1) * bs]) for (_, s, _, _, i) in regions]
+    ) if regions else jnp.zeros((0,), jnp.int32)
+    caps = jnp.asarray([r[3] for r in regions], jnp.int32)
+    real_total = jnp.sum(counts)
+    real_start = jnp.cumsum(counts) - counts
+    pad_start = jnp.cumsum(caps - counts) - (caps - counts)
+    ids_parts, tgt_parts, w_parts = [], [], []
+    for r, (j, s, start, cap, i) in enumerate(regions):
+        if cap == 0:
+            continue
+        ids = jf.values[start : start + cap]
+        if transform is not None:
+            ids = transform(j, ids)
+        p = jnp.arange(cap, dtype=jnp.int32)
+        tgt = jnp.where(p < counts[r], real_start[r] + p, real_total + pad_start[r] + p - counts[r])
+        ids_parts.append(ids)
+        tgt_parts.append(tgt)
+        if jf.weights is not None:
+            w_parts.append(jf.weights[start : start + cap])
+    num_bags = len(keys) * b
+    # Bag lengths in packed order (slot-major, then example) -> sorted segment ids.
+    packed_lengths = lengths[jnp.asarray([jf.index(k) for k in keys], jnp.int32)].reshape(-1)
+    seg = segments.lengths_to_segment_ids(packed_lengths, total)
+    if total == 0:
+        empty_w = None if jf.weights is None else jnp.zeros((0,), jf.weights.dtype)
+        return jnp.zeros((0,), jf.values.dtype), seg, empty_w
+    tgt = jnp.concatenate(tgt_parts)
+    ids = jnp.zeros((total,), ids_parts[0].dtype).at[tgt].set(
+        jnp.concatenate(ids_parts), unique_indices=True
+    )
+    weights = None
+    if jf.weights is not None:
+        weights = jnp.zeros((total,), jf.weights.dtype).at[tgt].set(
+            jnp.concatenate(w_parts), unique_indices=True
+        )
+    del num_bags
+    return ids, seg, weights

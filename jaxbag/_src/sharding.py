@@ -1,0 +1,494 @@
+"""Row-sharded EmbeddingBag on a device mesh (``jax.sharding`` + ``jax.shard_map``).
+
+Legend: ``V`` table rows, ``D`` features, ``N`` ids, ``B`` bags, ``L`` ids per bag (2-D form),
+``n`` shards of the table (the size of ``axis_name``), ``R = V / n`` rows per shard.
+
+The table lives row-sharded, ``NamedSharding(mesh, P(axis_name, None))``: shard ``i`` holds rows
+``[i R, (i + 1) R)``. Every shard sees the ids of the bags it works on, reads only its own rows and
+reduces them to partial bags; the partial bags are combined over ``axis_name``::
+
+       ids (replicated over axis_name)        table rows                    bags
+                                          dev 0: [  0,  R)  -> partial sums  \\
+       [4 1 | | 2 2 7] ---- mask to ----> dev 1: [  R, 2R)  -> partial sums   +-- psum --> [B, D]
+                           own rows       ...                                /   (pmax for max)
+                                          dev n-1            -> partial sums
+
+Only ``[B, D]`` partial bags travel (an all-reduce over ``axis_name``), never table rows; the
+gradient of each shard's rows is computed on that shard. ``mean``/``sqrtn`` divide by counts every
+shard computes itself from the ids. ``max`` takes the per-shard max, ``pmax``, then the shard
+holding the first position of the maximum in the bag (``pmin`` of positions) alone contributes
+its row, so the gradient reaches exactly the row the single-device op picks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+from jaxbag._src import ops, segments, validation
+
+__all__ = [
+    "AxisName",
+    "axis_size",
+    "embedding_bag",
+    "embedding_bag_in_shard_map",
+    "pad_rows",
+    "shard_table",
+]
+
+AxisName = str | tuple[str, ...]
+
+
+def axis_tuple(axis: AxisName | None) -> tuple[str, ...]:
+    """``axis`` as a tuple of mesh axis names (``()`` for ``None``)."""
+    if axis is None:
+        return ()
+    if isinstance(axis, str):
+        return (axis,)
+    return tuple(axis)
+
+
+def spec_entry(axis: AxisName | None) -> str | tuple[str, ...] | None:
+    """The ``PartitionSpec`` entry that shards one dimension over ``axis``."""
+    axes = axis_tuple(axis)
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def axis_size(mesh: Mesh, axis: AxisName | None) -> int:
+    """The number of devices along ``axis`` (a name or a tuple of names) of ``mesh``.
+
+    Args:
+      mesh: a ``jax.sharding.Mesh``.
+      axis: a mesh axis name, a tuple of them, or ``None`` (size 1).
+
+    Returns:
+      The product of the sizes of the named axes.
+
+    Examples:
+      >>> import jax, jaxbag.sharding
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> jaxbag.sharding.axis_size(mesh, "model")
+      1
+    """
+    return math.prod(int(mesh.shape[a]) for a in axis_tuple(axis))
+
+
+def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> None:
+    """Raises if the axes are unknown to ``mesh`` or overlap."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}. Build one with "
+            "jax.make_mesh((2, 4), ('data', 'model'))."
+        )
+    rows, batch = axis_tuple(axis_name), axis_tuple(batch_axis)
+    if not rows:
+        raise ValueError("axis_name must name at least one mesh axis; got an empty axis_name.")
+    for name, axes in (("axis_name", rows), ("batch_axis", batch)):
+        for a in axes:
+            if a not in mesh.shape:
+                raise ValueError(
+                    f"{name}={a!r} is not an axis of the mesh, whose axes are "
+                    f"{tuple(mesh.shape)}; e.g. axis_name={tuple(mesh.shape)[-1]!r}."
+                )
+    if set(rows) & set(batch):
+        raise ValueError(
+            f"axis_name={axis_name!r} and batch_axis={batch_axis!r} must be different mesh axes "
+            "(rows are split over one, the batch over the other)."
+        )
+    types = set(mesh.axis_types)
+    if len(types) > 1:
+        raise ValueError(
+            f"mesh axes must be all Auto or all Explicit; got axis_types={mesh.axis_types}."
+        )
+
+
+def place(x: Any, mesh: Mesh, spec: Any) -> Any:
+    """Puts ``x`` (a pytree) on ``spec`` for ``shard_map``; needed only for Explicit meshes."""
+    if mesh.axis_types and all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.tree.map(
+            lambda a, s: a if a is None else jax.reshard(a, NamedSharding(mesh, s)),
+            x,
+            spec,
+            is_leaf=lambda a: a is None,
+        )
+    return x
+
+
+def shard_table(weight: ArrayLike, mesh: Mesh, axis_name: AxisName) -> Array:
+    """Places ``weight [V, D]`` row-sharded over ``axis_name``: ``NamedSharding(mesh, P(axis, None))``.
+
+    Args:
+      weight: ``float [V, D]``; ``V`` must be divisible by the size of ``axis_name`` (see
+        :func:`pad_rows`).
+      mesh: the device mesh.
+      axis_name: the mesh axis (or tuple of axes) the rows are split over.
+
+    Returns:
+      The table as a ``jax.Array`` whose shard ``i`` holds rows ``[i V/n, (i+1) V/n)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag.sharding
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> w = jaxbag.sharding.shard_table(jnp.ones((8, 2)), mesh, "model")
+      >>> w.sharding.spec
+      P('model', None)
+    """
+    weight = jnp.asarray(weight)
+    check_axes(mesh, axis_name, None)
+    n = axis_size(mesh, axis_name)
+    if weight.ndim != 2 or weight.shape[0] % n:
+        raise ValueError(
+            f"weight must be [V, D] with V divisible by the {n} shards of axis_name="
+            f"{axis_name!r}; got shape {weight.shape}. Pad it: "
+            f"jaxbag.sharding.pad_rows(weight, {n})."
+        )
+    return jax.device_put(weight, NamedSharding(mesh, P(spec_entry(axis_name), None)))
+
+
+def pad_rows(weight: ArrayLike, multiple: int) -> Array:
+    """Appends zero rows to ``weight [V, D]`` so that its row count is a multiple of ``multiple``.
+
+    The new rows ``[V, V')`` are never looked up by valid ids (``< V``); pass ids as before.
+
+    Args:
+      weight: ``float [V, D]``.
+      multiple: the number of shards.
+
+    Returns:
+      ``[V', D]`` with ``V' = ceil(V / multiple) * multiple``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxbag.sharding
+      >>> jaxbag.sharding.pad_rows(jnp.ones((10, 2)), 4).shape
+      (12, 2)
+    """
+    weight = jnp.asarray(weight)
+    extra = -weight.shape[0] % int(multiple)
+    if extra == 0:
+        return weight
+    return jnp.concatenate([weight, jnp.zeros((extra, weight.shape[1]), weight.dtype)], axis=0)
+
+
+def _inverse_counts_against(
+    ids: Array, valid: Array, all_ids: Array, all_valid: Array, sentinel: int
+) -> Array:
+    """``[N]`` 1 / (occurrences of ``ids[i]`` among the valid ``all_ids``); 1 where not valid."""
+    keys = jnp.sort(jnp.where(all_valid, all_ids, sentinel))
+    q = jnp.where(valid, ids, sentinel)
+    counts = jnp.searchsorted(keys, q, side="right") - jnp.searchsorted(keys, q, side="left")
+    counts = jnp.where(valid, counts, 1)
+    return 1.0 / jnp.maximum(counts, 1).astype(jnp.float32)
+
+
+def embedding_bag_in_shard_map(
+    local_weight: Array,
+    indices: Array,
+    segment_ids: Array,
+    *,
+    num_bags: int,
+    num_embeddings: int,
+    axis_name: AxisName,
+    mode: str = "mean",
+    per_sample_weights: Array | None = None,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    inverse_freq: Array | None = None,
+    valid: Array | None = None,
+) -> Array:
+    """The row-sharded bag reduction, to be called *inside* ``jax.shard_map``.
+
+    Legend: ``R`` rows on this shard, ``D`` features, ``N`` ids, ``B`` bags.
+
+    This shard holds the rows ``[i R, (i + 1) R)`` of the ``[n R, D]`` table, ``i`` being its
+    index along ``axis_name``. It reduces the ids that fall in its rows and combines the partial
+    bags with ``psum`` (``pmax``/``pmin`` for ``max``) over ``axis_name``; the result is the same
+    on every shard of ``axis_name`` and equals :func:`jaxbag.embedding_bag` on the whole table.
+    Use it to build your own ``shard_map`` step; :func:`embedding_bag` wraps it for you.
+
+    Args:
+      local_weight: ``float [R, D]``, this shard's rows.
+      indices: ``int [N]`` global row ids (the same on every shard of ``axis_name``).
+      segment_ids: ``int [N]`` sorted bag of each id; ids outside ``[0, num_bags)`` are dropped.
+      num_bags: static ``B``.
+      num_embeddings: ``V``, the number of valid global rows (ids outside ``[0, V)`` are dropped).
+      axis_name: the mesh axis (or tuple) the rows are split over.
+      mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
+      per_sample_weights: optional ``float [N]`` (not with ``max``).
+      padding_idx: optional global padding row in ``[0, V)``, skipped everywhere.
+      max_norm: optional max norm of looked-up rows (as :func:`jaxbag.embedding_bag`).
+      norm_type: the p of the p-norm for ``max_norm``.
+      inverse_freq: optional ``float [N]`` gradient scale per id (``scale_grad_by_freq``).
+      valid: optional ``bool [N]``: positions to keep (on top of the range checks).
+
+    Returns:
+      ``[B, D]`` bags in ``local_weight.dtype``, replicated over ``axis_name``.
+    """
+    r, d = local_weight.shape
+    n = indices.shape[0]
+    acc = ops._acc_dtype(local_weight.dtype)
+    if num_bags == 0 or n == 0:
+        return jnp.zeros((num_bags, d), local_weight.dtype)
+    ok = (indices >= 0) & (indices < num_embeddings) & (segment_ids >= 0)
+    ok = ok & (segment_ids < num_bags)
+    if padding_idx is not None:
+        ok = ok & (indices != padding_idx)
+    if valid is not None:
+        ok = ok & valid
+    row0 = (jax.lax.axis_index(axis_tuple(axis_name)) * r).astype(indices.dtype)
+    local = indices - row0
+    mine = ok & (local >= 0) & (local < r)
+    rows = jnp.take(local_weight, jnp.where(mine, local, 0), axis=0, mode="clip").astype(acc)
+    if max_norm is not None:
+        scaled = rows * ops._renorm_scale(jax.lax.stop_gradient(rows), max_norm, norm_type)[:, None]
+        rows = rows + jax.lax.stop_gradient(scaled - rows)
+    if inverse_freq is not None:
+        rows = ops._scale_grad(rows, inverse_freq.astype(acc))
+    axes = axis_tuple(axis_name)
+
+    if mode == "max":
+        neg = jnp.asarray(-jnp.inf, acc)
+        vals = jnp.where(mine[:, None], jax.lax.stop_gradient(rows), neg)
+        best = jax.ops.segment_max(vals, segment_ids, num_segments=num_bags, indices_are_sorted=True)
+        best = jax.lax.pmax(best, axes)
+        seg_c = jnp.clip(segment_ids, 0, num_bags - 1)
+        hit = mine[:, None] & (vals == best[seg_c])
+        pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
+        first = jax.ops.segment_min(pos, segment_ids, num_segments=num_bags, indices_are_sorted=True)
+        first = jnp.minimum(first, n)
+        owner_first = jax.lax.pmin(first, axes)  # the first position over all shards
+        own = jnp.where(first == owner_first, first, n)  # n -> the zero row below
+        padded = jnp.concatenate([rows, jnp.zeros((1, d), acc)], axis=0)
+        return jax.lax.psum(jnp.take_along_axis(padded, own, axis=0), axes).astype(
+            local_weight.dtype
+        )
+
+    if per_sample_weights is None:
+        w = ok.astype(acc)
+    else:
+        w = jnp.where(ok, per_sample_weights.reshape(-1).astype(acc), jnp.zeros((), acc))
+    w_mine = jnp.where(mine, w, jnp.zeros((), acc))
+    partial = jax.ops.segment_sum(
+        rows * w_mine[:, None], segment_ids, num_segments=num_bags, indices_are_sorted=True
+    )
+    sums = jax.lax.psum(partial, axes)
+    if mode == "sum":
+        return sums.astype(local_weight.dtype)
+    if mode == "mean":
+        denom = jax.ops.segment_sum(w, segment_ids, num_segments=num_bags, indices_are_sorted=True)
+    else:  # sqrtn
+        denom = jnp.sqrt(
+            jax.ops.segment_sum(w * w, segment_ids, num_segments=num_bags, indices_are_sorted=True)
+        )
+    nonzero = denom != 0
+    safe = jnp.where(nonzero, denom, jnp.ones((), acc))
+    out = jnp.where(nonzero[:, None], sums / safe[:, None], jnp.zeros((), acc))
+    return out.astype(local_weight.dtype)
+
+
+def embedding_bag(
+    weight: ArrayLike,
+    indices: ArrayLike,
+    offsets: ArrayLike | None = None,
+    *,
+    mesh: Mesh,
+    axis_name: AxisName,
+    batch_axis: AxisName | None = None,
+    mode: str = "mean",
+    per_sample_weights: ArrayLike | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    segment_ids: ArrayLike | None = None,
+    num_bags: int | None = None,
+) -> Array:
+    """:func:`jaxbag.embedding_bag` with the table row-sharded over ``axis_name`` of ``mesh``.
+
+    Legend: ``V`` table rows, ``D`` features, ``N`` ids, ``B`` bags, ``L`` ids per bag, ``n`` the
+    size of ``axis_name``, ``m`` the size of ``batch_axis``.
+
+    Same arguments, forms, modes and results as :func:`jaxbag.embedding_bag`, values and
+    gradients (up to float summation order). The table is used as
+    ``NamedSharding(mesh, P(axis_name, None))`` (place it so once with :func:`shard_table`; any
+    other placement is resharded on every call). Each device reads only its own ``V / n`` rows;
+    only ``[B, D]`` partial bags are communicated (never the table). Call it under ``jax.jit``
+    (not inside another ``shard_map``: use :func:`embedding_bag_in_shard_map` there). With an
+    Explicit-axes mesh (the default of ``jax.make_mesh``) run the surrounding code under
+    ``jax.set_mesh(mesh)``.
+
+    Batch placement (``batch_axis``):
+
+    * ``None``: ids and bags are replicated on every device.
+    * a mesh axis (data parallelism): the output ``[B, D]`` is split over ``batch_axis``
+      (``P(batch_axis, None)``; ``B`` divisible by ``m``). 2-D ``indices [B, L]`` (and their
+      ``per_sample_weights``) are split the same way, so each device only sees its bags' ids. In
+      the 1-D forms (offsets / segment ids) the ids stay replicated and each device reduces only
+      its block of bags.
+
+    Args:
+      weight: ``float [V, D]`` table, ``V`` divisible by ``n`` (see :func:`pad_rows`).
+      indices: ``int [N]`` (with ``offsets`` or ``segment_ids``) or ``int [B, L]``.
+      offsets: ``int [B]`` bag starts (``[B+1]`` with ``include_last_offset``).
+      mesh: the ``jax.sharding.Mesh``.
+      axis_name: mesh axis (or tuple of axes) the table rows are split over.
+      batch_axis: optional mesh axis (or tuple) the bags are split over.
+      mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
+      per_sample_weights: optional ``float``, shape of ``indices`` (not with ``max``).
+      padding_idx: optional row skipped everywhere (negative counts from the end).
+      include_last_offset: ``offsets`` has a trailing end offset.
+      max_norm: optional; looked-up rows are rescaled to at most this norm (table unchanged).
+      norm_type: the p of the p-norm for ``max_norm``.
+      scale_grad_by_freq: divide each row's gradient by its count in the (whole) batch.
+      segment_ids: ``int [N]`` sorted bag ids (with ``num_bags``).
+      num_bags: static ``B`` for ``segment_ids``.
+
+    Returns:
+      ``[B, D]`` in ``weight.dtype``, sharded ``P(batch_axis, None)`` (replicated if ``None``).
+
+    Raises:
+      ValueError, TypeError, IndexError: as :func:`jaxbag.embedding_bag`, plus unknown or
+        overlapping mesh axes, ``V`` not divisible by ``n``, ``B`` not divisible by ``m``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> w = jnp.arange(8.0).reshape(4, 2)
+      >>> ids, offsets = jnp.array([0, 3, 1]), jnp.array([0, 2])
+      >>> jaxbag.sharding.embedding_bag(w, ids, offsets, mesh=mesh, axis_name="model").tolist()
+      [[3.0, 4.0], [2.0, 3.0]]
+      >>> jaxbag.embedding_bag(w, ids, offsets).tolist()
+      [[3.0, 4.0], [2.0, 3.0]]
+    """
+    weight = jnp.asarray(weight)
+    indices = jnp.asarray(indices)
+    offsets = None if offsets is None else jnp.asarray(offsets)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [V, D]; got shape {weight.shape}.")
+    if not jnp.issubdtype(weight.dtype, jnp.floating):
+        raise TypeError(f"weight must be a floating-point table; got dtype {weight.dtype}.")
+    check_axes(mesh, axis_name, batch_axis)
+    num_embeddings, features = weight.shape
+    pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
+    layout = validation.check_static(
+        num_embeddings=num_embeddings,
+        indices=indices,
+        offsets=offsets,
+        per_sample_weights=psw,
+        segment_ids=segment_ids,
+        num_bags=num_bags,
+        include_last_offset=include_last_offset,
+        mode=mode,
+        scale_grad_by_freq=scale_grad_by_freq,
+    )
+    if validation.is_concrete(indices, offsets, segment_ids):
+        # Concrete ids closed over by a jitted function are still checked (eagerly).
+        with jax.ensure_compile_time_eval():
+            validation.raise_value_problems(num_embeddings, indices, offsets, segment_ids)
+    n_rows = axis_size(mesh, axis_name)
+    n_batch = axis_size(mesh, batch_axis)
+    if num_embeddings % n_rows:
+        raise ValueError(
+            f"weight has V={num_embeddings} rows, not divisible by the {n_rows} devices of "
+            f"axis_name={axis_name!r}; pad it once with jaxbag.sharding.pad_rows(weight, {n_rows}) "
+            "(ids stay the same)."
+        )
+    b = layout.num_bags
+    if b % n_batch:
+        raise ValueError(
+            f"the {b} bags cannot be split evenly over the {n_batch} devices of batch_axis="
+            f"{batch_axis!r}; pad the batch with empty bags to a multiple of {n_batch}, or pass "
+            "batch_axis=None."
+        )
+    b_loc = b // n_batch
+    rows_spec = P(spec_entry(axis_name), None)
+    out_spec = P(spec_entry(batch_axis), None)
+    kw = dict(
+        num_embeddings=num_embeddings,
+        axis_name=axis_name,
+        mode=mode,
+        padding_idx=pad,
+        max_norm=max_norm,
+        norm_type=norm_type,
+    )
+    batch_axes = axis_tuple(batch_axis)
+
+    if layout.two_d:
+        length = indices.shape[1]
+        ids_spec = P(spec_entry(batch_axis), None)
+
+        def local_2d(lw, ids2, w2):
+            ids = ids2.reshape(-1)
+            seg = jnp.repeat(
+                jnp.arange(b_loc, dtype=jnp.int32), length, total_repeat_length=b_loc * length
+            )
+            inv = None
+            if scale_grad_by_freq:
+                ok = (ids >= 0) & (ids < num_embeddings)
+                if pad is not None:
+                    ok = ok & (ids != pad)
+                all_ids, all_ok = ids, ok
+                if batch_axes:  # counts over the whole batch, not this device's share of it
+                    all_ids = jax.lax.all_gather(ids, batch_axes, tiled=True)
+                    all_ok = jax.lax.all_gather(ok, batch_axes, tiled=True)
+                inv = _inverse_counts_against(ids, ok, all_ids, all_ok, num_embeddings)
+            return embedding_bag_in_shard_map(
+                lw,
+                ids,
+                seg,
+                num_bags=b_loc,
+                per_sample_weights=None if w2 is None else w2.reshape(-1),
+                inverse_freq=inv,
+                **kw,
+            )
+
+        args = (weight, indices, psw)
+        specs = (rows_spec, ids_spec, None if psw is None else ids_spec)
+        fn = local_2d
+    else:
+        n = indices.shape[0]
+        if offsets is not None:
+            seg = segments.offsets_to_segment_ids(
+                offsets, n, include_last_offset=include_last_offset
+            )
+        else:
+            seg = segment_ids.astype(jnp.int32)
+
+        def local_1d(lw, ids, seg, w):
+            inv = None
+            if scale_grad_by_freq:
+                ok = (ids >= 0) & (ids < num_embeddings) & (seg >= 0) & (seg < b)
+                if pad is not None:
+                    ok = ok & (ids != pad)
+                inv = _inverse_counts_against(ids, ok, ids, ok, num_embeddings)
+            if batch_axes:  # this device's block of bags
+                first_bag = jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
+                seg = seg - first_bag
+            return embedding_bag_in_shard_map(
+                lw, ids, seg, num_bags=b_loc, per_sample_weights=w, inverse_freq=inv, **kw
+            )
+
+        args = (weight, indices, seg, psw)
+        specs = (rows_spec, P(), P(), None if psw is None else P())
+        fn = local_1d
+
+    args = place(args, mesh, specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+
+
+def table_shardings(mesh: Mesh, axis_name: AxisName) -> NamedSharding:
+    """``NamedSharding(mesh, P(axis_name, None))``: the placement of a row-sharded table."""
+    return NamedSharding(mesh, P(spec_entry(axis_name), None))
+

@@ -1,0 +1,445 @@
+"""Sparse row gradients and row-wise optimisers: train a big table without a ``[V, D]`` gradient.
+
+Legend: ``V`` table rows, ``D`` features, ``N`` ids, ``B`` bags, ``U`` row slots (static, ``<= N``).
+
+A batch touches at most ``N`` of the ``V`` rows, yet ``jax.grad`` of a loss with respect to the
+table returns a dense ``[V, D]`` array, and a dense optimiser then reads and writes every row
+(plus its moments): at ``V = 1M, D = 128`` that is hundreds of MB per step. The sparse path is the
+JAX counterpart of ``torch.nn.EmbeddingBag(sparse=True)`` + ``torch.optim.SparseAdam`` and of
+fbgemm's fused backward-optimiser:
+
+1. :func:`unique_rows` finds the distinct ids of the batch, padded to a static ``U`` slots (sort
+   based; unused slots hold the out-of-range row ``V``);
+2. :func:`embedding_bag_rows` runs :func:`jaxbag.embedding_bag` on the ``[U, D]`` *gathered* rows
+   and returns the bags plus a pullback that maps the bag cotangent ``[B, D]`` to
+   :class:`RowGrads` (``rows [U]``, ``grads [U, D]``): the gradient with respect to those rows only;
+3. a :class:`SparseOptimizer` (:func:`sparse_sgd`, :func:`sparse_adagrad`, :func:`sparse_adam`)
+   updates only those rows of the table and of its state with ``.at[rows]`` scatters
+   (``mode="drop"`` skips the fill slots). Donate the table and the state to ``jit`` so the update
+   happens in place.
+
+Dense parameters of the model keep using optax as usual; only the table goes through this path.
+
+Example (a training step)::
+
+    opt = jaxbag.sparse_adam(1e-3)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(table, state, ids, offsets, targets):
+        bags, pullback = jaxbag.embedding_bag_rows(table, ids, offsets, mode="sum")
+        loss, g_bags = jax.value_and_grad(lambda b: jnp.mean((b - targets) ** 2))(bags)
+        table, state = opt.update(table, state, pullback(g_bags))
+        return table, state, loss
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+
+from jaxbag._src import ops, validation
+
+__all__ = [
+    "RowGrads",
+    "SparseOptimizer",
+    "SgdState",
+    "RowwiseAdagradState",
+    "LazyAdamState",
+    "unique_rows",
+    "embedding_bag_rows",
+    "sparse_sgd",
+    "sparse_adagrad",
+    "sparse_adam",
+]
+
+ScalarOrSchedule = float | Callable[[Array], ArrayLike]
+
+
+class RowGrads(NamedTuple):
+    """The gradient of a loss with respect to the rows a batch touched.
+
+    Attributes:
+      rows: ``int32 [U]`` distinct row ids in increasing order; unused slots hold ``V`` (out of
+        range, skipped by the optimisers' ``mode="drop"`` scatters).
+      grads: ``float [U, D]`` gradient of each row (zeros in unused slots), in the accumulation
+        dtype (float32 for bf16/f16 tables).
+    """
+
+    rows: Array
+    grads: Array
+
+
+class SparseOptimizer(NamedTuple):
+    """A row-wise optimiser for an embedding table (the sparse analogue of an optax transformation).
+
+    Attributes:
+      init: ``init(table [V, D]) -> state``, a pytree (a NamedTuple of arrays).
+      update: ``update(table [V, D], state, row_grads: RowGrads) -> (table, state)``: updates only
+        the rows in ``row_grads.rows`` (``rows`` must be distinct, as :func:`unique_rows` returns
+        them; ids ``>= V`` are skipped).
+    """
+
+    init: Callable[[Array], Any]
+    update: Callable[[Array, Any, RowGrads], tuple[Array, Any]]
+
+
+class SgdState(NamedTuple):
+    """State of :func:`sparse_sgd`: ``count`` int32 scalar, the number of updates done."""
+
+    count: Array
+
+
+class RowwiseAdagradState(NamedTuple):
+    """State of :func:`sparse_adagrad`.
+
+    Attributes:
+      count: int32 scalar, the number of updates done.
+      sum_sq: ``float32 [V]``, per row the running sum of mean-over-``D`` squared gradients.
+    """
+
+    count: Array
+    sum_sq: Array
+
+
+class LazyAdamState(NamedTuple):
+    """State of :func:`sparse_adam`.
+
+    Attributes:
+      count: int32 scalar, the global step (every update, as torch's ``SparseAdam``).
+      mu: ``float32 [V, D]`` first moments (only touched rows ever change).
+      nu: ``float32 [V, D]`` second moments.
+    """
+
+    count: Array
+    mu: Array
+    nu: Array
+
+
+def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_size(size: int, num_indices: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(
+            f"size must be a positive Python int (the number of row slots U); got size={size!r}. "
+            f"size=None uses N={num_indices}, always enough."
+        )
+    return size
+
+
+def unique_rows(
+    indices: ArrayLike,
+    num_embeddings: int,
+    *,
+    size: int | None = None,
+    valid: ArrayLike | None = None,
+) -> tuple[Array, Array]:
+    """Distinct ids of a batch in ``U`` static slots, and the slot of every id.
+
+    Sort based: one sort of the ``N`` ids plus a binary search, no ``[V]`` array.
+
+    Args:
+      indices: ``int [...]`` ids (any shape, ``N`` of them in all).
+      num_embeddings: ``V``; ids outside ``[0, V)`` are skipped.
+      size: ``U``, the number of slots (static). ``None`` means ``N``, always enough. With a smaller
+        ``U``, the ids beyond the first ``U`` distinct ones (in increasing order) are treated as
+        skipped: make sure a batch never has more than ``U`` distinct ids.
+      valid: optional ``bool`` mask of ``indices``' shape; ``False`` positions are skipped (e.g.
+        padding).
+
+    Returns:
+      ``(rows, inverse)``: ``rows`` ``int32 [U]`` the distinct ids in increasing order, unused slots
+      set to ``V``; ``inverse`` ``int32`` of ``indices``' shape, the slot of each id, ``U`` for a
+      skipped one.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> rows, inv = unique_rows(jnp.array([7, 3, 7, 9]), 10, size=4)
+      >>> rows.tolist(), inv.tolist()
+      ([3, 7, 9, 10], [1, 0, 1, 2])
+    """
+    indices = jnp.asarray(indices)
+    shape = indices.shape
+    ids = indices.reshape(-1).astype(jnp.int32)
+    n = ids.shape[0]
+    u = n if size is None else _check_size(size, n)
+    if n == 0:
+        return jnp.full((u,), num_embeddings, jnp.int32), ids.reshape(shape)
+    ok = (ids >= 0) & (ids < num_embeddings)
+    if valid is not None:
+        ok = ok & jnp.asarray(valid).reshape(-1)
+    keys = jnp.where(ok, ids, jnp.int32(num_embeddings))
+    srt = jnp.sort(keys)
+    is_new = jnp.concatenate([jnp.ones((1,), jnp.bool_), srt[1:] != srt[:-1]])
+    slot = jnp.cumsum(is_new.astype(jnp.int32)) - 1
+    rows = jnp.full((u,), num_embeddings, jnp.int32).at[slot].set(srt, mode="drop")
+    inverse = jnp.searchsorted(rows, keys, side="left", method="scan_unrolled").astype(jnp.int32)
+    keep = ok & (inverse < u)
+    keep = keep & (jnp.take(rows, jnp.minimum(inverse, u - 1)) == keys)
+    inverse = jnp.where(keep, inverse, jnp.int32(u))
+    return rows, inverse.reshape(shape)
+
+
+def embedding_bag_rows(
+    weight: ArrayLike,
+    indices: ArrayLike,
+    offsets: ArrayLike | None = None,
+    *,
+    size: int | None = None,
+    padding_idx: int | None = None,
+    **kwargs: Any,
+) -> tuple[Array, Callable[[Array], RowGrads]]:
+    """:func:`jaxbag.embedding_bag` plus a pullback to the gradient of the touched rows only.
+
+    The bag op runs on the ``[U + 1, D]`` gathered distinct rows (the last one a zero row that all
+    skipped ids point at), so its vjp is a ``[U, D]`` array and no ``[V, D]`` gradient is built.
+
+    Args:
+      weight: ``float [V, D]`` table.
+      indices: ``int [N]`` or ``int [B, L]`` ids, as for :func:`jaxbag.embedding_bag`. Ids outside
+        ``[0, V)`` are skipped (as under ``jit``), also eagerly.
+      offsets: optional ``int [B]`` offsets, as for :func:`jaxbag.embedding_bag`.
+      size: ``U``, static number of row slots (``None``: ``N``, always enough); see
+        :func:`unique_rows`.
+      padding_idx: optional row to skip, as for :func:`jaxbag.embedding_bag`.
+      **kwargs: the other keyword arguments of :func:`jaxbag.embedding_bag` (``mode``,
+        ``per_sample_weights``, ``include_last_offset``, ``segment_ids``, ``num_bags``,
+        ``max_norm``, ``norm_type``, ``scale_grad_by_freq``).
+
+    Returns:
+      ``(bags, pullback)``: ``bags`` ``[B, D]`` equal to ``embedding_bag(weight, indices, offsets,
+      padding_idx=padding_idx, **kwargs)``; ``pullback(g)`` maps the cotangent ``g [B, D]`` to
+      :class:`RowGrads` (``rows [U]``, ``grads [U, D]``). The gradient with respect to
+      ``per_sample_weights`` is not returned (the pullback is for the table).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.arange(8.0).reshape(4, 2)
+      >>> bags, pullback = embedding_bag_rows(w, jnp.array([3, 1, 3]), jnp.array([0, 2]), mode="sum")
+      >>> bags.tolist()
+      [[8.0, 10.0], [6.0, 7.0]]
+      >>> g = pullback(jnp.ones((2, 2)))
+      >>> g.rows.tolist(), g.grads.tolist()
+      ([1, 3, 4], [[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]])
+    """
+    weight = jnp.asarray(weight)
+    indices = jnp.asarray(indices)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [V, D]; got shape {weight.shape}.")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(
+            f"indices must be an integer array; got dtype {indices.dtype}. "
+            "Cast it first: indices.astype(jnp.int32)."
+        )
+    num_embeddings = weight.shape[0]
+    pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
+    valid = None if pad is None else indices != pad
+    rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid)
+    u = rows.shape[0]
+    local = jnp.take(weight, rows, axis=0, mode="fill", fill_value=0)
+    local = jnp.concatenate([local, jnp.zeros((1, weight.shape[1]), weight.dtype)], axis=0)
+
+    def bag(table: Array) -> Array:
+        return ops.embedding_bag(table, inverse, offsets, padding_idx=u, **kwargs)
+
+    bags, vjp = jax.vjp(bag, local)
+
+    def pullback(g: Array) -> RowGrads:
+        (g_local,) = vjp(jnp.asarray(g, bags.dtype))
+        grads = g_local[:u].astype(_acc_dtype(weight.dtype))
+        return RowGrads(rows=rows, grads=grads)
+
+    return bags, pullback
+
+
+def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array], Array]:
+    if callable(learning_rate):
+        return lambda count: jnp.asarray(learning_rate(count), jnp.float32)
+    lr = float(learning_rate)
+    return lambda count: jnp.asarray(lr, jnp.float32)
+
+
+def _check_table(table: Array, row_grads: RowGrads) -> None:
+    if table.ndim != 2:
+        raise ValueError(f"table must be 2-D [V, D]; got shape {table.shape}.")
+    rows, grads = row_grads
+    if rows.ndim != 1 or grads.ndim != 2 or grads.shape != (rows.shape[0], table.shape[1]):
+        raise ValueError(
+            f"row_grads must hold rows [U] and grads [U, D={table.shape[1]}]; got rows "
+            f"{rows.shape} and grads {grads.shape}. Build it with embedding_bag_rows(...)'s pullback."
+        )
+
+
+def _gather(x: Array, rows: Array) -> Array:
+    """``x[rows]`` with out-of-range rows (fill slots) reading zeros."""
+    return jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+
+
+def _scatter_set(x: Array, rows: Array, values: Array) -> Array:
+    return x.at[rows].set(values.astype(x.dtype), mode="drop", unique_indices=True)
+
+
+def sparse_sgd(learning_rate: ScalarOrSchedule) -> SparseOptimizer:
+    """Plain SGD on the touched rows: ``table[r] -= lr * g[r]``.
+
+    Equal to dense SGD (``jax.grad`` + ``optax.sgd``), whose gradient is zero on the other rows.
+
+    Args:
+      learning_rate: a float, or a schedule ``count -> lr`` (e.g. an ``optax`` schedule).
+
+    Returns:
+      A :class:`SparseOptimizer` with :class:`SgdState`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> opt = sparse_sgd(0.5)
+      >>> table, state = opt.update(jnp.ones((3, 2)), opt.init(jnp.ones((3, 2))),
+      ...                           RowGrads(jnp.array([1, 3]), jnp.ones((2, 2))))
+      >>> table.tolist()
+      [[1.0, 1.0], [0.5, 0.5], [1.0, 1.0]]
+    """
+    lr_fn = _lr_fn(learning_rate)
+
+    def init(table: Array) -> SgdState:
+        del table
+        return SgdState(count=jnp.zeros((), jnp.int32))
+
+    def update(table: Array, state: SgdState, row_grads: RowGrads) -> tuple[Array, SgdState]:
+        _check_table(table, row_grads)
+        rows, grads = row_grads
+        delta = -lr_fn(state.count) * grads.astype(jnp.float32)
+        if table.dtype == jnp.float32:
+            table = table.at[rows].add(delta, mode="drop", unique_indices=True)
+        else:  # add in float32, round once
+            new = _gather(table, rows).astype(jnp.float32) + delta
+            table = _scatter_set(table, rows, new)
+        return table, SgdState(count=state.count + 1)
+
+    return SparseOptimizer(init=init, update=update)
+
+
+def sparse_adagrad(
+    learning_rate: ScalarOrSchedule = 0.01,
+    eps: float = 1e-8,
+    initial_accumulator_value: float = 0.0,
+) -> SparseOptimizer:
+    """Row-wise Adagrad, as fbgemm's ``EXACT_ROWWISE_ADAGRAD``: one accumulator per row.
+
+    For each touched row ``r`` with gradient ``g [D]``::
+
+        sum_sq[r] += mean(g ** 2)
+        table[r]  -= lr * g / (sqrt(sum_sq[r]) + eps)
+
+    The state is ``[V]`` floats (not ``[V, D]``), the main reason fbgemm uses it for big tables.
+
+    Args:
+      learning_rate: a float or a schedule ``count -> lr``.
+      eps: added to the root of the accumulator.
+      initial_accumulator_value: starting value of every row's accumulator.
+
+    Returns:
+      A :class:`SparseOptimizer` with :class:`RowwiseAdagradState`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> opt = sparse_adagrad(1.0, eps=0.0)
+      >>> table, state = opt.update(jnp.zeros((2, 2)), opt.init(jnp.zeros((2, 2))),
+      ...                           RowGrads(jnp.array([0]), jnp.array([[3.0, 4.0]])))
+      >>> (table * 1000).round().tolist(), state.sum_sq.tolist()
+      ([[-849.0, -1131.0], [0.0, 0.0]], [12.5, 0.0])
+    """
+    lr_fn = _lr_fn(learning_rate)
+
+    def init(table: Array) -> RowwiseAdagradState:
+        return RowwiseAdagradState(
+            count=jnp.zeros((), jnp.int32),
+            sum_sq=jnp.full((table.shape[0],), initial_accumulator_value, jnp.float32),
+        )
+
+    def update(
+        table: Array, state: RowwiseAdagradState, row_grads: RowGrads
+    ) -> tuple[Array, RowwiseAdagradState]:
+        _check_table(table, row_grads)
+        rows, grads = row_grads
+        g = grads.astype(jnp.float32)
+        old = _gather(state.sum_sq, rows)
+        new_sum = old + jnp.mean(g * g, axis=1)
+        scale = lr_fn(state.count) / (jnp.sqrt(new_sum) + jnp.float32(eps))
+        new_rows = _gather(table, rows).astype(jnp.float32) - scale[:, None] * g
+        table = _scatter_set(table, rows, new_rows)
+        sum_sq = _scatter_set(state.sum_sq, rows, new_sum)
+        return table, RowwiseAdagradState(count=state.count + 1, sum_sq=sum_sq)
+
+    return SparseOptimizer(init=init, update=update)
+
+
+def sparse_adam(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> SparseOptimizer:
+    """Lazy Adam, as ``torch.optim.SparseAdam``: moments move only for the touched rows.
+
+    With the global step ``t`` (counted on every update, touched or not, as torch does)::
+
+        mu[r] = b1 * mu[r] + (1 - b1) * g          nu[r] = b2 * nu[r] + (1 - b2) * g ** 2
+        table[r] -= lr * sqrt(1 - b2 ** t) / (1 - b1 ** t) * mu[r] / (sqrt(nu[r]) + eps)
+
+    Rows not in the batch keep their moments (no decay), unlike dense Adam.
+
+    Args:
+      learning_rate: a float or a schedule ``count -> lr``.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: added to ``sqrt(nu)`` (outside the bias correction, as torch).
+
+    Returns:
+      A :class:`SparseOptimizer` with :class:`LazyAdamState` (two float32 ``[V, D]`` moments).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> opt = sparse_adam(0.1)
+      >>> table, state = opt.update(jnp.zeros((2, 2)), opt.init(jnp.zeros((2, 2))),
+      ...                           RowGrads(jnp.array([1]), jnp.array([[1.0, -2.0]])))
+      >>> (table * 1000).round().tolist()
+      [[0.0, 0.0], [-100.0, 100.0]]
+    """
+    lr_fn = _lr_fn(learning_rate)
+    b1f, b2f = float(b1), float(b2)
+
+    def init(table: Array) -> LazyAdamState:
+        shape = table.shape
+        return LazyAdamState(
+            count=jnp.zeros((), jnp.int32),
+            mu=jnp.zeros(shape, jnp.float32),
+            nu=jnp.zeros(shape, jnp.float32),
+        )
+
+    def update(
+        table: Array, state: LazyAdamState, row_grads: RowGrads
+    ) -> tuple[Array, LazyAdamState]:
+        _check_table(table, row_grads)
+        rows, grads = row_grads
+        g = grads.astype(jnp.float32)
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        mu = _gather(state.mu, rows) * b1f + (1 - b1f) * g
+        nu = _gather(state.nu, rows) * b2f + (1 - b2f) * (g * g)
+        step_size = lr_fn(state.count) * jnp.sqrt(1 - b2f**t) / (1 - b1f**t)
+        new_rows = _gather(table, rows).astype(jnp.float32) - step_size * (
+            mu / (jnp.sqrt(nu) + jnp.float32(eps))
+        )
+        table = _scatter_set(table, rows, new_rows)
+        return table, LazyAdamState(
+            count=count, mu=_scatter_set(state.mu, rows, mu), nu=_scatter_set(state.nu, rows, nu)
+        )
+
+    return SparseOptimizer(init=init, update=update)
+

@@ -1,0 +1,470 @@
+"""Multi-device checks of jaxbag.sharding, run in a subprocess on 8 simulated CPU devices.
+
+Usage: ``python tests/_sharding_worker.py CASE`` (see ``CASES``); exits non-zero on failure.
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before jax is imported, which
+is why tests/test_sharding.py runs this file in a subprocess. Every check compares with the
+single-device op (itself tested against torch and NumPy elsewhere) or with NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jaxbag  # noqa: E402
+import jaxbag.sharding as jsh  # noqa: E402
+
+AUTO = AxisType.Auto
+MODES = ("sum", "mean", "max", "sqrtn")
+V, D, B = 32, 5, 8
+
+
+def meshes():
+    assert len(jax.devices()) == 8, jax.devices()
+    return {
+        "1d": jax.make_mesh((8,), ("model",), axis_types=(AUTO,)),
+        "2d": jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO, AUTO)),
+    }
+
+
+def close(a, b, what, rtol=1e-5, atol=1e-6):
+    a = np.asarray(jnp.asarray(a).astype(jnp.float32))
+    b = np.asarray(jnp.asarray(b).astype(jnp.float32))
+    if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):
+        diff = np.max(np.abs(a - b)) if a.shape == b.shape else "shape"
+        raise AssertionError(f"{what}: sharded != single-device (max diff {diff})\n{a}\n{b}")
+
+
+def make_data(seed=0, dtype=jnp.float32):
+    """A table with tied rows on different shards, ragged bags with empty ones and padding."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(V, D)).astype(np.float32)
+    w[9] = w[1]  # rows 1 and 9 tie (different shards on every mesh): max must pick the first
+    w[30, :2] = w[2, :2]
+    lens = rng.integers(0, 5, size=B)
+    lens[3] = 0  # an empty bag
+    n = int(lens.sum())
+    ids = rng.integers(0, V, size=n).astype(np.int32)
+    ids[:2] = [9, 1]  # the tie inside bag 0 (or the first non-empty bag)
+    ids[-1] = 3  # the padding row appears
+    offs = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+    psw = rng.uniform(0.5, 2.0, size=n).astype(np.float32)
+    ids2 = rng.integers(0, V, size=(B, 3)).astype(np.int32)
+    ids2[1] = 3  # a bag made only of padding -> zeros
+    ids2[2, :2] = [30, 2]
+    psw2 = rng.uniform(0.5, 2.0, size=(B, 3)).astype(np.float32)
+    # the segment-id form with dropped padding positions at the end
+    seg = np.repeat(np.arange(B), lens).astype(np.int32)
+    ids_s = np.concatenate([ids, [5, 6, 7]]).astype(np.int32)
+    seg_s = np.concatenate([seg, [B, B, B]]).astype(np.int32)
+    psw_s = np.concatenate([psw, [1.0, 1.0, 1.0]]).astype(np.float32)
+    j = jnp.asarray
+    return dict(
+        w=j(w).astype(dtype),
+        ids=j(ids),
+        offs=j(offs),
+        psw=j(psw),
+        ids2=j(ids2),
+        psw2=j(psw2),
+        ids_s=j(ids_s),
+        seg_s=j(seg_s),
+        psw_s=j(psw_s),
+    )
+
+
+def op_configs(d):
+    """(name, positional args, kwargs, per-sample weights or None) for every mode and form."""
+    out = []
+    for mode in MODES:
+        weighted = mode != "max"
+        out.append((f"{mode}/offsets", (d["ids"], d["offs"]), {}, d["psw"] if weighted else None))
+        out.append((f"{mode}/2d", (d["ids2"],), {}, d["psw2"] if weighted else None))
+        out.append(
+            (
+                f"{mode}/segment_ids",
+                (d["ids_s"],),
+                dict(segment_ids=d["seg_s"], num_bags=B),
+                d["psw_s"] if weighted else None,
+            )
+        )
+    return out
+
+
+_REF_CACHE: dict = {}
+
+
+def compare_ops(mesh, axis_name, batch_axis, d, extra=None, modes=MODES, rtol=1e-5):
+    """Forward and gradients (table and per-sample weights) of every config; checks the HLO.
+
+    One jit for all configs (compiling dominates the run time). The ids are jit arguments (not
+    closed-over constants); the reference, the single-device op, is jitted too.
+    """
+    extra = extra or {}
+    names = [c[0] for c in op_configs(d) if c[0].split("/")[0] in modes]
+    rng = np.random.default_rng(1)
+    cts = {n: jnp.asarray(rng.normal(size=(B, D)).astype(np.float32)) for n in names}
+
+    def sharded(w, *args, **kw):
+        return jsh.embedding_bag(w, *args, mesh=mesh, axis_name=axis_name, batch_axis=batch_axis, **kw)
+
+    def loss(fn):
+        def f(ws, psws, d):
+            outs = {}
+            total = jnp.zeros((), jnp.float32)
+            for name, args, kw, _ in op_configs(d):
+                if name not in names:
+                    continue
+                outs[name] = fn(
+                    ws[name],
+                    *args,
+                    mode=name.split("/")[0],
+                    padding_idx=3,
+                    per_sample_weights=psws.get(name),
+                    **kw,
+                    **extra,
+                )
+                total = total + jnp.sum(outs[name].astype(jnp.float32) * cts[name])
+            return total, outs
+
+        return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))
+
+    ws = {n: d["w"] for n in names}
+    psws = {n: p for n, _, _, p in op_configs(d) if n in names and p is not None}
+    key = (id(d), tuple(sorted(extra.items())), tuple(modes))
+    if key not in _REF_CACHE:
+        _REF_CACHE[key] = loss(jaxbag.embedding_bag)(ws, psws, d)
+    (_, ref), (gw_ref, gp_ref) = _REF_CACHE[key]
+    ws_sharded = {n: jsh.shard_table(w, mesh, axis_name) for n, w in ws.items()}
+    compiled = loss(sharded).lower(ws_sharded, psws, d).compile()
+    (_, got), (gw, gp) = compiled(ws_sharded, psws, d)
+    tag = f"mesh={dict(mesh.shape)} axis={axis_name} batch={batch_axis} {extra}"
+    check_no_table_traffic(
+        compiled.as_text(), [(V, D)], tag, allow_int_gather=bool(extra.get("scale_grad_by_freq"))
+    )
+    for name in ref:
+        close(got[name], ref[name], f"{tag} {name} forward", rtol=rtol)
+        close(gw[name], gw_ref[name], f"{tag} {name} d/dweight", rtol=rtol)
+        if name in gp_ref:
+            close(gp[name], gp_ref[name], f"{tag} {name} d/dper_sample_weights", rtol=rtol)
+        want = P(batch_axis) if batch_axis else P()
+        if got[name].sharding.spec not in (want, P(batch_axis, None) if batch_axis else P(None)):
+            raise AssertionError(f"{tag} {name}: output sharding {got[name].sharding.spec}")
+        if gw[name].sharding.spec != P((axis_name if isinstance(axis_name, str) else tuple(axis_name)), None):
+            raise AssertionError(f"{tag} {name}: gradient sharding {gw[name].sharding.spec}")
+        if not np.abs(np.asarray(ref[name], np.float32)).sum() > 0:
+            raise AssertionError(f"{tag} {name}: degenerate test data (all-zero output)")
+    if "max/offsets" in gw:  # the first occurrence of a tied maximum gets the gradient
+        g = np.asarray(gw["max/offsets"])
+        if not (np.abs(g[9]).sum() > 0 and np.abs(g[1]).sum() == 0):
+            raise AssertionError(f"{tag} max tie: gradient went to row 1 instead of row 9")
+
+
+def case_op_1d():
+    m = meshes()["1d"]
+    compare_ops(m, "model", None, make_data())
+
+
+def case_op_2d():
+    m = meshes()["2d"]
+    d = make_data()
+    compare_ops(m, "model", "data", d)  # data parallel x row sharded
+    compare_ops(m, ("data", "model"), None, d)  # rows over all 8 devices, batch replicated
+
+
+def case_op_options():
+    """bf16 tables, max_norm, scale_grad_by_freq (whole-batch counts), Explicit meshes."""
+    m = meshes()["2d"]
+    d = make_data(seed=3)
+    compare_ops(m, "model", "data", d, extra=dict(scale_grad_by_freq=True), modes=("sum", "mean"))
+    compare_ops(m, "model", "data", d, extra=dict(max_norm=1.0), modes=("sum", "max"))
+    dbf = make_data(seed=4, dtype=jnp.bfloat16)
+    compare_ops(m, "model", "data", dbf, modes=("mean", "max"), rtol=2e-2)
+    # An Explicit-axes mesh (jax.make_mesh's default) under jax.set_mesh.
+    em = jax.make_mesh((2, 4), ("data", "model"))
+    with jax.set_mesh(em):
+        w = jax.device_put(d["w"], NamedSharding(em, P("model", None)))
+        f = jax.jit(
+            lambda w: jsh.embedding_bag(
+                w, d["ids2"], mesh=em, axis_name="model", batch_axis="data", mode="mean"
+            )
+        )
+        out = f(w)
+    close(out, jaxbag.embedding_bag(d["w"], d["ids2"], mode="mean"), "explicit mesh")
+    # errors name the problem
+    for call, text in [
+        (lambda: jsh.embedding_bag(d["w"][:30], d["ids2"] % 30, mesh=m, axis_name="model"), "pad_rows"),
+        (lambda: jsh.embedding_bag(d["w"], d["ids2"][:3], mesh=m, axis_name="model",
+                                   batch_axis="data"), "batch_axis"),
+        (lambda: jsh.embedding_bag(d["w"], d["ids2"], mesh=m, axis_name="rows"), "not an axis"),
+        (lambda: jsh.embedding_bag(d["w"], d["ids2"], mesh=m, axis_name="model",
+                                   batch_axis="model"), "different"),
+        (lambda: jsh.embedding_bag(d["w"], jnp.array([[40]]), mesh=m, axis_name="model"), "40"),
+    ]:
+        try:
+            call()
+        except (ValueError, IndexError) as e:
+            if text not in str(e):
+                raise AssertionError(f"error message {e!r} lacks {text!r}") from e
+        else:
+            raise AssertionError(f"no error raised (expected one mentioning {text!r})")
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*([^=]+?)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+    r"(?:-start)?\("
+)
+
+
+def collectives(hlo):
+    """``[(op, result type)]`` of the compiled HLO's collectives."""
+    return [(m.group(2), m.group(1)) for m in _COLLECTIVE.finditer(hlo)]
+
+
+def check_no_table_traffic(hlo, table_shapes, what, allow_int_gather=False):
+    """No all-gather (ids only, when allowed); no collective moves a whole table; bags all-reduced."""
+    ops = collectives(hlo)
+    for op, ty in ops:
+        if op == "all-gather" and not (allow_int_gather and re.match(r"\(?(s32|s64|pred)", ty)):
+            raise AssertionError(f"{what}: all-gather in the compiled HLO: {op} {ty}")
+        for v, dd in table_shapes:
+            if re.search(rf"\[{v},{dd}\]", ty):
+                raise AssertionError(f"{what}: {op} moves a full table {ty}")
+    if not any(o[0] == "all-reduce" for o in ops):
+        raise AssertionError(f"{what}: expected the partial bags to be all-reduced; got {ops}")
+    return ops
+
+
+def collection_tables():
+    T = jaxbag.TableConfig
+    return [
+        T("user", 7, 4, ("u",), padding_idx=0),
+        T("item", 41, 4, ("i", "i2"), padding_idx=-1),
+        T("tag", 5, 3, ("t",), mode="sum"),
+        T("cat", 6, 4, ("c",), mode="max"),
+        T("geo", 9, 4, ("g",), mode="max", padding_idx=2),
+        T("bf", 8, 4, ("b",), dtype=jnp.bfloat16),
+        T("rep", 3, 4, ("r",)),
+        T("s1", 10, 2, ("s1",), mode="sqrtn"),
+        T("s2", 10, 2, ("s2",), mode="sqrtn"),
+        T("s3", 10, 2, ("s3",), mode="sqrtn"),
+        T("s4", 10, 2, ("s4",), mode="sqrtn"),
+    ]
+
+
+def collection_batch(tables, seed=0, batch=8, weights=False):
+    rng = np.random.default_rng(seed)
+    feats, ws = {}, {}
+    for t in tables:
+        for f in t.feature_names:
+            feats[f] = [
+                list(rng.integers(0, t.num_embeddings, size=rng.integers(0, 4)))
+                for _ in range(batch)
+            ]
+            ws[f] = [list(rng.uniform(0.5, 2.0, size=len(x))) for x in feats[f]]
+    feats["u"][2] = []  # empty bags
+    return feats, (ws if weights else None)
+
+
+def compare_collection(plan, tables, num_shards, weights=False):
+    feats, ws = collection_batch(tables, weights=weights)
+    if weights:  # weights are not allowed with max tables
+        tables = [t for t in tables if t.mode != "max"]
+        plan = jsh.plan_sharding(
+            tables, plan.mesh, axis_name=plan.axis_name, batch_axis=plan.batch_axis
+        )
+        keep = {f for t in tables for f in t.feature_names}
+        feats = {k: v for k, v in feats.items() if k in keep}
+        ws = {k: v for k, v in ws.items() if k in keep}
+    jf_single = jaxbag.JaggedFeatures.from_lists(feats, weights=ws)
+    jf = jaxbag.JaggedFeatures.from_lists(feats, weights=ws, num_shards=num_shards)
+    lp = jaxbag.collection_layout(tables, plan=plan)
+    lu = jaxbag.collection_layout(tables, stack=False)
+    pp = jaxbag.init_collection(lp, jax.random.key(0))
+    for g in lp.groups:
+        want = lp.param_specs()[g.name]
+        if pp[g.name].sharding.spec != want:
+            raise AssertionError(f"{g.name}: param sharding {pp[g.name].sharding.spec} != {want}")
+    pu = jaxbag.unpack_tables(lp, pp)
+    ref_init = jaxbag.init_collection(lu, jax.random.key(0))
+    for k in pu:  # same tables as the unsharded init (up to jit/eager float rounding)
+        close(pu[k], ref_init[k], f"init {k}", rtol=1e-5)
+    rng = np.random.default_rng(5)
+    width = lp.output_features
+    ct = jnp.asarray(rng.normal(size=(jf.batch_size, width)).astype(np.float32))
+
+    def loss(p, j, layout):
+        o = jaxbag.embedding_bag_collection(p, j, layout=layout, concat=True, dtype=jnp.float32)
+        return jnp.sum(o * ct), o
+
+    grad = jax.value_and_grad(loss, has_aux=True)
+    (_, out), g = jax.jit(grad, static_argnums=2)(pp, jf, lp)
+    (_, out_ref), g_ref = grad(pu, jf_single, lu)
+    tag = f"collection plan={plan.as_dict()}"
+    close(out, out_ref, f"{tag} forward", rtol=1e-2 if any(t.dtype == jnp.bfloat16 for t in tables) else 1e-5)
+    g_tables = jaxbag.unpack_tables(lp, g)
+    for k in g_ref:
+        close(g_tables[k], g_ref[k], f"{tag} d/d{k}")
+    hlo = jax.jit(grad, static_argnums=2).lower(pp, jf, lp).compile().as_text()
+    shapes = [(g.num_rows, g.features) for g in lp.groups] + [
+        (t.num_embeddings, t.features) for t in tables
+    ]
+    check_no_table_traffic(hlo, shapes, tag)
+    return lp
+
+
+def case_collection():
+    ms = meshes()
+    tables = collection_tables()
+    plan = jsh.plan_sharding(
+        tables,
+        ms["2d"],
+        axis_name="model",
+        batch_axis="data",
+        overrides={"rep": "replicated", "geo": "row", "cat": "table"},
+    )
+    kinds = plan.as_dict()
+    want = {"rep": "replicated", "geo": "row", "cat": "table", "s1": "table", "item": "row"}
+    if any(kinds[k] != v for k, v in want.items()):
+        raise AssertionError(f"unexpected plan {kinds}")
+    # the four equal s-tables go round-robin, one per device
+    shards = sorted(plan.placement(f"s{i}")[1] for i in range(1, 5))
+    if shards != [0, 1, 2, 3]:
+        raise AssertionError(f"s1..s4 not spread over the 4 devices: {shards}")
+    lp = compare_collection(plan, tables, num_shards=2)
+    s_group = lp.group_of("s1")
+    if s_group.shard_rows != 10:  # each device holds one whole 10-row table, no padding
+        raise AssertionError(f"s-group blocks of {s_group.shard_rows} rows, expected 10")
+    compare_collection(plan, tables, num_shards=2, weights=True)
+    plan1 = jsh.plan_sharding(tables, ms["1d"], axis_name="model")
+    compare_collection(plan1, tables, num_shards=1)
+
+
+def case_planner():
+    ms = meshes()
+    T = jaxbag.TableConfig
+    tables = [T("big", 4000, 16, ("a",))] + [T(f"t{i}", 100 + i, 16, (f"f{i}",)) for i in range(8)]
+    plan = jsh.plan_sharding(tables, ms["1d"], axis_name="model")
+    if plan.placement("big")[0] != "row":
+        raise AssertionError(f"the big table should go row-wise: {plan.as_dict()}")
+    counts = np.bincount([plan.placement(f"t{i}")[1] for i in range(8)], minlength=8)
+    if not (counts == 1).all():
+        raise AssertionError(f"8 similar tables on 8 devices should be one each: {counts}")
+    # a threshold below every table -> all row-wise; overrides win
+    plan = jsh.plan_sharding(
+        tables, ms["1d"], axis_name="model", row_threshold_bytes=0, overrides={"t0": "replicated"}
+    )
+    if plan.as_dict()["t0"] != "replicated" or plan.as_dict()["t1"] != "row":
+        raise AssertionError(plan.as_dict())
+    # a lone table-wise table would waste 7/8 of its blocks: it goes row-wise (unless forced)
+    lone = [T("x", 100, 8, ("x",)), T("y", 100, 4, ("y",))]
+    plan = jsh.plan_sharding(lone, ms["1d"], axis_name="model", row_threshold_bytes=10**9)
+    if plan.as_dict() != {"x": "row", "y": "row"}:
+        raise AssertionError(plan.as_dict())
+    plan = jsh.plan_sharding(lone, ms["1d"], axis_name="model", overrides={"x": "table"})
+    if plan.as_dict()["x"] != "table":
+        raise AssertionError(plan.as_dict())
+    # the budget: bytes per device, and an error when it cannot fit
+    per = jsh.plan_sharding(tables, ms["1d"], axis_name="model").device_bytes(tables)
+    if max(per) > (4000 // 8 + 101 + 8) * 16 * 4 + 8 * 16 * 4:
+        raise AssertionError(f"unbalanced: {per}")
+    try:
+        jsh.plan_sharding(tables, ms["1d"], axis_name="model", device_budget_bytes=1000)
+    except ValueError as e:
+        if "device_budget_bytes" not in str(e):
+            raise
+    else:
+        raise AssertionError("over-budget plan did not raise")
+    for bad in [dict(overrides={"nope": "row"}), dict(overrides={"t0": "rows"})]:
+        try:
+            jsh.plan_sharding(tables, ms["1d"], axis_name="model", **bad)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{bad} did not raise")
+
+
+def case_modules():
+    """linen and nnx collections with a plan: sharded params, same outputs as the functional core."""
+    from flax import linen as nn
+    from flax import nnx
+
+    from jaxbag._src.collection_nnx import EmbeddingBagCollection as NnxCollection
+
+    ms = meshes()
+    mesh = ms["2d"]
+    T = jaxbag.TableConfig
+    tables = (
+        T("words", 64, 8, ("title", "body")),
+        T("tags", 12, 8, ("tags",), mode="sum"),
+        T("small", 4, 8, ("s",), mode="max"),
+    )
+    plan = jsh.plan_sharding(
+        tables, mesh, axis_name="model", batch_axis="data", overrides={"small": "replicated"}
+    )
+    feats, _ = collection_batch(tables, seed=2, batch=4)
+    jf = jaxbag.JaggedFeatures.from_lists(feats, num_shards=2)
+    jf1 = jaxbag.JaggedFeatures.from_lists(feats)
+    model = jaxbag.EmbeddingBagCollection(tables=tables, plan=plan)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jf)
+    shardings = nn.get_sharding(abstract, mesh)
+    variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), jf)
+    params = nn.unbox(variables)["params"]
+    layout = model.layout
+    for name, spec in layout.param_specs().items():
+        if params[name].sharding.spec != spec:
+            raise AssertionError(f"linen {name}: {params[name].sharding.spec} != {spec}")
+    out = jax.jit(lambda v, j: model.apply(v, j, concat=True))(variables, jf)
+    lu = jaxbag.collection_layout(tables, stack=False)
+    ref = jaxbag.embedding_bag_collection(
+        jaxbag.unpack_tables(layout, params), jf1, layout=lu, concat=True
+    )
+    close(out, ref, "linen sharded collection")
+
+    m = NnxCollection(tables, plan=plan, rngs=nnx.Rngs(0))
+    for name, spec in m.layout.param_specs().items():
+        if m.embeddings[name][...].sharding.spec != spec:
+            raise AssertionError(f"nnx {name}: {m.embeddings[name][...].sharding.spec} != {spec}")
+
+    @nnx.jit
+    def fwd(m, j):
+        return m(j, concat=True)
+
+    out = fwd(m, jf)
+    p = {k: v[...] for k, v in m.embeddings.items()}
+    ref = jaxbag.embedding_bag_collection(
+        jaxbag.unpack_tables(m.layout, p), jf1, layout=lu, concat=True
+    )
+    close(out, ref, "nnx sharded collection")
+
+
+CASES = {
+    "op_1d": case_op_1d,
+    "op_2d": case_op_2d,
+    "op_options": case_op_options,
+    "collection": case_collection,
+    "planner": case_planner,
+    "modules": case_modules,
+}
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(CASES)
+    for name in names:
+        CASES[name]()
+        print(f"{name}: ok", flush=True)

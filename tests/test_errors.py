@@ -1,0 +1,295 @@
+"""Bad input: eager errors that name the argument and the first offending position, jaxbag.validate
+(eagerly and under checkify(jit)), and the jit behaviour for out-of-range ids (zeros, never another row).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+import jaxbag
+from reference import embedding_bag_ref
+
+V, D = 5, 2
+W = jnp.asarray(np.arange(V * D, dtype=np.float32).reshape(V, D) + 1.0)
+
+
+def i32(*xs):
+    return np.array(xs, np.int32)
+
+
+# Each bad case: (kwargs for embedding_bag / validate, exception types, regexes that must all match).
+# Messages must name the argument and the first offending position with its value.
+VALUE_CASES = {
+    "offsets0_not_zero": (
+        dict(indices=i32(0, 1, 2, 3), offsets=i32(1, 2)),
+        (ValueError,),
+        [r"offsets\[0\]", r"\b1\b"],
+    ),
+    "offsets_decreasing": (
+        dict(indices=i32(0, 1, 2, 3), offsets=i32(0, 3, 2, 4)),
+        (ValueError,),
+        [r"offsets\[2\]", r"\b2\b"],
+    ),
+    "offsets_decreasing_first_position": (
+        dict(indices=i32(0, 1, 2, 3, 4, 0), offsets=i32(0, 2, 2, 1, 5, 3)),
+        (ValueError,),
+        [r"offsets\[3\]", r"\b1\b"],
+    ),
+    "offset_past_end": (
+        dict(indices=i32(0, 1, 2, 3), offsets=i32(0, 2, 7)),
+        (ValueError,),
+        [r"offsets\[2\]", r"\b7\b"],
+    ),
+    "offset_past_end_include_last": (
+        dict(indices=i32(0, 1, 2, 3), offsets=i32(0, 2, 5), include_last_offset=True),
+        (ValueError,),
+        [r"offsets\[2\]", r"\b5\b"],
+    ),
+    "index_too_large": (
+        dict(indices=i32(0, 1, 4, 9, 7), offsets=i32(0, 2)),
+        (IndexError, ValueError),
+        [r"indices\[3\]", r"\b9\b"],
+    ),
+    "index_equal_to_V": (
+        dict(indices=i32(0, 1, 2, 3, 4, 5), offsets=i32(0)),
+        (IndexError, ValueError),
+        [r"indices\[5\]", r"\b5\b"],
+    ),
+    "index_negative": (
+        dict(indices=i32(0, 2, -3, 1), offsets=i32(0, 2)),
+        (IndexError, ValueError),
+        [r"indices\[2\]", r"-3"],
+    ),
+    "index_negative_2d": (
+        dict(indices=np.array([[0, 1, 2], [3, -1, 4]], np.int32)),
+        (IndexError, ValueError),
+        # 2-D position as [1, 1] (or flattened [4])
+        [r"indices\[(1, ?1|4)\]", r"-1"],
+    ),
+    "index_too_large_segments": (
+        dict(indices=i32(0, 1, 6, 2), segment_ids=i32(0, 0, 1, 1), num_bags=2),
+        (IndexError, ValueError),
+        [r"indices\[2\]", r"\b6\b"],
+    ),
+    "index_int64_too_large": (
+        dict(indices=np.array([0, 1, 2, 3, 123], np.int64), offsets=np.array([0, 3], np.int64)),
+        (IndexError, ValueError),
+        [r"indices\[4\]", r"\b123\b"],
+    ),
+}
+
+STATIC_CASES = {
+    "unknown_mode": (
+        dict(indices=i32(0, 1), offsets=i32(0), mode="average"),
+        (ValueError,),
+        [r"mode", r"average"],
+    ),
+    "per_sample_weights_with_max": (
+        dict(indices=i32(0, 1), offsets=i32(0), mode="max", per_sample_weights=np.ones(2, np.float32)),
+        (ValueError,),
+        [r"per_sample_weights", r"max"],
+    ),
+    "per_sample_weights_wrong_shape": (
+        dict(indices=i32(0, 1, 2), offsets=i32(0), mode="sum", per_sample_weights=np.ones(4, np.float32)),
+        (ValueError,),
+        [r"per_sample_weights", r"\(4,\)|\b4\b"],
+    ),
+    "per_sample_weights_wrong_shape_2d": (
+        dict(indices=np.zeros((2, 3), np.int32), mode="sum", per_sample_weights=np.ones(6, np.float32)),
+        (ValueError,),
+        [r"per_sample_weights", r"\(6,\)|\b6\b"],
+    ),
+    "2d_with_offsets": (
+        dict(indices=np.zeros((2, 3), np.int32), offsets=i32(0, 3)),
+        (ValueError,),
+        [r"offsets"],
+    ),
+    "float_indices": (
+        dict(indices=np.array([0.0, 1.0], np.float32), offsets=i32(0)),
+        (TypeError,),
+        [r"indices", r"float"],
+    ),
+    "float_offsets": (
+        dict(indices=i32(0, 1), offsets=np.array([0.0], np.float32)),
+        (TypeError,),
+        [r"offsets", r"float"],
+    ),
+    "padding_idx_too_large": (
+        dict(indices=i32(0, 1), offsets=i32(0), padding_idx=V),
+        (ValueError, IndexError),
+        [r"padding_idx", rf"\b{V}\b"],
+    ),
+    "padding_idx_too_negative": (
+        dict(indices=i32(0, 1), offsets=i32(0), padding_idx=-V - 1),
+        (ValueError, IndexError),
+        [r"padding_idx", rf"-{V + 1}"],
+    ),
+    "scale_grad_by_freq_with_max": (
+        dict(indices=i32(0, 1), offsets=i32(0), mode="max", scale_grad_by_freq=True),
+        (ValueError,),
+        [r"scale_grad_by_freq"],
+    ),
+}
+
+
+def _raises(types, patterns, fn):
+    with pytest.raises(types) as info:
+        fn()
+    msg = str(info.value)
+    for pat in patterns:
+        assert re.search(pat, msg), f"{pat!r} not in message: {msg!r}"
+    return msg
+
+
+@pytest.mark.parametrize("name", list(VALUE_CASES) + list(STATIC_CASES))
+def test_eager_error(name):
+    kw, types, patterns = {**VALUE_CASES, **STATIC_CASES}[name]
+    _raises(types, patterns, lambda: jaxbag.embedding_bag(W, **kw))
+
+
+@pytest.mark.parametrize("name", list(VALUE_CASES))
+def test_eager_error_with_jnp_inputs(name):
+    kw, types, patterns = VALUE_CASES[name]
+    kw = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    _raises(types, patterns, lambda: jaxbag.embedding_bag(W, **kw))
+
+
+@pytest.mark.parametrize("name", list(STATIC_CASES))
+def test_static_errors_also_under_jit(name):
+    # Errors that depend on no value (mode, dtypes, shapes, option combinations) are raised at trace time.
+    kw, types, patterns = STATIC_CASES[name]
+    arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
+    static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
+    f = jax.jit(lambda w, a: jaxbag.embedding_bag(w, **a, **static))
+    _raises(types, patterns, lambda: f(W, arrays))
+
+
+_VALIDATE_KW = ("indices", "offsets", "include_last_offset", "segment_ids", "num_bags", "padding_idx",
+                "per_sample_weights", "mode")
+
+
+def _validate_kwargs(kw):
+    return {k: v for k, v in kw.items() if k in _VALIDATE_KW}
+
+
+@pytest.mark.parametrize("name", list(VALUE_CASES) + [
+    "per_sample_weights_wrong_shape", "2d_with_offsets", "float_indices", "float_offsets",
+    "padding_idx_too_large", "padding_idx_too_negative"])
+def test_validate_eager(name):
+    kw, types, patterns = {**VALUE_CASES, **STATIC_CASES}[name]
+    kw = _validate_kwargs(kw)
+    kw.pop("mode", None)
+    indices = kw.pop("indices")
+    offsets = kw.pop("offsets", None)
+    _raises(types, patterns, lambda: jaxbag.validate(V, indices, offsets, **kw))
+
+
+def test_validate_accepts_good_input():
+    assert jaxbag.validate(V, i32(0, 4, 2), i32(0, 1, 1)) is None
+    assert jaxbag.validate(V, i32(0, 4, 2, 3), i32(0, 1, 3), include_last_offset=True) is None
+    assert jaxbag.validate(V, np.zeros((2, 3), np.int64), padding_idx=-1) is None
+    assert jaxbag.validate(V, i32(0, 4, 2), segment_ids=i32(0, 0, 3), num_bags=2) is None
+
+
+@pytest.mark.parametrize("name", list(VALUE_CASES))
+def test_validate_under_checkify_jit(name):
+    kw, _, patterns = VALUE_CASES[name]
+    kw = _validate_kwargs(kw)
+    arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
+    static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
+
+    def f(w, a):
+        jaxbag.validate(w.shape[0], a["indices"], a.get("offsets"), segment_ids=a.get("segment_ids"), **static)
+        return jaxbag.embedding_bag(w, a["indices"], a.get("offsets"), mode="sum", segment_ids=a.get("segment_ids"),
+                                    **static)
+
+    err, out = checkify.checkify(jax.jit(f))(W, arrays)
+    msg = err.get()
+    assert msg is not None, "checkify reported no error"
+    arg = re.escape(patterns[0].split("\\[")[0])
+    assert re.search(arg, msg), msg
+    # The position and value are reported too.
+    for pat in patterns:
+        assert re.search(pat, msg), f"{pat!r} not in {msg!r}"
+    assert out.shape[1] == D
+    with pytest.raises(Exception, match=arg):
+        err.throw()
+
+
+def test_checkify_no_error_on_good_input():
+    def f(w, ids, offs):
+        jaxbag.validate(w.shape[0], ids, offs)
+        return jaxbag.embedding_bag(w, ids, offs, mode="sum")
+
+    err, out = checkify.checkify(jax.jit(f))(W, i32(0, 4, 2), i32(0, 1))
+    assert err.get() is None
+    w = np.asarray(W)
+    np.testing.assert_allclose(np.asarray(out), np.stack([w[0], w[4] + w[2]]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Under jit, out-of-range ids contribute zeros: never row 0 (clamping -1) nor row V-1 (clamping V).
+
+WD = np.zeros((V, D), np.float32)
+WD[0] = [1000.0, -1000.0]  # distinctive first row
+WD[V - 1] = [-3000.0, 3000.0]  # distinctive last row
+WD[1:V - 1] = np.arange((V - 2) * D, dtype=np.float32).reshape(V - 2, D) * 0.25 + 0.5
+
+
+def _acceptable(out, ids, offsets, mode, extra):
+    """For mean/sqrtn/max an out-of-range id is either dropped or a zero row; both are 'zeros'."""
+    outs = [embedding_bag_ref(WD, ids, offsets, mode=mode, oob=o, **extra) for o in ("drop", "zero")]
+    return any(np.allclose(out, r, rtol=1e-6, atol=1e-4) for r in outs), outs
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sqrtn"])
+@pytest.mark.parametrize("form", ["offsets", "2d", "segments"])
+def test_jit_out_of_range_ids_contribute_zeros(mode, form):
+    if form == "2d":
+        ids = np.array([[1, -1, 2], [V, V, V], [-1, 3, V], [2, 2, 2]], np.int32)
+        offsets, extra = None, {}
+    else:
+        ids = np.array([1, -1, 2, V, V, -1, 3, V, 2, -7, V + 12], np.int32)
+        if form == "offsets":
+            offsets, extra = np.array([0, 3, 5, 8], np.int32), {}
+        else:
+            offsets = None
+            extra = {"segment_ids": np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3], np.int32), "num_bags": 4}
+    f = jax.jit(lambda w, i, o, s: jaxbag.embedding_bag(w, i, o, mode=mode, segment_ids=s, num_bags=extra.get(
+        "num_bags")))
+    out = np.asarray(f(jnp.asarray(WD), ids, offsets, extra.get("segment_ids")))
+    assert np.all(np.abs(out) < 100.0), f"an out-of-range id picked up row 0 or row V-1:\n{out}"
+    ok, outs = _acceptable(out, ids, offsets, mode, extra)
+    assert ok, f"\n{out}\nexpected one of\n{outs[0]}\n{outs[1]}"
+    # The bag made only of out-of-range ids is exactly zero in every mode.
+    np.testing.assert_array_equal(out[1], np.zeros(D, np.float32))
+    if mode == "sum":
+        np.testing.assert_allclose(out, outs[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "max"])
+def test_jit_out_of_range_ids_get_no_gradient_and_leak_none(mode):
+    ids = np.array([-1, 2, V, 1, V + 3, -V], np.int32)
+    offsets = np.array([0, 3], np.int32)
+
+    def loss(w):
+        return jnp.sum(jaxbag.embedding_bag(w, ids, offsets, mode=mode))
+
+    g = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(WD)))
+    assert np.all(g[0] == 0.0) and np.all(g[V - 1] == 0.0), g
+    assert np.any(g[2] != 0.0) and np.any(g[1] != 0.0), g
+
+
+def test_renorm_ignores_out_of_range_ids_under_jit():
+    w = jnp.asarray(WD)
+    out = np.asarray(jax.jit(jaxbag.renorm, static_argnames=("max_norm", "norm_type"))(
+        w, i32(-1, V, 2), max_norm=1.0))
+    np.testing.assert_array_equal(out[0], WD[0])
+    np.testing.assert_array_equal(out[V - 1], WD[V - 1])
+    np.testing.assert_allclose(np.linalg.norm(out[2]), 1.0, rtol=1e-5)

@@ -1,0 +1,353 @@
+"""jaxbag.embedding_bag under JAX transforms: jit (no recompilation for equal shapes), vmap over any
+argument (== a Python loop), grad w.r.t. weight and per_sample_weights (== the NumPy reference's
+analytic gradient), and jax.test_util.check_grads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxbag
+from reference import assert_close, embedding_bag_ref, embedding_bag_ref_vjp, magnitude_ref
+
+V, D = 6, 3
+MODES = ("sum", "mean", "max", "sqrtn")
+
+
+def table(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(V, D)) + np.arange(V * D).reshape(V, D) * 1e-2  # distinct: no max ties
+    return jnp.asarray(w.astype(np.float32)).astype(dtype)
+
+
+def f64(x):
+    return None if x is None else np.asarray(x).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# jit: one compilation for equal shapes, whatever the values.
+
+
+def _value_sets(form, rng):
+    """Three argument sets of equal shapes and different values (bags, empty bags, padding, weights)."""
+    sets = []
+    for k in range(3):
+        ids = rng.integers(0, V, size=8)
+        if form == "2d":
+            sets.append(dict(indices=ids.reshape(2, 4).astype(np.int64 if k == 1 else np.int32)))
+        elif form == "offsets":
+            offs = np.sort(rng.integers(0, 9, size=3))
+            offs[0] = 0
+            sets.append(dict(indices=ids.astype(np.int64 if k == 1 else np.int32), offsets=offs.astype(np.int32)))
+        else:
+            seg = np.sort(rng.integers(0, 5, size=8)).astype(np.int32)  # ids 3, 4 dropped with num_bags=3
+            sets.append(dict(indices=ids.astype(np.int32), segment_ids=seg))
+        sets[-1]["per_sample_weights"] = jnp.asarray(rng.uniform(0.25, 2.0, size=ids.shape).reshape(
+            sets[-1]["indices"].shape).astype(np.float32))
+    return sets
+
+
+@pytest.mark.parametrize("form", ["offsets", "2d", "segments"])
+@pytest.mark.parametrize("mode", MODES)
+def test_jit_compiles_once_for_equal_shapes(mode, form):
+    traces = []
+    num_bags = 3 if form == "segments" else None
+
+    def f(weight, a):
+        traces.append(1)
+        a = dict(a)
+        if mode == "max":
+            a.pop("per_sample_weights")
+        return jaxbag.embedding_bag(weight, mode=mode, padding_idx=-1, num_bags=num_bags, **a)
+
+    jf = jax.jit(f)
+    rng = np.random.default_rng(0)
+    for k, args in enumerate(_value_sets(form, rng)):
+        weight = table(seed=k)
+        out = jf(weight, args)
+        kw = {k2: v for k2, v in args.items() if k2 != "per_sample_weights"}
+        psw = None if mode == "max" else f64(args["per_sample_weights"])
+        expected = embedding_bag_ref(f64(weight), mode=mode, padding_idx=-1, num_bags=num_bags,
+                                     per_sample_weights=psw, **kw)
+        mag = magnitude_ref(f64(weight), mode=mode, padding_idx=-1, num_bags=num_bags, per_sample_weights=psw, **kw)
+        assert_close(out, expected, mag, "float32")
+    assert len(traces) == 1, f"traced {len(traces)} times"
+    assert jf._cache_size() == 1
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_jit_grad_compiles_once(mode):
+    traces = []
+
+    def loss(weight, ids, offs):
+        traces.append(1)
+        return jnp.sum(jaxbag.embedding_bag(weight, ids, offs, mode=mode, max_norm=1.0) ** 2)
+
+    g = jax.jit(jax.grad(loss))
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        ids = rng.integers(0, V, size=7).astype(np.int32)
+        offs = np.array([0, *np.sort(rng.integers(0, 8, size=2))], np.int32)
+        g(table(), ids, offs)
+    assert len(traces) == 1
+    assert g._cache_size() == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# vmap over a leading axis of any argument == a Python loop (and == the reference).
+
+T = 3
+
+
+def _stacked_case(form):
+    rng = np.random.default_rng(42)
+    weights = jnp.stack([table(seed=s) for s in range(T)])
+    if form == "2d":
+        ids = rng.integers(0, V, size=(T, 3, 4)).astype(np.int32)
+        offs = None
+        segs = None
+    else:
+        ids = rng.integers(0, V, size=(T, 9)).astype(np.int32)
+        if form == "offsets":
+            offs = np.stack([np.array([0, *np.sort(rng.integers(0, 10, size=3))]) for _ in range(T)]).astype(np.int32)
+            segs = None
+        else:
+            offs = None
+            segs = np.sort(rng.integers(0, 5, size=(T, 9)), axis=1).astype(np.int32)
+    psw = jnp.asarray(rng.uniform(0.25, 2.0, size=ids.shape).astype(np.float32))
+    return weights, ids, offs, segs, psw
+
+
+# Which arguments are batched (the others take element 0 of the stack).
+AXES = {
+    "weight": (0, None, None, None, None),
+    "indices": (None, 0, None, None, None),
+    "offsets_or_segments": (None, None, 0, 0, None),
+    "per_sample_weights": (None, None, None, None, 0),
+    "all": (0, 0, 0, 0, 0),
+}
+
+
+VMAP_CASES = [
+    (m, w, f, b)
+    for m, w in [("sum", True), ("mean", True), ("max", False), ("sqrtn", True)]
+    for f in ("offsets", "2d", "segments")
+    for b in AXES
+    if not (f == "2d" and b == "offsets_or_segments") and not (not w and b == "per_sample_weights")
+]
+
+
+@pytest.mark.parametrize("mode,weighted,form,batched", VMAP_CASES,
+                         ids=[f"{m}-{'w' if w else 'u'}-{f}-{b}" for m, w, f, b in VMAP_CASES])
+def test_vmap_equals_loop(mode, weighted, form, batched):
+    weights, ids, offs, segs, psw = _stacked_case(form)
+    if not weighted:
+        psw = None
+    axes = AXES[batched]
+    num_bags = 4 if form == "segments" else None
+    options = dict(mode=mode, padding_idx=2, max_norm=1.5, num_bags=num_bags)
+
+    def f(w, i, o, s, p):
+        return jaxbag.embedding_bag(w, i, o, segment_ids=s, per_sample_weights=p, **options)
+
+    args = (weights, ids, offs, segs, psw)
+    in_axes = tuple(None if a is None else ax for a, ax in zip(args, axes))
+    unbatched = tuple(a if (a is None or ax == 0) else a[0] for a, ax in zip(args, in_axes))
+    out = jax.jit(jax.vmap(f, in_axes=in_axes))(*unbatched)
+    assert out.shape[0] == T
+    for t in range(T):
+        a_t = tuple(a if (a is None or ax is None) else a[t] for a, ax in zip(unbatched, in_axes))
+        loop = f(*a_t)
+        np.testing.assert_allclose(np.asarray(out[t]), np.asarray(loop), rtol=1e-5, atol=1e-6)
+        ref = embedding_bag_ref(f64(a_t[0]), a_t[1], a_t[2], segment_ids=a_t[3], per_sample_weights=f64(a_t[4]),
+                                **options)
+        np.testing.assert_allclose(np.asarray(out[t]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_of_grad_per_example_gradients():
+    weights, ids, offs, _, psw = _stacked_case("offsets")
+    cot = np.random.default_rng(3).normal(size=(4, D)).astype(np.float32)
+
+    def loss(w, i, o, p):
+        return jnp.sum(jaxbag.embedding_bag(w, i, o, mode="mean", per_sample_weights=p, padding_idx=0) * cot)
+
+    dw, dp = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 3))))(weights, ids, offs, psw)
+    for t in range(T):
+        r_dw, r_dp = embedding_bag_ref_vjp(f64(weights[t]), ids[t], offs[t], cotangent=f64(cot), mode="mean",
+                                           per_sample_weights=f64(psw[t]), padding_idx=0)
+        np.testing.assert_allclose(np.asarray(dw[t]), r_dw, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(dp[t]), r_dp, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# grad w.r.t. weight and per_sample_weights == the reference's analytic gradient.
+
+OPTIONS = {
+    "plain": {},
+    "padding_neg": {"padding_idx": -2},
+    "max_norm": {"max_norm": 0.9},
+    "max_norm_l1": {"max_norm": 1.1, "norm_type": 1.0},
+    "sgbf": {"scale_grad_by_freq": True},
+    "sgbf_padding_max_norm": {"scale_grad_by_freq": True, "padding_idx": 1, "max_norm": 0.9},
+    "trailing": {"include_last_offset": True},  # entries past the last offset: no gradient
+}
+# (option, form) pairs: every form plainly, each option on one or two forms.
+OPTION_FORMS = [
+    ("plain", "offsets"), ("plain", "2d"), ("plain", "segments"),
+    ("padding_neg", "offsets"), ("padding_neg", "2d"),
+    ("max_norm", "offsets"), ("max_norm", "segments"),
+    ("max_norm_l1", "2d"),
+    ("sgbf", "segments"),
+    ("sgbf_padding_max_norm", "offsets"), ("sgbf_padding_max_norm", "2d"),
+    ("trailing", "offsets"),
+]
+
+
+def _grad_case(form, trailing):
+    ids = np.array([1, 4, 4, 2, 0, 1, 1, 5, 3, 3, 4], np.int32)
+    if form == "2d":
+        return ids[:8].reshape(2, 4), None, {}
+    if form == "segments":
+        seg = np.array([0, 0, 0, 1, 3, 3, 3, 3, 4, 4, 5], np.int32)  # bag 2 empty, 4 and 5 dropped
+        return ids, None, {"segment_ids": seg, "num_bags": 4}
+    if trailing:
+        return ids, np.array([0, 3, 3, 4, 8], np.int32), {}  # entries 8.. ignored
+    return ids, np.array([0, 3, 3, 4], np.int32), {}
+
+
+GRAD_MODES = [("sum", False), ("sum", True), ("mean", False), ("mean", True), ("sqrtn", False), ("sqrtn", True),
+              ("max", False)]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("option,form", OPTION_FORMS, ids=[f"{o}-{f}" for o, f in OPTION_FORMS])
+@pytest.mark.parametrize("mode,weighted", GRAD_MODES, ids=[f"{m}-{'w' if w else 'u'}" for m, w in GRAD_MODES])
+def test_grad_vs_reference(mode, weighted, form, option, jit):
+    opts = dict(OPTIONS[option])
+    if mode == "max" and opts.get("scale_grad_by_freq"):
+        with pytest.raises(ValueError, match="scale_grad_by_freq"):
+            jaxbag.embedding_bag(table(), np.zeros((2, 2), np.int32), mode="max", **opts)
+        return
+    ids, offs, extra = _grad_case(form, option == "trailing")
+    weight = table(seed=5) * 1.5
+    rng = np.random.default_rng(6)
+    psw = jnp.asarray(rng.uniform(0.25, 2.0, size=ids.shape).astype(np.float32)) if weighted else None
+    b = embedding_bag_ref(np.zeros((V, D)), ids, offs, **{k: v for k, v in {**opts, **extra}.items()
+                                                          if k in ("include_last_offset", "segment_ids", "num_bags")}
+                          ).shape[0]
+    cot = jnp.asarray(rng.normal(size=(b, D)).astype(np.float32))
+
+    def loss(w, p):
+        out = jaxbag.embedding_bag(w, ids, offs, mode=mode, per_sample_weights=p, **opts, **extra)
+        return jnp.sum(out * cot)
+
+    grad = jax.grad(loss, argnums=(0, 1) if weighted else 0)
+    if jit:
+        grad = jax.jit(grad)
+    got = grad(weight, psw)
+    dw, dp = got if weighted else (got, None)
+    r_dw, r_dp = embedding_bag_ref_vjp(f64(weight), ids, offs, cotangent=f64(cot), mode=mode,
+                                       per_sample_weights=f64(psw), **opts, **extra)
+    np.testing.assert_allclose(np.asarray(dw), r_dw, rtol=1e-5, atol=1e-5 * (1 + np.abs(r_dw).max()))
+    if weighted:
+        np.testing.assert_allclose(np.asarray(dp), r_dp, rtol=1e-5, atol=1e-5 * (1 + np.abs(r_dp).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_low_precision(mode, dtype):
+    ids, offs, _ = _grad_case("offsets", False)
+    weight = table(seed=5, dtype=dtype)
+    cot = np.random.default_rng(8).normal(size=(4, D)).astype(np.float32)
+
+    def loss(w):
+        return jnp.sum(jaxbag.embedding_bag(w, ids, offs, mode=mode).astype(jnp.float32) * cot)
+
+    dw = jax.jit(jax.grad(loss))(weight)
+    assert dw.dtype == weight.dtype
+    r_dw, _ = embedding_bag_ref_vjp(f64(weight), ids, offs, cotangent=f64(cot), mode=mode)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
+    np.testing.assert_allclose(f64(dw), r_dw, rtol=tol, atol=tol * np.abs(r_dw).max())
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_max_grad_goes_to_first_occurrence_on_ties(jit):
+    w = np.zeros((V, D), np.float32)
+    w[1] = [5.0, 1.0, -1.0]
+    w[2] = [5.0, 2.0, -1.0]  # ties with row 1 in features 0 and 2
+    w[3] = [5.0, 0.0, -1.0]
+    ids = np.array([2, 1, 1, 2, 3, 1], np.int32)
+    offs = np.array([0, 2, 4], np.int32)  # bags [2 1] [1 2] [3 1]
+    cot = np.array([[1.0, 10.0, 100.0], [2.0, 20.0, 200.0], [3.0, 30.0, 300.0]], np.float32)
+
+    def loss(weight):
+        return jnp.sum(jaxbag.embedding_bag(weight, ids, offs, mode="max") * cot)
+
+    g = jax.grad(loss)
+    if jit:
+        g = jax.jit(g)
+    dw = np.asarray(g(jnp.asarray(w)))
+    expected = np.zeros((V, D))
+    expected[2] += [1.0, 10.0, 100.0]  # bag 0: row 2 first in features 0, 2; row 2 max in feature 1
+    expected[1] += [2.0, 0.0, 200.0]  # bag 1: row 1 first in features 0, 2
+    expected[2] += [0.0, 20.0, 0.0]  # bag 1: row 2 max in feature 1
+    expected[3] += [3.0, 0.0, 300.0]  # bag 2: row 3 first in features 0, 2
+    expected[1] += [0.0, 30.0, 0.0]  # bag 2: row 1 max in feature 1
+    np.testing.assert_array_equal(dw, expected)
+    r_dw, _ = embedding_bag_ref_vjp(w, ids, offs, cotangent=cot, mode="max")
+    np.testing.assert_array_equal(r_dw, expected)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_row_and_empty_bags_get_no_gradient(mode, jit):
+    ids = np.array([3, 0, 3, 3, 5], np.int32)
+    offs = np.array([0, 0, 2, 4, 4], np.int32)  # bags [] [3 0] [3 3] [] [5]
+
+    def loss(weight):
+        return jnp.sum(jaxbag.embedding_bag(weight, ids, offs, mode=mode, padding_idx=3) ** 2 + 1.0)
+
+    g = jax.grad(loss)
+    if jit:
+        g = jax.jit(g)
+    dw = np.asarray(g(table()))
+    assert np.all(dw[3] == 0.0), dw
+    assert np.all(dw[[1, 2, 4]] == 0.0), dw
+    assert np.all(dw[0] != 0.0) and np.all(dw[5] != 0.0), dw
+    assert np.all(np.isfinite(dw))
+
+
+# ------------------------------------------------------------------------------------------------
+# jax.test_util.check_grads (numerical vs automatic, reverse and forward mode).
+
+
+CHECK_GRADS_CASES = [(m, w, "offsets") for m, w in GRAD_MODES] + [
+    ("mean", True, "segments"), ("sqrtn", True, "2d"), ("max", False, "2d"), ("sum", False, "segments")]
+
+
+@pytest.mark.parametrize("mode,weighted,form", CHECK_GRADS_CASES,
+                         ids=[f"{m}-{'w' if w else 'u'}-{f}" for m, w, f in CHECK_GRADS_CASES])
+def test_check_grads(mode, weighted, form):
+    ids, offs, extra = _grad_case(form, False)
+    # Values at least 0.1 apart in every column, so that eps = 1e-2 never crosses a max tie.
+    perm = np.random.default_rng(9).permutation(V * D).reshape(V, D)
+    weight = jnp.asarray((perm * 0.1 - 0.8).astype(np.float32))
+    psw = jnp.asarray(np.random.default_rng(4).uniform(0.5, 1.5, size=ids.shape).astype(np.float32))
+
+    if weighted:
+        def f(w, p):
+            return jaxbag.embedding_bag(w, ids, offs, mode=mode, per_sample_weights=p, padding_idx=1, **extra)
+
+        args = (weight, psw)
+    else:
+        def f(w):
+            return jaxbag.embedding_bag(w, ids, offs, mode=mode, padding_idx=1, **extra)
+
+        args = (weight,)
+    check_grads(f, args, order=1, modes=["rev", "fwd"], eps=1e-2, atol=2e-2, rtol=2e-2)
