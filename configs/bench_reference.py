@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.options.unroll_max = 64  # unrolled_2d: only for L_max <= this
     config.options.chunk_bags = 256  # chunked_map: bags per chunk
     config.options.onehot_max_elements = 2**24  # onehot: only for B * V <= this
-    config.shapes = []
-    config.sweeps = []
+    config.shapes = ()  # tuple of shape(...) ConfigDicts
+    config.sweeps = ()  # tuple of configs.bench_sweep.sweep(...) ConfigDicts
+    config.only = ()  # run only the shapes / sweeps with these names, e.g. --config.only="('small',)"
     return config
 
 
@@ -47,9 +48,9 @@ def shape(name: str, V: int, D: int, B: int, N: int, lengths: str = "uniform", i
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    config.shapes = [
+    config.shapes = (
         shape("small", 100_000, 64, 64, 3_200),
         shape("large_table", 1_000_000, 128, 2_048, 40_960),
         shape("many_ids", 100_000, 64, 4_096, 204_800),
-    ]
+    )
     return config

@@ -22,12 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.fwd_impls = ("jaxbag", "stream", "naive", "padded_dense", "onehot")
     config.grad_impls = ("jaxbag", "jaxbag_rows", "naive")
     base = dict(name="", V=100_000, D=64, B=1_024, N=20_480, lengths="uniform", ids="uniform")
-    config.sweeps = [
+    config.sweeps = (
         sweep("V", "V", (1_000, 10_000, 100_000, 1_000_000), base),
         sweep("N", "N", (2_048, 8_192, 32_768, 131_072), dict(base, B=256)),
         sweep("D", "D", (16, 32, 64, 128, 256), base),
-    ]
-    config.shapes = [shape("zipf_ids", 1_000_000, 64, 2_048, 40_960, ids="zipf")]
+    )
+    config.shapes = (shape("zipf_ids", 1_000_000, 64, 2_048, 40_960, ids="zipf"),)
     config.phases = ("fwd", "fwd_bwd")
     config.modes = ("sum",)
     return config

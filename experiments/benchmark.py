@@ -47,9 +47,14 @@ def _as_dict(x: Any) -> dict[str, Any]:
 def _shape_list(config: ml_collections.ConfigDict) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(shape spec, extra record fields) for the reference shapes and every sweep point."""
     out = []
+    only = set(config.only)
     for s in config.shapes:
+        if only and s.name not in only:
+            continue
         out.append((_as_dict(s), {"sweep": None, "modes": tuple(config.modes), "phases": tuple(config.phases)}))
     for sw in config.sweeps:
+        if only and sw.name not in only:
+            continue
         for v in sw.points:
             spec = _as_dict(sw.base)
             spec[sw.param] = int(v)
@@ -200,7 +205,7 @@ class Runner:
                 name = "torch_sparse" if sparse else "torch"
                 fn, keep = self.torch_impls.train_step(t_in, mode, sparse, lr)
                 t, loss = self._torch(fn, repeats=reps)
-                losses[name] = float(loss)
+                losses[name] = float(loss.detach())
                 rec = _timed(_record(p, "train", mode, name, "torch", extra), t)
                 rec["final_loss"] = losses[name]
                 self._log(rec)

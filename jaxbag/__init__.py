@@ -22,6 +22,16 @@ from jaxbag._src.jagged import JaggedFeatures as JaggedFeatures
 from jaxbag._src.linen import EmbeddingBag as EmbeddingBag
 from jaxbag._src.ops import embedding_bag as embedding_bag
 from jaxbag._src.ops import renorm as renorm
+from jaxbag._src.sparse import LazyAdamState as LazyAdamState
+from jaxbag._src.sparse import RowGrads as RowGrads
+from jaxbag._src.sparse import RowwiseAdagradState as RowwiseAdagradState
+from jaxbag._src.sparse import SgdState as SgdState
+from jaxbag._src.sparse import SparseOptimizer as SparseOptimizer
+from jaxbag._src.sparse import embedding_bag_rows as embedding_bag_rows
+from jaxbag._src.sparse import sparse_adagrad as sparse_adagrad
+from jaxbag._src.sparse import sparse_adam as sparse_adam
+from jaxbag._src.sparse import sparse_sgd as sparse_sgd
+from jaxbag._src.sparse import unique_rows as unique_rows
 from jaxbag._src.segments import lengths_to_segment_ids as lengths_to_segment_ids
 from jaxbag._src.segments import offsets_to_segment_ids as offsets_to_segment_ids
 from jaxbag._src.validation import MODES as MODES
@@ -30,6 +40,16 @@ from jaxbag._src.validation import validate as validate
 __version__ = "0.1.0"
 
 __all__ = [
+    "LazyAdamState",  # sparse row updates
+    "RowGrads",  # sparse row updates
+    "RowwiseAdagradState",  # sparse row updates
+    "SgdState",  # sparse row updates
+    "SparseOptimizer",  # sparse row updates
+    "embedding_bag_rows",  # sparse row updates
+    "sparse_adagrad",  # sparse row updates
+    "sparse_adam",  # sparse row updates
+    "sparse_sgd",  # sparse row updates
+    "unique_rows",  # sparse row updates
     "CollectionLayout",
     "EmbeddingBag",
     "EmbeddingBagCollection",

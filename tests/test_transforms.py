@@ -137,9 +137,12 @@ AXES = {
 VMAP_CASES = [
     (m, w, f, b)
     for m, w in [("sum", True), ("mean", True), ("max", False), ("sqrtn", True)]
-    for f in ("offsets", "2d", "segments")
-    for b in AXES
-    if not (f == "2d" and b == "offsets_or_segments") and not (not w and b == "per_sample_weights")
+    for f, b in [
+        ("offsets", "weight"), ("offsets", "indices"), ("2d", "indices"), ("segments", "indices"),
+        ("offsets", "offsets_or_segments"), ("segments", "offsets_or_segments"), ("2d", "per_sample_weights"),
+        ("offsets", "all"), ("2d", "all"), ("segments", "all"),
+    ]
+    if w or b != "per_sample_weights"
 ]
 
 
@@ -161,9 +164,10 @@ def test_vmap_equals_loop(mode, weighted, form, batched):
     unbatched = tuple(a if (a is None or ax == 0) else a[0] for a, ax in zip(args, in_axes))
     out = jax.jit(jax.vmap(f, in_axes=in_axes))(*unbatched)
     assert out.shape[0] == T
+    jf = jax.jit(f)
     for t in range(T):
         a_t = tuple(a if (a is None or ax is None) else a[t] for a, ax in zip(unbatched, in_axes))
-        loop = f(*a_t)
+        loop = jf(*a_t)
         np.testing.assert_allclose(np.asarray(out[t]), np.asarray(loop), rtol=1e-5, atol=1e-6)
         ref = embedding_bag_ref(f64(a_t[0]), a_t[1], a_t[2], segment_ids=a_t[3], per_sample_weights=f64(a_t[4]),
                                 **options)

@@ -232,8 +232,9 @@ def dense_train_step(fwd: Forward, targets: jax.Array, lr: float):
 
     def step(w, state, b):
         loss, g = jax.value_and_grad(lambda w_: _mse(fwd(w_, b), targets))(w)
-        updates, state = opt.update(g, state, w)
-        return optax.apply_updates(w, updates), state, loss
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam is not strict-promotion clean
+            updates, state = opt.update(g, state, w)
+            return optax.apply_updates(w, updates), state, loss
 
     return opt.init, step
 

@@ -121,7 +121,11 @@ class LazyAdamState(NamedTuple):
 
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
+    """float32 for narrow float tables (bf16, f16), the table's dtype otherwise (f32, f64).
+
+    (Not ``jnp.promote_types``: it raises for bf16/f32 under strict dtype promotion.)"""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def _check_size(size: int, num_indices: int) -> int:

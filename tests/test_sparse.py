@@ -1,0 +1,296 @@
+"""Sparse row gradients and row-wise optimisers (jaxbag._src.sparse) against independent references:
+numpy, dense ``jax.grad`` + optax, and live torch (``sparse=True`` + ``torch.optim.SparseAdam``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jaxbag
+from jaxbag._src import sparse
+
+V, D = 23, 5
+
+
+def _batch(rng, n_bags=4, max_len=6, v=V, pad=None, n_ids=None):
+    """Random bags (some empty); with ``n_ids`` the total id count is fixed (one jit compile)."""
+    if n_ids is None:
+        lens = rng.integers(0, max_len, n_bags)
+    else:
+        cuts = np.sort(rng.integers(0, n_ids + 1, n_bags - 1))
+        lens = np.diff(np.concatenate([[0], cuts, [n_ids]]))
+    ids = rng.integers(0, v, int(lens.sum())).astype(np.int32)
+    if pad is not None and ids.size:
+        ids[rng.random(ids.size) < 0.3] = pad
+    offsets = (np.cumsum(lens) - lens).astype(np.int32)
+    return ids, offsets
+
+
+# ---- unique_rows --------------------------------------------------------------------------------
+
+
+def test_unique_rows_matches_numpy():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-3, V + 3, 40).astype(np.int32)
+    valid = rng.random(40) < 0.8
+    rows, inv = jax.jit(lambda i, m: sparse.unique_rows(i, V, valid=m))(ids, valid)
+    rows, inv = np.asarray(rows), np.asarray(inv)
+    keep = valid & (ids >= 0) & (ids < V)
+    expect = np.unique(ids[keep])
+    assert rows.shape == (40,)
+    np.testing.assert_array_equal(rows[: expect.size], expect)
+    assert (rows[expect.size :] == V).all()
+    np.testing.assert_array_equal(inv[~keep], 40)
+    np.testing.assert_array_equal(rows[inv[keep]], ids[keep])
+
+
+def test_unique_rows_small_size_and_2d_shape():
+    ids = jnp.array([[5, 1, 5], [9, 1, 7]])
+    rows, inv = sparse.unique_rows(ids, 10, size=2)
+    assert rows.tolist() == [1, 5]
+    # 7 and 9 did not fit in the two slots: they are skipped (slot U = 2).
+    assert inv.tolist() == [[1, 0, 1], [2, 0, 2]]
+
+
+def test_unique_rows_rejects_bad_size():
+    with pytest.raises(ValueError, match="size"):
+        sparse.unique_rows(jnp.array([1, 2]), 5, size=0)
+
+
+# ---- embedding_bag_rows -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode,use_psw,pad", [("sum", False, None), ("mean", False, 2), ("max", False, None),
+                         ("sqrtn", True, None), ("sum", True, 0), ("mean", True, None)]
+)
+def test_row_grads_equal_dense_grad(mode, use_psw, pad):
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+    ids, offsets = _batch(rng, n_bags=5, pad=pad)
+    psw = jnp.asarray(rng.random(ids.size) + 0.5, jnp.float32) if use_psw else None
+    ct = jnp.asarray(rng.standard_normal((5, D)), jnp.float32)
+    kw = dict(mode=mode, per_sample_weights=psw, padding_idx=pad)
+
+    bags, pullback = sparse.embedding_bag_rows(w, ids, offsets, **kw)
+    dense_bags = jaxbag.embedding_bag(w, ids, offsets, **kw)
+    np.testing.assert_allclose(bags, dense_bags, rtol=1e-6, atol=1e-6)
+
+    rg = pullback(ct)
+    dense = jax.grad(lambda w_: jnp.sum(jaxbag.embedding_bag(w_, ids, offsets, **kw) * ct))(w)
+    scattered = np.zeros((V + 1, D), np.float32)
+    np.add.at(scattered, np.asarray(rg.rows), np.asarray(rg.grads))
+    np.testing.assert_allclose(scattered[:V], dense, rtol=1e-5, atol=1e-6)
+    rows = np.asarray(rg.rows)
+    real = rows[rows < V]
+    assert len(set(real.tolist())) == real.size  # distinct
+    if pad is not None:
+        assert pad not in real.tolist()
+
+
+def test_row_grads_2d_indices_under_jit():
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, V, (3, 4)), jnp.int32)
+    ct = jnp.asarray(rng.standard_normal((3, D)), jnp.float32)
+
+    @jax.jit
+    def f(w_, i):
+        bags, pb = sparse.embedding_bag_rows(w_, i, mode="sum", size=8)
+        return bags, pb(ct)
+
+    bags, rg = f(w, ids)
+    np.testing.assert_allclose(bags, np.asarray(w)[np.asarray(ids)].sum(1), rtol=1e-6, atol=1e-6)
+    dense = np.zeros((V + 1, D), np.float32)
+    np.add.at(dense, np.asarray(rg.rows), np.asarray(rg.grads))
+    expect = np.zeros((V, D), np.float32)
+    np.add.at(expect, np.asarray(ids).reshape(-1), np.repeat(np.asarray(ct), 4, axis=0))
+    np.testing.assert_allclose(dense[:V], expect, rtol=1e-6, atol=1e-6)
+
+
+# ---- optimisers ---------------------------------------------------------------------------------
+
+
+def _mse_step_sparse(opt, mode="sum"):
+    @jax.jit
+    def step(w, state, ids, offsets, y):
+        bags, pb = sparse.embedding_bag_rows(w, ids, offsets, mode=mode)
+        g = jax.grad(lambda b: jnp.mean((b - y) ** 2))(bags)
+        return opt.update(w, state, pb(g))
+
+    return step
+
+
+def test_sparse_sgd_equals_dense_sgd():
+    rng = np.random.default_rng(3)
+    w0 = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+    opt = sparse.sparse_sgd(0.3)
+    dense_opt = optax.sgd(0.3)
+    step = _mse_step_sparse(opt, "mean")
+
+    @jax.jit
+    def dense_step(w_, s_, ids, offsets, y):
+        loss = lambda x: jnp.mean((jaxbag.embedding_bag(x, ids, offsets, mode="mean") - y) ** 2)  # noqa: E731
+        upd, s_ = dense_opt.update(jax.grad(loss)(w_), s_, w_)
+        return optax.apply_updates(w_, upd), s_
+
+    w_s, st = w0, opt.init(w0)
+    w_d, st_d = w0, dense_opt.init(w0)
+    for _ in range(4):
+        ids, offsets = _batch(rng, n_bags=4, n_ids=10)
+        y = jnp.asarray(rng.standard_normal((4, D)), jnp.float32)
+        w_s, st = step(w_s, st, ids, offsets, y)
+        w_d, st_d = dense_step(w_d, st_d, ids, offsets, y)
+    assert int(st.count) == 4
+    assert not np.allclose(w_s, w0)
+    np.testing.assert_allclose(w_s, w_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,pad", [("sum", None), ("mean", 1)])
+def test_sparse_adam_equals_torch_sparse_adam(mode, pad):
+    rng = np.random.default_rng(4)
+    w0 = rng.standard_normal((V, D)).astype(np.float32)
+    lr, b1, b2, eps = 0.05, 0.8, 0.95, 1e-6
+
+    tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    topt = torch.optim.SparseAdam([tw], lr=lr, betas=(b1, b2), eps=eps)
+    opt = sparse.sparse_adam(lr, b1, b2, eps)
+    step = _mse_step_sparse_pad(opt, mode, pad)
+    w, st = jnp.asarray(w0), opt.init(jnp.asarray(w0))
+    for i in range(5):
+        # Small batches of a 23-row table: rows come and go, so laziness and the global step matter.
+        ids, offsets = _batch(rng, n_bags=3, pad=pad, n_ids=7)
+        y = rng.standard_normal((3, D)).astype(np.float32)
+        topt.zero_grad()
+        out = F.embedding_bag(torch.from_numpy(ids.astype(np.int64)), tw,
+                              torch.from_numpy(offsets.astype(np.int64)), mode=mode, sparse=True,
+                              padding_idx=pad)
+        torch.mean((out - torch.from_numpy(y)) ** 2).backward()
+        topt.step()
+        w, st = step(w, st, ids, offsets, y)
+        np.testing.assert_allclose(w, tw.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {i}")
+    mu_t = topt.state[tw]["exp_avg"].numpy()
+    np.testing.assert_allclose(st.mu, mu_t, rtol=1e-5, atol=1e-7)
+    assert int(st.count) == 5
+    assert not np.allclose(w, w0)
+
+
+def _mse_step_sparse_pad(opt, mode, pad):
+    @jax.jit
+    def step(w, state, ids, offsets, y):
+        bags, pb = sparse.embedding_bag_rows(w, ids, offsets, mode=mode, padding_idx=pad)
+        g = jax.grad(lambda b: jnp.mean((b - y) ** 2))(bags)
+        return opt.update(w, state, pb(g))
+
+    return step
+
+
+def test_sparse_adagrad_matches_numpy_rowwise_reference():
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((V, D)).astype(np.float32)
+    lr, eps, init_acc = 0.1, 1e-3, 0.05
+    opt = sparse.sparse_adagrad(lr, eps=eps, initial_accumulator_value=init_acc)
+    w, st = jnp.asarray(w0), opt.init(jnp.asarray(w0))
+    ref_w, ref_acc = w0.astype(np.float64), np.full(V, init_acc)
+    for _ in range(4):
+        rows = np.sort(rng.choice(V, 6, replace=False)).astype(np.int32)
+        g = rng.standard_normal((6, D)).astype(np.float32)
+        rows_padded = np.concatenate([rows, [V, V]]).astype(np.int32)  # two fill slots
+        g_padded = np.concatenate([g, np.ones((2, D), np.float32)])
+        w, st = opt.update(w, st, sparse.RowGrads(jnp.asarray(rows_padded), jnp.asarray(g_padded)))
+        for r, gr in zip(rows, g.astype(np.float64)):
+            ref_acc[r] += np.mean(gr**2)
+            ref_w[r] -= lr * gr / (np.sqrt(ref_acc[r]) + eps)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st.sum_sq, ref_acc, rtol=1e-5)
+    assert st.sum_sq.shape == (V,)
+
+
+def test_learning_rate_schedule_and_bf16_table():
+    rng = np.random.default_rng(6)
+    w0 = rng.standard_normal((V, D)).astype(np.float32)
+    sched = optax.linear_schedule(0.5, 0.1, 3)
+    rows = jnp.array([2, 7, V], jnp.int32)
+    g = jnp.asarray(rng.standard_normal((3, D)), jnp.float32)
+    opt = sparse.sparse_sgd(sched)
+    w = jnp.asarray(w0, jnp.bfloat16)
+    st = opt.init(w)
+    ref = w0.astype(np.float64)
+    for k in range(3):
+        w, st = opt.update(w, st, sparse.RowGrads(rows, g))
+        ref[[2, 7]] -= float(sched(k)) * np.asarray(g[:2], np.float64)
+        ref = ref.astype(np.float32).astype(jnp.bfloat16).astype(np.float64)  # bf16 storage
+    assert w.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(w, np.float32), ref, rtol=1e-2, atol=1e-2)
+    np.testing.assert_array_equal(np.asarray(w, np.float32)[0], np.asarray(jnp.asarray(w0[0], jnp.bfloat16), np.float32))
+
+
+def test_update_rejects_mismatched_row_grads():
+    opt = sparse.sparse_adam()
+    w = jnp.zeros((4, 3))
+    with pytest.raises(ValueError, match="row_grads"):
+        opt.update(w, opt.init(w), sparse.RowGrads(jnp.array([0, 1]), jnp.zeros((2, 5))))
+
+
+# ---- memory: no [V, D] gradient, table updated in place ----------------------------------------
+
+
+@pytest.mark.parametrize("make_opt", [sparse.sparse_sgd, sparse.sparse_adagrad, sparse.sparse_adam])
+def test_train_step_never_allocates_a_dense_gradient(make_opt):
+    big_v, d, n, b = 1 << 20, 64, 4096, 256
+    opt = make_opt(0.01)
+
+    def step(w, state, ids, offsets, y):
+        bags, pb = sparse.embedding_bag_rows(w, ids, offsets, mode="sum")
+        g = jax.grad(lambda x: jnp.mean((x - y) ** 2))(bags)
+        return opt.update(w, state, pb(g))
+
+    w_spec = jax.ShapeDtypeStruct((big_v, d), jnp.float32)
+    state_spec = jax.eval_shape(opt.init, w_spec)
+    args = (w_spec, state_spec, jax.ShapeDtypeStruct((n,), jnp.int32),
+            jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, d), jnp.float32))
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    table_bytes = big_v * d * 4
+    assert mem.temp_size_in_bytes < table_bytes // 20, mem
+    # Donation: the table and the state come back in the input buffers (in-place update).
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_spec))
+    assert mem.alias_size_in_bytes >= table_bytes + state_bytes - 64, mem
+
+    # The dense alternative does allocate (at least) a [V, D] gradient: the check above can fail.
+    def dense_step(w, ids, offsets, y):
+        g = jax.grad(lambda w_: jnp.mean((jaxbag.embedding_bag(w_, ids, offsets, mode="sum") - y) ** 2))(w)
+        return w - 0.01 * g
+
+    dense = jax.jit(dense_step, donate_argnums=0).lower(w_spec, *args[2:]).compile()
+    dm = dense.memory_analysis()
+    assert dm.temp_size_in_bytes + dm.output_size_in_bytes - dm.alias_size_in_bytes >= table_bytes
+
+
+def test_donated_step_runs_in_place():
+    rng = np.random.default_rng(7)
+    opt = sparse.sparse_adam(0.01)
+    w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+    st = opt.init(w)
+    ids, offsets = _batch(rng, n_bags=3)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(w_, s_):
+        bags, pb = sparse.embedding_bag_rows(w_, ids, offsets, mode="sum")
+        return opt.update(w_, s_, pb(jnp.ones_like(bags)))
+
+    before = np.asarray(w).copy()
+    w2, st2 = step(w, st)
+    assert w.is_deleted()  # the input buffer was donated
+    touched = np.unique(ids)
+    untouched = np.setdiff1d(np.arange(V), touched)
+    np.testing.assert_array_equal(np.asarray(w2)[untouched], before[untouched])
+    assert not np.allclose(np.asarray(w2)[touched], before[touched])
+    assert int(st2.count) == 1
