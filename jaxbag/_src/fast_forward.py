@@ -1,41 +1,59 @@
-"""A faster XLA formulation of the bag reduction on CPU: stream rows into the bag sums.
+"""Faster bag reductions on CPU: stream rows into the bag sums instead of gathering ``[N, D]``.
 
 Legend: ``V`` table rows, ``D`` features, ``N`` ids, ``B`` bags, ``L`` ids in the longest bag.
 
 The literal recipe ``segment_sum(take(weight, ids), segment_ids)`` materialises the gathered
 ``[N, D]`` rows: on XLA:CPU that buffer is allocated, written and read back on every call and the
-gather is not fused into the reduction, which is what makes it several times slower than torch's
-``embedding_bag`` (which streams each row into its bag's accumulator).
+gather is not fused into the reduction, which makes it several times slower than torch's
+``embedding_bag`` (which streams each row into its bag's accumulator). Two faster primal
+implementations live here, both behind one :func:`bag_reduce`:
 
-:func:`bag_reduce` instead walks the bags *position by position*: step ``l`` gathers the ``l``-th id
-of every bag and adds its row into a ``[B, D]`` accumulator. With the sorted segment ids of the
-flattened form the ``l``-th id of bag ``b`` is ``ids[start[b] + l]``, so each step is one fused
-XLA loop (index gather, row gather, mask, multiply-add) and no ``[N, D]`` array exists. The loop
-runs ``ceil(L / unroll)`` times with ``unroll`` positions per trip (a ``while_loop`` with a dynamic
-trip count: ``L`` is a runtime value).
+* ``impl="kernel"``: a small C++ XLA FFI custom call for CPU (source below, compiled with the
+  system C++ compiler on first use and cached; see :func:`cpu_kernel_status`). It walks each bag,
+  prefetches the next rows and accumulates in registers, split over XLA's intra-op thread pool.
+  Used for float32 tables on the CPU backend.
+* ``impl="stream"``: pure XLA. Step ``l`` of a ``while_loop`` gathers the ``l``-th id of every bag
+  and adds its row into a ``[B, D]`` accumulator (one fused loop, no ``[N, D]`` array), ``unroll``
+  positions per trip. Its cost is ``B * L * D``; for badly skewed bags (``B * L > skew_limit * N``)
+  a runtime ``lax.cond`` switches to a chunked scan (gather ``chunk`` rows, scatter them into the
+  bags).
 
-Its cost is ``B * L * D`` instead of ``N * D``. When the bags are badly skewed (one very long bag,
-many short ones) that is wasteful, so a runtime ``lax.cond`` falls back to a chunked scan (gather
-``chunk`` rows, scatter them into the bags) whenever ``B * L > skew_limit * N``.
+``impl="auto"`` takes the kernel when it applies (float32 table, kernel built) and the stream loop
+otherwise; on other backends (GPU/TPU) the XLA path is always the one lowered.
 
 Differentiation: :func:`bag_reduce` is a ``jax.custom_jvp`` whose tangent rule is the linear
 gather+segment-sum formulation, so forward mode works and reverse mode is its transpose: the usual
-scatter-add of the bag cotangents (the while loop itself is never differentiated). ``max`` records
-the first arg-max position per bag and feature (torch's tie rule) and its tangent gathers there.
+scatter-add of the bag cotangents (the kernel and the while loop are never differentiated). ``max``
+records the first arg-max position per bag and feature (torch's tie rule) and its tangent gathers
+there.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 
-__all__ = ["bag_reduce"]
+from jaxbag._src import segments
+
+__all__ = ["bag_reduce", "cpu_kernel_status"]
 
 _MODES = ("sum", "mean", "max", "sqrtn")
-
+_MODE_CODE = {"sum": 0, "mean": 1, "max": 2, "sqrtn": 3}
+_IMPLS = ("auto", "kernel", "stream")
 
 def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """float32 for narrow float tables (bf16, f16), the table's dtype otherwise (f32, f64).
@@ -180,13 +198,317 @@ def _chunked(weight, prep: _Prep, seg, num_bags, mode, chunk):
     return jnp.where(arg < n, best, jnp.zeros((), acc)), arg
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _bag_reduce(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk):
-    out, _ = _bag_reduce_fwd(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk)
-    return out
+
+# ---- the CPU kernel ------------------------------------------------------------------------------
+
+_KERNEL_TARGET = "jaxbag_bag_fwd_f32"
+_KERNEL_SOURCE = r"""
+// jaxbag CPU kernel (XLA FFI): bag reduction streaming each row into its bag's accumulator.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Mode : int64_t { kSum = 0, kMean = 1, kMax = 2, kSqrtn = 3 };
+
+struct Args {
+  const float* w; int64_t V; int64_t D;
+  const int32_t* ids; const float* psw; int64_t N; int64_t B;
+  int64_t mode; int64_t pad;
+  const int64_t* start;  // [B + 1]: bag b is positions [start[b], start[b + 1])
+  float* out; int32_t* arg;
+};
+
+inline bool Skip(const Args& a, int64_t id) { return id < 0 || id >= a.V || id == a.pad; }
+
+inline void Prefetch(const Args& a, int64_t p, int64_t end) {
+  if (p + 4 < end) {
+    const int64_t id = a.ids[p + 4];
+    if (id >= 0 && id < a.V) __builtin_prefetch(a.w + id * a.D);
+  }
+}
+
+void Bags(const Args& a, int64_t b0, int64_t b1) {
+  const int64_t D = a.D;
+  std::memset(a.out + b0 * D, 0, sizeof(float) * (b1 - b0) * D);
+  if (a.mode == kMax) std::fill(a.arg + b0 * D, a.arg + b1 * D, static_cast<int32_t>(a.N));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = a.start[b], n1 = a.start[b + 1];
+    float* o = a.out + b * D;
+    if (a.mode == kMax) {
+      int32_t* g = a.arg + b * D;
+      bool any = false;
+      for (int64_t p = n0; p < n1; ++p) {
+        Prefetch(a, p, n1);
+        const int64_t id = a.ids[p];
+        if (Skip(a, id)) continue;
+        const float* r = a.w + id * D;
+        const int32_t pp = static_cast<int32_t>(p);
+        if (!any) {
+          for (int64_t d = 0; d < D; ++d) { o[d] = r[d]; g[d] = pp; }
+          any = true;
+        } else {
+          for (int64_t d = 0; d < D; ++d) {
+            const bool better = r[d] > o[d];
+            o[d] = better ? r[d] : o[d];
+            g[d] = better ? pp : g[d];
+          }
+        }
+      }
+      continue;
+    }
+    double den = 0.0;
+    for (int64_t p = n0; p < n1; ++p) {
+      Prefetch(a, p, n1);
+      const int64_t id = a.ids[p];
+      if (Skip(a, id)) continue;
+      const float c = a.psw ? a.psw[p] : 1.0f;
+      den += a.mode == kSqrtn ? static_cast<double>(c) * c : static_cast<double>(c);
+      const float* r = a.w + id * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += c * r[d];
+    }
+    if (a.mode == kMean || a.mode == kSqrtn) {
+      if (a.mode == kSqrtn) den = std::sqrt(den);
+      const float inv = den != 0.0 ? static_cast<float>(1.0 / den) : 0.0f;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  }
+}
+
+struct Shared {
+  Args a;
+  std::vector<int64_t> start, bounds;
+  std::atomic<int64_t> next{0}, done{0};
+  void Work() {
+    const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+    for (;;) {
+      const int64_t c = next.fetch_add(1);
+      if (c >= chunks) return;
+      Bags(a, bounds[c], bounds[c + 1]);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::S32> ids,
+                  ffi::Buffer<ffi::S32> bounds, ffi::Buffer<ffi::F32> psw,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::S32> arg, int64_t mode,
+                  int64_t padding_idx, int64_t layout) {
+  const auto wd = weight.dimensions();
+  const auto od = out->dimensions();
+  if (wd.size() != 2 || od.size() != 2 || od[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("jaxbag kernel: weight must be [V, D] and out [B, D]");
+  }
+  const int64_t N = static_cast<int64_t>(ids.element_count());
+  const int64_t B = od[0];
+  const bool weighted = mode != kMax && static_cast<int64_t>(psw.element_count()) == N;
+  if (mode == kMax && static_cast<int64_t>(arg->element_count()) != B * od[1]) {
+    return ffi::Error::InvalidArgument("jaxbag kernel: mode max needs a [B, D] arg output");
+  }
+  auto sh = std::make_shared<Shared>();
+  sh->start.assign(B + 1, N);
+  const int32_t* bd = bounds.typed_data();
+  const int64_t K = static_cast<int64_t>(bounds.element_count());
+  if (layout == 0) {  // sorted segment ids [N]
+    if (K != N) return ffi::Error::InvalidArgument("jaxbag kernel: segment ids must be [N]");
+    for (int64_t b = 0; b <= B; ++b) {
+      sh->start[b] = std::lower_bound(bd, bd + N, static_cast<int32_t>(b)) - bd;
+    }
+  } else {  // offsets [K]: bag k starts at the k-th smallest offset in [0, N] (as segment ids do)
+    std::vector<int64_t> offs;
+    offs.reserve(K);
+    for (int64_t k = 0; k < K; ++k) {
+      if (bd[k] >= 0 && bd[k] <= N) offs.push_back(bd[k]);
+    }
+    std::sort(offs.begin(), offs.end());
+    for (int64_t b = 0; b <= B && b < static_cast<int64_t>(offs.size()); ++b) sh->start[b] = offs[b];
+  }
+  Args a{weight.typed_data(), wd[0], wd[1], ids.typed_data(), weighted ? psw.typed_data() : nullptr,
+         N, B, mode, padding_idx, sh->start.data(), out->typed_data(), arg->typed_data()};
+  sh->a = a;
+  if (B == 0) return ffi::Error::Success();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t span = sh->start[B] - sh->start[0];
+  const int64_t chunks =
+      (span * a.D < (int64_t{1} << 18) || threads == 1) ? 1 : std::min<int64_t>(B, 4 * threads);
+  if (chunks == 1) {
+    Bags(a, 0, B);
+    return ffi::Error::Success();
+  }
+  // Bag boundaries splitting the ids evenly (balanced for skewed bags).
+  sh->bounds.assign(chunks + 1, B);
+  sh->bounds[0] = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = sh->start[0] + span * c / chunks;
+    const int64_t b = std::upper_bound(sh->start.begin(), sh->start.begin() + B, target) -
+                      sh->start.begin() - 1;
+    sh->bounds[c] = std::min<int64_t>(B, std::max<int64_t>(sh->bounds[c - 1], b));
+  }
+  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule([sh]() { sh->Work(); });
+  sh->Work();
+  while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagBagFwdF32, BagFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("padding_idx")
+                                  .Attr<int64_t>("layout"));
+"""
+
+_kernel_lock = threading.Lock()
+_kernel_state: dict[str, object] = {}
+_log = logging.getLogger(__name__)
 
 
-def _bag_reduce_fwd(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk):
+def _cache_dir() -> Path:
+    env = os.environ.get("JAXBAG_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxbag"
+
+
+def _cpu_fingerprint() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build_kernel() -> Path:
+    """Compiles the kernel into the cache (once per source / jaxlib / CPU) and returns the .so."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(
+        "\0".join([_KERNEL_SOURCE, jax.__version__, cxx, _cpu_fingerprint()]).encode()
+    ).hexdigest()[:16]
+    out_dir = _cache_dir()
+    lib = out_dir / f"jaxbag_cpu_{key}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        src = Path(tmp) / "bag.cc"
+        src.write_text(_KERNEL_SOURCE)
+        tmp_lib = Path(tmp) / "bag.so"
+        errors = []
+        for arch in (["-march=native"], []):
+            cmd = [cxx, "-O3", *arch, "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
+                   str(src), "-o", str(tmp_lib)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                os.replace(tmp_lib, lib)  # atomic: concurrent builders are fine
+                return lib
+            errors.append(proc.stderr[-2000:])
+        raise RuntimeError("compiling the jaxbag CPU kernel failed:\n" + "\n".join(errors))
+
+
+def _load_kernel() -> bool:
+    with _kernel_lock:
+        if "ok" in _kernel_state:
+            return bool(_kernel_state["ok"])
+        if os.environ.get("JAXBAG_DISABLE_CPU_KERNEL", "") not in ("", "0"):
+            _kernel_state.update(ok=False, reason="disabled by JAXBAG_DISABLE_CPU_KERNEL")
+            return False
+        try:
+            path = _build_kernel()
+            lib = ctypes.cdll.LoadLibrary(str(path))
+            jax.ffi.register_ffi_target(
+                _KERNEL_TARGET, jax.ffi.pycapsule(lib.JaxbagBagFwdF32), platform="cpu"
+            )
+            _kernel_state.update(ok=True, reason=f"loaded {path}", lib=lib)
+        except Exception as e:  # noqa: BLE001  (any failure: fall back to the XLA formulation)
+            _log.info("jaxbag CPU kernel unavailable, using the XLA path: %s", e)
+            _kernel_state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+        return bool(_kernel_state["ok"])
+
+
+def cpu_kernel_status() -> tuple[bool, str]:
+    """Whether the C++ CPU kernel is available (building it on the first call), and why (not).
+
+    The kernel is compiled with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
+    against the XLA FFI headers shipped in jaxlib, into ``$JAXBAG_CACHE_DIR`` (default
+    ``~/.cache/jaxbag``). Set ``JAXBAG_DISABLE_CPU_KERNEL=1`` to never use it. Without it every
+    call takes the pure-XLA path (same values and gradients).
+
+    Returns:
+      ``(available, message)``.
+
+    Examples:
+      >>> ok, why = cpu_kernel_status()
+      >>> isinstance(ok, bool) and isinstance(why, str)
+      True
+    """
+    ok = _load_kernel()
+    return ok, str(_kernel_state.get("reason", ""))
+
+
+def _kernel_call(weight, ids, bounds, psw, num_bags, padding_idx, mode, layout):
+    """The FFI call: ``([B, D]`` float32 result, ``[B, D]`` (max) or ``[B, 1]`` int32 arg)."""
+    d = weight.shape[1]
+    arg_shape = (num_bags, d) if mode == "max" else (num_bags, 1)
+    call = jax.ffi.ffi_call(
+        _KERNEL_TARGET,
+        (jax.ShapeDtypeStruct((num_bags, d), jnp.float32), jax.ShapeDtypeStruct(arg_shape, jnp.int32)),
+        vmap_method="sequential",
+    )
+    p = jnp.zeros((0,), jnp.float32) if psw is None else psw.astype(jnp.float32)
+    return call(
+        weight, ids, bounds, p,
+        mode=np.int64(_MODE_CODE[mode]),
+        padding_idx=np.int64(-1 if padding_idx is None else padding_idx),
+        layout=np.int64(layout),
+    )
+
+
+def _as_int32(x: Array, lo: int, hi: int, fill: int) -> Array:
+    """int32 copy of an int array; with int64 input, values outside ``[lo, hi]`` become ``fill``."""
+    if x.dtype == jnp.int32:
+        return x
+    if jnp.dtype(x.dtype).itemsize > 4:
+        x = jnp.where((x >= lo) & (x <= hi), x, jnp.asarray(fill, x.dtype))
+    return x.astype(jnp.int32)
+
+
+# ---- dispatch and derivatives --------------------------------------------------------------------
+
+
+def _segment_ids(bounds, n, num_bags, layout, include_last_offset):
+    if layout == 0:
+        return bounds
+    return segments.offsets_to_segment_ids(bounds, n, include_last_offset=include_last_offset)
+
+
+def _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk):
+    """The pure-XLA primal: (``[B, D]`` result in weight.dtype, arg)."""
     prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
     n = ids.shape[0]
     lengths = jax.ops.segment_sum(
@@ -202,17 +524,52 @@ def _bag_reduce_fwd(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, 
     )
     if prep.inv_den is not None:
         total = total * prep.inv_den[:, None]
-    return total.astype(weight.dtype), (prep, arg)
+    return total.astype(weight.dtype), arg
 
 
-def _bag_reduce_jvp(num_bags, padding_idx, mode, unroll, skew_limit, chunk, primals, tangents):
-    weight, psw, ids, seg = primals
-    d_weight, d_psw, _, _ = tangents
-    out, (prep, arg) = _bag_reduce_fwd(
-        weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk
-    )
-    acc = _acc_dtype(weight.dtype)
+def _primal(weight, psw, ids, bounds, cfg):
+    (num_bags, padding_idx, mode, layout, include_last_offset, impl, unroll, skew_limit, chunk) = cfg
     n = ids.shape[0]
+
+    def xla():
+        seg = _segment_ids(bounds, n, num_bags, layout, include_last_offset)
+        return _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk)
+
+    use_kernel = impl != "stream" and weight.dtype == jnp.float32 and _load_kernel()
+    if impl == "kernel" and not use_kernel:
+        raise RuntimeError(
+            "impl='kernel' needs a float32 table and the CPU kernel; cpu_kernel_status() says: "
+            f"{cpu_kernel_status()[1]!r}. Use impl='auto' to fall back to XLA."
+        )
+    if not use_kernel:
+        return xla()
+    v = weight.shape[0]
+    ids32 = _as_int32(ids, 0, v - 1, -1)
+    if layout == 0:
+        b32 = jnp.clip(bounds, -1, num_bags).astype(jnp.int32) if bounds.dtype != jnp.int32 else bounds
+    else:
+        b32 = _as_int32(bounds, 0, n, -1)
+
+    def kernel():
+        return _kernel_call(weight, ids32, b32, psw, num_bags, padding_idx, mode, layout)
+
+    return lax.platform_dependent(cpu=kernel, default=xla)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _bag_reduce(weight, psw, ids, bounds, cfg):
+    return _primal(weight, psw, ids, bounds, cfg)[0]
+
+
+def _bag_reduce_jvp(cfg, primals, tangents):
+    weight, psw, ids, bounds = primals
+    d_weight, d_psw, _, _ = tangents
+    num_bags, padding_idx, mode, layout, include_last_offset = cfg[:5]
+    out, arg = _primal(weight, psw, ids, bounds, cfg)
+    n = ids.shape[0]
+    seg = _segment_ids(bounds, n, num_bags, layout, include_last_offset)
+    prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
+    acc = _acc_dtype(weight.dtype)
     t = jnp.zeros(out.shape, acc)
     if not isinstance(d_weight, jax.custom_derivatives.SymbolicZero):
         if mode == "max":
@@ -249,34 +606,44 @@ _bag_reduce.defjvp(_bag_reduce_jvp, symbolic_zeros=True)
 def bag_reduce(
     weight: Array,
     ids: Array,
-    segment_ids: Array,
-    num_bags: int,
+    segment_ids: Array | None = None,
+    num_bags: int | None = None,
     *,
+    offsets: Array | None = None,
+    include_last_offset: bool = False,
     mode: str = "mean",
     per_sample_weights: Array | None = None,
     padding_idx: int | None = None,
+    impl: str = "auto",
     unroll: int = 4,
     skew_limit: float = 4.0,
     chunk: int = 1024,
 ) -> Array:
     """Bag reduction of the flattened form without materialising the gathered ``[N, D]`` rows.
 
-    Same values and gradients as ``jaxbag.embedding_bag(weight, ids, segment_ids=segment_ids,
-    num_bags=num_bags, mode=mode, per_sample_weights=..., padding_idx=...)`` (without ``max_norm``
-    and ``scale_grad_by_freq``, which the caller handles): ids out of ``[0, V)``, ids equal to
-    ``padding_idx`` and ids whose segment is outside ``[0, B)`` are skipped (not summed, not
-    counted); empty bags give zeros.
+    Same values and gradients as ``jaxbag.embedding_bag(weight, ids, offsets, segment_ids=...,
+    num_bags=..., include_last_offset=..., mode=..., per_sample_weights=..., padding_idx=...)``
+    (``max_norm`` and ``scale_grad_by_freq`` are the caller's business): ids out of ``[0, V)``,
+    ids equal to ``padding_idx`` and ids whose bag is outside ``[0, B)`` are skipped (not summed,
+    not counted); empty bags give zeros. Give either ``segment_ids`` + ``num_bags`` or ``offsets``
+    (bag ``k`` starts at the ``k``-th smallest offset in ``[0, N]``, exactly as
+    :func:`jaxbag.offsets_to_segment_ids` groups ids).
 
     Args:
       weight: ``float [V, D]`` table.
       ids: ``int [N]`` ids.
       segment_ids: ``int [N]`` non-decreasing bag of each id.
-      num_bags: static ``B``.
+      num_bags: static ``B`` (with ``segment_ids``; with ``offsets`` it is ``len(offsets)``, minus
+        one with ``include_last_offset``).
+      offsets: ``int [B]`` (or ``[B + 1]``) bag starts, instead of ``segment_ids``.
+      include_last_offset: ``offsets`` has a trailing end offset (torch's flag).
       mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
       per_sample_weights: optional ``float [N]`` weights (not with ``"max"``).
       padding_idx: optional row in ``[0, V)`` to skip (already normalised).
-      unroll: positions handled per loop trip (static).
-      skew_limit: use the chunked fallback when ``B * L > skew_limit * N`` (runtime check).
+      impl: ``"auto"`` (the CPU kernel when available, else ``"stream"``), ``"kernel"`` (raise if
+        unavailable) or ``"stream"`` (pure XLA).
+      unroll: stream: positions handled per loop trip (static).
+      skew_limit: stream: use the chunked fallback when ``B * L > skew_limit * N`` (runtime check).
       chunk: ids per step of the chunked fallback (static).
 
     Returns:
@@ -287,18 +654,35 @@ def bag_reduce(
       >>> w = jnp.array([[1., 2.], [3., 4.], [5., 6.]])
       >>> bag_reduce(w, jnp.array([0, 2, 1]), jnp.array([0, 0, 1]), 2, mode="sum").tolist()
       [[6.0, 8.0], [3.0, 4.0]]
+      >>> bag_reduce(w, jnp.array([0, 2, 1]), offsets=jnp.array([0, 2]), mode="max").tolist()
+      [[5.0, 6.0], [3.0, 4.0]]
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}; got mode={mode!r}.")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}; got impl={impl!r}.")
     if mode == "max" and per_sample_weights is not None:
         raise ValueError("per_sample_weights is not allowed with mode='max'; pass mode='sum'.")
+    if (segment_ids is None) == (offsets is None):
+        raise ValueError(
+            "pass exactly one of segment_ids (with num_bags) or offsets; e.g. "
+            "bag_reduce(w, ids, segment_ids, num_bags) or bag_reduce(w, ids, offsets=offsets)."
+        )
     weight = jnp.asarray(weight)
     ids = jnp.asarray(ids).reshape(-1)
-    seg = jnp.asarray(segment_ids).reshape(-1)
-    if ids.shape[0] == 0 or num_bags == 0:
-        return jnp.zeros((num_bags, weight.shape[1]), weight.dtype)
+    if offsets is not None:
+        bounds = jnp.asarray(offsets).reshape(-1)
+        num_bags = bounds.shape[0] - (1 if include_last_offset else 0)
+        layout = 1
+    else:
+        if num_bags is None:
+            raise ValueError("num_bags (a static int) is required with segment_ids.")
+        bounds = jnp.asarray(segment_ids).reshape(-1)
+        layout = 0
+    num_bags = int(num_bags)
+    if ids.shape[0] == 0 or num_bags <= 0:
+        return jnp.zeros((max(num_bags, 0), weight.shape[1]), weight.dtype)
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights).reshape(-1)
-    return _bag_reduce(
-        weight, psw, ids, seg, int(num_bags), padding_idx, mode, int(unroll), float(skew_limit),
-        int(chunk),
-    )
+    cfg = (num_bags, padding_idx, mode, layout, bool(include_last_offset), impl, int(unroll),
+           float(skew_limit), int(chunk))
+    return _bag_reduce(weight, psw, ids, bounds, cfg)

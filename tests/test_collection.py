@@ -1,0 +1,412 @@
+"""JaggedFeatures and EmbeddingBagCollection (functional core, linen, nnx) on one device.
+
+References are independent NumPy computations (per bag, per feature), and the stacked path is
+compared with the plain per-feature path, values and gradients.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import jaxbag
+from jaxbag._src.collection_nnx import EmbeddingBagCollection as NnxCollection
+from jaxbag._src.jagged import pack_features
+
+T = jaxbag.TableConfig
+B = 5
+
+
+# -- JaggedFeatures ---------------------------------------------------------------------------------
+
+
+FEATS = {"words": [[4, 1], [], [2, 2, 7], [5], [0]], "tags": [[9], [3], [], [1, 1], []]}
+
+
+def test_from_lists_layout_and_round_trip():
+    jf = jaxbag.JaggedFeatures.from_lists(FEATS, capacity={"words": 8, "tags": 4})
+    assert jf.keys == ("words", "tags") and jf.capacities == (8, 4) and jf.batch_size == 5
+    assert jf.lengths.tolist() == [[2, 0, 3, 1, 1], [1, 1, 0, 2, 0]]
+    assert jf.values.tolist() == [4, 1, 2, 2, 7, 5, 0, 0, 9, 3, 1, 1]
+    assert jf.values.dtype == jnp.int32
+    assert jf.to_lists() == FEATS
+
+
+def test_num_shards_blocks_hold_their_examples():
+    feats = {k: v + [[6]] for k, v in FEATS.items()}  # B = 6, two shards of 3
+    jf = jaxbag.JaggedFeatures.from_lists(feats, capacity=5, num_shards=2)
+    assert jf.values.shape == (2 * 10,)
+    block0, block1 = jf.values[:10].tolist(), jf.values[10:].tolist()
+    assert block0 == [4, 1, 2, 2, 7, 9, 3, 0, 0, 0]  # examples 0..2: words then tags
+    assert block1 == [5, 0, 6, 0, 0, 1, 1, 6, 0, 0]  # examples 3..5
+    assert jf.to_lists() == feats
+
+
+def test_from_lengths_and_offsets_match_from_lists():
+    flat = [4, 1, 2, 2, 7, 5, 0, 9, 3, 1, 1]
+    lengths = [2, 0, 3, 1, 1, 1, 1, 0, 2, 0]
+    a = jaxbag.JaggedFeatures.from_lengths(["words", "tags"], flat, lengths, capacity=8)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    b = jaxbag.JaggedFeatures.from_offsets(["words", "tags"], flat, offsets, capacity=8)
+    c = jaxbag.JaggedFeatures.from_lists(FEATS, capacity=8)
+    for x in (a, b):
+        np.testing.assert_array_equal(x.values, c.values)
+        np.testing.assert_array_equal(x.lengths, c.lengths)
+
+
+def test_capacity_default_and_errors():
+    jf = jaxbag.JaggedFeatures.from_lists(FEATS)  # 7 and 4 ids, rounded up to 8
+    assert jf.capacities == (8, 8)
+    with pytest.raises(ValueError, match="capacity=2"):
+        jaxbag.JaggedFeatures.from_lists(FEATS, capacity=2)
+    with pytest.raises(ValueError, match="same number of examples"):
+        jaxbag.JaggedFeatures.from_lists({"a": [[1]], "b": [[1], [2]]})
+    with pytest.raises(ValueError, match="num_shards"):
+        jaxbag.JaggedFeatures.from_lists(FEATS, num_shards=2)
+    with pytest.raises(ValueError, match="weights"):
+        jaxbag.JaggedFeatures.from_lists(FEATS, weights={"words": FEATS["words"]})
+
+
+def test_is_a_pytree_with_static_keys():
+    jf = jaxbag.JaggedFeatures.from_lists(FEATS, capacity=8)
+    traces = []
+
+    @jax.jit
+    def f(j):
+        traces.append(1)
+        return j.values * 2, j.lengths.sum()
+
+    f(jf)
+    other = jaxbag.JaggedFeatures.from_lists(
+        {"words": [[1]] * 5, "tags": [[2]] * 5}, capacity=8
+    )
+    v, n = f(other)  # same static structure: no retrace
+    assert len(traces) == 1
+    assert n == 10 and v[0] == 2
+    leaves, treedef = jax.tree.flatten(jf)
+    assert len(leaves) == 2  # values, lengths (no weights)
+    back = jax.tree.unflatten(treedef, leaves)
+    assert back.keys == jf.keys and back.to_lists() == FEATS
+
+
+def test_pack_features_sorted_segments_and_padding_last():
+    jf = jaxbag.JaggedFeatures.from_lists(FEATS, capacity={"words": 8, "tags": 4})
+    ids, seg, w = pack_features(jf, ["tags", "words"], lambda j, x: x + 100 * j)
+    want_ids, want_seg = [], []
+    for j, key in enumerate(["tags", "words"]):
+        for b, bag in enumerate(FEATS[key]):
+            want_ids += [x + 100 * j for x in bag]
+            want_seg += [j * B + b] * len(bag)
+    n = len(want_ids)
+    assert ids[:n].tolist() == want_ids and seg[:n].tolist() == want_seg
+    assert seg[n:].tolist() == [2 * B] * (12 - n)  # padding -> dropped bag id
+    assert w is None
+    assert np.all(np.diff(np.asarray(seg)) >= 0)
+
+
+# -- collections ------------------------------------------------------------------------------------
+
+
+def tables():
+    return [
+        T("user", 7, 4, ("u",), padding_idx=0),
+        T("item", 11, 4, ("i", "i2"), padding_idx=-1),  # two features share one table
+        T("tag", 5, 3, ("t",), mode="sum"),
+        T("cat", 6, 4, ("c",), mode="max"),
+        T("geo", 9, 4, ("g",), mode="max", padding_idx=2),
+        T("low", 8, 4, ("b",), dtype=jnp.bfloat16),
+        T("sq", 6, 2, ("s",), mode="sqrtn"),
+    ]
+
+
+def batch(tabs, seed=0, weights=False):
+    rng = np.random.default_rng(seed)
+    feats, ws = {}, {}
+    for t in tabs:
+        for f in t.feature_names:
+            feats[f] = [
+                [int(x) for x in rng.integers(0, t.num_embeddings, size=rng.integers(1, 5))]
+                for _ in range(B)
+            ]
+            feats[f][1] = []  # an empty bag
+            if t.pad is not None:
+                feats[f][3] = [t.pad, t.pad]  # a bag of padding only
+                feats[f][0] = feats[f][0] + [t.pad]
+            ws[f] = [[float(x) for x in rng.uniform(0.5, 2, size=len(bag))] for bag in feats[f]]
+    return feats, (ws if weights else None)
+
+
+def numpy_bag(table, ids, mode, pad, weights=None):
+    """The reference reduction of one bag, in float64."""
+    table = np.asarray(jnp.asarray(table).astype(jnp.float32), np.float64)
+    keep = [i for i, x in enumerate(ids) if x != pad]
+    if not keep:
+        return np.zeros(table.shape[1])
+    rows = table[[ids[i] for i in keep]]
+    w = np.ones(len(keep)) if weights is None else np.asarray([weights[i] for i in keep])
+    if mode == "max":
+        return rows.max(axis=0)
+    s = (rows * w[:, None]).sum(axis=0)
+    if mode == "sum":
+        return s
+    if mode == "mean":
+        return s / w.sum()
+    return s / np.sqrt((w * w).sum())
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_collection_matches_numpy(stack):
+    tabs = tables()
+    feats, _ = batch(tabs)
+    layout = jaxbag.collection_layout(tabs, stack=stack)
+    params = jax.jit(jaxbag.init_collection, static_argnums=0)(layout, jax.random.key(0))
+    per_table = jaxbag.unpack_tables(layout, params)
+    out = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout))(
+        params, jaxbag.JaggedFeatures.from_lists(feats)
+    )
+    assert set(out) == set(layout.feature_names)
+    for f, bags in feats.items():
+        t = layout.table_of(f)
+        assert out[f].dtype == t.dtype and out[f].shape == (B, t.features)
+        for b, ids in enumerate(bags):
+            want = numpy_bag(per_table[t.name], ids, t.mode, t.pad)
+            tol = 1e-2 if t.dtype == jnp.bfloat16 else 1e-5
+            np.testing.assert_allclose(
+                np.asarray(out[f][b].astype(jnp.float32)), want, rtol=tol, atol=tol, err_msg=f
+            )
+
+
+def test_stacking_groups_equal_width_dtype_mode():
+    layout = jaxbag.collection_layout(tables())
+    assert [(g.name, g.num_rows, g.features) for g in layout.groups] == [
+        ("user+item", 18, 4),
+        ("tag", 5, 3),
+        ("cat+geo", 15, 4),
+        ("low", 8, 4),
+        ("sq", 6, 2),
+    ]
+    # item's padding row (its last, -1) is the group's padding row, in stacked coordinates
+    assert layout.groups[0].pad_row == 0  # user's padding_idx=0 comes first
+    unstacked = jaxbag.collection_layout(tables(), stack=False)
+    assert [g.name for g in unstacked.groups] == [t.name for t in tables()]
+    assert layout.output_features == 4 * 3 + 3 + 4 * 2 + 4 + 2
+
+
+def test_stacked_equals_unstacked_values_and_gradients():
+    tabs = [t for t in tables() if t.mode != "max"]  # per-sample weights: not with max
+    feats, ws = batch(tabs, seed=1, weights=True)
+    jf = jaxbag.JaggedFeatures.from_lists(feats, weights=ws)
+    stacked = jaxbag.collection_layout(tabs)
+    plain = jaxbag.collection_layout(tabs, stack=False)
+    ps = jaxbag.init_collection(stacked, jax.random.key(1))
+    pu = jaxbag.unpack_tables(stacked, ps)
+    ct = jnp.asarray(np.random.default_rng(2).normal(size=(B, stacked.output_features)), jnp.float32)
+
+    leaves, aux = jf.tree_flatten()
+
+    def loss(params, weights, layout):
+        j = jaxbag.JaggedFeatures.tree_unflatten(aux, (leaves[0], leaves[1], weights))
+        out = jaxbag.embedding_bag_collection(params, j, layout=layout, concat=True)
+        return jnp.sum(out.astype(jnp.float32) * ct), out
+
+    grad = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)
+    (_, o_s), (g_s, gw_s) = grad(ps, jf.weights, stacked)
+    (_, o_u), (g_u, gw_u) = grad(pu, jf.weights, plain)
+    assert o_s.dtype == jnp.float32  # mixed bf16/f32 tables -> float32 concatenation
+    np.testing.assert_allclose(o_s, o_u, rtol=1e-5, atol=1e-6)
+    g_tables = jaxbag.unpack_tables(stacked, g_s)
+    for name, g in g_u.items():
+        tol = 1e-2 if g.dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(
+            np.asarray(g_tables[name].astype(jnp.float32)),
+            np.asarray(g.astype(jnp.float32)),
+            rtol=tol,
+            atol=1e-6,
+        )
+        assert np.abs(np.asarray(g.astype(jnp.float32))).sum() > 0
+    # the gradient with respect to the per-id weights too
+    np.testing.assert_allclose(gw_s, gw_u, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(gw_s)).sum() > 0
+    # padding rows of the stacked group get no gradient
+    group = stacked.group_of("user")
+    assert not np.asarray(g_s[group.name][group.pad_row]).any()
+
+
+def test_max_tables_stacked_equals_unstacked_gradients():
+    tabs = [t for t in tables() if t.mode == "max"]
+    feats, _ = batch(tabs, seed=3)
+    jf = jaxbag.JaggedFeatures.from_lists(feats)
+    stacked, plain = jaxbag.collection_layout(tabs), jaxbag.collection_layout(tabs, stack=False)
+    ps = jaxbag.init_collection(stacked, jax.random.key(2))
+    pu = jaxbag.unpack_tables(stacked, ps)
+
+    def loss(p, layout):
+        out = jaxbag.embedding_bag_collection(p, jf, layout=layout, concat=True)
+        return jnp.sum(out * jnp.arange(out.shape[1], dtype=jnp.float32)[None, :])
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    gs = jaxbag.unpack_tables(stacked, grad(ps, stacked))
+    gu = grad(pu, plain)
+    for k in gu:
+        np.testing.assert_allclose(gs[k], gu[k], rtol=1e-6)
+
+
+def test_pack_unpack_round_trip_and_init_independent_of_grouping():
+    tabs = tables()
+    stacked, plain = jaxbag.collection_layout(tabs), jaxbag.collection_layout(tabs, stack=False)
+    ps = jaxbag.init_collection(stacked, jax.random.key(0))
+    pu = jaxbag.init_collection(plain, jax.random.key(0))
+    for k, v in jaxbag.unpack_tables(stacked, ps).items():
+        np.testing.assert_array_equal(v, pu[k])
+    again = jaxbag.pack_tables(stacked, pu)
+    for k in ps:
+        np.testing.assert_array_equal(again[k], ps[k])
+    # padding rows start at zero, like torch
+    assert not np.asarray(pu["user"][0]).any() and not np.asarray(pu["item"][10]).any()
+
+
+def test_concat_order_and_dtype():
+    tabs = [T("a", 4, 2, ("x",), mode="sum"), T("b", 4, 3, ("y", "z"), mode="sum")]
+    layout = jaxbag.collection_layout(tabs)
+    params = jaxbag.pack_tables(
+        layout,
+        {"a": jnp.arange(8.0, dtype=jnp.float32).reshape(4, 2),
+         "b": -jnp.arange(12.0, dtype=jnp.float32).reshape(4, 3)},
+    )
+    jf = jaxbag.JaggedFeatures.from_lists({"z": [[1]], "x": [[3]], "y": [[0, 2]]})
+    out = jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True)
+    assert out.tolist() == [[6.0, 7.0, -6.0, -8.0, -10.0, -3.0, -4.0, -5.0]]
+    out16 = jaxbag.embedding_bag_collection(
+        params, jf, layout=layout, concat=True, dtype=jnp.bfloat16
+    )
+    assert out16.dtype == jnp.bfloat16
+
+
+def test_layout_and_input_errors():
+    with pytest.raises(ValueError, match="feature 'x' is read by tables"):
+        jaxbag.collection_layout([T("a", 4, 2, ("x",)), T("b", 4, 2, ("x",))])
+    with pytest.raises(ValueError, match="unique"):
+        jaxbag.collection_layout([T("a", 4, 2, ("x",)), T("a", 4, 2, ("y",))])
+    with pytest.raises(ValueError, match="mode"):
+        T("a", 4, 2, ("x",), mode="median")
+    with pytest.raises(ValueError, match="num_embeddings"):
+        T("a", 0, 2, ("x",))
+    layout = jaxbag.collection_layout([T("a", 4, 2, ("x",))])
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    with pytest.raises(KeyError, match="missing"):
+        jaxbag.embedding_bag_collection(
+            params, jaxbag.JaggedFeatures.from_lists({"y": [[1]]}), layout=layout
+        )
+    bad = jaxbag.JaggedFeatures.from_lists({"x": [[1], [4]]})
+    with pytest.raises(IndexError, match="feature 'x'.*id 4"):
+        jaxbag.embedding_bag_collection(params, bad, layout=layout)
+    # under jit an out-of-range id contributes nothing (never another table's row)
+    out = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout))(params, bad)
+    np.testing.assert_array_equal(out["x"][1], np.zeros(2, np.float32))
+
+
+def test_out_of_range_ids_never_reach_a_neighbouring_table_under_jit():
+    tabs = [T("a", 3, 2, ("x",), mode="sum"), T("b", 3, 2, ("y",), mode="sum")]
+    layout = jaxbag.collection_layout(tabs)
+    params = {"a+b": jnp.ones((6, 2), jnp.float32)}
+    jf = jaxbag.JaggedFeatures.from_lists({"x": [[3, 5, -1, 0]], "y": [[-1, 2]]})
+    out = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout))(params, jf)
+    assert out["x"].tolist() == [[1.0, 1.0]] and out["y"].tolist() == [[1.0, 1.0]]
+
+
+def test_one_compile_per_shape():
+    tabs = tables()
+    layout = jaxbag.collection_layout(tabs)
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    traces = []
+
+    @jax.jit
+    def f(p, j):
+        traces.append(1)
+        return jaxbag.embedding_bag_collection(p, j, layout=layout, concat=True)
+
+    caps = {f: 24 for t in tabs for f in t.feature_names}
+    for seed in range(3):
+        feats, _ = batch(tabs, seed=seed)
+        f(params, jaxbag.JaggedFeatures.from_lists(feats, capacity=caps))
+    assert len(traces) == 1
+
+
+# -- modules ----------------------------------------------------------------------------------------
+
+
+def test_linen_module_matches_functional_core_and_trains():
+    tabs = tables()
+    feats, _ = batch(tabs, seed=4)
+    jf = jaxbag.JaggedFeatures.from_lists(feats)
+    model = jaxbag.EmbeddingBagCollection(tables=tuple(tabs))
+    variables = jax.jit(model.init)(jax.random.key(0), jf)
+    params = variables["params"]
+    assert set(params) == {g.name for g in model.layout.groups}
+    out, cat = jax.jit(lambda v, j: (model.apply(v, j), model.apply(v, j, concat=True)))(
+        variables, jf
+    )
+    ref = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=model.layout))(
+        params, jf
+    )
+    for f in ref:
+        np.testing.assert_array_equal(out[f], ref[f])
+    assert cat.shape == (B, model.layout.output_features)
+    g = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, jf, concat=True))))(variables)
+    assert np.abs(np.asarray(g["params"]["user+item"])).sum() > 0
+    # unstacked module: one parameter per table, same outputs for the same tables
+    plain = jaxbag.EmbeddingBagCollection(tables=tuple(tabs), stack=False)
+    per_table = jaxbag.unpack_tables(model.layout, params)
+    out_plain = jax.jit(lambda v, j: plain.apply(v, j, concat=True))({"params": per_table}, jf)
+    np.testing.assert_allclose(
+        out_plain.astype(jnp.float32), cat.astype(jnp.float32), rtol=1e-5, atol=1e-6
+    )
+    assert isinstance(nn.Module, type)
+
+
+def test_nnx_module_matches_functional_core_and_trains():
+    tabs = tables()
+    feats, _ = batch(tabs, seed=5)
+    jf = jaxbag.JaggedFeatures.from_lists(feats)
+    model = NnxCollection(tabs, rngs=nnx.Rngs(0))
+    params = {k: v[...] for k, v in model.embeddings.items()}
+    ref = jaxbag.init_collection(model.layout, nnx.Rngs(0).params())
+    for k in ref:
+        np.testing.assert_array_equal(params[k], ref[k])
+    out = model(jf, concat=True)
+    want = jaxbag.embedding_bag_collection(params, jf, layout=model.layout, concat=True)
+    np.testing.assert_array_equal(out, want)
+
+    @nnx.jit
+    def loss_and_grad(m, j):
+        return nnx.value_and_grad(lambda m: jnp.sum(m(j, concat=True) ** 2))(m)
+
+    loss, grads = loss_and_grad(model, jf)
+    assert np.isclose(float(loss), float(jnp.sum(want**2)), rtol=1e-5)
+    g = grads.embeddings["user+item"][...]
+    assert g.shape == params["user+item"].shape and np.abs(np.asarray(g)).sum() > 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "jaxbag._src.jagged",
+        "jaxbag._src.collection",
+        "jaxbag._src.collection_linen",
+        "jaxbag._src.collection_nnx",
+    ],
+)
+def test_docstring_examples(name, monkeypatch):
+    if not hasattr(jaxbag.nnx, "EmbeddingBagCollection"):  # until jaxbag/nnx.py re-exports it
+        monkeypatch.setattr(jaxbag.nnx, "EmbeddingBagCollection", NnxCollection, raising=False)
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -1,0 +1,123 @@
+"""jaxbag.sharding: multi-device checks in a subprocess (8 simulated CPU devices), plus 1-device ones.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` only works if set before jax is imported,
+and this pytest process has imported jax already (conftest), so each case of
+tests/_sharding_worker.py runs in its own ``python`` subprocess (run in parallel by xdist). Each
+case compares the sharded op / collection with the single-device one, forward and gradient, on
+1-D (8) and 2-D (2 x 4) meshes, and inspects the compiled HLO for table traffic.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+import jaxbag
+import jaxbag.sharding as jsh
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "_sharding_worker.py"
+CASES = ["op_1d", "op_2d", "op_options", "collection", "planner", "modules"]
+
+
+def _worker_cases() -> list[str]:
+    tree = ast.parse(WORKER.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CASES":
+            return [k.value for k in node.value.keys]
+    raise AssertionError("no CASES dict in the worker")
+
+
+def test_every_worker_case_is_run():
+    assert sorted(_worker_cases()) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_on_8_devices(case):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), case],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{case} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert f"{case}: ok" in proc.stdout
+
+
+# -- in-process checks on this process's single device ---------------------------------------------
+
+
+def _mesh1():
+    return jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sqrtn"])
+def test_one_device_mesh_equals_core(mode):
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(10, 3)).astype(np.float32))
+    ids = jnp.asarray([1, 4, 4, 0, 9, 2], jnp.int32)
+    offsets = jnp.asarray([0, 2, 2, 5], jnp.int32)
+    got = jsh.embedding_bag(w, ids, offsets, mesh=_mesh1(), axis_name="model", mode=mode)
+    want = jaxbag.embedding_bag(w, ids, offsets, mode=mode)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(got[1], np.zeros(3, np.float32))  # the empty bag
+
+
+def test_pad_rows_and_shard_table():
+    w = jnp.arange(20.0, dtype=jnp.float32).reshape(10, 2)
+    p = jsh.pad_rows(w, 4)
+    assert p.shape == (12, 2)
+    np.testing.assert_array_equal(p[:10], w)
+    np.testing.assert_array_equal(p[10:], np.zeros((2, 2), np.float32))
+    t = jsh.shard_table(p, _mesh1(), "model")
+    assert t.sharding.spec == jax.sharding.PartitionSpec("model", None)
+    np.testing.assert_array_equal(t, p)
+
+
+def test_argument_errors_name_the_problem():
+    w = jnp.ones((8, 2), jnp.float32)
+    ids = jnp.zeros((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match="not an axis"):
+        jsh.embedding_bag(w, ids, mesh=_mesh1(), axis_name="rows")
+    with pytest.raises(TypeError, match="Mesh"):
+        jsh.embedding_bag(w, ids, mesh="model", axis_name="model")
+    with pytest.raises(ValueError, match="mode"):
+        jsh.embedding_bag(w, ids, mesh=_mesh1(), axis_name="model", mode="median")
+
+
+def test_axis_size_of_tuples():
+    assert jsh.axis_size(_mesh1(), ("model",)) == 1
+    assert jsh.axis_size(_mesh1(), None) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["jaxbag._src.sharding", "jaxbag._src.planner"]
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_public_namespace():
+    for name in jsh.__all__:
+        assert getattr(jsh, name) is not None
+    assert jaxbag.sharding is jsh
