@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.test_path = "data/ag_news/test.csv"
     config.data.num_classes = 4
     config.data.class_names = ("World", "Sports", "Business", "Sci/Tech")
+    config.tokenizer.ngrams = 2  # words + hashed bigrams
     config.tokenizer.num_buckets = 2**18  # 120k short texts: more distinct bigrams
     config.tokenizer.min_freq = 2
     config.train.num_epochs = 5

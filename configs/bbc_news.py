@@ -21,8 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.class_names = ()
 
     config.tokenizer = ml_collections.ConfigDict()
-    config.tokenizer.ngrams = 2  # words + bigrams
-    config.tokenizer.num_buckets = 2**16  # hash buckets for the n-grams
+    # Longest n-gram: 1 = words only, 2 = words + hashed bigrams (fastText's default).
+    # Words only measured better on BBC News (long articles, 1781 training documents;
+    # see the README); AG_NEWS-style short texts use bigrams.
+    config.tokenizer.ngrams = 1
+    config.tokenizer.num_buckets = 2**16  # hash buckets for the n-grams (ngrams > 1)
     config.tokenizer.min_freq = 1
     config.tokenizer.max_size = 0  # vocabulary cap, <unk> included (0: none)
     config.tokenizer.max_tokens = 0  # truncate documents (0: no)
@@ -49,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.num_epochs = 10
     config.train.batch_size = 32
+    config.train.label_smoothing = 0.1
     config.train.eval_batch_size = 256
     config.train.bucket_min_size = 4096  # smallest padded id count of a batch
     config.train.bucket_growth = 2.0  # ratio between padded id counts

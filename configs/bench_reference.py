@@ -25,11 +25,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.modes = ("sum", "mean", "max")
     config.phases = ("fwd", "fwd_bwd", "train")
     config.fwd_impls = (
-        "jaxbag", "stream", "naive", "sorted_pib", "padded_dense", "unrolled_2d", "chunked_map",
+        "jaxbag", "kernel", "stream", "naive", "sorted_pib", "padded_dense", "unrolled_2d", "chunked_map",
         "onehot",
     )
-    config.grad_impls = ("jaxbag", "jaxbag_rows", "stream", "naive", "padded_dense", "onehot")
-    config.train_impls = ("jaxbag", "jaxbag_sparse")
+    config.grad_impls = (
+        "jaxbag", "jaxbag_rows", "kernel", "stream", "naive", "padded_dense", "onehot",
+    )
+    config.train_impls = ("jaxbag", "kernel", "jaxbag_sparse")
     config.options = ml_collections.ConfigDict()
     config.options.unroll = 4  # stream: positions per loop trip
     config.options.unroll_max = 64  # unrolled_2d: only for L_max <= this

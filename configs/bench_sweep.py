@@ -19,8 +19,8 @@ def sweep(name: str, param: str, points, base, modes=("sum",), phases=("fwd", "f
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.repeats = 7
-    config.fwd_impls = ("jaxbag", "stream", "naive", "padded_dense", "onehot")
-    config.grad_impls = ("jaxbag", "jaxbag_rows", "naive")
+    config.fwd_impls = ("jaxbag", "kernel", "stream", "naive", "padded_dense", "onehot")
+    config.grad_impls = ("jaxbag", "jaxbag_rows", "kernel", "naive")
     base = dict(name="", V=100_000, D=64, B=1_024, N=20_480, lengths="uniform", ids="uniform")
     config.sweeps = (
         sweep("V", "V", (1_000, 10_000, 100_000, 1_000_000), base),

@@ -8,6 +8,7 @@ from configs import bbc_news
 def get_config() -> ml_collections.ConfigDict:
     config = bbc_news.get_config()
     config.data.max_per_class = 40
+    config.tokenizer.ngrams = 2  # exercise the hashed-bigram path
     config.tokenizer.num_buckets = 2**12
     config.tokenizer.max_tokens = 200
     config.model.features = 16

@@ -11,7 +11,6 @@ workdir resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import functools
 import statistics
 import sys
 import time
@@ -19,31 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from experiments.textcls import artifacts, checkpoint, config_check
-from experiments.textcls.batches import Batch, epoch_order, iterate_batches, num_batches
+from experiments.textcls import artifacts, checkpoint, config_check, logs
+from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import Metrics, confusion_matrix, format_confusion
 from experiments.textcls.model import build_model
 from experiments.textcls.optim import make_optimizer
+from experiments.textcls.steps import make_steps
 from experiments.textcls.tokenizer import Featurizer
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/*.py).", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
-_PRINT_CONFIG = flags.DEFINE_bool(
-    "print_config", False, "Print the resolved config (after overrides) and exit."
-)
-
 
 def _featurize(featurizer: Featurizer, texts: tuple[str, ...]) -> list[np.ndarray]:
     return [featurizer(t) for t in texts]
@@ -115,34 +104,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         logging.info("resuming from the checkpoint of epoch %d in %s", state.epoch, workdir)
     history = artifacts.read_metrics(workdir, up_to_epoch=state.epoch)
 
-    # Jitted steps; the Python counters run once per trace, i.e. once per compilation.
+    # Jitted steps; each counts its compilations.
     compilations = {"train_step": 0, "eval_step": 0}
-
-    def loss_and_metrics(p, batch: Batch, dropout_key):
-        m = nnx.merge(graphdef, p, rest)
-        logits = m(batch.bags.indices, batch.bags.segment_ids, num_bags=batch.bags.num_bags,
-                   dropout_key=dropout_key)
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
-        mask = batch.bags.bag_mask.astype(jnp.float32)
-        loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-        return loss, Metrics.from_batch(per_example, logits, batch.labels, batch.bags.bag_mask)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def train_step(p, opt_state, metrics: Metrics, batch: Batch, rng, step):
-        compilations["train_step"] += 1
-        key = jax.random.fold_in(rng, step)
-        grads, batch_metrics = jax.grad(loss_and_metrics, has_aux=True)(p, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, metrics.merge(batch_metrics)
-
-    @jax.jit
-    def eval_step(p, batch: Batch):
-        compilations["eval_step"] += 1
-        m = nnx.merge(graphdef, p, rest)
-        logits = m(batch.bags.indices, batch.bags.segment_ids, num_bags=batch.bags.num_bags)
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
-        return (Metrics.from_batch(per_example, logits, batch.labels, batch.bags.bag_mask),
-                jnp.argmax(logits, axis=-1))
+    train_step, eval_step = make_steps(
+        graphdef, rest, tx, num_classes=num_classes, label_smoothing=tc.label_smoothing,
+        compilations=compilations,
+    )
 
     def evaluate(p) -> tuple[dict[str, float], np.ndarray]:
         total, preds = Metrics.zeros(), []
@@ -247,6 +214,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return summary
 
 
+def define_flags() -> None:
+    """Defines --config, --workdir, --print_config (only when run as a program, so that
+    importing this module leaves absl's global flags alone)."""
+    global _CONFIG, _WORKDIR, _PRINT_CONFIG
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file (configs/*.py).", lock_config=True
+    )
+    _WORKDIR = flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, metrics and the summary."
+    )
+    _PRINT_CONFIG = flags.DEFINE_bool(
+        "print_config", False, "Print the resolved config (after overrides) and exit."
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, after checking ``--config.*`` keys (unknown ones list the valid keys)."""
     errors = config_check.unknown_override_errors(argv)
@@ -262,18 +244,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(1)
 
 
-def _quiet_orbax() -> None:
-    """Drops orbax's INFO chatter (a dozen lines per checkpoint) from the absl log."""
-    import logging as std_logging
-
-    def keep(record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-    logging.get_absl_handler().addFilter(keep)
-
-
 def main(argv: list[str]) -> None:
-    _quiet_orbax()
+    logs.quiet_orbax()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
@@ -287,4 +259,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -153,15 +153,15 @@ def test_sparse_sgd_equals_dense_sgd():
     np.testing.assert_allclose(w_s, w_d, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode,pad", [("sum", None), ("mean", 1)])
-def test_sparse_adam_equals_torch_sparse_adam(mode, pad):
+@pytest.mark.parametrize("mode,pad,chunk", [("sum", None, 256), ("mean", 1, 2)])
+def test_sparse_adam_equals_torch_sparse_adam(mode, pad, chunk):
     rng = np.random.default_rng(4)
     w0 = rng.standard_normal((V, D)).astype(np.float32)
     lr, b1, b2, eps = 0.05, 0.8, 0.95, 1e-6
 
     tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
     topt = torch.optim.SparseAdam([tw], lr=lr, betas=(b1, b2), eps=eps)
-    opt = sparse.sparse_adam(lr, b1, b2, eps)
+    opt = sparse.sparse_adam(lr, b1, b2, eps, chunk=chunk)  # chunk=2: several scan steps
     step = _mse_step_sparse_pad(opt, mode, pad)
     w, st = jnp.asarray(w0), opt.init(jnp.asarray(w0))
     for i in range(5):
@@ -192,11 +192,12 @@ def _mse_step_sparse_pad(opt, mode, pad):
     return step
 
 
-def test_sparse_adagrad_matches_numpy_rowwise_reference():
+@pytest.mark.parametrize("chunk", [256, 3])
+def test_sparse_adagrad_matches_numpy_rowwise_reference(chunk):
     rng = np.random.default_rng(5)
     w0 = rng.standard_normal((V, D)).astype(np.float32)
     lr, eps, init_acc = 0.1, 1e-3, 0.05
-    opt = sparse.sparse_adagrad(lr, eps=eps, initial_accumulator_value=init_acc)
+    opt = sparse.sparse_adagrad(lr, eps=eps, initial_accumulator_value=init_acc, chunk=chunk)
     w, st = jnp.asarray(w0), opt.init(jnp.asarray(w0))
     ref_w, ref_acc = w0.astype(np.float64), np.full(V, init_acc)
     for _ in range(4):

@@ -5,8 +5,6 @@ analytic gradient), and jax.test_util.check_grads.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

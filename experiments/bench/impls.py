@@ -28,7 +28,8 @@ Forward = Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
 
 FORWARD_DOC = {
     "jaxbag": "jaxbag.embedding_bag(weight, ids, offsets, mode=...) (the library's dispatch)",
-    "stream": "fast_forward.bag_reduce: position-by-position while loop, no [N, D] rows",
+    "kernel": "fast_forward.bag_reduce(impl='kernel'): the C++ XLA FFI CPU kernel (offsets)",
+    "stream": "fast_forward.bag_reduce(impl='stream'): XLA while loop over bag positions",
     "naive": "jit(segment_sum(take(weight, ids), segment_ids)) (the literal recipe)",
     "sorted_pib": "naive with promise_in_bounds gather and indices_are_sorted segment ops",
     "padded_dense": "padded [B, L] ids: take -> [B, L, D] -> masked reduce over L",
@@ -76,7 +77,19 @@ def _stream(p: Problem, mode: str, opts: Any) -> Forward:
     nb = p.num_bags
 
     def f(w, b):
-        return fast_forward.bag_reduce(w, b["ids"], b["seg"], nb, mode=mode, unroll=int(opts.unroll))
+        return fast_forward.bag_reduce(
+            w, b["ids"], b["seg"], nb, mode=mode, impl="stream", unroll=int(opts.unroll)
+        )
+
+    return f
+
+
+def _kernel(p: Problem, mode: str, opts: Any) -> Forward | None:
+    if not fast_forward.cpu_kernel_status()[0]:
+        return None
+
+    def f(w, b):
+        return fast_forward.bag_reduce(w, b["ids"], offsets=b["offsets"], mode=mode, impl="kernel")
 
     return f
 
@@ -181,6 +194,7 @@ def _onehot(p: Problem, mode: str, opts: Any) -> Forward | None:
 
 FORWARDS: dict[str, Callable[[Problem, str, Any], Forward | None]] = {
     "jaxbag": _jaxbag,
+    "kernel": _kernel,
     "stream": _stream,
     "naive": _naive,
     "sorted_pib": functools.partial(_naive, hints=True),

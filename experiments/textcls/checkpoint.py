@@ -35,11 +35,10 @@ def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir).resolve() / "checkpoints"
 
 
-def make_manager(workdir: str | Path, *, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str | Path, *, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        create=not read_only,
-        read_only=read_only,
+        create=create,
         # Saves are synchronous: training donates nothing to a background writer,
         # and a run killed right after an epoch still has that epoch on disk.
         enable_async_checkpointing=False,
@@ -101,7 +100,12 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
 
 def load_params(workdir: str | Path) -> tuple[dict, int]:
     """The parameters (pure nested dict of NumPy arrays) of the latest checkpoint and its epoch."""
-    manager = make_manager(workdir, read_only=True)
+    if not checkpoint_dir(workdir).is_dir():
+        raise FileNotFoundError(
+            f"no checkpoints in {checkpoint_dir(workdir)}; train first with "
+            f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
+        )
+    manager = make_manager(workdir, create=False)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(

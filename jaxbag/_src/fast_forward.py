@@ -558,14 +558,16 @@ def _primal(weight, psw, ids, bounds, cfg):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _bag_reduce(weight, psw, ids, bounds, cfg):
-    return _primal(weight, psw, ids, bounds, cfg)[0]
+    """``(out [B, D], arg)``; ``arg`` (int32, first arg-max position for ``max``) has no tangent."""
+    return _primal(weight, psw, ids, bounds, cfg)
 
 
 def _bag_reduce_jvp(cfg, primals, tangents):
     weight, psw, ids, bounds = primals
     d_weight, d_psw, _, _ = tangents
     num_bags, padding_idx, mode, layout, include_last_offset = cfg[:5]
-    out, arg = _primal(weight, psw, ids, bounds, cfg)
+    # Calling the custom_jvp function (not _primal) keeps higher-order forward mode working.
+    out, arg = _bag_reduce(weight, psw, ids, bounds, cfg)
     n = ids.shape[0]
     seg = _segment_ids(bounds, n, num_bags, layout, include_last_offset)
     prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
@@ -597,7 +599,7 @@ def _bag_reduce_jvp(cfg, primals, tangents):
                     prep.w * dw, seg, num_segments=num_bags, indices_are_sorted=True
                 ) * prep.inv_den
             t = t + (d_sum - out.astype(acc) * d_den[:, None]) * prep.inv_den[:, None]
-    return out, t.astype(out.dtype)
+    return (out, arg), (t.astype(out.dtype), np.zeros(arg.shape, jax.dtypes.float0))
 
 
 _bag_reduce.defjvp(_bag_reduce_jvp, symbolic_zeros=True)
@@ -685,4 +687,4 @@ def bag_reduce(
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights).reshape(-1)
     cfg = (num_bags, padding_idx, mode, layout, bool(include_last_offset), impl, int(unroll),
            float(skew_limit), int(chunk))
-    return _bag_reduce(weight, psw, ids, bounds, cfg)
+    return _bag_reduce(weight, psw, ids, bounds, cfg)[0]

@@ -32,15 +32,18 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxbag._src import ops, segments, validation
+from jaxbag._src import ops, segments, sparse, validation
 
 __all__ = [
     "AxisName",
     "axis_size",
     "embedding_bag",
     "embedding_bag_in_shard_map",
+    "embedding_bag_rows",
     "pad_rows",
     "shard_table",
+    "sparse_init",
+    "sparse_update",
 ]
 
 AxisName = str | tuple[str, ...]
@@ -204,6 +207,7 @@ def embedding_bag_in_shard_map(
     norm_type: float = 2.0,
     inverse_freq: Array | None = None,
     valid: Array | None = None,
+    owned: Array | None = None,
 ) -> Array:
     """The row-sharded bag reduction, to be called *inside* ``jax.shard_map``.
 
@@ -229,6 +233,9 @@ def embedding_bag_in_shard_map(
       norm_type: the p of the p-norm for ``max_norm``.
       inverse_freq: optional ``float [N]`` gradient scale per id (``scale_grad_by_freq``).
       valid: optional ``bool [N]``: positions to keep (on top of the range checks).
+      owned: optional ``bool [N]``: which ids this shard owns. When given, ``indices`` are
+        positions in ``local_weight`` itself (a compact table of gathered rows) rather than global
+        rows, and ``num_embeddings`` bounds them.
 
     Returns:
       ``[B, D]`` bags in ``local_weight.dtype``, replicated over ``axis_name``.
@@ -244,9 +251,12 @@ def embedding_bag_in_shard_map(
         ok = ok & (indices != padding_idx)
     if valid is not None:
         ok = ok & valid
-    row0 = (jax.lax.axis_index(axis_tuple(axis_name)) * r).astype(indices.dtype)
-    local = indices - row0
-    mine = ok & (local >= 0) & (local < r)
+    if owned is None:
+        row0 = (jax.lax.axis_index(axis_tuple(axis_name)) * r).astype(indices.dtype)
+        local = indices - row0
+        mine = ok & (local >= 0) & (local < r)
+    else:
+        local, mine = indices, ok & owned
     rows = jnp.take(local_weight, jnp.where(mine, local, 0), axis=0, mode="clip").astype(acc)
     if max_norm is not None:
         scaled = rows * ops._renorm_scale(jax.lax.stop_gradient(rows), max_norm, norm_type)[:, None]
@@ -492,3 +502,219 @@ def table_shardings(mesh: Mesh, axis_name: AxisName) -> NamedSharding:
     """``NamedSharding(mesh, P(axis_name, None))``: the placement of a row-sharded table."""
     return NamedSharding(mesh, P(spec_entry(axis_name), None))
 
+
+
+# -- sparse row updates of a row-sharded table ------------------------------------------------------
+
+
+def embedding_bag_rows(
+    weight: ArrayLike,
+    indices: ArrayLike,
+    offsets: ArrayLike | None = None,
+    *,
+    mesh: Mesh,
+    axis_name: AxisName,
+    batch_axis: AxisName | None = None,
+    size: int | None = None,
+    mode: str = "mean",
+    per_sample_weights: ArrayLike | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    segment_ids: ArrayLike | None = None,
+    num_bags: int | None = None,
+) -> tuple[Array, Any]:
+    """Row-sharded :func:`jaxbag.embedding_bag_rows`: bags plus a pullback to per-shard row grads.
+
+    Legend: ``V`` rows, ``R = V / n`` rows per shard, ``D`` features, ``B`` bags, ``U`` row slots.
+
+    The bags are :func:`embedding_bag`'s. ``pullback(g)`` maps the bag cotangent ``g [B, D]``
+    (sharded as the bags) to a :class:`jaxbag.RowGrads` whose arrays are split over ``axis_name``:
+    shard ``i`` holds ``rows [U]`` -- *local* row numbers in ``[0, R)`` of the rows it owns among
+    the batch's distinct ids (``R`` in unused slots, skipped) -- and their ``grads [U, D]``. No
+    ``[V, D]`` gradient is built and no row leaves its shard; with ``batch_axis`` the ids are
+    gathered over it (ints) and the row gradients summed over it (``[U, D]``). Feed the result to
+    :func:`sparse_update`.
+
+    Args:
+      weight: ``float [V, D]`` row-sharded table.
+      indices, offsets, mode, per_sample_weights, padding_idx, include_last_offset, segment_ids,
+        num_bags: as :func:`embedding_bag` (``max_norm`` and ``scale_grad_by_freq`` are not
+        supported here).
+      mesh, axis_name, batch_axis: as :func:`embedding_bag`.
+      size: ``U``, static row slots (``None``: the number of ids of the whole batch).
+
+    Returns:
+      ``(bags [B, D], pullback)``.
+    """
+    weight = jnp.asarray(weight)
+    indices = jnp.asarray(indices)
+    offsets = None if offsets is None else jnp.asarray(offsets)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
+    bags = embedding_bag(
+        weight,
+        indices,
+        offsets,
+        mesh=mesh,
+        axis_name=axis_name,
+        batch_axis=batch_axis,
+        mode=mode,
+        per_sample_weights=psw,
+        padding_idx=padding_idx,
+        include_last_offset=include_last_offset,
+        segment_ids=segment_ids,
+        num_bags=num_bags,
+    )  # also runs every argument check
+    num_embeddings, features = weight.shape
+    pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
+    b = bags.shape[0]
+    b_loc = b // axis_size(mesh, batch_axis)
+    batch_axes, row_axes = axis_tuple(batch_axis), axis_tuple(axis_name)
+    rows_spec, out_spec = P(spec_entry(axis_name), None), P(spec_entry(batch_axis), None)
+    acc = ops._acc_dtype(weight.dtype)
+    two_d = indices.ndim == 2
+    if two_d:
+        seg_all = None
+        ids_spec = P(spec_entry(batch_axis), None)
+    else:
+        n = indices.shape[0]
+        if offsets is not None:
+            seg_all = segments.offsets_to_segment_ids(
+                offsets, n, include_last_offset=include_last_offset
+            )
+        else:
+            seg_all = segment_ids.astype(jnp.int32)
+        ids_spec = P()
+
+    def local_pullback(lw, ids_in, seg, w, g):
+        r = lw.shape[0]
+        if two_d:
+            ids = ids_in.reshape(-1).astype(jnp.int32)
+            length = ids_in.shape[1]
+            seg = jnp.repeat(
+                jnp.arange(b_loc, dtype=jnp.int32), length, total_repeat_length=b_loc * length
+            )
+            w = None if w is None else w.reshape(-1)
+            all_ids, start = ids, 0
+            if batch_axes:  # one slot space for the whole batch: gather the (int) ids
+                all_ids = jax.lax.all_gather(ids, batch_axes, tiled=True, to="invarying")
+                start = jax.lax.axis_index(batch_axes) * ids.shape[0]
+        else:
+            ids = all_ids = ids_in.astype(jnp.int32)
+            start = 0
+            if batch_axes:
+                seg = seg - jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
+        valid = None if pad is None else all_ids != pad
+        rows, inverse = sparse.unique_rows(all_ids, num_embeddings, size=size, valid=valid)
+        if two_d and batch_axes:
+            inverse = jax.lax.dynamic_slice_in_dim(inverse, start, ids.shape[0])
+        u = rows.shape[0]
+        row0 = (jax.lax.axis_index(row_axes) * r).astype(jnp.int32)
+        local_rows = rows - row0
+        own = (local_rows >= 0) & (local_rows < r)
+        compact = jnp.take(lw, jnp.clip(local_rows, 0, r - 1), axis=0)
+        compact = jnp.where(own[:, None], compact, jnp.zeros((), lw.dtype))
+        owned = (inverse < u) & jnp.take(own, jnp.clip(inverse, 0, u - 1))
+
+        def bag(table):
+            return embedding_bag_in_shard_map(
+                table,
+                inverse,
+                seg,
+                num_bags=b_loc,
+                num_embeddings=u,
+                axis_name=axis_name,
+                mode=mode,
+                per_sample_weights=w,
+                owned=owned,
+            )
+
+        out, vjp = jax.vjp(bag, compact)
+        (grads,) = vjp(g.astype(out.dtype))
+        # With batch_axis, ``compact`` is the same on every replica of the batch and the bags are
+        # not, so the transpose already sums the replicas' row gradients (an all-reduce of
+        # [U, D] over batch_axis): every replica holds the whole batch's gradient of its rows.
+        grads = grads.astype(acc)
+        return jnp.where(own, local_rows, jnp.int32(r)), grads
+
+    def pullback(g: Array) -> sparse.RowGrads:
+        g = jnp.asarray(g)
+        if g.shape != bags.shape:
+            raise ValueError(f"g must have the shape of the bags {bags.shape}; got {g.shape}.")
+        args = (weight, indices, seg_all, psw, g)
+        specs = (rows_spec, ids_spec, None if seg_all is None else P(), None if psw is None else ids_spec, out_spec)
+        args = place(args, mesh, specs)
+        rows, grads = jax.shard_map(
+            local_pullback,
+            mesh=mesh,
+            in_specs=specs,
+            out_specs=(P(spec_entry(axis_name)), P(spec_entry(axis_name), None)),
+        )(*args)
+        return sparse.RowGrads(rows=rows, grads=grads)
+
+    del features
+    return bags, pullback
+
+
+def _state_specs(optimizer: sparse.SparseOptimizer, local_table: Any, axis_name: AxisName) -> Any:
+    """Scalars replicated, every other leaf split by rows (the optimisers' per-row state)."""
+    shapes = jax.eval_shape(optimizer.init, local_table)
+    row = spec_entry(axis_name)
+    return jax.tree.map(lambda a: P() if a.ndim == 0 else P(row, *([None] * (a.ndim - 1))), shapes)
+
+
+def sparse_init(
+    optimizer: sparse.SparseOptimizer, table: Array, *, mesh: Mesh, axis_name: AxisName
+) -> Any:
+    """``optimizer.init`` for a row-sharded table: the per-row state is row-sharded likewise.
+
+    Args:
+      optimizer: a :class:`jaxbag.SparseOptimizer` (``jaxbag.sparse_adam(...)``, ...).
+      table: ``float [V, D]`` row-sharded over ``axis_name``.
+      mesh, axis_name: as :func:`embedding_bag`.
+
+    Returns:
+      The optimiser state; ``[V]``/``[V, D]`` leaves sharded ``P(axis_name)``, scalars replicated.
+    """
+    n = axis_size(mesh, axis_name)
+    local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)
+    specs = _state_specs(optimizer, local, axis_name)
+    table = place(table, mesh, P(spec_entry(axis_name), None))
+    return jax.shard_map(
+        optimizer.init, mesh=mesh, in_specs=P(spec_entry(axis_name), None), out_specs=specs
+    )(table)
+
+
+def sparse_update(
+    optimizer: sparse.SparseOptimizer,
+    table: Array,
+    state: Any,
+    row_grads: sparse.RowGrads,
+    *,
+    mesh: Mesh,
+    axis_name: AxisName,
+) -> tuple[Array, Any]:
+    """Applies a sparse optimiser on every shard to its own rows (no communication).
+
+    Args:
+      optimizer: the :class:`jaxbag.SparseOptimizer`.
+      table: ``float [V, D]`` row-sharded over ``axis_name``.
+      state: from :func:`sparse_init`.
+      row_grads: from :func:`embedding_bag_rows`'s pullback (per-shard local rows).
+      mesh, axis_name: as :func:`embedding_bag`.
+
+    Returns:
+      ``(table, state)`` updated; donate both to ``jit`` to update in place.
+    """
+    n = axis_size(mesh, axis_name)
+    local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)
+    row = spec_entry(axis_name)
+    specs = (P(row, None), _state_specs(optimizer, local, axis_name), sparse.RowGrads(P(row), P(row, None)))
+    args = place((table, state, row_grads), mesh, specs)
+
+    def local_update(t, s, g):
+        return optimizer.update(t, s, sparse.RowGrads(*g))
+
+    return jax.shard_map(
+        local_update, mesh=mesh, in_specs=specs, out_specs=specs[:2]
+    )(*args)

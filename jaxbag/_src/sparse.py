@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 from jax.typing import ArrayLike
 
 from jaxbag._src import ops, validation
@@ -289,13 +289,48 @@ def _scatter_set(x: Array, rows: Array, values: Array) -> Array:
     return x.at[rows].set(values.astype(x.dtype), mode="drop", unique_indices=True)
 
 
-def sparse_sgd(learning_rate: ScalarOrSchedule) -> SparseOptimizer:
+def _update_rows(
+    arrays: tuple[Array, ...],
+    rows: Array,
+    grads: Array,
+    fn: Callable[[tuple[Array, ...], Array], tuple[Array, ...]],
+    chunk: int,
+) -> tuple[Array, ...]:
+    """``arrays[i][rows] = fn(tuple(a[rows] for a in arrays), grads)[i]``, ``chunk`` rows at a time.
+
+    A ``lax.scan`` over chunks of rows: each step gathers ``[chunk, ...]`` rows of every array,
+    applies ``fn`` and scatters them back into the loop-carried (in place, when donated) arrays.
+    Done in one piece, XLA:CPU would allocate several ``[U, D]`` temporaries per step; chunks keep
+    them small and in cache (measured ~3-4x faster at ``U = 40960, D = 128``).
+    """
+    u = rows.shape[0]
+    k = max(1, min(int(chunk), u))
+    m = -(-u // k)
+    pad = m * k - u
+    if pad:
+        fill = jnp.iinfo(jnp.int32).max  # out of range: dropped by the scatters
+        rows = jnp.concatenate([rows, jnp.full((pad,), fill, rows.dtype)])
+        grads = jnp.concatenate([grads, jnp.zeros((pad, *grads.shape[1:]), grads.dtype)])
+
+    def step(carry, xs):
+        r, g = xs
+        new = fn(tuple(_gather(a, r) for a in carry), g)
+        return tuple(_scatter_set(a, r, x) for a, x in zip(carry, new)), None
+
+    if m == 1:
+        return step(tuple(arrays), (rows, grads))[0]
+    out, _ = lax.scan(step, tuple(arrays), (rows.reshape(m, k), grads.reshape(m, k, *grads.shape[1:])))
+    return out
+
+
+def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 256) -> SparseOptimizer:
     """Plain SGD on the touched rows: ``table[r] -= lr * g[r]``.
 
     Equal to dense SGD (``jax.grad`` + ``optax.sgd``), whose gradient is zero on the other rows.
 
     Args:
       learning_rate: a float, or a schedule ``count -> lr`` (e.g. an ``optax`` schedule).
+      chunk: rows updated per step of the internal ``lax.scan`` (static; a speed knob only).
 
     Returns:
       A :class:`SparseOptimizer` with :class:`SgdState`.
@@ -317,12 +352,13 @@ def sparse_sgd(learning_rate: ScalarOrSchedule) -> SparseOptimizer:
     def update(table: Array, state: SgdState, row_grads: RowGrads) -> tuple[Array, SgdState]:
         _check_table(table, row_grads)
         rows, grads = row_grads
-        delta = -lr_fn(state.count) * grads.astype(jnp.float32)
-        if table.dtype == jnp.float32:
-            table = table.at[rows].add(delta, mode="drop", unique_indices=True)
-        else:  # add in float32, round once
-            new = _gather(table, rows).astype(jnp.float32) + delta
-            table = _scatter_set(table, rows, new)
+        lr = lr_fn(state.count)
+
+        def fn(old, g):
+            (w,) = old
+            return (w.astype(jnp.float32) - lr * g.astype(jnp.float32),)
+
+        (table,) = _update_rows((table,), rows, grads, fn, chunk)
         return table, SgdState(count=state.count + 1)
 
     return SparseOptimizer(init=init, update=update)
@@ -332,6 +368,8 @@ def sparse_adagrad(
     learning_rate: ScalarOrSchedule = 0.01,
     eps: float = 1e-8,
     initial_accumulator_value: float = 0.0,
+    *,
+    chunk: int = 256,
 ) -> SparseOptimizer:
     """Row-wise Adagrad, as fbgemm's ``EXACT_ROWWISE_ADAGRAD``: one accumulator per row.
 
@@ -346,6 +384,7 @@ def sparse_adagrad(
       learning_rate: a float or a schedule ``count -> lr``.
       eps: added to the root of the accumulator.
       initial_accumulator_value: starting value of every row's accumulator.
+      chunk: rows updated per step of the internal ``lax.scan`` (static; a speed knob only).
 
     Returns:
       A :class:`SparseOptimizer` with :class:`RowwiseAdagradState`.
@@ -371,13 +410,16 @@ def sparse_adagrad(
     ) -> tuple[Array, RowwiseAdagradState]:
         _check_table(table, row_grads)
         rows, grads = row_grads
-        g = grads.astype(jnp.float32)
-        old = _gather(state.sum_sq, rows)
-        new_sum = old + jnp.mean(g * g, axis=1)
-        scale = lr_fn(state.count) / (jnp.sqrt(new_sum) + jnp.float32(eps))
-        new_rows = _gather(table, rows).astype(jnp.float32) - scale[:, None] * g
-        table = _scatter_set(table, rows, new_rows)
-        sum_sq = _scatter_set(state.sum_sq, rows, new_sum)
+        lr = lr_fn(state.count)
+
+        def fn(old, g):
+            w, acc = old
+            g = g.astype(jnp.float32)
+            new_sum = acc + jnp.mean(g * g, axis=1)
+            scale = lr / (jnp.sqrt(new_sum) + jnp.float32(eps))
+            return w.astype(jnp.float32) - scale[:, None] * g, new_sum
+
+        table, sum_sq = _update_rows((table, state.sum_sq), rows, grads, fn, chunk)
         return table, RowwiseAdagradState(count=state.count + 1, sum_sq=sum_sq)
 
     return SparseOptimizer(init=init, update=update)
@@ -388,6 +430,8 @@ def sparse_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    *,
+    chunk: int = 256,
 ) -> SparseOptimizer:
     """Lazy Adam, as ``torch.optim.SparseAdam``: moments move only for the touched rows.
 
@@ -403,6 +447,7 @@ def sparse_adam(
       b1: decay of the first moment.
       b2: decay of the second moment.
       eps: added to ``sqrt(nu)`` (outside the bias correction, as torch).
+      chunk: rows updated per step of the internal ``lax.scan`` (static; a speed knob only).
 
     Returns:
       A :class:`SparseOptimizer` with :class:`LazyAdamState` (two float32 ``[V, D]`` moments).
@@ -431,19 +476,19 @@ def sparse_adam(
     ) -> tuple[Array, LazyAdamState]:
         _check_table(table, row_grads)
         rows, grads = row_grads
-        g = grads.astype(jnp.float32)
         count = state.count + 1
         t = count.astype(jnp.float32)
-        mu = _gather(state.mu, rows) * b1f + (1 - b1f) * g
-        nu = _gather(state.nu, rows) * b2f + (1 - b2f) * (g * g)
         step_size = lr_fn(state.count) * jnp.sqrt(1 - b2f**t) / (1 - b1f**t)
-        new_rows = _gather(table, rows).astype(jnp.float32) - step_size * (
-            mu / (jnp.sqrt(nu) + jnp.float32(eps))
-        )
-        table = _scatter_set(table, rows, new_rows)
-        return table, LazyAdamState(
-            count=count, mu=_scatter_set(state.mu, rows, mu), nu=_scatter_set(state.nu, rows, nu)
-        )
+
+        def fn(old, g):
+            w, mu, nu = old
+            g = g.astype(jnp.float32)
+            mu = mu * b1f + (1 - b1f) * g
+            nu = nu * b2f + (1 - b2f) * (g * g)
+            return w.astype(jnp.float32) - step_size * (mu / (jnp.sqrt(nu) + jnp.float32(eps))), mu, nu
+
+        table, mu, nu = _update_rows((table, state.mu, state.nu), rows, grads, fn, chunk)
+        return table, LazyAdamState(count=count, mu=mu, nu=nu)
 
     return SparseOptimizer(init=init, update=update)
 

@@ -207,23 +207,24 @@ def _value_problems(
     problems = []
     flat = indices.reshape(-1)
     n = flat.shape[0]
-    out = (flat < 0) | (flat >= num_embeddings)
-    pos = _first(out)
-    if indices.ndim == 2:
-        where = "indices[{}, {}] = {}"
-        where_args = [pos // indices.shape[1], pos % indices.shape[1]]
-    else:
-        where = "indices[{}] = {}"
-        where_args = [pos]
-    problems.append(
-        _Problem(
-            IndexError,
-            jnp.any(out),
-            where + f" is out of range for a table of num_embeddings={num_embeddings}: ids must "
-            f"satisfy 0 <= id < {num_embeddings}. (Under jit such ids contribute zeros.)",
-            [*where_args, flat[pos] if n else jnp.int32(0)],
+    if n > 0:
+        out = (flat < 0) | (flat >= num_embeddings)
+        pos = _first(out)
+        if indices.ndim == 2:
+            where = "indices[{}, {}] = {}"
+            where_args = [pos // indices.shape[1], pos % indices.shape[1]]
+        else:
+            where = "indices[{}] = {}"
+            where_args = [pos]
+        problems.append(
+            _Problem(
+                IndexError,
+                jnp.any(out),
+                where + f" is out of range for a table of num_embeddings={num_embeddings}: ids must "
+                f"satisfy 0 <= id < {num_embeddings}. (Under jit such ids contribute zeros.)",
+                [*where_args, flat[pos]],
+            )
         )
-    )
     if offsets is not None and offsets.shape[0] > 0:
         problems.append(
             _Problem(

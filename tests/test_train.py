@@ -1,0 +1,149 @@
+"""The text-classification experiment end to end on the smoke config (seconds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from experiments.predict import Predictor
+from experiments.textcls import artifacts, checkpoint, config_check
+from experiments.train import train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    config = smoke.get_config()
+    before = config.to_dict()
+    workdir = tmp_path_factory.mktemp("smoke")
+    summary = train_and_evaluate(config, workdir)
+    assert config.to_dict() == before, "train_and_evaluate must not modify the config"
+    return config, workdir, summary
+
+
+@pytest.mark.slow
+def test_smoke_trains_end_to_end_and_beats_chance(smoke_run):
+    config, workdir, summary = smoke_run
+    num_classes = len(summary["class_names"])
+    assert num_classes == 5
+    assert summary["test_accuracy"] >= 0.6  # chance is 0.2
+    rows = [json.loads(line) for line in (workdir / artifacts.METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, config.train.num_epochs + 1))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    on_disk = json.loads((workdir / artifacts.SUMMARY).read_text())
+    for key in ("test_accuracy", "best_epoch", "train_time_s", "epoch_time_s", "examples_per_s",
+                "compilations"):
+        assert key in on_disk
+    assert on_disk["best_epoch"] == max(rows, key=lambda r: r["test_accuracy"])["epoch"]
+    assert on_disk["epoch_time_s"] == pytest.approx(float(np.median([r["epoch_time_s"] for r in rows])))
+    cm = np.asarray(summary["confusion_matrix"])
+    assert cm.sum() == summary["num_test"]
+    assert np.trace(cm) / cm.sum() == pytest.approx(summary["test_accuracy"])
+    split = json.loads((workdir / artifacts.SPLIT).read_text())
+    assert len(split["train"]) == summary["num_train"] and len(split["test"]) == summary["num_test"]
+    assert not set(split["train"]) & set(split["test"])
+    assert (workdir / artifacts.PLOT).stat().st_size > 1000
+    assert (workdir / artifacts.VOCAB).is_file() and (workdir / artifacts.CONFIG).is_file()
+
+
+@pytest.mark.slow
+def test_train_step_compilations_are_bounded(smoke_run):
+    _, _, summary = smoke_run
+    # One compilation per padded-size bucket the batches fall in (bucket ladder), never per batch.
+    assert 1 <= summary["compilations"]["train_step"] <= 8
+    assert 1 <= summary["compilations"]["eval_step"] <= 8
+    assert summary["epochs"] * -(-summary["num_train"] // 16) > 3 * summary["compilations"]["train_step"]
+
+
+@pytest.mark.slow
+def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
+    config, workdir, summary = smoke_run
+    predictor = Predictor(workdir)
+    split = json.loads((workdir / artifacts.SPLIT).read_text())
+    from experiments.textcls.data import load_bbc_news
+
+    full = load_bbc_news(max_per_class=config.data.max_per_class)
+    by_source = dict(zip(full.sources, zip(full.texts, full.labels)))
+    texts = [by_source[s][0] for s in split["test"]]
+    labels = [predictor.class_names[by_source[s][1]] for s in split["test"]]
+    results = predictor.predict(texts)
+    accuracy = np.mean([r["label"] == y for r, y in zip(results, labels)])
+    assert accuracy == pytest.approx(summary["test_accuracy"])  # eager, other batching: same answer
+    for r in results[:3]:
+        assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert r["label"] == max(r["scores"], key=r["scores"].get)
+    assert predictor.predict([""])[0]["label"] in predictor.class_names  # empty text: empty bag
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_gives_identical_parameters(smoke_run, tmp_path):
+    config, full_workdir, _ = smoke_run
+    stopped = smoke.get_config()
+    stopped.train.stop_after_epochs = 1  # as if killed right after epoch 1
+    partial = train_and_evaluate(stopped, tmp_path)
+    assert partial["stopped_early"] and partial["epochs"] == 1
+    assert not (tmp_path / artifacts.SUMMARY).exists()
+    resumed = train_and_evaluate(smoke.get_config(), tmp_path)
+    assert resumed["resumed_from_epoch"] == 1 and resumed["epochs"] == config.train.num_epochs
+
+    want, want_epoch = checkpoint.load_params(full_workdir)
+    got, got_epoch = checkpoint.load_params(tmp_path)
+    assert want_epoch == got_epoch == config.train.num_epochs
+    flat_want, flat_got = jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got)
+    assert [p for p, _ in flat_want] == [p for p, _ in flat_got]
+    for (path, a), (_, b) in zip(flat_want, flat_got):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    rows = [json.loads(line) for line in (tmp_path / artifacts.METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_model_config(smoke_run):
+    _, workdir, _ = smoke_run
+    other = smoke.get_config()
+    other.model.features = 8
+    with pytest.raises(ValueError, match=r"different config \(sections \['model'\]"):
+        train_and_evaluate(other, workdir)
+
+
+def test_unknown_key_message_lists_valid_keys():
+    config = smoke.get_config()
+    msg = config_check.unknown_key_message(config, "model.featurs", "--config.model.featurs=3")
+    assert "unknown config key 'config.model.featurs'" in msg
+    assert "Valid keys under 'config.model': dropout, embed_init_scale, features, hidden" in msg
+    assert "Did you mean 'config.model.features'?" in msg
+    assert "train.num_epochs" in msg  # the full list
+    assert config_check.unknown_key_message(config, "model.features", "x") is None
+    msg = config_check.unknown_key_message(config, "seed.x", "--config.seed.x=1")
+    assert "'config.seed' is a value, not a group of keys" in msg
+    argv = ["prog", "--config", "configs/smoke.py", "--config.optim.lr=1", "--noconfig.train.plot",
+            "--config.train.num_epochs=2"]
+    errors = config_check.unknown_override_errors([a if not a.endswith(".py") else str(REPO / a)
+                                                   for a in argv])
+    assert len(errors) == 1 and "Valid keys under 'config.optim'" in errors[0]
+
+
+def _run_entry_point(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_entry_point_overrides_and_unknown_keys(tmp_path):
+    ok = _run_entry_point("--config", "configs/smoke.py", "--config.model.features=7",
+                          "--config.optim.learning_rate=0.5", "--print_config")
+    assert ok.returncode == 0, ok.stderr
+    assert "features: 7" in ok.stdout and "learning_rate: 0.5" in ok.stdout
+    bad = _run_entry_point("--config", "configs/smoke.py", "--config.model.featurs=7",
+                           "--workdir", str(tmp_path))
+    assert bad.returncode != 0
+    assert "unknown config key 'config.model.featurs'" in bad.stderr
+    assert "Valid keys under 'config.model': dropout, embed_init_scale, features, hidden" in bad.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
