@@ -26,6 +26,12 @@ from experiments.textcls import artifacts, checkpoint, logs
 from experiments.textcls.model import build_model
 from experiments.textcls.tokenizer import Featurizer
 
+# Flag holders, set by define_flags() when run as a program.
+_WORKDIR: Any = None
+_JSON: Any = None
+_TOP: Any = None
+
+
 class Predictor:
     """A trained classifier loaded from a workdir; call it on a list of texts."""
 
@@ -45,8 +51,10 @@ class Predictor:
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """float32 ``[len(texts), C]`` class probabilities."""
-        bags = jaxbag.pack_bags([self.featurizer(t) for t in texts])
-        logits = self.model(bags.indices, bags.segment_ids, num_bags=bags.num_bags)
+        ids, weights = zip(*(self.featurizer.bag(t) for t in texts))
+        bags = jaxbag.pack_bags(ids, weights=None if weights[0] is None else weights)
+        logits = self.model(bags.indices, bags.segment_ids, num_bags=bags.num_bags,
+                            weights=bags.weights)
         return np.asarray(jax.nn.softmax(logits, axis=-1))
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:

@@ -34,8 +34,19 @@ from experiments.textcls.optim import make_optimizer
 from experiments.textcls.steps import make_steps
 from experiments.textcls.tokenizer import Featurizer
 
-def _featurize(featurizer: Featurizer, texts: tuple[str, ...]) -> list[np.ndarray]:
-    return [featurizer(t) for t in texts]
+# Flag holders, set by define_flags() when run as a program.
+_CONFIG: Any = None
+_WORKDIR: Any = None
+_PRINT_CONFIG: Any = None
+
+
+def _featurize(
+    featurizer: Featurizer, texts: tuple[str, ...]
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Per document: the ids, and the per-id weights (counts) or None."""
+    pairs = [featurizer.bag(t) for t in texts]
+    ids = [p[0] for p in pairs]
+    return ids, ([p[1] for p in pairs] if featurizer.counts else None)
 
 
 def _load_or_fit_featurizer(workdir: Path, texts: tuple[str, ...], tok_config: Any) -> Featurizer:
@@ -65,13 +76,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts.check_resume_config(workdir, ml_collections.ConfigDict(config))
     tc = config.train
+    if config.tokenizer.counts and config.model.mode == "max":
+        raise ValueError(
+            "config.tokenizer.counts=True weights ids by their counts, which mode 'max' cannot "
+            "use; set --config.tokenizer.counts=false or --config.model.mode=mean"
+        )
 
     # Data and features.
     train_ds, test_ds, split_record = load_splits(config.data, config.seed)
     artifacts.check_or_write_split(workdir, split_record)
     featurizer = _load_or_fit_featurizer(workdir, train_ds.texts, config.tokenizer)
-    train_bags = _featurize(featurizer, train_ds.texts)
-    test_bags = _featurize(featurizer, test_ds.texts)
+    train_bags, train_weights = _featurize(featurizer, train_ds.texts)
+    test_bags, test_weights = _featurize(featurizer, test_ds.texts)
     num_classes = train_ds.num_classes
     logging.info(
         "data %s: %d train / %d test, %d classes, vocabulary %d + %d n-gram buckets, "
@@ -115,7 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         total, preds = Metrics.zeros(), []
         order = np.arange(len(test_ds))
         for batch in iterate_batches(test_bags, test_ds.labels, order, batch_size=tc.eval_batch_size,
-                                     min_size=tc.bucket_min_size, growth=tc.bucket_growth):
+                                     min_size=tc.bucket_min_size, growth=tc.bucket_growth,
+                                     weights=test_weights):
             batch_metrics, batch_preds = eval_step(p, batch)
             total = total.merge(batch_metrics)
             preds.append(np.asarray(batch_preds)[np.asarray(batch.bags.bag_mask)])
@@ -132,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         t_epoch = time.perf_counter()
         for i, batch in enumerate(iterate_batches(train_bags, train_ds.labels, order,
                                                   batch_size=batch_size, min_size=tc.bucket_min_size,
-                                                  growth=tc.bucket_growth)):
+                                                  growth=tc.bucket_growth, weights=train_weights)):
             params, opt_state, metrics = train_step(params, opt_state, metrics, batch, state.rng,
                                                     np.int32(global_step))
             global_step += 1

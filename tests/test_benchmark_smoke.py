@@ -4,6 +4,7 @@ faster forward formulation it measures (jaxbag._src.fast_forward) agrees with em
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxbag
-from jaxbag._src.fast_forward import bag_reduce
+from jaxbag._src.fast_forward import bag_reduce, cpu_kernel_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def test_benchmark_cli_locks_config(tmp_path):
     assert bad.returncode != 0
 
 
-# ---- the stream formulation (fast_forward.bag_reduce) -------------------------------------------
+# ---- the faster forward (fast_forward.bag_reduce: C++ CPU kernel and XLA stream loop) ----------
 
 V, D, B = 40, 6, 7
 
@@ -97,11 +98,18 @@ def _case(rng, lengths, n_tail=3, neg_head=0):
     return jnp.asarray(ids), jnp.asarray(seg.astype(np.int32))
 
 
+def test_cpu_kernel_builds_here():
+    ok, why = cpu_kernel_status()
+    assert ok, why  # this machine has a C++ compiler; see test_no_compiler_falls_back for the rest
+
+
 @pytest.mark.parametrize(
-    "mode,skewed",
-    [("sum", False), ("mean", False), ("max", False), ("sqrtn", False), ("mean", True), ("max", True)],
+    "mode,skewed,impl",
+    [("sum", False, "kernel"), ("mean", False, "kernel"), ("max", False, "kernel"),
+     ("sqrtn", True, "kernel"), ("sum", False, "stream"), ("sqrtn", False, "stream"),
+     ("mean", True, "stream"), ("max", True, "stream")],
 )
-def test_bag_reduce_matches_embedding_bag(mode, skewed):
+def test_bag_reduce_matches_embedding_bag(mode, skewed, impl):
     rng = np.random.default_rng(0 if skewed else 1)
     lengths = [0, 30, 1, 0, 2, 1, 1] if skewed else [3, 0, 5, 2, 4, 1, 3]
     ids, seg = _case(rng, lengths, neg_head=2)
@@ -115,8 +123,9 @@ def test_bag_reduce_matches_embedding_bag(mode, skewed):
                                     per_sample_weights=p_, padding_idx=3)
 
     def fast(w_, p_, i_, s_):
-        # skewed: B * L = 210 > 4 N, so the chunked fallback runs (chunk 5: several steps)
-        return bag_reduce(w_, i_, s_, B, mode=mode, per_sample_weights=p_, padding_idx=3, chunk=5)
+        # skewed: B * L = 210 > 4 N, so the stream path takes its chunked fallback (5 ids a step)
+        return bag_reduce(w_, i_, s_, B, mode=mode, per_sample_weights=p_, padding_idx=3,
+                          impl=impl, chunk=5)
 
     args = (ids, seg)
     np.testing.assert_allclose(jax.jit(fast)(w, psw, *args), jax.jit(ref)(w, psw, *args),
@@ -137,13 +146,74 @@ def test_bag_reduce_matches_embedding_bag(mode, skewed):
     np.testing.assert_allclose(vf, vr, rtol=1e-5, atol=1e-5)
 
 
-def test_bag_reduce_max_gradient_goes_to_first_tie_and_bf16():
-    w = jnp.array([[1.0, 5.0], [1.0, 2.0], [0.0, 5.0]], jnp.float32)
-    ids = jnp.array([0, 1, 2, 1])
-    seg = jnp.array([0, 0, 0, 1])
-    g = jax.grad(lambda x: jnp.sum(bag_reduce(x, ids, seg, 2, mode="max")))(w)
+@pytest.mark.parametrize("impl", ["kernel", "stream"])
+def test_bag_reduce_offsets_layout_including_ill_formed(impl):
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, V, 12), jnp.int32)
+    # unsorted, repeated and out-of-range offsets: grouped exactly as offsets_to_segment_ids does
+    for offs, last in [([0, 4, 4, 9], False), ([0, 3, 12], True), ([5, -1, 2, 30, 7], False)]:
+        offs = jnp.asarray(offs, jnp.int32)
+        f = jax.jit(lambda w_, i, o, last=last: bag_reduce(
+            w_, i, offsets=o, include_last_offset=last, mode="sum", impl=impl))
+        nb = offs.shape[0] - int(last)
+        seg = jaxbag.offsets_to_segment_ids(offs, 12, include_last_offset=last)
+        g = jax.jit(lambda w_, i, s, nb=nb: bag_reduce(w_, i, s, nb, mode="sum", impl="stream"))
+        np.testing.assert_allclose(f(w, ids, offs), g(w, ids, seg), rtol=1e-6, atol=1e-6)
+    # and the well-formed case against plain numpy
+    offs = jnp.array([0, 5, 5, 9], jnp.int32)
+    out = jax.jit(lambda w_, i, o: bag_reduce(w_, i, offsets=o, mode="mean", impl=impl))(w, ids, offs)
+    wn, idn = np.asarray(w), np.asarray(ids)
+    expect = [wn[idn[0:5]].mean(0), np.zeros(D), wn[idn[5:9]].mean(0), wn[idn[9:]].mean(0)]
+    np.testing.assert_allclose(out, np.stack(expect), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "stream"])
+def test_bag_reduce_hessian_and_max_ties(impl):
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+    ids, seg = jnp.array([0, 3, 3, 5, 7, 1]), jnp.array([0, 0, 1, 1, 1, 2])
+    psw = jnp.asarray(rng.random(6), jnp.float32)
+
+    def f(fn):
+        return lambda w_, p_, i, s: jnp.sum(jnp.sin(fn(w_, p_, i, s)))
+
+    fast = f(lambda w_, p_, i, s: bag_reduce(w_, i, s, 3, mode="sqrtn", per_sample_weights=p_, impl=impl))
+    ref = f(lambda w_, p_, i, s: jaxbag.embedding_bag(w_, i, segment_ids=s, num_bags=3, mode="sqrtn",
+                                                      per_sample_weights=p_))
+    hf = jax.jit(jax.hessian(fast, argnums=(0, 1)))(w, psw, ids, seg)
+    hr = jax.jit(jax.hessian(ref, argnums=(0, 1)))(w, psw, ids, seg)
+    for a, b in zip(jax.tree.leaves(hf), jax.tree.leaves(hr)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    w2 = jnp.array([[1.0, 5.0], [1.0, 2.0], [0.0, 5.0]], jnp.float32)
+    ids2, seg2 = jnp.array([0, 1, 2, 1]), jnp.array([0, 0, 0, 1])
+    g = jax.grad(lambda x: jnp.sum(bag_reduce(x, ids2, seg2, 2, mode="max", impl=impl)))(w2)
     # bag 0: feature 0 max 1.0 at ids 0 and 1 -> first (row 0); feature 1 max 5 at rows 0, 2 -> row 0
     np.testing.assert_array_equal(g, [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
-    out = bag_reduce(w.astype(jnp.bfloat16), ids, seg, 2, mode="mean")
+
+
+def test_bag_reduce_bf16_uses_xla_path():
+    w = jnp.array([[1.0, 5.0], [1.0, 2.0], [0.0, 5.0]], jnp.bfloat16)
+    out = bag_reduce(w, jnp.array([0, 1, 2, 1]), jnp.array([0, 0, 0, 1]), 2, mode="mean")
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), [[2 / 3, 4.0], [1.0, 2.0]], rtol=1e-2)
+    with pytest.raises(RuntimeError, match="float32"):
+        bag_reduce(w, jnp.array([0]), jnp.array([0]), 1, mode="sum", impl="kernel")
+
+
+def test_no_compiler_falls_back_to_xla(tmp_path):
+    code = (
+        "import jax.numpy as jnp\n"
+        "from jaxbag._src.fast_forward import bag_reduce, cpu_kernel_status, cpu_kernel_status\n"
+        "ok, why = cpu_kernel_status()\n"
+        "assert not ok and 'compiler' in why, why\n"
+        "out = bag_reduce(jnp.eye(3), jnp.array([0, 2, 2]), offsets=jnp.array([0, 1]), mode='sum')\n"
+        "assert out.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]], out\n"
+        "print('fallback ok')\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JAXBAG_CACHE_DIR=str(tmp_path),
+               PATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-2000:]

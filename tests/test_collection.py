@@ -304,6 +304,12 @@ def test_layout_and_input_errors():
         jaxbag.embedding_bag_collection(
             params, jaxbag.JaggedFeatures.from_lists({"y": [[1]]}), layout=layout
         )
+    maxed = jaxbag.collection_layout([T("m", 4, 2, ("x",), mode="max")])
+    weighted = jaxbag.JaggedFeatures.from_lists({"x": [[1]]}, weights={"x": [[0.5]]})
+    with pytest.raises(ValueError, match="mode='max'"):
+        jaxbag.embedding_bag_collection(
+            jaxbag.init_collection(maxed, jax.random.key(0)), weighted, layout=maxed
+        )
     bad = jaxbag.JaggedFeatures.from_lists({"x": [[1], [4]]})
     with pytest.raises(IndexError, match="feature 'x'.*id 4"):
         jaxbag.embedding_bag_collection(params, bad, layout=layout)

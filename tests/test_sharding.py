@@ -26,7 +26,16 @@ import jaxbag.sharding as jsh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_sharding_worker.py"
-CASES = ["op_1d", "op_2d", "op_options", "collection", "planner", "modules", "sparse"]
+CASES = [
+    "op_1d",
+    "op_2d",
+    "op_options",
+    "collection",
+    "planner",
+    "modules",
+    "sparse",
+    "experiment",
+]
 
 
 def _worker_cases() -> list[str]:

@@ -44,14 +44,17 @@ def iterate_batches(
     batch_size: int,
     min_size: int,
     growth: float,
+    weights: Sequence[np.ndarray] | None = None,
 ) -> Iterator[Batch]:
     """Batches of ``batch_size`` documents in ``order``; the last one is padded with
-    empty, masked bags, and every id array is padded to a geometric bucket size."""
+    empty, masked bags, and every id array is padded to a geometric bucket size.
+    ``weights`` (one array per document, or None) are packed alongside the ids."""
     labels = np.asarray(labels, np.int32)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         packed = jaxbag.pack_bags(
-            [bags[i] for i in idx], batch_size=batch_size, min_size=min_size, growth=growth
+            [bags[i] for i in idx], batch_size=batch_size, min_size=min_size, growth=growth,
+            weights=None if weights is None else [weights[i] for i in idx],
         )
         y = np.zeros(batch_size, np.int32)
         y[: len(idx)] = labels[idx]

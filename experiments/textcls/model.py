@@ -72,13 +72,16 @@ class FastText(nnx.Module):
         segment_ids: jax.Array,
         *,
         num_bags: int,
+        weights: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits ``float32 [B, C]`` of a packed batch (``indices``, ``segment_ids`` ``int32 [N]``).
+        """Logits ``float32 [B, C]`` of a packed batch (``indices``, ``segment_ids`` ``int32 [N]``,
+        optional per-id ``weights`` ``float32 [N]``, e.g. counts).
 
         Dropout is active only when ``dropout_key`` is given (training).
         """
-        x = self.embed(indices, segment_ids=segment_ids, num_bags=num_bags)
+        x = self.embed(indices, per_sample_weights=weights, segment_ids=segment_ids,
+                       num_bags=num_bags)
         deterministic = dropout_key is None
         if self.hidden is not None:
             x = self.dropout(x, deterministic=deterministic, rngs=dropout_key)

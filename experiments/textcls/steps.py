@@ -52,7 +52,7 @@ def make_steps(
     def logits_of(p: nnx.State, batch: Batch, dropout_key: jax.Array | None) -> jax.Array:
         model = nnx.merge(graphdef, p, rest)
         return model(batch.bags.indices, batch.bags.segment_ids, num_bags=batch.bags.num_bags,
-                     dropout_key=dropout_key)
+                     weights=batch.bags.weights, dropout_key=dropout_key)
 
     def loss_and_metrics(p: nnx.State, batch: Batch, dropout_key: jax.Array):
         logits = logits_of(p, batch, dropout_key)
@@ -67,8 +67,12 @@ def make_steps(
         counts["train_step"] += 1
         key = jax.random.fold_in(rng, step)
         grads, batch_metrics = jax.grad(loss_and_metrics, has_aux=True)(p, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, metrics.merge(batch_metrics)
+        # optax mixes Python floats with int32 step counts (Adam's bias correction), which
+        # strict dtype promotion rejects; its update runs under standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, p)
+            new_params = optax.apply_updates(p, updates)
+        return new_params, opt_state, metrics.merge(batch_metrics)
 
     @jax.jit
     def eval_step(p, batch: Batch):

@@ -71,6 +71,9 @@ class PackedBags(NamedTuple):
         lengths: int32 ``[B]``. Number of ids in each bag (0 for empty and padding bags).
         bag_mask: bool ``[B]``. ``True`` for the bags that came from the input,
             ``False`` for the padding bags that fill the last, partial batch.
+        weights: float32 ``[N_pad]`` per-id weights (0 at padding) when
+            :func:`pack_bags` was given ``weights``, else ``None``; pass them as
+            ``per_sample_weights``.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -91,6 +94,7 @@ class PackedBags(NamedTuple):
     offsets: npt.NDArray[np.int32]
     lengths: npt.NDArray[np.int32]
     bag_mask: npt.NDArray[np.bool_]
+    weights: npt.NDArray[np.float32] | None = None
 
     @property
     def num_bags(self) -> int:
@@ -233,6 +237,7 @@ def pack_bags(
     bucket_sizes: Sequence[int] | None = None,
     min_size: int = DEFAULT_MIN_SIZE,
     growth: float = DEFAULT_GROWTH,
+    weights: Sequence[Sequence[float] | npt.ArrayLike] | None = None,
 ) -> PackedBags:
     """Packs variable-length id sequences into one static-shape, padded batch.
 
@@ -249,15 +254,19 @@ def pack_bags(
         bucket_sizes: optional explicit increasing capacities to choose ``N_pad`` from.
         min_size: first rung of the default geometric ladder (the floor of ``N_pad``).
         growth: ratio of the default geometric ladder.
+        weights: optional per-id weights, one 1-D sequence per bag with the bag's
+            length (e.g. word counts of a bag of unique ids, for ``mode="mean"``
+            or ``"sum"`` with ``per_sample_weights``).
 
     Returns:
         A :class:`PackedBags` of NumPy arrays: indices/segment_ids int32 ``[N_pad]``,
-        offsets int32 ``[B + 1]``, lengths int32 ``[B]``, bag_mask bool ``[B]``.
+        offsets int32 ``[B + 1]``, lengths int32 ``[B]``, bag_mask bool ``[B]``,
+        and weights float32 ``[N_pad]`` (``None`` without ``weights``).
 
     Raises:
         ValueError: a bag is not 1-D integer data, an id is negative or does not fit
-            in int32, ``batch_size`` is smaller than ``len(bags)``, or ``N`` exceeds
-            every explicit bucket.
+            in int32, ``batch_size`` is smaller than ``len(bags)``, ``N`` exceeds
+            every explicit bucket, or ``weights`` does not match ``bags``.
 
     Examples:
         >>> import jaxbag
@@ -269,6 +278,12 @@ def pack_bags(
         [0, 0, 0, 2, 2, 4, 4, 4]
         >>> batch.offsets.tolist(), batch.bag_mask.tolist()
         ([0, 3, 3, 5, 5], [True, True, True, False])
+
+        A bag of unique ids with counts pools like the bag it summarises:
+
+        >>> counted = jaxbag.pack_bags([[2, 5]], weights=[[3.0, 1.0]], bucket_sizes=(4,))
+        >>> counted.weights.tolist()
+        [3.0, 1.0, 0.0, 0.0]
     """
     if isinstance(bags, (str, bytes)) or not isinstance(bags, Sequence):
         raise ValueError(
@@ -327,10 +342,40 @@ def pack_bags(
     offsets = np.zeros(batch_size + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     bag_mask = np.arange(batch_size) < num_real
+    packed_weights = None if weights is None else _pack_weights(weights, lengths, num_real, n_pad)
     return PackedBags(
         indices=indices,
         segment_ids=segment_ids,
         offsets=offsets,
         lengths=lengths,
         bag_mask=bag_mask,
+        weights=packed_weights,
     )
+
+
+def _pack_weights(
+    weights: Sequence[Sequence[float] | npt.ArrayLike],
+    lengths: np.ndarray,
+    num_real: int,
+    n_pad: int,
+) -> np.ndarray:
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != num_real:
+        got = len(weights) if isinstance(weights, Sequence) else type(weights).__name__
+        raise ValueError(
+            f"weights must be a sequence with one 1-D weight sequence per bag ({num_real}), "
+            f"got {got}; e.g. jaxbag.pack_bags([[1, 2]], weights=[[0.5, 0.5]])."
+        )
+    out = np.zeros(n_pad, dtype=np.float32)
+    parts = []
+    for i, w in enumerate(weights):
+        arr = np.asarray(w, dtype=np.float32) if np.size(w) else np.zeros((0,), np.float32)
+        if arr.ndim != 1 or arr.shape[0] != lengths[i]:
+            raise ValueError(
+                f"weights[{i}] must be 1-D with the length of bags[{i}] ({int(lengths[i])}), "
+                f"got shape {arr.shape}."
+            )
+        parts.append(arr)
+    total = int(lengths.sum(dtype=np.int64))
+    if total:
+        out[:total] = np.concatenate(parts)
+    return out

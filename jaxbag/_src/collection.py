@@ -552,6 +552,11 @@ def _lookup_group(
 ) -> dict[str, Array]:
     """One packed lookup for all features of group ``g``; splits the ``[F * B, D]`` result."""
     keys = g.feature_names
+    if g.mode == "max" and jf.weights is not None:
+        raise ValueError(
+            f"the features {keys} use mode='max' tables, which take no per-id weights (as torch); "
+            "build the JaggedFeatures without weights, or use mode='sum'/'mean'/'sqrtn' tables."
+        )
     ids, seg, w = pack_features(jf, keys, _group_ids(g, layout, keys))
     b = jf.batch_size
     num_bags = len(keys) * b
@@ -584,6 +589,11 @@ def _lookup_unstacked(layout, params, jf) -> dict[str, Array]:
     out = {}
     for f in layout.feature_names:
         t = layout.table_of(f)
+        if t.mode == "max" and jf.weights is not None:
+            raise ValueError(
+                f"feature {f!r} uses the mode='max' table {t.name!r}, which takes no per-id "
+                "weights (as torch); build the JaggedFeatures without weights."
+            )
         ids, seg, w = pack_features(jf, [f])
         out[f] = embedding_bag(
             params[t.name],
@@ -600,7 +610,7 @@ def _lookup_unstacked(layout, params, jf) -> dict[str, Array]:
 def concat_features(
     layout: CollectionLayout, outputs: Mapping[str, Array], dtype: Any = None
 ) -> Array:
-    """Concatenates per-feature outputs ``[B, D_f]`` into ``[B, sum D_f]`` in ``feature_names`` order.
+    """Concatenates outputs ``{feature: [B, D_f]}`` into ``[B, sum D_f]`` (``feature_names`` order).
 
     Args:
       layout: the collection layout.
@@ -643,7 +653,8 @@ def embedding_bag_collection(
 
     Examples:
       >>> import jax, jaxbag
-      >>> layout = jaxbag.collection_layout([jaxbag.TableConfig("t", 10, 4, ("a", "b"), mode="sum")])
+      >>> table = jaxbag.TableConfig("t", 10, 4, ("a", "b"), mode="sum")
+      >>> layout = jaxbag.collection_layout([table])
       >>> params = jaxbag.init_collection(layout, jax.random.key(0))
       >>> jf = jaxbag.JaggedFeatures.from_lists({"a": [[1, 2], []], "b": [[3], [3, 3]]})
       >>> out = jaxbag.embedding_bag_collection(params, jf, layout=layout)

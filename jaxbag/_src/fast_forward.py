@@ -423,7 +423,10 @@ def _build_kernel() -> Path:
         for arch in (["-march=native"], []):
             cmd = [cxx, "-O3", *arch, "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
                    str(src), "-o", str(tmp_lib)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except OSError as e:
+                raise RuntimeError(f"the C++ compiler {cxx!r} could not be run: {e}") from e
             if proc.returncode == 0:
                 os.replace(tmp_lib, lib)  # atomic: concurrent builders are fine
                 return lib

@@ -374,15 +374,13 @@ class JaggedFeatures:
                 lo = starts[i * b + s * bs]
                 hi = starts[i * b + (s + 1) * bs]
                 runs[i, s] = (int(lo), int(hi))
-        caps = tuple(
-            _capacity_for(keys[i], max(hi - lo for (lo, hi) in (runs[i, s] for s in range(num_shards))),
-                          capacity, round_to)
-            for i in range(k)
-        )
+        most = [max(runs[i, s][1] - runs[i, s][0] for s in range(num_shards)) for i in range(k)]
+        caps = tuple(_capacity_for(keys[i], most[i], capacity, round_to) for i in range(k))
         t = sum(caps)
         values = np.zeros(num_shards * t, np.int32)
         weights = None if flat_w is None else np.zeros(num_shards * t, np.float32)
-        if flat.size and (flat.min() < np.iinfo(np.int32).min or flat.max() > np.iinfo(np.int32).max):
+        info = np.iinfo(np.int32)
+        if flat.size and (flat.min() < info.min or flat.max() > info.max):
             raise ValueError("ids must fit in int32.")
         for s in range(num_shards):
             pos = s * t

@@ -129,8 +129,10 @@ def plan_sharding(
     Examples:
       >>> import jax, jaxbag, jaxbag.sharding
       >>> mesh = jax.make_mesh((1,), ("model",))
-      >>> tables = [jaxbag.TableConfig("big", 1000, 8, ("q",)), jaxbag.TableConfig("small", 10, 8, ("s",))]
-      >>> plan = jaxbag.sharding.plan_sharding(tables, mesh, axis_name="model", overrides={"small": "replicated"})
+      >>> tables = [jaxbag.TableConfig("big", 1000, 8, ("q",)),
+      ...           jaxbag.TableConfig("small", 10, 8, ("s",))]
+      >>> plan = jaxbag.sharding.plan_sharding(
+      ...     tables, mesh, axis_name="model", overrides={"small": "replicated"})
       >>> plan.as_dict()
       {'big': 'table', 'small': 'replicated'}
     """

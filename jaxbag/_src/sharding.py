@@ -127,7 +127,7 @@ def place(x: Any, mesh: Mesh, spec: Any) -> Any:
 
 
 def shard_table(weight: ArrayLike, mesh: Mesh, axis_name: AxisName) -> Array:
-    """Places ``weight [V, D]`` row-sharded over ``axis_name``: ``NamedSharding(mesh, P(axis, None))``.
+    """Places ``weight [V, D]`` row-sharded: ``NamedSharding(mesh, P(axis_name, None))``.
 
     Args:
       weight: ``float [V, D]``; ``V`` must be divisible by the size of ``axis_name`` (see
@@ -504,7 +504,7 @@ def table_shardings(mesh: Mesh, axis_name: AxisName) -> NamedSharding:
 
 
 
-# -- sparse row updates of a row-sharded table ------------------------------------------------------
+# -- sparse row updates of a row-sharded table -----------------------------------------------
 
 
 def embedding_bag_rows(
@@ -642,7 +642,13 @@ def embedding_bag_rows(
         if g.shape != bags.shape:
             raise ValueError(f"g must have the shape of the bags {bags.shape}; got {g.shape}.")
         args = (weight, indices, seg_all, psw, g)
-        specs = (rows_spec, ids_spec, None if seg_all is None else P(), None if psw is None else ids_spec, out_spec)
+        specs = (
+            rows_spec,
+            ids_spec,
+            None if seg_all is None else P(),
+            None if psw is None else ids_spec,
+            out_spec,
+        )
         args = place(args, mesh, specs)
         rows, grads = jax.shard_map(
             local_pullback,
@@ -709,7 +715,11 @@ def sparse_update(
     n = axis_size(mesh, axis_name)
     local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)
     row = spec_entry(axis_name)
-    specs = (P(row, None), _state_specs(optimizer, local, axis_name), sparse.RowGrads(P(row), P(row, None)))
+    specs = (
+        P(row, None),
+        _state_specs(optimizer, local, axis_name),
+        sparse.RowGrads(P(row), P(row, None)),
+    )
     args = place((table, state, row_grads), mesh, specs)
 
     def local_update(t, s, g):

@@ -1,0 +1,266 @@
+r"""Per-epoch training time: jaxbag (JAX/NNX) vs the equivalent PyTorch EmbeddingBag loop.
+
+    python -m experiments.bench_train_torch --config configs/bbc_news.py [--epochs 7] \
+        [--torch_impls default,foreach,fused] [--torch_threads 1,2] [--config.model.features=128 ...]
+
+Both frameworks train the same model (EmbeddingBag -> [hidden] -> Linear, the same
+initial weights, copied from the JAX model), with the same optimiser (AdamW, same
+learning-rate schedule, betas, eps and weight decay), the same label smoothing, on
+the same batches: the documents of every batch and their order come from the same
+``epoch_order(seed, epoch)``. Each loop builds its own batch inputs from the
+featurized documents inside the timed loop (JAX: ``jaxbag.pack_bags`` into static
+bucketed shapes; torch: ``indices`` + ``offsets`` tensors, no padding needed). With
+``config.tokenizer.counts`` both get the same distinct ids and counts (torch's
+EmbeddingBag takes ``per_sample_weights`` only in ``sum`` mode, so its count-weighted
+mean is a sum with pre-normalised weights: the same function). Both loops read the
+loss back every step (JAX: at the end of the epoch, from its metrics pytree).
+
+Torch's AdamW is timed with each implementation in ``--torch_impls`` (``default`` =
+torch's choice on CPU, a per-tensor loop; ``foreach``; ``fused``) and each intra-op
+thread count in ``--torch_threads``. Every loop runs one untimed warm-up epoch (JAX
+compiles there), then the loops take turns epoch by epoch (so a busy, shared machine
+slows them alike) for ``--epochs`` timed epochs. The medians are printed, and the
+ratio of JAX's median to that of the torch default (2 threads on this machine,
+torch's default AdamW) and to the fastest torch variant.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
+from experiments.textcls.data import load_splits
+from experiments.textcls.metrics import Metrics
+from experiments.textcls.model import FastText, build_model
+from experiments.textcls.optim import make_optimizer, make_schedule
+from experiments.textcls.steps import make_steps
+from experiments.textcls.tokenizer import UNKNOWN_ID, Featurizer
+
+_CONFIG: Any = None
+_EPOCHS: Any = None
+_TORCH_IMPLS: Any = None
+_TORCH_THREADS: Any = None
+
+
+class JaxLoop:
+    """The training loop of ``experiments.train`` (same steps, batching and optimiser)."""
+
+    name = "jax"
+
+    def __init__(self, config, model: FastText, bags, weights, labels, total_epochs: int):
+        self.config, self.bags, self.weights, self.labels = config, bags, weights, labels
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        steps = num_batches(len(bags), config.train.batch_size)
+        tx = make_optimizer(config.optim, total_steps=total_epochs * steps)
+        self.compilations: dict[str, int] = {}
+        self.train_step, _ = make_steps(
+            graphdef, rest, tx, num_classes=int(labels.max()) + 1,
+            label_smoothing=config.train.label_smoothing, compilations=self.compilations)
+        self.params = jax.tree.map(lambda x: x.copy(), params)  # the steps donate their inputs
+        self.opt_state = tx.init(self.params)
+        self.rng = jax.random.key(0)
+        self.step = 0
+
+    def run_epoch(self, epoch: int) -> tuple[float, float, float]:
+        tc = self.config.train
+        t0 = time.perf_counter()
+        metrics = Metrics.zeros()
+        order = epoch_order(len(self.bags), seed=self.config.seed, epoch=epoch)
+        for batch in iterate_batches(self.bags, self.labels, order, batch_size=tc.batch_size,
+                                     min_size=tc.bucket_min_size, growth=tc.bucket_growth,
+                                     weights=self.weights):
+            self.params, self.opt_state, metrics = self.train_step(
+                self.params, self.opt_state, metrics, batch, self.rng, np.int32(self.step))
+            self.step += 1
+        m = metrics.compute()  # waits for the last step
+        return time.perf_counter() - t0, m["loss"], m["accuracy"]
+
+
+def _torch_weights(bags, weights, mode: str, ignore_unknown: bool):
+    """torch's EmbeddingBag takes per_sample_weights only in "sum" mode: a count-weighted
+    mean becomes a sum with weights count / (number of counted ids)."""
+    if weights is None:
+        return mode, None
+    if mode == "sum":
+        return "sum", weights
+    if mode != "mean":
+        raise ValueError(f"tokenizer.counts with model.mode={mode!r} has no torch equivalent here")
+    out = []
+    for ids, w in zip(bags, weights):
+        total = float((w[ids != UNKNOWN_ID] if ignore_unknown else w).sum())
+        out.append((w / total).astype(np.float32) if total > 0 else w)
+    return "sum", out
+
+
+class TorchLoop:
+    """The same model, optimiser and batches in PyTorch (``nn.EmbeddingBag`` + ``nn.Linear``)."""
+
+    def __init__(self, config, model: FastText, bags, weights, labels, total_epochs: int,
+                 impl: str, threads: int):
+        import torch
+
+        self.torch, self.config, self.bags, self.labels = torch, config, bags, labels
+        self.threads = threads
+        self.name = f"torch_{impl}_t{threads}"
+        mc, oc = config.model, config.optim
+        torch.manual_seed(config.seed)
+        mode, self.doc_weights = _torch_weights(bags, weights, mc.mode, mc.ignore_unknown)
+        embed = torch.nn.EmbeddingBag(
+            model.embed.settings.num_embeddings, mc.features, mode=mode,
+            padding_idx=UNKNOWN_ID if mc.ignore_unknown else None)
+
+        def tensor(x):  # a writable float32 copy of a JAX array
+            return torch.from_numpy(np.array(x, dtype=np.float32))
+
+        layers: list[Any] = []
+        with torch.no_grad():  # start from the JAX model's weights
+            embed.weight.copy_(tensor(model.embed.embedding[...]))
+            if model.hidden is not None:
+                hidden = torch.nn.Linear(mc.features, mc.hidden)
+                hidden.weight.copy_(tensor(model.hidden.kernel[...]).T)
+                hidden.bias.copy_(tensor(model.hidden.bias[...]))
+                layers += [torch.nn.Dropout(mc.dropout), hidden, torch.nn.ReLU()]
+            head = torch.nn.Linear(*model.head.kernel.shape)
+            head.weight.copy_(tensor(model.head.kernel[...]).T)
+            head.bias.copy_(tensor(model.head.bias[...]))
+        layers += [torch.nn.Dropout(mc.dropout), head]
+        self.embed, self.top = embed, torch.nn.Sequential(*layers)
+        self.params = list(embed.parameters()) + list(self.top.parameters())
+        kwargs: dict[str, Any] = {"default": {}, "foreach": {"foreach": True},
+                                  "fused": {"fused": True}}[impl]
+        self.opt = torch.optim.AdamW(self.params, lr=float(oc.learning_rate),
+                                     betas=(oc.b1, oc.b2), eps=1e-8,
+                                     weight_decay=float(oc.weight_decay), **kwargs)
+        total_steps = total_epochs * num_batches(len(bags), config.train.batch_size)
+        schedule = make_schedule(oc, total_steps)
+        self.lrs = np.asarray(jax.vmap(schedule)(np.arange(total_steps)))
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(config.train.label_smoothing))
+        self.step = 0
+
+    def run_epoch(self, epoch: int) -> tuple[float, float, float]:
+        torch, tc, oc = self.torch, self.config.train, self.config.optim
+        torch.set_num_threads(self.threads)
+        t0 = time.perf_counter()
+        order = epoch_order(len(self.bags), seed=self.config.seed, epoch=epoch)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(order), tc.batch_size):
+            idx = order[start : start + tc.batch_size]
+            bags = [self.bags[i] for i in idx]
+            lengths = np.fromiter((b.size for b in bags), np.int64, len(bags))
+            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+            indices = torch.from_numpy(np.concatenate(bags).astype(np.int64))
+            psw = None if self.doc_weights is None else torch.from_numpy(
+                np.concatenate([self.doc_weights[i] for i in idx]))
+            y = torch.from_numpy(self.labels[idx].astype(np.int64))
+            for group in self.opt.param_groups:
+                group["lr"] = float(self.lrs[self.step])
+            self.opt.zero_grad(set_to_none=True)
+            logits = self.top(self.embed(indices, offsets, per_sample_weights=psw))
+            loss = self.loss_fn(logits, y)
+            loss.backward()
+            if oc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, oc.grad_clip)
+            self.opt.step()
+            self.step += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(-1) == y).sum())
+        return time.perf_counter() - t0, loss_sum / len(order), correct / len(order)
+
+
+def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[str],
+              torch_threads: list[int]) -> dict[str, Any]:
+    """Runs the loops (warm-up, then ``epochs`` interleaved timed epochs).
+
+    Returns:
+        ``{"num_train": n, "loops": {name: {"times": [...], "loss": l, "accuracy": a}},
+        "compilations": k, "torch_default_threads": t}`` (loss/accuracy of the last epoch).
+    """
+    import torch
+
+    train_ds, _, _ = load_splits(config.data, config.seed)
+    featurizer = Featurizer.fit(train_ds.texts, config.tokenizer)
+    pairs = [featurizer.bag(t) for t in train_ds.texts]
+    bags = [p[0] for p in pairs]
+    weights = [p[1] for p in pairs] if featurizer.counts else None
+    labels = train_ds.labels
+    model = build_model(config.model, num_embeddings=featurizer.num_embeddings,
+                        num_classes=train_ds.num_classes, seed=config.seed)
+    default_threads = torch.get_num_threads()
+    print(f"data: {len(bags)} train documents, {featurizer.num_embeddings} embedding rows x "
+          f"{config.model.features}, batch {config.train.batch_size}, "
+          f"{np.mean([b.size for b in bags]):.0f} ids/document"
+          f"{' (distinct ids, weighted by counts)' if featurizer.counts else ''}; "
+          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+          f"(default {default_threads} threads)", flush=True)
+    total = epochs + 1
+    loops: list[Any] = [JaxLoop(config, model, bags, weights, labels, total)]
+    for threads in torch_threads:
+        for impl in torch_impls:
+            loops.append(TorchLoop(config, model, bags, weights, labels, total, impl, threads))
+    out: dict[str, Any] = {l.name: {"times": []} for l in loops}
+    for epoch in range(total):  # epoch 0: warm-up, untimed
+        for loop in loops:
+            seconds, loss, acc = loop.run_epoch(epoch)
+            if epoch > 0:
+                out[loop.name]["times"].append(seconds)
+            out[loop.name].update(loss=loss, accuracy=acc)
+    torch.set_num_threads(default_threads)
+    return {"num_train": len(bags), "loops": out, "compilations": loops[0].compilations["train_step"],
+            "torch_default_threads": default_threads}
+
+
+def report(results: dict[str, Any], epochs: int) -> str:
+    lines = [f"{'loop':<18} {'median epoch':>13} {'min epoch':>10} {'examples/s':>11} "
+             f"{'last-epoch loss':>16} {'train acc':>10}"]
+    med = {}
+    for name, r in results["loops"].items():
+        med[name] = statistics.median(r["times"])
+        lines.append(f"{name:<18} {med[name]:>12.3f}s {min(r['times']):>9.3f}s "
+                     f"{results['num_train'] / med[name]:>11.0f} {r['loss']:>16.4f} "
+                     f"{100 * r['accuracy']:>9.2f}%")
+    lines.append(f"(median/min of {epochs} interleaved epochs after 1 warm-up; "
+                 f"jax train_step compiled {results['compilations']} times)")
+    torch_names = [k for k in med if k.startswith("torch_")]
+    default = f"torch_default_t{results['torch_default_threads']}"
+    if default in med:
+        lines.append(f"ratio jax / torch defaults ({default}): {med['jax'] / med[default]:.3f}")
+    if torch_names:
+        best = min(torch_names, key=med.get)
+        lines.append(f"ratio jax / fastest torch ({best}): {med['jax'] / med[best]:.3f}   "
+                     "(target: <= 0.5)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    results = benchmark(_CONFIG.value, _EPOCHS.value, list(_TORCH_IMPLS.value),
+                        [int(t) for t in _TORCH_THREADS.value])
+    print(report(results, _EPOCHS.value))
+
+
+def define_flags() -> None:
+    global _CONFIG, _EPOCHS, _TORCH_IMPLS, _TORCH_THREADS
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", "configs/bbc_news.py", "Config file (the model, data and optimiser to time).",
+        lock_config=True)
+    _EPOCHS = flags.DEFINE_integer("epochs", 7, "Timed epochs per loop (after one warm-up).")
+    _TORCH_IMPLS = flags.DEFINE_list(
+        "torch_impls", ["default", "foreach", "fused"],
+        "torch AdamW implementations to time: default, foreach, fused.")
+    _TORCH_THREADS = flags.DEFINE_list(
+        "torch_threads", ["1", "2"], "torch intra-op thread counts to time.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,170 @@
+r"""Data-parallel x row-sharded training of the fastText classifier (``jaxbag.sharding``).
+
+The embedding table is split by rows over the ``model`` axis of a ``(data, model)`` mesh and the
+batch over the ``data`` axis; the dense head is replicated (plain data parallelism, XLA inserts
+the gradient all-reduce). Each device reads only its rows of the table; only pooled ``[B, D]``
+bags are all-reduced over ``model``.
+
+Run it on 8 simulated CPU devices (the flag must be set before jax starts)::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+        python -m experiments.textcls.sharded --config configs/bbc_news_sharded.py \
+        --workdir runs/bbc_news_sharded
+
+(run as a program, this module sets both variables itself when they are missing). It is
+``experiments.train`` with one hook: after ``build_model``, :func:`maybe_shard` swaps the model's
+``jaxbag.nnx.EmbeddingBag`` for a :class:`ShardedEmbeddingBag` on the mesh of
+``config.sharding``. The same one line in ``experiments/train.py``::
+
+    model = sharded.maybe_shard(model, config)   # no-op unless config.sharding.mesh_shape
+
+gives every config the option.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+if __name__ == "__main__":  # before jax is imported: simulated devices for the mesh
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbag.sharding as jsh
+
+
+class ShardedEmbeddingBag(nnx.Module):
+    """``jaxbag.nnx.EmbeddingBag``'s call, with the table row-sharded over ``axis_name``.
+
+    Legend: ``V`` rows (padded up to a multiple of the ``axis_name`` size), ``D`` features.
+
+    Attributes:
+      embedding: ``nnx.Param [V, D]``, ``NamedSharding(mesh, P(axis_name, None))``.
+    """
+
+    def __init__(
+        self,
+        table: jax.Array,
+        *,
+        mode: str,
+        padding_idx: int | None,
+        mesh: Mesh,
+        axis_name: str,
+        batch_axis: str | None,
+    ) -> None:
+        n = jsh.axis_size(mesh, axis_name)
+        self.num_embeddings = int(table.shape[0])  # before padding: ids are < this
+        self.embedding = nnx.Param(jsh.shard_table(jsh.pad_rows(table, n), mesh, axis_name))
+        self.mode = mode
+        self.padding_idx = padding_idx
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.batch_axis = batch_axis
+
+    def __call__(
+        self,
+        indices: jax.Array,
+        offsets: jax.Array | None = None,
+        per_sample_weights: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        num_bags: int | None = None,
+    ) -> jax.Array:
+        """``[B, D]`` bags, split over ``batch_axis``; arguments as ``jaxbag.embedding_bag``."""
+        return jsh.embedding_bag(
+            self.embedding[...],
+            indices,
+            offsets,
+            mesh=self.mesh,
+            axis_name=self.axis_name,
+            batch_axis=self.batch_axis,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            padding_idx=self.padding_idx,
+            segment_ids=segment_ids,
+            num_bags=num_bags,
+        )
+
+
+def make_mesh(sharding_config: Any) -> Mesh:
+    """The ``(data, model)`` mesh of ``config.sharding`` (Auto axes: jit propagates shardings)."""
+    shape = tuple(int(x) for x in sharding_config.mesh_shape)
+    names = tuple(sharding_config.axis_names)
+    need = math.prod(shape)
+    have = len(jax.devices())
+    if have < need:
+        raise RuntimeError(
+            f"config.sharding.mesh_shape={shape} needs {need} devices, jax sees {have}. On CPU "
+            f"simulate them: XLA_FLAGS=--xla_force_host_platform_device_count={need} (set before "
+            "jax starts), or run python -m experiments.textcls.sharded."
+        )
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def maybe_shard(model: nnx.Module, config: Any) -> nnx.Module:
+    """Puts ``model`` (an ``experiments.textcls.model.FastText``) on ``config.sharding``'s mesh.
+
+    No-op when ``config`` has no ``sharding.mesh_shape``. Otherwise ``model.embed`` becomes a
+    :class:`ShardedEmbeddingBag` holding the same table (padded with zero rows up to a multiple
+    of the row-axis size), and every other parameter is replicated over the mesh. The model keeps
+    its call signature, so the train and eval steps are unchanged.
+    """
+    sc = config.get("sharding") if hasattr(config, "get") else None
+    if sc is None or not sc.get("mesh_shape"):
+        return model
+    mesh = make_mesh(sc)
+    embed = model.embed
+    settings = embed.settings  # jaxbag.nnx.EmbeddingBag's options
+    if settings.max_norm is not None or settings.scale_grad_by_freq:
+        raise ValueError("the sharded classifier supports mode and padding_idx only.")
+    model.embed = ShardedEmbeddingBag(
+        embed.embedding[...],
+        mode=settings.mode,
+        padding_idx=settings.padding_idx,
+        mesh=mesh,
+        axis_name=sc.row_axis,
+        batch_axis=sc.batch_axis or None,
+    )
+    replicated = NamedSharding(mesh, P())
+    state = nnx.state(model, nnx.Param)
+    placed = jax.tree.map(
+        lambda x: x
+        if getattr(getattr(x, "sharding", None), "mesh", None) == mesh
+        else jax.device_put(x, replicated),
+        state,
+    )
+    nnx.update(model, placed)
+    return model
+
+
+def main() -> None:
+    """``experiments.train``'s command line, with :func:`maybe_shard` after ``build_model``."""
+    from absl import app
+
+    from experiments import train
+    from experiments.textcls import model as model_lib
+
+    def build_sharded(model_config, *, num_embeddings, num_classes, seed):
+        model = model_lib.build_model(
+            model_config, num_embeddings=num_embeddings, num_classes=num_classes, seed=seed
+        )
+        return maybe_shard(model, train._CONFIG.value)
+
+    train.build_model = build_sharded  # the hook, without editing experiments/train.py
+    train.define_flags()
+    app.run(train.main, flags_parser=train.parse_flags)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
