@@ -21,7 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -30,8 +29,8 @@ from experiments.textcls.batches import epoch_order, iterate_batches, num_batche
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import Metrics, confusion_matrix, format_confusion
 from experiments.textcls.model import build_model
-from experiments.textcls.optim import make_optimizer
-from experiments.textcls.steps import make_steps
+from experiments.textcls.optim import make_optimizer, make_sparse_optimizer
+from experiments.textcls.steps import make_steps, split_model
 from experiments.textcls.tokenizer import Featurizer
 
 # Flag holders, set by define_flags() when run as a program.
@@ -102,13 +101,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config.model, num_embeddings=featurizer.num_embeddings, num_classes=num_classes,
         seed=config.seed,
     )
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch_size = tc.batch_size
     steps_per_epoch = num_batches(len(train_ds), batch_size)
-    tx = make_optimizer(config.optim, total_steps=tc.num_epochs * steps_per_epoch)
+    total_steps = tc.num_epochs * steps_per_epoch
+    compilations = {"train_step": 0, "eval_step": 0}  # traces = compilations
+    steps = make_steps(
+        model, make_optimizer(config.optim, total_steps=total_steps),
+        num_classes=num_classes, label_smoothing=tc.label_smoothing,
+        sparse_tx=make_sparse_optimizer(config.optim, total_steps)
+        if config.optim.sparse_embedding else None,
+        compilations=compilations,
+    )
+    _, params, _ = split_model(model)
     state = checkpoint.TrainState(
         params=params,
-        opt_state=tx.init(params),
+        opt_state=steps.init_opt_state(params),
         rng=jax.random.fold_in(jax.random.key(config.seed), 1),  # dropout stream
     )
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.max_checkpoints)
@@ -120,12 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         logging.info("resuming from the checkpoint of epoch %d in %s", state.epoch, workdir)
     history = artifacts.read_metrics(workdir, up_to_epoch=state.epoch)
 
-    # Jitted steps; each counts its compilations.
-    compilations = {"train_step": 0, "eval_step": 0}
-    train_step, eval_step = make_steps(
-        graphdef, rest, tx, num_classes=num_classes, label_smoothing=tc.label_smoothing,
-        compilations=compilations,
-    )
+    train_step, eval_step = steps.train_step, steps.eval_step
 
     def evaluate(p) -> tuple[dict[str, float], np.ndarray]:
         total, preds = Metrics.zeros(), []

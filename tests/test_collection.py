@@ -6,8 +6,6 @@ compared with the plain per-feature path, values and gradients.
 
 from __future__ import annotations
 
-import doctest
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -402,21 +400,3 @@ def test_nnx_module_matches_functional_core_and_trains():
     assert np.isclose(float(loss), float(jnp.sum(want**2)), rtol=1e-5)
     g = grads.embeddings["user+item"][...]
     assert g.shape == params["user+item"].shape and np.abs(np.asarray(g)).sum() > 0
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "jaxbag._src.jagged",
-        "jaxbag._src.collection",
-        "jaxbag._src.collection_linen",
-        "jaxbag._src.collection_nnx",
-    ],
-)
-def test_docstring_examples(name, monkeypatch):
-    if not hasattr(jaxbag.nnx, "EmbeddingBagCollection"):  # until jaxbag/nnx.py re-exports it
-        monkeypatch.setattr(jaxbag.nnx, "EmbeddingBagCollection", NnxCollection, raising=False)
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0

@@ -82,6 +82,10 @@ class FastText(nnx.Module):
         """
         x = self.embed(indices, per_sample_weights=weights, segment_ids=segment_ids,
                        num_bags=num_bags)
+        return self.classify(x, dropout_key=dropout_key)
+
+    def classify(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits ``float32 [B, C]`` of pooled bags ``x`` ``[B, D]`` (the layers after the bag)."""
         deterministic = dropout_key is None
         if self.hidden is not None:
             x = self.dropout(x, deterministic=deterministic, rngs=dropout_key)

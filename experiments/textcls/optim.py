@@ -7,6 +7,8 @@ from typing import Any
 
 import optax
 
+import jaxbag
+
 
 def make_schedule(optim_config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     """``constant``, ``cosine`` or ``linear`` decay to 0, after ``warmup_steps`` linear warmup."""
@@ -52,3 +54,24 @@ def make_optimizer(optim_config: Mapping[str, Any], total_steps: int) -> optax.G
     if clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(clip), opt)
     return opt
+
+
+def make_sparse_optimizer(optim_config: Mapping[str, Any], total_steps: int) -> jaxbag.SparseOptimizer:
+    """The row-wise optimiser of the embedding table when ``optim.sparse_embedding`` is set.
+
+    ``adamw``/``adam`` -> ``jaxbag.sparse_adam`` (lazy Adam, as torch's ``SparseAdam``: no
+    weight decay, moments of untouched rows stay put); ``sgd`` -> ``jaxbag.sparse_sgd``
+    (exactly dense SGD without momentum); ``adagrad`` -> ``jaxbag.sparse_adagrad``
+    (row-wise). Same learning-rate schedule as the dense parameters.
+    """
+    schedule = make_schedule(optim_config, total_steps)
+    name = str(optim_config["name"])
+    if name in ("adamw", "adam"):
+        return jaxbag.sparse_adam(schedule, b1=float(optim_config["b1"]), b2=float(optim_config["b2"]))
+    if name == "sgd":
+        return jaxbag.sparse_sgd(schedule)
+    if name == "adagrad":
+        return jaxbag.sparse_adagrad(schedule)
+    raise ValueError(
+        f"config.optim.name must be 'adamw', 'adam', 'adagrad' or 'sgd', got {name!r}"
+    )

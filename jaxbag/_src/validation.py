@@ -278,10 +278,11 @@ def raise_value_problems(
     offsets: Array | None,
     segment_ids: Array | None,
 ) -> None:
-    """Raises the first value problem; inputs must be concrete."""
-    for p in _value_problems(num_embeddings, indices, offsets, segment_ids):
-        if bool(p.bad):
-            raise p.error(p.message.format(*(int(a) for a in p.args)))
+    """Raises the first value problem; inputs must be concrete (constants inside jit are)."""
+    with jax.ensure_compile_time_eval():
+        for p in _value_problems(num_embeddings, indices, offsets, segment_ids):
+            if bool(p.bad):
+                raise p.error(p.message.format(*(int(a) for a in p.args)))
 
 
 def validate(
