@@ -50,9 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999
     config.optim.momentum = 0.9  # sgd
     config.optim.grad_clip = 0.0  # global-norm clipping (0: off)
-    # True: the table gets row-wise updates of the rows a batch touches (jaxbag.embedding_bag_rows
-    # + jaxbag.sparse_adam, i.e. lazy Adam as torch's SparseAdam; no weight decay on the table).
-    config.optim.sparse_embedding = False
+    # True: only the rows a batch touches are updated (jaxbag.embedding_bag_rows +
+    # jaxbag.sparse_adam: lazy Adam, as EmbeddingBag(sparse=True) + torch's SparseAdam; no
+    # weight decay on the table). False: dense gradient of the whole table + optax (AdamW).
+    config.optim.sparse_embedding = True
 
     config.train = ml_collections.ConfigDict()
     config.train.num_epochs = 10

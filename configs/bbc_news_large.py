@@ -5,9 +5,9 @@ Run: ``python -m experiments.train --config configs/bbc_news_large.py --workdir 
 
 The table is 2**21 x 64 float32 (512 MiB); a dense optimiser would read and write it (and two Adam
 moments) on every step. With ``optim.sparse_embedding`` the step costs about what the default
-config's does (see ``summary.json``'s ``epoch_time_s``); ``optim.sparse_optimizer`` picks
-``adam`` (lazy, torch SparseAdam), ``adagrad`` (fbgemm's row-wise: one accumulator per row) or
-``sgd``. The dense parameters (the head) keep ``optim.name``.
+config's per id (see ``summary.json``'s ``epoch_time_s``). The table's row-wise optimiser follows
+``optim.name`` (adamw/adam -> lazy Adam as torch's SparseAdam, adagrad -> fbgemm's row-wise Adagrad,
+sgd -> SGD; see experiments/textcls/optim.py); the dense parameters (the head) keep optax.
 """
 
 import ml_collections
@@ -21,5 +21,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokenizer.num_buckets = 2**21
     config.model.features = 64
     config.optim.sparse_embedding = True
-    config.optim.sparse_optimizer = "adam"  # adam (lazy) | adagrad (row-wise) | sgd
     return config

@@ -34,15 +34,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import Metrics
 from experiments.textcls.model import FastText, build_model
-from experiments.textcls.optim import make_optimizer, make_schedule
-from experiments.textcls.steps import make_steps
+from experiments.textcls.optim import make_optimizer, make_schedule, make_sparse_optimizer
+from experiments.textcls.steps import make_steps, split_model
 from experiments.textcls.tokenizer import UNKNOWN_ID, Featurizer
 
 _CONFIG: Any = None
@@ -58,15 +57,18 @@ class JaxLoop:
 
     def __init__(self, config, model: FastText, bags, weights, labels, total_epochs: int):
         self.config, self.bags, self.weights, self.labels = config, bags, weights, labels
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        steps = num_batches(len(bags), config.train.batch_size)
-        tx = make_optimizer(config.optim, total_steps=total_epochs * steps)
+        total_steps = total_epochs * num_batches(len(bags), config.train.batch_size)
         self.compilations: dict[str, int] = {}
-        self.train_step, _ = make_steps(
-            graphdef, rest, tx, num_classes=int(labels.max()) + 1,
-            label_smoothing=config.train.label_smoothing, compilations=self.compilations)
+        steps = make_steps(
+            model, make_optimizer(config.optim, total_steps), num_classes=int(labels.max()) + 1,
+            label_smoothing=config.train.label_smoothing,
+            sparse_tx=make_sparse_optimizer(config.optim, total_steps)
+            if config.optim.sparse_embedding else None,
+            compilations=self.compilations)
+        self.train_step = steps.train_step
+        _, params, _ = split_model(model)
         self.params = jax.tree.map(lambda x: x.copy(), params)  # the steps donate their inputs
-        self.opt_state = tx.init(self.params)
+        self.opt_state = steps.init_opt_state(self.params)
         self.rng = jax.random.key(0)
         self.step = 0
 
@@ -114,9 +116,10 @@ class TorchLoop:
         mc, oc = config.model, config.optim
         torch.manual_seed(config.seed)
         mode, self.doc_weights = _torch_weights(bags, weights, mc.mode, mc.ignore_unknown)
+        sparse = bool(oc.sparse_embedding)
         embed = torch.nn.EmbeddingBag(
             model.embed.settings.num_embeddings, mc.features, mode=mode,
-            padding_idx=UNKNOWN_ID if mc.ignore_unknown else None)
+            padding_idx=UNKNOWN_ID if mc.ignore_unknown else None, sparse=sparse)
 
         def tensor(x):  # a writable float32 copy of a JAX array
             return torch.from_numpy(np.array(x, dtype=np.float32))
@@ -137,9 +140,16 @@ class TorchLoop:
         self.params = list(embed.parameters()) + list(self.top.parameters())
         kwargs: dict[str, Any] = {"default": {}, "foreach": {"foreach": True},
                                   "fused": {"fused": True}}[impl]
-        self.opt = torch.optim.AdamW(self.params, lr=float(oc.learning_rate),
-                                     betas=(oc.b1, oc.b2), eps=1e-8,
-                                     weight_decay=float(oc.weight_decay), **kwargs)
+        if oc.name not in ("adamw", "adam"):
+            raise ValueError(f"the benchmark times AdamW/Adam; got config.optim.name={oc.name!r}")
+        weight_decay = float(oc.weight_decay) if oc.name == "adamw" else 0.0
+        dense = list(self.top.parameters()) if sparse else self.params
+        self.opts = [torch.optim.AdamW(dense, lr=float(oc.learning_rate), betas=(oc.b1, oc.b2),
+                                       eps=1e-8, weight_decay=weight_decay, **kwargs)]
+        if sparse:  # lazy Adam on the table, as jaxbag.sparse_adam
+            self.opts.append(torch.optim.SparseAdam(list(embed.parameters()),
+                                                    lr=float(oc.learning_rate),
+                                                    betas=(oc.b1, oc.b2), eps=1e-8))
         total_steps = total_epochs * num_batches(len(bags), config.train.batch_size)
         schedule = make_schedule(oc, total_steps)
         self.lrs = np.asarray(jax.vmap(schedule)(np.arange(total_steps)))
@@ -161,15 +171,17 @@ class TorchLoop:
             psw = None if self.doc_weights is None else torch.from_numpy(
                 np.concatenate([self.doc_weights[i] for i in idx]))
             y = torch.from_numpy(self.labels[idx].astype(np.int64))
-            for group in self.opt.param_groups:
-                group["lr"] = float(self.lrs[self.step])
-            self.opt.zero_grad(set_to_none=True)
+            for opt in self.opts:
+                for group in opt.param_groups:
+                    group["lr"] = float(self.lrs[self.step])
+                opt.zero_grad(set_to_none=True)
             logits = self.top(self.embed(indices, offsets, per_sample_weights=psw))
             loss = self.loss_fn(logits, y)
             loss.backward()
             if oc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, oc.grad_clip)
-            self.opt.step()
+            for opt in self.opts:
+                opt.step()
             self.step += 1
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(-1) == y).sum())

@@ -93,6 +93,30 @@ def test_random_ragged_batches_roundtrip(lengths, extra, seed):
     np.testing.assert_array_equal(p.lengths[: len(bags)], lengths)
 
 
+def test_weights_are_packed_alongside_and_pool_like_the_expanded_bag():
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(30, 4)).astype(np.float32)
+    raw = [rng.integers(0, 30, size=n) for n in (9, 0, 14, 3)]
+    uniq = [np.unique(b, return_counts=True) for b in raw]
+    p = jaxbag.pack_bags([u for u, _ in uniq], weights=[c for _, c in uniq], batch_size=6,
+                         bucket_sizes=(32,))
+    total = sum(len(u) for u, _ in uniq)
+    assert p.weights.dtype == np.float32 and p.weights.shape == (32,)
+    np.testing.assert_array_equal(p.weights[:total], np.concatenate([c for _, c in uniq]))
+    assert not p.weights[total:].any()
+    for mode in ("sum", "mean"):
+        got = jaxbag.embedding_bag(jnp.asarray(weight), p.indices, segment_ids=p.segment_ids,
+                                   num_bags=p.num_bags, per_sample_weights=p.weights, mode=mode)
+        np.testing.assert_allclose(np.asarray(got), _reference_pool(weight, raw, 6, mode),
+                                   rtol=1e-5, atol=1e-6)
+    assert jaxbag.pack_bags([[1]]).weights is None
+    assert len(jax.tree.leaves(p)) == 6 and len(jax.tree.leaves(jaxbag.pack_bags([[1]]))) == 5
+    with pytest.raises(ValueError, match=r"weights\[1\] must be 1-D with the length of bags\[1\] \(2\)"):
+        jaxbag.pack_bags([[1], [2, 3]], weights=[[1.0], [1.0]])
+    with pytest.raises(ValueError, match="one 1-D weight sequence per bag"):
+        jaxbag.pack_bags([[1], [2, 3]], weights=[[1.0]])
+
+
 def test_all_empty_and_no_bags():
     p = jaxbag.pack_bags([], batch_size=3)
     assert p.capacity == 128 and not p.bag_mask.any() and (p.segment_ids == 3).all()

@@ -19,6 +19,18 @@ from jaxbag._src import sparse
 V, D = 23, 5
 
 
+@pytest.fixture(params=["kernel", "xla"])
+def path(request, monkeypatch):
+    """Runs a test on the CPU-kernel path and again on the pure-XLA path (kernel switched off)."""
+    from jaxbag._src import fast_forward
+
+    if request.param == "xla":
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    else:
+        assert fast_forward.cpu_kernel_status()[0]
+    return request.param
+
+
 def _batch(rng, n_bags=4, max_len=6, v=V, pad=None, n_ids=None):
     """Random bags (some empty); with ``n_ids`` the total id count is fixed (one jit compile)."""
     if n_ids is None:
@@ -36,7 +48,7 @@ def _batch(rng, n_bags=4, max_len=6, v=V, pad=None, n_ids=None):
 # ---- unique_rows --------------------------------------------------------------------------------
 
 
-def test_unique_rows_matches_numpy():
+def test_unique_rows_matches_numpy(path):
     rng = np.random.default_rng(0)
     ids = rng.integers(-3, V + 3, 40).astype(np.int32)
     valid = rng.random(40) < 0.8
@@ -51,7 +63,7 @@ def test_unique_rows_matches_numpy():
     np.testing.assert_array_equal(rows[inv[keep]], ids[keep])
 
 
-def test_unique_rows_small_size_and_2d_shape():
+def test_unique_rows_small_size_and_2d_shape(path):
     ids = jnp.array([[5, 1, 5], [9, 1, 7]])
     rows, inv = sparse.unique_rows(ids, 10, size=2)
     assert rows.tolist() == [1, 5]
@@ -68,16 +80,19 @@ def test_unique_rows_rejects_bad_size():
 
 
 @pytest.mark.parametrize(
-    "mode,use_psw,pad", [("sum", False, None), ("mean", False, 2), ("max", False, None),
-                         ("sqrtn", True, None), ("sum", True, 0), ("mean", True, None)]
+    "mode,use_psw,pad,extra",
+    [("sum", False, None, {}), ("mean", False, 2, {}), ("max", False, None, {}),
+     ("sqrtn", True, None, {}), ("sum", True, 0, {}), ("mean", True, None, {}),
+     # the general path (bag op on the gathered rows, vjp):
+     ("mean", False, 2, {"max_norm": 1.5}), ("sum", False, None, {"scale_grad_by_freq": True})],
 )
-def test_row_grads_equal_dense_grad(mode, use_psw, pad):
+def test_row_grads_equal_dense_grad(mode, use_psw, pad, extra, path):
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
     ids, offsets = _batch(rng, n_bags=5, pad=pad)
     psw = jnp.asarray(rng.random(ids.size) + 0.5, jnp.float32) if use_psw else None
     ct = jnp.asarray(rng.standard_normal((5, D)), jnp.float32)
-    kw = dict(mode=mode, per_sample_weights=psw, padding_idx=pad)
+    kw = dict(mode=mode, per_sample_weights=psw, padding_idx=pad, **extra)
 
     bags, pullback = sparse.embedding_bag_rows(w, ids, offsets, **kw)
     dense_bags = jaxbag.embedding_bag(w, ids, offsets, **kw)
@@ -128,7 +143,7 @@ def _mse_step_sparse(opt, mode="sum"):
     return step
 
 
-def test_sparse_sgd_equals_dense_sgd():
+def test_sparse_sgd_equals_dense_sgd(path):
     rng = np.random.default_rng(3)
     w0 = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
     opt = sparse.sparse_sgd(0.3)
@@ -154,7 +169,7 @@ def test_sparse_sgd_equals_dense_sgd():
 
 
 @pytest.mark.parametrize("mode,pad,chunk", [("sum", None, 256), ("mean", 1, 2)])
-def test_sparse_adam_equals_torch_sparse_adam(mode, pad, chunk):
+def test_sparse_adam_equals_torch_sparse_adam(mode, pad, chunk, path):
     rng = np.random.default_rng(4)
     w0 = rng.standard_normal((V, D)).astype(np.float32)
     lr, b1, b2, eps = 0.05, 0.8, 0.95, 1e-6
@@ -193,7 +208,7 @@ def _mse_step_sparse_pad(opt, mode, pad):
 
 
 @pytest.mark.parametrize("chunk", [256, 3])
-def test_sparse_adagrad_matches_numpy_rowwise_reference(chunk):
+def test_sparse_adagrad_matches_numpy_rowwise_reference(chunk, path):
     rng = np.random.default_rng(5)
     w0 = rng.standard_normal((V, D)).astype(np.float32)
     lr, eps, init_acc = 0.1, 1e-3, 0.05
@@ -244,7 +259,7 @@ def test_update_rejects_mismatched_row_grads():
 
 
 @pytest.mark.parametrize("make_opt", [sparse.sparse_sgd, sparse.sparse_adagrad, sparse.sparse_adam])
-def test_train_step_never_allocates_a_dense_gradient(make_opt):
+def test_train_step_never_allocates_a_dense_gradient(make_opt, path):
     big_v, d, n, b = 1 << 20, 64, 4096, 256
     opt = make_opt(0.01)
 
@@ -275,7 +290,7 @@ def test_train_step_never_allocates_a_dense_gradient(make_opt):
     assert dm.temp_size_in_bytes + dm.output_size_in_bytes - dm.alias_size_in_bytes >= table_bytes
 
 
-def test_donated_step_runs_in_place():
+def test_donated_step_runs_in_place(path):
     rng = np.random.default_rng(7)
     opt = sparse.sparse_adam(0.01)
     w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)

@@ -82,6 +82,14 @@ def test_featurizer_ids_roundtrip_and_empty_text():
     # truncation and unigram-only
     assert Featurizer(f.vocab, ngrams=1, max_tokens=2)("apple shares fell").tolist() == [
         f.vocab.tokens.index("apple"), f.vocab.tokens.index("shares")]
+    # counts: each distinct id once, weighted by how often it occurs
+    fc = Featurizer(f.vocab, ngrams=1, counts=True)
+    ids, counts = fc.bag("shares apple shares zzz shares")
+    assert ids.tolist() == sorted([0, f.vocab.tokens.index("apple"), f.vocab.tokens.index("shares")])
+    assert dict(zip(ids.tolist(), counts.tolist()))[f.vocab.tokens.index("shares")] == 3.0
+    assert counts.dtype == np.float32 and counts.sum() == 5
+    assert f.bag("apple")[1] is None
+    assert Featurizer.from_json(fc.to_json()).counts
     # an empty text is an empty bag, which packs and pools to zeros
     empty = f("  ...  ")
     assert empty.shape == (0,)

@@ -147,3 +147,74 @@ def test_entry_point_overrides_and_unknown_keys(tmp_path):
     assert "unknown config key 'config.model.featurs'" in bad.stderr
     assert "Valid keys under 'config.model': dropout, embed_init_scale, features, hidden" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_count_weighted_bags_give_the_same_logits_as_raw_bags():
+    from flax import nnx
+
+    from experiments.textcls.model import FastText
+    from experiments.textcls.tokenizer import Featurizer
+
+    texts = ["the cat sat on the mat the end", "", "a dog and a cat", "unknown words here"]
+    cfg = dict(ngrams=2, num_buckets=64, min_freq=1, max_size=0, max_tokens=0, counts=True)
+    counted = Featurizer.fit(texts[:3], cfg)
+    raw = Featurizer(counted.vocab, ngrams=2, num_buckets=64)
+    model = FastText(counted.num_embeddings, 3, features=8, hidden=4, unknown_id=0,
+                     rngs=nnx.Rngs(0))
+    import jaxbag
+
+    ids, weights = zip(*(counted.bag(t) for t in texts))
+    a = jaxbag.pack_bags(ids, weights=weights, batch_size=6)
+    b = jaxbag.pack_bags([raw(t) for t in texts], batch_size=6)
+    assert a.lengths.sum() < b.lengths.sum()
+    got = model(a.indices, a.segment_ids, num_bags=6, weights=a.weights)
+    want = model(b.indices, b.segment_ids, num_bags=6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dense_table_updates_train_too(tmp_path):
+    config = smoke.get_config()
+    assert config.optim.sparse_embedding  # the default: embedding_bag_rows + sparse_adam
+    config.optim.sparse_embedding = False  # jax.grad of the whole table + optax adamw
+    config.train.num_epochs = 2
+    summary = train_and_evaluate(config, tmp_path)
+    assert summary["test_accuracy"] >= 0.6
+    assert summary["compilations"]["train_step"] <= 8
+
+
+@pytest.mark.slow
+def test_ag_news_csv_config_trains_on_user_csvs(tmp_path):
+    from configs import ag_news_csv
+
+    words = {1: "election minister war", 2: "match goal team", 3: "shares profit market",
+             4: "software chip internet"}
+    rng = np.random.default_rng(0)
+
+    def write(path, n):
+        rows = []
+        for i in range(n):
+            c = i % 4 + 1
+            body = " ".join(rng.choice(words[c].split(), size=5)) + f" filler{i}"
+            rows.append(f'"{c}","Title {i}","{body}"')
+        path.write_text("\n".join(rows) + "\n")
+
+    write(tmp_path / "train.csv", 80)
+    write(tmp_path / "test.csv", 20)
+    config = ag_news_csv.get_config()
+    assert config.data.name == "ag_news_csv" and config.tokenizer.ngrams == 2
+    config.data.train_path = str(tmp_path / "train.csv")
+    config.data.test_path = str(tmp_path / "test.csv")
+    config.tokenizer.num_buckets = 256
+    config.model.features = 8
+    config.train.batch_size = 16
+    config.train.bucket_min_size = 64
+    config.train.num_epochs = 3
+    config.optim.learning_rate = 0.1
+    config.train.progress_bar = False
+    config.train.plot = False
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["class_names"] == ["World", "Sports", "Business", "Sci/Tech"]
+    assert summary["test_accuracy"] >= 0.9
+    split = json.loads((tmp_path / "run" / artifacts.SPLIT).read_text())
+    assert split["num_train"] == 80 and split["num_test"] == 20

@@ -39,6 +39,7 @@ def make_manager(workdir: str | Path, *, max_to_keep: int = 2, create: bool = Tr
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=create,
+        cleanup_tmp_directories=True,  # a save interrupted by a kill leaves a tmp dir
         # Saves are synchronous: training donates nothing to a background writer,
         # and a run killed right after an epoch still has that epoch on disk.
         enable_async_checkpointing=False,

@@ -209,5 +209,5 @@ class Featurizer:
             ngrams=int(tokenizer_config["ngrams"]),
             num_buckets=int(tokenizer_config["num_buckets"]),
             max_tokens=max_tokens,
-            counts=bool(tokenizer_config["counts"]),
+            counts=bool(tokenizer_config.get("counts", False)),
         )

@@ -202,6 +202,14 @@ def _chunked(weight, prep: _Prep, seg, num_bags, mode, chunk):
 # ---- the CPU kernel ------------------------------------------------------------------------------
 
 _KERNEL_TARGET = "jaxbag_bag_fwd_f32"
+_KERNEL_SYMBOLS = {
+    _KERNEL_TARGET: "JaxbagBagFwdF32",
+    "jaxbag_rows_grad_f32": "JaxbagRowsGradF32",
+    "jaxbag_unique_rows": "JaxbagUniqueRows",
+    "jaxbag_sparse_adam_f32": "JaxbagSparseAdamF32",
+    "jaxbag_sparse_adagrad_f32": "JaxbagSparseAdagradF32",
+    "jaxbag_sparse_sgd_f32": "JaxbagSparseSgdF32",
+}
 _KERNEL_SOURCE = r"""
 // jaxbag CPU kernel (XLA FFI): bag reduction streaming each row into its bag's accumulator.
 #include <algorithm>
@@ -360,6 +368,260 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// ---- sparse training: row gradients and fused row-wise optimisers -----------------------------
+
+// grads[U, D] = sum over positions n with slot[n] < U of coef[n] * ct[seg[n]] (sum/mean/sqrtn), or
+// for max: grads[slot[arg[b, d]], d] += ct[b, d]. Sequential (scatter-add with repeated slots).
+ffi::Error RowsGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::S32> seg,
+                    ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> arg,
+                    ffi::ResultBuffer<ffi::F32> grads, int64_t is_max) {
+  const auto cd = ct.dimensions();
+  const auto gd = grads->dimensions();
+  if (cd.size() != 2 || gd.size() != 2 || cd[1] != gd[1]) {
+    return ffi::Error::InvalidArgument("jaxbag rows_grad: ct must be [B, D] and grads [U, D]");
+  }
+  const int64_t B = cd[0], D = cd[1], U = gd[0];
+  const int64_t N = static_cast<int64_t>(slot.element_count());
+  float* g = grads->typed_data();
+  std::memset(g, 0, sizeof(float) * U * D);
+  const float* c = ct.typed_data();
+  const int32_t* sl = slot.typed_data();
+  if (is_max) {
+    if (static_cast<int64_t>(arg.element_count()) != B * D) {
+      return ffi::Error::InvalidArgument("jaxbag rows_grad: max needs arg [B, D]");
+    }
+    const int32_t* a = arg.typed_data();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t p = a[b * D + d];
+        if (p < 0 || p >= N) continue;
+        const int64_t u = sl[p];
+        if (u < 0 || u >= U) continue;
+        g[u * D + d] += c[b * D + d];
+      }
+    }
+    return ffi::Error::Success();
+  }
+  if (static_cast<int64_t>(seg.element_count()) != N || static_cast<int64_t>(coef.element_count()) != N) {
+    return ffi::Error::InvalidArgument("jaxbag rows_grad: slot, seg and coef must all be [N]");
+  }
+  const int32_t* sg = seg.typed_data();
+  const float* w = coef.typed_data();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t u = sl[n], b = sg[n];
+    const float k = w[n];
+    if (u < 0 || u >= U || b < 0 || b >= B || k == 0.0f) continue;
+    float* gu = g + u * D;
+    const float* cb = c + b * D;
+    for (int64_t d = 0; d < D; ++d) gu[d] += k * cb[d];
+  }
+  return ffi::Error::Success();
+}
+
+// Distinct keys < V of keys [N] in increasing order, padded with V to U slots, and each position's
+// slot (U for keys >= V and for keys beyond the first U distinct ones). Hash, then LSD radix sort.
+ffi::Error UniqueRows(ffi::Buffer<ffi::S32> keys, ffi::ResultBuffer<ffi::S32> rows,
+                      ffi::ResultBuffer<ffi::S32> inverse, int64_t num_embeddings) {
+  const int64_t N = static_cast<int64_t>(keys.element_count());
+  const int64_t U = static_cast<int64_t>(rows->element_count());
+  if (static_cast<int64_t>(inverse->element_count()) != N) {
+    return ffi::Error::InvalidArgument("jaxbag unique_rows: inverse must be [N]");
+  }
+  const int32_t* k = keys.typed_data();
+  int32_t* out_rows = rows->typed_data();
+  int32_t* inv = inverse->typed_data();
+  const int32_t V = static_cast<int32_t>(num_embeddings);
+  int64_t cap = 16;
+  while (cap < 2 * N) cap <<= 1;
+  std::vector<int32_t> hkey(cap, -1), hslot(cap);
+  std::vector<int32_t> first;  // slot -> key, in first-occurrence order
+  first.reserve(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t key = k[n];
+    if (key < 0 || key >= V) { inv[n] = -1; continue; }
+    uint64_t h = (static_cast<uint64_t>(static_cast<uint32_t>(key)) * 0x9E3779B97F4A7C15ull) >> 20;
+    int64_t i = static_cast<int64_t>(h & (cap - 1));
+    while (hkey[i] != -1 && hkey[i] != key) i = (i + 1) & (cap - 1);
+    if (hkey[i] == -1) {
+      hkey[i] = key;
+      hslot[i] = static_cast<int32_t>(first.size());
+      first.push_back(key);
+    }
+    inv[n] = hslot[i];
+  }
+  const int64_t M = static_cast<int64_t>(first.size());
+  // LSD radix sort of (key, first-occurrence slot) by key, 8 bits a pass.
+  std::vector<uint32_t> a(M), b(M);
+  std::vector<int32_t> ia(M), ib(M);
+  for (int64_t j = 0; j < M; ++j) { a[j] = static_cast<uint32_t>(first[j]); ia[j] = static_cast<int32_t>(j); }
+  uint32_t maxkey = 0;
+  for (int64_t j = 0; j < M; ++j) maxkey = std::max(maxkey, a[j]);
+  for (int shift = 0; shift < 32 && (maxkey >> shift) != 0; shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t j = 0; j < M; ++j) ++count[((a[j] >> shift) & 255) + 1];
+    for (int c = 0; c < 256; ++c) count[c + 1] += count[c];
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t dst = count[(a[j] >> shift) & 255]++;
+      b[dst] = a[j];
+      ib[dst] = ia[j];
+    }
+    a.swap(b);
+    ia.swap(ib);
+  }
+  std::vector<int32_t> rank(M);
+  for (int64_t j = 0; j < M; ++j) rank[ia[j]] = static_cast<int32_t>(j);
+  for (int64_t u = 0; u < U; ++u) out_rows[u] = u < M ? static_cast<int32_t>(a[u]) : V;
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t s = inv[n];
+    inv[n] = (s < 0 || rank[s] >= U) ? static_cast<int32_t>(U) : rank[s];
+  }
+  return ffi::Error::Success();
+}
+
+// Runs body(u) for u in [0, U) on XLA's intra-op pool (rows are distinct: no races).
+template <typename F>
+void ParallelRows(ffi::ThreadPool& pool, int64_t U, int64_t D, F body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1 || U * D < (int64_t{1} << 16)) {
+    for (int64_t u = 0; u < U; ++u) body(u);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  const int64_t chunks = 4 * threads;
+  auto work = [st, chunks, U, body]() {
+    for (;;) {
+      const int64_t c = st->next.fetch_add(1);
+      if (c >= chunks) return;
+      for (int64_t u = U * c / chunks; u < U * (c + 1) / chunks; ++u) body(u);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// Lazy Adam (torch SparseAdam) on the rows; table, mu, nu are updated in place (aliased).
+// hyper = [step_size, b1, b2, eps].
+ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> mu,
+                      ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::S32> rows,
+                      ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> hyper,
+                      ffi::ResultBuffer<ffi::F32> table_out, ffi::ResultBuffer<ffi::F32> mu_out,
+                      ffi::ResultBuffer<ffi::F32> nu_out) {
+  const auto td = table.dimensions();
+  const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
+  if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 4) {
+    return ffi::Error::InvalidArgument("jaxbag sparse_adam: bad grads/hyper shapes");
+  }
+  float* w = table_out->typed_data();
+  float* m = mu_out->typed_data();
+  float* v = nu_out->typed_data();
+  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(float) * V * D);
+  if (m != mu.typed_data()) std::memcpy(m, mu.typed_data(), sizeof(float) * V * D);
+  if (v != nu.typed_data()) std::memcpy(v, nu.typed_data(), sizeof(float) * V * D);
+  const float* h = hyper.typed_data();
+  const float step = h[0], b1 = h[1], b2 = h[2], eps = h[3];
+  const int32_t* r = rows.typed_data();
+  const float* g = grads.typed_data();
+  ParallelRows(pool, U, D, [=](int64_t u) {
+    if (u + 8 < U) {
+      const int64_t nr = r[u + 8];
+      if (nr >= 0 && nr < V) {
+        __builtin_prefetch(w + nr * D, 1);
+        __builtin_prefetch(m + nr * D, 1);
+        __builtin_prefetch(v + nr * D, 1);
+      }
+    }
+    const int64_t row = r[u];
+    if (row < 0 || row >= V) return;
+    float* wr = w + row * D;
+    float* mr = m + row * D;
+    float* vr = v + row * D;
+    const float* gu = g + u * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const float gd = gu[d];
+      const float mn = mr[d] * b1 + (1.0f - b1) * gd;
+      const float vn = vr[d] * b2 + (1.0f - b2) * (gd * gd);
+      mr[d] = mn;
+      vr[d] = vn;
+      wr[d] -= step * (mn / (std::sqrt(vn) + eps));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// fbgemm's row-wise Adagrad; hyper = [lr, eps].
+ffi::Error SparseAdagrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
+                         ffi::Buffer<ffi::F32> sum_sq, ffi::Buffer<ffi::S32> rows,
+                         ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> hyper,
+                         ffi::ResultBuffer<ffi::F32> table_out,
+                         ffi::ResultBuffer<ffi::F32> sum_sq_out) {
+  const auto td = table.dimensions();
+  const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
+  if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 2 ||
+      static_cast<int64_t>(sum_sq.element_count()) != V) {
+    return ffi::Error::InvalidArgument("jaxbag sparse_adagrad: bad shapes");
+  }
+  float* w = table_out->typed_data();
+  float* a = sum_sq_out->typed_data();
+  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(float) * V * D);
+  if (a != sum_sq.typed_data()) std::memcpy(a, sum_sq.typed_data(), sizeof(float) * V);
+  const float lr = hyper.typed_data()[0], eps = hyper.typed_data()[1];
+  const int32_t* r = rows.typed_data();
+  const float* g = grads.typed_data();
+  ParallelRows(pool, U, D, [=](int64_t u) {
+    if (u + 8 < U) {
+      const int64_t nr = r[u + 8];
+      if (nr >= 0 && nr < V) {
+        __builtin_prefetch(w + nr * D, 1);
+        __builtin_prefetch(a + nr, 1);
+      }
+    }
+    const int64_t row = r[u];
+    if (row < 0 || row >= V) return;
+    const float* gu = g + u * D;
+    float sq = 0.0f;
+    for (int64_t d = 0; d < D; ++d) sq += gu[d] * gu[d];
+    const float acc = a[row] + sq / static_cast<float>(D);
+    a[row] = acc;
+    const float scale = lr / (std::sqrt(acc) + eps);
+    float* wr = w + row * D;
+    for (int64_t d = 0; d < D; ++d) wr[d] -= scale * gu[d];
+  });
+  return ffi::Error::Success();
+}
+
+// SGD; hyper = [lr].
+ffi::Error SparseSgd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> rows,
+                     ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> hyper,
+                     ffi::ResultBuffer<ffi::F32> table_out) {
+  const auto td = table.dimensions();
+  const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
+  if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 1) {
+    return ffi::Error::InvalidArgument("jaxbag sparse_sgd: bad shapes");
+  }
+  float* w = table_out->typed_data();
+  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(float) * V * D);
+  const float lr = hyper.typed_data()[0];
+  const int32_t* r = rows.typed_data();
+  const float* g = grads.typed_data();
+  ParallelRows(pool, U, D, [=](int64_t u) {
+    if (u + 8 < U) {
+      const int64_t nr = r[u + 8];
+      if (nr >= 0 && nr < V) __builtin_prefetch(w + nr * D, 1);
+    }
+    const int64_t row = r[u];
+    if (row < 0 || row >= V) return;
+    float* wr = w + row * D;
+    const float* gu = g + u * D;
+    for (int64_t d = 0; d < D; ++d) wr[d] -= lr * gu[d];
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagBagFwdF32, BagFwd,
@@ -374,6 +636,56 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagBagFwdF32, BagFwd,
                                   .Attr<int64_t>("mode")
                                   .Attr<int64_t>("padding_idx")
                                   .Attr<int64_t>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagUniqueRows, UniqueRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("num_embeddings"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagRowsGradF32, RowsGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("is_max"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseAdamF32, SparseAdam,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseAdagradF32, SparseAdagrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseSgdF32, SparseSgd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 """
 
 _kernel_lock = threading.Lock()
@@ -444,9 +756,10 @@ def _load_kernel() -> bool:
         try:
             path = _build_kernel()
             lib = ctypes.cdll.LoadLibrary(str(path))
-            jax.ffi.register_ffi_target(
-                _KERNEL_TARGET, jax.ffi.pycapsule(lib.JaxbagBagFwdF32), platform="cpu"
-            )
+            for target, symbol in _KERNEL_SYMBOLS.items():
+                jax.ffi.register_ffi_target(
+                    target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+                )
             _kernel_state.update(ok=True, reason=f"loaded {path}", lib=lib)
         except Exception as e:  # noqa: BLE001  (any failure: fall back to the XLA formulation)
             _log.info("jaxbag CPU kernel unavailable, using the XLA path: %s", e)
@@ -538,7 +851,7 @@ def _primal(weight, psw, ids, bounds, cfg):
         seg = _segment_ids(bounds, n, num_bags, layout, include_last_offset)
         return _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk)
 
-    use_kernel = impl != "stream" and weight.dtype == jnp.float32 and _load_kernel()
+    use_kernel = impl != "stream" and _kernel_ok(weight)
     if impl == "kernel" and not use_kernel:
         raise RuntimeError(
             "impl='kernel' needs a float32 table and the CPU kernel; cpu_kernel_status() says: "
@@ -691,3 +1004,123 @@ def bag_reduce(
     cfg = (num_bags, padding_idx, mode, layout, bool(include_last_offset), impl, int(unroll),
            float(skew_limit), int(chunk))
     return _bag_reduce(weight, psw, ids, bounds, cfg)[0]
+
+
+# ---- sparse training helpers (used by jaxbag._src.sparse) ----------------------------------------
+
+
+def bag_reduce_with_arg(weight, ids, bounds, psw, *, num_bags, padding_idx, mode, layout,
+                        include_last_offset=False, impl="auto"):
+    """:func:`bag_reduce` on prepared arguments, also returning the ``max`` arg-max positions.
+
+    ``bounds`` is ``segment_ids [N]`` (``layout=0``) or offsets (``layout=1``). Differentiable
+    in ``weight``/``psw`` as :func:`bag_reduce`. Returns ``(out [B, D], arg)`` with ``arg``
+    ``int32 [B, D]`` (``max``; ``N`` for empty) or ``[B, 1]``.
+    """
+    cfg = (int(num_bags), padding_idx, mode, int(layout), bool(include_last_offset), impl, 4, 4.0, 1024)
+    return _bag_reduce(weight, psw, ids, bounds, cfg)
+
+
+def _kernel_ok(*arrays: Array) -> bool:
+    return all(a.dtype == jnp.float32 for a in arrays) and _load_kernel()
+
+
+def rows_grad(ct: Array, slot: Array, seg: Array, coef: Array, arg: Array, num_slots: int,
+              mode: str) -> Array:
+    """Gradient of the touched rows from the bag cotangent (the pullback of the bag reduction).
+
+    ``grads[u] = sum_{n: slot[n] = u} coef[n] * ct[seg[n]]`` (sum/mean/sqrtn: ``coef`` already
+    holds the weights and the mean/sqrtn scaling, 0 for skipped ids), or for ``max``
+    ``grads[slot[arg[b, d]], d] += ct[b, d]``.
+
+    Args:
+      ct: ``float [B, D]`` cotangent of the bags.
+      slot: ``int32 [N]`` slot of each id in ``[0, U)``; ``U`` or more: skipped.
+      seg: ``int32 [N]`` bag of each id, in ``[0, B)``.
+      coef: ``float [N]`` coefficient of each id.
+      arg: ``int32 [B, D]`` arg-max positions (``max``; ``N`` for none) or ``[B, 1]`` (unused).
+      num_slots: static ``U``.
+      mode: the bag mode.
+
+    Returns:
+      ``[U, D]`` gradient in ``ct``'s dtype.
+    """
+    b, d = ct.shape
+    n = slot.shape[0]
+    is_max = mode == "max"
+
+    def xla():
+        if is_max:
+            ok = arg < n
+            pos = jnp.minimum(arg, n - 1)
+            rows = jnp.where(ok, slot[pos], num_slots)
+            cols = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32)[None, :], (b, d))
+            g = jnp.zeros((num_slots + 1, d), ct.dtype).at[rows, cols].add(
+                jnp.where(ok, ct, jnp.zeros((), ct.dtype)), mode="drop"
+            )
+            return g[:num_slots]
+        contrib = ct[seg] * coef.astype(ct.dtype)[:, None]
+        return jax.ops.segment_sum(contrib, slot, num_segments=num_slots + 1)[:num_slots]
+
+    if not _kernel_ok(ct, coef):
+        return xla()
+
+    def kernel():
+        call = jax.ffi.ffi_call(
+            "jaxbag_rows_grad_f32", jax.ShapeDtypeStruct((num_slots, d), jnp.float32),
+            vmap_method="sequential",
+        )
+        return call(ct, slot.astype(jnp.int32), seg.astype(jnp.int32), coef,
+                    arg.astype(jnp.int32), is_max=np.int64(is_max))
+
+    return lax.platform_dependent(cpu=kernel, default=xla)
+
+
+_OPT_TARGETS = {"adam": "jaxbag_sparse_adam_f32", "adagrad": "jaxbag_sparse_adagrad_f32",
+                "sgd": "jaxbag_sparse_sgd_f32"}
+
+
+def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: Array,
+                     hyper: Array, xla_fallback) -> tuple[Array, ...]:
+    """One row-wise optimiser step in a single pass over the touched rows (CPU kernel, in place
+    when the arrays are donated), or ``xla_fallback()`` where the kernel does not apply.
+
+    Args:
+      kind: ``"adam"`` (arrays: table, mu, nu; hyper: step_size, b1, b2, eps), ``"adagrad"``
+        (table, sum_sq; lr, eps) or ``"sgd"`` (table; lr).
+      arrays: the float32 table and state arrays.
+      rows: ``int32 [U]`` distinct rows (out of range: skipped).
+      grads: ``float32 [U, D]``.
+      hyper: ``float32 [k]`` hyper-parameters (traced: a schedule's learning rate).
+      xla_fallback: zero-argument function giving the same result with XLA ops.
+    """
+    if not _kernel_ok(*arrays, grads):
+        return xla_fallback()
+    k = len(arrays)
+
+    def kernel():
+        call = jax.ffi.ffi_call(
+            _OPT_TARGETS[kind], tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
+            input_output_aliases={i: i for i in range(k)}, vmap_method="sequential",
+        )
+        return tuple(call(*arrays, rows.astype(jnp.int32), grads, hyper))
+
+    return lax.platform_dependent(cpu=kernel, default=xla_fallback)
+
+
+def unique_rows_kernel(keys: Array, num_embeddings: int, size: int, xla_fallback):
+    """``(rows [U], inverse [N])`` of int32 ``keys [N]`` (keys outside ``[0, V)`` skipped) by the
+    CPU kernel (hash + radix sort), or ``xla_fallback()`` where it does not apply."""
+    if not _kernel_ok(jax.ShapeDtypeStruct((), jnp.float32)):  # (the kernel is built and allowed)
+        return xla_fallback()
+    n = keys.shape[0]
+
+    def kernel():
+        call = jax.ffi.ffi_call(
+            "jaxbag_unique_rows",
+            (jax.ShapeDtypeStruct((size,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)),
+            vmap_method="sequential",
+        )
+        return tuple(call(keys.astype(jnp.int32), num_embeddings=np.int64(num_embeddings)))
+
+    return lax.platform_dependent(cpu=kernel, default=xla_fallback)
