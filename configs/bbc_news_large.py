@@ -1,13 +1,19 @@
-"""BBC News with a 2M-bucket table: unigrams + bigrams hashed into 2**21 buckets, D = 64, trained
-with sparse row updates (only the rows a batch touches: lazy Adam, as torch's SparseAdam).
+"""BBC News with a 2M-row table: unigrams + bigrams hashed into 2**21 buckets, D = 64, trained with
+sparse row updates (only the rows a batch touches).
 
 Run: ``python -m experiments.train --config configs/bbc_news_large.py --workdir runs/bbc_news_large``
 
-The table is 2**21 x 64 float32 (512 MiB); a dense optimiser would read and write it (and two Adam
-moments) on every step. With ``optim.sparse_embedding`` the step costs about what the default
-config's per id (see ``summary.json``'s ``epoch_time_s``). The table's row-wise optimiser follows
-``optim.name`` (adamw/adam -> lazy Adam as torch's SparseAdam, adagrad -> fbgemm's row-wise Adagrad,
-sgd -> SGD; see experiments/textcls/optim.py); the dense parameters (the head) keep optax.
+The table is (vocabulary + 2**21) x 64 float32 (~520 MiB). A dense optimiser would read and write
+all of it, and its moments, on every step; with ``optim.sparse_embedding`` the step only touches
+the rows of the batch (``jaxbag.embedding_bag_rows`` + a ``jaxbag`` row-wise optimiser). The table's
+optimiser follows ``optim.name`` (experiments/textcls/optim.py): here ``adagrad``, i.e. fbgemm's
+row-wise Adagrad (one accumulator per row: a [V] state instead of Adam's two [V, D] moments, and a
+third of the random memory traffic per touched row). ``--config.optim.name=adamw`` trains the table
+with lazy Adam (torch's SparseAdam) instead: same accuracy here, ~2.5x the epoch time (measured on 2
+CPU cores: three 520 MiB arrays touched at random rows).
+
+Measured (2 cores, 10 epochs, summary.json): epoch_time_s 0.18 s vs 0.17 s for configs/bbc_news.py,
+test accuracy 97.1% (default 97.7%); the bigrams make 2.7x more ids per document (559 vs 206).
 """
 
 import ml_collections
@@ -21,4 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokenizer.num_buckets = 2**21
     config.model.features = 64
     config.optim.sparse_embedding = True
+    config.optim.name = "adagrad"  # table: fbgemm's row-wise Adagrad; head: optax.adagrad
+    config.optim.learning_rate = 0.1
     return config

@@ -231,8 +231,9 @@ def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[
 
 
 def report(results: dict[str, Any], epochs: int) -> str:
-    lines = [f"{'loop':<18} {'median epoch':>13} {'min epoch':>10} {'examples/s':>11} "
-             f"{'last-epoch loss':>16} {'train acc':>10}"]
+    header = (f"{'loop':<18} {'median epoch':>13} {'min epoch':>10} {'examples/s':>11} "
+              f"{'last-epoch loss':>16} {'train acc':>10}")
+    lines = [header]
     med = {}
     for name, r in results["loops"].items():
         med[name] = statistics.median(r["times"])

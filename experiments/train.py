@@ -220,7 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if tc.plot and history:
         from experiments.textcls.plots import plot_curves  # matplotlib only when plotting
 
-        plot_curves(history, workdir / artifacts.PLOT, title=f"{config.data.name} (jaxbag fastText)")
+        ls = tc.label_smoothing
+        plot_curves(history, workdir / artifacts.PLOT, title=f"{config.data.name} (jaxbag fastText)",
+                    train_label=f"train (label smoothing {ls:g})" if ls else "train")
     artifacts.write_json(workdir / artifacts.SUMMARY, summary)
     print(f"test confusion matrix ({config.data.name}, epoch {summary['epochs']}):")
     print(format_confusion(cm, train_ds.class_names))

@@ -162,12 +162,16 @@ def test_bucket_ladders():
         (lambda: jaxbag.pack_bags([[1], [0.5]]), r"bags\[1\] must hold integer ids"),
         (lambda: jaxbag.pack_bags([[1, -2]]), "got -2"),
         (lambda: jaxbag.pack_bags([np.array([2**40])]), "got 1099511627776"),
-        (lambda: jaxbag.pack_bags("abc"), "bags must be a sequence"),
     ],
 )
 def test_errors_name_the_problem(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_bags_must_be_a_sequence():
+    with pytest.raises(TypeError, match="bags must be a sequence of 1-D id sequences, got str"):
+        jaxbag.pack_bags("abc")
 
 
 def test_no_recompile_over_many_ragged_batches():

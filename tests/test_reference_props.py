@@ -299,7 +299,7 @@ def test_property_grad_vs_reference(case, jit, sgbf):
     scale = np.max(np.abs(ref_dw)) + g_max
     np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-5, atol=2e-5 * scale, err_msg=f"dweight {kw}")
     if wrt_psw:
-        scale = np.max(np.abs(ref_dpsw)) + g_max * float(np.abs(np.asarray(weight)).max()) * HD
+        scale = np.max(np.abs(ref_dpsw), initial=0.0) + g_max * float(np.abs(np.asarray(weight)).max()) * HD
         np.testing.assert_allclose(np.asarray(dpsw), ref_dpsw, rtol=1e-5, atol=2e-5 * scale, err_msg=f"dpsw {kw}")
 
 

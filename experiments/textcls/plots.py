@@ -9,16 +9,25 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
-    """Writes train/test loss and accuracy per epoch to ``path`` and returns it."""
+def plot_curves(
+    history: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    title: str = "",
+    train_label: str = "train",
+) -> Path:
+    """Writes train/test loss and accuracy per epoch to ``path`` and returns it.
+
+    ``train_label`` names the training curve (e.g. to say its loss is label-smoothed).
+    """
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "test"):
-        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=split)
-        ax_acc.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], marker="o", label=split)
+    for split, label in (("train", train_label), ("test", "test")):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=label)
+        ax_acc.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):

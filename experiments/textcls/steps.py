@@ -83,7 +83,17 @@ def make_steps(
         compilations: a dict whose ``"train_step"``/``"eval_step"`` entries count traces.
     """
     graphdef, _, rest = split_model(model)
-    settings = model.embed.settings
+    # The bag's mode and padding row, read from jaxbag.nnx.EmbeddingBag's settings (or from
+    # the same-named attributes of a replacement module, e.g. a row-sharded one).
+    embed = model.embed
+    bag_mode = getattr(getattr(embed, "settings", embed), "mode", None)
+    bag_padding_idx = getattr(getattr(embed, "settings", embed), "padding_idx", None)
+    if sparse_tx is not None and bag_mode is None:
+        raise ValueError(
+            f"config.optim.sparse_embedding=True needs model.embed to expose the bag mode "
+            f"(jaxbag.nnx.EmbeddingBag does), got {type(embed).__name__}; "
+            "set --config.optim.sparse_embedding=false"
+        )
     counts: MutableMapping[str, int] = compilations if compilations is not None else {}
     counts.setdefault("train_step", 0)
     counts.setdefault("eval_step", 0)
@@ -121,7 +131,7 @@ def make_steps(
         pooled, pullback = jaxbag.embedding_bag_rows(
             table, batch.bags.indices, segment_ids=batch.bags.segment_ids,
             num_bags=batch.bags.num_bags, per_sample_weights=batch.bags.weights,
-            mode=settings.mode, padding_idx=settings.padding_idx)
+            mode=bag_mode, padding_idx=bag_padding_idx)
 
         def loss_fn(others, pooled):
             m = nnx.merge(graphdef, table_state, others, rest)

@@ -21,6 +21,7 @@ arrays are handed to a jitted step), so nothing here is traced.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -221,7 +222,7 @@ def _check_bucket_sizes(bucket_sizes: Sequence[int]) -> tuple[int, ...]:
         )
     except (TypeError, ValueError):
         ok = False
-    if not ok or any(s < 1 for s in sizes) or any(a >= b for a, b in zip(sizes, sizes[1:])):
+    if not ok or any(s < 1 for s in sizes) or any(a >= b for a, b in itertools.pairwise(sizes)):
         raise ValueError(
             f"bucket_sizes must be a non-empty, strictly increasing sequence of positive "
             f"ints, got {bucket_sizes!r}; e.g. bucket_sizes=(256, 512, 1024) or "
@@ -264,6 +265,7 @@ def pack_bags(
         and weights float32 ``[N_pad]`` (``None`` without ``weights``).
 
     Raises:
+        TypeError: ``bags`` is not a sequence (a list, tuple or array of bags).
         ValueError: a bag is not 1-D integer data, an id is negative or does not fit
             in int32, ``batch_size`` is smaller than ``len(bags)``, ``N`` exceeds
             every explicit bucket, or ``weights`` does not match ``bags``.
@@ -285,8 +287,8 @@ def pack_bags(
         >>> counted.weights.tolist()
         [3.0, 1.0, 0.0, 0.0]
     """
-    if isinstance(bags, (str, bytes)) or not isinstance(bags, Sequence):
-        raise ValueError(
+    if isinstance(bags, (str, bytes)) or not isinstance(bags, (Sequence, np.ndarray)):
+        raise TypeError(
             f"bags must be a sequence of 1-D id sequences, got {type(bags).__name__}; "
             "e.g. jaxbag.pack_bags([[1, 2], [3]], batch_size=4)."
         )

@@ -58,32 +58,113 @@ def _scale_grad_bwd(scale, g):
 _scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
 
 
-def _inverse_counts(ids: Array, valid: Array, sentinel: int) -> Array:
-    """``[N]`` 1 / (occurrences of ``ids[i]`` among valid positions); sort-based, no ``[V]`` array."""
-    keys = jnp.where(valid, ids, sentinel)
-    srt = jnp.sort(keys)
-    counts = jnp.searchsorted(srt, keys, side="right") - jnp.searchsorted(srt, keys, side="left")
+def inverse_counts(
+    ids: Array,
+    valid: Array,
+    sentinel: int,
+    *,
+    among: tuple[Array, Array] | None = None,
+) -> Array:
+    """``[N]`` 1 / (occurrences of ``ids[i]``); sort-based, no ``[V]`` array.
+
+    Occurrences are counted among the valid positions of ``among = (all_ids, all_valid)`` (by
+    default ``(ids, valid)`` itself); positions that are not valid get 1. ``sentinel`` is any id
+    that no valid position holds (e.g. ``V``).
+    """
+    all_ids, all_valid = (ids, valid) if among is None else among
+    keys = jnp.sort(jnp.where(all_valid, all_ids, sentinel))
+    q = jnp.where(valid, ids, sentinel)
+    counts = jnp.searchsorted(keys, q, side="right") - jnp.searchsorted(keys, q, side="left")
+    counts = jnp.where(valid, counts, 1)
     return 1.0 / jnp.maximum(counts, 1).astype(jnp.float32)
 
 
-def _first_argmax_rows(rows: Array, valid: Array, seg: Array, num_bags: int) -> Array:
-    """Per bag and feature, the value at the first arg-max position (0 for empty bags).
+def lookup_rows(
+    weight: Array,
+    ids: Array,
+    take: Array,
+    *,
+    max_norm: float | None,
+    norm_type: float,
+    inverse_freq: Array | None,
+) -> Array:
+    """``[N, D]`` rows ``weight[ids]`` in the accumulation dtype (row 0 where ``take`` is false).
 
-    The max is found without gradient; the result is then *gathered* from ``rows`` so the gradient
-    flows to exactly one position per bag and feature: the first occurrence of the maximum, as
-    torch does (``jax.ops.segment_max`` alone would split it between ties).
+    Applies torch's ``max_norm`` (forward value of the renormed row, gradient of the renormed
+    table) and the ``scale_grad_by_freq`` gradient scale ``inverse_freq [N]``.
     """
-    n = rows.shape[0]
-    neg = jnp.asarray(-jnp.inf, rows.dtype)
-    vals = jnp.where(valid[:, None], jax.lax.stop_gradient(rows), neg)
-    best = jax.ops.segment_max(vals, seg, num_segments=num_bags, indices_are_sorted=True)
-    seg_c = jnp.clip(seg, 0, max(num_bags - 1, 0))
-    hit = valid[:, None] & (vals == best[seg_c])
-    pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
-    first = jax.ops.segment_min(pos, seg, num_segments=num_bags, indices_are_sorted=True)
-    first = jnp.minimum(first, n)  # empty bags: segment_min's identity -> n, the zero row below
-    padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)], axis=0)
-    return jnp.take_along_axis(padded, first, axis=0)
+    acc = _acc_dtype(weight.dtype)
+    safe_ids = jnp.where(take, ids, jnp.zeros((), ids.dtype))
+    rows = jnp.take(weight, safe_ids, axis=0, mode="clip").astype(acc)
+    if max_norm is not None:
+        scaled = rows * _renorm_scale(jax.lax.stop_gradient(rows), max_norm, norm_type)[:, None]
+        rows = rows + jax.lax.stop_gradient(scaled - rows)  # torch's value, torch's gradient
+    if inverse_freq is not None:
+        rows = _scale_grad(rows, inverse_freq.astype(acc))
+    return rows
+
+
+def reduce_bags(
+    rows: Array,
+    seg: Array,
+    num_bags: int,
+    mode: str,
+    *,
+    valid: Array,
+    weights: Array | None = None,
+    held: Array | None = None,
+    axes: tuple[str, ...] = (),
+) -> Array:
+    """Reduces ``rows [N, D]`` into ``[B, D]`` bags (accumulation dtype).
+
+    Args:
+      rows: ``[N, D]`` looked-up rows.
+      seg: ``int [N]`` sorted bag of each position (outside ``[0, B)``: dropped).
+      num_bags: static ``B``.
+      mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
+      valid: ``bool [N]`` the positions that take part (they set the mean's count).
+      weights: optional ``[N]`` per-sample weights.
+      held: optional ``bool [N]`` the positions whose row is in ``rows`` here (a shard of a
+        row-sharded table); defaults to ``valid``.
+      axes: mesh axes to combine the partial bags over (inside ``shard_map``); ``()`` for one device.
+
+    Max mode finds the max without gradient, then *gathers* the value at the first arg-max
+    position per bag and feature, so the gradient reaches exactly that row (torch's tie rule;
+    ``jax.ops.segment_max`` alone would split it between ties). Empty bags give zeros.
+    """
+    acc = rows.dtype
+    n, d = rows.shape
+    held = valid if held is None else held
+    kw = dict(num_segments=num_bags, indices_are_sorted=True)
+    if mode == "max":
+        vals = jnp.where(held[:, None], jax.lax.stop_gradient(rows), jnp.asarray(-jnp.inf, acc))
+        best = jax.ops.segment_max(vals, seg, **kw)
+        if axes:
+            best = jax.lax.pmax(best, axes)
+        hit = held[:, None] & (vals == best[jnp.clip(seg, 0, max(num_bags - 1, 0))])
+        pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
+        first = jnp.minimum(jax.ops.segment_min(pos, seg, **kw), n)  # empty: n, the zero row
+        if axes:  # only the shard holding the first arg-max contributes
+            first = jnp.where(first == jax.lax.pmin(first, axes), first, n)
+        padded = jnp.concatenate([rows, jnp.zeros((1, d), acc)], axis=0)
+        out = jnp.take_along_axis(padded, first, axis=0)
+        return jax.lax.psum(out, axes) if axes else out
+
+    zero = jnp.zeros((), acc)
+    w = valid.astype(acc) if weights is None else jnp.where(valid, weights.astype(acc), zero)
+    w_held = w if held is valid else jnp.where(held, w, zero)
+    sums = jax.ops.segment_sum(rows * w_held[:, None], seg, **kw)
+    if axes:
+        sums = jax.lax.psum(sums, axes)
+    if mode == "sum":
+        return sums
+    if mode == "mean":
+        denom = jax.ops.segment_sum(w, seg, **kw)
+    else:  # sqrtn
+        denom = jnp.sqrt(jax.ops.segment_sum(w * w, seg, **kw))
+    nonzero = denom != 0
+    safe = jnp.where(nonzero, denom, jnp.ones((), acc))
+    return jnp.where(nonzero[:, None], sums / safe[:, None], zero)
 
 
 def embedding_bag(
@@ -195,40 +276,18 @@ def embedding_bag(
         seg = segments.offsets_to_segment_ids(offsets, n, include_last_offset=include_last_offset)
     else:
         seg = segment_ids
-    acc = _acc_dtype(weight.dtype)
-    out_shape = (b, features)
     if b == 0 or n == 0:
-        return jnp.zeros(out_shape, weight.dtype)
+        return jnp.zeros((b, features), weight.dtype)
 
     valid = (ids >= 0) & (ids < num_embeddings) & (seg >= 0) & (seg < b)
     if pad is not None:
         valid = valid & (ids != pad)
-    safe_ids = jnp.where(valid, ids, 0)
-    rows = jnp.take(weight, safe_ids, axis=0, mode="clip").astype(acc)
-    if max_norm is not None:
-        scaled = rows * _renorm_scale(jax.lax.stop_gradient(rows), max_norm, norm_type)[:, None]
-        rows = rows + jax.lax.stop_gradient(scaled - rows)  # torch's value, torch's gradient
-    if scale_grad_by_freq:
-        rows = _scale_grad(rows, _inverse_counts(ids, valid, num_embeddings).astype(acc))
-
-    if mode == "max":
-        out = _first_argmax_rows(rows, valid, seg, b)
-        return out.astype(weight.dtype)
-
-    if per_sample_weights is None:
-        w = valid.astype(acc)
-    else:
-        w = jnp.where(valid, per_sample_weights.reshape(-1).astype(acc), jnp.zeros((), acc))
-    sums = jax.ops.segment_sum(rows * w[:, None], seg, num_segments=b, indices_are_sorted=True)
-    if mode == "sum":
-        return sums.astype(weight.dtype)
-    if mode == "mean":
-        denom = jax.ops.segment_sum(w, seg, num_segments=b, indices_are_sorted=True)
-    else:  # sqrtn
-        denom = jnp.sqrt(jax.ops.segment_sum(w * w, seg, num_segments=b, indices_are_sorted=True))
-    nonzero = denom != 0
-    safe = jnp.where(nonzero, denom, jnp.ones((), acc))
-    out = jnp.where(nonzero[:, None], sums / safe[:, None], jnp.zeros((), acc))
+    inverse_freq = inverse_counts(ids, valid, num_embeddings) if scale_grad_by_freq else None
+    rows = lookup_rows(
+        weight, ids, valid, max_norm=max_norm, norm_type=norm_type, inverse_freq=inverse_freq
+    )
+    weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+    out = reduce_bags(rows, seg, b, mode, valid=valid, weights=weights)
     return out.astype(weight.dtype)
 
 

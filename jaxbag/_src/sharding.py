@@ -181,17 +181,6 @@ def pad_rows(weight: ArrayLike, multiple: int) -> Array:
     return jnp.concatenate([weight, jnp.zeros((extra, weight.shape[1]), weight.dtype)], axis=0)
 
 
-def _inverse_counts_against(
-    ids: Array, valid: Array, all_ids: Array, all_valid: Array, sentinel: int
-) -> Array:
-    """``[N]`` 1 / (occurrences of ``ids[i]`` among the valid ``all_ids``); 1 where not valid."""
-    keys = jnp.sort(jnp.where(all_valid, all_ids, sentinel))
-    q = jnp.where(valid, ids, sentinel)
-    counts = jnp.searchsorted(keys, q, side="right") - jnp.searchsorted(keys, q, side="left")
-    counts = jnp.where(valid, counts, 1)
-    return 1.0 / jnp.maximum(counts, 1).astype(jnp.float32)
-
-
 def embedding_bag_in_shard_map(
     local_weight: Array,
     indices: Array,
@@ -242,7 +231,6 @@ def embedding_bag_in_shard_map(
     """
     r, d = local_weight.shape
     n = indices.shape[0]
-    acc = ops._acc_dtype(local_weight.dtype)
     if num_bags == 0 or n == 0:
         return jnp.zeros((num_bags, d), local_weight.dtype)
     ok = (indices >= 0) & (indices < num_embeddings) & (segment_ids >= 0)
@@ -257,51 +245,25 @@ def embedding_bag_in_shard_map(
         mine = ok & (local >= 0) & (local < r)
     else:
         local, mine = indices, ok & owned
-    rows = jnp.take(local_weight, jnp.where(mine, local, 0), axis=0, mode="clip").astype(acc)
-    if max_norm is not None:
-        scaled = rows * ops._renorm_scale(jax.lax.stop_gradient(rows), max_norm, norm_type)[:, None]
-        rows = rows + jax.lax.stop_gradient(scaled - rows)
-    if inverse_freq is not None:
-        rows = ops._scale_grad(rows, inverse_freq.astype(acc))
-    axes = axis_tuple(axis_name)
-
-    if mode == "max":
-        neg = jnp.asarray(-jnp.inf, acc)
-        vals = jnp.where(mine[:, None], jax.lax.stop_gradient(rows), neg)
-        best = jax.ops.segment_max(vals, segment_ids, num_segments=num_bags, indices_are_sorted=True)
-        best = jax.lax.pmax(best, axes)
-        seg_c = jnp.clip(segment_ids, 0, num_bags - 1)
-        hit = mine[:, None] & (vals == best[seg_c])
-        pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
-        first = jax.ops.segment_min(pos, segment_ids, num_segments=num_bags, indices_are_sorted=True)
-        first = jnp.minimum(first, n)
-        owner_first = jax.lax.pmin(first, axes)  # the first position over all shards
-        own = jnp.where(first == owner_first, first, n)  # n -> the zero row below
-        padded = jnp.concatenate([rows, jnp.zeros((1, d), acc)], axis=0)
-        return jax.lax.psum(jnp.take_along_axis(padded, own, axis=0), axes).astype(
-            local_weight.dtype
-        )
-
-    if per_sample_weights is None:
-        w = ok.astype(acc)
-    else:
-        w = jnp.where(ok, per_sample_weights.reshape(-1).astype(acc), jnp.zeros((), acc))
-    w_mine = jnp.where(mine, w, jnp.zeros((), acc))
-    partial = jax.ops.segment_sum(
-        rows * w_mine[:, None], segment_ids, num_segments=num_bags, indices_are_sorted=True
+    rows = ops.lookup_rows(
+        local_weight,
+        local,
+        mine,
+        max_norm=max_norm,
+        norm_type=norm_type,
+        inverse_freq=inverse_freq,
     )
-    sums = jax.lax.psum(partial, axes)
-    if mode == "sum":
-        return sums.astype(local_weight.dtype)
-    if mode == "mean":
-        denom = jax.ops.segment_sum(w, segment_ids, num_segments=num_bags, indices_are_sorted=True)
-    else:  # sqrtn
-        denom = jnp.sqrt(
-            jax.ops.segment_sum(w * w, segment_ids, num_segments=num_bags, indices_are_sorted=True)
-        )
-    nonzero = denom != 0
-    safe = jnp.where(nonzero, denom, jnp.ones((), acc))
-    out = jnp.where(nonzero[:, None], sums / safe[:, None], jnp.zeros((), acc))
+    weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+    out = ops.reduce_bags(
+        rows,
+        segment_ids,
+        num_bags,
+        mode,
+        valid=ok,
+        weights=weights,
+        held=mine,
+        axes=axis_tuple(axis_name),
+    )
     return out.astype(local_weight.dtype)
 
 
@@ -453,7 +415,7 @@ def embedding_bag(
                 if batch_axes:  # counts over the whole batch, not this device's share of it
                     all_ids = jax.lax.all_gather(ids, batch_axes, tiled=True)
                     all_ok = jax.lax.all_gather(ok, batch_axes, tiled=True)
-                inv = _inverse_counts_against(ids, ok, all_ids, all_ok, num_embeddings)
+                inv = ops.inverse_counts(ids, ok, num_embeddings, among=(all_ids, all_ok))
             return embedding_bag_in_shard_map(
                 lw,
                 ids,
@@ -482,7 +444,7 @@ def embedding_bag(
                 ok = (ids >= 0) & (ids < num_embeddings) & (seg >= 0) & (seg < b)
                 if pad is not None:
                     ok = ok & (ids != pad)
-                inv = _inverse_counts_against(ids, ok, ids, ok, num_embeddings)
+                inv = ops.inverse_counts(ids, ok, num_embeddings)
             if batch_axes:  # this device's block of bags
                 first_bag = jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
                 seg = seg - first_bag
