@@ -22,5 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.sharding.axis_names = ("data", "model")
     config.sharding.row_axis = "model"  # the table's rows are split over this axis
     config.sharding.batch_axis = "data"  # the batch over this one ("" for a replicated batch)
+    config.optim.sparse_embedding = False  # the row-sharded table takes dense (sharded) updates
     config.train.progress_bar = False
     return config

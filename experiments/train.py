@@ -24,10 +24,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from experiments.textcls import artifacts, checkpoint, config_check, logs
+from experiments.textcls import artifacts, checkpoint, config_check, logs, sharded
 from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import Metrics, confusion_matrix, format_confusion
+
 from experiments.textcls.model import build_model
 from experiments.textcls.optim import make_optimizer, make_sparse_optimizer
 from experiments.textcls.steps import make_steps, split_model
@@ -101,6 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config.model, num_embeddings=featurizer.num_embeddings, num_classes=num_classes,
         seed=config.seed,
     )
+    model = sharded.maybe_shard(model, config)  # no-op unless config.sharding.mesh_shape
     batch_size = tc.batch_size
     steps_per_epoch = num_batches(len(train_ds), batch_size)
     total_steps = tc.num_epochs * steps_per_epoch

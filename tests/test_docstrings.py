@@ -11,6 +11,7 @@ MODULES = [
     "jaxbag._src.validation",
     "jaxbag._src.linen",
     "jaxbag._src.nnx",
+    "jaxbag._src.batching",
     "jaxbag._src.jagged",
     "jaxbag._src.collection",
     "jaxbag._src.collection_linen",
