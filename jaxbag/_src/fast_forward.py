@@ -239,56 +239,89 @@ struct Args {
 
 inline bool Skip(const Args& a, int64_t id) { return id < 0 || id >= a.V || id == a.pad; }
 
+// Prefetches every cache line of the row 12 positions ahead (a row is D * 4 bytes, often > 64).
 inline void Prefetch(const Args& a, int64_t p, int64_t end) {
-  if (p + 4 < end) {
-    const int64_t id = a.ids[p + 4];
-    if (id >= 0 && id < a.V) __builtin_prefetch(a.w + id * a.D);
+  (void)end;  // the next bag's rows usually follow: prefetch across bag ends too
+  constexpr int64_t kAhead = 12;
+  if (p + kAhead < a.N) {
+    const int64_t id = a.ids[p + kAhead];
+    if (id >= 0 && id < a.V) {
+      const char* row = reinterpret_cast<const char*>(a.w + id * a.D);
+      const int64_t bytes = std::min<int64_t>(a.D * 4, 1024);
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+    }
+  }
+}
+
+// One bag, columns [c0, c0 + W) of a row of stride D; W is a compile-time width so the
+// accumulators stay in registers (kW = 0: runtime width w, via a local buffer).
+template <int kW>
+inline void BagBlock(const Args& a, int64_t n0, int64_t n1, int64_t c0, int64_t w, float* o,
+                     int32_t* g) {
+  constexpr int kMaxW = 256;
+  const int64_t W = kW > 0 ? kW : w;
+  const int64_t D = a.D;
+  float acc[kW > 0 ? kW : kMaxW];
+  int32_t arg[kW > 0 ? kW : kMaxW];
+  const bool is_max = a.mode == kMax;
+  for (int64_t d = 0; d < W; ++d) { acc[d] = 0.0f; arg[d] = static_cast<int32_t>(a.N); }
+  bool any = false;
+  double den = 0.0;
+  for (int64_t p = n0; p < n1; ++p) {
+    Prefetch(a, p, n1);
+    const int64_t id = a.ids[p];
+    if (Skip(a, id)) continue;
+    const float* __restrict__ r = a.w + id * D + c0;
+    if (is_max) {
+      const int32_t pp = static_cast<int32_t>(p);
+      if (!any) {
+        for (int64_t d = 0; d < W; ++d) { acc[d] = r[d]; arg[d] = pp; }
+        any = true;
+      } else {
+        for (int64_t d = 0; d < W; ++d) {
+          const bool better = r[d] > acc[d];
+          acc[d] = better ? r[d] : acc[d];
+          arg[d] = better ? pp : arg[d];
+        }
+      }
+    } else {
+      const float c = a.psw ? a.psw[p] : 1.0f;
+      den += a.mode == kSqrtn ? static_cast<double>(c) * c : static_cast<double>(c);
+      for (int64_t d = 0; d < W; ++d) acc[d] += c * r[d];
+    }
+  }
+  float scale = 1.0f;
+  if (a.mode == kMean || a.mode == kSqrtn) {
+    if (a.mode == kSqrtn) den = std::sqrt(den);
+    scale = den != 0.0 ? static_cast<float>(1.0 / den) : 0.0f;
+  }
+  for (int64_t d = 0; d < W; ++d) o[d] = acc[d] * scale;
+  if (is_max) {
+    for (int64_t d = 0; d < W; ++d) g[d] = arg[d];
   }
 }
 
 void Bags(const Args& a, int64_t b0, int64_t b1) {
   const int64_t D = a.D;
-  std::memset(a.out + b0 * D, 0, sizeof(float) * (b1 - b0) * D);
-  if (a.mode == kMax) std::fill(a.arg + b0 * D, a.arg + b1 * D, static_cast<int32_t>(a.N));
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = a.start[b], n1 = a.start[b + 1];
     float* o = a.out + b * D;
-    if (a.mode == kMax) {
-      int32_t* g = a.arg + b * D;
-      bool any = false;
-      for (int64_t p = n0; p < n1; ++p) {
-        Prefetch(a, p, n1);
-        const int64_t id = a.ids[p];
-        if (Skip(a, id)) continue;
-        const float* r = a.w + id * D;
-        const int32_t pp = static_cast<int32_t>(p);
-        if (!any) {
-          for (int64_t d = 0; d < D; ++d) { o[d] = r[d]; g[d] = pp; }
-          any = true;
-        } else {
-          for (int64_t d = 0; d < D; ++d) {
-            const bool better = r[d] > o[d];
-            o[d] = better ? r[d] : o[d];
-            g[d] = better ? pp : g[d];
-          }
-        }
+    int32_t* g = a.mode == kMax ? a.arg + b * D : nullptr;
+    switch (D) {
+      case 16: BagBlock<16>(a, n0, n1, 0, 16, o, g); continue;
+      case 32: BagBlock<32>(a, n0, n1, 0, 32, o, g); continue;
+      case 64: BagBlock<64>(a, n0, n1, 0, 64, o, g); continue;
+      case 128: BagBlock<128>(a, n0, n1, 0, 128, o, g); continue;
+      case 256: BagBlock<256>(a, n0, n1, 0, 256, o, g); continue;
+      default: break;
+    }
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      const int64_t w = std::min<int64_t>(64, D - c0);
+      if (w == 64) {
+        BagBlock<64>(a, n0, n1, c0, 64, o + c0, g ? g + c0 : nullptr);
+      } else {
+        BagBlock<0>(a, n0, n1, c0, w, o + c0, g ? g + c0 : nullptr);
       }
-      continue;
-    }
-    double den = 0.0;
-    for (int64_t p = n0; p < n1; ++p) {
-      Prefetch(a, p, n1);
-      const int64_t id = a.ids[p];
-      if (Skip(a, id)) continue;
-      const float c = a.psw ? a.psw[p] : 1.0f;
-      den += a.mode == kSqrtn ? static_cast<double>(c) * c : static_cast<double>(c);
-      const float* r = a.w + id * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += c * r[d];
-    }
-    if (a.mode == kMean || a.mode == kSqrtn) {
-      if (a.mode == kSqrtn) den = std::sqrt(den);
-      const float inv = den != 0.0 ? static_cast<float>(1.0 / den) : 0.0f;
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     }
   }
 }
@@ -348,7 +381,7 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t span = sh->start[B] - sh->start[0];
   const int64_t chunks =
-      (span * a.D < (int64_t{1} << 18) || threads == 1) ? 1 : std::min<int64_t>(B, 4 * threads);
+      (span * a.D < (int64_t{1} << 15) || threads == 1) ? 1 : std::min<int64_t>(B, 4 * threads);
   if (chunks == 1) {
     Bags(a, 0, B);
     return ffi::Error::Success();
@@ -530,9 +563,11 @@ ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Bu
     if (u + 8 < U) {
       const int64_t nr = r[u + 8];
       if (nr >= 0 && nr < V) {
-        __builtin_prefetch(w + nr * D, 1);
-        __builtin_prefetch(m + nr * D, 1);
-        __builtin_prefetch(v + nr * D, 1);
+        for (int64_t off = 0; off < D && off < 256; off += 16) {
+          __builtin_prefetch(w + nr * D + off, 1);
+          __builtin_prefetch(m + nr * D + off, 1);
+          __builtin_prefetch(v + nr * D + off, 1);
+        }
       }
     }
     const int64_t row = r[u];
@@ -576,7 +611,7 @@ ffi::Error SparseAdagrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
     if (u + 8 < U) {
       const int64_t nr = r[u + 8];
       if (nr >= 0 && nr < V) {
-        __builtin_prefetch(w + nr * D, 1);
+        for (int64_t off = 0; off < D && off < 256; off += 16) __builtin_prefetch(w + nr * D + off, 1);
         __builtin_prefetch(a + nr, 1);
       }
     }
@@ -611,7 +646,9 @@ ffi::Error SparseSgd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buf
   ParallelRows(pool, U, D, [=](int64_t u) {
     if (u + 8 < U) {
       const int64_t nr = r[u + 8];
-      if (nr >= 0 && nr < V) __builtin_prefetch(w + nr * D, 1);
+      if (nr >= 0 && nr < V) {
+        for (int64_t off = 0; off < D && off < 256; off += 16) __builtin_prefetch(w + nr * D + off, 1);
+      }
     }
     const int64_t row = r[u];
     if (row < 0 || row >= V) return;
