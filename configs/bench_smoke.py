@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.modes = ("sum", "max")
     config.shapes = (shape("tiny", 300, 8, 6, 40),)
     config.sweeps = (
-        sweep("V", "V", (50, 200), dict(name="", V=100, D=4, B=3, N=12, lengths="fixed", ids="uniform"),
+        sweep("V", "V", (50, 200), {"name": "", "V": 100, "D": 4, "B": 3, "N": 12, "lengths": "fixed", "ids": "uniform"},
               modes=("mean",), phases=("fwd",)),
     )
     return config

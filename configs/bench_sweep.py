@@ -11,8 +11,8 @@ from configs.bench_reference import base_config, shape
 
 def sweep(name: str, param: str, points, base, modes=("sum",), phases=("fwd", "fwd_bwd")):
     return ml_collections.ConfigDict(
-        dict(name=name, param=param, points=tuple(points), base=base, modes=tuple(modes),
-             phases=tuple(phases))
+        {"name": name, "param": param, "points": tuple(points), "base": base,
+         "modes": tuple(modes), "phases": tuple(phases)}
     )
 
 
@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.repeats = 7
     config.fwd_impls = ("jaxbag", "kernel", "stream", "naive", "padded_dense", "onehot")
     config.grad_impls = ("jaxbag", "jaxbag_rows", "kernel", "naive")
-    base = dict(name="", V=100_000, D=64, B=1_024, N=20_480, lengths="uniform", ids="uniform")
+    base = {"name": "", "V": 100_000, "D": 64, "B": 1_024, "N": 20_480, "lengths": "uniform",
+            "ids": "uniform"}
     config.sweeps = (
         sweep("V", "V", (1_000, 10_000, 100_000, 1_000_000), base),
         sweep("N", "N", (2_048, 8_192, 32_768, 131_072), dict(base, B=256)),

@@ -211,7 +211,9 @@ class Runner:
                 self._log(rec)
                 del keep, fn
                 gc.collect()
-        carry = lambda out, args: (out[0], out[1], args[2])  # noqa: E731
+        def carry(out, args):
+            return out[0], out[1], args[2]
+
         for name in c.train_impls:
             rec = _record(p, "train", mode, name, "jax", extra)
             if name.endswith("_sparse"):

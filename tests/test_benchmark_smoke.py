@@ -53,7 +53,7 @@ def test_benchmark_smoke_run(tmp_path):
 
     measured = [r for r in results if not r.get("skipped")]
     for r in measured:
-        assert r["median_ms"] > 0 and r["repeats"] == (2 if r["phase"] != "train" else 2)
+        assert r["median_ms"] > 0 and r["repeats"] == 2
         assert np.isfinite(r.get("x_torch", 1.0))
         if r["framework"] == "jax":
             assert r["compile_s"] > 0 and r["temp_bytes"] is not None
@@ -76,12 +76,12 @@ def test_benchmark_cli_locks_config(tmp_path):
             "--workdir", str(tmp_path)]
     quick = ["--config.torch=False", "--config.modes=('sum',)", "--config.phases=('fwd',)",
              "--config.fwd_impls=('stream',)", "--config.plots=False", "--config.only=('tiny',)"]
-    ok = subprocess.run(base + quick, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(base + quick, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert ok.returncode == 0, ok.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["impl"] for r in rows] == ["stream"] and rows[0]["max_abs_err"] < 1e-5
     bad = subprocess.run(base + ["--config.no_such_field=1"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert bad.returncode != 0
 
 
@@ -215,5 +215,26 @@ def test_no_compiler_falls_back_to_xla(tmp_path):
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), JAXBAG_CACHE_DIR=str(tmp_path),
                PATH=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_gather_formulation_used_off_cpu(mode):
+    """impl='auto' lowers the gather + segment formulation on GPU/TPU: check it here directly."""
+    from jaxbag._src import fast_forward
+
+    rng = np.random.default_rng(5)
+    ids, seg = _case(rng, [3, 0, 5, 2, 4, 1, 3], neg_head=1)
+    w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
+    out, arg = jax.jit(lambda w_, i, s: fast_forward._gather_primal(w_, None, i, s, B, 3, mode))(w, ids, seg)
+    ref = jax.jit(lambda w_, i, s: bag_reduce(w_, i, s, B, mode=mode, padding_idx=3, impl="stream"))(w, ids, seg)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    if mode == "max":
+        _, arg_k = jax.jit(lambda w_, i, s: fast_forward.bag_reduce_with_arg(
+            w_, i, s, None, num_bags=B, padding_idx=3, mode=mode, layout=0, impl="stream"))(w, ids, seg)
+        np.testing.assert_array_equal(arg, arg_k)
+    # and it lowers for a GPU without one being present
+    lowered = jax.jit(lambda w_, i, s: bag_reduce(w_, i, s, B, mode=mode)).trace(w, ids, seg).lower(
+        lowering_platforms=("cuda",))
+    assert "custom_call" not in lowered.as_text() or "jaxbag" not in lowered.as_text()

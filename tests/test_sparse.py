@@ -152,7 +152,9 @@ def test_sparse_sgd_equals_dense_sgd(path):
 
     @jax.jit
     def dense_step(w_, s_, ids, offsets, y):
-        loss = lambda x: jnp.mean((jaxbag.embedding_bag(x, ids, offsets, mode="mean") - y) ** 2)  # noqa: E731
+        def loss(x):
+            return jnp.mean((jaxbag.embedding_bag(x, ids, offsets, mode="mean") - y) ** 2)
+
         upd, s_ = dense_opt.update(jax.grad(loss)(w_), s_, w_)
         return optax.apply_updates(w_, upd), s_
 

@@ -25,12 +25,16 @@ def _mb(x: int | None) -> str:
 def format_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """One block per (shape, phase, mode): every implementation's median and its ratios to torch."""
     lines = [
-        f"backend={meta['backend']} jax={meta['jax']} torch={meta['torch']} "
-        f"threads: xla={meta['threads']} torch={meta['torch_threads']}  "
-        f"memcpy={meta['memcpy_gbps']:.1f} GB/s  load avg (1 min) at start/end: "
-        f"{meta['loadavg_start'][0]:.1f}/{meta.get('loadavg_end', [float('nan')])[0]:.1f}",
-        "ratio = time / torch time (x torch: dense torch; x sparse: torch sparse=True). "
-        "GB/s = gathered row bytes (N*D*4) / time (forward only); %cpy = that / memcpy GB/s.",
+        (
+            f"backend={meta['backend']} jax={meta['jax']} torch={meta['torch']} "
+            f"threads: xla={meta['threads']} torch={meta['torch_threads']}  "
+            f"memcpy={meta['memcpy_gbps']:.1f} GB/s  load avg (1 min) at start/end: "
+            f"{meta['loadavg_start'][0]:.1f}/{meta.get('loadavg_end', [float('nan')])[0]:.1f}"
+        ),
+        (
+            "ratio = time / torch time (x torch: dense torch; x sparse: torch sparse=True). "
+            "GB/s = gathered row bytes (N*D*4) / time (forward only); %cpy = that / memcpy GB/s."
+        ),
     ]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in results:

@@ -19,7 +19,8 @@ implementations live here, both behind one :func:`bag_reduce`:
   bags).
 
 ``impl="auto"`` takes the kernel when it applies (float32 table, kernel built) and the stream loop
-otherwise; on other backends (GPU/TPU) the XLA path is always the one lowered.
+otherwise on CPU; on other backends (GPU/TPU) it lowers the plain gather + segment reduction, which
+is the fast formulation there.
 
 Differentiation: :func:`bag_reduce` is a ``jax.custom_jvp`` whose tangent rule is the linear
 gather+segment-sum formulation, so forward mode works and reverse mode is its transpose: the usual
@@ -757,7 +758,7 @@ def _build_kernel() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        "\0".join([_KERNEL_SOURCE, jax.__version__, cxx, _cpu_fingerprint()]).encode()
+        f"{_KERNEL_SOURCE}\0{jax.__version__}\0{cxx}\0{_cpu_fingerprint()}".encode()
     ).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = out_dir / f"jaxbag_cpu_{key}.so"
@@ -773,7 +774,7 @@ def _build_kernel() -> Path:
             cmd = [cxx, "-O3", *arch, "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
                    str(src), "-o", str(tmp_lib)]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             except OSError as e:
                 raise RuntimeError(f"the C++ compiler {cxx!r} could not be run: {e}") from e
             if proc.returncode == 0:
@@ -880,13 +881,42 @@ def _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew
     return total.astype(weight.dtype), arg
 
 
+def _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode):
+    """The plain gather + segment-reduction formulation (materialises ``[N, D]``): what
+    ``impl="auto"`` lowers on GPU/TPU, where that is the fast way. Same outputs as the others."""
+    n = ids.shape[0]
+    prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
+    acc = _acc_dtype(weight.dtype)
+    rows = jnp.take(weight, prep.safe_ids, axis=0).astype(acc)
+    if mode == "max":
+        vals = jnp.where(prep.valid[:, None], rows, jnp.asarray(-jnp.inf, acc))
+        best = jax.ops.segment_max(vals, seg, num_segments=num_bags, indices_are_sorted=True)
+        hit = prep.valid[:, None] & (vals == best[prep.seg_c])
+        pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
+        arg = jnp.minimum(
+            jax.ops.segment_min(pos, seg, num_segments=num_bags, indices_are_sorted=True), n
+        )
+        return jnp.where(arg < n, best, jnp.zeros((), acc)).astype(weight.dtype), arg
+    total = jax.ops.segment_sum(rows * prep.w[:, None], seg, num_segments=num_bags,
+                                indices_are_sorted=True)
+    if prep.inv_den is not None:
+        total = total * prep.inv_den[:, None]
+    return total.astype(weight.dtype), jnp.full((num_bags, 1), n, jnp.int32)
+
+
 def _primal(weight, psw, ids, bounds, cfg):
     (num_bags, padding_idx, mode, layout, include_last_offset, impl, unroll, skew_limit, chunk) = cfg
     n = ids.shape[0]
 
+    def seg_ids():
+        return _segment_ids(bounds, n, num_bags, layout, include_last_offset)
+
     def xla():
-        seg = _segment_ids(bounds, n, num_bags, layout, include_last_offset)
-        return _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk)
+        return _xla_primal(weight, psw, ids, seg_ids(), num_bags, padding_idx, mode, unroll,
+                           skew_limit, chunk)
+
+    def gather():
+        return _gather_primal(weight, psw, ids, seg_ids(), num_bags, padding_idx, mode)
 
     use_kernel = impl != "stream" and _kernel_ok(weight)
     if impl == "kernel" and not use_kernel:
@@ -894,8 +924,10 @@ def _primal(weight, psw, ids, bounds, cfg):
             "impl='kernel' needs a float32 table and the CPU kernel; cpu_kernel_status() says: "
             f"{cpu_kernel_status()[1]!r}. Use impl='auto' to fall back to XLA."
         )
-    if not use_kernel:
+    if impl == "stream":
         return xla()
+    if not use_kernel:  # auto: the stream loop on CPU, the gather formulation elsewhere
+        return lax.platform_dependent(cpu=xla, default=gather)
     v = weight.shape[0]
     ids32 = _as_int32(ids, 0, v - 1, -1)
     if layout == 0:
@@ -906,7 +938,7 @@ def _primal(weight, psw, ids, bounds, cfg):
     def kernel():
         return _kernel_call(weight, ids32, b32, psw, num_bags, padding_idx, mode, layout)
 
-    return lax.platform_dependent(cpu=kernel, default=xla)
+    return lax.platform_dependent(cpu=kernel, default=gather)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))

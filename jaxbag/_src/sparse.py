@@ -45,16 +45,16 @@ from jax.typing import ArrayLike
 from jaxbag._src import fast_forward, ops, segments, validation
 
 __all__ = [
-    "RowGrads",
-    "SparseOptimizer",
-    "SgdState",
-    "RowwiseAdagradState",
     "LazyAdamState",
-    "unique_rows",
+    "RowGrads",
+    "RowwiseAdagradState",
+    "SgdState",
+    "SparseOptimizer",
     "embedding_bag_rows",
-    "sparse_sgd",
     "sparse_adagrad",
     "sparse_adam",
+    "sparse_sgd",
+    "unique_rows",
 ]
 
 ScalarOrSchedule = float | Callable[[Array], ArrayLike]
