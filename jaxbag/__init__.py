@@ -17,11 +17,15 @@ from jaxbag._src.collection import embedding_bag_collection as embedding_bag_col
 from jaxbag._src.collection import init_collection as init_collection
 from jaxbag._src.collection import pack_tables as pack_tables
 from jaxbag._src.collection import unpack_tables as unpack_tables
-from jaxbag._src.collection_linen import EmbeddingBagCollection as EmbeddingBagCollection
+from jaxbag._src.collection_linen import (
+    EmbeddingBagCollection as EmbeddingBagCollection,
+)
 from jaxbag._src.jagged import JaggedFeatures as JaggedFeatures
 from jaxbag._src.linen import EmbeddingBag as EmbeddingBag
 from jaxbag._src.ops import embedding_bag as embedding_bag
 from jaxbag._src.ops import renorm as renorm
+from jaxbag._src.segments import lengths_to_segment_ids as lengths_to_segment_ids
+from jaxbag._src.segments import offsets_to_segment_ids as offsets_to_segment_ids
 from jaxbag._src.sparse import LazyAdamState as LazyAdamState
 from jaxbag._src.sparse import RowGrads as RowGrads
 from jaxbag._src.sparse import RowwiseAdagradState as RowwiseAdagradState
@@ -32,8 +36,6 @@ from jaxbag._src.sparse import sparse_adagrad as sparse_adagrad
 from jaxbag._src.sparse import sparse_adam as sparse_adam
 from jaxbag._src.sparse import sparse_sgd as sparse_sgd
 from jaxbag._src.sparse import unique_rows as unique_rows
-from jaxbag._src.segments import lengths_to_segment_ids as lengths_to_segment_ids
-from jaxbag._src.segments import offsets_to_segment_ids as offsets_to_segment_ids
 from jaxbag._src.validation import MODES as MODES
 from jaxbag._src.validation import validate as validate
 

@@ -14,7 +14,9 @@ from jaxbag._src.planner import ShardingPlan as ShardingPlan
 from jaxbag._src.planner import plan_sharding as plan_sharding
 from jaxbag._src.sharding import axis_size as axis_size
 from jaxbag._src.sharding import embedding_bag as embedding_bag
-from jaxbag._src.sharding import embedding_bag_in_shard_map as embedding_bag_in_shard_map
+from jaxbag._src.sharding import (
+    embedding_bag_in_shard_map as embedding_bag_in_shard_map,
+)
 from jaxbag._src.sharding import embedding_bag_rows as embedding_bag_rows
 from jaxbag._src.sharding import pad_rows as pad_rows
 from jaxbag._src.sharding import shard_table as shard_table

@@ -559,9 +559,9 @@ def case_sparse():
             got_w, got_s, _ = got[oname]
             ref_w, ref_s = ref[oname]
             tag = f"sparse {oname} {mname} {mode} {len(args)}-arg"
-            close(got_w, ref_w, f"{tag} table")
+            close(got_w, ref_w, f"{tag} table", atol=1e-5)  # CPU kernel vs XLA rounding
             for a, b in zip(jax.tree.leaves(got_s), jax.tree.leaves(ref_s)):
-                close(a, b, f"{tag} state")
+                close(a, b, f"{tag} state", atol=1e-5)
             if got_w.sharding.spec != P("model", None):
                 raise AssertionError(f"{tag}: table came back as {got_w.sharding.spec}")
             if np.allclose(np.asarray(got_w), np.asarray(d["w"])):

@@ -22,6 +22,10 @@ implementations live here, both behind one :func:`bag_reduce`:
 otherwise on CPU; on other backends (GPU/TPU) it lowers the plain gather + segment reduction, which
 is the fast formulation there.
 
+The same compiled library holds the CPU kernels of the sparse training path
+(:mod:`jaxbag._src.sparse`): distinct ids (hash + radix sort), the row-gradient scatter, and fused
+in-place SGD / row-wise Adagrad / lazy Adam updates of the touched rows. Each has an XLA fallback.
+
 Differentiation: :func:`bag_reduce` is a ``jax.custom_jvp`` whose tangent rule is the linear
 gather+segment-sum formulation, so forward mode works and reverse mode is its transpose: the usual
 scatter-add of the bag cotangents (the kernel and the while loop are never differentiated). ``max``
@@ -42,6 +46,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -1090,8 +1095,27 @@ def bag_reduce_with_arg(weight, ids, bounds, psw, *, num_bags, padding_idx, mode
     return _bag_reduce(weight, psw, ids, bounds, cfg)
 
 
+def _in_shard_map(*arrays: Any) -> bool:
+    """Whether any of ``arrays`` is traced inside ``shard_map`` (its mesh has Manual axes).
+
+    The FFI calls do not carry the manual-axis typing, so ``platform_dependent`` could not pair
+    them with the XLA branch there: inside ``shard_map`` the XLA path is used.
+    """
+    for a in arrays:
+        if isinstance(a, jax.ShapeDtypeStruct):
+            continue
+        mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+        if mesh is not None and jax.sharding.AxisType.Manual in getattr(mesh, "axis_types", ()):
+            return True
+    return False
+
+
 def _kernel_ok(*arrays: Array) -> bool:
-    return all(a.dtype == jnp.float32 for a in arrays) and _load_kernel()
+    return (
+        all(a.dtype == jnp.float32 for a in arrays)
+        and not _in_shard_map(*arrays)
+        and _load_kernel()
+    )
 
 
 def rows_grad(ct: Array, slot: Array, seg: Array, coef: Array, arg: Array, num_slots: int,
@@ -1163,7 +1187,7 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
       hyper: ``float32 [k]`` hyper-parameters (traced: a schedule's learning rate).
       xla_fallback: zero-argument function giving the same result with XLA ops.
     """
-    if not _kernel_ok(*arrays, grads):
+    if _in_shard_map(rows, hyper) or not _kernel_ok(*arrays, grads):
         return xla_fallback()
     k = len(arrays)
 
@@ -1180,7 +1204,7 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
 def unique_rows_kernel(keys: Array, num_embeddings: int, size: int, xla_fallback):
     """``(rows [U], inverse [N])`` of int32 ``keys [N]`` (keys outside ``[0, V)`` skipped) by the
     CPU kernel (hash + radix sort), or ``xla_fallback()`` where it does not apply."""
-    if not _kernel_ok(jax.ShapeDtypeStruct((), jnp.float32)):  # (the kernel is built and allowed)
+    if _in_shard_map(keys) or not _kernel_ok(jax.ShapeDtypeStruct((), jnp.float32)):
         return xla_fallback()
     n = keys.shape[0]
 
