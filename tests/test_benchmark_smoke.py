@@ -16,6 +16,7 @@ import pytest
 
 import jaxbag
 from jaxbag._src.fast_forward import bag_reduce, cpu_kernel_status
+from jaxbag._src.ops import embedding_bag_xla
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_bag_reduce_matches_embedding_bag(mode, skewed, impl):
 
     # ids / seg are jit arguments (traced): out-of-range ids are then skipped, not an eager error.
     def ref(w_, p_, i_, s_):
-        return jaxbag.embedding_bag(w_, i_, segment_ids=s_, num_bags=B, mode=mode,
+        return embedding_bag_xla(w_, i_, segment_ids=s_, num_bags=B, mode=mode,
                                     per_sample_weights=p_, padding_idx=3)
 
     def fast(w_, p_, i_, s_):
@@ -179,7 +180,7 @@ def test_bag_reduce_hessian_and_max_ties(impl):
         return lambda w_, p_, i, s: jnp.sum(jnp.sin(fn(w_, p_, i, s)))
 
     fast = f(lambda w_, p_, i, s: bag_reduce(w_, i, s, 3, mode="sqrtn", per_sample_weights=p_, impl=impl))
-    ref = f(lambda w_, p_, i, s: jaxbag.embedding_bag(w_, i, segment_ids=s, num_bags=3, mode="sqrtn",
+    ref = f(lambda w_, p_, i, s: embedding_bag_xla(w_, i, segment_ids=s, num_bags=3, mode="sqrtn",
                                                       per_sample_weights=p_))
     hf = jax.jit(jax.hessian(fast, argnums=(0, 1)))(w, psw, ids, seg)
     hr = jax.jit(jax.hessian(ref, argnums=(0, 1)))(w, psw, ids, seg)

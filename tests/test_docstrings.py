@@ -12,6 +12,8 @@ MODULES = [
     "jaxbag._src.linen",
     "jaxbag._src.nnx",
     "jaxbag._src.batching",
+    "jaxbag._src.sparse",
+    "jaxbag._src.fast_forward",
     "jaxbag._src.jagged",
     "jaxbag._src.collection",
     "jaxbag._src.collection_linen",

@@ -1095,14 +1095,14 @@ def bag_reduce_with_arg(weight, ids, bounds, psw, *, num_bags, padding_idx, mode
     return _bag_reduce(weight, psw, ids, bounds, cfg)
 
 
-def _in_shard_map(*arrays: Any) -> bool:
+def in_shard_map(*arrays: Any) -> bool:
     """Whether any of ``arrays`` is traced inside ``shard_map`` (its mesh has Manual axes).
 
     The FFI calls do not carry the manual-axis typing, so ``platform_dependent`` could not pair
     them with the XLA branch there: inside ``shard_map`` the XLA path is used.
     """
     for a in arrays:
-        if isinstance(a, jax.ShapeDtypeStruct):
+        if a is None or isinstance(a, jax.ShapeDtypeStruct):
             continue
         mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
         if mesh is not None and jax.sharding.AxisType.Manual in getattr(mesh, "axis_types", ()):
@@ -1113,7 +1113,7 @@ def _in_shard_map(*arrays: Any) -> bool:
 def _kernel_ok(*arrays: Array) -> bool:
     return (
         all(a.dtype == jnp.float32 for a in arrays)
-        and not _in_shard_map(*arrays)
+        and not in_shard_map(*arrays)
         and _load_kernel()
     )
 
@@ -1187,7 +1187,7 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
       hyper: ``float32 [k]`` hyper-parameters (traced: a schedule's learning rate).
       xla_fallback: zero-argument function giving the same result with XLA ops.
     """
-    if _in_shard_map(rows, hyper) or not _kernel_ok(*arrays, grads):
+    if in_shard_map(rows, hyper) or not _kernel_ok(*arrays, grads):
         return xla_fallback()
     k = len(arrays)
 
@@ -1204,7 +1204,7 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
 def unique_rows_kernel(keys: Array, num_embeddings: int, size: int, xla_fallback):
     """``(rows [U], inverse [N])`` of int32 ``keys [N]`` (keys outside ``[0, V)`` skipped) by the
     CPU kernel (hash + radix sort), or ``xla_fallback()`` where it does not apply."""
-    if _in_shard_map(keys) or not _kernel_ok(jax.ShapeDtypeStruct((), jnp.float32)):
+    if in_shard_map(keys) or not _kernel_ok(jax.ShapeDtypeStruct((), jnp.float32)):
         return xla_fallback()
     n = keys.shape[0]
 

@@ -5,12 +5,14 @@ Legend: ``V`` rows in the table, ``D`` features, ``N`` ids, ``B`` bags, ``L`` id
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
-from jaxbag._src import segments, validation
+from jaxbag._src import fast_forward, segments, validation
 
 __all__ = ["embedding_bag", "renorm"]
 
@@ -242,6 +244,49 @@ def embedding_bag(
       >>> jaxbag.embedding_bag(w, jnp.array([[0, 1], [2, 2]]), mode="max").tolist()
       [[3.0, 4.0], [5.0, 6.0]]
     """
+    return _embedding_bag(
+        weight,
+        indices,
+        offsets,
+        mode=mode,
+        per_sample_weights=per_sample_weights,
+        padding_idx=padding_idx,
+        include_last_offset=include_last_offset,
+        max_norm=max_norm,
+        norm_type=norm_type,
+        scale_grad_by_freq=scale_grad_by_freq,
+        segment_ids=segment_ids,
+        num_bags=num_bags,
+        fast=True,
+    )
+
+
+def embedding_bag_xla(weight: ArrayLike, indices: ArrayLike, offsets: ArrayLike | None = None,
+                      **kwargs: Any) -> Array:
+    """:func:`embedding_bag` through its reference formulation only (gather + segment ops).
+
+    The oracle the fast forward (:mod:`jaxbag._src.fast_forward`) is tested against; the same
+    arguments and results as :func:`embedding_bag`.
+    """
+    return _embedding_bag(weight, indices, offsets, fast=False, **kwargs)
+
+
+def _embedding_bag(
+    weight: ArrayLike,
+    indices: ArrayLike,
+    offsets: ArrayLike | None = None,
+    *,
+    mode: str = "mean",
+    per_sample_weights: ArrayLike | None = None,
+    padding_idx: int | None = None,
+    include_last_offset: bool = False,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    segment_ids: ArrayLike | None = None,
+    num_bags: int | None = None,
+    fast: bool,
+) -> Array:
     weight = jnp.asarray(weight)
     indices = jnp.asarray(indices)
     offsets = None if offsets is None else jnp.asarray(offsets)
@@ -270,14 +315,28 @@ def embedding_bag(
     b = layout.num_bags
     ids = indices.reshape(-1)
     n = ids.shape[0]
+    if b == 0 or n == 0:
+        return jnp.zeros((b, features), weight.dtype)
+    weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+    fast = fast and max_norm is None and not scale_grad_by_freq
+    if fast and not fast_forward.in_shard_map(weight, ids, offsets, segment_ids, weights):
+        # Streams rows into the bags without the [N, D] gather (CPU kernel or XLA loop; plain
+        # gather + segment ops elsewhere); same values and gradients as the code below.
+        kw = dict(mode=mode, per_sample_weights=weights, padding_idx=pad)
+        if layout.two_d:
+            starts = jnp.arange(0, n, indices.shape[1], dtype=jnp.int32)
+            return fast_forward.bag_reduce(weight, ids, offsets=starts, **kw)
+        if offsets is not None:
+            return fast_forward.bag_reduce(
+                weight, ids, offsets=offsets, include_last_offset=include_last_offset, **kw
+            )
+        return fast_forward.bag_reduce(weight, ids, segment_ids, b, **kw)
     if layout.two_d:
         seg = jnp.repeat(jnp.arange(b, dtype=jnp.int32), indices.shape[1], total_repeat_length=n)
     elif offsets is not None:
         seg = segments.offsets_to_segment_ids(offsets, n, include_last_offset=include_last_offset)
     else:
         seg = segment_ids
-    if b == 0 or n == 0:
-        return jnp.zeros((b, features), weight.dtype)
 
     valid = (ids >= 0) & (ids < num_embeddings) & (seg >= 0) & (seg < b)
     if pad is not None:
@@ -286,7 +345,6 @@ def embedding_bag(
     rows = lookup_rows(
         weight, ids, valid, max_norm=max_norm, norm_type=norm_type, inverse_freq=inverse_freq
     )
-    weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
     out = reduce_bags(rows, seg, b, mode, valid=valid, weights=weights)
     return out.astype(weight.dtype)
 
