@@ -1,6 +1,7 @@
 """jaxbag: EmbeddingBag for JAX and Flax.
 
-The public API; implementations live in ``jaxbag._src``.
+The public API; implementations live in ``jaxbag._src``. Namespaces: ``jaxbag.nnx`` (flax.nnx
+modules) and ``jaxbag.sharding`` (row-sharded ops on a ``jax.sharding`` mesh).
 """
 
 from jaxbag import nnx as nnx
@@ -42,28 +43,24 @@ from jaxbag._src.validation import validate as validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "LazyAdamState",  # sparse row updates
-    "RowGrads",  # sparse row updates
-    "RowwiseAdagradState",  # sparse row updates
-    "SgdState",  # sparse row updates
-    "SparseOptimizer",  # sparse row updates
-    "embedding_bag_rows",  # sparse row updates
-    "sparse_adagrad",  # sparse row updates
-    "sparse_adam",  # sparse row updates
-    "sparse_sgd",  # sparse row updates
-    "unique_rows",  # sparse row updates
     "CollectionLayout",
     "EmbeddingBag",
     "EmbeddingBagCollection",
     "JaggedFeatures",
+    "LazyAdamState",
     "MODES",
     "PackedBags",
+    "RowGrads",
+    "RowwiseAdagradState",
+    "SgdState",
+    "SparseOptimizer",
     "TableConfig",
     "bucket_size",
     "collection_layout",
     "concat_features",
     "embedding_bag",
     "embedding_bag_collection",
+    "embedding_bag_rows",
     "geometric_buckets",
     "init_collection",
     "lengths_to_segment_ids",
@@ -73,6 +70,10 @@ __all__ = [
     "pack_tables",
     "renorm",
     "sharding",
+    "sparse_adagrad",
+    "sparse_adam",
+    "sparse_sgd",
+    "unique_rows",
     "unpack_tables",
     "validate",
 ]
