@@ -63,3 +63,14 @@ def test_same_example_as_2d_and_segment_ids(jit):
         f2, fs = jax.jit(f2), jax.jit(fs)
     np.testing.assert_allclose(np.asarray(f2(w, TOKENS[None, :])), [[-1.2355, 0.8616]], atol=1e-6)
     np.testing.assert_allclose(np.asarray(fs(w, TOKENS, np.zeros(4, np.int32))), [[-1.2355, 0.8616]], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sqrtn"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_single_id_bag_with_constant_ids_under_jit(mode, dtype):
+    """Regression: one bag of one id, ids closed over as jit constants, gives that row."""
+    w = jnp.arange(18.0, dtype=jnp.float32).reshape(6, 3).astype(dtype)
+    for ids in (jnp.array([[4]]), jnp.array([4])):
+        offsets = None if ids.ndim == 2 else jnp.array([0])
+        out = jax.jit(lambda t: jaxbag.embedding_bag(t, ids, offsets, mode=mode))(w)
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(w[4:5], np.float32))

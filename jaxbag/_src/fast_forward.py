@@ -18,9 +18,11 @@ implementations live here, both behind one :func:`bag_reduce`:
   a runtime ``lax.cond`` switches to a chunked scan (gather ``chunk`` rows, scatter them into the
   bags).
 
-``impl="auto"`` takes the kernel when it applies (float32 table, kernel built) and the stream loop
-otherwise on CPU; on other backends (GPU/TPU) it lowers the plain gather + segment reduction, which
-is the fast formulation there.
+``impl="auto"`` takes the kernel when it applies (float32 table, kernel built, CPU) and the plain
+gather + segment reduction otherwise (the fast formulation on GPU/TPU). The stream loop is opt-in
+(``impl="stream"``): XLA:CPU was seen to return zeros from it under ``jit`` when its inputs are
+closed-over constants (one bag of one id), so it stays out of the default path until that is
+understood.
 
 The same compiled library holds the CPU kernels of the sparse training path
 (:mod:`jaxbag._src.sparse`): distinct ids (hash + radix sort), the row-gradient scatter, and fused
@@ -931,8 +933,11 @@ def _primal(weight, psw, ids, bounds, cfg):
         )
     if impl == "stream":
         return xla()
-    if not use_kernel:  # auto: the stream loop on CPU, the gather formulation elsewhere
-        return lax.platform_dependent(cpu=xla, default=gather)
+    if not use_kernel:
+        # auto: the gather formulation. The stream loop (impl="stream") is opt-in only: under jit
+        # with its inputs closed over as constants XLA:CPU has been seen to return zeros from it
+        # (a single bag of one id), so it is kept out of the default path until that is understood.
+        return gather()
     v = weight.shape[0]
     ids32 = _as_int32(ids, 0, v - 1, -1)
     if layout == 0:
@@ -1032,7 +1037,7 @@ def bag_reduce(
       mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
       per_sample_weights: optional ``float [N]`` weights (not with ``"max"``).
       padding_idx: optional row in ``[0, V)`` to skip (already normalised).
-      impl: ``"auto"`` (the CPU kernel when available, else ``"stream"``), ``"kernel"`` (raise if
+      impl: ``"auto"`` (the CPU kernel when available, else the gather formulation), ``"kernel"`` (raise if
         unavailable) or ``"stream"`` (pure XLA).
       unroll: stream: positions handled per loop trip (static).
       skew_limit: stream: use the chunked fallback when ``B * L > skew_limit * N`` (runtime check).
