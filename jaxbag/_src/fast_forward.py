@@ -56,19 +56,13 @@ import numpy as np
 from jax import Array, lax
 
 from jaxbag._src import segments
+from jaxbag._src.dtypes import acc_dtype
 
 __all__ = ["bag_reduce", "cpu_kernel_status"]
 
 _MODES = ("sum", "mean", "max", "sqrtn")
 _MODE_CODE = {"sum": 0, "mean": 1, "max": 2, "sqrtn": 3}
 _IMPLS = ("auto", "kernel", "stream")
-
-def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """float32 for narrow float tables (bf16, f16), the table's dtype otherwise (f32, f64).
-
-    (Not ``jnp.promote_types``: it raises for bf16/f32 under strict dtype promotion.)"""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def _gather_rows(table: Array, idx: Array) -> Array:
@@ -92,7 +86,7 @@ class _Prep:
 
     def __init__(self, weight, ids, seg, psw, num_bags, padding_idx, mode):
         v = weight.shape[0]
-        acc = _acc_dtype(weight.dtype)
+        acc = acc_dtype(weight.dtype)
         valid = (ids >= 0) & (ids < v) & (seg >= 0) & (seg < num_bags)
         if padding_idx is not None:
             valid = valid & (ids != padding_idx)
@@ -121,7 +115,7 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
     """The position-by-position loop. Returns (``[B, D]`` acc-dtype result, ``[B, D]`` int32 arg)."""
     n = ids.shape[0]
     v, d = weight.shape
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     lengths = jax.ops.segment_sum(
         jnp.ones((n,), jnp.int32), seg, num_segments=num_bags, indices_are_sorted=True
     )
@@ -166,7 +160,7 @@ def _chunked(weight, prep: _Prep, seg, num_bags, mode, chunk):
     Same outputs as :func:`_stream`."""
     n = seg.shape[0]
     d = weight.shape[1]
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     k = max(1, min(chunk, n))
     m = -(-n // k)
     pad = m * k - n
@@ -204,7 +198,6 @@ def _chunked(weight, prep: _Prep, seg, num_bags, mode, chunk):
 
     arg, _ = lax.scan(first_of, jnp.full((num_bags, d), n, jnp.int32), (ids_c, seg_c, pos_c))
     return jnp.where(arg < n, best, jnp.zeros((), acc)), arg
-
 
 
 # ---- the CPU kernel ------------------------------------------------------------------------------
@@ -893,7 +886,7 @@ def _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode):
     ``impl="auto"`` lowers on GPU/TPU, where that is the fast way. Same outputs as the others."""
     n = ids.shape[0]
     prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     rows = jnp.take(weight, prep.safe_ids, axis=0).astype(acc)
     if mode == "max":
         vals = jnp.where(prep.valid[:, None], rows, jnp.asarray(-jnp.inf, acc))
@@ -966,7 +959,7 @@ def _bag_reduce_jvp(cfg, primals, tangents):
     n = ids.shape[0]
     seg = _segment_ids(bounds, n, num_bags, layout, include_last_offset)
     prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     t = jnp.zeros(out.shape, acc)
     if not isinstance(d_weight, jax.custom_derivatives.SymbolicZero):
         if mode == "max":

@@ -13,13 +13,9 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxbag._src import fast_forward, segments, validation
+from jaxbag._src.dtypes import acc_dtype
 
 __all__ = ["embedding_bag", "renorm"]
-
-
-def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """float32 for narrow float tables (bf16, f16), the table's dtype otherwise (f32, f64)."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _row_norms(rows: Array, norm_type: float) -> Array:
@@ -95,7 +91,7 @@ def lookup_rows(
     Applies torch's ``max_norm`` (forward value of the renormed row, gradient of the renormed
     table) and the ``scale_grad_by_freq`` gradient scale ``inverse_freq [N]``.
     """
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     safe_ids = jnp.where(take, ids, jnp.zeros((), ids.dtype))
     rows = jnp.take(weight, safe_ids, axis=0, mode="clip").astype(acc)
     if max_norm is not None:
@@ -378,7 +374,7 @@ def renorm(
     num_embeddings = weight.shape[0]
     ok = (ids >= 0) & (ids < num_embeddings)
     safe_ids = jnp.where(ok, ids, 0)
-    rows = jnp.take(weight, safe_ids, axis=0).astype(_acc_dtype(weight.dtype))
+    rows = jnp.take(weight, safe_ids, axis=0).astype(acc_dtype(weight.dtype))
     new_rows = rows * _renorm_scale(rows, max_norm, norm_type)[:, None]
     target = jnp.where(ok, ids, num_embeddings)  # dropped by the scatter
     return weight.at[target].set(new_rows.astype(weight.dtype), mode="drop")

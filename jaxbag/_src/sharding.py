@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxbag._src import ops, segments, sparse, validation
+from jaxbag._src.dtypes import acc_dtype
 
 __all__ = [
     "AxisName",
@@ -533,7 +534,7 @@ def embedding_bag_rows(
     b_loc = b // axis_size(mesh, batch_axis)
     batch_axes, row_axes = axis_tuple(batch_axis), axis_tuple(axis_name)
     rows_spec, out_spec = P(spec_entry(axis_name), None), P(spec_entry(batch_axis), None)
-    acc = ops._acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     two_d = indices.ndim == 2
     if two_d:
         seg_all = None

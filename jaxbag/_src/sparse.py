@@ -43,6 +43,7 @@ from jax import Array, lax
 from jax.typing import ArrayLike
 
 from jaxbag._src import fast_forward, ops, segments, validation
+from jaxbag._src.dtypes import acc_dtype
 
 __all__ = [
     "LazyAdamState",
@@ -118,14 +119,6 @@ class LazyAdamState(NamedTuple):
     count: Array
     mu: Array
     nu: Array
-
-
-def _acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """float32 for narrow float tables (bf16, f16), the table's dtype otherwise (f32, f64).
-
-    (Not ``jnp.promote_types``: it raises for bf16/f32 under strict dtype promotion.)"""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def _check_size(size: int, num_indices: int) -> int:
@@ -292,7 +285,7 @@ def _rows_direct(
     ids = indices.reshape(-1)
     n = ids.shape[0]
     u = rows.shape[0]
-    acc = _acc_dtype(weight.dtype)
+    acc = acc_dtype(weight.dtype)
     if b == 0 or n == 0:
         bags = jnp.zeros((b, features), weight.dtype)
         return bags, lambda g: RowGrads(rows=rows, grads=jnp.zeros((u, features), acc))
@@ -338,7 +331,7 @@ def _rows_local(
 
     def pullback(g: Array) -> RowGrads:
         (g_local,) = vjp(jnp.asarray(g, bags.dtype))
-        grads = g_local[:u].astype(_acc_dtype(weight.dtype))
+        grads = g_local[:u].astype(acc_dtype(weight.dtype))
         return RowGrads(rows=rows, grads=grads)
 
     return bags, pullback
