@@ -198,6 +198,18 @@ def _first(mask: Array) -> Array:
     return jnp.argmax(mask).astype(jnp.int32)
 
 
+def _decreasing(name: str, x: Array, rule: str) -> _Problem:
+    """The problem "``x[i] < x[i - 1]``" at the first such ``i`` (``x`` has >= 2 entries)."""
+    dec = x[1:] < x[:-1]
+    i = _first(dec) + 1
+    return _Problem(
+        ValueError,
+        jnp.any(dec),
+        f"{name}[{{}}] = {{}} is smaller than {name}[{{}}] = {{}}: {rule}",
+        [i, x[i], i - 1, x[i - 1]],
+    )
+
+
 def _value_problems(
     num_embeddings: int,
     indices: Array,
@@ -235,15 +247,9 @@ def _value_problems(
             )
         )
     if offsets is not None and offsets.shape[0] > 1:
-        dec = offsets[1:] < offsets[:-1]
-        i = _first(dec) + 1
         problems.append(
-            _Problem(
-                ValueError,
-                jnp.any(dec),
-                "offsets[{}] = {} is smaller than offsets[{}] = {}: offsets must be non-decreasing "
-                "(equal offsets make empty bags).",
-                [i, offsets[i], i - 1, offsets[i - 1]],
+            _decreasing(
+                "offsets", offsets, "offsets must be non-decreasing (equal offsets make empty bags)."
             )
         )
     if offsets is not None and offsets.shape[0] > 0:
@@ -258,16 +264,8 @@ def _value_problems(
             )
         )
     if segment_ids is not None and n > 1:
-        dec = segment_ids[1:] < segment_ids[:-1]
-        i = _first(dec) + 1
         problems.append(
-            _Problem(
-                ValueError,
-                jnp.any(dec),
-                "segment_ids[{}] = {} is smaller than segment_ids[{}] = {}: segment ids must be "
-                "sorted (non-decreasing).",
-                [i, segment_ids[i], i - 1, segment_ids[i - 1]],
-            )
+            _decreasing("segment_ids", segment_ids, "segment ids must be sorted (non-decreasing).")
         )
     return problems
 
