@@ -14,6 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = "bbc_news"  # "bbc_news" | "ag_news_csv" | "jsonl"
     config.data.test_fraction = 0.2  # bbc_news: seeded stratified split
+    # Model selection: k > 0 trains on k-1 folds of the training split and evaluates on
+    # fold `validation_fold` of it instead of the test split (experiments/select.py).
+    config.data.validation_folds = 0
+    config.data.validation_fold = 0
+    config.data.validation_repeat = 0  # another seeded k-fold partition (repeated CV)
     config.data.max_per_class = 0  # bbc_news: first k files per class (0: all)
     config.data.train_path = ""  # ag_news_csv / jsonl
     config.data.test_path = ""
@@ -29,8 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokenizer.min_freq = 1
     config.tokenizer.max_size = 0  # vocabulary cap, <unk> included (0: none)
     config.tokenizer.max_tokens = 0  # truncate documents (0: no)
-    # Each distinct id once, weighted by its count: the same mean, ~half the ids.
-    config.tokenizer.counts = True
+    # What a document's bag holds (experiments/textcls/tokenizer.py, Featurizer):
+    # "count": each distinct id once, weighted by its count (the same mean as "none",
+    # every id in order, with ~half the ids); "log": weights 1 + ln(count); "binary":
+    # each distinct id once, unweighted.
+    config.tokenizer.term_weights = "count"
+    config.tokenizer.idf = False  # multiply the weights by the training split's idf
 
     config.model = ml_collections.ConfigDict()
     config.model.features = 64

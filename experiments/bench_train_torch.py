@@ -10,9 +10,9 @@ the same batches: the documents of every batch and their order come from the sam
 ``epoch_order(seed, epoch)``. Each loop builds its own batch inputs from the
 featurized documents inside the timed loop (JAX: ``jaxbag.pack_bags`` into static
 bucketed shapes; torch: ``indices`` + ``offsets`` tensors, no padding needed). With
-``config.tokenizer.counts`` both get the same distinct ids and counts (torch's
-EmbeddingBag takes ``per_sample_weights`` only in ``sum`` mode, so its count-weighted
-mean is a sum with pre-normalised weights: the same function). Both loops read the
+weighted bags (``config.tokenizer.term_weights`` count/log, or ``idf``) both get the same
+distinct ids and weights (torch's EmbeddingBag takes ``per_sample_weights`` only in
+``sum`` mode, so its weighted mean is a sum with pre-normalised weights: the same function). Both loops read the
 loss back every step (JAX: at the end of the epoch, from its metrics pytree).
 
 Torch's AdamW is timed with each implementation in ``--torch_impls`` (``default`` =
@@ -89,13 +89,13 @@ class JaxLoop:
 
 def _torch_weights(bags, weights, mode: str, ignore_unknown: bool):
     """torch's EmbeddingBag takes per_sample_weights only in "sum" mode: a count-weighted
-    mean becomes a sum with weights count / (number of counted ids)."""
+    mean becomes a sum with weights w / (sum of the counted ids' weights)."""
     if weights is None:
         return mode, None
     if mode == "sum":
         return "sum", weights
     if mode != "mean":
-        raise ValueError(f"tokenizer.counts with model.mode={mode!r} has no torch equivalent here")
+        raise ValueError(f"weighted bags with model.mode={mode!r} have no torch equivalent here")
     out = []
     for ids, w in zip(bags, weights):
         total = float((w[ids != UNKNOWN_ID] if ignore_unknown else w).sum())
@@ -202,7 +202,7 @@ def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[
     featurizer = Featurizer.fit(train_ds.texts, config.tokenizer)
     pairs = [featurizer.bag(t) for t in train_ds.texts]
     bags = [p[0] for p in pairs]
-    weights = [p[1] for p in pairs] if featurizer.counts else None
+    weights = [p[1] for p in pairs] if featurizer.weighted else None
     labels = train_ds.labels
     model = build_model(config.model, num_embeddings=featurizer.num_embeddings,
                         num_classes=train_ds.num_classes, seed=config.seed)
@@ -210,7 +210,7 @@ def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[
     print(f"data: {len(bags)} train documents, {featurizer.num_embeddings} embedding rows x "
           f"{config.model.features}, batch {config.train.batch_size}, "
           f"{np.mean([b.size for b in bags]):.0f} ids/document"
-          f"{' (distinct ids, weighted by counts)' if featurizer.counts else ''}; "
+          f"{f' (term weights {featurizer.term_weights})' if featurizer.weighted else ''}; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"(default {default_threads} threads)", flush=True)
     total = epochs + 1

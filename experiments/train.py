@@ -43,10 +43,10 @@ _PRINT_CONFIG: Any = None
 def _featurize(
     featurizer: Featurizer, texts: tuple[str, ...]
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """Per document: the ids, and the per-id weights (counts) or None."""
+    """Per document: the ids, and the per-id weights (term weights) or None."""
     pairs = [featurizer.bag(t) for t in texts]
     ids = [p[0] for p in pairs]
-    return ids, ([p[1] for p in pairs] if featurizer.counts else None)
+    return ids, ([p[1] for p in pairs] if featurizer.weighted else None)
 
 
 def _load_or_fit_featurizer(workdir: Path, texts: tuple[str, ...], tok_config: Any) -> Featurizer:
@@ -59,7 +59,8 @@ def _load_or_fit_featurizer(workdir: Path, texts: tuple[str, ...], tok_config: A
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Trains the model described by ``config``, evaluating on the test split each epoch.
+    """Trains the model described by ``config``, evaluating on the test split each epoch
+    (or, with ``config.data.validation_folds``, on a held-out fold of the training split).
 
     Resumes from the latest checkpoint in ``workdir`` if there is one (the batch order
     of an epoch depends only on ``(config.seed, epoch)`` and the optimiser state and
@@ -76,10 +77,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts.check_resume_config(workdir, ml_collections.ConfigDict(config))
     tc = config.train
-    if config.tokenizer.counts and config.model.mode == "max":
+    tok = config.tokenizer
+    if (tok.term_weights in ("count", "log") or tok.idf) and config.model.mode == "max":
         raise ValueError(
-            "config.tokenizer.counts=True weights ids by their counts, which mode 'max' cannot "
-            "use; set --config.tokenizer.counts=false or --config.model.mode=mean"
+            f"config.tokenizer.term_weights={tok.term_weights!r} / idf={tok.idf} weight the ids, "
+            "which mode 'max' cannot use; set --config.tokenizer.term_weights=none (or binary) "
+            "--config.tokenizer.idf=false, or --config.model.mode=mean"
         )
 
     # Data and features.
@@ -128,6 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         resumed_from = state.epoch
         logging.info("resuming from the checkpoint of epoch %d in %s", state.epoch, workdir)
     history = artifacts.read_metrics(workdir, up_to_epoch=state.epoch)
+    k = config.data.validation_folds
+    # With validation folds, "test" below means the held-out fold of the training split.
+    evaluated_on = f"validation fold {config.data.validation_fold}/{k}" if k else "test"
 
     train_step, eval_step = steps.train_step, steps.eval_step
 
@@ -179,8 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         artifacts.append_metrics(workdir, row)
         checkpoint.save(manager, checkpoint.TrainState(params, opt_state, state.rng, epoch, global_step))
         logging.info(
-            "epoch %d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.2fs",
-            epoch, row["train_loss"], 100 * row["train_accuracy"], row["test_loss"],
+            "epoch %d: train loss %.4f acc %.2f%% | %s loss %.4f acc %.2f%% | %.2fs",
+            epoch, row["train_loss"], 100 * row["train_accuracy"], evaluated_on, row["test_loss"],
             100 * row["test_accuracy"], epoch_time,
         )
         if tc.stop_after_epochs > 0 and epoch >= tc.stop_after_epochs and epoch < tc.num_epochs:
@@ -196,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     median_epoch = statistics.median(epoch_times) if epoch_times else float("nan")
     best = max(history, key=lambda h: h["test_accuracy"]) if history else None
     summary = {
+        "evaluated_on": evaluated_on,
         "test_accuracy": test_m["accuracy"],
         "test_loss": test_m["loss"],
         "best_epoch": best["epoch"] if best else None,
@@ -226,10 +233,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         plot_curves(history, workdir / artifacts.PLOT, title=f"{config.data.name} (jaxbag fastText)",
                     train_label=f"train (label smoothing {ls:g})" if ls else "train")
     artifacts.write_json(workdir / artifacts.SUMMARY, summary)
-    print(f"test confusion matrix ({config.data.name}, epoch {summary['epochs']}):")
+    print(f"{evaluated_on} confusion matrix ({config.data.name}, epoch {summary['epochs']}):")
     print(format_confusion(cm, train_ds.class_names))
     print(
-        f"test accuracy {100 * summary['test_accuracy']:.2f}% | best epoch {summary['best_epoch']} "
+        f"{evaluated_on} accuracy {100 * summary['test_accuracy']:.2f}% | best epoch {summary['best_epoch']} "
         f"({100 * (summary['best_test_accuracy'] or 0):.2f}%) | run {summary['train_time_s']:.1f}s | "
         f"median epoch {summary['epoch_time_s']:.3f}s | {summary['examples_per_s']:.0f} examples/s | "
         f"train_step compiled {compilations['train_step']}x"

@@ -65,7 +65,8 @@ def test_ngram_hash_is_the_documented_stable_hash():
 
 def test_featurizer_ids_roundtrip_and_empty_text():
     texts = ["Apple shares rose", "Apple launches phone", "shares fell"]
-    cfg = {"ngrams": 2, "num_buckets": 50, "min_freq": 1, "max_size": 0, "max_tokens": 0}
+    cfg = {"ngrams": 2, "num_buckets": 50, "min_freq": 1, "max_size": 0, "max_tokens": 0,
+           "term_weights": "none", "idf": False}
     f = Featurizer.fit(texts, cfg)
     v = len(f.vocab)
     assert f.num_embeddings == v + 50
@@ -82,14 +83,25 @@ def test_featurizer_ids_roundtrip_and_empty_text():
     # truncation and unigram-only
     assert Featurizer(f.vocab, ngrams=1, max_tokens=2)("apple shares fell").tolist() == [
         f.vocab.tokens.index("apple"), f.vocab.tokens.index("shares")]
-    # counts: each distinct id once, weighted by how often it occurs
-    fc = Featurizer(f.vocab, ngrams=1, counts=True)
-    ids, counts = fc.bag("shares apple shares zzz shares")
-    assert ids.tolist() == sorted([0, f.vocab.tokens.index("apple"), f.vocab.tokens.index("shares")])
-    assert dict(zip(ids.tolist(), counts.tolist()))[f.vocab.tokens.index("shares")] == 3.0
+    # term weights: each distinct id once, weighted by count / 1 + ln(count) / unweighted
+    shares, apple = f.vocab.tokens.index("shares"), f.vocab.tokens.index("apple")
+    text = "shares apple shares zzz shares"
+    fc = Featurizer(f.vocab, ngrams=1, term_weights="count")
+    ids, counts = fc.bag(text)
+    assert ids.tolist() == sorted([0, apple, shares]) and ids.dtype == np.int32
+    assert dict(zip(ids.tolist(), counts.tolist()))[shares] == 3.0
     assert counts.dtype == np.float32 and counts.sum() == 5
-    assert f.bag("apple")[1] is None
-    assert Featurizer.from_json(fc.to_json()).counts
+    ids_log, logw = Featurizer(f.vocab, ngrams=1, term_weights="log").bag(text)
+    np.testing.assert_array_equal(ids_log, ids)
+    np.testing.assert_allclose(logw, 1 + np.log(counts), rtol=1e-6)
+    ids_bin, w_bin = Featurizer(f.vocab, ngrams=1, term_weights="binary").bag(text)
+    np.testing.assert_array_equal(ids_bin, ids)
+    assert w_bin is None
+    assert f.bag("apple")[1] is None and not f.weighted and fc.weighted
+    g = Featurizer.from_json(json.loads(json.dumps(fc.to_json())))
+    assert g.term_weights == "count" and g.idf is None
+    with pytest.raises(ValueError, match="term_weights must be one of"):
+        Featurizer(f.vocab, term_weights="tfidf")
     # an empty text is an empty bag, which packs and pools to zeros
     empty = f("  ...  ")
     assert empty.shape == (0,)
@@ -215,3 +227,57 @@ def test_load_splits_for_csv_configs(tmp_path):
     assert record["num_train"] == 2 and record["class_names"] == ["0", "1", "2", "3"]
     with pytest.raises(ValueError, match="config.data.name must be one of"):
         data.load_splits({**cfg, "name": "imdb"}, seed=0)
+
+
+def test_stratified_folds_partition_each_class_evenly():
+    labels = np.repeat(np.arange(3), [50, 31, 20])
+    fold = data.stratified_folds(labels, num_folds=5, seed=0)
+    assert fold.shape == labels.shape and set(fold.tolist()) == set(range(5))
+    for c, n in enumerate([50, 31, 20]):
+        per_fold = np.bincount(fold[labels == c], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == n
+    np.testing.assert_array_equal(fold, data.stratified_folds(labels, num_folds=5, seed=0))
+    assert not np.array_equal(fold, data.stratified_folds(labels, num_folds=5, seed=1))
+    with pytest.raises(ValueError, match="num_folds"):
+        data.stratified_folds(labels, num_folds=1, seed=0)
+
+
+def test_validation_folds_never_touch_the_test_split(tmp_path):
+    rows = "".join(f'"{1 + i % 2}","t{i}","d{i}"\n' for i in range(20))
+    _write(tmp_path / "tr.csv", rows)
+    _write(tmp_path / "te.csv", '"1","e","f"\n')
+    cfg = {"name": "ag_news_csv", "train_path": str(tmp_path / "tr.csv"),
+           "test_path": str(tmp_path / "te.csv"), "num_classes": 2, "class_names": (),
+           "validation_folds": 4}
+    full, _, _ = data.load_splits({**cfg, "validation_folds": 0}, seed=0)
+    seen = []
+    for i in range(4):
+        train, val, record = data.load_splits({**cfg, "validation_fold": i}, seed=0)
+        assert (len(train), len(val)) == (15, 5)
+        assert record["validation_folds"] == 4 and record["validation_fold"] == i
+        assert record["num_train"] == 15 and record["num_test"] == 5
+        assert not set(train.texts) & set(val.texts)
+        assert set(train.texts) | set(val.texts) == set(full.texts)  # no test text
+        seen += val.texts
+    assert sorted(seen) == sorted(full.texts)  # the folds partition the training split
+    with pytest.raises(ValueError, match="validation_fold"):
+        data.load_splits({**cfg, "validation_fold": 4}, seed=0)
+
+
+def test_idf_weights_follow_the_training_documents():
+    texts = ["apple shares", "apple pie", "apple shares fell"]
+    tok_cfg = {"max_tokens": 0, "min_freq": 1, "max_size": 0, "ngrams": 1, "num_buckets": 8,
+               "term_weights": "count", "idf": True}
+    f = Featurizer.fit(texts, tok_cfg)
+    ids, w = f.bag("apple apple fell zzz")
+    df = {"apple": 3, "fell": 1}
+    want = {f.vocab.tokens.index(t): c * (np.log(4 / (1 + df[t])) + 1)
+            for t, c in [("apple", 2), ("fell", 1)]}
+    want[0] = np.log(4) + 1  # <unk>: no training document has it
+    np.testing.assert_allclose(w, [want[i] for i in ids.tolist()], rtol=1e-6)
+    g = Featurizer.from_json(json.loads(json.dumps(f.to_json())))
+    np.testing.assert_array_equal(g.bag("apple fell")[1], f.bag("apple fell")[1])
+    # binary + idf: the weights are the idf alone
+    fb = Featurizer.fit(texts, {**tok_cfg, "term_weights": "binary"})
+    ids_b, w_b = fb.bag("apple apple fell")
+    np.testing.assert_allclose(w_b, f.idf[ids_b])

@@ -157,7 +157,7 @@ def test_count_weighted_bags_give_the_same_logits_as_raw_bags():
 
     texts = ["the cat sat on the mat the end", "", "a dog and a cat", "unknown words here"]
     cfg = {"ngrams": 2, "num_buckets": 64, "min_freq": 1, "max_size": 0, "max_tokens": 0,
-           "counts": True}
+           "term_weights": "count", "idf": False}
     counted = Featurizer.fit(texts[:3], cfg)
     raw = Featurizer(counted.vocab, ngrams=2, num_buckets=64)
     model = FastText(counted.num_embeddings, 3, features=8, hidden=4, unknown_id=0,

@@ -3,7 +3,7 @@
 One idea per module:
 
 * :mod:`.data`: BBC News / AG_NEWS CSV / JSON-lines loaders and the stratified split.
-* :mod:`.tokenizer`: regex tokenizer, vocabulary, hashed n-grams, counts (the featurizer).
+* :mod:`.tokenizer`: regex tokenizer, vocabulary, hashed n-grams, term weights (the featurizer).
 * :mod:`.batches`: epoch order from (seed, epoch) and static-shape batches via ``jaxbag.pack_bags``.
 * :mod:`.model`: the NNX fastText model on ``jaxbag.nnx.EmbeddingBag``.
 * :mod:`.optim`: optax optimiser and schedule from the config; the table's sparse optimiser.

@@ -262,13 +262,81 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset, TextDataset, dict]:
-    """Loads the train and test sets described by ``config.data``.
+def stratified_folds(labels: np.ndarray, *, num_folds: int, seed: int) -> np.ndarray:
+    """Seeded stratified k-fold assignment: the fold (``0..num_folds-1``) of each example.
+
+    Each class's examples are shuffled with ``np.random.default_rng([seed, class, num_folds])``
+    and the classes, one after the other, are dealt round-robin to the folds: every fold
+    gets ``floor`` or ``ceil`` of ``n_c / num_folds`` examples of each class ``c``, and of
+    ``n / num_folds`` in all.
 
     Returns:
-        ``(train, test, record)`` where ``record`` is the JSON-able description of
-        the split written to ``split.json`` (dataset, seed, file lists).
+        int64 ``[n]``.
     """
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+    labels = np.asarray(labels)
+    dealt = np.concatenate([np.zeros((0,), np.int64)] + [
+        np.random.default_rng([int(seed), int(c), int(num_folds)]).permutation(
+            np.flatnonzero(labels == c))
+        for c in np.unique(labels)
+    ])
+    fold = np.zeros(labels.shape[0], np.int64)
+    fold[dealt] = np.arange(dealt.size) % num_folds  # one deal across classes: even folds
+    return fold
+
+
+def _validation_split(
+    train: TextDataset, data_config: Mapping[str, Any], seed: int
+) -> tuple[TextDataset, TextDataset, dict[str, Any]] | None:
+    """With ``config.data.validation_folds = k > 0``: (train without fold ``i``, fold ``i``).
+
+    ``config.data.validation_repeat = r`` picks another seeded partition (repeated CV).
+    """
+    k = int(data_config.get("validation_folds", 0))
+    if k == 0:
+        return None
+    i = int(data_config.get("validation_fold", 0))
+    if k < 2 or not 0 <= i < k:
+        raise ValueError(
+            "config.data.validation_folds must be 0 (off) or >= 2 and config.data.validation_fold "
+            f"in [0, validation_folds), got validation_folds={k}, validation_fold={i}; e.g. "
+            "--config.data.validation_folds=5 --config.data.validation_fold=0"
+        )
+    repeat = int(data_config.get("validation_repeat", 0))
+    fold = stratified_folds(train.labels, num_folds=k, seed=seed + 1_000_003 * repeat)
+    record = {"validation_folds": k, "validation_fold": i, "validation_repeat": repeat}
+    return train.subset(np.flatnonzero(fold != i)), train.subset(np.flatnonzero(fold == i)), record
+
+
+def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset, TextDataset, dict]:
+    """Loads the train and evaluation sets described by ``config.data``.
+
+    With ``config.data.validation_folds = k > 0`` the evaluation set is fold
+    ``config.data.validation_fold`` of a stratified k-fold partition of the *training*
+    split, and the model trains on the other folds: the test split is not used at all
+    (model selection, ``experiments/select.py``).
+
+    Returns:
+        ``(train, evaluation, record)`` where ``record`` is the JSON-able description of
+        the split written to ``split.json`` (dataset, seed, file lists, validation fold).
+    """
+    train, test, record = _load_train_test(data_config, seed)
+    validation = _validation_split(train, data_config, seed)
+    if validation is None:
+        return train, test, record
+    train, val, val_record = validation
+    record = {**record, **val_record}
+    if "train" in record:  # file lists: what this run trained and evaluated on
+        record["train"], record["test"] = list(train.sources), list(val.sources)
+    else:
+        record["num_train"], record["num_test"] = len(train), len(val)
+    return train, val, record
+
+
+def _load_train_test(
+    data_config: Mapping[str, Any], seed: int
+) -> tuple[TextDataset, TextDataset, dict]:
     name = data_config["name"]
     if name == "bbc_news":
         full = load_bbc_news(max_per_class=int(data_config["max_per_class"]))

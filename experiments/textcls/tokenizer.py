@@ -114,30 +114,52 @@ def ngram_buckets(hashes: np.ndarray, *, ngrams: int, num_buckets: int) -> np.nd
     return np.concatenate(parts)
 
 
+TERM_WEIGHTS = ("none", "count", "log", "binary")
+
+
 @dataclasses.dataclass(frozen=True)
 class Featurizer:
-    """Text -> one bag of int32 ids (unigrams then hashed n-grams).
+    """Text -> one bag of int32 ids (unigrams then hashed n-grams), optionally weighted.
 
     Attributes:
         vocab: the unigram vocabulary (``V`` ids).
         ngrams: longest n-gram (1: words only, 2: words + bigrams, ...).
         num_buckets: hash buckets for the n-grams (ignored when ``ngrams == 1``).
         max_tokens: keep only the first ``max_tokens`` tokens of a text (0: all).
-        counts: :meth:`bag` returns each distinct id once with its count as weight
-            (a mean weighted by counts equals the plain mean, with about half the ids).
+        term_weights: what :meth:`bag` returns.
+
+            * ``"none"``: every id in text order, unweighted (a mean over occurrences);
+            * ``"count"``: each distinct id once, weighted by its count (a weighted mean
+              equal to the plain mean, with about half the ids);
+            * ``"log"``: each distinct id once, weighted ``1 + ln(count)`` (sublinear tf,
+              as scikit-learn's ``TfidfVectorizer(sublinear_tf=True)``);
+            * ``"binary"``: each distinct id once, unweighted (a mean over distinct ids).
+        idf: float32 ``[num_embeddings]`` multiplied into the weights (None: off); see
+            :meth:`fit`.
     """
 
     vocab: Vocabulary
     ngrams: int = 2
     num_buckets: int = 2**16
     max_tokens: int = 0
-    counts: bool = False
+    term_weights: str = "none"
+    idf: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.ngrams < 1:
             raise ValueError(f"ngrams must be >= 1, got {self.ngrams}")
         if self.ngrams > 1 and self.num_buckets < 1:
             raise ValueError(f"num_buckets must be >= 1 when ngrams > 1, got {self.num_buckets}")
+        if self.term_weights not in TERM_WEIGHTS:
+            raise ValueError(
+                f"term_weights must be one of {TERM_WEIGHTS}, got {self.term_weights!r}; "
+                "e.g. --config.tokenizer.term_weights=count"
+            )
+        if self.idf is not None and self.idf.shape != (self.num_embeddings,):
+            raise ValueError(
+                f"idf must have shape ({self.num_embeddings},) (one weight per embedding row), "
+                f"got {self.idf.shape}"
+            )
         object.__setattr__(self, "_hash_cache", {})
 
     @property
@@ -145,11 +167,17 @@ class Featurizer:
         """Rows of the embedding table: ``V`` (+ ``num_buckets`` with n-grams)."""
         return len(self.vocab) + (self.num_buckets if self.ngrams > 1 else 0)
 
+    @property
+    def weighted(self) -> bool:
+        """Whether :meth:`bag` returns weights (``per_sample_weights``)."""
+        return self.idf is not None or self.term_weights in ("count", "log")
+
     def tokens(self, text: str) -> list[str]:
         toks = tokenize(text)
         return toks[: self.max_tokens] if self.max_tokens > 0 else toks
 
     def __call__(self, text: str) -> np.ndarray:
+        """Every id of ``text``, in order: int32 ``[n]``."""
         toks = self.tokens(text)
         ids = self.vocab.encode(toks)
         if self.ngrams == 1 or len(toks) < 2:
@@ -164,21 +192,31 @@ class Featurizer:
     def bag(self, text: str) -> tuple[np.ndarray, np.ndarray | None]:
         """The bag of ``text``: ``(ids int32 [n], weights float32 [n] or None)``.
 
-        With ``counts``: the distinct ids (sorted) and how often each occurs;
-        otherwise every id in order, and ``None``.
+        ``weights`` is None exactly when :attr:`weighted` is False.
         """
         ids = self(text)
-        if not self.counts:
-            return ids, None
-        unique, counts = np.unique(ids, return_counts=True)
-        return unique.astype(np.int32), counts.astype(np.float32)
+        if self.term_weights == "none":
+            weights = None
+        else:
+            ids, counts = np.unique(ids, return_counts=True)
+            ids = ids.astype(np.int32)
+            weights = {
+                "count": lambda: counts.astype(np.float32),
+                "log": lambda: (1.0 + np.log(counts)).astype(np.float32),
+                "binary": lambda: None,
+            }[self.term_weights]()
+        if self.idf is not None:
+            idf = self.idf[ids]
+            weights = idf if weights is None else weights * idf
+        return ids, weights
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ngrams": self.ngrams,
             "num_buckets": self.num_buckets,
             "max_tokens": self.max_tokens,
-            "counts": self.counts,
+            "term_weights": self.term_weights,
+            "idf": None if self.idf is None else self.idf.tolist(),
             "tokens": list(self.vocab.tokens),
         }
 
@@ -189,12 +227,18 @@ class Featurizer:
             ngrams=int(obj["ngrams"]),
             num_buckets=int(obj["num_buckets"]),
             max_tokens=int(obj["max_tokens"]),
-            counts=bool(obj.get("counts", False)),
+            term_weights=str(obj["term_weights"]),
+            idf=None if obj["idf"] is None else np.asarray(obj["idf"], np.float32),
         )
 
     @classmethod
-    def fit(cls, texts: Iterable[str], tokenizer_config: Mapping[str, Any]) -> Featurizer:
-        """Builds the vocabulary from ``texts`` (the training split) and ``config.tokenizer``."""
+    def fit(cls, texts: Sequence[str], tokenizer_config: Mapping[str, Any]) -> Featurizer:
+        """Builds the featurizer from ``texts`` (the training split) and ``config.tokenizer``.
+
+        With ``tokenizer_config["idf"]`` the weights are multiplied by the smoothed inverse
+        document frequency of each id over ``texts``, ``ln((1 + n) / (1 + df)) + 1`` (as
+        scikit-learn's ``TfidfVectorizer``); ids no training text has get ``ln(1 + n) + 1``.
+        """
         max_tokens = int(tokenizer_config["max_tokens"])
         token_lists = (
             (tokenize(t)[:max_tokens] if max_tokens > 0 else tokenize(t)) for t in texts
@@ -204,10 +248,18 @@ class Featurizer:
             min_freq=int(tokenizer_config["min_freq"]),
             max_size=int(tokenizer_config["max_size"]),
         )
-        return cls(
+        featurizer = cls(
             vocab=vocab,
             ngrams=int(tokenizer_config["ngrams"]),
             num_buckets=int(tokenizer_config["num_buckets"]),
             max_tokens=max_tokens,
-            counts=bool(tokenizer_config.get("counts", False)),
+            term_weights=str(tokenizer_config["term_weights"]),
         )
+        if not tokenizer_config["idf"]:
+            return featurizer
+        df = np.zeros(featurizer.num_embeddings, np.int64)
+        for t in texts:
+            df[np.unique(featurizer(t))] += 1
+        n = len(texts)
+        idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
+        return dataclasses.replace(featurizer, idf=idf)

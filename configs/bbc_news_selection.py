@@ -1,0 +1,47 @@
+"""Model selection for the BBC News classifier: 5-fold cross-validation on the training split.
+
+Run: ``python -m experiments.select --config configs/bbc_news_selection.py --workdir runs/select``.
+Every candidate starts from ``configs/bbc_news.py`` (``config.base``) and overrides a few
+fields (``"key=value; key=value"``); ``config.reference`` is the candidate the others
+are compared with, fold by fold. The test split is never used (see ``experiments/select.py``).
+"""
+
+import ml_collections
+
+from configs import bbc_news
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.base = bbc_news.get_config()
+    config.folds = 5
+    config.repeats = 3  # three seeded 5-fold partitions: 15 runs per candidate
+    config.reference = "default"
+    config.candidates = ml_collections.ConfigDict({
+        "default": "",
+        "tf_log": "tokenizer.term_weights=log",
+        "tf_binary": "tokenizer.term_weights=binary",
+        "idf": "tokenizer.idf=true",
+        "tf_log_idf": "tokenizer.term_weights=log; tokenizer.idf=true",
+        "sqrtn": "model.mode=sqrtn",
+        "bigrams": "tokenizer.ngrams=2",
+        "min_freq_2": "tokenizer.min_freq=2",
+        "features_128": "model.features=128",
+        "epochs_20": "train.num_epochs=20",
+        "lr_2e-2": "optim.learning_rate=0.02",
+        "lr_5e-3": "optim.learning_rate=0.005",
+        "batch_16": "train.batch_size=16",
+        "smoothing_0": "train.label_smoothing=0.0",
+        "smoothing_2e-1": "train.label_smoothing=0.2",
+        # Second round: the best of the first (tf_log_idf) with each of the next best.
+        "tf_log_idf_sqrtn": "tokenizer.term_weights=log; tokenizer.idf=true; model.mode=sqrtn",
+        "tf_log_idf_lr_2e-2": "tokenizer.term_weights=log; tokenizer.idf=true; "
+                              "optim.learning_rate=0.02",
+        "tf_log_idf_batch_16": "tokenizer.term_weights=log; tokenizer.idf=true; "
+                               "train.batch_size=16",
+        "tf_log_idf_smoothing_2e-1": "tokenizer.term_weights=log; tokenizer.idf=true; "
+                                     "train.label_smoothing=0.2",
+        "tf_log_idf_min_freq_2": "tokenizer.term_weights=log; tokenizer.idf=true; "
+                                 "tokenizer.min_freq=2",
+    })
+    return config

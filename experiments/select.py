@@ -1,0 +1,168 @@
+r"""Model selection by k-fold cross-validation on the training split (never the test split).
+
+    python -m experiments.select --config configs/bbc_news_selection.py --workdir runs/select \
+        [--config.folds=5] [--config.base.train.num_epochs=20 ...]
+
+``config.base`` is a full training config (the default: ``configs/bbc_news.py``);
+``config.candidates`` maps a name to overrides of it, ``"tokenizer.term_weights=log;
+model.features=128"``. Each candidate is trained ``config.folds`` times (times
+``config.repeats`` seeded partitions: repeated CV) with
+:func:`experiments.train.train_and_evaluate`, each time on ``folds - 1`` folds of the
+training split and evaluated on the remaining one (``config.data.validation_folds``),
+so every training document is predicted once by a model that did not see it. The
+candidates are ranked by that cross-validated accuracy (then by validation loss), and
+each is compared with ``config.reference`` fold by fold (paired differences).
+
+The workdir gets one sub-workdir per (candidate, fold) (a finished one is not run
+again, so a killed selection resumes), ``selection.json`` and ``selection.md``.
+"""
+
+from __future__ import annotations
+
+import ast
+import statistics
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.textcls import artifacts, config_check, logs
+from experiments.train import parse_flags, train_and_evaluate
+
+# Flag holders, set by define_flags() when run as a program.
+_CONFIG: Any = None
+_WORKDIR: Any = None
+
+
+def _parse_value(text: str) -> Any:
+    """``"128"`` -> 128, ``"true"`` -> True, ``"log"`` -> ``"log"``."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_collections.ConfigDict:
+    """A copy of ``base`` with ``"a.b=v; c.d=w"`` applied (``base`` is not changed).
+
+    Raises:
+        ValueError: an override that is not ``key=value`` or names an unknown key.
+    """
+    config = ml_collections.ConfigDict(base.to_dict())  # a deep copy
+    for item in filter(None, (part.strip() for part in overrides.split(";"))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"candidate override {item!r} is not key=value, e.g. model.features=128")
+        problem = config_check.unknown_key_message(config, key, item)
+        if problem:
+            raise ValueError(problem)
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = _parse_value(value.strip())
+    return config
+
+
+def fold_config(candidate: ml_collections.ConfigDict, folds: int, fold: int, repeat: int = 0):
+    """``candidate`` trained on the other folds of partition ``repeat``, evaluated on ``fold``."""
+    config = ml_collections.ConfigDict(candidate.to_dict())
+    config.data.validation_folds = folds
+    config.data.validation_fold = fold
+    config.data.validation_repeat = repeat
+    config.train.progress_bar = False
+    config.train.plot = False
+    return config
+
+
+def _run_fold(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    done = workdir / artifacts.SUMMARY
+    if done.is_file():
+        return artifacts.read_json(done)
+    return train_and_evaluate(config, workdir)
+
+
+def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
+    """Cross-validates every candidate; returns the rows of the table, best first."""
+    config = ml_collections.FrozenConfigDict(config)
+    workdir = Path(workdir).resolve()
+    base = ml_collections.ConfigDict(config.base)
+    names = list(config.candidates.keys())
+    if config.reference not in names:
+        raise ValueError(f"config.reference={config.reference!r} is not a candidate: {names}")
+    candidates = {n: apply_overrides(base, config.candidates[n]) for n in names}  # fail early
+    rows = []
+    for name in names:
+        accs, losses, times = [], [], []
+        for repeat in range(config.repeats):
+            for fold in range(config.folds):
+                summary = _run_fold(fold_config(candidates[name], config.folds, fold, repeat),
+                                    workdir / name / f"repeat{repeat}_fold{fold}")
+                accs.append(summary["test_accuracy"])  # the held-out fold's accuracy
+                losses.append(summary["test_loss"])
+                times.append(summary["train_time_s"])
+        rows.append({"name": name, "overrides": config.candidates[name],
+                     "accuracy": statistics.fmean(accs), "loss": statistics.fmean(losses),
+                     "fold_accuracy": accs, "train_time_s": statistics.fmean(times)})
+        logging.info("%s: cv accuracy %.2f%%", name, 100 * rows[-1]["accuracy"])
+    by_name = {r["name"]: r for r in rows}
+    if config.reference not in by_name:
+        raise ValueError(f"config.reference={config.reference!r} is not a candidate: {names}")
+    reference = by_name[config.reference]
+    for row in rows:
+        diffs = [a - b for a, b in zip(row["fold_accuracy"], reference["fold_accuracy"])]
+        row["diff_vs_reference"] = statistics.fmean(diffs)
+        row["folds_better"] = sum(d > 0 for d in diffs)
+        row["folds_worse"] = sum(d < 0 for d in diffs)
+    rows.sort(key=lambda r: (-r["accuracy"], r["loss"]))
+    artifacts.write_json(workdir / "selection.json", {
+        "folds": config.folds, "repeats": config.repeats, "base_seed": config.base.seed,
+        "rows": rows})
+    table = format_table(rows, reference["name"], config.folds, config.repeats)
+    (workdir / "selection.md").write_text(table + "\n")
+    print(table)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], reference: str, folds: int, repeats: int) -> str:
+    cv = f"{folds}-fold CV" if repeats == 1 else f"{repeats} x {folds}-fold CV"
+    lines = [
+        f"| candidate | overrides | {cv} accuracy | CV loss | vs {reference} "
+        "(folds better/worse) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | `{r['overrides'] or '(none)'}` | {100 * r['accuracy']:.2f}% | "
+            f"{r['loss']:.4f} | {100 * r['diff_vs_reference']:+.2f} ({r['folds_better']}/"
+            f"{r['folds_worse']}) |"
+        )
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Selection config (configs/*_selection.py).", lock_config=True
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
+
+
+def main(argv: list[str]) -> None:
+    logs.quiet_orbax()
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required, e.g. "
+                             "--config configs/bbc_news_selection.py --workdir runs/select")
+    select(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

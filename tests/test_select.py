@@ -1,0 +1,83 @@
+"""Model selection by cross-validation on the training split (experiments/select.py)."""
+
+import json
+
+import ml_collections
+import pytest
+
+from configs import bbc_news_selection, smoke
+from experiments import select
+from experiments.textcls import artifacts
+
+
+def _selection_config():
+    config = ml_collections.ConfigDict()
+    config.base = smoke.get_config()
+    config.base.train.num_epochs = 6
+    config.folds = 2
+    config.repeats = 2
+    config.reference = "default"
+    config.candidates = ml_collections.ConfigDict(
+        {"default": "", "tiny_lr": "optim.learning_rate=1e-6; model.features=4"})
+    return config
+
+
+def test_apply_overrides_parses_values_and_leaves_the_base_alone():
+    base = smoke.get_config()
+    before = base.to_dict()
+    c = select.apply_overrides(base, "model.features=128; tokenizer.idf=true; "
+                                     "tokenizer.term_weights=log; optim.learning_rate=2e-2")
+    assert (c.model.features, c.tokenizer.idf, c.tokenizer.term_weights) == (128, True, "log")
+    assert c.optim.learning_rate == 0.02
+    assert base.to_dict() == before
+    with pytest.raises(ValueError, match="Did you mean 'config.model.features'"):
+        select.apply_overrides(base, "model.featurs=3")
+    with pytest.raises(ValueError, match="not key=value"):
+        select.apply_overrides(base, "model.features")
+
+
+def test_fold_config_evaluates_on_a_training_fold():
+    c = select.fold_config(smoke.get_config(), 5, 3)
+    assert (c.data.validation_folds, c.data.validation_fold) == (5, 3)
+
+
+def test_every_candidate_of_the_shipped_selection_config_is_valid():
+    config = bbc_news_selection.get_config()
+    assert config.reference in config.candidates
+    for name, overrides in config.candidates.items():
+        select.apply_overrides(config.base, overrides)  # raises on an unknown key
+        assert (name == config.reference) == (overrides == "")
+
+
+@pytest.mark.slow
+def test_select_ranks_candidates_by_cross_validation_and_resumes(tmp_path, monkeypatch):
+    config = _selection_config()
+    rows = select.select(config, tmp_path)
+    by_name = {r["name"]: r for r in rows}
+    # a learning rate of 1e-6 leaves the model at chance; the default learns
+    assert rows[0]["name"] == "default"
+    assert by_name["default"]["accuracy"] > by_name["tiny_lr"]["accuracy"] + 0.2
+    assert by_name["default"]["diff_vs_reference"] == 0.0
+    assert by_name["tiny_lr"]["folds_worse"] == 4
+    held_out = {}
+    for name in by_name:
+        for repeat, fold in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            run = tmp_path / name / f"repeat{repeat}_fold{fold}"
+            split = json.loads((run / artifacts.SPLIT).read_text())
+            assert (split["validation_folds"], split["validation_fold"]) == (2, fold)
+            assert split["validation_repeat"] == repeat
+            held_out[name, repeat, fold] = set(split["test"])
+            summary = json.loads((run / artifacts.SUMMARY).read_text())
+            assert summary["evaluated_on"] == f"validation fold {fold}/2"
+            # trained on one fold of the training split, evaluated on the other
+            assert summary["num_train"] + summary["num_test"] == 160  # 4/5 of 5 x 40
+            assert abs(summary["num_train"] - summary["num_test"]) <= 1
+    assert held_out["default", 0, 0] == held_out["tiny_lr", 0, 0]  # paired: the same folds
+    assert held_out["default", 0, 0] != held_out["default", 1, 0]  # another partition
+    table = (tmp_path / "selection.md").read_text()
+    assert table.index("| default |") < table.index("| tiny_lr |")
+    # a second call reuses the finished runs instead of training again
+    monkeypatch.setattr(select, "train_and_evaluate",
+                        lambda *a, **k: pytest.fail("a finished fold was trained again"))
+    assert select.select(config, tmp_path) == json.loads(
+        (tmp_path / "selection.json").read_text())["rows"]
