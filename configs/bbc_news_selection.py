@@ -10,6 +10,8 @@ import ml_collections
 
 from configs import bbc_news
 
+_TF_IDF_SQRTN = "tokenizer.term_weights=log; tokenizer.idf=true; model.mode=sqrtn"
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -33,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
         "batch_16": "train.batch_size=16",
         "smoothing_0": "train.label_smoothing=0.0",
         "smoothing_2e-1": "train.label_smoothing=0.2",
+        # Bigrams (fastText's default n-grams) with fewer collisions / TF-IDF weights.
+        "bigrams_1m_buckets": "tokenizer.ngrams=2; tokenizer.num_buckets=1048576",
+        "bigrams_tf_log_idf": "tokenizer.ngrams=2; tokenizer.term_weights=log; "
+                              "tokenizer.idf=true",
         # Second round: the best of the first (tf_log_idf) with each of the next best.
         "tf_log_idf_sqrtn": "tokenizer.term_weights=log; tokenizer.idf=true; model.mode=sqrtn",
         "tf_log_idf_lr_2e-2": "tokenizer.term_weights=log; tokenizer.idf=true; "
@@ -43,5 +49,15 @@ def get_config() -> ml_collections.ConfigDict:
                                      "train.label_smoothing=0.2",
         "tf_log_idf_min_freq_2": "tokenizer.term_weights=log; tokenizer.idf=true; "
                                  "tokenizer.min_freq=2",
+        # Third round: around the best of the second (tf_log_idf_sqrtn), whose bag vectors
+        # are ~sqrt(distinct ids) times longer than a mean's: step size, length, width.
+        **{f"tf_log_idf_sqrtn_{name}": f"{_TF_IDF_SQRTN}; {overrides}" for name, overrides in {
+            "lr_5e-3": "optim.learning_rate=0.005",
+            "lr_2e-3": "optim.learning_rate=0.002",
+            "epochs_20": "train.num_epochs=20",
+            "smoothing_2e-1": "train.label_smoothing=0.2",
+            "features_128": "model.features=128",
+            "init_1e-2": "model.embed_init_scale=0.01",
+        }.items()},
     })
     return config

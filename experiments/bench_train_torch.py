@@ -12,7 +12,8 @@ featurized documents inside the timed loop (JAX: ``jaxbag.pack_bags`` into stati
 bucketed shapes; torch: ``indices`` + ``offsets`` tensors, no padding needed). With
 weighted bags (``config.tokenizer.term_weights`` count/log, or ``idf``) both get the same
 distinct ids and weights (torch's EmbeddingBag takes ``per_sample_weights`` only in
-``sum`` mode, so its weighted mean is a sum with pre-normalised weights: the same function). Both loops read the
+``sum`` mode, so its weighted mean, or ``sqrtn``, is a sum with pre-normalised weights: the
+same function). Both loops read the
 loss back every step (JAX: at the end of the epoch, from its metrics pytree).
 
 Torch's AdamW is timed with each implementation in ``--torch_impls`` (``default`` =
@@ -88,17 +89,19 @@ class JaxLoop:
 
 
 def _torch_weights(bags, weights, mode: str, ignore_unknown: bool):
-    """torch's EmbeddingBag takes per_sample_weights only in "sum" mode: a count-weighted
-    mean becomes a sum with weights w / (sum of the counted ids' weights)."""
-    if weights is None:
-        return mode, None
-    if mode == "sum":
-        return "sum", weights
-    if mode != "mean":
+    """torch's EmbeddingBag takes per_sample_weights only in "sum" mode and has no "sqrtn":
+    a weighted mean (sqrtn) becomes a sum with weights w / sum(w) (w / sqrt(sum(w^2))),
+    the sums over the ids that count (not the unknown id when it is ignored)."""
+    if mode == "sum" or (mode in ("mean", "max") and weights is None):
+        return mode, weights
+    if mode not in ("mean", "sqrtn"):
         raise ValueError(f"weighted bags with model.mode={mode!r} have no torch equivalent here")
+    if weights is None:
+        weights = [np.ones(ids.shape, np.float32) for ids in bags]
     out = []
     for ids, w in zip(bags, weights):
-        total = float((w[ids != UNKNOWN_ID] if ignore_unknown else w).sum())
+        counted = w[ids != UNKNOWN_ID] if ignore_unknown else w
+        total = float(counted.sum() if mode == "mean" else np.sqrt((counted**2).sum()))
         out.append((w / total).astype(np.float32) if total > 0 else w)
     return "sum", out
 
@@ -152,7 +155,8 @@ class TorchLoop:
                                                     betas=(oc.b1, oc.b2), eps=1e-8))
         total_steps = total_epochs * num_batches(len(bags), config.train.batch_size)
         schedule = make_schedule(oc, total_steps)
-        self.lrs = np.asarray(jax.vmap(schedule)(np.arange(total_steps)))
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes floats and int32 steps
+            self.lrs = np.asarray(jax.vmap(schedule)(np.arange(total_steps, dtype=np.int32)))
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(config.train.label_smoothing))
         self.step = 0
 

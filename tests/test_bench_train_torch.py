@@ -1,0 +1,45 @@
+"""The JAX-vs-PyTorch training benchmark trains the same function in both frameworks."""
+
+import pytest
+
+from configs import smoke
+from experiments import bench_train_torch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {},  # count-weighted mean, sparse lazy Adam on the table (the default's setting)
+    {"tokenizer.term_weights": "log", "tokenizer.idf": True, "model.mode": "sqrtn"},
+    {"tokenizer.term_weights": "none", "optim.sparse_embedding": False, "model.hidden": 8},
+], ids=["count-mean-sparse", "tfidf-sqrtn", "raw-dense-hidden"])
+def test_jax_and_torch_loops_reach_the_same_loss(overrides):
+    config = smoke.get_config()
+    config.data.max_per_class = 12
+    for key, value in overrides.items():
+        group, leaf = key.split(".")
+        config[group][leaf] = value
+    results = bench_train_torch.benchmark(config, epochs=2, torch_impls=["fused"],
+                                          torch_threads=[1])
+    jax_loop, torch_loop = results["loops"]["jax"], results["loops"]["torch_fused_t1"]
+    assert len(jax_loop["times"]) == len(torch_loop["times"]) == 2
+    # same initial weights, batches, optimiser: the last epoch's mean loss agrees
+    assert jax_loop["loss"] == pytest.approx(torch_loop["loss"], rel=1e-4)
+    assert jax_loop["accuracy"] == torch_loop["accuracy"]
+    report = bench_train_torch.report(results, 2)
+    assert "ratio jax / fastest torch (torch_fused_t1)" in report
+
+
+def test_torch_weights_normalise_mean_and_sqrtn():
+    import numpy as np
+
+    bags = [np.array([0, 3, 5]), np.array([], np.int64)]
+    w = [np.array([2.0, 3.0, 4.0], np.float32), np.zeros((0,), np.float32)]
+    mode, out = bench_train_torch._torch_weights(bags, w, "mean", ignore_unknown=True)
+    assert mode == "sum"
+    np.testing.assert_allclose(out[0], [2 / 7, 3 / 7, 4 / 7])  # id 0 (unknown) not counted
+    mode, out = bench_train_torch._torch_weights(bags, None, "sqrtn", ignore_unknown=False)
+    np.testing.assert_allclose(out[0], np.full(3, 1 / np.sqrt(3)), rtol=1e-6)
+    assert out[1].shape == (0,)
+    assert bench_train_torch._torch_weights(bags, None, "mean", ignore_unknown=True) == ("mean", None)
+    with pytest.raises(ValueError, match="no torch equivalent"):
+        bench_train_torch._torch_weights(bags, w, "max", ignore_unknown=True)
