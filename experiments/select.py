@@ -81,8 +81,16 @@ def fold_config(candidate: ml_collections.ConfigDict, folds: int, fold: int, rep
 
 
 def _run_fold(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+    """The summary of a finished run in ``workdir`` with exactly ``config``, or a new run."""
     done = workdir / artifacts.SUMMARY
     if done.is_file():
+        ran = artifacts.read_json(workdir / artifacts.CONFIG)
+        if ran != artifacts.config_to_dict(config):
+            raise ValueError(
+                f"{workdir} holds a finished run of another config than this candidate's "
+                f"({workdir / artifacts.CONFIG}); the candidates changed since it ran. Use a "
+                "new --workdir (or delete that directory)."
+            )
         return artifacts.read_json(done)
     return train_and_evaluate(config, workdir)
 

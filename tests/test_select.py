@@ -5,7 +5,7 @@ import json
 import ml_collections
 import pytest
 
-from configs import bbc_news_selection, smoke
+from configs import bbc_news, bbc_news_selection, smoke
 from experiments import select
 from experiments.textcls import artifacts
 
@@ -49,6 +49,12 @@ def test_every_candidate_of_the_shipped_selection_config_is_valid():
         assert (name == config.reference) == (overrides == "")
 
 
+def test_the_default_config_is_the_selected_candidate():
+    config = bbc_news_selection.get_config()
+    chosen = select.apply_overrides(config.base, config.candidates[bbc_news.SELECTED])
+    assert chosen.to_dict() == bbc_news.get_config().to_dict()
+
+
 @pytest.mark.slow
 def test_select_ranks_candidates_by_cross_validation_and_resumes(tmp_path, monkeypatch):
     config = _selection_config()
@@ -81,3 +87,7 @@ def test_select_ranks_candidates_by_cross_validation_and_resumes(tmp_path, monke
                         lambda *a, **k: pytest.fail("a finished fold was trained again"))
     assert select.select(config, tmp_path) == json.loads(
         (tmp_path / "selection.json").read_text())["rows"]
+    # ... but not if the candidate changed since
+    config.candidates.tiny_lr = "optim.learning_rate=2e-6"
+    with pytest.raises(ValueError, match="another config than this candidate's"):
+        select.select(config, tmp_path)
