@@ -601,6 +601,16 @@ def case_experiment():
             [json.loads(x) for x in open(f"{tmp}/{n}/metrics.jsonl")]
             for n in ("single", "sharded")
         ]
+        # a sharded run stopped after epoch 1, then resumed, ends where the uninterrupted one did
+        stopped = config(True)
+        stopped.train.stop_after_epochs = 1
+        train.train_and_evaluate(stopped, f"{tmp}/resumed")
+        resumed = train.train_and_evaluate(config(True), f"{tmp}/resumed")
+        if resumed["resumed_from_epoch"] != 1:
+            raise AssertionError(f"did not resume: {resumed['resumed_from_epoch']}")
+        for k in ("test_accuracy", "test_loss"):
+            if resumed[k] != split[k]:
+                raise AssertionError(f"resumed {k} {resumed[k]} != uninterrupted {split[k]}")
     if split["test_accuracy"] != single["test_accuracy"]:
         raise AssertionError(f"accuracy {split['test_accuracy']} != {single['test_accuracy']}")
     for a, b in zip(*hist):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -69,6 +70,20 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _placed_like(restored: Any, fresh: Any) -> Any:
+    """``restored`` with each leaf placed as ``fresh``'s: orbax commits every array it
+    restores to a device, while a fresh state may hold uncommitted ones (e.g. optax's
+    step counts beside parameters sharded over a mesh); a committed single-device
+    scalar next to mesh-sharded arrays would make the train step refuse its inputs."""
+
+    def place(r, f):
+        if isinstance(f, jax.Array) and not f.committed:
+            return jnp.asarray(np.asarray(r))  # uncommitted, as fresh
+        return r
+
+    return jax.tree.map(place, restored, fresh)
+
+
 def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainState | None:
     """The latest checkpoint, restored into the structure of ``fresh``; ``None`` if none."""
     step = manager.latest_step()
@@ -86,13 +101,13 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
         ),
     )
     params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
-    nnx.replace_by_pure_dict(params, r.params)
+    nnx.replace_by_pure_dict(params, _placed_like(r.params, pure))
     rng = jax.random.wrap_key_data(
         np.asarray(r.rng["key_data"]), impl=jax.random.key_impl(fresh.rng)
     )
     return TrainState(
         params=params,
-        opt_state=r.opt_state,
+        opt_state=_placed_like(r.opt_state, fresh.opt_state),
         rng=rng,
         epoch=int(r.meta["epoch"]),
         global_step=int(r.meta["global_step"]),
