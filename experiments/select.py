@@ -57,7 +57,8 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_colle
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
-            raise ValueError(f"candidate override {item!r} is not key=value, e.g. model.features=128")
+            raise ValueError(
+                f"candidate override {item!r} is not key=value, e.g. model.features=128")
         problem = config_check.unknown_key_message(config, key, item)
         if problem:
             raise ValueError(problem)

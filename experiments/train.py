@@ -236,9 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     print(f"{evaluated_on} confusion matrix ({config.data.name}, epoch {summary['epochs']}):")
     print(format_confusion(cm, train_ds.class_names))
     print(
-        f"{evaluated_on} accuracy {100 * summary['test_accuracy']:.2f}% | best epoch {summary['best_epoch']} "
-        f"({100 * (summary['best_test_accuracy'] or 0):.2f}%) | run {summary['train_time_s']:.1f}s | "
-        f"median epoch {summary['epoch_time_s']:.3f}s | {summary['examples_per_s']:.0f} examples/s | "
+        f"{evaluated_on} accuracy {100 * summary['test_accuracy']:.2f}% | "
+        f"best epoch {summary['best_epoch']} ({100 * (summary['best_test_accuracy'] or 0):.2f}%) | "
+        f"run {summary['train_time_s']:.1f}s | median epoch {summary['epoch_time_s']:.3f}s | "
+        f"{summary['examples_per_s']:.0f} examples/s | "
         f"train_step compiled {compilations['train_step']}x"
     )
     return summary
