@@ -3,13 +3,14 @@ r"""Model selection by k-fold cross-validation on the training split (never the 
     python -m experiments.select --config configs/bbc_news_selection.py --workdir runs/select \
         [--config.folds=5] [--config.base.train.num_epochs=20 ...]
 
-``config.base`` is a full training config (the default: ``configs/bbc_news.py``);
+``config.base`` is a full training config (``configs/bbc_news.py``'s fields);
 ``config.candidates`` maps a name to overrides of it, ``"tokenizer.term_weights=log;
 model.features=128"``. Each candidate is trained ``config.folds`` times (times
 ``config.repeats`` seeded partitions: repeated CV) with
 :func:`experiments.train.train_and_evaluate`, each time on ``folds - 1`` folds of the
 training split and evaluated on the remaining one (``config.data.validation_folds``),
-so every training document is predicted once by a model that did not see it. The
+so every training document is predicted once per repeat by a model that did not see
+it (whose vocabulary and idf come from its own training folds only). The
 candidates are ranked by that cross-validated accuracy (then by validation loss), and
 each is compared with ``config.reference`` fold by fold (paired differences).
 
@@ -119,10 +120,7 @@ def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[
                      "accuracy": statistics.fmean(accs), "loss": statistics.fmean(losses),
                      "fold_accuracy": accs, "train_time_s": statistics.fmean(times)})
         logging.info("%s: cv accuracy %.2f%%", name, 100 * rows[-1]["accuracy"])
-    by_name = {r["name"]: r for r in rows}
-    if config.reference not in by_name:
-        raise ValueError(f"config.reference={config.reference!r} is not a candidate: {names}")
-    reference = by_name[config.reference]
+    reference = next(r for r in rows if r["name"] == config.reference)
     for row in rows:
         diffs = [a - b for a, b in zip(row["fold_accuracy"], reference["fold_accuracy"])]
         row["diff_vs_reference"] = statistics.fmean(diffs)
