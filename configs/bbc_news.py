@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = "bbc_news"  # "bbc_news" | "ag_news_csv" | "jsonl"
     config.data.test_fraction = 0.2  # bbc_news: seeded stratified split
+    # Seed of the split (and validation folds); -1: config.seed. Set it to keep the split
+    # while config.seed varies the initialisation and batch order.
+    config.data.split_seed = -1
     # Model selection: k > 0 trains on k-1 folds of the training split and evaluates on
     # fold `validation_fold` of it instead of the test split (experiments/select.py).
     config.data.validation_folds = 0

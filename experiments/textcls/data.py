@@ -312,6 +312,9 @@ def _validation_split(
 def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset, TextDataset, dict]:
     """Loads the train and evaluation sets described by ``config.data``.
 
+    The split (and the validation folds) are seeded by ``config.data.split_seed``, or by
+    ``seed`` (``config.seed``) when it is negative, the default.
+
     With ``config.data.validation_folds = k > 0`` the evaluation set is fold
     ``config.data.validation_fold`` of a stratified k-fold partition of the *training*
     split, and the model trains on the other folds: the test split is not used at all
@@ -321,6 +324,9 @@ def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset,
         ``(train, evaluation, record)`` where ``record`` is the JSON-able description of
         the split written to ``split.json`` (dataset, seed, file lists, validation fold).
     """
+    split_seed = int(data_config.get("split_seed", -1))
+    if split_seed >= 0:  # the split stays put while config.seed varies the model
+        seed = split_seed
     train, test, record = _load_train_test(data_config, seed)
     validation = _validation_split(train, data_config, seed)
     if validation is None:

