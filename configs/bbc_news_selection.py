@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
             "features_128": "model.features=128",
             "init_1e-2": "model.embed_init_scale=0.01",
         }.items()},
-        # Fourth round (session 3, after the default was chosen): the fastText model's
+        # Fourth round, added after the default was chosen: the fastText model's
         # optional hidden layer and dropout on top of the winner. None beat it, so the
         # default stayed.
         **{f"{bbc_news.SELECTED}_{name}": f"{_SELECTED}; {overrides}" for name, overrides in {

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from jaxbag._src import segments
+from jaxbag._src import bag_terms, segments
 from jaxbag._src.dtypes import acc_dtype
 
 __all__ = ["bag_reduce", "cpu_kernel_status"]
@@ -85,30 +85,18 @@ class _Prep:
     """Per-call quantities shared by the primal and the tangent rules (all cheap, ``[N]`` or ``[B]``)."""
 
     def __init__(self, weight, ids, seg, psw, num_bags, padding_idx, mode):
-        v = weight.shape[0]
         acc = acc_dtype(weight.dtype)
-        valid = (ids >= 0) & (ids < v) & (seg >= 0) & (seg < num_bags)
-        if padding_idx is not None:
-            valid = valid & (ids != padding_idx)
+        valid = bag_terms.valid_positions(ids, seg, weight.shape[0], num_bags, padding_idx)
         self.valid = valid
         self.safe_ids = jnp.where(valid, ids, jnp.zeros((), ids.dtype)).astype(jnp.int32)
         self.seg_c = jnp.clip(seg, 0, max(num_bags - 1, 0)).astype(jnp.int32)
-        zero = jnp.zeros((), acc)
-        if psw is None:
-            self.w = valid.astype(acc)
-        else:
-            self.w = jnp.where(valid, psw.astype(acc), zero)
-        if mode in ("sum", "max"):
-            self.den = None
-            self.inv_den = None
-        else:
-            ww = self.w if mode == "mean" else self.w * self.w
-            den = jax.ops.segment_sum(ww, seg, num_segments=num_bags, indices_are_sorted=True)
-            if mode == "sqrtn":
-                den = jnp.sqrt(den)
-            nonzero = den != 0
-            self.den = den
-            self.inv_den = jnp.where(nonzero, 1 / jnp.where(nonzero, den, jnp.ones((), acc)), zero)
+        self.w = bag_terms.masked_weights(valid, psw, acc)
+        self.den = bag_terms.bag_denominators(self.w, seg, num_bags, mode)
+        self.inv_den = None
+        if self.den is not None:
+            nonzero = self.den != 0
+            safe = jnp.where(nonzero, self.den, jnp.ones((), acc))
+            self.inv_den = jnp.where(nonzero, 1 / safe, jnp.zeros((), acc))
 
 
 def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):

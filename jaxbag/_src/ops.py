@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
-from jaxbag._src import fast_forward, segments, validation
+from jaxbag._src import bag_terms, fast_forward, segments, validation
 from jaxbag._src.dtypes import acc_dtype
 
 __all__ = ["embedding_bag", "renorm"]
@@ -149,17 +149,14 @@ def reduce_bags(
         return jax.lax.psum(out, axes) if axes else out
 
     zero = jnp.zeros((), acc)
-    w = valid.astype(acc) if weights is None else jnp.where(valid, weights.astype(acc), zero)
+    w = bag_terms.masked_weights(valid, weights, acc)
     w_held = w if held is valid else jnp.where(held, w, zero)
     sums = jax.ops.segment_sum(rows * w_held[:, None], seg, **kw)
     if axes:
         sums = jax.lax.psum(sums, axes)
-    if mode == "sum":
+    denom = bag_terms.bag_denominators(w, seg, num_bags, mode)
+    if denom is None:  # sum
         return sums
-    if mode == "mean":
-        denom = jax.ops.segment_sum(w, seg, **kw)
-    else:  # sqrtn
-        denom = jnp.sqrt(jax.ops.segment_sum(w * w, seg, **kw))
     nonzero = denom != 0
     safe = jnp.where(nonzero, denom, jnp.ones((), acc))
     return jnp.where(nonzero[:, None], sums / safe[:, None], zero)
@@ -334,9 +331,7 @@ def _embedding_bag(
     else:
         seg = segment_ids
 
-    valid = (ids >= 0) & (ids < num_embeddings) & (seg >= 0) & (seg < b)
-    if pad is not None:
-        valid = valid & (ids != pad)
+    valid = bag_terms.valid_positions(ids, seg, num_embeddings, b, pad)
     inverse_freq = inverse_counts(ids, valid, num_embeddings) if scale_grad_by_freq else None
     rows = lookup_rows(
         weight, ids, valid, max_norm=max_norm, norm_type=norm_type, inverse_freq=inverse_freq

@@ -32,7 +32,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxbag._src import ops, segments, sparse, validation
+from jaxbag._src import bag_terms, ops, segments, sparse, validation
 from jaxbag._src.dtypes import acc_dtype
 
 __all__ = [
@@ -234,10 +234,7 @@ def embedding_bag_in_shard_map(
     n = indices.shape[0]
     if num_bags == 0 or n == 0:
         return jnp.zeros((num_bags, d), local_weight.dtype)
-    ok = (indices >= 0) & (indices < num_embeddings) & (segment_ids >= 0)
-    ok = ok & (segment_ids < num_bags)
-    if padding_idx is not None:
-        ok = ok & (indices != padding_idx)
+    ok = bag_terms.valid_positions(indices, segment_ids, num_embeddings, num_bags, padding_idx)
     if valid is not None:
         ok = ok & valid
     if owned is None:

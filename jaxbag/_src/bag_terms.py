@@ -1,0 +1,53 @@
+"""What every bag reduction shares: which positions count, their weights, the denominators.
+
+Legend: ``V`` rows in the table, ``N`` ids, ``B`` bags.
+
+Used by the gather + segment formulation (:func:`jaxbag._src.ops.reduce_bags`), the streaming
+forward and its tangent rule (``fast_forward``) and the row-sharded op (``sharding``), so the
+three agree on empty bags, padding and out-of-range ids by construction.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+__all__ = ["bag_denominators", "masked_weights", "valid_positions"]
+
+
+def valid_positions(
+    ids: Array, seg: Array, num_embeddings: int, num_bags: int, padding_idx: int | None
+) -> Array:
+    """``bool [N]``: the positions that take part in a bag.
+
+    A position counts when its id is in ``[0, V)`` and is not ``padding_idx``, and its
+    segment id is in ``[0, B)``; every other position contributes nothing (not even to a
+    mean's count).
+    """
+    valid = (ids >= 0) & (ids < num_embeddings) & (seg >= 0) & (seg < num_bags)
+    if padding_idx is not None:
+        valid = valid & (ids != padding_idx)
+    return valid
+
+
+def masked_weights(valid: Array, weights: Array | None, dtype: jnp.dtype) -> Array:
+    """``[N]`` weights in ``dtype``: ``weights`` (1 without them) where ``valid``, else 0."""
+    if weights is None:
+        return valid.astype(dtype)
+    return jnp.where(valid, weights.astype(dtype), jnp.zeros((), dtype))
+
+
+def bag_denominators(w: Array, seg: Array, num_bags: int, mode: str) -> Array | None:
+    """``[B]`` what a bag's weighted sum is divided by, or None (``"sum"``, ``"max"``).
+
+    ``"mean"``: the sum of the bag's weights ``w [N]`` (its id count when unweighted);
+    ``"sqrtn"``: the L2 norm of its weights. An empty bag gets 0 (its output is 0).
+    """
+    if mode == "mean":
+        return jax.ops.segment_sum(w, seg, num_segments=num_bags, indices_are_sorted=True)
+    if mode == "sqrtn":
+        return jnp.sqrt(
+            jax.ops.segment_sum(w * w, seg, num_segments=num_bags, indices_are_sorted=True)
+        )
+    return None
