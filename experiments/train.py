@@ -120,7 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     _, params, _ = split_model(model)
     state = checkpoint.TrainState(
         params=params,
-        opt_state=steps.init_opt_state(params),
+        opt_state=sharded.replicate(steps.init_opt_state(params), config),
         rng=jax.random.fold_in(jax.random.key(config.seed), 1),  # dropout stream
     )
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.max_checkpoints)
@@ -153,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     stopped_early = False
     for epoch in range(state.epoch + 1, tc.num_epochs + 1):
         order = epoch_order(len(train_ds), seed=config.seed, epoch=epoch)
-        metrics = Metrics.zeros()
+        metrics = sharded.replicate(Metrics.zeros(), config)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{tc.num_epochs}",
                    disable=not tc.progress_bar, leave=True, dynamic_ncols=True, file=sys.stdout)
         t_epoch = time.perf_counter()

@@ -619,6 +619,13 @@ def case_experiment():
                 raise AssertionError(f"epoch {a['epoch']} {k}: {b[k]} (sharded) != {a[k]}")
     if split["num_embeddings"] != single["num_embeddings"]:
         raise AssertionError("vocabularies differ")
+    # One compilation per padded batch size, as single-device: fresh optimizer step counts and
+    # metric sums start replicated on the mesh, as the train step returns them.
+    # (The resumed process trains one epoch, so it may see fewer batch sizes.)
+    compiled, once = (r["compilations"]["train_step"] for r in (split, resumed))
+    if compiled != single["compilations"]["train_step"] or once > compiled:
+        raise AssertionError(f"train_step compiled {compiled}x sharded ({once}x resumed), "
+                             f"{single['compilations']['train_step']}x single-device")
 
 
 CASES = {

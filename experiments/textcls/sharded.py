@@ -115,8 +115,8 @@ def maybe_shard(model: nnx.Module, config: Any) -> nnx.Module:
     of the row-axis size), and every other parameter is replicated over the mesh. The model keeps
     its call signature, so the train and eval steps are unchanged.
     """
-    sc = config.get("sharding") if hasattr(config, "get") else None
-    if sc is None or not sc.get("mesh_shape"):
+    sc = _sharding_config(config)
+    if sc is None:
         return model
     if config.optim.sparse_embedding:
         raise ValueError(
@@ -136,16 +136,35 @@ def maybe_shard(model: nnx.Module, config: Any) -> nnx.Module:
         axis_name=sc.row_axis,
         batch_axis=sc.batch_axis or None,
     )
+    nnx.update(model, _replicate_on(mesh, nnx.state(model, nnx.Param)))
+    return model
+
+
+def _sharding_config(config: Any) -> Any:
+    sc = config.get("sharding") if hasattr(config, "get") else None
+    return sc if sc is not None and sc.get("mesh_shape") else None
+
+
+def _replicate_on(mesh: Mesh, tree: Any) -> Any:
+    """``tree`` with every array not already on ``mesh`` replicated over it."""
     replicated = NamedSharding(mesh, P())
-    state = nnx.state(model, nnx.Param)
-    placed = jax.tree.map(
+    return jax.tree.map(
         lambda x: x
         if getattr(getattr(x, "sharding", None), "mesh", None) == mesh
         else jax.device_put(x, replicated),
-        state,
+        tree,
     )
-    nnx.update(model, placed)
-    return model
+
+
+def replicate(tree: Any, config: Any) -> Any:
+    """``tree`` (optimizer state, metric sums) replicated over ``config.sharding``'s mesh.
+
+    No-op without ``config.sharding``. The train step returns its scalars (step counts, metric
+    sums) replicated over the mesh; passing fresh ones placed the same way keeps jit from
+    compiling the step again for the first step and for each epoch's fresh metric sums.
+    """
+    sc = _sharding_config(config)
+    return tree if sc is None else _replicate_on(make_mesh(sc), tree)
 
 
 def main() -> None:
