@@ -73,8 +73,9 @@ def _abstract(tree: Any) -> Any:
 def _placed_like(restored: Any, fresh: Any) -> Any:
     """``restored`` with each leaf placed as ``fresh``'s: orbax commits every array it
     restores to a device, while a fresh state may hold uncommitted ones (e.g. optax's
-    step counts beside parameters sharded over a mesh); a committed single-device
-    scalar next to mesh-sharded arrays would make the train step refuse its inputs."""
+    step counts); a restored state placed like the fresh one gives the train step the
+    same input placements (next to mesh-sharded arrays, a committed single-device scalar
+    would make it refuse its inputs)."""
 
     def place(r, f):
         if isinstance(f, jax.Array) and not f.committed:
