@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -70,21 +69,6 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _placed_like(restored: Any, fresh: Any) -> Any:
-    """``restored`` with each leaf placed as ``fresh``'s: orbax commits every array it
-    restores to a device, while a fresh state may hold uncommitted ones (e.g. optax's
-    step counts); a restored state placed like the fresh one gives the train step the
-    same input placements (next to mesh-sharded arrays, a committed single-device scalar
-    would make it refuse its inputs)."""
-
-    def place(r, f):
-        if isinstance(f, jax.Array) and not f.committed:
-            return jnp.asarray(np.asarray(r))  # uncommitted, as fresh
-        return r
-
-    return jax.tree.map(place, restored, fresh)
-
-
 def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainState | None:
     """The latest checkpoint, restored into the structure of ``fresh``; ``None`` if none."""
     step = manager.latest_step()
@@ -102,13 +86,13 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
         ),
     )
     params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
-    nnx.replace_by_pure_dict(params, _placed_like(r.params, pure))
+    nnx.replace_by_pure_dict(params, r.params)
     rng = jax.random.wrap_key_data(
         np.asarray(r.rng["key_data"]), impl=jax.random.key_impl(fresh.rng)
     )
     return TrainState(
         params=params,
-        opt_state=_placed_like(r.opt_state, fresh.opt_state),
+        opt_state=r.opt_state,
         rng=rng,
         epoch=int(r.meta["epoch"]),
         global_step=int(r.meta["global_step"]),
