@@ -5,7 +5,8 @@ r"""Train and evaluate a fastText-style text classifier built on jaxbag.
 
 Everything happens in :func:`train_and_evaluate`. The workdir receives ``config.json``,
 ``split.json``, ``vocab.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoints/``
-(orbax, one per epoch), ``summary.json`` and ``curves.png``. Running again on the same
+(orbax, one per epoch), ``summary.json``, ``errors.jsonl`` (the misclassified evaluation
+examples) and ``curves.png``. Running again on the same
 workdir resumes from the last checkpoint.
 """
 
@@ -27,7 +28,13 @@ from tqdm import tqdm
 from experiments.textcls import artifacts, checkpoint, config_check, logs, sharded
 from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
 from experiments.textcls.data import load_splits
-from experiments.textcls.metrics import Metrics, confusion_matrix, format_confusion
+from experiments.textcls.metrics import (
+    Metrics,
+    confusion_matrix,
+    format_confusion,
+    format_misclassified,
+    misclassified,
+)
 
 from experiments.textcls.model import build_model
 from experiments.textcls.optim import make_optimizer, make_sparse_optimizer
@@ -198,6 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Summary.
     test_m, preds = evaluate(params)
     cm = confusion_matrix(test_ds.labels, preds, num_classes)
+    errors = misclassified(test_ds.sources, test_ds.texts, test_ds.labels, preds,
+                           train_ds.class_names)
     epoch_times = [h["epoch_time_s"] for h in history]
     median_epoch = statistics.median(epoch_times) if epoch_times else float("nan")
     best = max(history, key=lambda h: h["test_accuracy"]) if history else None
@@ -233,8 +242,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         plot_curves(history, workdir / artifacts.PLOT, title=f"{config.data.name} (jaxbag fastText)",
                     train_label=f"train (label smoothing {ls:g})" if ls else "train")
     artifacts.write_json(workdir / artifacts.SUMMARY, summary)
+    artifacts.write_jsonl(workdir / artifacts.ERRORS, errors)
     print(f"{evaluated_on} confusion matrix ({config.data.name}, epoch {summary['epochs']}):")
     print(format_confusion(cm, train_ds.class_names))
+    if errors:
+        print(f"misclassified ({len(errors)}, all in {workdir / artifacts.ERRORS}):")
+        print(format_misclassified(errors, limit=10))
     print(
         f"{evaluated_on} accuracy {100 * summary['test_accuracy']:.2f}% | "
         f"best epoch {summary['best_epoch']} ({100 * (summary['best_test_accuracy'] or 0):.2f}%) | "

@@ -291,9 +291,24 @@ def test_tfidf_baseline_scores_the_folds_select_scores():
                         "validation_repeat": repeat}
             train, val, _ = data.load_splits(fold_cfg, seed=0)
             assert len(val) == 20
-            expected.append(tfidf_baseline.tfidf_svc_accuracy(train, val))
+            predicted = tfidf_baseline.tfidf_svc_predictions(train, val)
+            expected.append(float((predicted == val.labels).mean()))
     assert accs == expected
     assert sum(accs) / len(accs) > 0.6  # 5 news classes from 80 articles: far above 20%
+
+
+def test_tfidf_baseline_lists_the_articles_it_gets_wrong(capsys):
+    from experiments.textcls import tfidf_baseline
+
+    cfg = {"name": "bbc_news", "max_per_class": 20, "test_fraction": 0.2, "split_seed": -1}
+    accuracy = tfidf_baseline.split_accuracy(cfg, seed=0, show_errors=True)
+    lines = capsys.readouterr().out.splitlines()
+    _, test, _ = data.load_splits(cfg, seed=0)
+    assert len(lines) == round((1 - accuracy) * len(test))
+    for line in lines:
+        source, label, arrow, predicted = line.split()[:4]
+        assert source in test.sources and source.startswith(label + "/")
+        assert arrow == "->" and predicted != label
 
 
 def test_idf_weights_follow_the_training_documents():
@@ -313,3 +328,18 @@ def test_idf_weights_follow_the_training_documents():
     fb = Featurizer.fit(texts, {**tok_cfg, "term_weights": "binary"})
     ids_b, w_b = fb.bag("apple apple fell")
     np.testing.assert_allclose(w_b, f.idf[ids_b])
+
+
+def test_misclassified_records_and_their_listing():
+    from experiments.textcls.metrics import format_misclassified, misclassified
+
+    texts = ("Title one\n\nbody", "\n  Second title  \nbody", "", "x" * 150)
+    records = misclassified(("a/1.txt", "b/2.txt", "a/3.txt", "c/4.txt"), texts,
+                            np.array([0, 1, 0, 2]), np.array([0, 2, 1, 0]), ("a", "b", "c"))
+    assert records == [
+        {"source": "b/2.txt", "label": "b", "predicted": "c", "first_line": "Second title"},
+        {"source": "a/3.txt", "label": "a", "predicted": "b", "first_line": ""},
+        {"source": "c/4.txt", "label": "c", "predicted": "a", "first_line": "x" * 100},
+    ]
+    assert format_misclassified(records, limit=2).splitlines() == [
+        "  b/2.txt  b -> c  Second title", "  a/3.txt  a -> b  ", "  ... 1 more"]

@@ -48,6 +48,15 @@ def test_smoke_trains_end_to_end_and_beats_chance(smoke_run):
     split = json.loads((workdir / artifacts.SPLIT).read_text())
     assert len(split["train"]) == summary["num_train"] and len(split["test"]) == summary["num_test"]
     assert not set(split["train"]) & set(split["test"])
+    errors = [json.loads(line) for line in (workdir / artifacts.ERRORS).read_text().splitlines()]
+    assert len(errors) == cm.sum() - np.trace(cm)
+    names = summary["class_names"]
+    off_diagonal = np.zeros_like(cm)
+    for e in errors:
+        assert e["source"] in split["test"] and e["label"] != e["predicted"]
+        assert e["source"].startswith(e["label"] + "/")  # BBC sources are <category>/<file>
+        off_diagonal[names.index(e["label"]), names.index(e["predicted"])] += 1
+    np.testing.assert_array_equal(off_diagonal, cm - np.diag(np.diag(cm)))
     assert (workdir / artifacts.PLOT).stat().st_size > 1000
     assert (workdir / artifacts.VOCAB).is_file() and (workdir / artifacts.CONFIG).is_file()
 

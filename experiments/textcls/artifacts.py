@@ -1,4 +1,5 @@
-"""The JSON files of a workdir: config, vocabulary, split, per-epoch metrics, summary.
+"""The JSON files of a workdir: config, vocabulary, split, per-epoch metrics, summary and
+the misclassified evaluation examples.
 
 ``predict`` needs only these and the checkpoints.
 """
@@ -18,6 +19,7 @@ VOCAB = "vocab.json"
 SPLIT = "split.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+ERRORS = "errors.jsonl"  # one line per misclassified evaluation example
 PLOT = "curves.png"
 # Sections of the config a resumed run must share with the run that made the workdir.
 RESUME_SECTIONS = ("seed", "data", "tokenizer", "model")
@@ -84,11 +86,12 @@ def read_metrics(workdir: Path, *, up_to_epoch: int) -> list[dict[str, Any]]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["epoch"] <= up_to_epoch]
-    write_metrics(path, rows)
+    write_jsonl(path, rows)
     return rows
 
 
-def write_metrics(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Writes one JSON object per line, atomically (temp file + rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
     os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""Classification metrics as a small pytree of sums and counts, and the confusion matrix."""
+"""Classification metrics as a small pytree of sums and counts, the confusion matrix, and
+the misclassified examples."""
 
 from __future__ import annotations
 
@@ -63,3 +64,29 @@ def format_confusion(cm: np.ndarray, class_names: Sequence[str]) -> str:
         for i in range(cm.shape[0])
     ]
     return "\n".join([head, *rows])
+
+
+def misclassified(sources: Sequence[str], texts: Sequence[str], labels: np.ndarray,
+                  predictions: np.ndarray, class_names: Sequence[str]) -> list[dict[str, str]]:
+    """One record per example whose prediction is wrong, in dataset order:
+    ``{"source", "label", "predicted", "first_line"}`` (class names; the text's first
+    non-empty line, at most 100 characters: a BBC article's headline)."""
+    records = []
+    for i in np.nonzero(np.asarray(labels) != np.asarray(predictions))[0]:
+        line = next((s.strip() for s in texts[i].splitlines() if s.strip()), "")
+        records.append({
+            "source": sources[i],
+            "label": str(class_names[int(labels[i])]),
+            "predicted": str(class_names[int(predictions[i])]),
+            "first_line": line[:100],
+        })
+    return records
+
+
+def format_misclassified(records: Sequence[dict[str, str]], *, limit: int) -> str:
+    """The first ``limit`` records as ``source  label -> predicted  first line``."""
+    rows = [f"  {r['source']}  {r['label']} -> {r['predicted']}  {r['first_line']}"
+            for r in records[:limit]]
+    if len(records) > limit:
+        rows.append(f"  ... {len(records) - limit} more")
+    return "\n".join(rows)

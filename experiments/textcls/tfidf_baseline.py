@@ -2,6 +2,7 @@ r"""Reference numbers: TF-IDF + LinearSVC (scikit-learn) on the same BBC News sp
 
     python -m experiments.textcls.tfidf_baseline [--seeds 0,1,2,3,4] [--test_fraction 0.2]
     python -m experiments.textcls.tfidf_baseline --cv      # + cross-validation, as select.py
+    python -m experiments.textcls.tfidf_baseline --seeds 0 --show_errors  # the articles it gets wrong
 
 The split of seed ``k`` is exactly the one ``experiments.train --config.seed=k`` uses
 (:func:`experiments.textcls.data.load_splits`), and ``--cv`` scores the baseline on the
@@ -17,33 +18,40 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 from configs import bbc_news
 from experiments.textcls.data import TextDataset, load_splits
+from experiments.textcls.metrics import format_misclassified, misclassified
 
 _SEEDS: Any = None
 _TEST_FRACTION: Any = None
 _CV: Any = None
+_SHOW_ERRORS: Any = None
 
 
-def tfidf_svc_accuracy(train: TextDataset, evaluation: TextDataset) -> float:
-    """Accuracy on ``evaluation`` of ``TfidfVectorizer(sublinear_tf=True)`` + ``LinearSVC()``
-    fitted on ``train``."""
+def tfidf_svc_predictions(train: TextDataset, evaluation: TextDataset) -> np.ndarray:
+    """Labels ``[len(evaluation)]`` predicted by ``TfidfVectorizer(sublinear_tf=True)`` +
+    ``LinearSVC()`` fitted on ``train``."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
 
     vectorizer = TfidfVectorizer(sublinear_tf=True)
     x_train = vectorizer.fit_transform(list(train.texts))
     clf = LinearSVC().fit(x_train, train.labels)
-    predicted = clf.predict(vectorizer.transform(list(evaluation.texts)))
-    return float((predicted == evaluation.labels).mean())
+    return np.asarray(clf.predict(vectorizer.transform(list(evaluation.texts))))
 
 
-def split_accuracy(data_config: Mapping[str, Any], seed: int) -> float:
-    """Test accuracy on the split ``experiments.train`` uses with ``config.seed=seed``."""
+def split_accuracy(data_config: Mapping[str, Any], seed: int, *, show_errors: bool = False) -> float:
+    """Test accuracy on the split ``experiments.train`` uses with ``config.seed=seed``;
+    ``show_errors`` prints the misclassified articles as ``experiments.train`` does."""
     train, test, _ = load_splits(data_config, seed)
-    return tfidf_svc_accuracy(train, test)
+    predicted = tfidf_svc_predictions(train, test)
+    if show_errors:
+        errors = misclassified(test.sources, test.texts, test.labels, predicted, test.class_names)
+        print(format_misclassified(errors, limit=len(errors)))
+    return float((predicted == test.labels).mean())
 
 
 def cv_accuracies(data_config: Mapping[str, Any], seed: int, *, folds: int = 5,
@@ -68,7 +76,7 @@ def main(argv: list[str]) -> None:
     data_config.test_fraction = _TEST_FRACTION.value
     accs = []
     for seed in (int(s) for s in _SEEDS.value):
-        accs.append(split_accuracy(data_config, seed))
+        accs.append(split_accuracy(data_config, seed, show_errors=_SHOW_ERRORS.value))
         print(f"seed {seed}: TF-IDF + LinearSVC test accuracy {100 * accs[-1]:.2f}%")
     print(f"mean over {len(accs)} splits: {100 * statistics.mean(accs):.2f}%")
     if _CV.value:
@@ -78,10 +86,11 @@ def main(argv: list[str]) -> None:
 
 
 def define_flags() -> None:
-    global _SEEDS, _TEST_FRACTION, _CV
+    global _SEEDS, _TEST_FRACTION, _CV, _SHOW_ERRORS
     _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Split seeds (config.seed).")
     _TEST_FRACTION = flags.DEFINE_float("test_fraction", 0.2, "Held-out fraction per class.")
     _CV = flags.DEFINE_bool("cv", False, "Also cross-validate on the training split of seed 0.")
+    _SHOW_ERRORS = flags.DEFINE_bool("show_errors", False, "List the misclassified test articles.")
 
 
 if __name__ == "__main__":
