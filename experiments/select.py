@@ -30,6 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.textcls import artifacts, config_check, logs
+from experiments.textcls.data import with_validation_fold
 from experiments.train import parse_flags, train_and_evaluate
 
 # Flag holders, set by define_flags() when run as a program.
@@ -74,9 +75,7 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_colle
 def fold_config(candidate: ml_collections.ConfigDict, folds: int, fold: int, repeat: int = 0):
     """``candidate`` trained on the other folds of partition ``repeat``, evaluated on ``fold``."""
     config = ml_collections.ConfigDict(candidate.to_dict())
-    config.data.validation_folds = folds
-    config.data.validation_fold = fold
-    config.data.validation_repeat = repeat
+    config.data = with_validation_fold(config.data.to_dict(), folds, fold, repeat)
     config.train.progress_bar = False
     config.train.plot = False
     return config

@@ -309,6 +309,14 @@ def _validation_split(
     return train.subset(np.flatnonzero(fold != i)), train.subset(np.flatnonzero(fold == i)), record
 
 
+def with_validation_fold(data_config: Mapping[str, Any], folds: int, fold: int,
+                         repeat: int = 0) -> dict[str, Any]:
+    """A copy of ``config.data`` that evaluates on fold ``fold`` of the ``folds``-fold
+    partition ``repeat`` of the training split (see :func:`load_splits`)."""
+    return {**data_config, "validation_folds": folds, "validation_fold": fold,
+            "validation_repeat": repeat}
+
+
 def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset, TextDataset, dict]:
     """Loads the train and evaluation sets described by ``config.data``.
 

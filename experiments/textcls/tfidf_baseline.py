@@ -17,12 +17,11 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-import ml_collections
 import numpy as np
 from absl import app, flags
 
 from configs import bbc_news
-from experiments.textcls.data import TextDataset, load_splits
+from experiments.textcls.data import TextDataset, load_splits, with_validation_fold
 from experiments.textcls.metrics import format_misclassified, misclassified
 
 _SEEDS: Any = None
@@ -59,14 +58,8 @@ def cv_accuracies(data_config: Mapping[str, Any], seed: int, *, folds: int = 5,
     """Per-fold accuracies over the ``repeats`` x ``folds`` partitions of the training split
     (``config.data.validation_folds`` / ``validation_fold`` / ``validation_repeat``, in
     ``experiments.select``'s order)."""
-    accs = []
-    for repeat in range(repeats):
-        for fold in range(folds):
-            fold_data = ml_collections.ConfigDict(dict(data_config))
-            fold_data.validation_folds, fold_data.validation_fold = folds, fold
-            fold_data.validation_repeat = repeat
-            accs.append(split_accuracy(fold_data, seed))
-    return accs
+    return [split_accuracy(with_validation_fold(data_config, folds, fold, repeat), seed)
+            for repeat in range(repeats) for fold in range(folds)]
 
 
 def main(argv: list[str]) -> None:
