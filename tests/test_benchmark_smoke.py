@@ -147,6 +147,31 @@ def test_bag_reduce_matches_embedding_bag(mode, skewed, impl):
     np.testing.assert_allclose(vf, vr, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sqrtn"])
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_stream_loop_with_closed_over_constants(mode, unroll):
+    # Everything a jit constant, so XLA knows the loop's trip count at compile time. The loop
+    # once stepped by `unroll` positions, and XLA:CPU dropped `while i < 1: i += k` (k > 1) as
+    # if it never ran: one bag of one id came back as zeros. Lengths 1..5 against unroll 1/2/4.
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+    for lengths in ([1], [3], [2, 5], [0, 1, 4]):
+        seg_np = np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
+        ids_np = rng.integers(0, 5, seg_np.shape[0]).astype(np.int32)
+        ids, seg = jnp.asarray(ids_np), jnp.asarray(seg_np)
+        out = jax.jit(lambda: bag_reduce(w, ids, seg, len(lengths), mode=mode, impl="stream",
+                                         unroll=unroll))()
+        wn = np.asarray(w)
+        expect = []
+        for b, length in enumerate(lengths):
+            rows = wn[ids_np[seg_np == b]]
+            expect.append(np.zeros(3) if length == 0 else {
+                "sum": rows.sum(0), "mean": rows.mean(0), "max": rows.max(0),
+                "sqrtn": rows.sum(0) / np.sqrt(length)}[mode])
+        np.testing.assert_allclose(out, np.stack(expect), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"lengths={lengths}")
+
+
 @pytest.mark.parametrize("impl", ["kernel", "stream"])
 def test_bag_reduce_offsets_layout_including_ill_formed(impl):
     rng = np.random.default_rng(3)

@@ -20,9 +20,11 @@ implementations live here, both behind one :func:`bag_reduce`:
 
 ``impl="auto"`` takes the kernel when it applies (float32 table, kernel built, CPU) and the plain
 gather + segment reduction otherwise (the fast formulation on GPU/TPU). The stream loop is opt-in
-(``impl="stream"``): XLA:CPU was seen to return zeros from it under ``jit`` when its inputs are
-closed-over constants (one bag of one id), so it stays out of the default path until that is
-understood.
+(``impl="stream"``): on CPU it beats the gather formulation on many ids but not on few ids or some
+row widths (README, "Sweeps"), so ``auto`` does not guess. Its loop counts trips with step 1: a
+loop stepping ``unroll`` positions at a time met an XLA:CPU simplifier bug (a constant-bound
+``while i < 1: i += k``, ``k > 1``, is removed as if it ran zero times), which returned zeros for
+one bag of one id closed over under ``jit``.
 
 The same compiled library holds the CPU kernels of the sparse training path
 (:mod:`jaxbag._src.sparse`): distinct ids (hash + radix sort), the row-gradient scatter, and fused
@@ -114,7 +116,8 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
     is_max = mode == "max"
 
     def body(carry):
-        l, total, arg = carry
+        t, total, arg = carry
+        l = t * unroll
         for u in range(unroll):
             pos = starts + (l + u)
             live = (l + u) < lengths
@@ -130,12 +133,16 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
             else:
                 coef = jnp.where(ok, _gather_1d(w, p), jnp.zeros((), acc))
                 total = total + row * coef[:, None]
-        return l + unroll, total, arg
+        return t + 1, total, arg
 
     init_total = jnp.full((num_bags, d), -jnp.inf if is_max else 0.0, acc)
     init_arg = jnp.full((num_bags, d) if is_max else (num_bags, 1), n, jnp.int32)
+    # The loop counts trips (step 1), not positions (step `unroll`): with a constant bound
+    # XLA:CPU (jaxlib 0.10.2) removes `while i < 1: i += k` for k > 1 as if it ran zero
+    # times, so the positions loop returned zeros for one bag of one id closed over under jit.
+    trips = (max_len + (unroll - 1)) // unroll
     _, total, arg = lax.while_loop(
-        lambda c: c[0] < max_len, body, (jnp.int32(0), init_total, init_arg)
+        lambda c: c[0] < trips, body, (jnp.int32(0), init_total, init_arg)
     )
     if is_max:
         total = jnp.where(arg < n, total, jnp.zeros((), acc))
@@ -915,9 +922,8 @@ def _primal(weight, psw, ids, bounds, cfg):
     if impl == "stream":
         return xla()
     if not use_kernel:
-        # auto: the gather formulation. The stream loop (impl="stream") is opt-in only: under jit
-        # with its inputs closed over as constants XLA:CPU has been seen to return zeros from it
-        # (a single bag of one id), so it is kept out of the default path until that is understood.
+        # auto: the gather formulation (the stream loop, impl="stream", is opt-in: see the
+        # module docstring).
         return gather()
     v = weight.shape[0]
     ids32 = _as_int32(ids, 0, v - 1, -1)
