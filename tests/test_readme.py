@@ -1,0 +1,35 @@
+"""The README's Python blocks run as written (tests/_readme_worker.py, 8 simulated devices)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import _readme_worker  # noqa: E402
+
+
+def test_every_python_block_is_found():
+    text = (ROOT / "README.md").read_text()
+    blocks = _readme_worker.python_blocks(text)
+    assert len(blocks) == text.count("```python\n") >= 8
+    assert all(line > 1 and text.splitlines()[line - 2] == "```python" for line, _ in blocks)
+
+
+def test_readme_python_blocks_run():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_readme_worker.py")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
+    assert f"{len(_readme_worker.python_blocks((ROOT / 'README.md').read_text()))} blocks ran" in proc.stdout
+
+
+def test_a_failing_block_fails_the_run(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("text\n\n```python\nx = jnp.ones(3)\n```\n\n```python\njaxbag.no_such_function(x)\n```\n")
+    assert _readme_worker.run_blocks(readme) == 1
+    out = capsys.readouterr().out
+    assert "ok: README.md:4" in out and "FAILED: the block at README.md:8" in out
