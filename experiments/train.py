@@ -205,8 +205,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Summary.
     test_m, preds = evaluate(params)
     cm = confusion_matrix(test_ds.labels, preds, num_classes)
-    errors = misclassified(test_ds.sources, test_ds.texts, test_ds.labels, preds,
-                           train_ds.class_names)
     epoch_times = [h["epoch_time_s"] for h in history]
     median_epoch = statistics.median(epoch_times) if epoch_times else float("nan")
     best = max(history, key=lambda h: h["test_accuracy"]) if history else None
@@ -242,6 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         plot_curves(history, workdir / artifacts.PLOT, title=f"{config.data.name} (jaxbag fastText)",
                     train_label=f"train (label smoothing {ls:g})" if ls else "train")
     artifacts.write_json(workdir / artifacts.SUMMARY, summary)
+    errors = misclassified(test_ds.sources, test_ds.texts, test_ds.labels, preds,
+                           train_ds.class_names)
     artifacts.write_jsonl(workdir / artifacts.ERRORS, errors)
     print(f"{evaluated_on} confusion matrix ({config.data.name}, epoch {summary['epochs']}):")
     print(format_confusion(cm, train_ds.class_names))
