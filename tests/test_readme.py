@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
+
+import _readme_worker
+from _devices import run_on_8_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import _readme_worker  # noqa: E402
 
 
 def test_every_python_block_is_found():
@@ -20,9 +18,7 @@ def test_every_python_block_is_found():
 
 
 def test_readme_python_blocks_run():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_readme_worker.py")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = run_on_8_devices(ROOT / "tests" / "_readme_worker.py")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
     assert f"{len(_readme_worker.python_blocks((ROOT / 'README.md').read_text()))} blocks ran" in proc.stdout
 

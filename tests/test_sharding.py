@@ -10,10 +10,7 @@ case compares the sharded op / collection with the single-device one, forward an
 from __future__ import annotations
 
 import ast
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +20,7 @@ from jax.sharding import AxisType
 
 import jaxbag
 import jaxbag.sharding as jsh
+from _devices import run_on_8_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_sharding_worker.py"
@@ -52,17 +50,7 @@ def test_every_worker_case_is_run():
 
 @pytest.mark.parametrize("case", CASES)
 def test_on_8_devices(case):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), case],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_on_8_devices(WORKER, case)
     assert proc.returncode == 0, f"{case} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
     assert f"{case}: ok" in proc.stdout
 
