@@ -143,6 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     evaluated_on = f"validation fold {config.data.validation_fold}/{k}" if k else "test"
 
     train_step, eval_step = steps.train_step, steps.eval_step
+    sync_each_step = sharded.one_step_in_flight(config)
 
     def evaluate(p) -> tuple[dict[str, float], np.ndarray]:
         total, preds = Metrics.zeros(), []
@@ -170,6 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             params, opt_state, metrics = train_step(params, opt_state, metrics, batch, state.rng,
                                                     np.int32(global_step))
             global_step += 1
+            if sync_each_step:  # XLA:CPU with several devices: see sharded.one_step_in_flight
+                jax.block_until_ready(metrics)
             bar.update(1)
             if not bar.disable and ((i + 1) % tc.log_every_steps == 0 or i + 1 == steps_per_epoch):
                 m = metrics.compute()

@@ -584,6 +584,7 @@ def case_experiment():
 
     from configs import bbc_news_sharded, smoke
     from experiments import train
+    from experiments.textcls import sharded
 
     def config(with_mesh):
         c = smoke.get_config()
@@ -594,9 +595,23 @@ def case_experiment():
             c.sharding = ml_collections.ConfigDict(bbc_news_sharded.get_config().sharding)
         return c
 
+    # On CPU the sharded loop keeps one step in flight (XLA:CPU deadlocks with several queued).
+    if not sharded.one_step_in_flight(config(True)) or sharded.one_step_in_flight(config(False)):
+        raise AssertionError("one_step_in_flight: True for the sharded config on CPU only")
+    waits = []
+    block_until_ready = jax.block_until_ready
+
+    def counting_block_until_ready(x):
+        waits.append(1)
+        return block_until_ready(x)
+
     with tempfile.TemporaryDirectory() as tmp:
         single = train.train_and_evaluate(config(False), f"{tmp}/single")
-        split = train.train_and_evaluate(config(True), f"{tmp}/sharded")
+        jax.block_until_ready = counting_block_until_ready
+        try:
+            split = train.train_and_evaluate(config(True), f"{tmp}/sharded")
+        finally:
+            jax.block_until_ready = block_until_ready
         hist = [
             [json.loads(x) for x in open(f"{tmp}/{n}/metrics.jsonl")]
             for n in ("single", "sharded")
@@ -606,6 +621,9 @@ def case_experiment():
         stopped.train.stop_after_epochs = 1
         train.train_and_evaluate(stopped, f"{tmp}/resumed")
         resumed = train.train_and_evaluate(config(True), f"{tmp}/resumed")
+        steps = hist[1][-1]["global_step"]
+        if len(waits) < steps:
+            raise AssertionError(f"the sharded loop waited {len(waits)} times in {steps} steps")
         if resumed["resumed_from_epoch"] != 1:
             raise AssertionError(f"did not resume: {resumed['resumed_from_epoch']}")
         for k in ("test_accuracy", "test_loss"):
