@@ -81,15 +81,15 @@ def fold_config(candidate: ml_collections.ConfigDict, folds: int, fold: int, rep
     return config
 
 
-def _run_fold(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
+def run_or_reuse(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
     """The summary of a finished run in ``workdir`` with exactly ``config``, or a new run."""
     done = workdir / artifacts.SUMMARY
     if done.is_file():
         ran = artifacts.read_json(workdir / artifacts.CONFIG)
         if ran != artifacts.config_to_dict(config):
             raise ValueError(
-                f"{workdir} holds a finished run of another config than this candidate's "
-                f"({workdir / artifacts.CONFIG}); the candidates changed since it ran. Use a "
+                f"{workdir} holds a finished run of another config "
+                f"({workdir / artifacts.CONFIG}): the config changed since it ran. Use a "
                 "new --workdir (or delete that directory)."
             )
         return artifacts.read_json(done)
@@ -110,7 +110,7 @@ def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[
         accs, losses, times = [], [], []
         for repeat in range(config.repeats):
             for fold in range(config.folds):
-                summary = _run_fold(fold_config(candidates[name], config.folds, fold, repeat),
+                summary = run_or_reuse(fold_config(candidates[name], config.folds, fold, repeat),
                                     workdir / name / f"repeat{repeat}_fold{fold}")
                 accs.append(summary["test_accuracy"])  # the held-out fold's accuracy
                 losses.append(summary["test_loss"])

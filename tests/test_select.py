@@ -89,5 +89,5 @@ def test_select_ranks_candidates_by_cross_validation_and_resumes(tmp_path, monke
         (tmp_path / "selection.json").read_text())["rows"]
     # ... but not if the candidate changed since
     config.candidates.tiny_lr = "optim.learning_rate=2e-6"
-    with pytest.raises(ValueError, match="another config than this candidate's"):
+    with pytest.raises(ValueError, match="holds a finished run of another config"):
         select.select(config, tmp_path)

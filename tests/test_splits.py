@@ -1,0 +1,76 @@
+"""Test accuracy over many seeded splits (experiments/splits.py)."""
+
+import json
+
+import ml_collections
+import pytest
+
+from configs import bbc_news_splits, smoke
+from experiments import select, splits
+from experiments.textcls import artifacts
+from experiments.textcls.tfidf_baseline import split_accuracy
+
+
+def test_summarize_by_hand():
+    s = splits.summarize([0.98, 0.97, 0.99], [0.97, 0.97, 1.0], threshold=0.98)
+    assert s["mean"] == pytest.approx(0.98)
+    assert s["sd"] == pytest.approx(0.01)  # sample SD of 0.98, 0.97, 0.99
+    assert (s["min"], s["max"], s["at_threshold"]) == (0.97, 0.99, 2)
+    # per-split differences +0.01, 0, -0.01: mean 0, SD 0.01, SE 0.01 / sqrt(3)
+    assert s["diff"] == pytest.approx(0.0, abs=1e-12)
+    assert s["diff_se"] == pytest.approx(0.01 / 3**0.5)
+    assert (s["better"], s["worse"]) == (1, 1)
+    with pytest.raises(ValueError):  # unpaired lists
+        splits.summarize([0.9, 0.8], [0.9], threshold=0.5)
+
+
+def test_split_config_sets_the_seed_and_keeps_the_model():
+    base = smoke.get_config()
+    base.data.split_seed = 3
+    c = splits.split_config(base, 7)
+    assert (c.seed, c.data.split_seed, c.train.plot) == (7, -1, False)
+    assert c.model.to_dict() == base.model.to_dict()
+    assert base.seed == 0 and base.data.split_seed == 3  # not changed
+
+
+def test_every_model_of_the_shipped_config_is_valid():
+    config = bbc_news_splits.get_config()
+    assert config.reference in config.models
+    for overrides in config.models.values():
+        select.apply_overrides(config.base, overrides)  # raises on an unknown key
+
+
+@pytest.mark.slow
+def test_run_splits_pairs_the_models_on_the_same_splits(tmp_path, monkeypatch):
+    config = ml_collections.ConfigDict()
+    config.base = smoke.get_config()
+    config.num_splits = 2
+    config.models = ml_collections.ConfigDict(
+        {"default": "", "tiny_lr": "optim.learning_rate=1e-6; model.features=4"})
+    config.reference = "default"
+    config.tfidf_svc = True
+    config.threshold = 0.5
+    result = splits.run_splits(config, tmp_path)
+    accs = result["accuracies"]
+    for name in ("default", "tiny_lr"):
+        for seed in (0, 1):
+            run = tmp_path / name / f"split{seed}"
+            summary = json.loads((run / artifacts.SUMMARY).read_text())
+            assert summary["test_accuracy"] == accs[name][seed]
+            assert json.loads((run / artifacts.CONFIG).read_text())["seed"] == seed
+    # the same test articles for every model of a split, other ones for another split
+    test_sets = {(n, s): set(json.loads((tmp_path / n / f"split{s}" / artifacts.SPLIT)
+                                        .read_text())["test"])
+                 for n in ("default", "tiny_lr") for s in (0, 1)}
+    assert test_sets["default", 0] == test_sets["tiny_lr", 0] != test_sets["default", 1]
+    assert accs[splits.TFIDF_SVC] == [split_accuracy(config.base.data, s) for s in (0, 1)]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["default"]["diff"] == 0.0
+    # a learning rate of 1e-6 leaves the model at chance; the default learns
+    assert rows["tiny_lr"]["diff"] < -0.2 and rows["tiny_lr"]["worse"] == 2
+    assert rows["tiny_lr"]["mean"] == pytest.approx(sum(accs["tiny_lr"]) / 2)
+    assert "| tiny_lr |" in (tmp_path / "splits.md").read_text()
+    # a second call reuses the finished runs
+    monkeypatch.setattr(select, "train_and_evaluate",
+                        lambda *a, **k: pytest.fail("a finished split was trained again"))
+    assert splits.run_splits(config, tmp_path)["accuracies"] == accs
