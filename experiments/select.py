@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,6 @@ from ml_collections import config_flags
 from experiments.textcls import artifacts, config_check, logs
 from experiments.textcls.data import with_validation_fold
 from experiments.train import parse_flags, train_and_evaluate
-
-# Flag holders, set by define_flags() when run as a program.
-_CONFIG: Any = None
-_WORKDIR: Any = None
-
 
 def _parse_value(text: str) -> Any:
     """``"128"`` -> 128, ``"true"`` -> True, ``"log"`` -> ``"log"``."""
@@ -72,6 +68,18 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_colle
     return config
 
 
+def variants(base: Any, overrides: Any, reference: str, where: str) -> dict[str, ml_collections.ConfigDict]:
+    """``{name: base with overrides[name] applied}``, every one checked before anything runs.
+
+    Raises:
+        ValueError: ``reference`` is not one of the names, or an override is invalid.
+    """
+    if reference not in overrides:
+        raise ValueError(f"config.reference={reference!r} is not in {where}: {list(overrides)}")
+    base = ml_collections.ConfigDict(base)
+    return {name: apply_overrides(base, overrides[name]) for name in overrides}
+
+
 def fold_config(candidate: ml_collections.ConfigDict, folds: int, fold: int, repeat: int = 0):
     """``candidate`` trained on the other folds of partition ``repeat``, evaluated on ``fold``."""
     config = ml_collections.ConfigDict(candidate.to_dict())
@@ -100,11 +108,8 @@ def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[
     """Cross-validates every candidate; returns the rows of the table, best first."""
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
-    base = ml_collections.ConfigDict(config.base)
-    names = list(config.candidates.keys())
-    if config.reference not in names:
-        raise ValueError(f"config.reference={config.reference!r} is not a candidate: {names}")
-    candidates = {n: apply_overrides(base, config.candidates[n]) for n in names}  # fail early
+    candidates = variants(config.base, config.candidates, config.reference, "config.candidates")
+    names = list(candidates)
     rows = []
     for name in names:
         accs, losses, times = [], [], []
@@ -151,24 +156,24 @@ def format_table(rows: list[dict[str, Any]], reference: str, folds: int, repeats
     return "\n".join(lines)
 
 
-def define_flags() -> None:
-    global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Selection config (configs/*_selection.py).", lock_config=True
-    )
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
+def study_main(run: Callable[[ml_collections.ConfigDict, str], Any], example: str) -> None:
+    """The command line of a study (this module, ``experiments.splits``): ``--config``, a
+    locked config file with dotted overrides, and ``--workdir``; calls ``run(config, workdir)``.
+    ``example`` (``"--config configs/x.py --workdir runs/x"``) is shown when one is missing."""
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Study config file (configs/*.py).", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
 
+    def main(argv: list[str]) -> None:
+        logs.quiet_orbax()
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if config.value is None or not workdir.value:
+            raise app.UsageError(f"--config and --workdir are required, e.g. {example}")
+        run(config.value, workdir.value)
 
-def main(argv: list[str]) -> None:
-    logs.quiet_orbax()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required, e.g. "
-                             "--config configs/bbc_news_selection.py --workdir runs/select")
-    select(_CONFIG.value, _WORKDIR.value)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    study_main(select, "--config configs/bbc_news_selection.py --workdir runs/select")

@@ -21,17 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from experiments.select import apply_overrides, run_or_reuse
-from experiments.textcls import artifacts, logs
-from experiments.train import parse_flags
+from experiments.select import run_or_reuse, study_main, variants
+from experiments.textcls import artifacts
 
 TFIDF_SVC = "tfidf_svc"
-
-_CONFIG: Any = None
-_WORKDIR: Any = None
 
 
 def split_config(model: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -70,11 +65,8 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     """Trains every model on every split; returns ``{"rows": [...], "accuracies": {...}}``."""
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
-    base = ml_collections.ConfigDict(config.base)
-    names = list(config.models.keys())
-    if config.reference not in names:
-        raise ValueError(f"config.reference={config.reference!r} is not a model: {names}")
-    models = {n: apply_overrides(base, config.models[n]) for n in names}  # fail early
+    models = variants(config.base, config.models, config.reference, "config.models")
+    names = list(models)
     seeds = range(config.num_splits)
     accs: dict[str, list[float]] = {}
     for name in names:
@@ -84,7 +76,7 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     if config.tfidf_svc:
         from experiments.textcls.tfidf_baseline import split_accuracy
 
-        accs[TFIDF_SVC] = [split_accuracy(base.data, s) for s in seeds]
+        accs[TFIDF_SVC] = [split_accuracy(config.base.data, s) for s in seeds]
     rows = [{"name": name, "overrides": config.models.get(name, "(scikit-learn)"),
              **summarize(a, accs[config.reference], config.threshold)}
             for name, a in accs.items()]
@@ -113,24 +105,5 @@ def format_table(rows: list[dict[str, Any]], reference: str, num_splits: int,
     return "\n".join(lines)
 
 
-def define_flags() -> None:
-    global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Study config (configs/bbc_news_splits.py).", lock_config=True
-    )
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")
-
-
-def main(argv: list[str]) -> None:
-    logs.quiet_orbax()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required, e.g. "
-                             "--config configs/bbc_news_splits.py --workdir runs/splits")
-    run_splits(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    study_main(run_splits, "--config configs/bbc_news_splits.py --workdir runs/splits")

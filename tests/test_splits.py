@@ -40,6 +40,18 @@ def test_every_model_of_the_shipped_config_is_valid():
         select.apply_overrides(config.base, overrides)  # raises on an unknown key
 
 
+def test_bad_study_configs_fail_before_training(tmp_path):
+    config = bbc_news_splits.get_config()
+    config.reference = "tutorial"
+    with pytest.raises(ValueError, match="config.reference='tutorial' is not in config.models"):
+        splits.run_splits(config, tmp_path)
+    config.reference = "default"
+    config.models.tutorial_recipe = "optim.lr=0.1"
+    with pytest.raises(ValueError, match="no 'lr' under 'config.optim'"):
+        splits.run_splits(config, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
 @pytest.mark.slow
 def test_run_splits_pairs_the_models_on_the_same_splits(tmp_path, monkeypatch):
     config = ml_collections.ConfigDict()
