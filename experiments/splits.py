@@ -2,10 +2,10 @@ r"""Test accuracy over many seeded train/test splits: how much one split says.
 
     python -m experiments.splits --config configs/bbc_news_splits.py --workdir runs/splits
 
-One 444-article test split measures accuracy to about +-0.7 points (one article is 0.23), so
-a single number cannot tell models apart that differ by less. This trains each model of
-``config.models`` (overrides of ``config.base``, as in ``experiments/select.py``) on the
-splits of ``config.seed = 0 .. config.num_splits - 1``, optionally scores TF-IDF + LinearSVC
+One 444-article test split measures accuracy to about +-0.5-0.7 points (one SD; one article
+is 0.23), so a single number cannot tell apart models that differ by less. This trains each
+model of ``config.models`` (overrides of ``config.base``, as in ``experiments/select.py``) on
+the splits of ``config.seed = 0 .. config.num_splits - 1``, optionally scores TF-IDF + LinearSVC
 on the very same splits, and prints per model the mean test accuracy, its spread, how many
 splits reach ``config.threshold``, and the paired difference to ``config.reference`` (same
 split, so the split's difficulty cancels). It measures; it never feeds back into a config.
