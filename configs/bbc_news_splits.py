@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_splits = 20
     config.models = ml_collections.ConfigDict({
         "default": "",
+        # configs/bbc_news_selection.py's "start": the default before the selection
+        "previous_default": "tokenizer.term_weights=count; tokenizer.idf=false; "
+                            "model.mode=mean; train.label_smoothing=0.1",
         "tutorial_recipe": TUTORIAL_RECIPE,
     })
     config.reference = "default"  # the others are compared with it split by split

@@ -5,7 +5,7 @@ import json
 import ml_collections
 import pytest
 
-from configs import bbc_news_splits, smoke
+from configs import bbc_news_selection, bbc_news_splits, smoke
 from experiments import select, splits
 from experiments.textcls import artifacts
 from experiments.textcls.tfidf_baseline import split_accuracy
@@ -38,6 +38,9 @@ def test_every_model_of_the_shipped_config_is_valid():
     assert config.reference in config.models
     for overrides in config.models.values():
         select.apply_overrides(config.base, overrides)  # raises on an unknown key
+    # "previous_default" is the selection's starting point
+    previous = select.apply_overrides(config.base, config.models.previous_default)
+    assert previous.to_dict() == bbc_news_selection.get_config().base.to_dict()
 
 
 def test_bad_study_configs_fail_before_training(tmp_path):
