@@ -116,7 +116,7 @@ def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[
         for repeat in range(config.repeats):
             for fold in range(config.folds):
                 summary = run_or_reuse(fold_config(candidates[name], config.folds, fold, repeat),
-                                    workdir / name / f"repeat{repeat}_fold{fold}")
+                                       workdir / name / f"repeat{repeat}_fold{fold}")
                 accs.append(summary["test_accuracy"])  # the held-out fold's accuracy
                 losses.append(summary["test_loss"])
                 times.append(summary["train_time_s"])
