@@ -177,7 +177,7 @@ def one_step_in_flight(config: Any) -> bool:
     computations in flight: the devices the all-reduce waited for had no thread to run on,
     and XLA aborted the run after 40 s ("Termination timeout for all reduce"). On 8 simulated
     devices with the 2 cores kept busy by other processes, 12 of 21 full runs aborted so;
-    with one step in flight, 1 of 52 (cause not found). GPU and TPU run each device's steps
+    with one step in flight, 1 of 112 (cause not found). GPU and TPU run each device's steps
     in order on its own stream and keep asynchronous dispatch.
     """
     return _sharding_config(config) is not None and jax.default_backend() == "cpu"
