@@ -571,6 +571,25 @@ def case_sparse():
             allow_int_gather=True,
         )
 
+    # Ids at positions outside every bag (segment id >= B: padding) are not rows of the batch: a
+    # lazy optimiser must not touch them (single-device: tests/test_sparse.py).
+    ids_s, seg_s = np.asarray(d["ids_s"]), np.asarray(d["seg_s"])
+    expect = sorted(set(ids_s[(seg_s < B) & (ids_s != 3)].tolist()))
+    if set(ids_s[seg_s >= B].tolist()) <= set(expect):
+        raise AssertionError("make_data: a padding id must be absent from the bags")
+    for mname, axis, batch in [("1d", "model", None), ("2d", "model", "data")]:
+        mesh = ms[mname]
+        n = mesh.shape[axis]
+        _, pb = jsh.embedding_bag_rows(
+            jsh.shard_table(d["w"], mesh, axis), d["ids_s"], mesh=mesh, axis_name=axis,
+            batch_axis=batch, mode="sum", padding_idx=3, segment_ids=d["seg_s"], num_bags=B,
+        )
+        rows = np.asarray(pb(gs[0]).rows).reshape(n, -1)  # local row numbers, R = unused
+        r = V // n
+        got = sorted(set((rows + np.arange(n)[:, None] * r)[rows < r].tolist()))
+        if got != expect:
+            raise AssertionError(f"sparse rows {mname}: touched {got}, the bags hold {expect}")
+
 
 def case_experiment():
     """The text classifier trained data-parallel x row-sharded (2 x 4) equals single-device."""

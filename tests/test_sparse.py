@@ -199,6 +199,51 @@ def test_sparse_adam_equals_torch_sparse_adam(mode, pad, chunk, path):
     assert not np.allclose(w, w0)
 
 
+@pytest.mark.parametrize("form", ["segment_ids", "last_offset", "max_norm"])
+def test_ids_outside_every_bag_are_not_touched(form, path):
+    """Padding positions (segment id >= B as jaxbag.pack_bags writes them, or entries past the last
+    offset) hold a real id (pack_bags writes 0); lazy Adam must not treat that row as touched. Row 0
+    gets momentum in step 1, then appears only as padding: torch's SparseAdam leaves it alone."""
+    rng = np.random.default_rng(11)
+    w0 = rng.standard_normal((V, D)).astype(np.float32)
+    lr = 0.05
+    tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    topt = torch.optim.SparseAdam([tw], lr=lr)
+    opt = sparse.sparse_adam(lr)
+    extra = {"max_norm": 100.0} if form == "max_norm" else {}  # the vjp path (_rows_local)
+
+    @jax.jit
+    def step(w, state, packed, y):
+        if form == "last_offset":
+            bags, pb = sparse.embedding_bag_rows(w, packed.indices, packed.offsets, mode="sum",
+                                                 include_last_offset=True, **extra)
+        else:
+            bags, pb = sparse.embedding_bag_rows(w, packed.indices, segment_ids=packed.segment_ids,
+                                                 num_bags=packed.num_bags, mode="sum", **extra)
+        g = jax.grad(lambda b: jnp.sum((b - y) ** 2))(bags)
+        return opt.update(w, state, pb(g)), pb(g).rows
+
+    w, st = jnp.asarray(w0), opt.init(jnp.asarray(w0))
+    batches = [[[0, 5], [7]], [[3, 4, 3], [9]], [[12], [5, 6]]]  # row 0 only in the first
+    for i, bags in enumerate(batches):
+        packed = jaxbag.pack_bags(bags, batch_size=3, bucket_sizes=[16])  # 10+ padding ids of row 0
+        assert (packed.indices[packed.segment_ids == 3] == 0).all()
+        y = rng.standard_normal((3, D)).astype(np.float32)
+        flat = np.concatenate([np.asarray(b) for b in bags]).astype(np.int64)
+        offsets = np.cumsum([0] + [len(b) for b in bags[:-1]])
+        topt.zero_grad()
+        out = F.embedding_bag(torch.from_numpy(flat), tw, torch.from_numpy(offsets), mode="sum",
+                              sparse=True)
+        torch.sum((out - torch.from_numpy(y[:2])) ** 2).backward()
+        topt.step()
+        (w, st), rows = step(w, st, packed, y)
+        touched = np.asarray(rows)[np.asarray(rows) < V]
+        np.testing.assert_array_equal(touched, np.unique(flat), err_msg=f"step {i}")
+        np.testing.assert_allclose(w, tw.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"step {i}")
+    assert not np.allclose(w[0], w0[0])  # row 0 moved once (step 1), then stayed
+    np.testing.assert_allclose(st.mu[0], topt.state[tw]["exp_avg"].numpy()[0], rtol=1e-6)
+
+
 def _mse_step_sparse_pad(opt, mode, pad):
     @jax.jit
     def step(w, state, ids, offsets, y):

@@ -493,7 +493,8 @@ def embedding_bag_rows(
     the batch's distinct ids (``R`` in unused slots, skipped) -- and their ``grads [U, D]``. No
     ``[V, D]`` gradient is built and no row leaves its shard; with ``batch_axis`` the ids are
     gathered over it (ints) and the row gradients summed over it (``[U, D]``). Feed the result to
-    :func:`sparse_update`.
+    :func:`sparse_update`. As in :func:`jaxbag.embedding_bag_rows`, ids equal to ``padding_idx``
+    or at positions outside every bag (padding) are not rows of the batch.
 
     Args:
       weight: ``float [V, D]`` row-sharded table.
@@ -556,15 +557,21 @@ def embedding_bag_rows(
             )
             w = None if w is None else w.reshape(-1)
             all_ids, start = ids, 0
+            in_bag = None  # every position of a 2-D batch is in its row's bag
             if batch_axes:  # one slot space for the whole batch: gather the (int) ids
                 all_ids = jax.lax.all_gather(ids, batch_axes, tiled=True, to="invarying")
                 start = jax.lax.axis_index(batch_axes) * ids.shape[0]
         else:
             ids = all_ids = ids_in.astype(jnp.int32)
             start = 0
+            # Ids outside every bag (segment >= B, past the last offset) are padding, not rows of
+            # the batch (as in jaxbag.embedding_bag_rows); the whole batch's bags on every replica.
+            in_bag = (seg >= 0) & (seg < b)
             if batch_axes:
                 seg = seg - jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
-        valid = None if pad is None else all_ids != pad
+        valid = in_bag
+        if pad is not None:
+            valid = all_ids != pad if valid is None else valid & (all_ids != pad)
         rows, inverse = sparse.unique_rows(all_ids, num_embeddings, size=size, valid=valid)
         if two_d and batch_axes:
             inverse = jax.lax.dynamic_slice_in_dim(inverse, start, ids.shape[0])

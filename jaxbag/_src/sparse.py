@@ -34,6 +34,7 @@ Example (a training step)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -210,6 +211,12 @@ def embedding_bag_rows(
     ``scale_grad_by_freq`` the bag op runs on the ``[U + 1, D]`` gathered distinct rows instead and
     the pullback is its vjp (same result, more memory traffic).
 
+    The batch's rows are the distinct ids that take part in a bag: ids equal to ``padding_idx``
+    and ids at positions outside every bag (segment id ``>= B``, entries past the last offset with
+    ``include_last_offset``: the padding :func:`jaxbag.pack_bags` writes) are not among them, so a
+    lazy optimiser such as :func:`sparse_adam` leaves their rows alone, as torch's ``SparseAdam``
+    does.
+
     Args:
       weight: ``float [V, D]`` table.
       indices: ``int [N]`` or ``int [B, L]`` ids, as for :func:`jaxbag.embedding_bag`. Ids outside
@@ -249,11 +256,42 @@ def embedding_bag_rows(
         )
     num_embeddings = weight.shape[0]
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
-    valid = None if pad is None else indices != pad
-    rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid)
+    offsets = None if offsets is None else jnp.asarray(offsets)
+    segment_ids = kwargs.get("segment_ids")
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    psw = kwargs.get("per_sample_weights")
+    layout = validation.check_static(
+        num_embeddings=num_embeddings, indices=indices, offsets=offsets,
+        per_sample_weights=None if psw is None else jnp.asarray(psw), segment_ids=segment_ids,
+        num_bags=kwargs.get("num_bags"), include_last_offset=kwargs.get("include_last_offset", False),
+        mode=kwargs.get("mode", "mean"), scale_grad_by_freq=kwargs.get("scale_grad_by_freq", False),
+    )
+    seg = _bag_of_positions(indices, offsets, segment_ids, layout)
+    # The batch's rows are the ids that take part in a bag: not padding_idx, and not at a position
+    # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
+    # optimiser must not count its row as touched (torch's sparse gradient leaves it out too).
+    valid = (seg >= 0) & (seg < layout.num_bags)
+    if pad is not None:
+        valid = valid & (indices.reshape(-1) != pad)
+    rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid.reshape(indices.shape))
     if kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq", False):
-        return _rows_direct(weight, indices, offsets, pad, rows, inverse, **kwargs)
+        return _rows_direct(weight, indices, offsets, pad, rows, inverse, seg, layout, **kwargs)
     return _rows_local(weight, indices, offsets, rows, inverse, **kwargs)
+
+
+def _bag_of_positions(
+    indices: Array, offsets: Array | None, segment_ids: Array | None, layout: validation.Layout
+) -> Array:
+    """``int32 [N]``: the bag of each position of ``indices`` (flattened); outside ``[0, B)``: none."""
+    n = math.prod(indices.shape)
+    if layout.two_d:
+        return jnp.repeat(jnp.arange(layout.num_bags, dtype=jnp.int32), indices.shape[1],
+                          total_repeat_length=n)
+    if offsets is not None:
+        # The last offset (include_last_offset) starts the ignored segment B either way.
+        return segments.offsets_to_segment_ids(offsets.reshape(-1), n)
+    assert segment_ids is not None
+    return segment_ids.reshape(-1).astype(jnp.int32)
 
 
 def _rows_direct(
@@ -263,6 +301,8 @@ def _rows_direct(
     pad: int | None,
     rows: Array,
     inverse: Array,
+    seg: Array,
+    layout: validation.Layout,
     *,
     mode: str = "mean",
     per_sample_weights: ArrayLike | None = None,
@@ -271,16 +311,11 @@ def _rows_direct(
     num_bags: int | None = None,
 ) -> tuple[Array, Callable[[Array], RowGrads]]:
     """The common case: bags straight from the table, pullback by a direct scatter of the bag
-    cotangents into the row slots (no ``[U, D]`` gathered copy of the rows, no vjp machinery)."""
-    offsets = None if offsets is None else jnp.asarray(offsets)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    cotangents into the row slots (no ``[U, D]`` gathered copy of the rows, no vjp machinery).
+    ``seg`` is the bag of each position (:func:`_bag_of_positions`), ``layout`` the checked form."""
+    del num_bags  # in layout
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
-    num_embeddings, features = weight.shape
-    layout = validation.check_static(
-        num_embeddings=num_embeddings, indices=indices, offsets=offsets,
-        per_sample_weights=psw, segment_ids=segment_ids, num_bags=num_bags,
-        include_last_offset=include_last_offset, mode=mode, scale_grad_by_freq=False,
-    )
+    features = weight.shape[1]
     b = layout.num_bags
     ids = indices.reshape(-1)
     n = ids.shape[0]
@@ -291,13 +326,10 @@ def _rows_direct(
         return bags, lambda g: RowGrads(rows=rows, grads=jnp.zeros((u, features), acc))
     if layout.two_d:
         bounds, lay = jnp.arange(0, n, indices.shape[1], dtype=jnp.int32), 1
-        seg = jnp.repeat(jnp.arange(b, dtype=jnp.int32), indices.shape[1], total_repeat_length=n)
     elif offsets is not None:
         bounds, lay = offsets.reshape(-1), 1
-        seg = segments.offsets_to_segment_ids(offsets, n, include_last_offset=include_last_offset)
     else:
-        bounds, lay = segment_ids.reshape(-1), 0
-        seg = bounds
+        bounds, lay = jnp.asarray(segment_ids).reshape(-1), 0
     psw_flat = None if psw is None else psw.reshape(-1)
     bags, arg = fast_forward.bag_reduce_with_arg(
         weight, ids, bounds, psw_flat, num_bags=b, padding_idx=pad, mode=mode, layout=lay,
