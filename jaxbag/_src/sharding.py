@@ -557,21 +557,19 @@ def embedding_bag_rows(
             )
             w = None if w is None else w.reshape(-1)
             all_ids, start = ids, 0
-            in_bag = None  # every position of a 2-D batch is in its row's bag
             if batch_axes:  # one slot space for the whole batch: gather the (int) ids
                 all_ids = jax.lax.all_gather(ids, batch_axes, tiled=True, to="invarying")
                 start = jax.lax.axis_index(batch_axes) * ids.shape[0]
+            all_seg, n_bags = jnp.zeros_like(all_ids), 1  # every position is in its row's bag
         else:
             ids = all_ids = ids_in.astype(jnp.int32)
             start = 0
-            # Ids outside every bag (segment >= B, past the last offset) are padding, not rows of
-            # the batch (as in jaxbag.embedding_bag_rows); the whole batch's bags on every replica.
-            in_bag = (seg >= 0) & (seg < b)
+            all_seg, n_bags = seg, b  # the whole batch's bags, on every replica
             if batch_axes:
                 seg = seg - jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
-        valid = in_bag
-        if pad is not None:
-            valid = all_ids != pad if valid is None else valid & (all_ids != pad)
+        # Ids outside every bag (segment >= B, past the last offset) are padding, not rows of the
+        # batch (as in jaxbag.embedding_bag_rows).
+        valid = bag_terms.valid_positions(all_ids, all_seg, num_embeddings, n_bags, pad)
         rows, inverse = sparse.unique_rows(all_ids, num_embeddings, size=size, valid=valid)
         if two_d and batch_axes:
             inverse = jax.lax.dynamic_slice_in_dim(inverse, start, ids.shape[0])

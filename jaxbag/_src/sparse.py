@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 from jax.typing import ArrayLike
 
-from jaxbag._src import fast_forward, ops, segments, validation
+from jaxbag._src import bag_terms, fast_forward, ops, segments, validation
 from jaxbag._src.dtypes import acc_dtype
 
 __all__ = [
@@ -270,9 +270,7 @@ def embedding_bag_rows(
     # The batch's rows are the ids that take part in a bag: not padding_idx, and not at a position
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
     # optimiser must not count its row as touched (torch's sparse gradient leaves it out too).
-    valid = (seg >= 0) & (seg < layout.num_bags)
-    if pad is not None:
-        valid = valid & (indices.reshape(-1) != pad)
+    valid = bag_terms.valid_positions(indices.reshape(-1), seg, num_embeddings, layout.num_bags, pad)
     rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid.reshape(indices.shape))
     if kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq", False):
         return _rows_direct(weight, indices, offsets, pad, rows, inverse, seg, layout, **kwargs)
