@@ -293,3 +293,39 @@ def test_renorm_ignores_out_of_range_ids_under_jit():
     np.testing.assert_array_equal(out[0], WD[0])
     np.testing.assert_array_equal(out[V - 1], WD[V - 1])
     np.testing.assert_allclose(np.linalg.norm(out[2]), 1.0, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Under jit, ill-formed offsets and unsorted segment ids regroup ids: each valid id still counts in
+# at most one bag, and no row outside the batch is read. Checked with an identity table (row r is
+# the unit vector e_r, so a sum bag counts the rows it read), on the CPU kernel and the XLA path.
+
+
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+@pytest.mark.parametrize("form", ["segments", "offsets", "last_offset"])
+def test_jit_ill_formed_bags_regroup_ids_only(form, impl, monkeypatch):
+    from jaxbag._src import fast_forward
+
+    if impl == "xla":
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    else:
+        assert fast_forward.cpu_kernel_status()[0]
+    v, n, b = 16, 12, 5
+    eye = jnp.eye(v, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    f = jax.jit(lambda w, i, o, s: jaxbag.embedding_bag(
+        w, i, o, mode="sum", segment_ids=s, num_bags=b if s is not None else None,
+        include_last_offset=form == "last_offset"))
+    for trial in range(40):
+        ids = rng.integers(-2, v + 2, n).astype(np.int32)
+        seg = offsets = None
+        if form == "segments":  # unsorted, some outside [0, B)
+            seg = rng.integers(-1, b + 2, n).astype(np.int32)
+        else:  # unsorted, negative, past the end
+            offsets = rng.integers(-2, n + 3, b + (form == "last_offset")).astype(np.int32)
+        out = np.asarray(f(eye, ids, offsets, seg))
+        assert out.shape == (b, v)
+        counts = np.bincount(ids[(ids >= 0) & (ids < v)], minlength=v)
+        read = out.sum(axis=0)
+        assert np.all(out >= 0) and np.all(out == np.round(out)), f"trial {trial}: {out}"
+        assert np.all(read <= counts), f"trial {trial}: an id counted twice or a row not in the batch\n{out}\n{counts}"

@@ -226,8 +226,9 @@ def embedding_bag(
       TypeError, ValueError, IndexError: on bad input, before any work is done, naming the argument
         and the first offending position. Value checks (ids in range, offsets well formed, segment
         ids sorted) need concrete values: under ``jit``/``vmap`` an out-of-range id contributes zeros
-        (never another row) and ill-formed offsets only regroup ids; use :func:`jaxbag.validate`
-        with :mod:`jax.experimental.checkify` to check them there.
+        (never another row), and ill-formed offsets or unsorted segment ids only regroup ids (each
+        in at most one bag; which one is unspecified); use :func:`jaxbag.validate` with
+        :mod:`jax.experimental.checkify` to check them there.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
