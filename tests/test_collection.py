@@ -400,3 +400,23 @@ def test_nnx_module_matches_functional_core_and_trains():
     assert np.isclose(float(loss), float(jnp.sum(want**2)), rtol=1e-5)
     g = grads.embeddings["user+item"][...]
     assert g.shape == params["user+item"].shape and np.abs(np.asarray(g)).sum() > 0
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_padding_values_are_never_read_nor_checked(stack):
+    """Values past a feature's real ids (its padding) are never read: an out-of-range value there
+    is no error eagerly, and the result equals the one under jit."""
+    layout = jaxbag.collection_layout([
+        jaxbag.TableConfig("t", 4, 2, ("x",), mode="sum"),
+        jaxbag.TableConfig("u", 3, 2, ("y",), mode="mean"),
+    ], stack=stack)
+    tables = {"t": jnp.arange(8.0).reshape(4, 2), "u": -jnp.arange(6.0).reshape(3, 2)}
+    jf = jaxbag.JaggedFeatures(["x", "y"], jnp.array([1, 2, 3, 99, 2, 0, -5, 7]),
+                               jnp.array([[2, 1], [1, 1]]), capacities=(4, 4))
+    assert jf.to_lists() == {"x": [[1, 2], [3]], "y": [[2], [0]]}
+    eager = jaxbag.embedding_bag_collection(tables, jf, layout=layout)
+    jitted = jax.jit(lambda t, f: jaxbag.embedding_bag_collection(t, f, layout=layout))(tables, jf)
+    np.testing.assert_array_equal(eager["x"], [[6.0, 8.0], [6.0, 7.0]])
+    np.testing.assert_array_equal(eager["y"], [[-4.0, -5.0], [-0.0, -1.0]])
+    for k in eager:
+        np.testing.assert_array_equal(jitted[k], eager[k])

@@ -329,3 +329,39 @@ def test_jit_ill_formed_bags_regroup_ids_only(form, impl, monkeypatch):
         read = out.sum(axis=0)
         assert np.all(out >= 0) and np.all(out == np.round(out)), f"trial {trial}: {out}"
         assert np.all(read <= counts), f"trial {trial}: an id counted twice or a row not in the batch\n{out}\n{counts}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Ids at padding positions (segment id outside [0, B), past the last offset) are never read, so an
+# out-of-range value there is no error: eagerly, under jit and in validate (eager and checkify).
+
+PADDED_CASES = {
+    "segments": (dict(indices=i32(1, 2, -1, 99), segment_ids=i32(0, 1, 2, 2), num_bags=2), [[3, 4], [5, 6]]),
+    "last_offset": (dict(indices=i32(1, 2, 99), offsets=i32(0, 1, 2), include_last_offset=True),
+                    [[3, 4], [5, 6]]),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDED_CASES))
+def test_out_of_range_ids_at_padding_positions_are_not_errors(name):
+    kw, expected = PADDED_CASES[name]
+    arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
+    static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
+    eager = jaxbag.embedding_bag(W, mode="sum", **kw)
+    jitted = jax.jit(lambda w, a: jaxbag.embedding_bag(w, mode="sum", **a, **static))(W, arrays)
+    np.testing.assert_array_equal(eager, np.asarray(expected, np.float32))
+    np.testing.assert_array_equal(jitted, eager)
+    assert jaxbag.validate(V, **kw) is None
+
+    def f(w, a):
+        jaxbag.validate(w.shape[0], **a, **static)
+        return jaxbag.embedding_bag(w, mode="sum", **a, **static)
+
+    err, _ = checkify.checkify(jax.jit(f))(W, arrays)
+    assert err.get() is None, err.get()
+    # The same out-of-range id inside a bag is still reported, eagerly and under checkify.
+    inside = dict(arrays, indices=np.roll(arrays["indices"], 1))
+    with pytest.raises(IndexError, match=r"indices\[0\] = 99|indices\[0\] = -1"):
+        jaxbag.embedding_bag(W, mode="sum", **inside, **static)
+    err, _ = checkify.checkify(jax.jit(f))(W, inside)
+    assert err.get() is not None and "out of range" in err.get()

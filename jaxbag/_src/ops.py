@@ -224,7 +224,8 @@ def embedding_bag(
 
     Raises:
       TypeError, ValueError, IndexError: on bad input, before any work is done, naming the argument
-        and the first offending position. Value checks (ids in range, offsets well formed, segment
+        and the first offending position. Ids at padding positions (segment id outside ``[0, B)``,
+        at or past the last offset) are never read, so their values are not checked. Value checks (ids in range, offsets well formed, segment
         ids sorted) need concrete values: under ``jit``/``vmap`` an out-of-range id contributes zeros
         (never another row), and ill-formed offsets or unsorted segment ids only regroup ids (each
         in at most one bag; which one is unspecified); use :func:`jaxbag.validate` with
@@ -304,7 +305,9 @@ def _embedding_bag(
         scale_grad_by_freq=scale_grad_by_freq,
     )
     if validation.is_concrete(indices, offsets, segment_ids):
-        validation.raise_value_problems(num_embeddings, indices, offsets, segment_ids)
+        validation.raise_value_problems(
+            num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
+            include_last_offset=include_last_offset)
 
     b = layout.num_bags
     ids = indices.reshape(-1)

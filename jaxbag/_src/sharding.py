@@ -366,7 +366,9 @@ def embedding_bag(
     if validation.is_concrete(indices, offsets, segment_ids):
         # Concrete ids closed over by a jitted function are still checked (eagerly).
         with jax.ensure_compile_time_eval():
-            validation.raise_value_problems(num_embeddings, indices, offsets, segment_ids)
+            validation.raise_value_problems(
+                num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
+                include_last_offset=include_last_offset)
     n_rows = axis_size(mesh, axis_name)
     n_batch = axis_size(mesh, batch_axis)
     if num_embeddings % n_rows:

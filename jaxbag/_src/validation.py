@@ -210,17 +210,36 @@ def _decreasing(name: str, x: Array, rule: str) -> _Problem:
     )
 
 
+def _in_bags(
+    n: int, offsets: Array | None, segment_ids: Array | None, num_bags: int,
+    include_last_offset: bool,
+) -> Array | None:
+    """``bool [N]``: the positions inside a bag (``None``: all). The ids elsewhere (segment id
+    outside ``[0, B)``, past the last offset) are padding: never read, so never out of range."""
+    if segment_ids is not None:
+        return (segment_ids >= 0) & (segment_ids < num_bags)
+    if offsets is not None and include_last_offset and offsets.shape[0] > 0:
+        return jnp.arange(n) < offsets[-1]
+    return None
+
+
 def _value_problems(
     num_embeddings: int,
     indices: Array,
     offsets: Array | None,
     segment_ids: Array | None,
+    *,
+    num_bags: int,
+    include_last_offset: bool,
 ) -> list[_Problem]:
     problems = []
     flat = indices.reshape(-1)
     n = flat.shape[0]
     if n > 0:
         out = (flat < 0) | (flat >= num_embeddings)
+        in_bags = _in_bags(n, offsets, segment_ids, num_bags, include_last_offset)
+        if in_bags is not None:
+            out = out & in_bags
         pos = _first(out)
         if indices.ndim == 2:
             where = "indices[{}, {}] = {}"
@@ -275,10 +294,18 @@ def raise_value_problems(
     indices: Array,
     offsets: Array | None,
     segment_ids: Array | None,
+    *,
+    num_bags: int,
+    include_last_offset: bool,
 ) -> None:
-    """Raises the first value problem; inputs must be concrete (constants inside jit are)."""
+    """Raises the first value problem; inputs must be concrete (constants inside jit are).
+
+    ``num_bags`` is ``B`` (:class:`Layout`); with ``include_last_offset``, ``offsets`` ends with
+    the end of the last bag.
+    """
     with jax.ensure_compile_time_eval():
-        for p in _value_problems(num_embeddings, indices, offsets, segment_ids):
+        for p in _value_problems(num_embeddings, indices, offsets, segment_ids,
+                                 num_bags=num_bags, include_last_offset=include_last_offset):
             if bool(p.bad):
                 raise p.error(p.message.format(*(int(a) for a in p.args)))
 
@@ -333,7 +360,7 @@ def validate(
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
     per_sample_weights = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     normalize_padding_idx(padding_idx, num_embeddings)
-    check_static(
+    layout = check_static(
         num_embeddings=num_embeddings,
         indices=indices,
         offsets=offsets,
@@ -343,8 +370,9 @@ def validate(
         include_last_offset=include_last_offset,
         mode=mode,
     )
+    where = dict(num_bags=layout.num_bags, include_last_offset=include_last_offset)
     if is_concrete(indices, offsets, segment_ids):
-        raise_value_problems(num_embeddings, indices, offsets, segment_ids)
+        raise_value_problems(num_embeddings, indices, offsets, segment_ids, **where)
         return
-    for p in _value_problems(num_embeddings, indices, offsets, segment_ids):
+    for p in _value_problems(num_embeddings, indices, offsets, segment_ids, **where):
         checkify.check(jnp.logical_not(p.bad), p.message, *p.args)
