@@ -365,3 +365,86 @@ def test_out_of_range_ids_at_padding_positions_are_not_errors(name):
         jaxbag.embedding_bag(W, mode="sum", **inside, **static)
     err, _ = checkify.checkify(jax.jit(f))(W, inside)
     assert err.get() is not None and "out of range" in err.get()
+
+
+# ------------------------------------------------------------------------------------------------
+# A skipped id (padding_idx, out of range under jit, at a padding position) reads nothing: not even
+# the placeholder row 0, whose inf or NaN would leak into the bag as 0 * inf = NaN.
+
+
+@pytest.mark.parametrize("impl", ["kernel", "gather", "stream", "max_norm"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "max"])
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_skipped_ids_never_leak_row_0(impl, mode, bad, monkeypatch):
+    from jaxbag._src import fast_forward
+
+    if impl == "gather":
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    w = np.array([[bad, 1.0], [5.0, 5.0], [2.0, 3.0], [-1.0, 4.0]], np.float32)
+    ids = i32(1, 2, 9, 3, -2, 2, 0)  # 9, -2: out of range (jit); 0: at a padding position
+    seg = i32(0, 0, 0, 1, 1, 1, 2)  # segment 2 >= num_bags: padding
+    psw = None if mode == "max" else jnp.asarray(np.linspace(0.5, 2.0, 7).astype(np.float32))
+
+    def f(w_, p):
+        kw = dict(mode=mode, padding_idx=1, per_sample_weights=p)
+        if impl == "stream":
+            return fast_forward.bag_reduce(w_, ids, seg, 2, impl="stream", **kw)
+        if impl == "max_norm":  # the gather + segment formulation of ops (and sharding)
+            kw["max_norm"] = 100.0
+        return jaxbag.embedding_bag(w_, ids, segment_ids=seg, num_bags=2, **kw)
+
+    out = jax.jit(f)(jnp.asarray(w), psw)
+    valid = np.array([False, True, False, True, False, True, False])
+    ref = embedding_bag_ref(np.where(np.isfinite(w), w, 0.0), np.asarray(ids)[valid],
+                            i32(0, 1), mode=mode,
+                            per_sample_weights=None if psw is None else np.asarray(psw)[valid])
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6)
+    if psw is not None:  # the per-sample-weight gradient reads rows too
+        g_w, g_p = jax.jit(jax.grad(lambda w_, p: jnp.sum(f(w_, p)), argnums=(0, 1)))(jnp.asarray(w), psw)
+        assert np.all(np.isfinite(np.asarray(g_p))), g_p
+        assert np.all(np.isfinite(np.asarray(g_w))), g_w
+
+
+# ------------------------------------------------------------------------------------------------
+# mode="max" propagates NaN (as jnp.max), wherever the NaN stands in the bag and on every path; the
+# gradient goes to the first NaN. (torch 2.13's CPU kernel drops a NaN that follows a number.)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "gather", "stream", "chunked", "max_norm"])
+def test_max_propagates_nan_on_every_path(impl, monkeypatch):
+    from jaxbag._src import fast_forward
+
+    if impl == "gather":
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    w = np.array([[1.0, 0.0], [np.nan, 1.0], [2.0, 2.0], [0.5, np.nan]], np.float32)
+    if impl == "chunked":  # skewed bags: the stream loop hands over to the chunked scan
+        ids = i32(*([0] * 30), 1, 2, 1, 3, 2, 2, 0, 3)
+        seg = i32(*([0] * 30), 1, 1, 1, 2, 2, 3, 4, 5)
+    else:
+        ids = i32(0, 1, 2, 1, 0, 2, 3, 2, 0, 3)
+        seg = i32(0, 0, 0, 1, 1, 2, 2, 3, 4, 5)
+    num_bags = 6
+
+    def f(w_):
+        if impl in ("stream", "chunked"):
+            return fast_forward.bag_reduce(w_, ids, seg, num_bags, mode="max", impl="stream")
+        kw = {"max_norm": 100.0} if impl == "max_norm" else {}
+        return jaxbag.embedding_bag(w_, ids, segment_ids=seg, num_bags=num_bags, mode="max", **kw)
+
+    out = np.asarray(jax.jit(f)(jnp.asarray(w)))
+    rows = w[np.asarray(ids)]
+    sn = np.asarray(seg)
+    expected = np.stack([rows[sn == b].max(axis=0) for b in range(num_bags)])  # NumPy: NaN propagates
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    np.testing.assert_allclose(out[~np.isnan(out)], expected[~np.isnan(expected)])
+    # The gradient reaches the first NaN (np.argmax's pick), else the first arg-max.
+    _, vjp = jax.vjp(jax.jit(f), jnp.asarray(w))
+    (g,) = vjp(jnp.ones((num_bags, w.shape[1]), jnp.float32))
+    g = np.asarray(g)
+    g_ref = np.zeros_like(w)
+    for b in range(num_bags):
+        pos = np.nonzero(sn == b)[0]
+        for d in range(w.shape[1]):
+            g_ref[ids[pos[np.argmax(rows[pos, d])]], d] += 1.0
+    np.testing.assert_array_equal(g, g_ref)

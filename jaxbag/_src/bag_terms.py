@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-__all__ = ["bag_denominators", "masked_weights", "valid_positions"]
+__all__ = ["bag_denominators", "masked_weights", "max_hits", "valid_positions"]
 
 
 def valid_positions(
@@ -51,3 +51,10 @@ def bag_denominators(w: Array, seg: Array, num_bags: int, mode: str) -> Array | 
             jax.ops.segment_sum(w * w, seg, num_segments=num_bags, indices_are_sorted=True)
         )
     return None
+
+
+def max_hits(vals: Array, best: Array) -> Array:
+    """``bool``: where ``vals`` equals its bag's max ``best`` (both ``[N, D]``, ``best`` gathered
+    per position). A NaN propagates through the max (as ``jnp.max``), so a NaN value hits a NaN
+    max: the first NaN is then the arg-max, on every path."""
+    return (vals == best) | (jnp.isnan(vals) & jnp.isnan(best))

@@ -95,10 +95,18 @@ class _Prep:
         self.w = bag_terms.masked_weights(valid, psw, acc)
         self.den = bag_terms.bag_denominators(self.w, seg, num_bags, mode)
         self.inv_den = None
+        self.acc = acc
         if self.den is not None:
             nonzero = self.den != 0
             safe = jnp.where(nonzero, self.den, jnp.ones((), acc))
             self.inv_den = jnp.where(nonzero, 1 / safe, jnp.zeros((), acc))
+
+    def rows(self, table: Array) -> Array:
+        """``[N, D]`` rows of ``table`` (the weight or its tangent) in the accumulation dtype at the
+        valid positions, exact zeros elsewhere: the placeholder row read there may hold inf or
+        NaN, and a zero weight would not cancel it (0 * inf is NaN)."""
+        rows = jnp.take(table, self.safe_ids, axis=0).astype(self.acc)
+        return jnp.where(self.valid[:, None], rows, jnp.zeros((), self.acc))
 
 
 def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
@@ -127,12 +135,14 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
             row = _gather_rows(weight, jnp.clip(row_id, 0, v - 1)).astype(acc)
             if is_max:
                 cand = jnp.where(ok[:, None], row, jnp.asarray(-jnp.inf, acc))
-                better = cand > total
+                # The first NaN wins and stays (NaN propagates, as in jnp.max).
+                better = (cand > total) | (jnp.isnan(cand) & ~jnp.isnan(total))
                 total = jnp.where(better, cand, total)
                 arg = jnp.where(better, p[:, None], arg)
             else:
                 coef = jnp.where(ok, _gather_1d(w, p), jnp.zeros((), acc))
-                total = total + row * coef[:, None]
+                # A select, not just the zero coefficient: the placeholder row may hold inf.
+                total = total + jnp.where(ok[:, None], row * coef[:, None], jnp.zeros((), acc))
         return t + 1, total, arg
 
     init_total = jnp.full((num_bags, d), -jnp.inf if is_max else 0.0, acc)
@@ -187,7 +197,7 @@ def _chunked(weight, prep: _Prep, seg, num_bags, mode, chunk):
     def first_of(arg, xs):
         i, s_, p_ = xs
         rows = _gather_rows(weight, i).astype(acc)
-        hit = rows == best[jnp.minimum(s_, num_bags - 1)]
+        hit = bag_terms.max_hits(rows, best[jnp.minimum(s_, num_bags - 1)])
         cand = jnp.where(hit & (s_ < num_bags)[:, None], p_[:, None], jnp.int32(n))
         return arg.at[s_].min(cand, mode="drop", indices_are_sorted=True), None
 
@@ -275,7 +285,9 @@ inline void BagBlock(const Args& a, int64_t n0, int64_t n1, int64_t c0, int64_t 
         any = true;
       } else {
         for (int64_t d = 0; d < W; ++d) {
-          const bool better = r[d] > acc[d];
+          // The first NaN wins and stays (NaN propagates, as in jnp.max; torch's CPU kernel
+          // drops a NaN that follows a number).
+          const bool better = r[d] > acc[d] || (r[d] != r[d] && acc[d] == acc[d]);
           acc[d] = better ? r[d] : acc[d];
           arg[d] = better ? pp : arg[d];
         }
@@ -882,11 +894,11 @@ def _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode):
     n = ids.shape[0]
     prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
     acc = acc_dtype(weight.dtype)
-    rows = jnp.take(weight, prep.safe_ids, axis=0).astype(acc)
+    rows = prep.rows(weight)
     if mode == "max":
         vals = jnp.where(prep.valid[:, None], rows, jnp.asarray(-jnp.inf, acc))
         best = jax.ops.segment_max(vals, seg, num_segments=num_bags, indices_are_sorted=True)
-        hit = prep.valid[:, None] & (vals == best[prep.seg_c])
+        hit = prep.valid[:, None] & bag_terms.max_hits(vals, best[prep.seg_c])
         pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
         arg = jnp.minimum(
             jax.ops.segment_min(pos, seg, num_segments=num_bags, indices_are_sorted=True), n
@@ -965,12 +977,11 @@ def _bag_reduce_jvp(cfg, primals, tangents):
             t = t + jnp.where(ok, picked, jnp.zeros((), acc))
         else:
             coef = prep.w if prep.inv_den is None else prep.w * prep.inv_den[prep.seg_c]
-            d_rows = jnp.take(d_weight, prep.safe_ids, axis=0).astype(acc) * coef[:, None]
+            d_rows = prep.rows(d_weight) * coef[:, None]
             t = t + jax.ops.segment_sum(d_rows, seg, num_segments=num_bags, indices_are_sorted=True)
     if psw is not None and not isinstance(d_psw, jax.custom_derivatives.SymbolicZero):
         dw = jnp.where(prep.valid, d_psw.astype(acc), jnp.zeros((), acc))
-        rows = jnp.take(weight, prep.safe_ids, axis=0).astype(acc)
-        d_sum = jax.ops.segment_sum(rows * dw[:, None], seg, num_segments=num_bags, indices_are_sorted=True)
+        d_sum = jax.ops.segment_sum(prep.rows(weight) * dw[:, None], seg, num_segments=num_bags, indices_are_sorted=True)
         if mode == "sum":
             t = t + d_sum
         else:

@@ -86,7 +86,7 @@ def lookup_rows(
     norm_type: float,
     inverse_freq: Array | None,
 ) -> Array:
-    """``[N, D]`` rows ``weight[ids]`` in the accumulation dtype (row 0 where ``take`` is false).
+    """``[N, D]`` rows ``weight[ids]`` in the accumulation dtype (zeros where ``take`` is false).
 
     Applies torch's ``max_norm`` (forward value of the renormed row, gradient of the renormed
     table) and the ``scale_grad_by_freq`` gradient scale ``inverse_freq [N]``.
@@ -94,6 +94,8 @@ def lookup_rows(
     acc = acc_dtype(weight.dtype)
     safe_ids = jnp.where(take, ids, jnp.zeros((), ids.dtype))
     rows = jnp.take(weight, safe_ids, axis=0, mode="clip").astype(acc)
+    # Exact zeros where not taken: the placeholder row 0 may hold inf or NaN (0 * inf is NaN).
+    rows = jnp.where(take[:, None], rows, jnp.zeros((), acc))
     if max_norm is not None:
         scaled = rows * _renorm_scale(jax.lax.stop_gradient(rows), max_norm, norm_type)[:, None]
         rows = rows + jax.lax.stop_gradient(scaled - rows)  # torch's value, torch's gradient
@@ -139,7 +141,7 @@ def reduce_bags(
         best = jax.ops.segment_max(vals, seg, **kw)
         if axes:
             best = jax.lax.pmax(best, axes)
-        hit = held[:, None] & (vals == best[jnp.clip(seg, 0, max(num_bags - 1, 0))])
+        hit = held[:, None] & bag_terms.max_hits(vals, best[jnp.clip(seg, 0, max(num_bags - 1, 0))])
         pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
         first = jnp.minimum(jax.ops.segment_min(pos, seg, **kw), n)  # empty: n, the zero row
         if axes:  # only the shard holding the first arg-max contributes
