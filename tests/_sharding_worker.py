@@ -199,6 +199,24 @@ def case_op_options():
     compare_ops(m, "model", "data", d, extra=dict(max_norm=1.0), modes=("max",))
     dbf = make_data(seed=4, dtype=jnp.bfloat16)
     compare_ops(m, "model", "data", dbf, modes=("sum", "max"), rtol=2e-2)
+    # mode="max" propagates NaN across shards as on one device (XLA:CPU's all-reduce max drops
+    # it); the gradient reaches the same (first) NaN.
+    w = np.asarray(d["w"]).copy()
+    w[9, 0] = w[20, 1] = np.nan
+    w[3, 1] = np.inf
+    ids, offs = jnp.array([1, 9, 30, 20, 2, 3, 25, 9], jnp.int32), jnp.array([0, 3, 5, 7], jnp.int32)
+    for mname, batch in (("1d", None), ("2d", "data")):
+        mesh = meshes()[mname]
+        ws = jsh.shard_table(jnp.asarray(w), mesh, "model")
+        out, vjp = jax.vjp(lambda t: jsh.embedding_bag(
+            t, ids, offs, mesh=mesh, axis_name="model", batch_axis=batch, mode="max"), ws)
+        ref, vjp_ref = jax.vjp(lambda t: jaxbag.embedding_bag(t, ids, offs, mode="max"), jnp.asarray(w))
+        if not np.isnan(np.asarray(ref)).any():
+            raise AssertionError("the NaN case has no NaN bag")
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=f"max NaN {mname}")
+        ones = jnp.ones(ref.shape, jnp.float32)
+        np.testing.assert_array_equal(np.asarray(vjp(ones)[0]), np.asarray(vjp_ref(ones)[0]),
+                                      err_msg=f"max NaN grad {mname}")
     # An Explicit-axes mesh (jax.make_mesh's default) under jax.set_mesh.
     em = jax.make_mesh((2, 4), ("data", "model"))
     with jax.set_mesh(em):

@@ -139,8 +139,9 @@ def reduce_bags(
     if mode == "max":
         vals = jnp.where(held[:, None], jax.lax.stop_gradient(rows), jnp.asarray(-jnp.inf, acc))
         best = jax.ops.segment_max(vals, seg, **kw)
-        if axes:
-            best = jax.lax.pmax(best, axes)
+        if axes:  # XLA:CPU's all-reduce max drops NaN: carry it separately
+            any_nan = jax.lax.pmax(jnp.isnan(best).astype(jnp.int32), axes) > 0
+            best = jnp.where(any_nan, jnp.asarray(jnp.nan, acc), jax.lax.pmax(best, axes))
         hit = held[:, None] & bag_terms.max_hits(vals, best[jnp.clip(seg, 0, max(num_bags - 1, 0))])
         pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
         first = jnp.minimum(jax.ops.segment_min(pos, seg, **kw), n)  # empty: n, the zero row
