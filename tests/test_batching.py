@@ -115,6 +115,10 @@ def test_weights_are_packed_alongside_and_pool_like_the_expanded_bag():
         jaxbag.pack_bags([[1], [2, 3]], weights=[[1.0], [1.0]])
     with pytest.raises(ValueError, match="one 1-D weight sequence per bag"):
         jaxbag.pack_bags([[1], [2, 3]], weights=[[1.0]])
+    # A 2-D array is one row per bag, for weights as for bags.
+    grid = jaxbag.pack_bags(np.array([[1, 2], [3, 4]]), weights=np.array([[0.5, 1.0], [2.0, 3.0]]),
+                            bucket_sizes=(6,))
+    np.testing.assert_array_equal(grid.weights, [0.5, 1.0, 2.0, 3.0, 0.0, 0.0])
 
 
 def test_all_empty_and_no_bags():
@@ -162,6 +166,7 @@ def test_bucket_ladders():
         (lambda: jaxbag.pack_bags([[1], [0.5]]), r"bags\[1\] must hold integer ids"),
         (lambda: jaxbag.pack_bags([[1, -2]]), "got -2"),
         (lambda: jaxbag.pack_bags([np.array([2**40])]), "got 1099511627776"),
+        (lambda: jaxbag.pack_bags([]), r"bags is empty and batch_size is not given.*batch_size=32"),
     ],
 )
 def test_errors_name_the_problem(call, match):

@@ -70,6 +70,13 @@ def test_capacity_default_and_errors():
         jaxbag.JaggedFeatures.from_lists(FEATS, num_shards=2)
     with pytest.raises(ValueError, match="weights"):
         jaxbag.JaggedFeatures.from_lists(FEATS, weights={"words": FEATS["words"]})
+    key = sorted(FEATS)[1]
+    with pytest.raises(ValueError, match=f"capacity has no entry for feature '{key}'"):
+        jaxbag.JaggedFeatures.from_lists(FEATS, capacity={sorted(FEATS)[0]: 16})
+    for bad in (0, -1, -8, 2.5):
+        with pytest.raises(ValueError, match=rf"round_to must be an int >= 1.*round_to={bad}"):
+            jaxbag.JaggedFeatures.from_lists(FEATS, round_to=bad)
+    assert jaxbag.JaggedFeatures.from_lists(FEATS, round_to=1).capacities == (7, 4)
 
 
 def test_is_a_pytree_with_static_keys():

@@ -238,7 +238,7 @@ def pack_bags(
     bucket_sizes: Sequence[int] | None = None,
     min_size: int = DEFAULT_MIN_SIZE,
     growth: float = DEFAULT_GROWTH,
-    weights: Sequence[Sequence[float] | npt.ArrayLike] | None = None,
+    weights: Sequence[Sequence[float] | npt.ArrayLike] | npt.ArrayLike | None = None,
 ) -> PackedBags:
     """Packs variable-length id sequences into one static-shape, padded batch.
 
@@ -256,7 +256,7 @@ def pack_bags(
         min_size: first rung of the default geometric ladder (the floor of ``N_pad``).
         growth: ratio of the default geometric ladder.
         weights: optional per-id weights, one 1-D sequence per bag with the bag's
-            length (e.g. word counts of a bag of unique ids, for ``mode="mean"``
+            length (or a 2-D array, one row per bag, as for ``bags``) (e.g. word counts of a bag of unique ids, for ``mode="mean"``
             or ``"sum"`` with ``per_sample_weights``).
 
     Returns:
@@ -294,6 +294,11 @@ def pack_bags(
         )
     num_real = len(bags)
     if batch_size is None:
+        if num_real == 0:
+            raise ValueError(
+                "bags is empty and batch_size is not given, so the batch would have no bag; pass "
+                "batch_size for a batch of empty padding bags, e.g. jaxbag.pack_bags([], batch_size=32)."
+            )
         batch_size = num_real
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(
@@ -361,8 +366,9 @@ def _pack_weights(
     num_real: int,
     n_pad: int,
 ) -> np.ndarray:
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != num_real:
-        got = len(weights) if isinstance(weights, Sequence) else type(weights).__name__
+    is_seq = isinstance(weights, (Sequence, np.ndarray)) and not isinstance(weights, (str, bytes))
+    if not is_seq or len(weights) != num_real:  # (a 2-D array is one row per bag, as for bags)
+        got = len(weights) if is_seq else type(weights).__name__
         raise ValueError(
             f"weights must be a sequence with one 1-D weight sequence per bag ({num_real}), "
             f"got {got}; e.g. jaxbag.pack_bags([[1, 2]], weights=[[0.5, 0.5]])."
