@@ -357,3 +357,51 @@ def test_donated_step_runs_in_place(path):
     np.testing.assert_array_equal(np.asarray(w2)[untouched], before[untouched])
     assert not np.allclose(np.asarray(w2)[touched], before[touched])
     assert int(st2.count) == 1
+
+
+def test_embedding_bag_rows_takes_the_general_options_at_their_defaults(path):
+    w = jnp.arange(10.0).reshape(5, 2)
+    ids, offsets = jnp.array([1, 2, 4]), jnp.array([0, 2])
+    plain, pb = sparse.embedding_bag_rows(w, ids, offsets, mode="sum")
+    same, pb2 = sparse.embedding_bag_rows(w, ids, offsets, mode="sum", max_norm=None, norm_type=2.0,
+                                          scale_grad_by_freq=False)
+    np.testing.assert_array_equal(same, plain)
+    g = jnp.ones((2, 2))
+    np.testing.assert_array_equal(pb2(g).grads, pb(g).grads)
+
+
+def test_embedding_bag_rows_checks_offsets_and_segment_ids_eagerly():
+    w = jnp.arange(10.0).reshape(5, 2)
+    with pytest.raises(ValueError, match=r"offsets\[0\] = 1"):
+        sparse.embedding_bag_rows(w, jnp.array([1, 2]), jnp.array([1]), mode="sum")
+    with pytest.raises(ValueError, match=r"offsets\[2\] = 1 is smaller than offsets\[1\] = 2"):
+        sparse.embedding_bag_rows(w, jnp.array([1, 2, 3]), jnp.array([0, 2, 1]), mode="sum")
+    with pytest.raises(ValueError, match=r"segment_ids\[2\] = 0 is smaller"):
+        sparse.embedding_bag_rows(w, jnp.array([1, 2, 3]), segment_ids=jnp.array([0, 1, 0]),
+                                  num_bags=2, mode="sum")
+    # Out-of-range ids stay skipped, eagerly too (the documented contract of this function).
+    bags, _ = sparse.embedding_bag_rows(w, jnp.array([1, 7, -1]), jnp.array([0]), mode="sum")
+    np.testing.assert_array_equal(bags, [[2.0, 3.0]])
+
+
+@pytest.mark.parametrize("make_opt", [lambda: sparse.sparse_sgd(0.1), lambda: sparse.sparse_adagrad(0.1),
+                                      lambda: sparse.sparse_adam(0.1)])
+def test_a_batch_without_ids_updates_nothing_under_jit(make_opt, path):
+    opt = make_opt()
+    w = jnp.arange(10.0).reshape(5, 2)
+
+    @jax.jit
+    def step(w, state):
+        bags, pb = sparse.embedding_bag_rows(w, jnp.zeros((0,), jnp.int32), jnp.array([0, 0]), mode="sum")
+        return opt.update(w, state, pb(jnp.ones_like(bags)))
+
+    new_w, _ = step(w, opt.init(w))
+    np.testing.assert_array_equal(new_w, w)
+
+
+def test_unique_rows_skips_int64_ids_out_of_range_without_wrapping():
+    with jax.enable_x64(True):
+        ids = jnp.array([2**32 + 3, 5, -(2**32) + 1], dtype=jnp.int64)
+        rows, inverse = sparse.unique_rows(ids, 10)
+    np.testing.assert_array_equal(rows, [5, 10, 10])
+    np.testing.assert_array_equal(inverse, [3, 0, 3])

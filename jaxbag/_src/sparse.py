@@ -165,12 +165,13 @@ def unique_rows(
     """
     indices = jnp.asarray(indices)
     shape = indices.shape
-    ids = indices.reshape(-1).astype(jnp.int32)
+    flat = indices.reshape(-1)
+    ok = (flat >= 0) & (flat < num_embeddings)  # before the int32 cast, which would wrap int64 ids
+    ids = flat.astype(jnp.int32)
     n = ids.shape[0]
     u = n if size is None else _check_size(size, n)
     if n == 0:
         return jnp.full((u,), num_embeddings, jnp.int32), ids.reshape(shape)
-    ok = (ids >= 0) & (ids < num_embeddings)
     if valid is not None:
         ok = ok & jnp.asarray(valid).reshape(-1)
     keys = jnp.where(ok, ids, jnp.int32(num_embeddings))
@@ -220,7 +221,8 @@ def embedding_bag_rows(
     Args:
       weight: ``float [V, D]`` table.
       indices: ``int [N]`` or ``int [B, L]`` ids, as for :func:`jaxbag.embedding_bag`. Ids outside
-        ``[0, V)`` are skipped (as under ``jit``), also eagerly.
+        ``[0, V)`` are skipped (as under ``jit``), also eagerly; offsets and segment ids are checked
+        eagerly as :func:`jaxbag.embedding_bag` checks them.
       offsets: optional ``int [B]`` offsets, as for :func:`jaxbag.embedding_bag`.
       size: ``U``, static number of row slots (``None``: ``N``, always enough); see
         :func:`unique_rows`.
@@ -266,6 +268,10 @@ def embedding_bag_rows(
         num_bags=kwargs.get("num_bags"), include_last_offset=kwargs.get("include_last_offset", False),
         mode=kwargs.get("mode", "mean"), scale_grad_by_freq=kwargs.get("scale_grad_by_freq", False),
     )
+    if validation.is_concrete(indices, offsets, segment_ids):  # as embedding_bag does eagerly
+        validation.raise_value_problems(  # (out-of-range ids are skipped here by contract)
+            num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
+            include_last_offset=kwargs.get("include_last_offset", False), check_ids=False)
     seg = _bag_of_positions(indices, offsets, segment_ids, layout)
     # The batch's rows are the ids that take part in a bag: not padding_idx, and not at a position
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
@@ -273,6 +279,9 @@ def embedding_bag_rows(
     valid = bag_terms.valid_positions(indices.reshape(-1), seg, num_embeddings, layout.num_bags, pad)
     rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid.reshape(indices.shape))
     if kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq", False):
+        # The options that only the general path uses, passed at their defaults, change nothing.
+        for name in ("max_norm", "norm_type", "scale_grad_by_freq"):
+            kwargs.pop(name, None)
         return _rows_direct(weight, indices, offsets, pad, rows, inverse, seg, layout, **kwargs)
     return _rows_local(weight, indices, offsets, rows, inverse, **kwargs)
 
@@ -410,6 +419,8 @@ def _update_rows(
     the last chunk holding a real row, so the fill slots at the end cost nothing.
     """
     u = rows.shape[0]
+    if u == 0:  # a batch without ids: nothing to update
+        return tuple(arrays)
     num = arrays[0].shape[0]
     k = max(1, min(int(chunk), u))
     m = -(-u // k)

@@ -231,11 +231,12 @@ def _value_problems(
     *,
     num_bags: int,
     include_last_offset: bool,
+    check_ids: bool = True,
 ) -> list[_Problem]:
     problems = []
     flat = indices.reshape(-1)
     n = flat.shape[0]
-    if n > 0:
+    if n > 0 and check_ids:
         out = (flat < 0) | (flat >= num_embeddings)
         in_bags = _in_bags(n, offsets, segment_ids, num_bags, include_last_offset)
         if in_bags is not None:
@@ -297,15 +298,18 @@ def raise_value_problems(
     *,
     num_bags: int,
     include_last_offset: bool,
+    check_ids: bool = True,
 ) -> None:
     """Raises the first value problem; inputs must be concrete (constants inside jit are).
 
     ``num_bags`` is ``B`` (:class:`Layout`); with ``include_last_offset``, ``offsets`` ends with
-    the end of the last bag.
+    the end of the last bag. ``check_ids=False`` leaves out the id range check (for callers that
+    skip out-of-range ids by contract).
     """
     with jax.ensure_compile_time_eval():
         for p in _value_problems(num_embeddings, indices, offsets, segment_ids,
-                                 num_bags=num_bags, include_last_offset=include_last_offset):
+                                 num_bags=num_bags, include_last_offset=include_last_offset,
+                                 check_ids=check_ids):
             if bool(p.bad):
                 raise p.error(p.message.format(*(int(a) for a in p.args)))
 
