@@ -145,3 +145,20 @@ def test_module_settings_errors():
         jaxbag.nnx.EmbeddingBag(10, 0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="no mode='sqrtn'"):
         jaxbag.nnx.EmbeddingBag(10, 4, mode="sqrtn", rngs=nnx.Rngs(0)).to_torch()
+
+
+def test_from_pretrained_keeps_the_padding_row_as_torch():
+    """torch's from_pretrained(padding_idx=p) keeps row p as given; so do both modules (and so a
+    torch module survives from_torch -> to_torch), while a fresh module starts with row p at 0."""
+    t = np.arange(1.0, 13.0, dtype=np.float32).reshape(4, 3)
+    ids, offs = jnp.array([0]), jnp.array([0])
+    lin = jaxbag.EmbeddingBag.from_pretrained(jnp.asarray(t), padding_idx=1)
+    np.testing.assert_array_equal(lin.init(jax.random.key(0), ids, offs)["params"]["embedding"], t)
+    np.testing.assert_array_equal(jaxbag.nnx.EmbeddingBag.from_pretrained(t, padding_idx=1).embedding[...], t)
+    tb = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(t.copy()), padding_idx=1)
+    back = jaxbag.nnx.EmbeddingBag.from_torch(tb).to_torch()
+    np.testing.assert_array_equal(back.weight.detach().numpy(), tb.weight.detach().numpy())
+    fresh = jaxbag.EmbeddingBag(num_embeddings=4, features=3, padding_idx=1)
+    assert not np.asarray(fresh.init(jax.random.key(0), ids, offs)["params"]["embedding"][1]).any()
+    with pytest.raises(ValueError, match=r"embeddings must be 2-D \[V, D\]; got shape \(3,\)"):
+        jaxbag.nnx.EmbeddingBag.from_pretrained(jnp.ones(3))

@@ -132,7 +132,7 @@ class EmbeddingBag(nn.Module):
         Returns:
           The module; ``module.init(key, ...)["params"]["embedding"]`` equals ``embeddings``.
         """
-        table = jnp.asarray(embeddings)
+        table = jnp.asarray(common.check_pretrained(embeddings))
         kwargs.setdefault("param_dtype", table.dtype)
         return cls(
             num_embeddings=table.shape[0],

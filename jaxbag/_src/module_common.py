@@ -51,9 +51,10 @@ class BagSettings:
 
 
 def padded_init(init: Initializer, padding_idx: int | None, num_embeddings: int) -> Initializer:
-    """Wraps ``init`` so that the padding row starts at zero (as torch's EmbeddingBag)."""
+    """Wraps ``init`` so that the padding row starts at zero (as torch's EmbeddingBag); a
+    :func:`pretrained_init` table is kept as given (as torch's ``from_pretrained``)."""
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
-    if pad is None:
+    if pad is None or getattr(init, "pretrained", False):
         return init
 
     def wrapped(key, shape, dtype=jnp.float32):
@@ -63,10 +64,11 @@ def padded_init(init: Initializer, padding_idx: int | None, num_embeddings: int)
 
 
 def pretrained_init(embeddings: ArrayLike) -> Initializer:
-    """An initialiser that returns ``embeddings`` (checking shape, casting to the param dtype)."""
-    table = np.asarray(embeddings)
-    if table.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D [V, D]; got shape {table.shape}.")
+    """An initialiser that returns ``embeddings`` (checking shape, casting to the param dtype).
+
+    Its padding row is not zeroed (:func:`padded_init` leaves it alone).
+    """
+    table = check_pretrained(embeddings)
 
     def init(key, shape, dtype=jnp.float32):
         del key
@@ -74,7 +76,19 @@ def pretrained_init(embeddings: ArrayLike) -> Initializer:
             raise ValueError(f"pretrained embeddings have shape {table.shape}, expected {shape}.")
         return jnp.asarray(table, dtype)
 
+    init.pretrained = True  # type: ignore[attr-defined]
     return init
+
+
+def check_pretrained(embeddings: ArrayLike) -> np.ndarray:
+    """``embeddings`` as a NumPy ``[V, D]`` table, or a clear error."""
+    table = np.asarray(embeddings)
+    if table.ndim != 2:
+        raise ValueError(
+            f"embeddings must be 2-D [V, D]; got shape {table.shape}. For example "
+            "EmbeddingBag.from_pretrained(jnp.ones((num_embeddings, features)))."
+        )
+    return table
 
 
 def apply_bag(

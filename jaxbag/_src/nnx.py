@@ -138,7 +138,7 @@ class EmbeddingBag(nnx.Module):
         Returns:
           The module.
         """
-        table = jnp.asarray(embeddings)
+        table = jnp.asarray(common.check_pretrained(embeddings))
         kwargs.setdefault("param_dtype", table.dtype)
         kwargs.setdefault("rngs", nnx.Rngs(0))
         module = cls(
