@@ -328,7 +328,8 @@ def test_jit_ill_formed_bags_regroup_ids_only(form, impl, monkeypatch):
         counts = np.bincount(ids[(ids >= 0) & (ids < v)], minlength=v)
         read = out.sum(axis=0)
         assert np.all(out >= 0) and np.all(out == np.round(out)), f"trial {trial}: {out}"
-        assert np.all(read <= counts), f"trial {trial}: an id counted twice or a row not in the batch\n{out}\n{counts}"
+        assert np.all(read <= counts), (
+            f"trial {trial}: an id counted twice or a row not in the batch\n{out}\n{counts}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -256,8 +256,9 @@ def pack_bags(
         min_size: first rung of the default geometric ladder (the floor of ``N_pad``).
         growth: ratio of the default geometric ladder.
         weights: optional per-id weights, one 1-D sequence per bag with the bag's
-            length (or a 2-D array, one row per bag, as for ``bags``) (e.g. word counts of a bag of unique ids, for ``mode="mean"``
-            or ``"sum"`` with ``per_sample_weights``).
+            length, or a 2-D array with one row per bag, as for ``bags`` (e.g. word counts
+            of a bag of unique ids, for ``mode="mean"`` or ``"sum"`` with
+            ``per_sample_weights``).
 
     Returns:
         A :class:`PackedBags` of NumPy arrays: indices/segment_ids int32 ``[N_pad]``,

@@ -981,7 +981,8 @@ def _bag_reduce_jvp(cfg, primals, tangents):
             t = t + jax.ops.segment_sum(d_rows, seg, num_segments=num_bags, indices_are_sorted=True)
     if psw is not None and not isinstance(d_psw, jax.custom_derivatives.SymbolicZero):
         dw = jnp.where(prep.valid, d_psw.astype(acc), jnp.zeros((), acc))
-        d_sum = jax.ops.segment_sum(prep.rows(weight) * dw[:, None], seg, num_segments=num_bags, indices_are_sorted=True)
+        d_sum = jax.ops.segment_sum(prep.rows(weight) * dw[:, None], seg, num_segments=num_bags,
+                                    indices_are_sorted=True)
         if mode == "sum":
             t = t + d_sum
         else:
