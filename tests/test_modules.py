@@ -162,3 +162,11 @@ def test_from_pretrained_keeps_the_padding_row_as_torch():
     assert not np.asarray(fresh.init(jax.random.key(0), ids, offs)["params"]["embedding"][1]).any()
     with pytest.raises(ValueError, match=r"embeddings must be 2-D \[V, D\]; got shape \(3,\)"):
         jaxbag.nnx.EmbeddingBag.from_pretrained(jnp.ones(3))
+
+
+def test_nnx_from_torch_takes_freeze():
+    tb = torch.nn.EmbeddingBag(6, 3, mode="sum")
+    assert isinstance(jaxbag.nnx.EmbeddingBag.from_torch(tb).embedding, nnx.Param)
+    frozen = jaxbag.nnx.EmbeddingBag.from_torch(tb, freeze=True)
+    assert isinstance(frozen.embedding, jaxbag.nnx.FrozenEmbedding)
+    np.testing.assert_array_equal(frozen.embedding[...], tb.weight.detach().numpy())

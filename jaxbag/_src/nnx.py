@@ -158,14 +158,16 @@ class EmbeddingBag(nnx.Module):
         Args:
           source: an ``nn.EmbeddingBag`` (settings and weight are read), its ``state_dict()``
             or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``).
-          **overrides: constructor arguments that replace or complete those read from ``source``.
+          **overrides: constructor arguments that replace or complete those read from ``source``;
+            ``freeze=True`` gives a frozen table, as :meth:`from_pretrained`.
 
         Returns:
-          A trainable module (its ``embedding`` is an ``nnx.Param``).
+          A module, trainable by default (its ``embedding`` is an ``nnx.Param``).
         """
         settings, table, extra = common.settings_from_torch(source, overrides)
         extra.setdefault("param_dtype", table.dtype)
-        return cls.from_pretrained(table, freeze=False, **settings.op_kwargs(), **extra)
+        extra.setdefault("freeze", False)
+        return cls.from_pretrained(table, **settings.op_kwargs(), **extra)
 
     def to_torch(self) -> Any:
         """Builds the equivalent ``torch.nn.EmbeddingBag`` (imports torch)."""
