@@ -332,12 +332,7 @@ def _embedding_bag(
                 weight, ids, offsets=offsets, include_last_offset=include_last_offset, **kw
             )
         return fast_forward.bag_reduce(weight, ids, segment_ids, b, **kw)
-    if layout.two_d:
-        seg = jnp.repeat(jnp.arange(b, dtype=jnp.int32), indices.shape[1], total_repeat_length=n)
-    elif offsets is not None:
-        seg = segments.offsets_to_segment_ids(offsets, n, include_last_offset=include_last_offset)
-    else:
-        seg = segment_ids
+    seg = segments.bag_of_positions(indices, offsets, segment_ids)
 
     valid = bag_terms.valid_positions(ids, seg, num_embeddings, b, pad)
     inverse_freq = inverse_counts(ids, valid, num_embeddings) if scale_grad_by_freq else None

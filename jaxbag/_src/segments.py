@@ -76,3 +76,20 @@ def lengths_to_segment_ids(lengths: ArrayLike, num_indices: int) -> Array:
     ends = jnp.cumsum(lengths, dtype=jnp.int32)
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
     return offsets_to_segment_ids(offsets, num_indices, include_last_offset=True)
+
+
+def bag_of_positions(indices: Array, offsets: Array | None, segment_ids: Array | None) -> Array:
+    """``int [N]``: the bag of each position of the (flattened) ``indices``, whichever form.
+
+    ``[B, L]`` indices: row ``b``'s positions are bag ``b``; with ``offsets``,
+    :func:`offsets_to_segment_ids` (the last offset, with ``include_last_offset``, starts the
+    ignored segment ``B`` either way); else ``segment_ids`` itself.
+    """
+    n = indices.size
+    if indices.ndim == 2:
+        b, length = indices.shape
+        return jnp.repeat(jnp.arange(b, dtype=jnp.int32), length, total_repeat_length=n)
+    if offsets is not None:
+        return offsets_to_segment_ids(offsets.reshape(-1), n)
+    assert segment_ids is not None
+    return segment_ids.reshape(-1)

@@ -34,7 +34,6 @@ Example (a training step)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -272,7 +271,7 @@ def embedding_bag_rows(
         validation.raise_value_problems(  # (out-of-range ids are skipped here by contract)
             num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
             include_last_offset=kwargs.get("include_last_offset", False), check_ids=False)
-    seg = _bag_of_positions(indices, offsets, segment_ids, layout)
+    seg = segments.bag_of_positions(indices, offsets, segment_ids)
     # The batch's rows are the ids that take part in a bag: not padding_idx, and not at a position
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
     # optimiser must not count its row as touched (torch's sparse gradient leaves it out too).
@@ -284,21 +283,6 @@ def embedding_bag_rows(
             kwargs.pop(name, None)
         return _rows_direct(weight, indices, offsets, pad, rows, inverse, seg, layout, **kwargs)
     return _rows_local(weight, indices, offsets, rows, inverse, **kwargs)
-
-
-def _bag_of_positions(
-    indices: Array, offsets: Array | None, segment_ids: Array | None, layout: validation.Layout
-) -> Array:
-    """``int32 [N]``: the bag of each position of ``indices`` (flattened); outside ``[0, B)``: none."""
-    n = math.prod(indices.shape)
-    if layout.two_d:
-        return jnp.repeat(jnp.arange(layout.num_bags, dtype=jnp.int32), indices.shape[1],
-                          total_repeat_length=n)
-    if offsets is not None:
-        # The last offset (include_last_offset) starts the ignored segment B either way.
-        return segments.offsets_to_segment_ids(offsets.reshape(-1), n)
-    assert segment_ids is not None
-    return segment_ids.reshape(-1).astype(jnp.int32)
 
 
 def _rows_direct(
@@ -319,7 +303,7 @@ def _rows_direct(
 ) -> tuple[Array, Callable[[Array], RowGrads]]:
     """The common case: bags straight from the table, pullback by a direct scatter of the bag
     cotangents into the row slots (no ``[U, D]`` gathered copy of the rows, no vjp machinery).
-    ``seg`` is the bag of each position (:func:`_bag_of_positions`), ``layout`` the checked form."""
+    ``seg`` is the bag of each position (``segments.bag_of_positions``), ``layout`` the checked form."""
     del num_bags  # in layout
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     features = weight.shape[1]
