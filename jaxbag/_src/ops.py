@@ -297,7 +297,7 @@ def _embedding_bag(
         raise TypeError(f"weight must be a floating-point table; got dtype {weight.dtype}.")
     num_embeddings, features = weight.shape
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
-    layout = validation.check_static(
+    layout = validation.check_arguments(
         num_embeddings=num_embeddings,
         indices=indices,
         offsets=offsets,
@@ -308,10 +308,6 @@ def _embedding_bag(
         mode=mode,
         scale_grad_by_freq=scale_grad_by_freq,
     )
-    if validation.is_concrete(indices, offsets, segment_ids):
-        validation.raise_value_problems(
-            num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
-            include_last_offset=include_last_offset)
 
     b = layout.num_bags
     ids = indices.reshape(-1)

@@ -352,7 +352,8 @@ def embedding_bag(
     check_axes(mesh, axis_name, batch_axis)
     num_embeddings, features = weight.shape
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
-    layout = validation.check_static(
+    # (Concrete ids closed over by a jitted function are still checked, eagerly.)
+    layout = validation.check_arguments(
         num_embeddings=num_embeddings,
         indices=indices,
         offsets=offsets,
@@ -363,12 +364,6 @@ def embedding_bag(
         mode=mode,
         scale_grad_by_freq=scale_grad_by_freq,
     )
-    if validation.is_concrete(indices, offsets, segment_ids):
-        # Concrete ids closed over by a jitted function are still checked (eagerly).
-        with jax.ensure_compile_time_eval():
-            validation.raise_value_problems(
-                num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
-                include_last_offset=include_last_offset)
     n_rows = axis_size(mesh, axis_name)
     n_batch = axis_size(mesh, batch_axis)
     if num_embeddings % n_rows:

@@ -261,16 +261,13 @@ def embedding_bag_rows(
     segment_ids = kwargs.get("segment_ids")
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
     psw = kwargs.get("per_sample_weights")
-    layout = validation.check_static(
+    layout = validation.check_arguments(  # as embedding_bag, but out-of-range ids are skipped
         num_embeddings=num_embeddings, indices=indices, offsets=offsets,
         per_sample_weights=None if psw is None else jnp.asarray(psw), segment_ids=segment_ids,
         num_bags=kwargs.get("num_bags"), include_last_offset=kwargs.get("include_last_offset", False),
         mode=kwargs.get("mode", "mean"), scale_grad_by_freq=kwargs.get("scale_grad_by_freq", False),
+        check_ids=False,
     )
-    if validation.is_concrete(indices, offsets, segment_ids):  # as embedding_bag does eagerly
-        validation.raise_value_problems(  # (out-of-range ids are skipped here by contract)
-            num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
-            include_last_offset=kwargs.get("include_last_offset", False), check_ids=False)
     seg = segments.bag_of_positions(indices, offsets, segment_ids)
     # The batch's rows are the ids that take part in a bag: not padding_idx, and not at a position
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy

@@ -314,6 +314,33 @@ def raise_value_problems(
                 raise p.error(p.message.format(*(int(a) for a in p.args)))
 
 
+def check_arguments(
+    *,
+    num_embeddings: int,
+    indices: Array,
+    offsets: Array | None,
+    per_sample_weights: Array | None,
+    segment_ids: Array | None,
+    num_bags: int | None,
+    include_last_offset: bool,
+    mode: str,
+    scale_grad_by_freq: bool = False,
+    check_ids: bool = True,
+) -> Layout:
+    """:func:`check_static`, then the value checks when the values are known (concrete, also
+    constants closed over inside ``jit``); returns the :class:`Layout`. ``check_ids`` as in
+    :func:`raise_value_problems`."""
+    layout = check_static(
+        num_embeddings=num_embeddings, indices=indices, offsets=offsets,
+        per_sample_weights=per_sample_weights, segment_ids=segment_ids, num_bags=num_bags,
+        include_last_offset=include_last_offset, mode=mode, scale_grad_by_freq=scale_grad_by_freq,
+    )
+    if is_concrete(indices, offsets, segment_ids):
+        raise_value_problems(num_embeddings, indices, offsets, segment_ids, num_bags=layout.num_bags,
+                             include_last_offset=include_last_offset, check_ids=check_ids)
+    return layout
+
+
 def validate(
     num_embeddings: int,
     indices: ArrayLike,
