@@ -405,3 +405,34 @@ def test_unique_rows_skips_int64_ids_out_of_range_without_wrapping():
         rows, inverse = sparse.unique_rows(ids, 10)
     np.testing.assert_array_equal(rows, [5, 10, 10])
     np.testing.assert_array_equal(inverse, [3, 0, 3])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_float64_tables_are_updated_in_float64(name):
+    """An x64 table keeps float64 precision: state and arithmetic in float64 (was float32)."""
+    make = {"sgd": lambda: sparse.sparse_sgd(0.1), "adagrad": lambda: sparse.sparse_adagrad(0.1, eps=1e-10),
+            "adam": lambda: sparse.sparse_adam(0.1, eps=1e-10)}[name]
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        w0 = 1.0 + rng.normal(size=(6, 3)) * 1e-9  # differences below float32's resolution at 1.0
+        g = rng.normal(size=(2, 3))
+        opt = make()
+        w, state = jnp.asarray(w0), opt.init(jnp.asarray(w0))
+        assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(state) if x.ndim)
+        for _ in range(3):
+            w, state = jax.jit(opt.update)(w, state, sparse.RowGrads(jnp.array([1, 4]), jnp.asarray(g)))
+        assert w.dtype == jnp.float64
+        # float64 NumPy reference of the same rule
+        ref = w0.copy()
+        mu, nu, acc = np.zeros((2, 3)), np.zeros((2, 3)), np.zeros(2)
+        for t in range(1, 4):
+            if name == "sgd":
+                ref[[1, 4]] -= 0.1 * g
+            elif name == "adagrad":
+                acc += np.mean(g * g, axis=1)
+                ref[[1, 4]] -= 0.1 * g / (np.sqrt(acc)[:, None] + 1e-10)
+            else:
+                mu = 0.9 * mu + 0.1 * g
+                nu = 0.999 * nu + 0.001 * g * g
+                ref[[1, 4]] -= 0.1 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * mu / (np.sqrt(nu) + 1e-10)
+        np.testing.assert_allclose(np.asarray(w), ref, rtol=1e-13, atol=0)

@@ -100,7 +100,8 @@ class RowwiseAdagradState(NamedTuple):
 
     Attributes:
       count: int32 scalar, the number of updates done.
-      sum_sq: ``float32 [V]``, per row the running sum of mean-over-``D`` squared gradients.
+      sum_sq: ``float [V]`` (float64 for float64 tables, float32 otherwise), per row the running
+        sum of mean-over-``D`` squared gradients.
     """
 
     count: Array
@@ -112,8 +113,9 @@ class LazyAdamState(NamedTuple):
 
     Attributes:
       count: int32 scalar, the global step (every update, as torch's ``SparseAdam``).
-      mu: ``float32 [V, D]`` first moments (only touched rows ever change).
-      nu: ``float32 [V, D]`` second moments.
+      mu: ``float [V, D]`` first moments (only touched rows ever change); float64 for float64
+        tables, float32 otherwise.
+      nu: ``float [V, D]`` second moments, same dtype.
     """
 
     count: Array
@@ -357,11 +359,12 @@ def _rows_local(
     return bags, pullback
 
 
-def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array], Array]:
+def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array, jnp.dtype], Array]:
+    """``lr(count, dtype)``: the learning rate at step ``count`` as a scalar of ``dtype``."""
     if callable(learning_rate):
-        return lambda count: jnp.asarray(learning_rate(count), jnp.float32)
+        return lambda count, dtype: jnp.asarray(learning_rate(count)).astype(dtype)
     lr = float(learning_rate)
-    return lambda count: jnp.asarray(lr, jnp.float32)
+    return lambda count, dtype: jnp.asarray(lr, dtype)
 
 
 def _check_table(table: Array, row_grads: RowGrads) -> None:
@@ -455,11 +458,12 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
     def update(table: Array, state: SgdState, row_grads: RowGrads) -> tuple[Array, SgdState]:
         _check_table(table, row_grads)
         rows, grads = row_grads
-        lr = lr_fn(state.count)
+        c = acc_dtype(table.dtype)
+        lr = lr_fn(state.count, c)
 
         def fn(old, g):
             (w,) = old
-            return (w.astype(jnp.float32) - lr * g.astype(jnp.float32),)
+            return (w.astype(c) - lr * g.astype(c),)
 
         (table,) = fast_forward.fused_row_update(
             "sgd", (table,), rows, grads, jnp.stack([lr]),
@@ -508,7 +512,7 @@ def sparse_adagrad(
     def init(table: Array) -> RowwiseAdagradState:
         return RowwiseAdagradState(
             count=jnp.zeros((), jnp.int32),
-            sum_sq=jnp.full((table.shape[0],), initial_accumulator_value, jnp.float32),
+            sum_sq=jnp.full((table.shape[0],), initial_accumulator_value, acc_dtype(table.dtype)),
         )
 
     def update(
@@ -516,16 +520,17 @@ def sparse_adagrad(
     ) -> tuple[Array, RowwiseAdagradState]:
         _check_table(table, row_grads)
         rows, grads = row_grads
-        lr = lr_fn(state.count)
+        c = acc_dtype(table.dtype)
+        lr = lr_fn(state.count, c)
 
         def fn(old, g):
             w, acc = old
-            g = g.astype(jnp.float32)
-            new_sum = acc + jnp.mean(g * g, axis=1)
-            scale = lr / (jnp.sqrt(new_sum) + jnp.float32(eps))
-            return w.astype(jnp.float32) - scale[:, None] * g, new_sum
+            g = g.astype(c)
+            new_sum = acc.astype(c) + jnp.mean(g * g, axis=1)
+            scale = lr / (jnp.sqrt(new_sum) + jnp.asarray(eps, c))
+            return w.astype(c) - scale[:, None] * g, new_sum
 
-        hyper = jnp.stack([lr, jnp.float32(eps)])
+        hyper = jnp.stack([lr, jnp.asarray(eps, c)])
         table, sum_sq = fast_forward.fused_row_update(
             "adagrad", (table, state.sum_sq), rows, grads, hyper,
             lambda: _update_rows((table, state.sum_sq), rows, grads, fn, chunk),
@@ -560,7 +565,8 @@ def sparse_adam(
       chunk: rows updated per step of the internal ``lax.scan`` (static; a speed knob only).
 
     Returns:
-      A :class:`SparseOptimizer` with :class:`LazyAdamState` (two float32 ``[V, D]`` moments).
+      A :class:`SparseOptimizer` with :class:`LazyAdamState` (two ``[V, D]`` moments: float32,
+      float64 for float64 tables).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -577,8 +583,8 @@ def sparse_adam(
         shape = table.shape
         return LazyAdamState(
             count=jnp.zeros((), jnp.int32),
-            mu=jnp.zeros(shape, jnp.float32),
-            nu=jnp.zeros(shape, jnp.float32),
+            mu=jnp.zeros(shape, acc_dtype(table.dtype)),
+            nu=jnp.zeros(shape, acc_dtype(table.dtype)),
         )
 
     def update(
@@ -587,17 +593,18 @@ def sparse_adam(
         _check_table(table, row_grads)
         rows, grads = row_grads
         count = state.count + 1
-        t = count.astype(jnp.float32)
-        step_size = lr_fn(state.count) * jnp.sqrt(1 - b2f**t) / (1 - b1f**t)
+        c = acc_dtype(table.dtype)
+        t = count.astype(c)
+        step_size = lr_fn(state.count, c) * jnp.sqrt(1 - b2f**t) / (1 - b1f**t)
 
         def fn(old, g):
             w, mu, nu = old
-            g = g.astype(jnp.float32)
-            mu = mu * b1f + (1 - b1f) * g
-            nu = nu * b2f + (1 - b2f) * (g * g)
-            return w.astype(jnp.float32) - step_size * (mu / (jnp.sqrt(nu) + jnp.float32(eps))), mu, nu
+            g = g.astype(c)
+            mu = mu.astype(c) * b1f + (1 - b1f) * g
+            nu = nu.astype(c) * b2f + (1 - b2f) * (g * g)
+            return w.astype(c) - step_size * (mu / (jnp.sqrt(nu) + jnp.asarray(eps, c))), mu, nu
 
-        hyper = jnp.stack([step_size, jnp.float32(b1f), jnp.float32(b2f), jnp.float32(eps)])
+        hyper = jnp.stack([step_size, *(jnp.asarray(x, c) for x in (b1f, b2f, eps))])
         table, mu, nu = fast_forward.fused_row_update(
             "adam", (table, state.mu, state.nu), rows, grads, hyper,
             lambda: _update_rows((table, state.mu, state.nu), rows, grads, fn, chunk),
