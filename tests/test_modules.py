@@ -170,3 +170,21 @@ def test_nnx_from_torch_takes_freeze():
     frozen = jaxbag.nnx.EmbeddingBag.from_torch(tb, freeze=True)
     assert isinstance(frozen.embedding, jaxbag.nnx.FrozenEmbedding)
     np.testing.assert_array_equal(frozen.embedding[...], tb.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("tdtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_from_torch_keeps_the_table_dtype(tdtype):
+    """A bf16 (f16, f64) torch table becomes a bf16 (f16, f64) parameter, bit for bit, and goes back
+    to torch as the same dtype (bf16 used to come back float32)."""
+    torch.manual_seed(0)
+    tb = torch.nn.EmbeddingBag(7, 3, mode="sum").to(tdtype)
+    want = jnp.dtype(str(tdtype).removeprefix("torch."))
+    with jax.enable_x64(tdtype == torch.float64):
+        nn_mod = jaxbag.nnx.EmbeddingBag.from_torch(tb)
+        lin, variables = jaxbag.EmbeddingBag.from_torch(tb)
+        for table in (nn_mod.embedding[...], variables["params"]["embedding"]):
+            assert table.dtype == want
+            np.testing.assert_array_equal(np.asarray(table, np.float64),
+                                          tb.weight.detach().double().numpy())
+        assert nn_mod.to_torch().weight.dtype == tdtype
+        assert lin.to_torch(variables).weight.dtype == tdtype

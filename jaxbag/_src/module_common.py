@@ -153,9 +153,10 @@ def settings_from_torch(
         weight = source
     if hasattr(weight, "detach"):
         weight = weight.detach().cpu()
-        if str(weight.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-            weight = weight.float()
-        weight = weight.numpy()
+        if str(weight.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: go through float32
+            weight = weight.float().numpy().astype(jnp.bfloat16)  # (exact both ways)
+        else:
+            weight = weight.numpy()
     table = np.asarray(weight)
     if table.ndim != 2:
         raise ValueError(f"the torch weight must be 2-D [V, D]; got shape {table.shape}.")
