@@ -449,3 +449,34 @@ def test_max_propagates_nan_on_every_path(impl, monkeypatch):
         for d in range(w.shape[1]):
             g_ref[ids[pos[np.argmax(rows[pos, d])]], d] += 1.0
     np.testing.assert_array_equal(g, g_ref)
+
+
+# The helpers around the op check their arguments as it does: (call, exception, regexes).
+HELPER_CASES = {
+    "renorm_1d_table": (lambda: jaxbag.renorm(jnp.ones(4), i32(0), max_norm=1.0),
+                        ValueError, [r"weight must be 2-D \[V, D\]", r"\(4,\)", r"weight\[None, :\]"]),
+    "renorm_int_table": (lambda: jaxbag.renorm(jnp.ones((3, 2), jnp.int32), i32(0), max_norm=1.0),
+                         TypeError, [r"weight must be a floating-point", r"int32", r"astype"]),
+    "renorm_float_ids": (lambda: jaxbag.renorm(W, jnp.array([0.0]), max_norm=1.0),
+                         TypeError, [r"indices must be an integer", r"float32"]),
+    "unique_rows_valid_shape": (lambda: jaxbag.unique_rows(i32(1, 2, 3), 5, valid=jnp.ones(2, bool)),
+                                ValueError, [r"valid must be a bool mask", r"\(3,\)", r"\(2,\)"]),
+    "unique_rows_valid_dtype": (lambda: jaxbag.unique_rows(i32(1, 2, 3), 5, valid=i32(1, 0, 1)),
+                                ValueError, [r"valid must be a bool mask", r"int32"]),
+    "unique_rows_float_ids": (lambda: jaxbag.unique_rows(jnp.array([1.0]), 5),
+                              TypeError, [r"indices must be an integer"]),
+    "unique_rows_num_embeddings": (lambda: jaxbag.unique_rows(i32(1), 0),
+                                   ValueError, [r"num_embeddings must be a positive", r"=0"]),
+    "rows_int_table": (lambda: jaxbag.embedding_bag_rows(jnp.ones((3, 2), jnp.int32), i32(0), i32(0)),
+                       TypeError, [r"weight must be a floating-point"]),
+    "optimizer_1d_table": (
+        lambda: jaxbag.sparse_sgd(0.1).update(jnp.ones(3), jaxbag.sparse_sgd(0.1).init(jnp.ones(3)),
+                                               jaxbag.RowGrads(i32(0), jnp.ones((1, 1)))),
+        ValueError, [r"table must be 2-D \[V, D\]", r"\(3,\)"]),
+}
+
+
+@pytest.mark.parametrize("name", list(HELPER_CASES))
+def test_helper_argument_errors(name):
+    call, error, patterns = HELPER_CASES[name]
+    _raises(error, patterns, call)

@@ -291,10 +291,7 @@ def _embedding_bag(
     offsets = None if offsets is None else jnp.asarray(offsets)
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
     per_sample_weights = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D [V, D]; got shape {weight.shape}.")
-    if not jnp.issubdtype(weight.dtype, jnp.floating):
-        raise TypeError(f"weight must be a floating-point table; got dtype {weight.dtype}.")
+    validation.check_table(weight)
     num_embeddings, features = weight.shape
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
     layout = validation.check_arguments(
@@ -364,7 +361,10 @@ def renorm(
       ([3.0, 4.0], [0.6, 0.8])
     """
     weight = jnp.asarray(weight)
-    ids = jnp.asarray(indices).reshape(-1)
+    validation.check_table(weight)
+    ids = jnp.asarray(indices)
+    validation.require_int("indices", ids)
+    ids = ids.reshape(-1)
     num_embeddings = weight.shape[0]
     ok = (ids >= 0) & (ids < num_embeddings)
     safe_ids = jnp.where(ok, ids, 0)

@@ -345,10 +345,7 @@ def embedding_bag(
     offsets = None if offsets is None else jnp.asarray(offsets)
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D [V, D]; got shape {weight.shape}.")
-    if not jnp.issubdtype(weight.dtype, jnp.floating):
-        raise TypeError(f"weight must be a floating-point table; got dtype {weight.dtype}.")
+    validation.check_table(weight)
     check_axes(mesh, axis_name, batch_axis)
     num_embeddings, features = weight.shape
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array, lax
 from jax.typing import ArrayLike
 
@@ -165,6 +166,21 @@ def unique_rows(
       ([3, 7, 9, 10], [1, 0, 1, 2])
     """
     indices = jnp.asarray(indices)
+    validation.require_int("indices", indices)
+    if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, (int, np.integer)) or (
+        num_embeddings < 1
+    ):
+        raise ValueError(
+            f"num_embeddings must be a positive Python int (V, the table's rows); got "
+            f"num_embeddings={num_embeddings!r}. For a table: unique_rows(ids, table.shape[0])."
+        )
+    if valid is not None:
+        valid = jnp.asarray(valid)
+        if valid.shape != indices.shape or valid.dtype != jnp.bool_:
+            raise ValueError(
+                f"valid must be a bool mask of indices' shape {indices.shape}; got {valid.dtype} "
+                f"of shape {valid.shape}. For example: valid=segment_ids < num_bags."
+            )
     shape = indices.shape
     flat = indices.reshape(-1)
     ok = (flat >= 0) & (flat < num_embeddings)  # before the int32 cast, which would wrap int64 ids
@@ -174,7 +190,7 @@ def unique_rows(
     if n == 0:
         return jnp.full((u,), num_embeddings, jnp.int32), ids.reshape(shape)
     if valid is not None:
-        ok = ok & jnp.asarray(valid).reshape(-1)
+        ok = ok & valid.reshape(-1)
     keys = jnp.where(ok, ids, jnp.int32(num_embeddings))
     rows, inverse = fast_forward.unique_rows_kernel(
         keys, num_embeddings, u, lambda: _unique_sorted(keys, num_embeddings, u)
@@ -250,13 +266,8 @@ def embedding_bag_rows(
     """
     weight = jnp.asarray(weight)
     indices = jnp.asarray(indices)
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D [V, D]; got shape {weight.shape}.")
-    if not jnp.issubdtype(indices.dtype, jnp.integer):
-        raise TypeError(
-            f"indices must be an integer array; got dtype {indices.dtype}. "
-            "Cast it first: indices.astype(jnp.int32)."
-        )
+    validation.check_table(weight)
+    validation.require_int("indices", indices)
     num_embeddings = weight.shape[0]
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
     offsets = None if offsets is None else jnp.asarray(offsets)
@@ -368,8 +379,7 @@ def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array, jnp.dtype], Arra
 
 
 def _check_table(table: Array, row_grads: RowGrads) -> None:
-    if table.ndim != 2:
-        raise ValueError(f"table must be 2-D [V, D]; got shape {table.shape}.")
+    validation.check_table(table, "table")
     rows, grads = row_grads
     if rows.ndim != 1 or grads.ndim != 2 or grads.shape != (rows.shape[0], table.shape[1]):
         raise ValueError(

@@ -56,11 +56,26 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return int(padding_idx) % num_embeddings
 
 
-def _require_int(name: str, x: Array) -> None:
+def require_int(name: str, x: Array) -> None:
+    """Raises ``TypeError`` naming ``name`` unless ``x`` has an integer dtype."""
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(
             f"{name} must be an integer array (int32 or int64); got dtype {x.dtype}. "
             f"Cast it first: {name}.astype(jnp.int32)."
+        )
+
+
+def check_table(table: Array, name: str = "weight") -> None:
+    """Raises unless ``table`` is a 2-D ``[V, D]`` floating-point array."""
+    if table.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D [V, D] (one row per id); got shape {table.shape}. A single row "
+            f"of D features is {name}[None, :]."
+        )
+    if not jnp.issubdtype(table.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point table; got dtype {table.dtype}. Cast it first: "
+            f"{name}.astype(jnp.float32)."
         )
 
 
@@ -86,7 +101,7 @@ def check_static(
 ) -> Layout:
     """Checks everything that does not need values; returns the number of bags."""
     check_mode(mode)
-    _require_int("indices", indices)
+    require_int("indices", indices)
     if indices.ndim == 2:
         if offsets is not None:
             raise ValueError(
@@ -113,7 +128,7 @@ def check_static(
                 "embedding_bag(weight, indices, segment_ids=ids, num_bags=B)."
             )
         if offsets is not None:
-            _require_int("offsets", offsets)
+            require_int("offsets", offsets)
             if offsets.ndim != 1:
                 raise ValueError(
                     f"offsets must be 1-D [B] (or [B+1] with include_last_offset=True); got shape "
@@ -132,7 +147,7 @@ def check_static(
                 )
             layout = Layout(num_bags=b, two_d=False)
         elif segment_ids is not None:
-            _require_int("segment_ids", segment_ids)
+            require_int("segment_ids", segment_ids)
             if segment_ids.shape != indices.shape:
                 raise ValueError(
                     f"segment_ids must have the shape of indices {indices.shape}; got "
