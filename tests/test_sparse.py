@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import jaxbag
-from jaxbag._src import sparse
+from jaxbag._src import fast_forward, sparse
 
 V, D = 23, 5
 
@@ -436,3 +436,55 @@ def test_float64_tables_are_updated_in_float64(name):
                 nu = 0.999 * nu + 0.001 * g * g
                 ref[[1, 4]] -= 0.1 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * mu / (np.sqrt(nu) + 1e-10)
         np.testing.assert_allclose(np.asarray(w), ref, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_negative_rows_are_skipped_on_both_paths(name, monkeypatch):
+    """Rows outside [0, V) in RowGrads are skipped by the kernel and by XLA alike (the XLA scatter
+    used to wrap -1 to the last row)."""
+    opt = {"sgd": sparse.sparse_sgd(1.0), "adagrad": sparse.sparse_adagrad(1.0),
+           "adam": sparse.sparse_adam(1.0)}[name]
+    w = jnp.arange(10.0).reshape(5, 2)
+    rg = sparse.RowGrads(jnp.array([-1, 2, -5, 7], jnp.int32), jnp.ones((4, 2)))
+    outs = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+        new, _ = jax.jit(lambda *a: opt.update(*a))(w, opt.init(w), rg)  # a fresh trace
+        outs.append(np.asarray(new))
+        changed = np.flatnonzero(np.any(outs[-1] != np.asarray(w), axis=1))
+        np.testing.assert_array_equal(changed, [2])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
+
+
+def test_sparse_adam_matches_torch_in_float32_to_rounding():
+    """Bias corrections and 1 - beta are rounded once from double, as torch does: float32 b2 ** t
+    (1 - 0.999f is 1.3e-5 off) made every step 6e-6 too small or too large."""
+    rng = np.random.default_rng(1)
+    w0 = (rng.normal(size=(6, 4)) * 1e-3).astype(np.float32)  # small: float32 resolves the steps
+    tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    topt = torch.optim.SparseAdam([tw], lr=0.01)
+    outs = {}
+    for kernel in (True, False):
+        opt = sparse.sparse_adam(0.01)
+        w, state = jnp.asarray(w0), opt.init(jnp.asarray(w0))
+        with pytest.MonkeyPatch.context() as mp:
+            if not kernel:
+                mp.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+            update = jax.jit(opt.update)
+            for step in range(5):
+                g = np.random.default_rng(step).normal(size=(2, 4)).astype(np.float32)
+                rows = np.array([1, 4]) if step % 2 else np.array([0, 4])
+                w, state = update(w, state, sparse.RowGrads(jnp.asarray(rows, jnp.int32), jnp.asarray(g)))
+                if kernel:
+                    tw.grad = torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(g), (6, 4))
+                    topt.step()
+        outs[kernel] = np.asarray(w)
+    ref = tw.detach().numpy()
+    for kernel in (True, False):
+        np.testing.assert_allclose(outs[kernel], ref, rtol=0, atol=2e-8)
+
+
+def test_sparse_adam_rejects_betas_outside_0_1():
+    with pytest.raises(ValueError, match=r"b2 must be in \[0, 1\).*b2=1.0"):
+        sparse.sparse_adam(0.1, b2=1.0)

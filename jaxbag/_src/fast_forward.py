@@ -546,7 +546,8 @@ void ParallelRows(ffi::ThreadPool& pool, int64_t U, int64_t D, F body) {
 }
 
 // Lazy Adam (torch SparseAdam) on the rows; table, mu, nu are updated in place (aliased).
-// hyper = [step_size, b1, b2, eps].
+// hyper = [step_size, b1, 1 - b1, b2, 1 - b2, eps] (1 - b rounded from double, as torch's alpha:
+// 1.0f - 0.999f is 1.3e-5 off 0.001f, which scaled every step by 6e-6).
 ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> mu,
                       ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::S32> rows,
                       ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> hyper,
@@ -554,7 +555,7 @@ ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Bu
                       ffi::ResultBuffer<ffi::F32> nu_out) {
   const auto td = table.dimensions();
   const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
-  if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 4) {
+  if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 6) {
     return ffi::Error::InvalidArgument("jaxbag sparse_adam: bad grads/hyper shapes");
   }
   float* w = table_out->typed_data();
@@ -564,7 +565,7 @@ ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Bu
   if (m != mu.typed_data()) std::memcpy(m, mu.typed_data(), sizeof(float) * V * D);
   if (v != nu.typed_data()) std::memcpy(v, nu.typed_data(), sizeof(float) * V * D);
   const float* h = hyper.typed_data();
-  const float step = h[0], b1 = h[1], b2 = h[2], eps = h[3];
+  const float step = h[0], b1 = h[1], c1 = h[2], b2 = h[3], c2 = h[4], eps = h[5];
   const int32_t* r = rows.typed_data();
   const float* g = grads.typed_data();
   ParallelRows(pool, U, D, [=](int64_t u) {
@@ -586,8 +587,8 @@ ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Bu
     const float* gu = g + u * D;
     for (int64_t d = 0; d < D; ++d) {
       const float gd = gu[d];
-      const float mn = mr[d] * b1 + (1.0f - b1) * gd;
-      const float vn = vr[d] * b2 + (1.0f - b2) * (gd * gd);
+      const float mn = mr[d] * b1 + c1 * gd;
+      const float vn = vr[d] * b2 + c2 * (gd * gd);
       mr[d] = mn;
       vr[d] = vn;
       wr[d] -= step * (mn / (std::sqrt(vn) + eps));
@@ -1183,8 +1184,8 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
     when the arrays are donated), or ``xla_fallback()`` where the kernel does not apply.
 
     Args:
-      kind: ``"adam"`` (arrays: table, mu, nu; hyper: step_size, b1, b2, eps), ``"adagrad"``
-        (table, sum_sq; lr, eps) or ``"sgd"`` (table; lr).
+      kind: ``"adam"`` (arrays: table, mu, nu; hyper: step_size, b1, 1 - b1, b2, 1 - b2, eps),
+        ``"adagrad"`` (table, sum_sq; lr, eps) or ``"sgd"`` (table; lr).
       arrays: the float32 table and state arrays.
       rows: ``int32 [U]`` distinct rows (out of range: skipped).
       grads: ``float32 [U, D]``.

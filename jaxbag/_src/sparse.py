@@ -34,6 +34,7 @@ Example (a training step)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -83,7 +84,7 @@ class SparseOptimizer(NamedTuple):
       init: ``init(table [V, D]) -> state``, a pytree (a NamedTuple of arrays).
       update: ``update(table [V, D], state, row_grads: RowGrads) -> (table, state)``: updates only
         the rows in ``row_grads.rows`` (``rows`` must be distinct, as :func:`unique_rows` returns
-        them; ids ``>= V`` are skipped).
+        them; rows outside ``[0, V)`` are skipped).
     """
 
     init: Callable[[Array], Any]
@@ -370,6 +371,11 @@ def _rows_local(
     return bags, pullback
 
 
+def _log(b: float) -> float:
+    """``log(b)`` in double, ``-inf`` for ``b = 0`` (then ``1 - b ** t`` is 1)."""
+    return math.log(b) if b > 0 else -math.inf
+
+
 def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array, jnp.dtype], Array]:
     """``lr(count, dtype)``: the learning rate at step ``count`` as a scalar of ``dtype``."""
     if callable(learning_rate):
@@ -416,11 +422,12 @@ def _update_rows(
     if u == 0:  # a batch without ids: nothing to update
         return tuple(arrays)
     num = arrays[0].shape[0]
+    fill = jnp.iinfo(jnp.int32).max  # out of range: dropped by the scatters
+    rows = jnp.where((rows >= 0) & (rows < num), rows, fill)  # (a negative row would wrap)
     k = max(1, min(int(chunk), u))
     m = -(-u // k)
     pad = m * k - u
     if pad:
-        fill = jnp.iinfo(jnp.int32).max  # out of range: dropped by the scatters
         rows = jnp.concatenate([rows, jnp.full((pad,), fill, rows.dtype)])
         grads = jnp.concatenate([grads, jnp.zeros((pad, *grads.shape[1:]), grads.dtype)])
     rows_c = rows.reshape(m, k)
@@ -588,6 +595,10 @@ def sparse_adam(
     """
     lr_fn = _lr_fn(learning_rate)
     b1f, b2f = float(b1), float(b2)
+    c1, c2 = 1.0 - b1f, 1.0 - b2f  # in double, then one rounding (as torch's alpha=1 - beta)
+    for name, b in (("b1", b1f), ("b2", b2f)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be in [0, 1) (as torch's betas); got {name}={b!r}.")
 
     def init(table: Array) -> LazyAdamState:
         shape = table.shape
@@ -605,16 +616,19 @@ def sparse_adam(
         count = state.count + 1
         c = acc_dtype(table.dtype)
         t = count.astype(c)
-        step_size = lr_fn(state.count, c) * jnp.sqrt(1 - b2f**t) / (1 - b1f**t)
+        # 1 - b ** t as -expm1(t * log(b)) with log(b) from double: float32 b ** t rounds b
+        # (0.999f is 1.3e-5 off 0.999 in 1 - b), torch's bias corrections are Python doubles.
+        bc1, bc2 = (-jnp.expm1(t * jnp.asarray(_log(b), c)) for b in (b1f, b2f))
+        step_size = lr_fn(state.count, c) * jnp.sqrt(bc2) / bc1
 
         def fn(old, g):
             w, mu, nu = old
             g = g.astype(c)
-            mu = mu.astype(c) * b1f + (1 - b1f) * g
-            nu = nu.astype(c) * b2f + (1 - b2f) * (g * g)
+            mu = mu.astype(c) * b1f + c1 * g
+            nu = nu.astype(c) * b2f + c2 * (g * g)
             return w.astype(c) - step_size * (mu / (jnp.sqrt(nu) + jnp.asarray(eps, c))), mu, nu
 
-        hyper = jnp.stack([step_size, *(jnp.asarray(x, c) for x in (b1f, b2f, eps))])
+        hyper = jnp.stack([step_size, *(jnp.asarray(x, c) for x in (b1f, c1, b2f, c2, eps))])
         table, mu, nu = fast_forward.fused_row_update(
             "adam", (table, state.mu, state.nu), rows, grads, hyper,
             lambda: _update_rows((table, state.mu, state.nu), rows, grads, fn, chunk),
