@@ -86,6 +86,28 @@ def test_one_device_mesh_equals_core():
         assert np.abs(np.asarray(want)).sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn"])
+def test_sharded_rows_with_too_few_slots(mode):
+    """Eagerly a clear error; under jit the overflow row gets no gradient and the others get their
+    exact gradient (the overflow id still counts in its bag's mean: it used to be dropped)."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
+    ids, offs = jnp.array([7, 1, 3, 7, 9, 1]), jnp.array([0, 2, 4])
+    kw = dict(mesh=_mesh1(), axis_name="model", mode=mode, size=3)
+    with pytest.raises(ValueError, match=r"size=3 row slots are too few: this batch has 4 distinct"):
+        jsh.embedding_bag_rows(w, ids, offs, **kw)
+
+    @jax.jit
+    def run(w, ids, offs):
+        bags, pb = jsh.embedding_bag_rows(w, ids, offs, **kw)
+        return bags, pb(jnp.ones_like(bags))
+
+    bags, g = run(w, ids, offs)
+    np.testing.assert_allclose(bags, jaxbag.embedding_bag(w, ids, offs, mode=mode), rtol=1e-6)
+    full = jax.grad(lambda w: jaxbag.embedding_bag(w, ids, offs, mode=mode).sum())(w)
+    np.testing.assert_array_equal(g.rows, [1, 3, 7])
+    np.testing.assert_allclose(g.grads, full[jnp.array([1, 3, 7])], rtol=1e-6)
+
+
 def test_pad_rows_and_shard_table():
     w = jnp.arange(20.0, dtype=jnp.float32).reshape(10, 2)
     p = jsh.pad_rows(w, 4)

@@ -488,3 +488,27 @@ def test_sparse_adam_matches_torch_in_float32_to_rounding():
 def test_sparse_adam_rejects_betas_outside_0_1():
     with pytest.raises(ValueError, match=r"b2 must be in \[0, 1\).*b2=1.0"):
         sparse.sparse_adam(0.1, b2=1.0)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="mean"), dict(mode="mean", max_norm=1.5),
+                                dict(mode="sum", scale_grad_by_freq=True)],
+                         ids=["direct", "max_norm", "freq"])
+def test_size_too_small(kw, path):
+    """Eagerly a clear error; under jit the bags still equal embedding_bag on every path (the
+    max_norm path used to drop the overflow ids from the bags) and only the overflow rows get no
+    gradient."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
+    ids, offs = jnp.array([7, 1, 3, 7, 9, 1]), jnp.array([0, 2, 4])
+    with pytest.raises(ValueError, match=r"size=3 row slots are too few: this batch has 4 distinct ids"):
+        sparse.embedding_bag_rows(w, ids, offs, size=3, **kw)
+
+    @jax.jit
+    def run(w, i, o):
+        bags, pb = sparse.embedding_bag_rows(w, i, o, size=3, **kw)
+        return bags, pb(jnp.ones_like(bags))
+
+    bags, g = run(w, ids, offs)
+    np.testing.assert_allclose(bags, jaxbag.embedding_bag(w, ids, offs, **kw), rtol=1e-6)
+    full = jax.grad(lambda w: jaxbag.embedding_bag(w, ids, offs, **kw).sum())(w)
+    np.testing.assert_array_equal(g.rows, [1, 3, 7])
+    np.testing.assert_allclose(g.grads, full[jnp.array([1, 3, 7])], rtol=1e-6)

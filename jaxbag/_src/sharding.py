@@ -496,7 +496,10 @@ def embedding_bag_rows(
         num_bags: as :func:`embedding_bag` (``max_norm`` and ``scale_grad_by_freq`` are not
         supported here).
       mesh, axis_name, batch_axis: as :func:`embedding_bag`.
-      size: ``U``, static row slots (``None``: the number of ids of the whole batch).
+      size: ``U``, static row slots (``None``: the number of ids of the whole batch). Too small
+        for a batch: eagerly a ``ValueError``; under ``jit`` the rows past the first ``U``
+        distinct ones get no gradient (with ``mode="max"``, their bags' gradient may then go to
+        another row of the bag).
 
     Returns:
       ``(bags [B, D], pullback)``.
@@ -522,6 +525,9 @@ def embedding_bag_rows(
     )  # also runs every argument check
     num_embeddings, features = weight.shape
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
+    sparse.check_slots(indices, bag_terms.valid_positions(
+        indices.reshape(-1), segments.bag_of_positions(indices, offsets, segment_ids),
+        num_embeddings, bags.shape[0], pad), size)
     b = bags.shape[0]
     b_loc = b // axis_size(mesh, batch_axis)
     batch_axes, row_axes = axis_tuple(batch_axis), axis_tuple(axis_name)
@@ -565,15 +571,20 @@ def embedding_bag_rows(
         # batch (as in jaxbag.embedding_bag_rows).
         valid = bag_terms.valid_positions(all_ids, all_seg, num_embeddings, n_bags, pad)
         rows, inverse = sparse.unique_rows(all_ids, num_embeddings, size=size, valid=valid)
+        u = rows.shape[0]
+        # Valid ids without a slot (size too small, under jit): no gradient, but still counted in
+        # their bag (a mean's count), as in the forward: slot 0, not owned by any shard.
+        slotless = valid & (inverse == u)
         if two_d and batch_axes:
             inverse = jax.lax.dynamic_slice_in_dim(inverse, start, ids.shape[0])
-        u = rows.shape[0]
+            slotless = jax.lax.dynamic_slice_in_dim(slotless, start, ids.shape[0])
         row0 = (jax.lax.axis_index(row_axes) * r).astype(jnp.int32)
         local_rows = rows - row0
         own = (local_rows >= 0) & (local_rows < r)
         compact = jnp.take(lw, jnp.clip(local_rows, 0, r - 1), axis=0)
         compact = jnp.where(own[:, None], compact, jnp.zeros((), lw.dtype))
         owned = (inverse < u) & jnp.take(own, jnp.clip(inverse, 0, u - 1))
+        inverse = jnp.where(slotless, 0, inverse)
 
         def bag(table):
             return embedding_bag_in_shard_map(

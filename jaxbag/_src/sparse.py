@@ -134,6 +134,20 @@ def _check_size(size: int, num_indices: int) -> int:
     return size
 
 
+def check_slots(indices: Array, valid: Array, size: int | None) -> None:
+    """Raises when ``size`` slots cannot hold the distinct ``indices`` at ``valid`` positions (only
+    when their values are known: under ``jit`` the rows past the first ``size`` get no slot)."""
+    if size is None or not validation.is_concrete(indices, valid):
+        return
+    distinct = np.unique(np.asarray(indices).reshape(-1)[np.asarray(valid).reshape(-1)]).size
+    if distinct > _check_size(size, indices.size):
+        raise ValueError(
+            f"size={size} row slots are too few: this batch has {distinct} distinct ids, and the "
+            f"rows beyond the first {size} would get no gradient. Pass size >= {distinct} (the "
+            "most distinct ids a batch can have), or size=None (N slots, always enough)."
+        )
+
+
 def unique_rows(
     indices: ArrayLike,
     num_embeddings: int,
@@ -243,7 +257,9 @@ def embedding_bag_rows(
         eagerly as :func:`jaxbag.embedding_bag` checks them.
       offsets: optional ``int [B]`` offsets, as for :func:`jaxbag.embedding_bag`.
       size: ``U``, static number of row slots (``None``: ``N``, always enough); see
-        :func:`unique_rows`.
+        :func:`unique_rows`. Too small for a batch: eagerly a ``ValueError``; under ``jit`` the
+        bags are still right, but the rows past the first ``U`` distinct ones (in increasing
+        order) get no gradient.
       padding_idx: optional row to skip, as for :func:`jaxbag.embedding_bag`.
       **kwargs: the other keyword arguments of :func:`jaxbag.embedding_bag` (``mode``,
         ``per_sample_weights``, ``include_last_offset``, ``segment_ids``, ``num_bags``,
@@ -287,13 +303,17 @@ def embedding_bag_rows(
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
     # optimiser must not count its row as touched (torch's sparse gradient leaves it out too).
     valid = bag_terms.valid_positions(indices.reshape(-1), seg, num_embeddings, layout.num_bags, pad)
+    check_slots(indices, valid, size)
     rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid.reshape(indices.shape))
     if kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq", False):
         # The options that only the general path uses, passed at their defaults, change nothing.
         for name in ("max_norm", "norm_type", "scale_grad_by_freq"):
             kwargs.pop(name, None)
         return _rows_direct(weight, indices, offsets, pad, rows, inverse, seg, layout, **kwargs)
-    return _rows_local(weight, indices, offsets, rows, inverse, **kwargs)
+    overflow = None
+    if size is not None and size < indices.size:  # valid ids past the U slots: no slot
+        overflow = valid.reshape(indices.shape) & (inverse == size)
+    return _rows_local(weight, indices, offsets, rows, inverse, overflow, **kwargs)
 
 
 def _rows_direct(
@@ -351,14 +371,27 @@ def _rows_direct(
 
 def _rows_local(
     weight: Array, indices: Array, offsets: ArrayLike | None, rows: Array, inverse: Array,
-    **kwargs: Any,
+    overflow: Array | None, **kwargs: Any,
 ) -> tuple[Array, Callable[[Array], RowGrads]]:
-    """General case (``max_norm``, ``scale_grad_by_freq``): the bag op on the gathered rows."""
+    """General case (``max_norm``, ``scale_grad_by_freq``): the bag op on the gathered rows.
+
+    ``local`` is ``[U + 1, D]``: the slots' rows, then a zero row for skipped ids (the op's
+    padding row). With ``overflow`` (``bool`` of indices' shape: valid ids without a slot, when
+    ``size`` is too small), each such position gets its own row after those, outside the
+    gradient: it still counts in its bag (value, mean's count) as in ``embedding_bag``.
+    """
     u = rows.shape[0]
     local = jnp.take(weight, rows, axis=0, mode="fill", fill_value=0)
     local = jnp.concatenate([local, jnp.zeros((1, weight.shape[1]), weight.dtype)], axis=0)
+    if overflow is not None:
+        own = jnp.arange(u + 1, u + 1 + indices.size, dtype=inverse.dtype).reshape(indices.shape)
+        inverse = jnp.where(overflow, own, inverse)
+        extra = jax.lax.stop_gradient(jnp.take(weight, indices.reshape(-1), axis=0, mode="fill",
+                                               fill_value=0))
 
     def bag(table: Array) -> Array:
+        if overflow is not None:
+            table = jnp.concatenate([table, extra], axis=0)
         return ops.embedding_bag(table, inverse, offsets, padding_idx=u, **kwargs)
 
     bags, vjp = jax.vjp(bag, local)
