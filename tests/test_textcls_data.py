@@ -25,6 +25,10 @@ def test_tokenize_lowercases_words_and_numbers():
         "profits", "jumped", "76", "to", "1.13", "bn", "2,500", "jobs"]
     assert tokenize("Don't  stop_me: Café-owner") == ["don't", "stop", "me", "café", "owner"]
     assert tokenize("") == [] and tokenize(" \n-- !") == []
+    # words keep their combining marks (Devanagari vowel signs were split off), and a decomposed
+    # 'e' + U+0301 is the same word as the composed 'é' (it was cut to 'cafe')
+    assert tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert tokenize("cafe\u0301 CAFÉ") == ["café", "café"]
 
 
 def test_vocabulary_min_freq_max_size_order_and_unknown():
@@ -161,8 +165,10 @@ def test_missing_files_are_clear_errors(tmp_path):
 def test_jsonl_loader_and_errors(tmp_path):
     f = _write(tmp_path / "d.jsonl", '{"text": "hello", "label": 1}\n\n{"text": "", "label": 0}\n'
                                      '{"text": "x", "label": "pos"}\n')
-    with pytest.raises(data.DataError, match=r"d\.jsonl:4: label 'pos' is not one of"):
+    with pytest.raises(data.DataError, match=r"d\.jsonl:4: label 'pos' is a string, but no class_names"):
         data.load_jsonl(f, num_classes=2)
+    with pytest.raises(data.DataError, match=r"d\.jsonl:4: label 'pos' is not one of class_names \['a', 'b'\]"):
+        data.load_jsonl(f, class_names=("a", "b"))
     ds = data.load_jsonl(f, class_names=("neg", "pos"))
     assert ds.labels.tolist() == [1, 0, 1] and ds.texts == ("hello", "", "x")
     assert ds.sources == ("d.jsonl:1", "d.jsonl:3", "d.jsonl:4")
@@ -176,6 +182,27 @@ def test_jsonl_loader_and_errors(tmp_path):
         g = _write(tmp_path / "b.jsonl", content)
         with pytest.raises(data.DataError, match=match):
             data.load_jsonl(g, num_classes=2)
+
+
+def test_loaders_read_utf8_with_a_bom_long_fields_and_name_bad_bytes(tmp_path):
+    """A byte-order mark is skipped (Excel's "CSV UTF-8"); fields over the csv module's 128 KiB
+    default load; bytes that are not UTF-8 are an error naming file and line (they were replaced
+    by U+FFFD, silently)."""
+    bom = "\ufeff".encode()
+    (tmp_path / "bom.csv").write_bytes(bom + '"2","Café","x"\n'.encode())
+    assert data.load_ag_news_csv(tmp_path / "bom.csv").texts == ("Café x",)
+    (tmp_path / "bom.jsonl").write_bytes(bom + b'{"text": "a", "label": 1}\n')
+    assert data.load_jsonl(tmp_path / "bom.jsonl", num_classes=2).labels.tolist() == [1]
+    long_text = "word " * 60_000  # 300 kB in one field
+    (tmp_path / "long.csv").write_text(f'"1","t","{long_text}"\n"2","u","v"\n')
+    ds = data.load_ag_news_csv(tmp_path / "long.csv")
+    assert len(ds.texts[0]) == len(f"t {long_text}".strip()) and ds.labels.tolist() == [0, 1]
+    (tmp_path / "latin.csv").write_bytes(b'"1","a","b"\n"2","caf\xe9","x"\n')
+    with pytest.raises(data.DataError, match=r"latin\.csv:2: not valid UTF-8 \(byte 0xe9 .*iconv"):
+        data.load_ag_news_csv(tmp_path / "latin.csv")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "a", "label": 0}\n\n{"text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(data.DataError, match=r"latin\.jsonl:3: not valid UTF-8"):
+        data.load_jsonl(tmp_path / "latin.jsonl", num_classes=2)
 
 
 def test_bbc_loader_on_a_small_tree(tmp_path):

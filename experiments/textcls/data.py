@@ -6,9 +6,11 @@ raises :class:`DataError` naming the file and the line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,6 +129,31 @@ def _check_exists(path: str | Path, what: str) -> Path:
     return p
 
 
+def _read_utf8(p: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark (as Excel's "CSV UTF-8"
+    writes). Other bytes are an error naming the line, not silently replaced."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > utf8_{p.name}`"
+        ) from None
+
+
+@contextlib.contextmanager
+def _csv_fields_of_any_size():
+    """Lifts the csv module's 128 KiB field limit (a long description is valid) for a while."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
 def _class_names(num_classes: int, class_names: Sequence[str]) -> tuple[str, ...]:
     if class_names:
         if num_classes and len(class_names) != num_classes:
@@ -148,15 +175,16 @@ def load_ag_news_csv(
     text is ``title + " " + description`` (AG_NEWS escapes newlines as ``\\``).
 
     Raises:
-        DataError: missing file, a row without exactly 3 fields, a non-integer or
-            out-of-range class index, or no rows at all (the message has ``file:line``).
+        DataError: missing file, bytes that are not UTF-8 (a byte-order mark is fine), a
+            row without exactly 3 fields, a non-integer or out-of-range class index, or no
+            rows at all (the message has ``file:line``). Fields may be of any length.
     """
     p = _check_exists(path, "CSV file")
     names = _class_names(num_classes, class_names)
     c = len(names)
     texts, labels, sources = [], [], []
-    with p.open("r", encoding="utf-8", errors="replace", newline="") as fh:
-        reader = csv.reader(fh)
+    with _csv_fields_of_any_size():
+        reader = csv.reader(io.StringIO(_read_utf8(p), newline=""))
         start = 1
         try:
             for row in reader:
@@ -197,15 +225,16 @@ def load_jsonl(
     ``class_names``. ``C`` is ``num_classes`` or ``len(class_names)``.
 
     Raises:
-        DataError: missing file, invalid JSON, a missing/ill-typed field, or a label
-            out of range (the message has ``file:line``).
+        DataError: missing file, bytes that are not UTF-8 (a byte-order mark is fine),
+            invalid JSON, a missing/ill-typed field, a label out of range, or a string
+            label without ``class_names`` (the message has ``file:line``).
     """
     p = _check_exists(path, "JSON-lines file")
     names = _class_names(num_classes, class_names)
     name_to_id = {n: i for i, n in enumerate(names)} if class_names else {}
     c = len(names)
     texts, labels, sources = [], [], []
-    with p.open("r", encoding="utf-8", errors="replace") as fh:
+    with io.StringIO(_read_utf8(p)) as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -223,6 +252,12 @@ def load_jsonl(
             if isinstance(label, bool) or not isinstance(label, (int, str)):
                 raise DataError(f'{p}:{line_no}: "label" must be an int or a class name, got {label!r}')
             if isinstance(label, str):
+                if not name_to_id:
+                    raise DataError(
+                        f"{p}:{line_no}: label {label!r} is a string, but no class_names are "
+                        f"given to map it to an id; write it as an int in 0..{c - 1}, or give "
+                        "the class names (config.data.class_names)"
+                    )
                 if label not in name_to_id:
                     raise DataError(
                         f"{p}:{line_no}: label {label!r} is not one of class_names {list(names)}"

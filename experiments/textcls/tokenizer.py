@@ -14,27 +14,48 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
+import sys
+import unicodedata
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-TOKEN_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*|\d+(?:[.,]\d+)*")
 UNK = "<unk>"
 UNKNOWN_ID = 0  # the id of UNK
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
 
+@functools.cache
+def _token_re() -> re.Pattern[str]:
+    """Words: letters with their combining marks (``re`` has no ``\\p{M}``, so the class of the
+    marks of this Python's Unicode tables is built once), inner apostrophes; numbers."""
+    marks, start = [], None
+    for c in range(sys.maxunicode + 2):
+        is_mark = c <= sys.maxunicode and unicodedata.category(chr(c)) in ("Mn", "Mc", "Me")
+        if is_mark and start is None:
+            start = c
+        elif not is_mark and start is not None:
+            marks.append(f"{re.escape(chr(start))}-{re.escape(chr(c - 1))}")
+            start = None
+    letter = rf"[^\W\d_][{''.join(marks)}]*"
+    return re.compile(rf"(?:{letter})+(?:'(?:{letter})+)*|\d+(?:[.,]\d+)*")
+
+
 def tokenize(text: str) -> list[str]:
-    """Lower-cases ``text`` and returns its words (letters, inner apostrophes) and numbers.
+    """Lower-cases ``text`` (after Unicode NFC normalisation) and returns its words (letters with
+    their combining marks, inner apostrophes) and numbers.
 
     >>> tokenize("Profits at TimeWarner jumped 76% to $1.13bn, don't panic!")
     ['profits', 'at', 'timewarner', 'jumped', '76', 'to', '1.13', 'bn', "don't", 'panic']
+    >>> tokenize("Hindi: हिन्दी, cafe\u0301")  # a word with its vowel signs; 'café' composed
+    ['hindi', 'हिन्दी', 'café']
     """
-    return TOKEN_RE.findall(text.lower())
+    return _token_re().findall(unicodedata.normalize("NFC", text).lower())
 
 
 @dataclasses.dataclass(frozen=True)
