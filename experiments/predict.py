@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
     logs.quiet_orbax()
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir runs/bbc_news")
-    texts = argv[1:] or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = argv[1:] or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise app.UsageError('give texts as arguments (or on stdin, one per line): "some text"')
     results = Predictor(_WORKDIR.value).predict(texts)

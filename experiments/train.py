@@ -56,13 +56,27 @@ def _featurize(
     return ids, ([p[1] for p in pairs] if featurizer.weighted else None)
 
 
-def _load_or_fit_featurizer(workdir: Path, texts: tuple[str, ...], tok_config: Any) -> Featurizer:
+def _load_or_fit_featurizer(
+    workdir: Path, texts: tuple[str, ...], tok_config: Any, *, resuming: bool
+) -> Featurizer:
+    """The resumed run's ``vocab.json``, or a featurizer fitted on ``texts`` (and saved)."""
     path = workdir / artifacts.VOCAB
-    if path.is_file():
+    if resuming and path.is_file():
         return Featurizer.from_json(artifacts.read_json(path))
     featurizer = Featurizer.fit(texts, tok_config)
     artifacts.write_json(path, featurizer.to_json())
     return featurizer
+
+
+def _check_counts(train: Any) -> None:
+    """The sizes and counts of ``config.train`` are positive ints (before anything is written)."""
+    for key in ("num_epochs", "batch_size", "eval_batch_size", "max_checkpoints"):
+        value = train[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"config.train.{key} must be a positive int; got {value!r}. Pass "
+                f"--config.train.{key}=N with N >= 1."
+            )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -80,9 +94,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     t_start = time.perf_counter()
     config = ml_collections.FrozenConfigDict(config)
+    _check_counts(config.train)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    artifacts.check_resume_config(workdir, ml_collections.ConfigDict(config))
+    # Without a checkpoint there is nothing to resume: the files of a run that failed before its
+    # first checkpoint (a typo in a path, a bad value) are replaced, not held against this one.
+    resuming = checkpoint.has_checkpoint(workdir)
+    artifacts.check_resume_config(workdir, ml_collections.ConfigDict(config), resuming=resuming)
     tc = config.train
     tok = config.tokenizer
     if (tok.term_weights in ("count", "log") or tok.idf) and config.model.mode == "max":
@@ -94,8 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     # Data and features.
     train_ds, test_ds, split_record = load_splits(config.data, config.seed)
-    artifacts.check_or_write_split(workdir, split_record)
-    featurizer = _load_or_fit_featurizer(workdir, train_ds.texts, config.tokenizer)
+    artifacts.check_or_write_split(workdir, split_record, resuming=resuming)
+    featurizer = _load_or_fit_featurizer(workdir, train_ds.texts, config.tokenizer, resuming=resuming)
     train_bags, train_weights = _featurize(featurizer, train_ds.texts)
     test_bags, test_weights = _featurize(featurizer, test_ds.texts)
     num_classes = train_ds.num_classes

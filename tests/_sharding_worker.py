@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 
 os.environ["XLA_FLAGS"] = (
@@ -666,6 +667,14 @@ def case_experiment():
         for k in ("test_accuracy", "test_loss"):
             if resumed[k] != split[k]:
                 raise AssertionError(f"resumed {k} {resumed[k]} != uninterrupted {split[k]}")
+        # predict on the sharded workdir from a 1-device process (it refused: topology mismatch)
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        pred = subprocess.run(
+            [sys.executable, "-m", "experiments.predict", "--workdir", f"{tmp}/sharded", "--json",
+             "shares fell"], cwd=pathlib.Path(__file__).resolve().parents[1], env=env,
+            capture_output=True, text=True, timeout=300, check=False)
+        if pred.returncode != 0 or '"label"' not in pred.stdout:
+            raise AssertionError(f"predict on a sharded workdir failed:\n{pred.stdout}{pred.stderr[-3000:]}")
     if split["test_accuracy"] != single["test_accuracy"]:
         raise AssertionError(f"accuracy {split['test_accuracy']} != {single['test_accuracy']}")
     for a, b in zip(*hist):

@@ -88,6 +88,13 @@ def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
         assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-5)
         assert r["label"] == max(r["scores"], key=r["scores"].get)
     assert predictor.predict([""])[0]["label"] in predictor.class_names  # empty text: empty bag
+    # texts on stdin, CRLF line ends: the '\r' is not part of the text
+    out = subprocess.run([sys.executable, "-m", "experiments.predict", "--workdir", str(workdir),
+                          "--json"], input="shares fell\r\nthe match\r\n", cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in got] == ["shares fell", "the match"]
+    assert [r["label"] for r in got] == [r["label"] for r in predictor.predict(["shares fell", "the match"])]
 
 
 @pytest.mark.slow
@@ -118,6 +125,35 @@ def test_resume_refuses_a_different_model_config(smoke_run):
     other.model.features = 8
     with pytest.raises(ValueError, match=r"different config \(sections \['model'\]"):
         train_and_evaluate(other, workdir)
+
+
+@pytest.mark.slow
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_workdir(tmp_path):
+    """A typo that fails a run (here a bad model size, after config.json was written) used to
+    make every later run on the workdir a 'different config' error, with nothing to resume."""
+    bad = smoke.get_config()
+    bad.model.features = 0
+    with pytest.raises(ValueError):
+        train_and_evaluate(bad, tmp_path)
+    assert (tmp_path / artifacts.CONFIG).is_file() and not checkpoint.has_checkpoint(tmp_path)
+    good = smoke.get_config()
+    good.train.stop_after_epochs = 1
+    summary = train_and_evaluate(good, tmp_path)
+    assert summary["epochs"] == 1 and checkpoint.has_checkpoint(tmp_path)
+    assert json.loads((tmp_path / artifacts.CONFIG).read_text())["model"]["features"] == 16
+    with pytest.raises(ValueError, match=r"different config \(sections \['model'\]"):
+        train_and_evaluate(bad, tmp_path)  # now there is a run to protect
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 0), ("batch_size", -1), ("num_epochs", 0),
+                                        ("eval_batch_size", 0), ("max_checkpoints", 0)])
+def test_nonpositive_counts_are_config_errors(tmp_path, key, value):
+    """batch_size=0 was a ZeroDivisionError, -1 a silent run of 0 steps."""
+    config = smoke.get_config()
+    config.train[key] = value
+    with pytest.raises(ValueError, match=rf"config\.train\.{key} must be a positive int; got {value}"):
+        train_and_evaluate(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()  # nothing written
 
 
 def test_unknown_key_message_lists_valid_keys():
@@ -156,6 +192,15 @@ def test_entry_point_overrides_and_unknown_keys(tmp_path):
     assert "unknown config key 'config.model.featurs'" in bad.stderr
     assert "Valid keys under 'config.model': dropout, embed_init_scale, features, hidden" in bad.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+    # absl also takes one dash: the same check (it was a raw AttributeError traceback)
+    for args in (["-config", "configs/smoke.py", "--config.model.featurs=7"],
+                 ["--config", "configs/smoke.py", "-config.model.featurs=7"]):
+        one_dash = _run_entry_point(*args, "--print_config")
+        assert one_dash.returncode != 0
+        assert "Valid keys under 'config.model': dropout" in one_dash.stderr, one_dash.stderr
+    # a config file that does not exist: an error (it printed an internal object, exit 0)
+    missing = _run_entry_point("--config", "configs/nope.py", "--print_config")
+    assert missing.returncode != 0 and "config file not found: configs/nope.py" in missing.stderr
 
 
 def test_count_weighted_bags_give_the_same_logits_as_raw_bags():

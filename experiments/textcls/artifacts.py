@@ -48,12 +48,14 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(read_json(path))
 
 
-def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Writes ``config.json``; if the workdir already has one, the sections that define
-    the data and model (:data:`RESUME_SECTIONS`) must be equal."""
+def check_resume_config(workdir: Path, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
+    """Writes ``config.json``. When ``resuming`` (the workdir has a checkpoint), the sections
+    that define the data and model (:data:`RESUME_SECTIONS`) must equal those of the
+    ``config.json`` already there; without a checkpoint, what an earlier run that failed
+    before saving one left behind is simply replaced."""
     path = workdir / CONFIG
     new = config_to_dict(config)
-    if path.is_file():
+    if resuming and path.is_file():
         old = read_json(path)
         diffs = [s for s in RESUME_SECTIONS if old.get(s) != new.get(s)]
         if diffs:
@@ -64,10 +66,11 @@ def check_resume_config(workdir: Path, config: ml_collections.ConfigDict) -> Non
     write_json(path, new)
 
 
-def check_or_write_split(workdir: Path, record: Mapping[str, Any]) -> None:
-    """Writes ``split.json``, or checks that the existing one records the same split."""
+def check_or_write_split(workdir: Path, record: Mapping[str, Any], *, resuming: bool) -> None:
+    """Writes ``split.json``, or, when ``resuming``, checks that the existing one records the
+    same split."""
     path = workdir / SPLIT
-    if path.is_file():
+    if resuming and path.is_file():
         old = read_json(path)
         if old != json.loads(json.dumps(record)):
             raise ValueError(

@@ -99,6 +99,16 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
     )
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+    """Whether ``workdir`` holds a finished checkpoint (a run to resume)."""
+    if not checkpoint_dir(workdir).is_dir():
+        return False
+    manager = make_manager(workdir, create=False)
+    step = manager.latest_step()
+    manager.close()
+    return step is not None
+
+
 def load_params(workdir: str | Path) -> tuple[dict, int]:
     """The parameters (pure nested dict of NumPy arrays) of the latest checkpoint and its epoch."""
     if not checkpoint_dir(workdir).is_dir():
@@ -113,6 +123,12 @@ def load_params(workdir: str | Path) -> tuple[dict, int]:
             f"no checkpoint in {checkpoint_dir(workdir)}; train first with "
             f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
         )
-    r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    # Restored onto this process's first device, whatever mesh saved it: a table saved
+    # row-sharded over 8 devices (experiments.textcls.sharded) loads in a 1-device process.
+    meta = ocp.StandardCheckpointer().metadata(checkpoint_dir(workdir) / str(step) / "params")
+    tree = getattr(meta.item_metadata, "tree", meta.item_metadata)
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+    r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     manager.close()
     return jax.tree.map(np.asarray, r.params), int(step)

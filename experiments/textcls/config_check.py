@@ -44,8 +44,15 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def _long(arg: str) -> str:
+    """``-flag...`` as ``--flag...`` (absl takes both spellings)."""
+    return "-" + arg if arg.startswith("-") and not arg.startswith("--") else arg
+
+
 def config_path_from_argv(argv: Sequence[str], flag: str = "config") -> str | None:
-    """The value of ``--config=PATH`` / ``--config PATH`` in ``argv`` (None if absent)."""
+    """The value of ``--config=PATH`` / ``--config PATH`` (or ``-config``) in ``argv``
+    (None if absent)."""
+    argv = [_long(a) for a in argv]
     for i, arg in enumerate(argv):
         if arg.startswith(f"--{flag}="):
             return arg.split("=", 1)[1]
@@ -55,14 +62,15 @@ def config_path_from_argv(argv: Sequence[str], flag: str = "config") -> str | No
 
 
 def override_keys(argv: Sequence[str], flag: str = "config") -> list[tuple[str, str]]:
-    """``(dotted_key, argument)`` of each ``--config.KEY[=V]`` / ``--noconfig.KEY`` in argv."""
+    """``(dotted_key, argument)`` of each ``--config.KEY[=V]`` / ``--noconfig.KEY`` in argv
+    (or with one dash, as absl also accepts)."""
     out = []
     for arg in argv:
         if arg == "--":
             break
         for prefix in (f"--{flag}.", f"--no{flag}."):
-            if arg.startswith(prefix):
-                out.append((arg[len(prefix):].split("=", 1)[0], arg))
+            if _long(arg).startswith(prefix):
+                out.append((_long(arg)[len(prefix):].split("=", 1)[0], arg))
     return out
 
 
@@ -93,14 +101,18 @@ def unknown_key_message(config: ml_collections.ConfigDict, key: str, argument: s
 
 
 def unknown_override_errors(argv: Sequence[str], flag: str = "config") -> list[str]:
-    """One message per ``--config.KEY`` override in ``argv`` whose KEY is not in the config file.
+    """One message per ``--config.KEY`` override in ``argv`` whose KEY is not in the config file,
+    or one saying that the config file does not exist.
 
     Returns an empty list when there is no config flag or every key exists.
     """
     spec = config_path_from_argv(argv, flag)
-    overrides = override_keys(argv, flag)
-    if spec is None or not overrides:
+    if spec is None:
         return []
-    config = load_config_file(spec)
+    try:
+        config = load_config_file(spec)
+    except FileNotFoundError as e:
+        return [f"{e} (from --{flag} {spec}); the configs are in configs/*.py"]
+    overrides = override_keys(argv, flag)
     messages = [unknown_key_message(config, key, arg) for key, arg in overrides]
     return [m for m in messages if m is not None]
