@@ -512,3 +512,21 @@ def test_size_too_small(kw, path):
     full = jax.grad(lambda w: jaxbag.embedding_bag(w, ids, offs, **kw).sum())(w)
     np.testing.assert_array_equal(g.rows, [1, 3, 7])
     np.testing.assert_allclose(g.grads, full[jnp.array([1, 3, 7])], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn"])
+def test_zero_weight_ids_under_non_finite_cotangents(mode, path):
+    """A weight-0 id gets 0 * cotangent, so NaN for an inf/NaN cotangent, as jax.vjp of
+    embedding_bag and torch give (the kernel skipped weight-0 ids: 0 instead of NaN)."""
+    w = jnp.arange(8.0).reshape(4, 2)
+    ids, offs = jnp.array([1, 2, 3, 0]), jnp.array([0, 2])
+    psw = jnp.array([0.0, 1.0, 2.0, 0.0])
+    g = jnp.array([[jnp.nan, 1.0], [1.0, jnp.inf]])
+    f = functools.partial(jaxbag.embedding_bag, indices=ids, offsets=offs, mode=mode,
+                          per_sample_weights=psw)
+    want = jax.vjp(lambda w: f(w), w)[1](g)[0]
+    _, pb = sparse.embedding_bag_rows(w, ids, offs, mode=mode, per_sample_weights=psw)
+    rg = pb(g)
+    np.testing.assert_array_equal(rg.rows, [0, 1, 2, 3])
+    np.testing.assert_array_equal(rg.grads, want)
+    assert np.isnan(np.asarray(rg.grads)[1, 0]) and np.isnan(np.asarray(rg.grads)[0, 1])

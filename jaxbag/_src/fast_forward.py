@@ -451,7 +451,8 @@ ffi::Error RowsGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S32> slot, ffi::B
   for (int64_t n = 0; n < N; ++n) {
     const int64_t u = sl[n], b = sg[n];
     const float k = w[n];
-    if (u < 0 || u >= U || b < 0 || b >= B || k == 0.0f) continue;
+    // (no shortcut for k == 0: 0 * inf and 0 * NaN are NaN, as in the XLA path and torch)
+    if (u < 0 || u >= U || b < 0 || b >= B) continue;
     float* gu = g + u * D;
     const float* cb = c + b * D;
     for (int64_t d = 0; d < D; ++d) gu[d] += k * cb[d];
