@@ -323,6 +323,54 @@ def test_layout_and_input_errors():
     np.testing.assert_array_equal(out["x"][1], np.zeros(2, np.float32))
 
 
+def test_group_names_never_collide():
+    """A table named 'a+b' and the stack of tables 'a' and 'b' would share one parameter name:
+    one table silently vanished (its feature read the other group's rows)."""
+    tables = [T("a+b", 4, 2, ("x",), mode="sum"), T("a", 3, 3, ("y",), mode="sum"),
+              T("b", 3, 3, ("z",), mode="sum")]
+    with pytest.raises(ValueError, match=r"both be named 'a\+b'.*\[\['a\+b'\], \['a', 'b'\]\].*'a_b'"):
+        jaxbag.collection_layout(tables)
+    assert len(jaxbag.collection_layout(tables, stack=False).groups) == 3  # one array per table
+
+
+def test_params_must_match_the_layout():
+    """Wrong rows, width or dtype: an error naming the group (extra rows and another width were
+    accepted, a [1, 10] output for a [1, 4] layout; too few rows an IndexError about a stacked id)."""
+    layout = jaxbag.collection_layout([T("a", 4, 2, ("x",), mode="sum"), T("b", 3, 2, ("y",), mode="sum")])
+    jf = jaxbag.JaggedFeatures.from_lists({"x": [[1]], "y": [[2]]})
+    for arr, got in [(jnp.ones((9, 2)), r"float32 \[9, 2\]"), (jnp.ones((7, 5)), r"float32 \[7, 5\]"),
+                     (jnp.ones((7, 2), jnp.float16), r"float16 \[7, 2\]"),
+                     (jnp.ones((5, 2)), r"float32 \[5, 2\]")]:
+        with pytest.raises(ValueError, match=rf"params\['a\+b'\] \(tables \['a', 'b'\]\) must be float32 \[7, 2\]; got {got}"):
+            jaxbag.embedding_bag_collection({"a+b": arr}, jf, layout=layout)
+    with pytest.raises(KeyError, match=r"no array for the groups \['a\+b'\]"):
+        jaxbag.embedding_bag_collection({"a": jnp.ones((4, 2))}, jf, layout=layout)
+
+
+def test_jagged_input_errors():
+    """Float ids, fractional lengths, nested bags, [B, K] lengths were truncated, flattened or
+    transposed silently; lengths that overflow a capacity or are negative leaked ids into the
+    next feature (eagerly and under jit)."""
+    JF = jaxbag.JaggedFeatures
+    with pytest.raises(TypeError, match=r"features\['x'\]\[0\] must hold integer ids; got dtype float64"):
+        JF.from_lists({"x": [[1.7, 2.2]]})
+    with pytest.raises(ValueError, match=r"features\['x'\]\[0\] must be a flat list of ids"):
+        JF.from_lists({"x": [[[1, 2]], [3]]})
+    with pytest.raises(TypeError, match=r"values must hold integer ids"):
+        JF.from_lengths(["x"], [1.9, 2.5], [2])
+    with pytest.raises(TypeError, match=r"lengths must be integer counts"):
+        JF.from_lengths(["x"], [1, 2], [1.5, 1.5])
+    with pytest.raises(ValueError, match=r"\[K, B\] with K=2 keys.*\(3, 2\)"):
+        JF.from_lengths(["x", "y"], [1, 2, 3], np.array([[1, 1], [0, 1], [0, 0]]))
+    assert JF.from_lists({"x": [[], [np.int32(3)]]}).to_lists() == {"x": [[], [3]]}
+    with pytest.raises(ValueError, match=r"feature 'x' has 3 ids in shard 0 but capacity 2"):
+        JF(["x", "y"], jnp.array([1, 2, 3, 0]), jnp.array([[3], [1]]), capacities=(2, 2))
+    with pytest.raises(ValueError, match=r"lengths must be >= 0; got lengths\[0, 0\] = -1"):
+        JF(["x", "y"], jnp.array([1, 2, 0]), jnp.array([[-1, 3], [0, 0]]), capacities=(2, 1))
+    with pytest.raises(TypeError, match=r"lengths must be integer counts"):
+        JF(["x"], jnp.array([1, 2]), jnp.array([[1.0]]), capacities=(2,))
+
+
 def test_out_of_range_ids_never_reach_a_neighbouring_table_under_jit():
     tabs = [T("a", 3, 2, ("x",), mode="sum"), T("b", 3, 2, ("y",), mode="sum")]
     layout = jaxbag.collection_layout(tabs)
@@ -427,3 +475,22 @@ def test_padding_values_are_never_read_nor_checked(stack):
     np.testing.assert_array_equal(eager["y"], [[-4.0, -5.0], [-0.0, -1.0]])
     for k in eager:
         np.testing.assert_array_equal(jitted[k], eager[k])
+
+
+def test_lengths_that_overflow_under_jit_cut_the_bag_short():
+    """Built inside jit (values unknown, so unchecked), lengths over a capacity cut the bag at
+    the capacity: an id is never read as another feature's (feature 'x' used to take 'y''s id)."""
+    w = jnp.arange(8.0).reshape(4, 2)
+    layout = jaxbag.collection_layout([T("t", 4, 2, ("x", "y"), mode="sum")])
+
+    @jax.jit
+    def run(values, lengths):
+        jf = jaxbag.JaggedFeatures(["x", "y"], values, lengths, capacities=(2, 2))
+        return jaxbag.embedding_bag_collection({"t": w}, jf, layout=layout)
+
+    out = run(jnp.array([1, 2, 3, 0]), jnp.array([[3], [1]]))
+    np.testing.assert_array_equal(out["x"], w[1:2] + w[2:3])  # ids 1, 2: not y's 3
+    np.testing.assert_array_equal(out["y"], w[3:4])
+    out = run(jnp.array([1, 2, 3, 0]), jnp.array([[-1], [1]]))
+    np.testing.assert_array_equal(out["x"], np.zeros((1, 2)))
+    np.testing.assert_array_equal(out["y"], w[3:4])

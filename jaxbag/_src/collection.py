@@ -378,6 +378,16 @@ def collection_layout(
                 sharded=plan is not None and not replicated,
             )
         )
+    names = [g.name for g in groups]
+    for name in names:
+        if names.count(name) > 1:
+            clash = [[t.name for t in members] for (_, members), g in zip(buckets.items(), groups)
+                     if g.name == name]
+            raise ValueError(
+                f"two parameter arrays would both be named {name!r} (a group is named by joining its "
+                f"tables' names with '+'): the groups of tables {clash}. Rename the table whose "
+                f"name holds '+' (e.g. {name.replace('+', '_')!r})."
+            )
     return CollectionLayout(tables, tuple(groups), features, stacked=True, plan=plan)
 
 
@@ -526,6 +536,27 @@ def _check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
                     )
 
 
+def _check_params(layout: CollectionLayout, params: Mapping[str, Array]) -> None:
+    """Every group's array is there, ``[num_rows, D]`` of the tables' dtype (static checks)."""
+    missing = [g.name for g in layout.groups if g.name not in params]
+    if missing:
+        raise KeyError(
+            f"params has no array for the groups {missing}; the layout's parameter names are "
+            f"{[g.name for g in layout.groups]} (got {sorted(params)}). Build params with "
+            "jaxbag.init_collection(layout, key) or jaxbag.pack_tables(layout, {table: array})."
+        )
+    for g in layout.groups:
+        arr = params[g.name]
+        want = (g.num_rows, g.features)
+        if tuple(jnp.shape(arr)) != want or jnp.dtype(jnp.result_type(arr)) != jnp.dtype(g.dtype):
+            tables = [s.table.name for s in g.slots]
+            raise ValueError(
+                f"params[{g.name!r}] (tables {tables}) must be {jnp.dtype(g.dtype).name} {list(want)}; "
+                f"got {jnp.dtype(jnp.result_type(arr)).name} {list(jnp.shape(arr))}. Build it with "
+                "jaxbag.init_collection(layout, key) or jaxbag.pack_tables(layout, {table: array})."
+            )
+
+
 def _group_ids(g: GroupLayout, layout: CollectionLayout, keys: Sequence[str]):
     """The per-slot id transform into stacked rows: out-of-range ids -> -1, padding -> pad_row."""
     pad_row = g.pad_row
@@ -664,6 +695,7 @@ def embedding_bag_collection(
       (2, 8)
     """
     _check_features(layout, features)
+    _check_params(layout, params)
     if layout.plan is not None:
         out = _apply_sharded(layout, params, features)
     elif not layout.stacked:

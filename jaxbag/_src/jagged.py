@@ -34,7 +34,7 @@ import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 
-from jaxbag._src import segments
+from jaxbag._src import segments, validation
 
 __all__ = ["JaggedFeatures"]
 
@@ -46,6 +46,25 @@ def _check_keys(keys: Sequence[str]) -> tuple[str, ...]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"keys must be distinct; got keys={keys!r}.")
     return keys
+
+
+def _as_ids(x: Any, what: str) -> np.ndarray:
+    """``int64 [n]`` from a flat list / array of integer ids (``[]`` is fine; floats, bools and
+    nested lists are errors rather than truncated or flattened)."""
+    try:
+        a = np.asarray(x)
+    except ValueError:  # ragged nesting
+        a = None
+    if a is None or a.ndim > 1 or a.dtype == object:
+        raise ValueError(f"{what} must be a flat list of ids; got {x!r:.80}.")
+    if a.size == 0:
+        return np.zeros(0, np.int64)  # NumPy reads [] as float64
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(
+            f"{what} must hold integer ids; got dtype {a.dtype} ({a.reshape(-1)[:4].tolist()}"
+            f"{' ...' if a.size > 4 else ''}). Cast them first: np.asarray(ids, np.int32)."
+        )
+    return a.reshape(-1).astype(np.int64)
 
 
 def _capacity_for(
@@ -161,11 +180,38 @@ class JaggedFeatures:
             )
         if not jnp.issubdtype(self.values.dtype, jnp.integer):
             raise TypeError(f"values must be integer ids; got dtype {self.values.dtype}.")
+        if not jnp.issubdtype(self.lengths.dtype, jnp.integer):
+            raise TypeError(f"lengths must be integer counts; got dtype {self.lengths.dtype}.")
+        if validation.is_concrete(self.lengths):
+            self._check_lengths_fit()
         if self.weights is not None and self.weights.shape != self.values.shape:
             raise ValueError(
                 f"weights must have the shape of values {self.values.shape}; "
                 f"got {self.weights.shape}."
             )
+
+    def _check_lengths_fit(self) -> None:
+        """Each length >= 0, and each feature's ids of a shard within its capacity (else they
+        would run into the next feature's region)."""
+        with jax.ensure_compile_time_eval():
+            lengths = np.asarray(self.lengths)
+        if (lengths < 0).any():
+            i, j = np.argwhere(lengths < 0)[0]
+            raise ValueError(
+                f"lengths must be >= 0; got lengths[{i}, {j}] = {int(lengths[i, j])} (feature "
+                f"{self._keys[i]!r}, example {j})."
+            )
+        bs = lengths.shape[1] // self._num_shards
+        for i, key in enumerate(self._keys):
+            for sh in range(self._num_shards):
+                n = int(lengths[i, sh * bs : (sh + 1) * bs].sum())
+                if n > self._capacities[i]:
+                    raise ValueError(
+                        f"feature {key!r} has {n} ids in shard {sh} but capacity "
+                        f"{self._capacities[i]}: its lengths must sum to at most its capacity in "
+                        "every shard. Build it with JaggedFeatures.from_lists / from_lengths, "
+                        "which size the capacities."
+                    )
 
     # -- pytree ---------------------------------------------------------------------------------
     def tree_flatten(self):
@@ -259,7 +305,8 @@ class JaggedFeatures:
           ValueError: features of different batch sizes, a capacity too small, bad ``num_shards``.
         """
         keys = _check_keys(list(features))
-        bags = {k: [np.asarray(b, np.int64).reshape(-1) for b in features[k]] for k in keys}
+        bags = {k: [_as_ids(b, f"features[{k!r}][{j}]") for j, b in enumerate(features[k])]
+                for k in keys}
         sizes = {k: len(v) for k, v in bags.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"every feature needs the same number of examples; got {sizes}.")
@@ -321,15 +368,20 @@ class JaggedFeatures:
           ([1, 2, 3, 4], {'a': [[1, 2], []], 'b': [[3], [4]]})
         """
         keys = _check_keys(keys)
-        lengths = np.asarray(lengths, np.int64)
-        if lengths.size % len(keys):
+        lengths = np.asarray(lengths)
+        if lengths.size and (lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer)):
+            raise TypeError(f"lengths must be integer counts; got dtype {lengths.dtype}.")
+        if lengths.size % len(keys) or lengths.ndim > 2 or (
+            lengths.ndim == 2 and lengths.shape[0] != len(keys)
+        ):
             raise ValueError(
-                f"lengths must have K * B entries with K={len(keys)} keys; got {lengths.size}."
+                f"lengths must be [K * B] or [K, B] with K={len(keys)} keys (key-major); got shape "
+                f"{lengths.shape}."
             )
-        lengths = lengths.reshape(len(keys), -1)
+        lengths = lengths.astype(np.int64).reshape(len(keys), -1)
         if (lengths < 0).any():
             raise ValueError("lengths must be >= 0.")
-        values = np.asarray(values).reshape(-1)
+        values = _as_ids(np.asarray(values).reshape(-1), "values")
         if values.shape[0] != lengths.sum():
             raise ValueError(
                 f"values must hold sum(lengths)={int(lengths.sum())} ids; got {values.shape[0]}."
@@ -456,6 +508,19 @@ class JaggedFeatures:
         return self.tree_unflatten(aux, (values,) + tuple(leaves[1:]))
 
 
+def _fitted_lengths(jf: JaggedFeatures) -> Array:
+    """``int32 [K, B]`` lengths, clamped at 0 and so that each feature's ids of a shard fit its
+    capacity. A no-op for a valid batch (``JaggedFeatures`` checks that eagerly); for lengths
+    built under ``jit`` that overflow, the overflowing bags are cut short, so an id is never
+    read as another feature's."""
+    k, b, s = len(jf.keys), jf.batch_size, jf.num_shards
+    lengths = jnp.maximum(jnp.asarray(jf.lengths).astype(jnp.int32), 0).reshape(k, s, b // s)
+    caps = jnp.asarray(jf.capacities, jnp.int32).reshape(k, 1, 1)
+    ends = jnp.minimum(jnp.cumsum(lengths, axis=2), caps)
+    starts = jnp.concatenate([jnp.zeros((k, s, 1), jnp.int32), ends[:, :, :-1]], axis=2)
+    return (ends - starts).reshape(k, b)
+
+
 def pack_features(
     jf: JaggedFeatures,
     keys: Sequence[str],
@@ -487,7 +552,7 @@ def pack_features(
         for s in range(s_count):
             regions.append((j, s, s * t + off, jf.capacities[i], i))
     total = sum(r[3] for r in regions)
-    lengths = jnp.asarray(jf.lengths).astype(jnp.int32)
+    lengths = _fitted_lengths(jf)
     # Real ids per region; exclusive cumulative sums give where each region's real ids and
     # padding go in the packed order (regions are already in (slot, shard) = bag order).
     counts = jnp.stack(
