@@ -527,6 +527,39 @@ def case_modules():
     )
     close(out, ref, "nnx sharded collection")
 
+    # Explicit-axes mesh (jax.make_mesh's default): eager unpack_tables (a ShardingTypeError), the
+    # NNX module under jax.set_mesh (a flax mesh assertion) and linen (a with_sharding_constraint
+    # error) used to fail; only the functional lookup worked.
+    emesh = jax.make_mesh((2, 4), ("data", "model"))
+    eplan = jsh.plan_sharding(
+        tables, emesh, axis_name="model", batch_axis="data", overrides={"small": "replicated"}
+    )
+    elayout = jaxbag.collection_layout(tables, plan=eplan)
+    want_tables = jaxbag.unpack_tables(layout, jaxbag.init_collection(layout, jax.random.key(0)))
+    eparams = jaxbag.init_collection(elayout, jax.random.key(0))
+    for name, got in jaxbag.unpack_tables(elayout, eparams).items():  # eager, no mesh context
+        close(got, want_tables[name], f"explicit unpack {name}")
+
+    def reference(group_params):  # single-device, from the module's own tables
+        own = jaxbag.unpack_tables(elayout, group_params)
+        return jaxbag.embedding_bag_collection(own, jf1, layout=lu, concat=True)
+
+    with jax.set_mesh(emesh):
+        em = NnxCollection(tables, plan=eplan, rngs=nnx.Rngs(0))
+        close(fwd(em, jf), reference({k: v[...] for k, v in em.embeddings.items()}),
+              "explicit nnx collection")
+        emodel = jaxbag.EmbeddingBagCollection(tables=tables, plan=eplan)
+        ev = emodel.init(jax.random.key(0), jf)
+        close(jax.jit(lambda v, j: emodel.apply(v, j, concat=True))(ev, jf),
+              reference(nn.unbox(ev)["params"]), "explicit linen collection")
+    try:
+        emodel.init(jax.random.key(0), jf)
+    except ValueError as e:
+        if "jax.set_mesh(mesh)" not in str(e):
+            raise
+    else:
+        raise AssertionError("linen on an Explicit mesh outside set_mesh: no error")
+
 
 def case_sparse():
     """Sparse row updates of a row-sharded table equal the single-device sparse path."""

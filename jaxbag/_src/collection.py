@@ -23,6 +23,7 @@ block, a table-wise table sits whole in one block, and the group is row-sharded
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -462,9 +463,18 @@ def unpack_tables(layout: CollectionLayout, params: Mapping[str, Array]) -> dict
     Returns:
       One array per table.
     """
+    return _unpack_jit(layout, dict(params))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unpack_jit(layout: CollectionLayout, params: dict[str, Array]) -> dict[str, Array]:
+    """:func:`unpack_tables` as one program. On an Explicit-axes mesh the arrays are first made
+    replicated: slices of a row-sharded array that do not split evenly are sharding type errors."""
     out = {}
     for g in layout.groups:
         arr = params[g.name]
+        if layout.plan is not None:
+            arr = sharding.place(arr, layout.plan.mesh, P())
         r = g.shard_rows
         for slot in g.slots:
             t = slot.table

@@ -5,14 +5,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 from flax import linen as nn
 from jax import Array
+from jax.sharding import AxisType
 
-from jaxbag._src import collection
+from jaxbag._src import collection, sharding
 from jaxbag._src.collection import CollectionLayout, TableConfig
 from jaxbag._src.jagged import JaggedFeatures
 
 __all__ = ["EmbeddingBagCollection"]
+
+
+def _check_explicit_mesh_context(mesh: Any) -> None:
+    """linen's partitioning constraint refers to mesh axes, which for Explicit axes needs a
+    ``jax.set_mesh`` context: say so, instead of a ``with_sharding_constraint`` error."""
+    explicit = mesh.axis_types and all(t == AxisType.Explicit for t in mesh.axis_types)
+    if explicit and jax.sharding.get_abstract_mesh().empty:
+        raise ValueError(
+            "the plan's mesh has Explicit axes (jax.make_mesh's default), which the linen module "
+            "can only use inside `with jax.set_mesh(mesh):` (around init and apply); or build the "
+            "mesh with axis_types=(jax.sharding.AxisType.Auto,) * mesh.ndim."
+        )
 
 
 class EmbeddingBagCollection(nn.Module):
@@ -64,9 +78,15 @@ class EmbeddingBagCollection(nn.Module):
         for g in layout.groups:
 
             def init(key, g=g):
-                return collection.init_group(layout, g, key)
+                value = collection.init_group(layout, g, key)
+                if self.plan is None:
+                    return value
+                # On an Explicit-axes mesh the partitioning constraint only asserts: create the
+                # value in its sharding.
+                return sharding.place(value, self.plan.mesh, specs[g.name])
 
             if self.plan is not None:
+                _check_explicit_mesh_context(self.plan.mesh)
                 init = nn.with_partitioning(init, tuple(specs[g.name]), mesh=self.plan.mesh)
             params[g.name] = self.param(g.name, init)
         self.embeddings = params

@@ -7,7 +7,6 @@ from typing import Any
 
 from flax import nnx
 from jax import Array
-from jax.sharding import NamedSharding
 
 from jaxbag._src import collection
 from jaxbag._src.collection import CollectionLayout, TableConfig
@@ -60,7 +59,9 @@ class EmbeddingBagCollection(nnx.Module):
         self.embeddings = nnx.Dict(
             {
                 name: (
-                    nnx.Param(value, out_sharding=NamedSharding(plan.mesh, specs[name]))
+                    # (a spec with the plan's mesh: a NamedSharding must share the mesh of a
+                    # jax.set_mesh context, which is abstract)
+                    nnx.Param(value, out_sharding=specs[name], mesh=plan.mesh)
                     if plan is not None
                     else nnx.Param(value)
                 )
