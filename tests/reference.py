@@ -83,6 +83,8 @@ def _renorm_row(row, max_norm, norm_type):
         return row
     if math.isinf(norm_type):
         norm = max(abs(float(v)) for v in row)
+    elif norm_type == 0:  # torch.norm(p=0): the number of nonzero entries
+        norm = float(sum(1 for v in row if v != 0))
     else:
         total = 0.0
         for v in row:

@@ -188,3 +188,34 @@ def test_from_torch_keeps_the_table_dtype(tdtype):
                                           tb.weight.detach().double().numpy())
         assert nn_mod.to_torch().weight.dtype == tdtype
         assert lin.to_torch(variables).weight.dtype == tdtype
+
+
+def test_linen_from_torch_follows_dtype_and_init_gives_the_torch_table():
+    """linen's from_torch ignored the table dtype and a param_dtype override (NNX did not), and
+    its module.init (inside a parent model) gave a random table, not torch's."""
+    torch.manual_seed(1)
+    tb = torch.nn.EmbeddingBag(6, 3, mode="sum", padding_idx=2)
+    ids, offs = jnp.array([1, 2, 3]), jnp.array([0, 1])
+    lin, v = jaxbag.EmbeddingBag.from_torch(tb, param_dtype=jnp.bfloat16)
+    nm = jaxbag.nnx.EmbeddingBag.from_torch(tb, param_dtype=jnp.bfloat16)
+    assert v["params"]["embedding"].dtype == jnp.bfloat16 == nm.embedding[...].dtype
+    np.testing.assert_array_equal(lin.apply(v, ids, offs), nm(ids, offs))
+    lin16, v16 = jaxbag.EmbeddingBag.from_torch(tb.to(torch.bfloat16))
+    assert lin16.param_dtype == jnp.bfloat16
+    lin, v = jaxbag.EmbeddingBag.from_torch(tb.float())
+    inited = lin.init(jax.random.key(0), ids, offs)["params"]["embedding"]
+    np.testing.assert_array_equal(inited, tb.weight.detach().numpy())  # padding row kept, as torch
+    np.testing.assert_array_equal(inited, v["params"]["embedding"])
+
+
+def test_to_torch_keeps_freeze_and_conversion_errors():
+    t = np.arange(6.0, dtype=np.float32).reshape(3, 2)
+    lin = jaxbag.EmbeddingBag.from_pretrained(jnp.asarray(t))  # freeze=True, as torch
+    variables = lin.init(jax.random.key(0), jnp.array([0]), jnp.array([0]))
+    assert lin.to_torch(variables).weight.requires_grad is False
+    assert jaxbag.nnx.EmbeddingBag.from_pretrained(t).to_torch().weight.requires_grad is False
+    assert jaxbag.nnx.EmbeddingBag.from_pretrained(t, freeze=False).to_torch().weight.requires_grad
+    with pytest.raises(TypeError, match=r"converts a torch.nn.EmbeddingBag; got a Embedding.*emb.weight"):
+        jaxbag.nnx.EmbeddingBag.from_torch(torch.nn.Embedding(4, 2))
+    with pytest.raises(TypeError, match=r"embeddings must be a floating-point table; got dtype int"):
+        jaxbag.nnx.EmbeddingBag.from_pretrained(np.ones((3, 2), np.int32))

@@ -175,7 +175,7 @@ def test_parity(mode, weighted, form, padding_idx, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (0.7, 1.0)])
+@pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (0.7, 1.0), (2.5, 0.0)])
 @pytest.mark.parametrize("form", ["offsets", "2d"])
 @pytest.mark.parametrize("mode,weighted", MODES_W, ids=MODE_IDS)
 def test_parity_max_norm(mode, weighted, form, max_norm, norm_type, jit):
@@ -191,7 +191,8 @@ def test_parity_max_norm(mode, weighted, form, max_norm, norm_type, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (0.7, 1.0), (1.2, 3.0), (0.9, float("inf"))])
+@pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (0.7, 1.0), (1.2, 3.0), (0.9, float("inf")),
+                                               (2.5, 0.0)])  # p=0: torch counts nonzero entries
 def test_renorm_matches_torch_weight_after_forward(max_norm, norm_type, jit):
     weight = table(seed=4, scale=1.5)
     weight[6] *= 0.05

@@ -114,9 +114,9 @@ def _check_ladder_args(min_size: int, growth: float) -> None:
             f"min_size must be a positive int, got {min_size!r}; "
             "e.g. jaxbag.bucket_size(n, min_size=128)."
         )
-    if not isinstance(growth, (int, float, np.integer, np.floating)) or not growth > 1.0:
+    if not isinstance(growth, (int, float, np.integer, np.floating)) or not 1.0 < growth < math.inf:
         raise ValueError(
-            f"growth must be a number > 1, got {growth!r}; "
+            f"growth must be a finite number > 1, got {growth!r}; "
             "e.g. jaxbag.bucket_size(n, growth=2.0) for powers of two."
         )
 
@@ -176,7 +176,7 @@ def bucket_size(
         bucket_sizes: optional explicit, increasing sizes. When given, ``min_size``
             and ``growth`` are ignored and ``n`` above the largest size is an error.
         min_size: int >= 1. First rung of the default geometric ladder.
-        growth: float > 1. Ratio of the default geometric ladder (unbounded).
+        growth: finite float > 1. Ratio of the default geometric ladder (unbounded).
 
     Returns:
         ``N_pad``, a Python int ``>= n``.

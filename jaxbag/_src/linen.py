@@ -149,20 +149,21 @@ class EmbeddingBag(nn.Module):
         Args:
           source: an ``nn.EmbeddingBag`` (settings and weight are read), its ``state_dict()``
             or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``).
-          **overrides: module attributes that replace or complete those read from ``source``.
+          **overrides: module attributes that replace or complete those read from ``source``
+            (``param_dtype`` defaults to the table's dtype, ``freeze`` to false).
 
         Returns:
-          ``(module, variables)`` with ``variables = {"params": {"embedding": table}}``.
+          ``(module, variables)`` with ``variables = {"params": {"embedding": table}}``; the
+          module's initialiser gives the same table (``module.init`` inside a parent model).
         """
         settings, table, extra = common.settings_from_torch(source, overrides)
-        module = cls(
-            num_embeddings=settings.num_embeddings,
-            features=settings.features,
-            **settings.op_kwargs(),
-            **extra,
-        )
-        return module, {"params": {"embedding": jnp.asarray(table)}}
+        extra.setdefault("param_dtype", table.dtype)
+        extra.setdefault("freeze", False)
+        module = cls.from_pretrained(table, **settings.op_kwargs(), **extra)
+        return module, {"params": {"embedding": jnp.asarray(table, module.param_dtype)}}
 
     def to_torch(self, variables: dict) -> Any:
         """Builds the equivalent ``torch.nn.EmbeddingBag`` from ``variables`` (imports torch)."""
-        return common.make_torch_module(self.settings, variables["params"]["embedding"])
+        return common.make_torch_module(
+            self.settings, variables["params"]["embedding"], freeze=self.freeze
+        )

@@ -88,6 +88,11 @@ def check_pretrained(embeddings: ArrayLike) -> np.ndarray:
             f"embeddings must be 2-D [V, D]; got shape {table.shape}. For example "
             "EmbeddingBag.from_pretrained(jnp.ones((num_embeddings, features)))."
         )
+    if not jnp.issubdtype(table.dtype, jnp.floating):
+        raise TypeError(
+            f"embeddings must be a floating-point table; got dtype {table.dtype}. Cast it first: "
+            "embeddings.astype(jnp.float32)."
+        )
     return table
 
 
@@ -133,6 +138,12 @@ def settings_from_torch(
     the table, and the overrides that are not settings (``dtype``, ``freeze``, ...).
     """
     settings: dict[str, Any] = {}
+    if hasattr(source, "embedding_dim") and not hasattr(source, "mode"):
+        raise TypeError(
+            f"from_torch converts a torch.nn.EmbeddingBag; got a {type(source).__name__}. For an "
+            "nn.Embedding, pass its weight and the settings: from_torch(emb.weight, mode='mean', "
+            "padding_idx=emb.padding_idx)."
+        )
     if hasattr(source, "embedding_dim") and hasattr(source, "weight"):
         settings = {
             "mode": source.mode,
@@ -166,8 +177,9 @@ def settings_from_torch(
     return BagSettings(table.shape[0], table.shape[1], **settings), table, extra
 
 
-def make_torch_module(settings: BagSettings, table: ArrayLike) -> Any:
-    """Builds a ``torch.nn.EmbeddingBag`` with ``settings`` and the weight ``table`` (imports torch)."""
+def make_torch_module(settings: BagSettings, table: ArrayLike, *, freeze: bool = False) -> Any:
+    """Builds a ``torch.nn.EmbeddingBag`` with ``settings`` and the weight ``table`` (imports torch);
+    a frozen table becomes a weight with ``requires_grad=False``, as torch's ``freeze=True``."""
     import torch  # noqa: PLC0415  (only when asked for)
 
     if settings.mode == "sqrtn":
@@ -179,7 +191,7 @@ def make_torch_module(settings: BagSettings, table: ArrayLike) -> Any:
         weight = torch.from_numpy(np.array(arr))
     return torch.nn.EmbeddingBag.from_pretrained(
         weight,
-        freeze=False,
+        freeze=freeze,
         mode=settings.mode,
         padding_idx=settings.padding_idx,
         max_norm=settings.max_norm,

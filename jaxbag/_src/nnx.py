@@ -171,4 +171,6 @@ class EmbeddingBag(nnx.Module):
 
     def to_torch(self) -> Any:
         """Builds the equivalent ``torch.nn.EmbeddingBag`` (imports torch)."""
-        return common.make_torch_module(self.settings, jax.device_get(self.embedding[...]))
+        return common.make_torch_module(
+            self.settings, jax.device_get(self.embedding[...]), freeze=self.frozen
+        )

@@ -19,10 +19,13 @@ __all__ = ["embedding_bag", "renorm"]
 
 
 def _row_norms(rows: Array, norm_type: float) -> Array:
-    """``[N]`` p-norms of ``rows [N, D]`` (``norm_type`` may be ``inf``)."""
+    """``[N]`` p-norms of ``rows [N, D]`` (``norm_type`` may be ``inf``; ``0`` counts the nonzero
+    entries, as ``torch.norm(p=0)``)."""
     a = jnp.abs(rows)
     if norm_type == float("inf"):
         return jnp.max(a, axis=-1)
+    if norm_type == 0:
+        return jnp.sum(a != 0, axis=-1).astype(rows.dtype)
     if norm_type == 2.0:
         return jnp.sqrt(jnp.sum(a * a, axis=-1))
     p = jnp.asarray(norm_type, rows.dtype)
