@@ -477,7 +477,8 @@ def test_sparse_adam_matches_torch_in_float32_to_rounding():
                 rows = np.array([1, 4]) if step % 2 else np.array([0, 4])
                 w, state = update(w, state, sparse.RowGrads(jnp.asarray(rows, jnp.int32), jnp.asarray(g)))
                 if kernel:
-                    tw.grad = torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(g), (6, 4))
+                    tw.grad = torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(g), (6, 4),
+                                                      check_invariants=True)
                     topt.step()
         outs[kernel] = np.asarray(w)
     ref = tw.detach().numpy()
