@@ -531,3 +531,45 @@ def test_zero_weight_ids_under_non_finite_cotangents(mode, path):
     np.testing.assert_array_equal(rg.rows, [0, 1, 2, 3])
     np.testing.assert_array_equal(rg.grads, want)
     assert np.isnan(np.asarray(rg.grads)[1, 0]) and np.isnan(np.asarray(rg.grads)[0, 1])
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_norm": 1e9}, {"mode": "mean", "max_norm": 0.005}],
+                         ids=["direct", "max_norm", "mean_renormed"])
+def test_bf16_row_gradients_accumulate_in_float32(kw, path):
+    """RowGrads are summed in float32 for a bf16 table on every path (the max_norm path summed
+    300 ones in bf16: 256)."""
+    w = jnp.full((4, 2), 0.01, jnp.bfloat16)
+    ids, seg = jnp.zeros((300,), jnp.int32), jnp.arange(300, dtype=jnp.int32)
+    kw = {"mode": "sum", **kw}
+    bags, pb = sparse.embedding_bag_rows(w, ids, segment_ids=seg, num_bags=300, **kw)
+    assert bags.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(bags, jaxbag.embedding_bag(w, ids, segment_ids=seg, num_bags=300, **kw))
+    g = pb(jnp.ones((300, 2), jnp.bfloat16))
+    assert g.grads.dtype == jnp.float32
+    # 300 cotangents of 1, summed exactly (max_norm's gradient is the renormed table's: no scale)
+    np.testing.assert_allclose(np.asarray(g.grads)[0], [300.0, 300.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "max"])
+def test_the_pullback_can_be_differentiated_on_both_paths(mode, path):
+    """The row-gradient kernel had no derivative rule ('cannot be differentiated'), so
+    grad-of-pullback (gradient penalties, meta-learning) only worked on the XLA path."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
+    ids, offs = jnp.array([0, 3, 3, 1]), jnp.array([0, 2])
+    psw = None if mode == "max" else jnp.array([0.5, 2.0, 1.0, 3.0])
+    g0 = jnp.asarray(rng.normal(size=(2, 2)), jnp.float32)
+
+    def via_rows(g, p):
+        _, pb = sparse.embedding_bag_rows(w, ids, offs, mode=mode, per_sample_weights=p)
+        return jnp.sum(pb(g).grads ** 2)
+
+    def via_dense(g, p):  # the same quantity from jax.vjp of embedding_bag: rows 0, 1, 3
+        f = lambda w: jaxbag.embedding_bag(w, ids, offs, mode=mode, per_sample_weights=p)
+        return jnp.sum(jax.vjp(f, w)[1](g)[0][jnp.array([0, 1, 3])] ** 2)
+
+    argnums = (0,) if psw is None else (0, 1)
+    got = jax.jit(jax.grad(via_rows, argnums=argnums))(g0, psw)
+    want = jax.grad(via_dense, argnums=argnums)(g0, psw)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

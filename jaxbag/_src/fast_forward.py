@@ -1148,7 +1148,7 @@ def rows_grad(ct: Array, slot: Array, seg: Array, coef: Array, arg: Array, num_s
     n = slot.shape[0]
     is_max = mode == "max"
 
-    def xla():
+    def xla(ct, coef, slot, seg, arg):
         if is_max:
             ok = arg < n
             pos = jnp.minimum(arg, n - 1)
@@ -1162,9 +1162,9 @@ def rows_grad(ct: Array, slot: Array, seg: Array, coef: Array, arg: Array, num_s
         return jax.ops.segment_sum(contrib, slot, num_segments=num_slots + 1)[:num_slots]
 
     if not _kernel_ok(ct, coef):
-        return xla()
+        return xla(ct, coef, slot, seg, arg)
 
-    def kernel():
+    def kernel(ct, coef, slot, seg, arg):
         call = jax.ffi.ffi_call(
             "jaxbag_rows_grad_f32", jax.ShapeDtypeStruct((num_slots, d), jnp.float32),
             vmap_method="sequential",
@@ -1172,7 +1172,22 @@ def rows_grad(ct: Array, slot: Array, seg: Array, coef: Array, arg: Array, num_s
         return call(ct, slot.astype(jnp.int32), seg.astype(jnp.int32), coef,
                     arg.astype(jnp.int32), is_max=np.int64(is_max))
 
-    return lax.platform_dependent(cpu=kernel, default=xla)
+    # The kernel has no derivative rules; the result is bilinear in (ct, coef), and its vjp is
+    # the XLA formula's, so the pullback can itself be differentiated on either path.
+    @jax.custom_vjp
+    def run(ct, coef, slot, seg, arg):
+        return lax.platform_dependent(ct, coef, slot, seg, arg, cpu=kernel, default=xla)
+
+    def run_fwd(ct, coef, slot, seg, arg):
+        return run(ct, coef, slot, seg, arg), (ct, coef, slot, seg, arg)
+
+    def run_bwd(res, dg):
+        ct, coef, slot, seg, arg = res
+        _, vjp = jax.vjp(lambda c, k: xla(c, k, slot, seg, arg), ct, coef)
+        return (*vjp(dg), None, None, None)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(ct, coef, slot, seg, arg)
 
 
 _OPT_TARGETS = {"adam": "jaxbag_sparse_adam_f32", "adagrad": "jaxbag_sparse_adagrad_f32",

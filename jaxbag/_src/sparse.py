@@ -379,15 +379,19 @@ def _rows_local(
     padding row). With ``overflow`` (``bool`` of indices' shape: valid ids without a slot, when
     ``size`` is too small), each such position gets its own row after those, outside the
     gradient: it still counts in its bag (value, mean's count) as in ``embedding_bag``.
+    ``local`` is in the accumulation dtype, so the vjp sums a row's gradient in float32 for
+    bf16/f16 tables, as the direct path does (the op's values are the same: it accumulates in
+    that dtype anyway).
     """
     u = rows.shape[0]
-    local = jnp.take(weight, rows, axis=0, mode="fill", fill_value=0)
-    local = jnp.concatenate([local, jnp.zeros((1, weight.shape[1]), weight.dtype)], axis=0)
+    acc = acc_dtype(weight.dtype)
+    local = jnp.take(weight, rows, axis=0, mode="fill", fill_value=0).astype(acc)
+    local = jnp.concatenate([local, jnp.zeros((1, weight.shape[1]), acc)], axis=0)
     if overflow is not None:
         own = jnp.arange(u + 1, u + 1 + indices.size, dtype=inverse.dtype).reshape(indices.shape)
         inverse = jnp.where(overflow, own, inverse)
         extra = jax.lax.stop_gradient(jnp.take(weight, indices.reshape(-1), axis=0, mode="fill",
-                                               fill_value=0))
+                                               fill_value=0).astype(acc))
 
     def bag(table: Array) -> Array:
         if overflow is not None:
@@ -397,11 +401,10 @@ def _rows_local(
     bags, vjp = jax.vjp(bag, local)
 
     def pullback(g: Array) -> RowGrads:
-        (g_local,) = vjp(jnp.asarray(g, bags.dtype))
-        grads = g_local[:u].astype(acc_dtype(weight.dtype))
-        return RowGrads(rows=rows, grads=grads)
+        (g_local,) = vjp(jnp.asarray(g).astype(acc))
+        return RowGrads(rows=rows, grads=g_local[:u])
 
-    return bags, pullback
+    return bags.astype(weight.dtype), pullback
 
 
 def _log(b: float) -> float:
