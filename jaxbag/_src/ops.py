@@ -234,9 +234,9 @@ def embedding_bag(
         at or past the last offset) are never read, so their values are not checked. Value checks
         (ids in range, offsets well formed, segment ids sorted) need concrete values: under
         ``jit``/``vmap`` an out-of-range id contributes zeros (never another row), and ill-formed
-        offsets or unsorted segment ids only regroup ids (each in at most one bag; which one is
-        unspecified); use :func:`jaxbag.validate` with :mod:`jax.experimental.checkify` to check
-        them there.
+        offsets or unsorted segment ids only regroup ids (each in at most one bag; which one, and
+        the gradient, are unspecified); use :func:`jaxbag.validate` with
+        :mod:`jax.experimental.checkify` to check them there.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
