@@ -505,12 +505,19 @@ def init_collection(layout: CollectionLayout, key: Array) -> dict[str, Array]:
       The parameter dict.
     """
 
-    def make(key):
-        return {g.name: init_group(layout, g, key) for g in layout.groups}
-
+    # Always one jitted program, so the unsharded tables equal the sharded ones bit for bit
+    # (eagerly, the initialisers can round differently from their fused jitted form).
     if layout.plan is None:
-        return make(key)
-    return jax.jit(make, out_shardings=layout.param_shardings())(key)
+        return _init_params(layout, key)
+    shardings = layout.param_shardings()
+    return jax.jit(_make_params, static_argnums=0, out_shardings=shardings)(layout, key)
+
+
+def _make_params(layout: CollectionLayout, key: Array) -> dict[str, Array]:
+    return {g.name: init_group(layout, g, key) for g in layout.groups}
+
+
+_init_params = jax.jit(_make_params, static_argnums=0)
 
 
 def _check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
