@@ -63,6 +63,39 @@ def _shape_list(config: ml_collections.ConfigDict) -> list[tuple[dict[str, Any],
     return out
 
 
+PHASES = ("fwd", "fwd_bwd", "train")
+MODES = ("sum", "mean", "max")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` for names and counts that would fail (or do nothing) later."""
+    names = [s.name for s in config.shapes] + [sw.name for sw in config.sweeps]
+    unknown = [n for n in config.only if n not in names]
+    if unknown:
+        raise ValueError(f"config.only names {unknown}, which are no shape or sweep; the names are "
+                         f"{names}. For example --config.only=\"('{names[0]}',)\".")
+    groups = [("config", config.modes, config.phases)] + [
+        (f"sweep {sw.name!r}", sw.modes, sw.phases) for sw in config.sweeps]
+    for where, modes, phases in groups:
+        for kind, values, allowed in (("modes", modes, MODES), ("phases", phases, PHASES)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ValueError(f"{where} {kind} must be a non-empty tuple of {allowed}; got "
+                                 f"{tuple(values)}.")
+    for key in ("repeats", "train_repeats"):
+        if int(config[key]) < 1:
+            raise ValueError(f"config.{key} must be >= 1; got {config[key]}.")
+    if int(config.warmup) < 0:
+        raise ValueError(f"config.warmup must be >= 0; got {config.warmup}.")
+    for key, extra in (("fwd_impls", ()), ("grad_impls", ("jaxbag_rows",)),
+                       ("train_impls", ("jaxbag_sparse",))):
+        known = set(impls.FORWARDS) | set(extra)
+        bad = [n for n in config.get(key, ()) if n not in known]
+        if bad:
+            raise ValueError(f"config.{key} has unknown implementations {bad}; known: "
+                             f"{sorted(known)}.")
+
+
 def _record(p: problems.Problem, phase: str, mode: str, impl: str, framework: str, extra: dict) -> dict:
     rec = p.describe()
     rec.update(phase=phase, mode=mode, impl=impl, framework=framework, sweep=extra["sweep"])
@@ -216,7 +249,7 @@ class Runner:
 
         for name in c.train_impls:
             rec = _record(p, "train", mode, name, "jax", extra)
-            if name.endswith("_sparse"):
+            if name == "jaxbag_sparse":
                 init, step = impls.sparse_train_step(p, mode, targets, lr)
                 baseline = "torch_sparse"
             else:
@@ -283,6 +316,7 @@ def _add_ratios(results: list[dict[str, Any]], memcpy_gbps: float) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Runs the benchmark described by ``config``; writes and returns ``{"meta", "results"}``."""
+    check_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     threads = int(config.threads) or timing.thread_count()
@@ -331,4 +365,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from experiments.train import parse_flags  # unknown --config keys list the valid ones
+
+    app.run(main, flags_parser=parse_flags)

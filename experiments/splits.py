@@ -66,6 +66,14 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
     models = variants(config.base, config.models, config.reference, "config.models")
+    for name, model in {"base": config.base, **models}.items():
+        if model.data.split_seed != -1:
+            where = "config.base" if name == "base" else f"config.models[{name!r}]"
+            raise ValueError(
+                f"{where} sets data.split_seed={model.data.split_seed}, but this study draws split "
+                "k from seed k for every model and the SVM alike (split_seed=-1); drop the "
+                "override (to study one split, use experiments.train with --config.seed)."
+            )
     names = list(models)
     seeds = range(config.num_splits)
     accs: dict[str, list[float]] = {}
@@ -76,7 +84,7 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     if config.tfidf_svc:
         from experiments.textcls.tfidf_baseline import split_accuracy
 
-        accs[TFIDF_SVC] = [split_accuracy(config.base.data, s) for s in seeds]
+        accs[TFIDF_SVC] = [split_accuracy(split_config(config.base, s).data, s) for s in seeds]
     rows = [{"name": name, "overrides": config.models.get(name, "(scikit-learn)"),
              **summarize(a, accs[config.reference], config.threshold)}
             for name, a in accs.items()]

@@ -84,6 +84,28 @@ def test_benchmark_cli_locks_config(tmp_path):
     bad = subprocess.run(base + ["--config.no_such_field=1"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, check=False)
     assert bad.returncode != 0
+    assert "unknown config key 'config.no_such_field'" in bad.stderr  # with the valid keys
+    assert "All valid keys: " in bad.stderr
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"only": ("nosuch",)}, r"config.only names \['nosuch'\], which are no shape or sweep; the names are \['tiny', 'V'\]"),
+    ({"phases": ("fwd", "bwd")}, r"config phases must be a non-empty tuple of \('fwd', 'fwd_bwd', 'train'\)"),
+    ({"modes": ("summ",)}, r"config modes must be"),
+    ({"repeats": 0}, r"config.repeats must be >= 1"),
+    ({"train_impls": ("naive_sparse",)}, r"config.train_impls has unknown implementations \['naive_sparse'\]"),
+])
+def test_benchmark_config_errors_before_any_work(tmp_path, override, match):
+    """An unknown --config.only name ran nothing and exited 0; bad phases, modes or repeats failed
+    mid-run with a KeyError / IndexError; 'naive_sparse' was timed as jaxbag_sparse."""
+    from configs import bench_smoke
+    from experiments import benchmark
+
+    config = bench_smoke.get_config()
+    config.update(override)
+    with pytest.raises(ValueError, match=match):
+        benchmark.run(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
 
 
 # ---- the faster forward (fast_forward.bag_reduce: C++ CPU kernel and XLA stream loop) ----------

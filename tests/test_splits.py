@@ -52,6 +52,15 @@ def test_bad_study_configs_fail_before_training(tmp_path):
     config.models.tutorial_recipe = "optim.lr=0.1"
     with pytest.raises(ValueError, match="no 'lr' under 'config.optim'"):
         splits.run_splits(config, tmp_path)
+    del config.models["tutorial_recipe"]
+    # a fixed split would be dropped for the models but kept for the SVM (unpaired rows)
+    config.base.data.split_seed = 0
+    with pytest.raises(ValueError, match=r"config.base sets data.split_seed=0"):
+        splits.run_splits(config, tmp_path)
+    config.base.data.split_seed = -1
+    config.models.fixed = "data.split_seed=3"
+    with pytest.raises(ValueError, match=r"config.models\['fixed'\] sets data.split_seed=3"):
+        splits.run_splits(config, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
