@@ -70,7 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.momentum = 0.9  # sgd
-    config.optim.grad_clip = 0.0  # global-norm clipping (0: off)
+    config.optim.grad_clip = 0.0  # global-norm clipping (0: off); with sparse_embedding, of the
+    # dense parameters only (the table's rows are updated by the sparse optimiser, unclipped)
     # True: only the rows a batch touches are updated (jaxbag.embedding_bag_rows +
     # jaxbag.sparse_adam: lazy Adam, as EmbeddingBag(sparse=True) + torch's SparseAdam; no
     # weight decay on the table). False: dense gradient of the whole table + optax (AdamW).

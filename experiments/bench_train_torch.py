@@ -202,6 +202,17 @@ def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[
     """
     import torch
 
+    if config.optim.sparse_embedding and config.optim.grad_clip > 0:
+        raise ValueError(
+            "config.optim.grad_clip > 0 with the sparse table (optim.sparse_embedding=True) cannot "
+            "be compared: torch's clip_grad_norm_ has no sparse kernel, and the JAX sparse step "
+            "clips the dense parameters only. Add --config.optim.sparse_embedding=false."
+        )
+    if config.optim.sparse_embedding and config.model.mode == "max":
+        raise ValueError(
+            "config.model.mode='max' with the sparse table: torch's EmbeddingBag(sparse=True) has "
+            "no max mode. Add --config.optim.sparse_embedding=false."
+        )
     train_ds, _, _ = load_splits(config.data, config.seed)
     featurizer = Featurizer.fit(train_ds.texts, config.tokenizer)
     pairs = [featurizer.bag(t) for t in train_ds.texts]
@@ -265,10 +276,14 @@ def main(argv: list[str]) -> None:
     print(report(results, _EPOCHS.value))
 
 
+DEFAULT_CONFIG = "configs/bbc_news.py"
+
+
 def define_flags() -> None:
     global _CONFIG, _EPOCHS, _TORCH_IMPLS, _TORCH_THREADS
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", "configs/bbc_news.py", "Config file (the model, data and optimiser to time).",
+        "config", None,
+        f"Config file (the model, data and optimiser to time; default {DEFAULT_CONFIG}).",
         lock_config=True)
     _EPOCHS = flags.DEFINE_integer("epochs", 7, "Timed epochs per loop (after one warm-up).")
     _TORCH_IMPLS = flags.DEFINE_list(
@@ -278,6 +293,17 @@ def define_flags() -> None:
         "torch_threads", ["1", "2"], "torch intra-op thread counts to time.")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """``experiments.train.parse_flags`` (unknown --config keys list the valid ones), with the
+    default config file named so that its keys are checked too."""
+    from experiments.textcls import config_check
+    from experiments.train import parse_flags
+
+    if config_check.config_path_from_argv(argv) is None:
+        argv = [argv[0], "--config", DEFAULT_CONFIG, *argv[1:]]
+    return parse_flags(argv)
+
+
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

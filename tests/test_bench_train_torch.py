@@ -43,3 +43,28 @@ def test_torch_weights_normalise_mean_and_sqrtn():
     assert bench_train_torch._torch_weights(bags, None, "mean", ignore_unknown=True) == ("mean", None)
     with pytest.raises(ValueError, match="no torch equivalent"):
         bench_train_torch._torch_weights(bags, w, "max", ignore_unknown=True)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("optim.grad_clip", 0.5, r"grad_clip > 0 with the sparse table .*sparse_embedding=false"),
+    ("model.mode", "max", r"mode='max' with the sparse table"),
+])
+def test_settings_torch_cannot_match_are_refused_up_front(key, value, match):
+    """grad_clip crashed inside torch's clip_grad_norm_ (no sparse kernel), max mode inside torch's
+    sparse EmbeddingBag, both after the JAX setup."""
+    config = smoke.get_config()
+    section, field = key.split(".")
+    config[section][field] = value
+    with pytest.raises(ValueError, match=match):
+        bench_train_torch.benchmark(config, 1, ["default"], [1])
+
+
+def test_cli_checks_the_default_configs_keys():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_train_torch", "--config.model.featurs=8"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode != 0 and "Valid keys under 'config.model'" in out.stderr, out.stderr[-2000:]
