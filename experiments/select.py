@@ -108,6 +108,8 @@ def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[
     """Cross-validates every candidate; returns the rows of the table, best first."""
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
+    if isinstance(config.repeats, bool) or not isinstance(config.repeats, int) or config.repeats < 1:
+        raise ValueError(f"config.repeats must be an int >= 1 (CV partitions); got {config.repeats!r}.")
     candidates = variants(config.base, config.candidates, config.reference, "config.candidates")
     names = list(candidates)
     rows = []

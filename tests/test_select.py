@@ -91,3 +91,12 @@ def test_select_ranks_candidates_by_cross_validation_and_resumes(tmp_path, monke
     config.candidates.tiny_lr = "optim.learning_rate=2e-6"
     with pytest.raises(ValueError, match="holds a finished run of another config"):
         select.select(config, tmp_path)
+
+
+def test_zero_repeats_is_a_config_error(tmp_path):
+    """repeats=0 trained nothing and died in statistics.mean (StatisticsError)."""
+    config = bbc_news_selection.get_config()
+    config.repeats = 0
+    with pytest.raises(ValueError, match=r"config.repeats must be an int >= 1"):
+        select.select(config, tmp_path)
+    assert not any(tmp_path.iterdir())

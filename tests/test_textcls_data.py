@@ -338,6 +338,18 @@ def test_tfidf_baseline_lists_the_articles_it_gets_wrong(capsys):
         assert arrow == "->" and predicted != label
 
 
+def test_tfidf_baseline_refuses_empty_seeds():
+    """--seeds '' died in statistics.mean (StatisticsError); now a usage error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "experiments.textcls.tfidf_baseline", "--seeds", ""],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode != 0 and "--seeds is empty" in out.stderr + out.stdout
+
+
 def test_idf_weights_follow_the_training_documents():
     texts = ["apple shares", "apple pie", "apple shares fell"]
     tok_cfg = {"max_tokens": 0, "min_freq": 1, "max_size": 0, "ngrams": 1, "num_buckets": 8,

@@ -65,6 +65,8 @@ def cv_accuracies(data_config: Mapping[str, Any], seed: int, *, folds: int = 5,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _SEEDS.value:
+        raise app.UsageError("--seeds is empty; give split seeds, e.g. --seeds 0,1,2")
     data_config = bbc_news.get_config().data
     data_config.test_fraction = _TEST_FRACTION.value
     accs = []
