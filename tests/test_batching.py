@@ -170,6 +170,9 @@ def test_bucket_ladders():
         (lambda: jaxbag.pack_bags([[1, -2]]), "got -2"),
         (lambda: jaxbag.pack_bags([np.array([2**40])]), "got 1099511627776"),
         (lambda: jaxbag.pack_bags([]), r"bags is empty and batch_size is not given.*batch_size=32"),
+        # a finite weight that float32 cannot hold became inf, silently
+        (lambda: jaxbag.pack_bags([[1, 2]], weights=[[1.0, 1e40]]),
+         r"weights\[0\]\[1\] = 1e\+40 overflows float32"),
     ],
 )
 def test_errors_name_the_problem(call, match):

@@ -377,11 +377,20 @@ def _pack_weights(
     out = np.zeros(n_pad, dtype=np.float32)
     parts = []
     for i, w in enumerate(weights):
-        arr = np.asarray(w, dtype=np.float32) if np.size(w) else np.zeros((0,), np.float32)
+        src = np.asarray(w, dtype=np.float64) if np.size(w) else np.zeros((0,), np.float64)
+        with np.errstate(over="ignore"):
+            arr = src.astype(np.float32)
         if arr.ndim != 1 or arr.shape[0] != lengths[i]:
             raise ValueError(
                 f"weights[{i}] must be 1-D with the length of bags[{i}] ({int(lengths[i])}), "
                 f"got shape {arr.shape}."
+            )
+        overflow = np.flatnonzero(np.isinf(arr) & np.isfinite(src))
+        if overflow.size:
+            j = int(overflow[0])
+            raise ValueError(
+                f"weights[{i}][{j}] = {float(src[j])!r} overflows float32 (the packed weights' "
+                f"dtype, max {float(np.finfo(np.float32).max):.4g}); rescale the weights."
             )
         parts.append(arr)
     total = int(lengths.sum(dtype=np.int64))
