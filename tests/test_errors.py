@@ -480,3 +480,21 @@ HELPER_CASES = {
 def test_helper_argument_errors(name):
     call, error, patterns = HELPER_CASES[name]
     _raises(error, patterns, call)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16])
+def test_narrow_integer_ids_are_widened(dtype):
+    """int8/int16 ids with V above their range: V wrapped in the id dtype, so eagerly 'indices[0] =
+    0 is out of range for num_embeddings=40000' and, sharded under jit, all-zero bags."""
+    v = 40000
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(v, 2)), jnp.float32)
+    ids, offs = np.array([0, 5, 100], dtype), np.array([0, 1], dtype)
+    want = np.stack([np.asarray(w)[0], np.asarray(w)[5] + np.asarray(w)[100]])
+    f = lambda w, i, o: jaxbag.embedding_bag(w, i, o, mode="sum")
+    for got in (f(w, ids, offs), jax.jit(f)(w, ids, offs),
+                jaxbag.embedding_bag_rows(w, ids, offs, mode="sum")[0],
+                jaxbag.embedding_bag(w, ids, segment_ids=np.array([0, 1, 1], dtype), num_bags=2,
+                                     mode="sum")):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert jaxbag.unique_rows(ids, v)[0].tolist() == [0, 5, 100]
+    jaxbag.validate(v, ids, offs)

@@ -108,6 +108,18 @@ def test_sharded_rows_with_too_few_slots(mode):
     np.testing.assert_allclose(g.grads, full[jnp.array([1, 3, 7])], rtol=1e-6)
 
 
+def test_sharded_op_widens_narrow_integer_ids():
+    """int16 ids with V = 40000 > int16 max: the shard-local range checks wrapped V and every bag
+    came back zero under jit."""
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(40000, 2)), jnp.float32)
+    ids, offs = jnp.array([0, 5, 100], jnp.int16), jnp.array([0, 1], jnp.int32)
+    got = jax.jit(lambda w, i, o: jsh.embedding_bag(w, i, o, mesh=_mesh1(), axis_name="model",
+                                                     mode="sum"))(w, ids, offs)
+    np.testing.assert_allclose(got, jaxbag.embedding_bag(w, ids.astype(jnp.int32), offs, mode="sum"),
+                               rtol=1e-6)
+    assert np.abs(np.asarray(got)).sum() > 0
+
+
 def test_pad_rows_and_shard_table():
     w = jnp.arange(20.0, dtype=jnp.float32).reshape(10, 2)
     p = jsh.pad_rows(w, 4)

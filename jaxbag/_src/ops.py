@@ -290,9 +290,8 @@ def _embedding_bag(
     fast: bool,
 ) -> Array:
     weight = jnp.asarray(weight)
-    indices = jnp.asarray(indices)
-    offsets = None if offsets is None else jnp.asarray(offsets)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    indices = validation.as_ids(indices)
+    offsets, segment_ids = validation.as_ids(offsets), validation.as_ids(segment_ids)
     per_sample_weights = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     validation.check_table(weight)
     num_embeddings, features = weight.shape
@@ -365,7 +364,7 @@ def renorm(
     """
     weight = jnp.asarray(weight)
     validation.check_table(weight)
-    ids = jnp.asarray(indices)
+    ids = validation.as_ids(indices)
     validation.require_int("indices", ids)
     ids = ids.reshape(-1)
     num_embeddings = weight.shape[0]

@@ -341,9 +341,8 @@ def embedding_bag(
       [[3.0, 4.0], [2.0, 3.0]]
     """
     weight = jnp.asarray(weight)
-    indices = jnp.asarray(indices)
-    offsets = None if offsets is None else jnp.asarray(offsets)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    indices = validation.as_ids(indices)
+    offsets, segment_ids = validation.as_ids(offsets), validation.as_ids(segment_ids)
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     validation.check_table(weight)
     check_axes(mesh, axis_name, batch_axis)
@@ -505,9 +504,8 @@ def embedding_bag_rows(
       ``(bags [B, D], pullback)``.
     """
     weight = jnp.asarray(weight)
-    indices = jnp.asarray(indices)
-    offsets = None if offsets is None else jnp.asarray(offsets)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    indices = validation.as_ids(indices)
+    offsets, segment_ids = validation.as_ids(offsets), validation.as_ids(segment_ids)
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     bags = embedding_bag(
         weight,

@@ -180,7 +180,7 @@ def unique_rows(
       >>> rows.tolist(), inv.tolist()
       ([3, 7, 9, 10], [1, 0, 1, 2])
     """
-    indices = jnp.asarray(indices)
+    indices = validation.as_ids(indices)
     validation.require_int("indices", indices)
     if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, (int, np.integer)) or (
         num_embeddings < 1
@@ -282,14 +282,15 @@ def embedding_bag_rows(
       ([1, 3, 4], [[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]])
     """
     weight = jnp.asarray(weight)
-    indices = jnp.asarray(indices)
+    indices = validation.as_ids(indices)
     validation.check_table(weight)
     validation.require_int("indices", indices)
     num_embeddings = weight.shape[0]
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
-    offsets = None if offsets is None else jnp.asarray(offsets)
-    segment_ids = kwargs.get("segment_ids")
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    offsets = validation.as_ids(offsets)
+    segment_ids = validation.as_ids(kwargs.get("segment_ids"))
+    if segment_ids is not None:
+        kwargs["segment_ids"] = segment_ids
     psw = kwargs.get("per_sample_weights")
     layout = validation.check_arguments(  # as embedding_bag, but out-of-range ids are skipped
         num_embeddings=num_embeddings, indices=indices, offsets=offsets,

@@ -56,6 +56,20 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return int(padding_idx) % num_embeddings
 
 
+def as_ids(x: ArrayLike | None) -> Array | None:
+    """``x`` as an array, integer dtypes narrower than 32 bits widened to int32 (``None`` stays).
+
+    Ids, offsets and segment ids are compared with ``V``, ``N`` and ``B``, which an int8 / int16
+    array cannot hold: ``V = 40000`` wraps negative in int16 and masks every id out.
+    """
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 32:
+        x = x.astype(jnp.int32)
+    return x
+
+
 def require_int(name: str, x: Array) -> None:
     """Raises ``TypeError`` naming ``name`` unless ``x`` has an integer dtype."""
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -401,9 +415,7 @@ def validate(
       >>> print(err.get().splitlines()[0])  # doctest: +ELLIPSIS
       indices[1] = 9 is out of range for a table of num_embeddings=4: ...
     """
-    indices = jnp.asarray(indices)
-    offsets = None if offsets is None else jnp.asarray(offsets)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    indices, offsets, segment_ids = as_ids(indices), as_ids(offsets), as_ids(segment_ids)
     per_sample_weights = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     normalize_padding_idx(padding_idx, num_embeddings)
     layout = check_static(
