@@ -493,7 +493,9 @@ def embedding_bag_rows(
       weight: ``float [V, D]`` row-sharded table.
       indices, offsets, mode, per_sample_weights, padding_idx, include_last_offset, segment_ids,
         num_bags: as :func:`embedding_bag` (``max_norm`` and ``scale_grad_by_freq`` are not
-        supported here).
+        supported here). Unlike :func:`jaxbag.embedding_bag_rows`, which skips out-of-range ids
+        also eagerly, this checks them as :func:`embedding_bag` does: eagerly an ``IndexError``,
+        under ``jit`` skipped.
       mesh, axis_name, batch_axis: as :func:`embedding_bag`.
       size: ``U``, static row slots (``None``: the number of ids of the whole batch). Too small
         for a batch: eagerly a ``ValueError``; under ``jit`` the rows past the first ``U``
