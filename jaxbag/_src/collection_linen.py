@@ -74,6 +74,8 @@ class EmbeddingBagCollection(nn.Module):
     def setup(self) -> None:
         layout = self.layout
         specs = layout.param_specs()
+        if self.plan is not None:
+            _check_explicit_mesh_context(self.plan.mesh)
         params = {}
         for g in layout.groups:
 
@@ -86,7 +88,6 @@ class EmbeddingBagCollection(nn.Module):
                 return sharding.place(value, self.plan.mesh, specs[g.name])
 
             if self.plan is not None:
-                _check_explicit_mesh_context(self.plan.mesh)
                 init = nn.with_partitioning(init, tuple(specs[g.name]), mesh=self.plan.mesh)
             params[g.name] = self.param(g.name, init)
         self.embeddings = params
