@@ -1172,21 +1172,19 @@ def rows_grad(ct: Array, slot: Array, seg: Array, coef: Array, arg: Array, num_s
         return call(ct, slot.astype(jnp.int32), seg.astype(jnp.int32), coef,
                     arg.astype(jnp.int32), is_max=np.int64(is_max))
 
-    # The kernel has no derivative rules; the result is bilinear in (ct, coef), and its vjp is
-    # the XLA formula's, so the pullback can itself be differentiated on either path.
-    @jax.custom_vjp
+    # The kernel has no derivative rules; the result is bilinear in (ct, coef), and its tangent is
+    # the XLA formula's (linear, so transposable): the pullback can itself be differentiated in
+    # forward and reverse mode (jvp, grad, hessian) on either path.
+    @jax.custom_jvp
     def run(ct, coef, slot, seg, arg):
         return lax.platform_dependent(ct, coef, slot, seg, arg, cpu=kernel, default=xla)
 
-    def run_fwd(ct, coef, slot, seg, arg):
-        return run(ct, coef, slot, seg, arg), (ct, coef, slot, seg, arg)
+    @run.defjvp
+    def run_jvp(primals, tangents):
+        ct, coef, slot, seg, arg = primals
+        _, tangent = jax.jvp(lambda c, k: xla(c, k, slot, seg, arg), (ct, coef), tangents[:2])
+        return run(*primals), tangent
 
-    def run_bwd(res, dg):
-        ct, coef, slot, seg, arg = res
-        _, vjp = jax.vjp(lambda c, k: xla(c, k, slot, seg, arg), ct, coef)
-        return (*vjp(dg), None, None, None)
-
-    run.defvjp(run_fwd, run_bwd)
     return run(ct, coef, slot, seg, arg)
 
 

@@ -219,7 +219,8 @@ def embedding_bag(
       norm_type: the p of the p-norm for ``max_norm`` (``float('inf')`` allowed).
       scale_grad_by_freq: divide each row's gradient by its number of occurrences in the batch (as
         ``torch.nn.Embedding``; torch 2.13's CPU ``embedding_bag`` uses a wrong count, see README).
-        Not allowed with ``max``.
+        Not allowed with ``max``. It changes the gradient only, not the function, so it is
+        defined for reverse mode (``grad``, ``vjp``); ``jvp`` raises.
       segment_ids: ``int [N]`` sorted bag of each id (the JAX-native form, with ``num_bags``).
       num_bags: static ``B`` for ``segment_ids``.
 
