@@ -498,3 +498,30 @@ def test_narrow_integer_ids_are_widened(dtype):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert jaxbag.unique_rows(ids, v)[0].tolist() == [0, 5, 100]
     jaxbag.validate(v, ids, offs)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+def test_unsigned_ids_offsets_and_segment_ids(dtype, kernel, monkeypatch):
+    """Unsigned segment ids were clipped to [-1, B] in their own dtype, where -1 wraps to the
+    largest value: on the CPU-kernel path every bag came back zero (eagerly and under jit)."""
+    from jaxbag._src import fast_forward
+
+    if not kernel:
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+    wn = np.asarray(w)
+    top = np.iinfo(dtype).max  # a padding segment id (>= B): dropped
+    ids, seg = np.array([1, 2, 3, 5], dtype), np.array([0, 0, 1, top], dtype)
+    want = {"sum": np.stack([wn[1] + wn[2], wn[3]]), "max": np.stack([np.maximum(wn[1], wn[2]), wn[3]])}
+    for mode, expect in want.items():
+        f = lambda w, i, s: jaxbag.embedding_bag(w, i, segment_ids=s, num_bags=2, mode=mode)
+        for got in (f(w, ids, seg), jax.jit(f)(w, ids, seg),
+                    jaxbag.embedding_bag(w, ids[:3], np.array([0, 2], dtype), mode=mode),
+                    jaxbag.embedding_bag_rows(w, ids, segment_ids=seg, num_bags=2, mode=mode)[0]):
+            np.testing.assert_allclose(got, expect, rtol=1e-6)
+    g = jax.jit(jax.grad(lambda w: jaxbag.embedding_bag(w, ids, segment_ids=seg, num_bags=2, mode="sum").sum()))(w)
+    np.testing.assert_array_equal(np.asarray(g)[:, 0], [0, 1, 1, 1, 0, 0])  # id 5 is padding
+    jaxbag.validate(6, ids, segment_ids=seg, num_bags=2)
+    with pytest.raises(IndexError, match=r"indices\[1\] = 200 is out of range"):
+        jaxbag.embedding_bag(w, np.array([1, 200], dtype), np.array([0], dtype))

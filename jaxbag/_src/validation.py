@@ -57,15 +57,27 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
 
 
 def as_ids(x: ArrayLike | None) -> Array | None:
-    """``x`` as an array, integer dtypes narrower than 32 bits widened to int32 (``None`` stays).
+    """``x`` as an array of a signed integer dtype of at least 32 bits (``None`` stays).
 
     Ids, offsets and segment ids are compared with ``V``, ``N`` and ``B``, which an int8 / int16
-    array cannot hold: ``V = 40000`` wraps negative in int16 and masks every id out.
+    array cannot hold (``V = 40000`` wraps negative in int16 and masks every id out), and clipped
+    to ``-1``, which an unsigned array cannot hold (``-1`` wraps to its largest value). Narrow
+    dtypes are widened to int32; unsigned ones become the default int dtype (int32, or int64 with
+    x64), values past its maximum clipped to it: they are out of range as ids, offsets and
+    segment ids either way. Float and bool arrays are left for :func:`require_int` to reject.
     """
     if x is None:
         return None
     x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 32:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        return x
+    if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+        target = jax.dtypes.canonicalize_dtype(jnp.int64)
+        top = jnp.iinfo(target).max
+        if jnp.iinfo(x.dtype).max > top:
+            x = jnp.minimum(x, jnp.asarray(top, x.dtype))
+        return x.astype(target)
+    if jnp.iinfo(x.dtype).bits < 32:
         x = x.astype(jnp.int32)
     return x
 
