@@ -494,3 +494,28 @@ def test_lengths_that_overflow_under_jit_cut_the_bag_short():
     out = run(jnp.array([1, 2, 3, 0]), jnp.array([[-1], [1]]))
     np.testing.assert_array_equal(out["x"], np.zeros((1, 2)))
     np.testing.assert_array_equal(out["y"], w[3:4])
+    # lengths whose sum wraps int32 (the cumsum wrapped: 'x' read the zero fill, 'y' lost its id)
+    out = run(jnp.array([1, 2, 3, 0]), jnp.array([[2**30, 2**30], [1, 0]]).reshape(2, 2))
+    np.testing.assert_array_equal(out["x"], np.stack([w[1] + w[2], np.zeros(2)]))
+    np.testing.assert_array_equal(out["y"], np.stack([w[3], np.zeros(2)]))
+
+
+def test_int64_ids_and_lengths_are_not_wrapped_into_range_under_jit():
+    """x64: an int64 id 2**32 + 1 was cast to int32 (id 1) before the range check, and an int64
+    length 2**32 + 1 became 1, so the wrong rows were read (and got gradients)."""
+    w = jnp.arange(16.0).reshape(8, 2)
+    layout = jaxbag.collection_layout([T("a", 4, 2, ("x",), mode="sum"), T("b", 4, 2, ("y",), mode="sum")])
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def run(p, values, lengths):
+            jf = jaxbag.JaggedFeatures(["x", "y"], values, lengths, capacities=(2, 2))
+            return jaxbag.embedding_bag_collection(p, jf, layout=layout)
+
+        vals = jnp.array([0, 0, 2**32 + 1, 3], jnp.int64)
+        out = run({"a+b": w}, vals, jnp.array([[1], [2]], jnp.int64))
+        np.testing.assert_array_equal(out["y"], w[7:8])  # b's row 3 only, not b's row 1
+        g = jax.grad(lambda p: run(p, vals, jnp.array([[1], [2]], jnp.int64))["y"].sum())({"a+b": w})
+        np.testing.assert_array_equal(np.flatnonzero(np.asarray(g["a+b"])[:, 0]), [7])
+        out = run({"a+b": w}, vals, jnp.array([[2**32 + 1], [0]], jnp.int64))  # cut at capacity 2
+        np.testing.assert_array_equal(out["x"], w[0:1] + w[0:1])

@@ -120,6 +120,31 @@ def test_sharded_op_widens_narrow_integer_ids():
     assert np.abs(np.asarray(got)).sum() > 0
 
 
+def test_sharded_int64_ids_and_segment_ids_are_not_wrapped_into_range():
+    """x64: int64 segment ids and ids were cast to int32 before the range checks, so a padding
+    segment id 2**32 joined bag 0 (eagerly and under jit), and an out-of-range id 2**32 + 1 got
+    row 1's gradient in the pullback."""
+    w = jnp.arange(16.0, dtype=jnp.float32).reshape(8, 2)
+    kw = dict(mesh=_mesh1(), axis_name="model", mode="sum")
+    with jax.enable_x64(True):
+        ids, seg = jnp.array([3, 5], jnp.int64), jnp.array([0, 2**32], jnp.int64)
+        f = lambda w, i, s: jsh.embedding_bag(w, i, segment_ids=s, num_bags=1, **kw)
+        rows = lambda w, i, s: jsh.embedding_bag_rows(w, i, segment_ids=s, num_bags=1, **kw)[0]
+        for got in (f(w, ids, seg), jax.jit(f)(w, ids, seg), jax.jit(rows)(w, ids, seg)):
+            np.testing.assert_array_equal(got, w[3:4])
+
+        @jax.jit
+        def step(w, i, o):
+            bags, pb = jsh.embedding_bag_rows(w, i, o, **kw)
+            g = pb(jnp.ones_like(bags))
+            return bags, g.rows, g.grads
+
+        bags, r, g = step(w, jnp.array([2**32 + 1, 3], jnp.int64), jnp.array([0, 1], jnp.int64))
+        np.testing.assert_array_equal(bags, np.stack([np.zeros(2), np.asarray(w)[3]]))
+        touched = sorted(int(x) for x, gx in zip(np.asarray(r), np.asarray(g)) if x < 8 and gx.any())
+        assert touched == [3]
+
+
 def test_pad_rows_and_shard_table():
     w = jnp.arange(20.0, dtype=jnp.float32).reshape(10, 2)
     p = jsh.pad_rows(w, 4)

@@ -581,7 +581,7 @@ def _group_ids(g: GroupLayout, layout: CollectionLayout, keys: Sequence[str]):
     def transform(j: int, ids: Array) -> Array:
         t = layout.table_of(keys[j])
         slot = g.slot(t.name)
-        ids = ids.astype(jnp.int32)
+        ids = validation.to_int32(ids, 0, t.num_embeddings - 1, -1)  # int64: no wrap into range
         ok = (ids >= 0) & (ids < t.num_embeddings)
         out = jnp.where(ok, slot.stacked_ids(ids, g.shard_rows).astype(jnp.int32), -1)
         if t.pad is not None:

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 
-from jaxbag._src import bag_terms, segments
+from jaxbag._src import bag_terms, segments, validation
 from jaxbag._src.dtypes import acc_dtype
 
 __all__ = ["bag_reduce", "cpu_kernel_status"]
@@ -852,15 +852,6 @@ def _kernel_call(weight, ids, bounds, psw, num_bags, padding_idx, mode, layout):
     )
 
 
-def _as_int32(x: Array, lo: int, hi: int, fill: int) -> Array:
-    """int32 copy of an int array; with int64 input, values outside ``[lo, hi]`` become ``fill``."""
-    if x.dtype == jnp.int32:
-        return x
-    if jnp.dtype(x.dtype).itemsize > 4:
-        x = jnp.where((x >= lo) & (x <= hi), x, jnp.asarray(fill, x.dtype))
-    return x.astype(jnp.int32)
-
-
 # ---- dispatch and derivatives --------------------------------------------------------------------
 
 
@@ -940,11 +931,11 @@ def _primal(weight, psw, ids, bounds, cfg):
         # module docstring).
         return gather()
     v = weight.shape[0]
-    ids32 = _as_int32(ids, 0, v - 1, -1)
+    ids32 = validation.to_int32(ids, 0, v - 1, -1)
     if layout == 0:
         b32 = jnp.clip(bounds, -1, num_bags).astype(jnp.int32) if bounds.dtype != jnp.int32 else bounds
     else:
-        b32 = _as_int32(bounds, 0, n, -1)
+        b32 = validation.to_int32(bounds, 0, n, -1)
 
     def kernel():
         return _kernel_call(weight, ids32, b32, psw, num_bags, padding_idx, mode, layout)

@@ -514,9 +514,12 @@ def _fitted_lengths(jf: JaggedFeatures) -> Array:
     built under ``jit`` that overflow, the overflowing bags are cut short, so an id is never
     read as another feature's."""
     k, b, s = len(jf.keys), jf.batch_size, jf.num_shards
-    lengths = jnp.maximum(jnp.asarray(jf.lengths).astype(jnp.int32), 0).reshape(k, s, b // s)
     caps = jnp.asarray(jf.capacities, jnp.int32).reshape(k, 1, 1)
-    ends = jnp.minimum(jnp.cumsum(lengths, axis=2), caps)
+    lengths = jnp.asarray(jf.lengths).reshape(k, s, b // s)
+    # each length clipped to [0, capacity] in its own dtype (an int64 2**32 must not wrap to 0),
+    # then summed saturating at the capacity (a plain int32 cumsum of huge lengths wraps)
+    lengths = jnp.clip(lengths, 0, caps.astype(lengths.dtype)).astype(jnp.int32)
+    ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x, caps - y) + y, lengths, axis=2)
     starts = jnp.concatenate([jnp.zeros((k, s, 1), jnp.int32), ends[:, :, :-1]], axis=2)
     return (ends - starts).reshape(k, b)
 
@@ -556,12 +559,12 @@ def pack_features(
     # Real ids per region; exclusive cumulative sums give where each region's real ids and
     # padding go in the packed order (regions are already in (slot, shard) = bag order).
     counts = jnp.stack(
-        [jnp.sum(lengths[i, s * bs : (s + 1) * bs]) for (_, s, _, _, i) in regions]
+        [jnp.sum(lengths[i, s * bs : (s + 1) * bs], dtype=jnp.int32) for (_, s, _, _, i) in regions]
     ) if regions else jnp.zeros((0,), jnp.int32)
     caps = jnp.asarray([r[3] for r in regions], jnp.int32)
-    real_total = jnp.sum(counts)
-    real_start = jnp.cumsum(counts) - counts
-    pad_start = jnp.cumsum(caps - counts) - (caps - counts)
+    real_total = jnp.sum(counts, dtype=jnp.int32)  # int32 under x64 too
+    real_start = jnp.cumsum(counts, dtype=jnp.int32) - counts
+    pad_start = jnp.cumsum(caps - counts, dtype=jnp.int32) - (caps - counts)
     ids_parts, tgt_parts, w_parts = [], [], []
     for r, (j, s, start, cap, i) in enumerate(regions):
         if cap == 0:

@@ -427,7 +427,7 @@ def embedding_bag(
                 offsets, n, include_last_offset=include_last_offset
             )
         else:
-            seg = segment_ids.astype(jnp.int32)
+            seg = validation.to_int32(segment_ids, 0, b - 1, b)  # padding stays padding
 
         def local_1d(lw, ids, seg, w):
             inv = None
@@ -544,13 +544,13 @@ def embedding_bag_rows(
                 offsets, n, include_last_offset=include_last_offset
             )
         else:
-            seg_all = segment_ids.astype(jnp.int32)
+            seg_all = validation.to_int32(segment_ids, 0, b - 1, b)  # padding stays padding
         ids_spec = P()
 
     def local_pullback(lw, ids_in, seg, w, g):
         r = lw.shape[0]
         if two_d:
-            ids = ids_in.reshape(-1).astype(jnp.int32)
+            ids = validation.to_int32(ids_in.reshape(-1), 0, num_embeddings - 1, -1)
             length = ids_in.shape[1]
             seg = jnp.repeat(
                 jnp.arange(b_loc, dtype=jnp.int32), length, total_repeat_length=b_loc * length
@@ -562,7 +562,7 @@ def embedding_bag_rows(
                 start = jax.lax.axis_index(batch_axes) * ids.shape[0]
             all_seg, n_bags = jnp.zeros_like(all_ids), 1  # every position is in its row's bag
         else:
-            ids = all_ids = ids_in.astype(jnp.int32)
+            ids = all_ids = validation.to_int32(ids_in, 0, num_embeddings - 1, -1)
             start = 0
             all_seg, n_bags = seg, b  # the whole batch's bags, on every replica
             if batch_axes:

@@ -82,6 +82,17 @@ def as_ids(x: ArrayLike | None) -> Array | None:
     return x
 
 
+def to_int32(x: Array, lo: int, hi: int, fill: int) -> Array:
+    """``int32`` copy of an int array (from :func:`as_ids`); with int64 input (x64), values
+    outside ``[lo, hi]`` become ``fill`` first, so an out-of-range id or segment id is never
+    wrapped into range (``2**32 + 1`` would become ``1``)."""
+    if x.dtype == jnp.int32:
+        return x
+    if jnp.dtype(x.dtype).itemsize > 4:
+        x = jnp.where((x >= lo) & (x <= hi), x, jnp.asarray(fill, x.dtype))
+    return x.astype(jnp.int32)
+
+
 def require_int(name: str, x: Array) -> None:
     """Raises ``TypeError`` naming ``name`` unless ``x`` has an integer dtype."""
     if not jnp.issubdtype(x.dtype, jnp.integer):
