@@ -457,6 +457,19 @@ def test_negative_rows_are_skipped_on_both_paths(name, monkeypatch):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_int64_rows_past_int32_are_skipped_not_wrapped(name, path):
+    """x64: the kernel cast int64 RowGrads.rows to int32, so row 2**32 + 1 updated row 1."""
+    opt = {"sgd": sparse.sparse_sgd(1.0), "adagrad": sparse.sparse_adagrad(1.0),
+           "adam": sparse.sparse_adam(1.0)}[name]
+    with jax.enable_x64(True):
+        w = jnp.arange(10.0, dtype=jnp.float32).reshape(5, 2)
+        rg = sparse.RowGrads(jnp.array([2**32 + 1, 3], jnp.int64), jnp.ones((2, 2), jnp.float32))
+        new, _ = jax.jit(lambda *a: opt.update(*a))(w, opt.init(w), rg)
+        changed = np.flatnonzero(np.any(np.asarray(new) != np.asarray(w), axis=1))
+        np.testing.assert_array_equal(changed, [3])
+
+
 def test_sparse_adam_matches_torch_in_float32_to_rounding():
     """Bias corrections and 1 - beta are rounded once from double, as torch does: float32 b2 ** t
     (1 - 0.999f is 1.3e-5 off) made every step 6e-6 too small or too large."""

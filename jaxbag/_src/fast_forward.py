@@ -1206,7 +1206,8 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
             _OPT_TARGETS[kind], tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
             input_output_aliases={i: i for i in range(k)}, vmap_method="sequential",
         )
-        return tuple(call(*arrays, rows.astype(jnp.int32), grads, hyper))
+        rows32 = validation.to_int32(rows, 0, arrays[0].shape[0] - 1, -1)  # int64: no wrap
+        return tuple(call(*arrays, rows32, grads, hyper))
 
     return lax.platform_dependent(cpu=kernel, default=xla_fallback)
 
