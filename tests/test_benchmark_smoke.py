@@ -205,7 +205,8 @@ def test_bag_reduce_offsets_layout_including_ill_formed(impl):
         f = jax.jit(lambda w_, i, o, last=last: bag_reduce(
             w_, i, offsets=o, include_last_offset=last, mode="sum", impl=impl))
         nb = offs.shape[0] - int(last)
-        seg = jaxbag.offsets_to_segment_ids(offs, 12, include_last_offset=last)
+        # under jit (ill-formed offsets are an eager error): the documented grouping
+        seg = jax.jit(lambda o, last=last: jaxbag.offsets_to_segment_ids(o, 12, include_last_offset=last))(offs)
         g = jax.jit(lambda w_, i, s, nb=nb: bag_reduce(w_, i, s, nb, mode="sum", impl="stream"))
         np.testing.assert_allclose(f(w, ids, offs), g(w, ids, seg), rtol=1e-6, atol=1e-6)
     # and the well-formed case against plain numpy

@@ -525,3 +525,60 @@ def test_unsigned_ids_offsets_and_segment_ids(dtype, kernel, monkeypatch):
     jaxbag.validate(6, ids, segment_ids=seg, num_bags=2)
     with pytest.raises(IndexError, match=r"indices\[1\] = 200 is out of range"):
         jaxbag.embedding_bag(w, np.array([1, 200], dtype), np.array([0], dtype))
+
+
+SEGMENT_CASES = {
+    "offsets_float": (lambda: jaxbag.offsets_to_segment_ids(jnp.array([0.0, 1.5]), 3), TypeError,
+                      [r"offsets must be an integer array", r"float32"]),
+    "offsets_2d": (lambda: jaxbag.offsets_to_segment_ids(jnp.zeros((1, 2), jnp.int32), 3), ValueError,
+                   [r"offsets must be 1-D", r"\(1, 2\)"]),
+    "offsets_first": (lambda: jaxbag.offsets_to_segment_ids(jnp.array([1, 2]), 3), ValueError,
+                      [r"offsets\[0\] = 1", r"must be 0"]),
+    "offsets_decreasing": (lambda: jaxbag.offsets_to_segment_ids(jnp.array([0, 2, 1]), 3), ValueError,
+                           [r"offsets\[2\] = 1 is smaller than offsets\[1\] = 2"]),
+    "offsets_past_n": (lambda: jaxbag.offsets_to_segment_ids(jnp.array([0, 4]), 3), ValueError,
+                       [r"offsets\[1\] = 4 is past the end", r"N = 3"]),
+    "num_indices_negative": (lambda: jaxbag.offsets_to_segment_ids(jnp.array([0]), -1), ValueError,
+                             [r"num_indices must be a static int >= 0", r"-1"]),
+    "lengths_negative": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([-2, 3]), 5), ValueError,
+                         [r"lengths\[0\] = -2 is negative"]),
+    "lengths_float": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([1.5, 2.0]), 5), TypeError,
+                      [r"lengths must be an integer array", r"float32"]),
+    "lengths_bool": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([True]), 5), TypeError,
+                     [r"lengths must be an integer array", r"bool"]),
+    "lengths_2d": (lambda: jaxbag.lengths_to_segment_ids(jnp.ones((2, 2), jnp.int32), 5), ValueError,
+                   [r"lengths must be 1-D", r"\(2, 2\)"]),
+    "lengths_past_n": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([2, 2, 3]), 5), ValueError,
+                       [r"lengths sum to 7 > num_indices = 5", r"lengths\[2\]"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEGMENT_CASES))
+def test_segment_id_helpers_check_their_arguments(name):
+    """offsets_to_segment_ids / lengths_to_segment_ids checked nothing: negative lengths gave
+    [0, 1, 1, 1, 1], float lengths were truncated, decreasing offsets passed."""
+    call, error, patterns = SEGMENT_CASES[name]
+    _raises(error, patterns, call)
+
+
+def test_segment_id_helpers_under_jit_follow_the_documented_rule():
+    """Under jit (values unknown, unchecked): negative lengths count as 0, bags are cut at N, and
+    lengths whose sum wraps int32 do not wrap; offsets outside [0, N] mark nothing."""
+    f = jax.jit(jaxbag.lengths_to_segment_ids, static_argnums=1)
+    assert f(jnp.array([-2, 3]), 5).tolist() == [1, 1, 1, 2, 2]
+    assert f(jnp.array([2, 2, 3]), 5).tolist() == [0, 0, 1, 1, 2]
+    assert f(jnp.array([2**30, 2**30, 2**30]), 3).tolist() == [0, 0, 0]
+    assert f(jnp.array([1, 2**31 - 1, 1]), 4).tolist() == [0, 1, 1, 1]
+    g = jax.jit(jaxbag.offsets_to_segment_ids, static_argnums=1)
+    assert g(jnp.array([0, 9, 2]), 4).tolist() == [0, 0, 1, 1]
+    # valid input: the same eagerly and under jit, against a NumPy model
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lens = rng.integers(0, 4, rng.integers(1, 6))
+        n = int(lens.sum()) + int(rng.integers(0, 3))
+        want = np.concatenate([np.repeat(np.arange(len(lens)), lens), np.full(n - lens.sum(), len(lens))])
+        assert jaxbag.lengths_to_segment_ids(jnp.asarray(lens), n).tolist() == want.tolist()
+        assert f(jnp.asarray(lens), n).tolist() == want.tolist()
+        offs = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        want_o = np.where(want == len(lens), len(lens) - 1, want)  # no last offset: last bag runs on
+        assert jaxbag.offsets_to_segment_ids(jnp.asarray(offs), n).tolist() == want_o.tolist()

@@ -855,10 +855,10 @@ def _kernel_call(weight, ids, bounds, psw, num_bags, padding_idx, mode, layout):
 # ---- dispatch and derivatives --------------------------------------------------------------------
 
 
-def _segment_ids(bounds, n, num_bags, layout, include_last_offset):
+def _segment_ids(bounds, n, layout):
     if layout == 0:
         return bounds
-    return segments.offsets_to_segment_ids(bounds, n, include_last_offset=include_last_offset)
+    return segments.offsets_to_segment_ids_unchecked(bounds, n)
 
 
 def _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew_limit, chunk):
@@ -909,7 +909,7 @@ def _primal(weight, psw, ids, bounds, cfg):
     n = ids.shape[0]
 
     def seg_ids():
-        return _segment_ids(bounds, n, num_bags, layout, include_last_offset)
+        return _segment_ids(bounds, n, layout)
 
     def xla():
         return _xla_primal(weight, psw, ids, seg_ids(), num_bags, padding_idx, mode, unroll,
@@ -956,7 +956,7 @@ def _bag_reduce_jvp(cfg, primals, tangents):
     # Calling the custom_jvp function (not _primal) keeps higher-order forward mode working.
     out, arg = _bag_reduce(weight, psw, ids, bounds, cfg)
     n = ids.shape[0]
-    seg = _segment_ids(bounds, n, num_bags, layout, include_last_offset)
+    seg = _segment_ids(bounds, n, layout)
     prep = _Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
     acc = acc_dtype(weight.dtype)
     t = jnp.zeros(out.shape, acc)

@@ -581,7 +581,7 @@ def pack_features(
     num_bags = len(keys) * b
     # Bag lengths in packed order (slot-major, then example) -> sorted segment ids.
     packed_lengths = lengths[jnp.asarray([jf.index(k) for k in keys], jnp.int32)].reshape(-1)
-    seg = segments.lengths_to_segment_ids(packed_lengths, total)
+    seg = segments.lengths_to_segment_ids_unchecked(packed_lengths, total)
     if total == 0:
         empty_w = None if jf.weights is None else jnp.zeros((0,), jf.weights.dtype)
         return jnp.zeros((0,), jf.values.dtype), seg, empty_w

@@ -17,9 +17,15 @@ or past the last offset get ``B``: both are outside ``[0, B)`` and so dropped by
 
 from __future__ import annotations
 
+import operator
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
+
+from jaxbag._src import validation
 
 __all__ = ["lengths_to_segment_ids", "offsets_to_segment_ids"]
 
@@ -31,14 +37,20 @@ def offsets_to_segment_ids(
 
     Args:
       offsets: ``int [B]`` start of each bag in the flat id list (``int [B+1]`` with
-        ``include_last_offset``, the last entry being the end of the last bag). Must start at 0 and
-        be non-decreasing; equal consecutive offsets make empty bags.
+        ``include_last_offset``, the last entry being the end of the last bag). Must start at 0,
+        be non-decreasing and at most ``N``; equal consecutive offsets make empty bags.
       num_indices: ``N``, the length of the flat id list (static).
       include_last_offset: whether ``offsets`` has a trailing end offset (torch's flag).
 
     Returns:
       ``int32 [N]`` non-decreasing segment ids. Positions at or past the last offset get ``B`` when
-      ``include_last_offset`` is set (so they are ignored); offsets outside ``[0, N]`` mark nothing.
+      ``include_last_offset`` is set (so they are ignored).
+
+    Raises:
+      TypeError / ValueError: non-integer or non-1-D ``offsets``, a negative ``num_indices``;
+        eagerly (concrete values) also ``offsets`` not starting at 0, decreasing or past ``N``,
+        naming the first offending position. Under ``jit`` such offsets are not checked (use
+        :func:`jaxbag.validate`): offsets outside ``[0, N]`` then mark nothing.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
@@ -47,10 +59,22 @@ def offsets_to_segment_ids(
       >>> jaxbag.offsets_to_segment_ids(jnp.array([0, 2, 4]), 5, include_last_offset=True).tolist()
       [0, 0, 1, 1, 2]
     """
-    del include_last_offset  # the last offset marks the start of the "ignored" segment B either way
-    offsets = jnp.asarray(offsets)
+    offsets = _checked_1d("offsets", offsets)
+    n = _checked_num_indices(num_indices)
+    if validation.is_concrete(offsets) and offsets.shape[0] > 0:
+        validation.raise_value_problems(
+            0, np.broadcast_to(np.int32(0), (n,)), offsets, None,
+            num_bags=offsets.shape[0] - int(include_last_offset),
+            include_last_offset=include_last_offset, check_ids=False,
+        )
+    return offsets_to_segment_ids_unchecked(offsets, n)
+
+
+def offsets_to_segment_ids_unchecked(offsets: Array, num_indices: int) -> Array:
+    """:func:`offsets_to_segment_ids` without argument checks (for callers that checked them)."""
     # Mark each bag start, then a running count gives the bag of every position. Out-of-range
-    # offsets are sent to position N + 1, which the scatter drops.
+    # offsets are sent to position N + 1, which the scatter drops. (The last offset, with
+    # include_last_offset, starts the ignored segment B either way.)
     starts = jnp.where((offsets >= 0) & (offsets <= num_indices), offsets, num_indices + 1)
     marks = jnp.zeros(num_indices + 1, jnp.int32).at[starts].add(1, mode="drop")
     return jnp.cumsum(marks[:num_indices], dtype=jnp.int32) - 1
@@ -60,22 +84,75 @@ def lengths_to_segment_ids(lengths: ArrayLike, num_indices: int) -> Array:
     """Converts bag lengths into one segment id per id.
 
     Args:
-      lengths: ``int [B]`` number of ids in each bag (0 for an empty bag).
+      lengths: ``int [B]`` number of ids in each bag (0 for an empty bag), at least 0, summing to
+        at most ``N``.
       num_indices: ``N``, the length of the flat id list (static); may exceed ``sum(lengths)``.
 
     Returns:
       ``int32 [N]`` non-decreasing segment ids; positions past ``sum(lengths)`` get ``B`` (padding,
       ignored by :func:`jaxbag.embedding_bag` with ``num_bags=B``).
 
+    Raises:
+      TypeError / ValueError: non-integer or non-1-D ``lengths``, a negative ``num_indices``;
+        eagerly also a negative length or lengths summing past ``N``, naming the position. Under
+        ``jit`` (not checked) a negative length counts as 0 and the bags are cut at ``N``.
+
     Examples:
       >>> import jax.numpy as jnp, jaxbag
       >>> jaxbag.lengths_to_segment_ids(jnp.array([2, 0, 1]), 5).tolist()
       [0, 0, 2, 3, 3]
     """
-    lengths = jnp.asarray(lengths)
-    ends = jnp.cumsum(lengths, dtype=jnp.int32)
+    lengths = _checked_1d("lengths", lengths)
+    n = _checked_num_indices(num_indices)
+    if validation.is_concrete(lengths) and lengths.shape[0] > 0:
+        with jax.ensure_compile_time_eval():
+            a = np.asarray(lengths).astype(np.int64)
+            bad = np.flatnonzero(a < 0)
+            if bad.size:
+                raise ValueError(
+                    f"lengths[{bad[0]}] = {a[bad[0]]} is negative: lengths must be >= 0 "
+                    "(0 for an empty bag)."
+                )
+            ends = np.cumsum(a)
+            if ends[-1] > n:
+                j = int(np.argmax(ends > n))
+                raise ValueError(
+                    f"lengths sum to {ends[-1]} > num_indices = {n} (the bags up to lengths[{j}] "
+                    f"already need {ends[j]} ids): pass num_indices >= sum(lengths)."
+                )
+    return lengths_to_segment_ids_unchecked(lengths, n)
+
+
+def lengths_to_segment_ids_unchecked(lengths: Array, num_indices: int) -> Array:
+    """:func:`lengths_to_segment_ids` without argument checks: a negative length counts as 0 and
+    the bags are cut at ``N`` (each length clipped to ``[0, N]``, then summed saturating at
+    ``N``, so neither an int64 length nor the running sum wraps int32)."""
+    n = num_indices
+    lengths = jnp.clip(lengths, 0, jnp.asarray(n, lengths.dtype)).astype(jnp.int32)
+    top = jnp.int32(n)
+    ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x, top - y) + y, lengths)
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
-    return offsets_to_segment_ids(offsets, num_indices, include_last_offset=True)
+    return offsets_to_segment_ids_unchecked(offsets, n)
+
+
+def _checked_1d(name: str, x: ArrayLike) -> Array:
+    x = validation.as_ids(x)
+    validation.require_int(name, x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D [B]; got shape {x.shape}. Flatten it: {name}.reshape(-1).")
+    return x
+
+
+def _checked_num_indices(num_indices: int) -> int:
+    try:
+        n = operator.index(num_indices)
+    except TypeError:
+        n = -1
+    if n < 0:
+        raise ValueError(
+            f"num_indices must be a static int >= 0 (N, the number of ids); got {num_indices!r}."
+        )
+    return n
 
 
 def bag_of_positions(indices: Array, offsets: Array | None, segment_ids: Array | None) -> Array:
@@ -90,6 +167,6 @@ def bag_of_positions(indices: Array, offsets: Array | None, segment_ids: Array |
         b, length = indices.shape
         return jnp.repeat(jnp.arange(b, dtype=jnp.int32), length, total_repeat_length=n)
     if offsets is not None:
-        return offsets_to_segment_ids(offsets.reshape(-1), n)
+        return offsets_to_segment_ids_unchecked(offsets.reshape(-1), n)
     assert segment_ids is not None
     return segment_ids.reshape(-1)

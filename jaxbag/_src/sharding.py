@@ -423,9 +423,7 @@ def embedding_bag(
     else:
         n = indices.shape[0]
         if offsets is not None:
-            seg = segments.offsets_to_segment_ids(
-                offsets, n, include_last_offset=include_last_offset
-            )
+            seg = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
             seg = validation.to_int32(segment_ids, 0, b - 1, b)  # padding stays padding
 
@@ -540,9 +538,7 @@ def embedding_bag_rows(
     else:
         n = indices.shape[0]
         if offsets is not None:
-            seg_all = segments.offsets_to_segment_ids(
-                offsets, n, include_last_offset=include_last_offset
-            )
+            seg_all = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
             seg_all = validation.to_int32(segment_ids, 0, b - 1, b)  # padding stays padding
         ids_spec = P()
