@@ -19,6 +19,7 @@ from jaxbag._src.collection_nnx import EmbeddingBagCollection as NnxCollection
 from jaxbag._src.jagged import pack_features
 
 T = jaxbag.TableConfig
+JF = jaxbag.JaggedFeatures
 B = 5
 
 
@@ -351,7 +352,6 @@ def test_jagged_input_errors():
     """Float ids, fractional lengths, nested bags, [B, K] lengths were truncated, flattened or
     transposed silently; lengths that overflow a capacity or are negative leaked ids into the
     next feature (eagerly and under jit)."""
-    JF = jaxbag.JaggedFeatures
     with pytest.raises(TypeError, match=r"features\['x'\]\[0\] must hold integer ids; got dtype float64"):
         JF.from_lists({"x": [[1.7, 2.2]]})
     with pytest.raises(ValueError, match=r"features\['x'\]\[0\] must be a flat list of ids"):
@@ -369,6 +369,25 @@ def test_jagged_input_errors():
         JF(["x", "y"], jnp.array([1, 2, 0]), jnp.array([[-1, 3], [0, 0]]), capacities=(2, 1))
     with pytest.raises(TypeError, match=r"lengths must be integer counts"):
         JF(["x"], jnp.array([1, 2]), jnp.array([[1.0]]), capacities=(2,))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: JF.from_offsets(["a"], [1, 2], [0.0, 1.5, 2.0]), TypeError,
+         r"offsets must be integer positions; got dtype float64"),  # was truncated to [0, 1, 2]
+        (lambda: JF.from_offsets(["a"], [1, 2], [1, 2]), ValueError, r"must start at 0.*offsets\[0\] = 1"),
+        (lambda: JF.from_offsets(["a"], [1, 2], [0, 2, 1, 2]), ValueError,
+         r"offsets\[2\] = 1 is smaller than offsets\[1\] = 2"),
+        (lambda: JF.from_lengths(["a", "b"], [1, 2, 3], [2, 0, 2, -1]), ValueError,
+         r"lengths\[3\] = -1 \(feature 'b', example 1\) is negative"),
+        (lambda: JF.from_lengths(["a"], [5, 2**40], [1, 1]), ValueError,
+         r"values\[1\] = 1099511627776 does not fit in int32"),
+    ],
+)
+def test_host_constructors_name_the_offending_position(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
 
 
 def test_out_of_range_ids_never_reach_a_neighbouring_table_under_jit():

@@ -339,10 +339,12 @@ def pack_bags(
         flat = np.concatenate(arrays)
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi > _INT32_MAX:
-            bad = lo if lo < 0 else hi
+            j = int(np.argmax((flat < 0) | (flat > _INT32_MAX)))
+            bag = int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), j, side="right"))
+            pos = j - int(lengths[:bag].sum(dtype=np.int64))
             raise ValueError(
-                f"ids must lie in [0, {_INT32_MAX}] (non-negative int32), got {bad}; "
-                "map or hash your ids into the embedding table's range first."
+                f"bags[{bag}][{pos}] = {flat[j]}: ids must lie in [0, {_INT32_MAX}] "
+                "(non-negative int32); map or hash your ids into the embedding table's range first."
             )
         indices[:total] = flat
     segment_ids = np.full(n_pad, batch_size, dtype=np.int32)

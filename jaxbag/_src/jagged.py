@@ -380,7 +380,11 @@ class JaggedFeatures:
             )
         lengths = lengths.astype(np.int64).reshape(len(keys), -1)
         if (lengths < 0).any():
-            raise ValueError("lengths must be >= 0.")
+            i, b = (int(x[0]) for x in np.nonzero(lengths < 0))
+            raise ValueError(
+                f"lengths[{i * lengths.shape[1] + b}] = {lengths[i, b]} (feature {keys[i]!r}, "
+                f"example {b}) is negative: lengths must be >= 0 (0 for an empty bag)."
+            )
         values = _as_ids(np.asarray(values).reshape(-1), "values")
         if values.shape[0] != lengths.sum():
             raise ValueError(
@@ -417,10 +421,24 @@ class JaggedFeatures:
         Returns:
           A :class:`JaggedFeatures`.
         """
-        offsets = np.asarray(offsets, np.int64).reshape(-1)
-        if offsets.size < 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any():
+        offsets = np.asarray(offsets)
+        if offsets.size and (offsets.dtype == np.bool_ or not np.issubdtype(offsets.dtype, np.integer)):
+            raise TypeError(
+                f"offsets must be integer positions; got dtype {offsets.dtype}. Cast them first: "
+                "np.asarray(offsets, np.int64)."
+            )
+        offsets = offsets.astype(np.int64).reshape(-1)
+        if offsets.size < 1 or offsets[0] != 0:
+            first = offsets.tolist()[:1]
             raise ValueError(
-                f"offsets must start at 0 and be non-decreasing; got {offsets.tolist()[:16]}."
+                f"offsets must start at 0 (TorchRec's [K * B + 1] offsets); got offsets[0] = "
+                f"{first[0] if first else '(none: empty offsets)'}."
+            )
+        if (np.diff(offsets) < 0).any():
+            j = int(np.argmax(np.diff(offsets) < 0)) + 1
+            raise ValueError(
+                f"offsets[{j}] = {offsets[j]} is smaller than offsets[{j - 1}] = {offsets[j - 1]}: "
+                "offsets must be non-decreasing (equal offsets make empty bags)."
             )
         return cls.from_lengths(keys, values, np.diff(offsets), **kwargs)
 
@@ -443,7 +461,11 @@ class JaggedFeatures:
         weights = None if flat_w is None else np.zeros(num_shards * t, np.float32)
         info = np.iinfo(np.int32)
         if flat.size and (flat.min() < info.min or flat.max() > info.max):
-            raise ValueError("ids must fit in int32.")
+            j = int(np.argmax((flat < info.min) | (flat > info.max)))
+            raise ValueError(
+                f"values[{j}] = {flat[j]} does not fit in int32: ids must be in [0, num_embeddings) "
+                "of their feature's table."
+            )
         for s in range(num_shards):
             pos = s * t
             for i in range(k):
