@@ -582,3 +582,20 @@ def test_segment_id_helpers_under_jit_follow_the_documented_rule():
         offs = np.concatenate([[0], np.cumsum(lens)[:-1]])
         want_o = np.where(want == len(lens), len(lens) - 1, want)  # no last offset: last bag runs on
         assert jaxbag.offsets_to_segment_ids(jnp.asarray(offs), n).tolist() == want_o.tolist()
+
+
+def test_small_argument_inconsistencies():
+    """A NumPy int size was refused (num_bags accepts one), a misspelt keyword of
+    embedding_bag_rows was reported against a private function, and validate took
+    num_embeddings=5.0 or -1 ('0 <= id < -1')."""
+    w, ids, offs = jnp.ones((5, 2)), jnp.array([0, 1]), jnp.array([0])
+    bags, _ = jaxbag.embedding_bag_rows(w, ids, offs, size=np.int64(2))
+    assert bags.shape == (1, 2)
+    assert jaxbag.unique_rows(ids, 5, size=np.int64(2))[0].tolist() == [0, 1]
+    _raises(TypeError, [r"embedding_bag_rows\(\) got an unexpected keyword argument 'modee'",
+                        r"mode, per_sample_weights"],
+            lambda: jaxbag.embedding_bag_rows(w, ids, offs, modee="sum"))
+    for v in (5.0, -1, True):
+        _raises(ValueError, [r"num_embeddings must be a static int >= 0", re.escape(repr(v))],
+                lambda v=v: jaxbag.validate(v, ids, offs))
+    jaxbag.validate(np.int64(5), ids, offs)

@@ -126,12 +126,17 @@ class LazyAdamState(NamedTuple):
 
 
 def _check_size(size: int, num_indices: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(
             f"size must be a positive Python int (the number of row slots U); got size={size!r}. "
             f"size=None uses N={num_indices}, always enough."
         )
-    return size
+    return int(size)
+
+
+# The keyword arguments embedding_bag_rows passes on to embedding_bag.
+_BAG_KWARGS = ("mode", "per_sample_weights", "include_last_offset", "max_norm", "norm_type",
+               "scale_grad_by_freq", "segment_ids", "num_bags")
 
 
 def check_slots(indices: Array, valid: Array, size: int | None) -> None:
@@ -281,6 +286,13 @@ def embedding_bag_rows(
       >>> g.rows.tolist(), g.grads.tolist()
       ([1, 3, 4], [[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]])
     """
+    unknown = sorted(set(kwargs) - set(_BAG_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"embedding_bag_rows() got an unexpected keyword argument {unknown[0]!r}; it takes "
+            f"size, padding_idx and the keyword arguments of jaxbag.embedding_bag: "
+            f"{', '.join(_BAG_KWARGS)}."
+        )
     weight = jnp.asarray(weight)
     indices = validation.as_ids(indices)
     validation.check_table(weight)

@@ -438,6 +438,14 @@ def validate(
       >>> print(err.get().splitlines()[0])  # doctest: +ELLIPSIS
       indices[1] = 9 is out of range for a table of num_embeddings=4: ...
     """
+    if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, (int, np.integer)) or (
+        num_embeddings < 0
+    ):
+        raise ValueError(
+            f"num_embeddings must be a static int >= 0 (V, the table's rows); got "
+            f"{num_embeddings!r}. For example: jaxbag.validate(weight.shape[0], indices, offsets)."
+        )
+    num_embeddings = int(num_embeddings)
     indices, offsets, segment_ids = as_ids(indices), as_ids(offsets), as_ids(segment_ids)
     per_sample_weights = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     normalize_padding_idx(padding_idx, num_embeddings)
