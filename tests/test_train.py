@@ -1,6 +1,8 @@
 """The text-classification experiment end to end on the smoke config (seconds)."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +73,22 @@ def test_train_step_compilations_are_bounded(smoke_run):
 
 
 @pytest.mark.slow
+def test_readers_leave_a_save_in_progress_alone(smoke_run, tmp_path):
+    """predict (load_params) and has_checkpoint opened the checkpoints with orbax's
+    cleanup_tmp_directories, so a predict run while training was saving deleted the save in
+    progress and crashed the training run (3 of 3 tries)."""
+    _, workdir, _ = smoke_run
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    tmp = checkpoint.checkpoint_dir(wd) / "4.orbax-checkpoint-tmp-1700000000000000"
+    (tmp / "params").mkdir(parents=True)
+    assert checkpoint.has_checkpoint(wd)
+    _, epoch = checkpoint.load_params(wd)
+    assert epoch == 3 and tmp.is_dir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load_params(tmp_path / "nothing")
+
+
 def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
     config, workdir, summary = smoke_run
     predictor = Predictor(workdir)
@@ -119,12 +137,38 @@ def test_resume_after_a_stop_gives_identical_parameters(smoke_run, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
-def test_resume_refuses_a_different_model_config(smoke_run):
+@pytest.mark.parametrize("key, value", [("model.features", 8), ("train.num_epochs", 5),
+                                        ("optim.learning_rate", 0.5), ("train.batch_size", 8),
+                                        ("optim.name", "sgd"), ("optim.sparse_embedding", False)])
+def test_resume_refuses_any_change_to_what_is_trained(smoke_run, key, value):
+    """Only the data/tokenizer/model sections were compared: a finished 3-epoch run resumed with
+    num_epochs=5 trained 2 more epochs on a new cosine schedule (a mix of two runs, recorded as
+    a 5-epoch one), and optim.name=sgd rewrote config.json and then failed in orbax."""
     _, workdir, _ = smoke_run
+    before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
     other = smoke.get_config()
-    other.model.features = 8
-    with pytest.raises(ValueError, match=r"different config \(sections \['model'\]"):
+    section, field = key.split(".")
+    old = other[section][field]
+    other[section][field] = value
+    with pytest.raises(ValueError, match=rf"different config \({re.escape(key)}: {re.escape(repr(old))} -> "
+                       rf"{re.escape(repr(value))}.*Only train.stop_after_epochs"):
         train_and_evaluate(other, workdir)
+    assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_resume_may_change_how_the_run_reports(smoke_run, tmp_path):
+    """Progress bar, plot, logging, checkpoint retention and eval batch size may change."""
+    stopped = smoke.get_config()
+    stopped.train.stop_after_epochs = 1
+    train_and_evaluate(stopped, tmp_path)
+    resumed = smoke.get_config()
+    resumed.train.plot = False
+    resumed.train.eval_batch_size = 32
+    resumed.train.max_checkpoints = 3
+    summary = train_and_evaluate(resumed, tmp_path)
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs"] == 3
+    assert json.loads((tmp_path / artifacts.CONFIG).read_text())["train"]["eval_batch_size"] == 32
 
 
 @pytest.mark.slow
@@ -141,7 +185,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_workdir
     summary = train_and_evaluate(good, tmp_path)
     assert summary["epochs"] == 1 and checkpoint.has_checkpoint(tmp_path)
     assert json.loads((tmp_path / artifacts.CONFIG).read_text())["model"]["features"] == 16
-    with pytest.raises(ValueError, match=r"different config \(sections \['model'\]"):
+    with pytest.raises(ValueError, match=r"different config \(model.features: 16 -> 0"):
         train_and_evaluate(bad, tmp_path)  # now there is a run to protect
 
 

@@ -21,9 +21,11 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 ERRORS = "errors.jsonl"  # one line per misclassified evaluation example
 PLOT = "curves.png"
-# Sections of the config a resumed run must share with the run that made the workdir.
-RESUME_SECTIONS = ("seed", "data", "tokenizer", "model")
-
+# What a resumed run may change: how it reports, checkpoints and evaluates, never what it trains.
+# Every other config field (seed, data, tokenizer, model, optim, train schedule and batches,
+# sharding) must equal the workdir's config.json, or the run would mix two trainings.
+RESUMABLE = ("train.stop_after_epochs", "train.max_checkpoints", "train.progress_bar",
+             "train.log_every_steps", "train.plot", "train.eval_batch_size")
 
 def write_json(path: Path, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically (temp file + rename)."""
@@ -48,23 +50,37 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(read_json(path))
 
 
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_resume_config(workdir: Path, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
-    """Writes ``config.json``. When ``resuming`` (the workdir has a checkpoint), the sections
-    that define the data and model (:data:`RESUME_SECTIONS`) must equal those of the
-    ``config.json`` already there; without a checkpoint, what an earlier run that failed
-    before saving one left behind is simply replaced."""
+    """Writes ``config.json``. When ``resuming`` (the workdir has a checkpoint), every field but
+    :data:`RESUMABLE` must equal the ``config.json`` already there (checked before anything is
+    written); without a checkpoint, what an earlier run that failed before saving one left
+    behind is simply replaced."""
     path = workdir / CONFIG
     new = config_to_dict(config)
     if resuming and path.is_file():
-        old = read_json(path)
-        diffs = [s for s in RESUME_SECTIONS if old.get(s) != new.get(s)]
+        old, cur = _flatten(read_json(path)), _flatten(new)
+        diffs = [k for k in sorted(set(old) | set(cur)) if k not in RESUMABLE and old.get(k) != cur.get(k)]
         if diffs:
+            shown = "; ".join(
+                f"{k}: {old.get(k, '(absent)')!r} -> {cur.get(k, '(absent)')!r}" for k in diffs[:6]
+            )
+            more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
             raise ValueError(
-                f"{workdir} was made with a different config (sections {diffs} differ from "
-                f"{path}); resuming would mix incompatible runs. Use a new --workdir or the same config."
+                f"{workdir} holds a run made with a different config ({shown}{more}, against "
+                f"{path}); resuming would mix two trainings. Only {', '.join(RESUMABLE)} may change "
+                "on resume. Use a new --workdir, or the same config."
             )
     write_json(path, new)
-
 
 def check_or_write_split(workdir: Path, record: Mapping[str, Any], *, resuming: bool) -> None:
     """Writes ``split.json``, or, when ``resuming``, checks that the existing one records the

@@ -35,11 +35,15 @@ def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir).resolve() / "checkpoints"
 
 
-def make_manager(workdir: str | Path, *, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str | Path, *, max_to_keep: int = 2, reader: bool = False) -> ocp.CheckpointManager:
+    """The workdir's manager: the training run's (``reader=False``: creates the directory and
+    removes what a save interrupted by a kill left behind), or a reader's (``predict``,
+    :func:`has_checkpoint`), which writes and deletes nothing: a reader running while training
+    saves must not remove the save in progress (it used to, and the training run crashed)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        create=create,
-        cleanup_tmp_directories=True,  # a save interrupted by a kill leaves a tmp dir
+        create=not reader,
+        cleanup_tmp_directories=not reader,
         # Saves are synchronous: training donates nothing to a background writer,
         # and a run killed right after an epoch still has that epoch on disk.
         enable_async_checkpointing=False,
@@ -103,10 +107,11 @@ def has_checkpoint(workdir: str | Path) -> bool:
     """Whether ``workdir`` holds a finished checkpoint (a run to resume)."""
     if not checkpoint_dir(workdir).is_dir():
         return False
-    manager = make_manager(workdir, create=False)
-    step = manager.latest_step()
-    manager.close()
-    return step is not None
+    manager = make_manager(workdir, reader=True)
+    try:
+        return manager.latest_step() is not None
+    finally:
+        manager.close()
 
 
 def load_params(workdir: str | Path) -> tuple[dict, int]:
@@ -116,19 +121,21 @@ def load_params(workdir: str | Path) -> tuple[dict, int]:
             f"no checkpoints in {checkpoint_dir(workdir)}; train first with "
             f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
         )
-    manager = make_manager(workdir, create=False)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {checkpoint_dir(workdir)}; train first with "
-            f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
-        )
-    # Restored onto this process's first device, whatever mesh saved it: a table saved
-    # row-sharded over 8 devices (experiments.textcls.sharded) loads in a 1-device process.
-    meta = ocp.StandardCheckpointer().metadata(checkpoint_dir(workdir) / str(step) / "params")
-    tree = getattr(meta.item_metadata, "tree", meta.item_metadata)
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
-    r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    manager.close()
+    manager = make_manager(workdir, reader=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {checkpoint_dir(workdir)}; train first with "
+                f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
+            )
+        # Restored onto this process's first device, whatever mesh saved it: a table saved
+        # row-sharded over 8 devices (experiments.textcls.sharded) loads in a 1-device process.
+        meta = ocp.StandardCheckpointer().metadata(checkpoint_dir(workdir) / str(step) / "params")
+        tree = getattr(meta.item_metadata, "tree", meta.item_metadata)
+        here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+        r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    finally:
+        manager.close()
     return jax.tree.map(np.asarray, r.params), int(step)
