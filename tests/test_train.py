@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,12 @@ def test_resume_after_a_stop_gives_identical_parameters(smoke_run, tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     rows = [json.loads(line) for line in (tmp_path / artifacts.METRICS).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # both processes compiled the train step in their first epoch; the median epoch leaves
+    # those out (it was the median of 2 compiling epochs and 1 steady one: 100x too slow)
+    compiled = [r["train_step_compiled"] for r in rows]
+    assert compiled[0] >= 1 and compiled[1] >= 1
+    steady = [r["epoch_time_s"] for r, c in zip(rows, compiled) if c == 0]
+    assert steady and resumed["epoch_time_s"] == statistics.median(steady)
 
 
 @pytest.mark.parametrize("key, value", [("model.features", 8), ("train.num_epochs", 5),
