@@ -324,3 +324,20 @@ def test_ag_news_csv_config_trains_on_user_csvs(tmp_path):
     assert summary["test_accuracy"] >= 0.9
     split = json.loads((tmp_path / "run" / artifacts.SPLIT).read_text())
     assert split["num_train"] == 80 and split["num_test"] == 20
+
+
+def test_damaged_workdir_files_are_named(tmp_path):
+    """A run killed while appending to metrics.jsonl left a partial last line that made every
+    resume fail with a bare JSONDecodeError; a damaged JSON file was not named."""
+    rows = [{"epoch": 1, "x": 1.0}, {"epoch": 2, "x": 2.0}]
+    artifacts.write_jsonl(tmp_path / artifacts.METRICS, rows)
+    with (tmp_path / artifacts.METRICS).open("a") as fh:
+        fh.write('{"epoch": 3, "x"')  # killed mid-append (epoch 3 was never checkpointed)
+    assert artifacts.read_metrics(tmp_path, up_to_epoch=2) == rows
+    assert (tmp_path / artifacts.METRICS).read_text().count("\n") == 2  # rewritten without it
+    (tmp_path / artifacts.METRICS).write_text('{"epoch": 1}\n{"epo\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        artifacts.read_metrics(tmp_path, up_to_epoch=2)
+    (tmp_path / artifacts.SPLIT).write_text('{"train": [1, 2')
+    with pytest.raises(ValueError, match=r"split.json is not valid JSON"):
+        artifacts.read_json(tmp_path / artifacts.SPLIT)

@@ -35,7 +35,13 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); the workdir's files are written atomically, so it "
+            "was changed by hand or damaged: restore it, or start afresh with a new --workdir."
+        ) from e
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -103,7 +109,16 @@ def read_metrics(workdir: Path, *, up_to_epoch: int) -> list[dict[str, Any]]:
     path = workdir / METRICS
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # a run killed while appending its last line: dropped
+                break
+            raise ValueError(f"{path} line {i + 1} is not valid JSON ({e}); restore it or use a "
+                             "new --workdir.") from e
     rows = [r for r in rows if r["epoch"] <= up_to_epoch]
     write_jsonl(path, rows)
     return rows
