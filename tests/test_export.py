@@ -1,0 +1,64 @@
+"""jax.export of code that calls jaxbag: the CPU kernel is a custom call without compatibility
+guarantees, so exporting for CPU needs JAXBAG_DISABLE_CPU_KERNEL=1 (README, "jax.export").
+The environment variable is read once per process, so each case runs in a fresh one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np, jaxbag
+from jax import export
+rng = np.random.default_rng(0)
+w = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+ids = jnp.array([1, 4, 4, 0, 6], jnp.int32)
+offs = jnp.array([0, 2, 2], jnp.int32)
+psw = jnp.array([0.5, 1.0, 2.0, 1.5, 1.0], jnp.float32)
+for mode in ("sum", "mean", "max"):
+    p = None if mode == "max" else psw
+    f = lambda w, i, o: jaxbag.embedding_bag(w, i, o, mode=mode, per_sample_weights=p)
+    g = jax.grad(lambda w, i, o: jnp.sum(f(w, i, o) ** 2))
+    for fn in (f, g):
+        try:
+            exp = export.export(jax.jit(fn))(w, ids, offs)
+        except Exception as e:
+            print("REFUSED", type(e).__name__, " ".join(str(e).split())[:600])
+            raise SystemExit(0)
+        targets = [ln for ln in exp.mlir_module().splitlines() if "custom_call" in ln]
+        assert not any("jaxbag" in ln for ln in targets), targets
+        np.testing.assert_allclose(exp.call(w, ids, offs), fn(w, ids, offs), rtol=1e-6, atol=1e-6)
+print("EXPORTED")
+"""
+
+
+def _run(disable: bool) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("JAXBAG_DISABLE_CPU_KERNEL", None)
+    if disable:
+        env["JAXBAG_DISABLE_CPU_KERNEL"] = "1"
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_export_with_the_kernel_off_holds_only_xla_ops():
+    assert "EXPORTED" in _run(disable=True)
+
+
+def test_export_with_the_kernel_on_is_refused_by_jax():
+    """What the README says happens without the variable (if jax ever accepts the custom call,
+    or the kernel stops being used on CPU, this test says the README needs updating)."""
+    from jaxbag._src import fast_forward
+
+    if not fast_forward.cpu_kernel_status()[0]:
+        pytest.fail("the CPU kernel is not available here: " + fast_forward.cpu_kernel_status()[1])
+    out = _run(disable=False)
+    assert "REFUSED" in out and "jaxbag_bag_fwd_f32" in out, out
