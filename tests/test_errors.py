@@ -599,3 +599,35 @@ def test_small_argument_inconsistencies():
         _raises(ValueError, [r"num_embeddings must be a static int >= 0", re.escape(repr(v))],
                 lambda v=v: jaxbag.validate(v, ids, offs))
     jaxbag.validate(np.int64(5), ids, offs)
+
+
+@pytest.mark.parametrize("id_dtype, pos_dtype", [(np.int64, np.int32), (np.int32, np.int64)])
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_mixed_int32_int64_inputs_under_x64_and_strict_promotion(id_dtype, pos_dtype, mode):
+    """x64 with strict promotion: int64 ids with int32 offsets (or the reverse) failed with a
+    TypePromotionError inside the library (include_last_offset checks, the streaming loop, the
+    JaggedFeatures packing)."""
+    from jaxbag._src import fast_forward
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        w = jnp.asarray(rng.normal(size=(9, 3)), jnp.float32)
+        ids = jnp.array([1, 4, 4, 0, 8], id_dtype)
+        offs = jnp.array([0, 2, 4], pos_dtype)
+        seg = jnp.array([0, 0, 1, 1, 2], pos_dtype)
+        want = embedding_bag_ref(np.asarray(w, np.float64), np.asarray(ids)[:4], np.array([0, 2]),
+                                 mode=mode)
+        got = [jaxbag.embedding_bag(w, ids, offs, mode=mode, include_last_offset=True),
+               jax.jit(lambda w, i, o: jaxbag.embedding_bag(w, i, o, mode=mode, include_last_offset=True))(w, ids, offs),
+               fast_forward.bag_reduce(w, ids, seg, 2, mode=mode, impl="stream"),
+               jaxbag.embedding_bag_rows(w, ids, offs, mode=mode, include_last_offset=True)[0]]
+        for g in got:
+            np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6)
+        jaxbag.validate(9, ids, offs, include_last_offset=True)
+        jf = jaxbag.JaggedFeatures(["x"], jnp.array([1, 2, 3, 0], id_dtype), jnp.array([[2, 1]], pos_dtype),
+                                   capacities=(4,))
+        layout = jaxbag.collection_layout([jaxbag.TableConfig("t", 9, 3, ("x",), mode=mode)])
+        out = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout))({"t": w}, jf)
+        red = np.max if mode == "max" else np.sum
+        np.testing.assert_allclose(out["x"], np.stack([red(np.asarray(w)[[1, 2]], 0), np.asarray(w)[3]]),
+                                   rtol=1e-6)

@@ -117,8 +117,8 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
     lengths = jax.ops.segment_sum(
         jnp.ones((n,), jnp.int32), seg, num_segments=num_bags, indices_are_sorted=True
     )
-    first = jnp.sum((seg < 0).astype(jnp.int32))  # ids before bag 0 (sorted segments)
-    starts = first + jnp.cumsum(lengths) - lengths
+    first = jnp.sum(seg < 0, dtype=jnp.int32)  # ids before bag 0 (sorted segments)
+    starts = first + jnp.cumsum(lengths, dtype=jnp.int32) - lengths
     max_len = jnp.max(lengths)
     ids32 = ids.astype(jnp.int32)
     is_max = mode == "max"

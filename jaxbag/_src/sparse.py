@@ -223,7 +223,7 @@ def _unique_sorted(keys: Array, num_embeddings: int, u: int) -> tuple[Array, Arr
     ok = keys < num_embeddings
     srt = jnp.sort(keys)
     is_new = jnp.concatenate([jnp.ones((1,), jnp.bool_), srt[1:] != srt[:-1]])
-    slot = jnp.cumsum(is_new.astype(jnp.int32)) - 1
+    slot = jnp.cumsum(is_new, dtype=jnp.int32) - 1
     rows = jnp.full((u,), num_embeddings, jnp.int32).at[slot].set(srt, mode="drop")
     inverse = jnp.searchsorted(rows, keys, side="left", method="scan_unrolled").astype(jnp.int32)
     keep = ok & (inverse < u)

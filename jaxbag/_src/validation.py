@@ -271,7 +271,7 @@ def _in_bags(
     if segment_ids is not None:
         return (segment_ids >= 0) & (segment_ids < num_bags)
     if offsets is not None and include_last_offset and offsets.shape[0] > 0:
-        return jnp.arange(n) < offsets[-1]
+        return jnp.arange(n, dtype=offsets.dtype) < offsets[-1]
     return None
 
 
