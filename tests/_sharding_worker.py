@@ -643,6 +643,29 @@ def case_sparse():
         if got != expect:
             raise AssertionError(f"sparse rows {mname}: touched {got}, the bags hold {expect}")
 
+    # A batch without ids (1-D N = 0, 2-D [B, 0]): zero bags and no row touched, as on one
+    # device (with batch_axis the pullback used to fail in jax.vjp / an all_gather of 0 ids).
+    mesh = ms["2d"]
+    w0 = jsh.shard_table(d["w"], mesh, "model")
+    opt = jaxbag.sparse_adam(0.1)
+    for ids, kw in [(jnp.zeros((0,), jnp.int32), dict(offsets=jnp.zeros((B,), jnp.int32))),
+                    (jnp.zeros((B, 0), jnp.int32), {})]:
+        for size in (None, 3):
+            for batch in (None, "data"):
+                def step(w, s, ids=ids, kw=kw, size=size, batch=batch):
+                    bags, pb = jsh.embedding_bag_rows(w, ids, mesh=mesh, axis_name="model",
+                                                      batch_axis=batch, size=size, mode="sum", **kw)
+                    rg = pb(jnp.ones_like(bags))
+                    return bags, rg, jsh.sparse_update(opt, w, s, rg, mesh=mesh, axis_name="model")
+
+                for run in (step, jax.jit(step)):
+                    bags, rg, (w1, _) = run(w0, jsh.sparse_init(opt, w0, mesh=mesh, axis_name="model"))
+                    tag = f"empty batch {ids.shape} size={size} batch_axis={batch}"
+                    close(bags, np.zeros((B, D)), tag)
+                    if rg.rows.shape != (4 * (size or 0),) or np.any(np.asarray(rg.rows) != V // 4):
+                        raise AssertionError(f"{tag}: rows {np.asarray(rg.rows)}")
+                    close(w1, d["w"], f"{tag}: table changed")
+
 
 def case_experiment():
     """The text classifier trained data-parallel x row-sharded (2 x 4) equals single-device."""

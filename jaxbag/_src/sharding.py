@@ -607,6 +607,13 @@ def embedding_bag_rows(
         g = jnp.asarray(g)
         if g.shape != bags.shape:
             raise ValueError(f"g must have the shape of the bags {bags.shape}; got {g.shape}.")
+        if indices.size == 0:  # no ids, no rows: every slot unused (shard_map would trip on it)
+            n_shards = axis_size(mesh, axis_name)
+            u = 0 if size is None else size
+            rows = jnp.full((n_shards * u,), num_embeddings // n_shards, jnp.int32)
+            grads = jnp.zeros((n_shards * u, weight.shape[1]), acc)
+            rows, grads = place((rows, grads), mesh, (P(spec_entry(axis_name)), rows_spec))
+            return sparse.RowGrads(rows=rows, grads=grads)
         args = (weight, indices, seg_all, psw, g)
         specs = (
             rows_spec,
