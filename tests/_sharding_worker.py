@@ -466,6 +466,14 @@ def case_planner():
             raise
     else:
         raise AssertionError("over-budget plan did not raise")
+    # 7 equal tables on 4 devices: the greedy table-wise packing puts 2 on some device (192 B),
+    # over a 180 B budget that all-row-wise meets (168 B); it used to raise
+    equal = [T(f"e{i}", 24, 1, (f"g{i}",)) for i in range(7)]
+    plan = jsh.plan_sharding(equal, ms["2d"], axis_name="model", device_budget_bytes=180)
+    if max(plan.device_bytes(equal)) > 180 or set(plan.as_dict().values()) != {"row"}:
+        raise AssertionError(f"budget fallback: {plan.as_dict()} {plan.device_bytes(equal)}")
+    if set(jsh.plan_sharding(equal, ms["2d"], axis_name="model").as_dict().values()) != {"table"}:
+        raise AssertionError("without a budget the equal tables stay table-wise")
     for bad in [dict(overrides={"nope": "row"}), dict(overrides={"t0": "rows"})]:
         try:
             jsh.plan_sharding(tables, ms["1d"], axis_name="model", **bad)

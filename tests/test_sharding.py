@@ -10,6 +10,7 @@ case compares the sharded op / collection with the single-device one, forward an
 from __future__ import annotations
 
 import ast
+import dataclasses
 import pathlib
 
 import jax
@@ -143,6 +144,28 @@ def test_sharded_int64_ids_and_segment_ids_are_not_wrapped_into_range():
         np.testing.assert_array_equal(bags, np.stack([np.zeros(2), np.asarray(w)[3]]))
         touched = sorted(int(x) for x, gx in zip(np.asarray(r), np.asarray(g)) if x < 8 and gx.any())
         assert touched == [3]
+
+
+def test_a_hand_built_sharding_plan_is_checked():
+    """ShardingPlan is a public dataclass; a plan built or edited by hand gave 'list index out of
+    range', KeyError 'modl', or (kind 'rows') was silently taken as table-wise."""
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    tables = [jaxbag.TableConfig("a", 10, 4, ("fa",)), jaxbag.TableConfig("b", 7, 4, ("fb",))]
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model", batch_axis="data")
+    assert jaxbag.collection_layout(tables, plan=plan).groups
+    for change, match in [
+        (dict(placements=(("a", "table", 1), ("b", "table", 0))),
+         r"placements\[0\] = \('a', 'table', 1\): a table-wise table needs a device index in \[0, 1\)"),
+        (dict(placements=(("a", "table", -1), ("b", "row", None))), r"device index in \[0, 1\).*got -1"),
+        (dict(placements=(("a", "rows", None), ("b", "row", None))), r"kind 'rows' is not one of"),
+        (dict(placements=(("a", "row", 0), ("b", "row", None))), r"a 'row' table has no device index"),
+        (dict(placements=(("a", "row", None), ("a", "row", None))), r"table 'a' is placed twice"),
+        (dict(placements=(("a", "row"),)), r"placements\[0\] = \('a', 'row'\) must be"),
+        (dict(axis_name="modl"), r"axis_name='modl' is not an axis of the mesh"),
+        (dict(batch_axis="model"), r"must be different mesh axes"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(plan, **change)
 
 
 def test_pad_rows_and_shard_table():

@@ -29,6 +29,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxbag._src import collection, sharding
@@ -54,6 +55,36 @@ class ShardingPlan:
     axis_name: sharding.AxisName
     batch_axis: sharding.AxisName | None
     placements: tuple[tuple[str, str, int | None], ...]
+
+    def __post_init__(self) -> None:
+        # A plan may be built or edited by hand (dataclasses.replace): check it as the planner would.
+        sharding.check_axes(self.mesh, self.axis_name, self.batch_axis)
+        n = self.num_shards
+        seen = set()
+        for i, entry in enumerate(self.placements):
+            try:
+                name, kind, shard = entry
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"placements[{i}] = {entry!r} must be (table name, kind, device index or None)."
+                ) from None
+            if kind not in PLACEMENTS:
+                raise ValueError(
+                    f"placements[{i}] = {entry!r}: kind {kind!r} is not one of {PLACEMENTS}."
+                )
+            if kind == "table":
+                if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < n:
+                    raise ValueError(
+                        f"placements[{i}] = {entry!r}: a table-wise table needs a device index in "
+                        f"[0, {n}) along axis_name={self.axis_name!r}; got {shard!r}."
+                    )
+            elif shard is not None:
+                raise ValueError(
+                    f"placements[{i}] = {entry!r}: a {kind!r} table has no device index; use None."
+                )
+            if name in seen:
+                raise ValueError(f"placements[{i}]: table {name!r} is placed twice.")
+            seen.add(name)
 
     @property
     def num_shards(self) -> int:
@@ -116,7 +147,8 @@ def plan_sharding(
       overrides: ``{table: "row" | "table" | "replicated"}`` forced placements.
       row_threshold_bytes: tables above this go row-wise (default ``total bytes / n``).
       device_budget_bytes: optional bytes of table storage allowed per device: larger tables go
-        row-wise, and a plan that still does not fit raises.
+        row-wise; if the plan still does not fit, every table not in ``overrides`` goes
+        row-wise (the smallest sharded placement), and if that does not fit either, it raises.
       min_fill: table-wise tables of a group are kept only if they fill at least this fraction of
         the group's per-device blocks (else the group goes row-wise: less memory, same traffic).
 
@@ -164,6 +196,29 @@ def plan_sharding(
         else:
             kinds[t.name] = "table"
 
+    plan = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
+    if device_budget_bytes is not None and max(plan.device_bytes(tables)) > device_budget_bytes:
+        # Row-wise is the smallest sharded placement (ceil(V / n) rows per device): the greedy
+        # table-wise packing can miss a budget that all-row-wise meets (equal tables that do not
+        # divide evenly among the devices).
+        rows = {t.name: overrides.get(t.name, "row") for t in tables}
+        fallback = _assign(tables, rows, overrides, mesh, axis_name, batch_axis, min_fill)
+        if max(fallback.device_bytes(tables)) <= device_budget_bytes:
+            return fallback
+        per = plan.device_bytes(tables)
+        raise ValueError(
+            f"the plan needs {max(per):,d} bytes of tables on one device, over "
+            f"device_budget_bytes={device_budget_bytes:,d} (per device: {per}; with every table "
+            f"not in overrides row-wise: {fallback.device_bytes(tables)}); place tables "
+            "row-wise rather than replicated or table-wise in overrides, or use more devices."
+        )
+    return plan
+
+
+def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> ShardingPlan:
+    """The plan for ``kinds`` (``{table: kind}``): device indices of the table-wise tables."""
+    kinds = dict(kinds)
+    n = sharding.axis_size(mesh, axis_name)
     # Table-wise: largest first onto the device with the fewest rows of this group so far (its
     # stacked array's block is as big as the fullest device); ties -> fewest bytes overall, then
     # lowest index (round-robin for equal tables).
@@ -191,20 +246,9 @@ def plan_sharding(
                 if t.name not in overrides:
                     kinds[t.name] = "row"
                     shard_of.pop(t.name, None)
-    plan = ShardingPlan(
+    return ShardingPlan(
         mesh=mesh,
         axis_name=axis_name,
         batch_axis=batch_axis,
-        placements=tuple(
-            (t.name, kinds[t.name], shard_of.get(t.name)) for t in tables
-        ),
+        placements=tuple((t.name, kinds[t.name], shard_of.get(t.name)) for t in tables),
     )
-    if device_budget_bytes is not None:
-        per = plan.device_bytes(tables)
-        if max(per) > device_budget_bytes:
-            raise ValueError(
-                f"the plan needs {max(per):,d} bytes of tables on one device, over "
-                f"device_budget_bytes={device_budget_bytes:,d} (per device: {per}); place more "
-                "tables row-wise, e.g. overrides={'<table>': 'row'}, or use more devices."
-            )
-    return plan
