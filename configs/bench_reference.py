@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.modes = ("sum", "mean", "max")
     config.phases = ("fwd", "fwd_bwd", "train")
     config.fwd_impls = (
-        "jaxbag", "kernel", "stream", "naive", "sorted_pib", "padded_dense", "unrolled_2d", "chunked_map",
+        "jaxbag", "xla", "kernel", "stream", "naive", "sorted_pib", "padded_dense", "unrolled_2d", "chunked_map",
         "onehot",
     )
     config.grad_impls = ("jaxbag", "jaxbag_rows", "kernel", "naive", "onehot")

@@ -22,12 +22,14 @@ from jax import lax
 
 import jaxbag
 from experiments.bench.problems import Problem
-from jaxbag._src import fast_forward, sparse
+from jaxbag._src import fast_forward, ops, sparse
 
 Forward = Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
 
 FORWARD_DOC = {
-    "jaxbag": "jaxbag.embedding_bag(weight, ids, offsets, mode=...) (the library's dispatch)",
+    "jaxbag": "jaxbag.embedding_bag(weight, ids, offsets, mode=...) (the library's dispatch: "
+              "on CPU with a float32 table, the kernel)",
+    "xla": "jaxbag._src.ops.embedding_bag_xla: the library's XLA reference path (gather + segment ops)",
     "kernel": "fast_forward.bag_reduce(impl='kernel'): the C++ XLA FFI CPU kernel (offsets)",
     "stream": "fast_forward.bag_reduce(impl='stream'): XLA while loop over bag positions",
     "naive": "jit(segment_sum(take(weight, ids), segment_ids)) (the literal recipe)",
@@ -69,6 +71,13 @@ def _finish(total: jax.Array, count: jax.Array, mode: str) -> jax.Array:
 def _jaxbag(p: Problem, mode: str, opts: Any) -> Forward:
     def f(w, b):
         return jaxbag.embedding_bag(w, b["ids"], b["offsets"], mode=mode)
+
+    return f
+
+
+def _xla(p: Problem, mode: str, opts: Any) -> Forward:
+    def f(w, b):
+        return ops.embedding_bag_xla(w, b["ids"], b["offsets"], mode=mode)
 
     return f
 
@@ -194,6 +203,7 @@ def _onehot(p: Problem, mode: str, opts: Any) -> Forward | None:
 
 FORWARDS: dict[str, Callable[[Problem, str, Any], Forward | None]] = {
     "jaxbag": _jaxbag,
+    "xla": _xla,
     "kernel": _kernel,
     "stream": _stream,
     "naive": _naive,

@@ -131,8 +131,10 @@ def load_params(workdir: str | Path) -> tuple[dict, int]:
             )
         # Restored onto this process's first device, whatever mesh saved it: a table saved
         # row-sharded over 8 devices (experiments.textcls.sharded) loads in a 1-device process.
-        meta = ocp.StandardCheckpointer().metadata(checkpoint_dir(workdir) / str(step) / "params")
-        tree = getattr(meta.item_metadata, "tree", meta.item_metadata)
+        # (the handler reads the item's metadata only: the checkpointer warned about a missing
+        # step-level metadata file on every predict)
+        meta = ocp.StandardCheckpointHandler().metadata(checkpoint_dir(workdir) / str(step) / "params")
+        tree = getattr(meta, "tree", meta)
         here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
         r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))

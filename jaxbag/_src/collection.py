@@ -461,7 +461,15 @@ def unpack_tables(layout: CollectionLayout, params: Mapping[str, Array]) -> dict
       params: ``{group name: [num_rows, D]}``.
 
     Returns:
-      One array per table.
+      ``{table name: [V_t, D_t]}``, one array per table (padding rows of the stacking dropped).
+
+    Examples:
+      >>> import jax, jaxbag
+      >>> layout = jaxbag.collection_layout([jaxbag.TableConfig("a", 4, 2, ("x",)),
+      ...                                    jaxbag.TableConfig("b", 6, 2, ("y",))])
+      >>> tables = jaxbag.unpack_tables(layout, jaxbag.init_collection(layout, jax.random.key(0)))
+      >>> {name: t.shape for name, t in tables.items()}
+      {'a': (4, 2), 'b': (6, 2)}
     """
     return _unpack_jit(layout, dict(params))
 
@@ -502,7 +510,14 @@ def init_collection(layout: CollectionLayout, key: Array) -> dict[str, Array]:
       key: a ``jax.random`` key.
 
     Returns:
-      The parameter dict.
+      The parameter dict, each array in its group's dtype (and, with a plan, sharding).
+
+    Examples:
+      >>> import jax, jaxbag
+      >>> layout = jaxbag.collection_layout([jaxbag.TableConfig("a", 4, 2, ("x",)),
+      ...                                    jaxbag.TableConfig("b", 6, 2, ("y",))])
+      >>> {name: a.shape for name, a in jaxbag.init_collection(layout, jax.random.key(0)).items()}
+      {'a+b': (10, 2)}
     """
 
     # Always one jitted program, so the unsharded tables equal the sharded ones bit for bit
@@ -667,6 +682,13 @@ def concat_features(
 
     Returns:
       ``[B, layout.output_features]``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxbag
+      >>> layout = jaxbag.collection_layout([jaxbag.TableConfig("a", 4, 2, ("x",)),
+      ...                                    jaxbag.TableConfig("b", 4, 3, ("y",))])
+      >>> jaxbag.concat_features(layout, {"y": jnp.ones((1, 3)), "x": jnp.zeros((1, 2))}).tolist()
+      [[0.0, 0.0, 1.0, 1.0, 1.0]]
     """
     if dtype is None:
         dtypes = {jnp.dtype(outputs[f].dtype) for f in layout.feature_names}
@@ -699,6 +721,11 @@ def embedding_bag_collection(
       ``{feature: [B, D_f]}`` in each table's dtype (empty bags are zeros), or the concatenation.
       With a plan, outputs are sharded ``P(batch_axis, None)``.
 
+    Raises:
+      IndexError: eagerly, an id outside ``[0, V_t)`` of its feature's table, naming the feature,
+        the table, the id and its position. Under ``jit`` such an id contributes zeros: it never
+        reads a row of another table in the same group (nor ``padding_idx``'s row).
+
     Examples:
       >>> import jax, jaxbag
       >>> table = jaxbag.TableConfig("t", 10, 4, ("a", "b"), mode="sum")
@@ -728,7 +755,24 @@ def embedding_bag_collection(
 
 
 def feature_specs(jf: JaggedFeatures, batch_axis: Any) -> JaggedFeatures:
-    """A ``JaggedFeatures``-shaped pytree of ``PartitionSpec`` s for ``shard_map``."""
+    """The ``PartitionSpec`` s of a :class:`jaxbag.JaggedFeatures` split over ``batch_axis``.
+
+    Args:
+      jf: the features (only their structure is used).
+      batch_axis: the mesh axis (or tuple, or ``None``) the batch is split over.
+
+    Returns:
+      A ``JaggedFeatures``-shaped pytree of ``PartitionSpec`` s (``values`` and ``weights``
+      ``P(batch_axis)``, ``lengths [K, B]`` ``P(None, batch_axis)``), e.g. for ``shard_map``'s
+      ``in_specs`` or ``jax.device_put``.
+
+    Examples:
+      >>> import jaxbag, jaxbag.sharding
+      >>> jf = jaxbag.JaggedFeatures.from_lists({"x": [[1], [2, 3]]}, num_shards=2)
+      >>> specs = jaxbag.sharding.feature_specs(jf, "data")
+      >>> specs.values, specs.lengths
+      (P('data',), P(None, 'data'))
+    """
     b = sharding.spec_entry(batch_axis)
     leaves, aux = jf.tree_flatten()
     specs = (P(b), P(None, b), None if jf.weights is None else P(b))

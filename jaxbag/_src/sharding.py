@@ -325,10 +325,13 @@ def embedding_bag(
 
     Returns:
       ``[B, D]`` in ``weight.dtype``, sharded ``P(batch_axis, None)`` (replicated if ``None``).
+      Empty bags are zeros in every mode (zero gradient), as in :func:`jaxbag.embedding_bag`.
 
     Raises:
       ValueError, TypeError, IndexError: as :func:`jaxbag.embedding_bag`, plus unknown or
-        overlapping mesh axes, ``V`` not divisible by ``n``, ``B`` not divisible by ``m``.
+        overlapping mesh axes, ``V`` not divisible by ``n``, ``B`` not divisible by ``m``. An id
+        outside ``[0, V)`` is an ``IndexError`` eagerly; under ``jit`` it contributes zeros on
+        every shard (no shard reads a row for it).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding
@@ -450,7 +453,21 @@ def embedding_bag(
 
 
 def table_shardings(mesh: Mesh, axis_name: AxisName) -> NamedSharding:
-    """``NamedSharding(mesh, P(axis_name, None))``: the placement of a row-sharded table."""
+    """The placement of a row-sharded table.
+
+    Args:
+      mesh: the ``jax.sharding.Mesh``.
+      axis_name: mesh axis (or tuple) the rows are split over.
+
+    Returns:
+      ``NamedSharding(mesh, P(axis_name, None))`` (e.g. for ``jit``'s ``out_shardings``).
+
+    Examples:
+      >>> import jax, jaxbag.sharding
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> jaxbag.sharding.table_shardings(mesh, "model").spec
+      P('model', None)
+    """
     return NamedSharding(mesh, P(spec_entry(axis_name), None))
 
 
@@ -684,6 +701,21 @@ def sparse_update(
 
     Returns:
       ``(table, state)`` updated; donate both to ``jit`` to update in place.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding as jsh
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> w = jsh.shard_table(jnp.zeros((4, 2)), mesh, "model")
+      >>> opt = jaxbag.sparse_sgd(0.5)
+      >>> state = jsh.sparse_init(opt, w, mesh=mesh, axis_name="model")
+      >>> bags, pullback = jsh.embedding_bag_rows(w, jnp.array([3, 1, 3]), jnp.array([0, 2]),
+      ...                                         mesh=mesh, axis_name="model", mode="sum")
+      >>> g = pullback(jnp.ones((2, 2)))  # rows 1 and 3 (3 twice), 4 = unused slot
+      >>> g.rows.tolist(), g.grads[:, 0].tolist()
+      ([1, 3, 4], [1.0, 2.0, 0.0])
+      >>> w, state = jsh.sparse_update(opt, w, state, g, mesh=mesh, axis_name="model")
+      >>> w[:, 0].tolist()
+      [0.0, -0.5, 0.0, -1.0]
     """
     n = axis_size(mesh, axis_name)
     local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)

@@ -502,7 +502,7 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
 
     Args:
       learning_rate: a float, or a schedule ``count -> lr`` (e.g. an ``optax`` schedule).
-      chunk: rows updated per step of the internal ``lax.scan`` (static; a speed knob only).
+      chunk: rows updated per step of the internal ``lax.while_loop`` (static; a speed knob only).
 
     Returns:
       A :class:`SparseOptimizer` with :class:`SgdState`.
@@ -560,7 +560,7 @@ def sparse_adagrad(
       learning_rate: a float or a schedule ``count -> lr``.
       eps: added to the root of the accumulator.
       initial_accumulator_value: starting value of every row's accumulator.
-      chunk: rows updated per step of the internal ``lax.scan`` (static; a speed knob only).
+      chunk: rows updated per step of the internal ``lax.while_loop`` (static; a speed knob only).
 
     Returns:
       A :class:`SparseOptimizer` with :class:`RowwiseAdagradState`.
@@ -628,7 +628,7 @@ def sparse_adam(
       b1: decay of the first moment.
       b2: decay of the second moment.
       eps: added to ``sqrt(nu)`` (outside the bias correction, as torch).
-      chunk: rows updated per step of the internal ``lax.scan`` (static; a speed knob only).
+      chunk: rows updated per step of the internal ``lax.while_loop`` (static; a speed knob only).
 
     Returns:
       A :class:`SparseOptimizer` with :class:`LazyAdamState` (two ``[V, D]`` moments: float32,
