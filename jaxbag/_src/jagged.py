@@ -303,6 +303,13 @@ class JaggedFeatures:
 
         Raises:
           ValueError: features of different batch sizes, a capacity too small, bad ``num_shards``.
+
+        Examples:
+          >>> import jaxbag
+          >>> jf = jaxbag.JaggedFeatures.from_lists({"words": [[1, 2], [], [3]], "tags": [[7], [8], []]},
+          ...                                       capacity=4)
+          >>> jf.keys, jf.batch_size, jf.lengths.tolist()
+          (('words', 'tags'), 3, [[2, 0, 1], [1, 1, 0]])
         """
         keys = _check_keys(list(features))
         bags = {k: [_as_ids(b, f"features[{k!r}][{j}]") for j, b in enumerate(features[k])]
@@ -420,6 +427,16 @@ class JaggedFeatures:
 
         Returns:
           A :class:`JaggedFeatures`.
+
+        Raises:
+          TypeError / ValueError: non-integer offsets, offsets not starting at 0 or decreasing
+            (naming the position), and the errors of :meth:`from_lengths`.
+
+        Examples:
+          >>> import jaxbag
+          >>> jf = jaxbag.JaggedFeatures.from_offsets(["words", "tags"], [1, 2, 3, 7, 8], [0, 2, 3, 4, 5])
+          >>> jf.to_lists()
+          {'words': [[1, 2], [3]], 'tags': [[7], [8]]}
         """
         offsets = np.asarray(offsets)
         if offsets.size and (offsets.dtype == np.bool_ or not np.issubdtype(offsets.dtype, np.integer)):

@@ -131,6 +131,13 @@ class EmbeddingBag(nn.Module):
 
         Returns:
           The module; ``module.init(key, ...)["params"]["embedding"]`` equals ``embeddings``.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, jaxbag
+          >>> m = jaxbag.EmbeddingBag.from_pretrained(jnp.arange(6.0).reshape(3, 2), mode="sum")
+          >>> ids, offsets = jnp.array([0, 2]), jnp.array([0])
+          >>> m.apply(m.init(jax.random.key(0), ids, offsets), ids, offsets).tolist()
+          [[4.0, 6.0]]
         """
         table = jnp.asarray(common.check_pretrained(embeddings))
         kwargs.setdefault("param_dtype", table.dtype)
@@ -155,6 +162,13 @@ class EmbeddingBag(nn.Module):
         Returns:
           ``(module, variables)`` with ``variables = {"params": {"embedding": table}}``; the
           module's initialiser gives the same table (``module.init`` inside a parent model).
+
+        Examples:
+          >>> import torch, jax.numpy as jnp, jaxbag
+          >>> t = torch.nn.EmbeddingBag(4, 2, mode="sum")
+          >>> m, variables = jaxbag.EmbeddingBag.from_torch(t)
+          >>> m.mode, variables["params"]["embedding"].shape
+          ('sum', (4, 2))
         """
         settings, table, extra = common.settings_from_torch(source, overrides)
         extra.setdefault("param_dtype", table.dtype)
@@ -163,7 +177,23 @@ class EmbeddingBag(nn.Module):
         return module, {"params": {"embedding": jnp.asarray(table, module.param_dtype)}}
 
     def to_torch(self, variables: dict) -> Any:
-        """Builds the equivalent ``torch.nn.EmbeddingBag`` from ``variables`` (imports torch)."""
+        """Builds the equivalent ``torch.nn.EmbeddingBag`` from ``variables`` (imports torch).
+
+        Args:
+          variables: the module's variables (``{"params": {"embedding": [V, D]}}``).
+
+        Returns:
+          A ``torch.nn.EmbeddingBag`` with the same settings and a copy of the table
+          (``requires_grad=False`` when the module is frozen).
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, jaxbag
+          >>> m = jaxbag.EmbeddingBag(5, 3, mode="max")
+          >>> variables = m.init(jax.random.key(0), jnp.array([1]), jnp.array([0]))
+          >>> t = m.to_torch(variables)
+          >>> t.mode, tuple(t.weight.shape)
+          ('max', (5, 3))
+        """
         return common.make_torch_module(
             self.settings, variables["params"]["embedding"], freeze=self.freeze
         )

@@ -16,7 +16,17 @@ __all__ = ["EmbeddingBag", "FrozenEmbedding"]
 
 
 class FrozenEmbedding(nnx.Variable):
-    """A table that is not an ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer`` skip it."""
+    """A table that is not an ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer`` skip it.
+
+    What :meth:`EmbeddingBag.from_pretrained` (``freeze=True``) stores as ``embedding``: an
+    ``nnx.Variable`` holding the ``[V, D]`` table, read by the module as a ``Param`` is.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxbag
+      >>> m = jaxbag.nnx.EmbeddingBag.from_pretrained(jnp.ones((3, 2)))
+      >>> type(m.embedding).__name__, m.embedding[...].shape
+      ('FrozenEmbedding', (3, 2))
+    """
 
 
 class EmbeddingBag(nnx.Module):
@@ -137,6 +147,12 @@ class EmbeddingBag(nnx.Module):
 
         Returns:
           The module.
+
+        Examples:
+          >>> import jax.numpy as jnp, jaxbag
+          >>> m = jaxbag.nnx.EmbeddingBag.from_pretrained(jnp.arange(6.0).reshape(3, 2), mode="sum")
+          >>> m(jnp.array([0, 2]), jnp.array([0])).tolist()
+          [[4.0, 6.0]]
         """
         table = jnp.asarray(common.check_pretrained(embeddings))
         kwargs.setdefault("param_dtype", table.dtype)
@@ -163,6 +179,12 @@ class EmbeddingBag(nnx.Module):
 
         Returns:
           A module, trainable by default (its ``embedding`` is an ``nnx.Param``).
+
+        Examples:
+          >>> import torch, jaxbag
+          >>> m = jaxbag.nnx.EmbeddingBag.from_torch(torch.nn.EmbeddingBag(4, 2, mode="sum"))
+          >>> m.settings.mode, m.embedding[...].shape
+          ('sum', (4, 2))
         """
         settings, table, extra = common.settings_from_torch(source, overrides)
         extra.setdefault("param_dtype", table.dtype)
@@ -170,7 +192,19 @@ class EmbeddingBag(nnx.Module):
         return cls.from_pretrained(table, **settings.op_kwargs(), **extra)
 
     def to_torch(self) -> Any:
-        """Builds the equivalent ``torch.nn.EmbeddingBag`` (imports torch)."""
+        """Builds the equivalent ``torch.nn.EmbeddingBag`` (imports torch).
+
+        Returns:
+          A ``torch.nn.EmbeddingBag`` with the same settings and a copy of the table
+          (``requires_grad=False`` when the table is frozen).
+
+        Examples:
+          >>> import jaxbag
+          >>> from flax import nnx
+          >>> t = jaxbag.nnx.EmbeddingBag(5, 3, mode="max", rngs=nnx.Rngs(0)).to_torch()
+          >>> t.mode, tuple(t.weight.shape)
+          ('max', (5, 3))
+        """
         return common.make_torch_module(
             self.settings, jax.device_get(self.embedding[...]), freeze=self.frozen
         )

@@ -113,7 +113,15 @@ class ShardingPlan:
         return per
 
     def describe(self, tables: Sequence[TableConfig]) -> str:
-        """A readable table of placements and per-device bytes."""
+        """A readable table of placements and per-device bytes.
+
+        Args:
+          tables: the tables the plan was made for.
+
+        Returns:
+          One line for the mesh and axes, one per table (bytes and placement), one with the
+          bytes on each device of ``axis_name``.
+        """
         lines = [
             f"mesh {dict(self.mesh.shape)}, tables over {self.axis_name!r}, batch over "
             f"{self.batch_axis!r}"

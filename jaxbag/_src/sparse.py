@@ -71,6 +71,14 @@ class RowGrads(NamedTuple):
         range, skipped by the optimisers' ``mode="drop"`` scatters).
       grads: ``float [U, D]`` gradient of each row (zeros in unused slots), in the accumulation
         dtype (float32 for bf16/f16 tables).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxbag
+      >>> g = jaxbag.RowGrads(rows=jnp.array([2, 5]), grads=jnp.ones((2, 3)))  # by hand, V = 5
+      >>> opt = jaxbag.sparse_sgd(0.1)
+      >>> new, _ = opt.update(jnp.zeros((5, 3)), opt.init(jnp.zeros((5, 3))), g)  # row 5: skipped
+      >>> [round(x, 4) for x in new[:, 0].tolist()]
+      [0.0, 0.0, -0.1, 0.0, 0.0]
     """
 
     rows: Array
@@ -85,6 +93,17 @@ class SparseOptimizer(NamedTuple):
       update: ``update(table [V, D], state, row_grads: RowGrads) -> (table, state)``: updates only
         the rows in ``row_grads.rows`` (``rows`` must be distinct, as :func:`unique_rows` returns
         them; rows outside ``[0, V)`` are skipped).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxbag
+      >>> opt = jaxbag.sparse_adagrad(0.1)   # or sparse_sgd, sparse_adam, or your own pair
+      >>> table = jnp.zeros((4, 2))
+      >>> state = opt.init(table)
+      >>> type(state).__name__, state.sum_sq.shape
+      ('RowwiseAdagradState', (4,))
+      >>> table, state = opt.update(table, state, jaxbag.RowGrads(jnp.array([1]), jnp.ones((1, 2))))
+      >>> [round(x, 4) for x in table[:, 0].tolist()]
+      [0.0, -0.1, 0.0, 0.0]
     """
 
     init: Callable[[Array], Any]

@@ -424,6 +424,9 @@ def validate(
       segment_ids: optional sorted ``int [N]`` bag of each id (with ``num_bags``).
       num_bags: static number of bags for ``segment_ids``.
 
+    Returns:
+      ``None``; under ``jit`` the value checks are ``checkify`` checks of the caller.
+
     Raises:
       TypeError, ValueError, IndexError: eagerly, naming the argument and the first offending
         position. Under ``checkify.checkify`` the value problems are returned as its error instead.
