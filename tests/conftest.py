@@ -9,3 +9,37 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import contextlib  # noqa: E402
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def _count_compiles(fun):
+    """Counts XLA compilations of ``jax.jit(fun)`` in this thread while the block runs.
+
+    ``PjitFunction._cache_size()`` is not a compile count: the C++ cache is an LRU over all
+    jitted functions (8192), so in a long-lived test process a function's entry can be evicted
+    while its first call traces (it then reported 0 after 3 calls)."""
+    name, tid, counts = f"jit({fun.__name__})", threading.get_ident(), []
+
+    def listener(event, duration, **kw):
+        if event == _BACKEND_COMPILE and kw.get("fun_name") == name and threading.get_ident() == tid:
+            counts.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
+def count_compiles():
+    """``with count_compiles(f) as n: ...``: ``len(n)`` XLA compilations of ``jax.jit(f)``."""
+    return _count_compiles
