@@ -45,10 +45,12 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -760,9 +762,68 @@ def _cpu_fingerprint() -> str:
     return platform.machine() + flags
 
 
+_COMPILE_TIMEOUT_S = 180  # per attempt; a hung compiler must not block the first call for long
+_STALE_BUILD_S = 3600  # build directories of killed builders older than this are removed
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached_ok(lib: Path) -> bool:
+    """Whether ``lib`` is a complete build: its ``.sha256`` sidecar (written after the ``.so``
+    was synced and renamed into place) matches. A truncated ``.so`` crashed ``dlopen`` with a
+    bus error, and a damaged one was never rebuilt."""
+    side = lib.with_name(lib.name + ".sha256")
+    try:
+        return lib.is_file() and side.read_text().strip() == _sha256(lib)
+    except OSError:
+        return False
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_stale_builds(out_dir: Path) -> None:
+    """Build directories left by builders that were killed (``TemporaryDirectory`` cannot
+    clean up after SIGKILL)."""
+    now = time.time()
+    for d in out_dir.glob("tmp*"):
+        try:
+            if d.is_dir() and now - d.stat().st_mtime > _STALE_BUILD_S:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` in its own process group, killed as a whole on timeout (not only the
+    driver: ``cc1plus`` would keep running)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=_COMPILE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, 9)
+        except OSError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _build_kernel() -> Path:
     """Compiles the kernel into the cache (once per source / jaxlib / CPU) and returns the .so."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    cxx_env = os.environ.get("CXX", "").strip()
+    cxx = shlex.split(cxx_env) if cxx_env else None  # e.g. CXX="ccache g++"
+    if cxx is None:
+        found = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        cxx = [found] if found else None
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     include = jax.ffi.include_dir()
@@ -771,25 +832,36 @@ def _build_kernel() -> Path:
     ).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = out_dir / f"jaxbag_cpu_{key}.so"
-    if lib.is_file():
+    if _cached_ok(lib):
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         src = Path(tmp) / "bag.cc"
         src.write_text(_KERNEL_SOURCE)
         tmp_lib = Path(tmp) / "bag.so"
         errors = []
         for arch in (["-march=native"], []):
-            cmd = [cxx, "-O3", *arch, "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
+            cmd = [*cxx, "-O3", *arch, "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
                    str(src), "-o", str(tmp_lib)]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+                proc = _run_compiler(cmd)
             except OSError as e:
-                raise RuntimeError(f"the C++ compiler {cxx!r} could not be run: {e}") from e
+                raise RuntimeError(f"the C++ compiler {cxx_env or cxx[0]!r} could not be run: {e}") from e
+            except subprocess.TimeoutExpired as e:
+                raise RuntimeError(
+                    f"the C++ compiler {cxx_env or cxx[0]!r} did not finish in {_COMPILE_TIMEOUT_S} s"
+                ) from e
             if proc.returncode == 0:
+                data = tmp_lib.read_bytes()
+                _write_synced(tmp_lib, data)  # complete on disk before it gets its final name
                 os.replace(tmp_lib, lib)  # atomic: concurrent builders are fine
+                side = Path(tmp) / "bag.so.sha256"
+                _write_synced(side, hashlib.sha256(data).hexdigest().encode())
+                os.replace(side, lib.with_name(lib.name + ".sha256"))
                 return lib
-            errors.append(proc.stderr[-2000:])
+            errors.append(f"{' '.join(cmd[:3])} ... exited with {proc.returncode}: "
+                          f"{proc.stderr[-2000:] or '(no output)'}")
         raise RuntimeError("compiling the jaxbag CPU kernel failed:\n" + "\n".join(errors))
 
 
