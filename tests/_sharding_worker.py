@@ -670,6 +670,9 @@ def case_sparse():
                     bags, rg, (w1, _) = run(w0, jsh.sparse_init(opt, w0, mesh=mesh, axis_name="model"))
                     tag = f"empty batch {ids.shape} size={size} batch_axis={batch}"
                     close(bags, np.zeros((B, D)), tag)
+                    if size and (rg.rows.sharding.spec != P("model")  # (0 rows: any spec)
+                                 or rg.grads.sharding.spec != P("model", None)):
+                        raise AssertionError(f"{tag}: {rg.rows.sharding} {rg.grads.sharding}")
                     if rg.rows.shape != (4 * (size or 0),) or np.any(np.asarray(rg.rows) != V // 4):
                         raise AssertionError(f"{tag}: rows {np.asarray(rg.rows)}")
                     close(w1, d["w"], f"{tag}: table changed")

@@ -550,7 +550,22 @@ SEGMENT_CASES = {
                    [r"lengths must be 1-D", r"\(2, 2\)"]),
     "lengths_past_n": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([2, 2, 3]), 5), ValueError,
                        [r"lengths sum to 7 > num_indices = 5", r"lengths\[2\]"]),
+    "offsets_empty_with_last": (
+        lambda: jaxbag.offsets_to_segment_ids(jnp.zeros((0,), jnp.int32), 2, include_last_offset=True),
+        ValueError, [r"include_last_offset=True needs at least one offset"]),  # gave [-1, -1]
 }
+
+
+def test_segment_id_helpers_edge_cases():
+    """[] lengths were read as float ids ('lengths must be an integer array'); int64 lengths whose
+    running sum wraps passed the eager check (x64)."""
+    assert jaxbag.lengths_to_segment_ids([], 3).tolist() == [0, 0, 0]
+    assert jaxbag.offsets_to_segment_ids([], 2).tolist() == [-1, -1]
+    assert jaxbag.embedding_bag(jnp.ones((3, 2)), [], [0, 0], mode="sum").tolist() == [[0, 0], [0, 0]]
+    with jax.enable_x64(True):
+        for lengths in ([2**62] * 4, [2**63 - 1, 1]):
+            _raises(ValueError, [r"lengths\[0\] = \d+ > num_indices = 3"],
+                    lambda lengths=lengths: jaxbag.lengths_to_segment_ids(jnp.array(lengths, jnp.int64), 3))
 
 
 @pytest.mark.parametrize("name", sorted(SEGMENT_CASES))

@@ -146,6 +146,20 @@ def test_sharded_int64_ids_and_segment_ids_are_not_wrapped_into_range():
         assert touched == [3]
 
 
+def test_sharded_segment_ids_stay_sorted():
+    """x64: int64 segment ids were range-mapped with padding -> B, so sorted ids [-1, -1, 0, 0, 1]
+    reached the reductions (told the ids are sorted) as [2, 2, 0, 0, 1]."""
+    from jaxbag._src.sharding import _segment_ids_int32
+
+    with jax.enable_x64(True):
+        for dtype in (jnp.int32, jnp.int64):
+            seg = jnp.array([-5, -1, 0, 0, 1, 2, 2**20], dtype)
+            got = _segment_ids_int32(seg, 2)
+            assert got.dtype == jnp.int32 and got.tolist() == [-1, -1, 0, 0, 1, 2, 2]
+        got = _segment_ids_int32(jnp.array([0, 2**32, 2**40], jnp.int64), 1)
+        assert got.tolist() == [0, 1, 1]
+
+
 def test_a_hand_built_sharding_plan_is_checked():
     """ShardingPlan is a public dataclass; a plan built or edited by hand gave 'list index out of
     range', KeyError 'modl', or (kind 'rows') was silently taken as table-wise."""

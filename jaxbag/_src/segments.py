@@ -61,6 +61,11 @@ def offsets_to_segment_ids(
     """
     offsets = _checked_1d("offsets", offsets)
     n = _checked_num_indices(num_indices)
+    if include_last_offset and offsets.shape[0] == 0:
+        raise ValueError(
+            "include_last_offset=True needs at least one offset (the end of the last bag); got "
+            "empty offsets. For zero bags pass offsets=[0]."
+        )
     if validation.is_concrete(offsets) and offsets.shape[0] > 0:
         validation.raise_value_problems(
             0, np.broadcast_to(np.int32(0), (n,)), offsets, None,
@@ -112,6 +117,12 @@ def lengths_to_segment_ids(lengths: ArrayLike, num_indices: int) -> Array:
                 raise ValueError(
                     f"lengths[{bad[0]}] = {a[bad[0]]} is negative: lengths must be >= 0 "
                     "(0 for an empty bag)."
+                )
+            big = np.flatnonzero(a > n)  # (first: the running sum of int64 lengths could wrap)
+            if big.size:
+                raise ValueError(
+                    f"lengths[{big[0]}] = {a[big[0]]} > num_indices = {n}: lengths must sum to at "
+                    "most num_indices; pass num_indices >= sum(lengths)."
                 )
             ends = np.cumsum(a)
             if ends[-1] > n:

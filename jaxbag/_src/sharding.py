@@ -115,6 +115,14 @@ def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> 
         )
 
 
+def _segment_ids_int32(segment_ids: Array, num_bags: int) -> Array:
+    """int32 segment ids, clipped to ``[-1, B]`` in their own dtype first: padding stays padding
+    (an int64 ``2**32`` would wrap to bag 0) and sorted ids stay sorted (the segment reductions
+    are told they are)."""
+    lo, hi = jnp.asarray(-1, segment_ids.dtype), jnp.asarray(num_bags, segment_ids.dtype)
+    return jnp.clip(segment_ids, lo, hi).astype(jnp.int32)
+
+
 def place(x: Any, mesh: Mesh, spec: Any) -> Any:
     """Puts ``x`` (a pytree) on ``spec`` for ``shard_map``; needed only for Explicit meshes."""
     if mesh.axis_types and all(t == AxisType.Explicit for t in mesh.axis_types):
@@ -428,7 +436,7 @@ def embedding_bag(
         if offsets is not None:
             seg = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
-            seg = validation.to_int32(segment_ids, 0, b - 1, b)  # padding stays padding
+            seg = _segment_ids_int32(segment_ids, b)
 
         def local_1d(lw, ids, seg, w):
             inv = None
@@ -557,7 +565,7 @@ def embedding_bag_rows(
         if offsets is not None:
             seg_all = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
-            seg_all = validation.to_int32(segment_ids, 0, b - 1, b)  # padding stays padding
+            seg_all = _segment_ids_int32(segment_ids, b)
         ids_spec = P()
 
     def local_pullback(lw, ids_in, seg, w, g):
@@ -629,7 +637,12 @@ def embedding_bag_rows(
             u = 0 if size is None else size
             rows = jnp.full((n_shards * u,), num_embeddings // n_shards, jnp.int32)
             grads = jnp.zeros((n_shards * u, weight.shape[1]), acc)
-            rows, grads = place((rows, grads), mesh, (P(spec_entry(axis_name)), rows_spec))
+            specs = (P(spec_entry(axis_name)), rows_spec)
+            if all(t == AxisType.Explicit for t in mesh.axis_types):
+                rows, grads = place((rows, grads), mesh, specs)
+            else:
+                rows, grads = (jax.lax.with_sharding_constraint(a, NamedSharding(mesh, s))
+                               for a, s in zip((rows, grads), specs))
             return sparse.RowGrads(rows=rows, grads=grads)
         args = (weight, indices, seg_all, psw, g)
         specs = (

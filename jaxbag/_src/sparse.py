@@ -147,7 +147,7 @@ class LazyAdamState(NamedTuple):
 def _check_size(size: int, num_indices: int) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(
-            f"size must be a positive Python int (the number of row slots U); got size={size!r}. "
+            f"size must be a positive int (the number of row slots U); got size={size!r}. "
             f"size=None uses N={num_indices}, always enough."
         )
     return int(size)

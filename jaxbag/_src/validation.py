@@ -69,6 +69,8 @@ def as_ids(x: ArrayLike | None) -> Array | None:
     if x is None:
         return None
     x = jnp.asarray(x)
+    if x.size == 0 and jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.int32)  # [] (NumPy and JAX read it as float): no ids, not float ids
     if not jnp.issubdtype(x.dtype, jnp.integer):
         return x
     if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
