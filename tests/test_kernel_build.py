@@ -35,7 +35,9 @@ def test_a_damaged_cached_kernel_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path))
     lib = fast_forward._build_kernel()  # a fresh build in the empty cache
     assert lib.parent == tmp_path and fast_forward._cached_ok(lib)
-    assert lib.read_bytes()[:4] == good.read_bytes()[:4] == b"\x7fELF"
+    # builds are reproducible (no build-directory name in the binary): concurrent builders write
+    # the same bytes, so the sidecar of one matches the .so of another
+    assert lib.read_bytes() == good.read_bytes()
     size = lib.stat().st_size
     with open(lib, "r+b") as f:  # as a crash or an interrupted cache restore leaves it
         f.truncate(size // 2)

@@ -762,6 +762,7 @@ def _cpu_fingerprint() -> str:
     return platform.machine() + flags
 
 
+_BUILD_RECIPE = 2  # part of the cache key: bump when the build command changes
 _COMPILE_TIMEOUT_S = 180  # per attempt; a hung compiler must not block the first call for long
 _STALE_BUILD_S = 3600  # build directories of killed builders older than this are removed
 
@@ -800,11 +801,11 @@ def _remove_stale_builds(out_dir: Path) -> None:
             pass
 
 
-def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
-    """Runs ``cmd`` in its own process group, killed as a whole on timeout (not only the
-    driver: ``cc1plus`` would keep running)."""
+def _run_compiler(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` in ``cwd`` in its own process group, killed as a whole on timeout (not only
+    the driver: ``cc1plus`` would keep running)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=_COMPILE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -828,7 +829,7 @@ def _build_kernel() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        f"{_KERNEL_SOURCE}\0{jax.__version__}\0{cxx}\0{_cpu_fingerprint()}".encode()
+        f"{_KERNEL_SOURCE}\0{jax.__version__}\0{cxx}\0{_cpu_fingerprint()}\0{_BUILD_RECIPE}".encode()
     ).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = out_dir / f"jaxbag_cpu_{key}.so"
@@ -842,10 +843,12 @@ def _build_kernel() -> Path:
         tmp_lib = Path(tmp) / "bag.so"
         errors = []
         for arch in (["-march=native"], []):
+            # relative file names: the build directory's name stays out of the binary, so
+            # concurrent builders write identical bytes (and the sidecar matches either)
             cmd = [*cxx, "-O3", *arch, "-std=c++17", "-shared", "-fPIC", "-w", "-I", include,
-                   str(src), "-o", str(tmp_lib)]
+                   src.name, "-o", tmp_lib.name]
             try:
-                proc = _run_compiler(cmd)
+                proc = _run_compiler(cmd, cwd=tmp)
             except OSError as e:
                 raise RuntimeError(f"the C++ compiler {cxx_env or cxx[0]!r} could not be run: {e}") from e
             except subprocess.TimeoutExpired as e:
