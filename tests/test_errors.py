@@ -646,3 +646,18 @@ def test_mixed_int32_int64_inputs_under_x64_and_strict_promotion(id_dtype, pos_d
         red = np.max if mode == "max" else np.sum
         np.testing.assert_allclose(out["x"], np.stack([red(np.asarray(w)[[1, 2]], 0), np.asarray(w)[3]]),
                                    rtol=1e-6)
+
+
+def test_numpy_int64_ids_past_int32_are_not_wrapped_without_x64():
+    """Without x64, jnp.asarray casts NumPy int64 to int32 with wrap-around (and a warning), so
+    id 2**32 + 1 read row 1, eagerly and silently; a padding segment id 2**33 became bag 0."""
+    w = jnp.arange(8.0).reshape(4, 2)
+    for ids in (np.array([2**32 + 1]), [2**32 + 1], np.array([2**32 + 1], np.uint64)):
+        _raises(IndexError, [r"indices\[0\] = 2147483647 is out of range"],
+                lambda ids=ids: jaxbag.embedding_bag(w, ids, np.array([0]), mode="sum"))
+    got = jaxbag.embedding_bag(w, np.array([1, 3]), segment_ids=np.array([0, 2**33]), num_bags=1,
+                               mode="sum")
+    np.testing.assert_array_equal(got, w[1:2])
+    bags, pb = jaxbag.embedding_bag_rows(w, np.array([2**32 + 1, 3]), np.array([0, 1]), mode="sum")
+    np.testing.assert_array_equal(bags, np.stack([np.zeros(2), np.asarray(w)[3]]))
+    assert [int(r) for r in pb(jnp.ones((2, 2))).rows if r < 4] == [3]

@@ -64,10 +64,19 @@ def as_ids(x: ArrayLike | None) -> Array | None:
     to ``-1``, which an unsigned array cannot hold (``-1`` wraps to its largest value). Narrow
     dtypes are widened to int32; unsigned ones become the default int dtype (int32, or int64 with
     x64), values past its maximum clipped to it: they are out of range as ids, offsets and
-    segment ids either way. Float and bool arrays are left for :func:`require_int` to reject.
+    segment ids either way. Likewise NumPy int64 input without x64 is clipped to int32 (JAX's
+    own conversion wraps it around). Float and bool arrays are left for :func:`require_int`.
     """
     if x is None:
         return None
+    if not isinstance(x, jax.Array):
+        a = np.asarray(x)
+        if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
+            # jnp.asarray would cast int64 to int32 with wrap-around (a warning, then id 2**32 + 1
+            # reads row 1): clip first, so out of range stays out of range
+            info = np.iinfo(np.int32)
+            a = np.clip(a, info.min, info.max).astype(np.int32)
+        x = a
     x = jnp.asarray(x)
     if x.size == 0 and jnp.issubdtype(x.dtype, jnp.floating):
         return x.astype(jnp.int32)  # [] (NumPy and JAX read it as float): no ids, not float ids
