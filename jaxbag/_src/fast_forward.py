@@ -782,10 +782,8 @@ def _cached_ok(lib: Path) -> bool:
         return False
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
@@ -856,11 +854,11 @@ def _build_kernel() -> Path:
                     f"the C++ compiler {cxx_env or cxx[0]!r} did not finish in {_COMPILE_TIMEOUT_S} s"
                 ) from e
             if proc.returncode == 0:
-                data = tmp_lib.read_bytes()
-                _write_synced(tmp_lib, data)  # complete on disk before it gets its final name
-                os.replace(tmp_lib, lib)  # atomic: concurrent builders are fine
+                _fsync(tmp_lib)  # complete on disk before it gets its final name
                 side = Path(tmp) / "bag.so.sha256"
-                _write_synced(side, hashlib.sha256(data).hexdigest().encode())
+                side.write_text(_sha256(tmp_lib))
+                _fsync(side)
+                os.replace(tmp_lib, lib)  # atomic: concurrent builders are fine
                 os.replace(side, lib.with_name(lib.name + ".sha256"))
                 return lib
             errors.append(f"{' '.join(cmd[:3])} ... exited with {proc.returncode}: "
