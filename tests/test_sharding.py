@@ -149,7 +149,7 @@ def test_sharded_int64_ids_and_segment_ids_are_not_wrapped_into_range():
 def test_sharded_segment_ids_stay_sorted():
     """x64: int64 segment ids were range-mapped with padding -> B, so sorted ids [-1, -1, 0, 0, 1]
     reached the reductions (told the ids are sorted) as [2, 2, 0, 0, 1]."""
-    from jaxbag._src.sharding import _segment_ids_int32
+    from jaxbag._src.segments import segment_ids_int32 as _segment_ids_int32
 
     with jax.enable_x64(True):
         for dtype in (jnp.int32, jnp.int64):

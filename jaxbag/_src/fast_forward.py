@@ -1006,7 +1006,7 @@ def _primal(weight, psw, ids, bounds, cfg):
     v = weight.shape[0]
     ids32 = validation.to_int32(ids, 0, v - 1, -1)
     if layout == 0:
-        b32 = jnp.clip(bounds, -1, num_bags).astype(jnp.int32) if bounds.dtype != jnp.int32 else bounds
+        b32 = bounds if bounds.dtype == jnp.int32 else segments.segment_ids_int32(bounds, num_bags)
     else:
         b32 = validation.to_int32(bounds, 0, n, -1)
 

@@ -555,10 +555,7 @@ def _fitted_lengths(jf: JaggedFeatures) -> Array:
     k, b, s = len(jf.keys), jf.batch_size, jf.num_shards
     caps = jnp.asarray(jf.capacities, jnp.int32).reshape(k, 1, 1)
     lengths = jnp.asarray(jf.lengths).reshape(k, s, b // s)
-    # each length clipped to [0, capacity] in its own dtype (an int64 2**32 must not wrap to 0),
-    # then summed saturating at the capacity (a plain int32 cumsum of huge lengths wraps)
-    lengths = jnp.clip(lengths, 0, caps.astype(lengths.dtype)).astype(jnp.int32)
-    ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x, caps - y) + y, lengths, axis=2)
+    ends = segments.capped_ends(lengths, caps, axis=2)
     starts = jnp.concatenate([jnp.zeros((k, s, 1), jnp.int32), ends[:, :, :-1]], axis=2)
     return (ends - starts).reshape(k, b)
 

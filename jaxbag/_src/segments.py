@@ -138,12 +138,27 @@ def lengths_to_segment_ids_unchecked(lengths: Array, num_indices: int) -> Array:
     """:func:`lengths_to_segment_ids` without argument checks: a negative length counts as 0 and
     the bags are cut at ``N`` (each length clipped to ``[0, N]``, then summed saturating at
     ``N``, so neither an int64 length nor the running sum wraps int32)."""
-    n = num_indices
-    lengths = jnp.clip(lengths, 0, jnp.asarray(n, lengths.dtype)).astype(jnp.int32)
-    top = jnp.int32(n)
-    ends = jax.lax.associative_scan(lambda x, y: jnp.minimum(x, top - y) + y, lengths)
+    ends = capped_ends(lengths, num_indices)
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
-    return offsets_to_segment_ids_unchecked(offsets, n)
+    return offsets_to_segment_ids_unchecked(offsets, num_indices)
+
+
+def capped_ends(lengths: Array, cap: ArrayLike, axis: int = -1) -> Array:
+    """``int32`` running sums of ``lengths`` along ``axis``, each length clipped to
+    ``[0, cap]`` in its own dtype (an int64 ``2**32`` must not wrap to 0) and the sum saturating
+    at ``cap`` (a plain int32 cumsum of huge lengths wraps). ``cap``: an int or an int array
+    broadcasting against ``lengths``."""
+    cap = jnp.asarray(cap, jnp.int32)
+    lengths = jnp.clip(lengths, 0, cap.astype(lengths.dtype)).astype(jnp.int32)
+    return jax.lax.associative_scan(lambda x, y: jnp.minimum(x, cap - y) + y, lengths, axis=axis)
+
+
+def segment_ids_int32(segment_ids: Array, num_bags: int) -> Array:
+    """``int32`` segment ids, clipped to ``[-1, B]`` in their own dtype first, so padding stays
+    padding (an int64 ``2**32`` would wrap to bag 0) and sorted ids stay sorted (the segment
+    reductions are told they are)."""
+    lo, hi = jnp.asarray(-1, segment_ids.dtype), jnp.asarray(num_bags, segment_ids.dtype)
+    return jnp.clip(segment_ids, lo, hi).astype(jnp.int32)
 
 
 def _checked_1d(name: str, x: ArrayLike) -> Array:

@@ -115,14 +115,6 @@ def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> 
         )
 
 
-def _segment_ids_int32(segment_ids: Array, num_bags: int) -> Array:
-    """int32 segment ids, clipped to ``[-1, B]`` in their own dtype first: padding stays padding
-    (an int64 ``2**32`` would wrap to bag 0) and sorted ids stay sorted (the segment reductions
-    are told they are)."""
-    lo, hi = jnp.asarray(-1, segment_ids.dtype), jnp.asarray(num_bags, segment_ids.dtype)
-    return jnp.clip(segment_ids, lo, hi).astype(jnp.int32)
-
-
 def place(x: Any, mesh: Mesh, spec: Any) -> Any:
     """Puts ``x`` (a pytree) on ``spec`` for ``shard_map``; needed only for Explicit meshes."""
     if mesh.axis_types and all(t == AxisType.Explicit for t in mesh.axis_types):
@@ -436,7 +428,7 @@ def embedding_bag(
         if offsets is not None:
             seg = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
-            seg = _segment_ids_int32(segment_ids, b)
+            seg = segments.segment_ids_int32(segment_ids, b)
 
         def local_1d(lw, ids, seg, w):
             inv = None
@@ -565,7 +557,7 @@ def embedding_bag_rows(
         if offsets is not None:
             seg_all = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
-            seg_all = _segment_ids_int32(segment_ids, b)
+            seg_all = segments.segment_ids_int32(segment_ids, b)
         ids_spec = P()
 
     def local_pullback(lw, ids_in, seg, w, g):
