@@ -34,6 +34,7 @@ Example (a training step)::
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -153,9 +154,12 @@ def _check_size(size: int, num_indices: int) -> int:
     return int(size)
 
 
-# The keyword arguments embedding_bag_rows passes on to embedding_bag.
-_BAG_KWARGS = ("mode", "per_sample_weights", "include_last_offset", "max_norm", "norm_type",
-               "scale_grad_by_freq", "segment_ids", "num_bags")
+# The keyword arguments embedding_bag_rows passes on to embedding_bag (from its signature, so
+# the two cannot drift apart).
+_BAG_KWARGS = tuple(
+    name for name, p in inspect.signature(ops.embedding_bag).parameters.items()
+    if p.kind == inspect.Parameter.KEYWORD_ONLY and name != "padding_idx"
+)
 
 
 def check_slots(indices: Array, valid: Array, size: int | None) -> None:
