@@ -29,6 +29,8 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from jaxbag._src import validation
+
 __all__ = [
     "PackedBags",
     "bucket_size",
@@ -109,7 +111,7 @@ class PackedBags(NamedTuple):
 
 
 def _check_ladder_args(min_size: int, growth: float) -> None:
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 1:
+    if not validation.is_static_int(min_size, 1):
         raise ValueError(
             f"min_size must be a positive int, got {min_size!r}; "
             "e.g. jaxbag.bucket_size(n, min_size=128)."
@@ -151,7 +153,7 @@ def geometric_buckets(
         (100, 150, 225, 338)
     """
     _check_ladder_args(min_size, growth)
-    if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 0:
+    if not validation.is_static_int(max_size, 0):
         raise ValueError(
             f"max_size must be a non-negative int, got {max_size!r}; "
             "e.g. jaxbag.geometric_buckets(4096)."
@@ -192,7 +194,7 @@ def bucket_size(
         >>> jaxbag.bucket_size(700, bucket_sizes=(512, 1024, 2048))
         1024
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    if not validation.is_static_int(n, 0):
         raise ValueError(
             f"n must be a non-negative int (the number of ids), got {n!r}; "
             "e.g. jaxbag.bucket_size(1000)."
@@ -301,7 +303,7 @@ def pack_bags(
                 "batch_size for a batch of empty padding bags, e.g. jaxbag.pack_bags([], batch_size=32)."
             )
         batch_size = num_real
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not validation.is_static_int(batch_size, 1):
         raise ValueError(
             f"batch_size must be a positive int, got {batch_size!r}; "
             "e.g. jaxbag.pack_bags(bags, batch_size=32)."

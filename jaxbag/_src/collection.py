@@ -99,7 +99,7 @@ class TableConfig:
             raise ValueError(f"name must be a non-empty str; got name={self.name!r}.")
         for field in ("num_embeddings", "features"):
             v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            if not validation.is_static_int(v, 1):
                 raise ValueError(f"table {self.name!r}: {field} must be a positive int; got {v!r}.")
         if not self.feature_names or not all(isinstance(f, str) for f in self.feature_names):
             raise ValueError(

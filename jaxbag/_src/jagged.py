@@ -72,7 +72,7 @@ def _capacity_for(
 ) -> int:
     """The static capacity of one feature (per shard): the given one, or ``count`` rounded up."""
     if capacity is None:
-        if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        if not validation.is_static_int(round_to, 1):
             raise ValueError(
                 f"round_to must be an int >= 1 (the automatic capacity is rounded up to a multiple of "
                 f"it); got round_to={round_to!r}. For example round_to=8, or round_to=1 for none."
@@ -84,7 +84,7 @@ def _capacity_for(
             f"feature one, e.g. capacity={{..., {name!r}: {max(count, 1)}}}, or capacity=None."
         )
     cap = capacity[name] if isinstance(capacity, Mapping) else capacity
-    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 0:
+    if not validation.is_static_int(cap, 0):
         raise ValueError(f"capacity for feature {name!r} must be an int >= 0; got {cap!r}.")
     if count > cap:
         raise ValueError(

@@ -39,7 +39,7 @@ class BagSettings:
         """Raises on settings that can never work (before any parameter is created)."""
         for name in ("num_embeddings", "features"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not validation.is_static_int(value, 1):
                 raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
         validation.check_mode(self.mode)
         validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)

@@ -29,10 +29,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
-from jaxbag._src import collection, sharding
+from jaxbag._src import collection, sharding, validation
 from jaxbag._src.collection import TableConfig
 
 __all__ = ["PLACEMENTS", "ShardingPlan", "plan_sharding"]
@@ -73,7 +72,7 @@ class ShardingPlan:
                     f"placements[{i}] = {entry!r}: kind {kind!r} is not one of {PLACEMENTS}."
                 )
             if kind == "table":
-                if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < n:
+                if not validation.is_static_int(shard, 0) or shard >= n:
                     raise ValueError(
                         f"placements[{i}] = {entry!r}: a table-wise table needs a device index in "
                         f"[0, {n}) along axis_name={self.axis_name!r}; got {shard!r}."

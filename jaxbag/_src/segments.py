@@ -17,8 +17,6 @@ or past the last offset get ``B``: both are outside ``[0, B)`` and so dropped by
 
 from __future__ import annotations
 
-import operator
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,15 +168,11 @@ def _checked_1d(name: str, x: ArrayLike) -> Array:
 
 
 def _checked_num_indices(num_indices: int) -> int:
-    try:
-        n = operator.index(num_indices)
-    except TypeError:
-        n = -1
-    if n < 0:
+    if not validation.is_static_int(num_indices, 0):
         raise ValueError(
             f"num_indices must be a static int >= 0 (N, the number of ids); got {num_indices!r}."
         )
-    return n
+    return int(num_indices)
 
 
 def bag_of_positions(indices: Array, offsets: Array | None, segment_ids: Array | None) -> Array:

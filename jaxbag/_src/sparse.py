@@ -146,7 +146,7 @@ class LazyAdamState(NamedTuple):
 
 
 def _check_size(size: int, num_indices: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    if not validation.is_static_int(size, 1):
         raise ValueError(
             f"size must be a positive int (the number of row slots U); got size={size!r}. "
             f"size=None uses N={num_indices}, always enough."
@@ -210,9 +210,7 @@ def unique_rows(
     """
     indices = validation.as_ids(indices)
     validation.require_int("indices", indices)
-    if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, (int, np.integer)) or (
-        num_embeddings < 1
-    ):
+    if not validation.is_static_int(num_embeddings, 1):
         raise ValueError(
             f"num_embeddings must be a positive Python int (V, the table's rows); got "
             f"num_embeddings={num_embeddings!r}. For a table: unique_rows(ids, table.shape[0])."

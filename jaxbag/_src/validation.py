@@ -26,6 +26,14 @@ __all__ = ["MODES", "validate"]
 MODES = ("sum", "mean", "max", "sqrtn")
 
 
+def is_static_int(value: object, minimum: int | None = 0) -> bool:
+    """Whether ``value`` is a Python or NumPy int (not a bool, not an array) ``>= minimum``
+    (``minimum=None``: any int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        return False
+    return minimum is None or value >= minimum
+
+
 def is_concrete(*xs: object) -> bool:
     """Whether none of ``xs`` is a tracer (i.e. their values are known now)."""
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
@@ -43,7 +51,7 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     """Returns ``padding_idx`` in ``[0, V)`` (negative values count from the end, as torch)."""
     if padding_idx is None:
         return None
-    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+    if not is_static_int(padding_idx, None):
         raise TypeError(
             f"padding_idx must be a Python int or None; got {padding_idx!r} "
             f"of type {type(padding_idx).__name__}."
@@ -201,9 +209,7 @@ def check_static(
                     f"segment_ids must have the shape of indices {indices.shape}; got "
                     f"{segment_ids.shape}."
                 )
-            if num_bags is None or isinstance(num_bags, bool) or not isinstance(
-                num_bags, (int, np.integer)
-            ):
+            if not is_static_int(num_bags, None):
                 raise ValueError(
                     "segment_ids needs a static Python int num_bags (the number of bags B; ids >= B "
                     f"are dropped); got num_bags={num_bags!r}. For example: embedding_bag(weight, "
@@ -452,9 +458,7 @@ def validate(
       >>> print(err.get().splitlines()[0])  # doctest: +ELLIPSIS
       indices[1] = 9 is out of range for a table of num_embeddings=4: ...
     """
-    if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, (int, np.integer)) or (
-        num_embeddings < 0
-    ):
+    if not is_static_int(num_embeddings, 0):
         raise ValueError(
             f"num_embeddings must be a static int >= 0 (V, the table's rows); got "
             f"{num_embeddings!r}. For example: jaxbag.validate(weight.shape[0], indices, offsets)."
