@@ -95,3 +95,25 @@ def test_build_directories_of_killed_builders_are_removed(tmp_path):
     fast_forward._remove_stale_builds(tmp_path)
     assert not old.exists() and new.is_dir() and keep.exists()
     shutil.rmtree(new)
+
+
+@pytest.mark.parametrize(
+    "jaxbag_cache, xdg, expected",
+    [
+        ("/srv/jb", "/xdg", "/srv/jb"),  # JAXBAG_CACHE_DIR wins
+        (None, "/xdg", "/xdg/jaxbag"),
+        (None, None, "HOME/.cache/jaxbag"),
+        # an empty XDG_CACHE_HOME put the kernel in ./jaxbag (inside a source checkout: the
+        # package folder); the XDG spec says to ignore empty and relative values
+        (None, "", "HOME/.cache/jaxbag"),
+        (None, "rel/cache", "HOME/.cache/jaxbag"),
+    ],
+)
+def test_cache_dir_follows_the_xdg_rules(monkeypatch, tmp_path, jaxbag_cache, xdg, expected):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name, value in (("JAXBAG_CACHE_DIR", jaxbag_cache), ("XDG_CACHE_HOME", xdg)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert fast_forward._cache_dir() == Path(expected.replace("HOME", str(tmp_path)))

@@ -219,3 +219,14 @@ def test_to_torch_keeps_freeze_and_conversion_errors():
         jaxbag.nnx.EmbeddingBag.from_torch(torch.nn.Embedding(4, 2))
     with pytest.raises(TypeError, match=r"embeddings must be a floating-point table; got dtype int"):
         jaxbag.nnx.EmbeddingBag.from_pretrained(np.ones((3, 2), np.int32))
+
+
+def test_to_torch_without_torch_says_how_to_install_it(monkeypatch):
+    """torch is not a dependency of jaxbag: to_torch gave a bare ModuleNotFoundError."""
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if not installed
+    lin = jaxbag.EmbeddingBag(10, 4, mode="sum")
+    variables = {"params": {"embedding": _table()}}
+    with pytest.raises(ImportError, match=r"to_torch needs PyTorch.*pip install torch"):
+        lin.to_torch(variables)
+    with pytest.raises(ImportError, match=r"to_torch needs PyTorch"):
+        jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0)).to_torch()

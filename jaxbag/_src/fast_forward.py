@@ -56,6 +56,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax import Array, lax
 
@@ -746,7 +747,10 @@ def _cache_dir() -> Path:
     env = os.environ.get("JAXBAG_CACHE_DIR")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxbag"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # XDG: an empty or relative XDG_CACHE_HOME is ignored (a relative one would put the kernel
+    # in whatever directory the process happens to run in)
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "jaxbag"
 
 
 def _cpu_fingerprint() -> str:
@@ -827,7 +831,7 @@ def _build_kernel() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        f"{_KERNEL_SOURCE}\0{jax.__version__}\0{cxx}\0{_cpu_fingerprint()}\0{_BUILD_RECIPE}".encode()
+        f"{_KERNEL_SOURCE}\0{jax.__version__}\0{jaxlib.__version__}\0{cxx}\0{_cpu_fingerprint()}\0{_BUILD_RECIPE}".encode()
     ).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = out_dir / f"jaxbag_cpu_{key}.so"
@@ -892,7 +896,7 @@ def cpu_kernel_status() -> tuple[bool, str]:
 
     The kernel is compiled with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
     against the XLA FFI headers shipped in jaxlib, into ``$JAXBAG_CACHE_DIR`` (default
-    ``~/.cache/jaxbag``). Set ``JAXBAG_DISABLE_CPU_KERNEL=1`` to never use it. Without it every
+    ``$XDG_CACHE_HOME/jaxbag``, or ``~/.cache/jaxbag`` when that is unset, empty or relative). Set ``JAXBAG_DISABLE_CPU_KERNEL=1`` to never use it. Without it every
     call takes the pure-XLA path (same values and gradients).
 
     Returns:

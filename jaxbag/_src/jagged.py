@@ -348,10 +348,10 @@ class JaggedFeatures:
     def from_lengths(
         cls,
         keys: Sequence[str],
-        values: ArrayLike,
-        lengths: ArrayLike,
+        values: ArrayLike | Sequence[int],
+        lengths: ArrayLike | Sequence[int],
         *,
-        weights: ArrayLike | None = None,
+        weights: ArrayLike | Sequence[float] | None = None,
         capacity: int | Mapping[str, int] | None = None,
         num_shards: int = 1,
         round_to: int = 8,
@@ -413,9 +413,13 @@ class JaggedFeatures:
     def from_offsets(
         cls,
         keys: Sequence[str],
-        values: ArrayLike,
-        offsets: ArrayLike,
-        **kwargs: Any,
+        values: ArrayLike | Sequence[int],
+        offsets: ArrayLike | Sequence[int],
+        *,
+        weights: ArrayLike | Sequence[float] | None = None,
+        capacity: int | Mapping[str, int] | None = None,
+        num_shards: int = 1,
+        round_to: int = 8,
     ) -> JaggedFeatures:
         """As :meth:`from_lengths`, with TorchRec's ``offsets [K * B + 1]`` instead of lengths.
 
@@ -423,7 +427,7 @@ class JaggedFeatures:
           keys: ``K`` feature names.
           values: ``int [offsets[-1]]`` flat ids, key-major.
           offsets: ``int [K * B + 1]`` non-decreasing, starting at 0.
-          **kwargs: ``weights``, ``capacity``, ``num_shards``, ``round_to`` of :meth:`from_lengths`.
+          weights, capacity, num_shards, round_to: as :meth:`from_lengths`.
 
         Returns:
           A :class:`JaggedFeatures`.
@@ -457,7 +461,10 @@ class JaggedFeatures:
                 f"offsets[{j}] = {offsets[j]} is smaller than offsets[{j - 1}] = {offsets[j - 1]}: "
                 "offsets must be non-decreasing (equal offsets make empty bags)."
             )
-        return cls.from_lengths(keys, values, np.diff(offsets), **kwargs)
+        return cls.from_lengths(
+            keys, values, np.diff(offsets),
+            weights=weights, capacity=capacity, num_shards=num_shards, round_to=round_to,
+        )
 
     @classmethod
     def _from_flat(cls, keys, flat, lengths, flat_w, *, capacity, num_shards, round_to):

@@ -180,7 +180,13 @@ def settings_from_torch(
 def make_torch_module(settings: BagSettings, table: ArrayLike, *, freeze: bool = False) -> Any:
     """Builds a ``torch.nn.EmbeddingBag`` with ``settings`` and the weight ``table`` (imports torch);
     a frozen table becomes a weight with ``requires_grad=False``, as torch's ``freeze=True``."""
-    import torch  # noqa: PLC0415  (only when asked for)
+    try:
+        import torch  # noqa: PLC0415  (only when asked for)
+    except ImportError as e:
+        raise ImportError(
+            "to_torch needs PyTorch, which jaxbag does not install: pip install torch (for the CPU "
+            "build: pip install torch --index-url https://download.pytorch.org/whl/cpu)."
+        ) from e
 
     if settings.mode == "sqrtn":
         raise ValueError("torch's EmbeddingBag has no mode='sqrtn'; use 'sum', 'mean' or 'max'.")
