@@ -651,6 +651,17 @@ def case_sparse():
         if got != expect:
             raise AssertionError(f"sparse rows {mname}: touched {got}, the bags hold {expect}")
 
+    # bf16 / f16 tables: a row's gradient is summed in float32 (3000 ones: 3000, not bf16's 256
+    # or f16's 2048), as on one device; it was summed in the table's dtype.
+    ids = jnp.zeros((3000, 1), jnp.int32)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        w0 = jsh.shard_table(jnp.ones((V, D), dtype), ms["1d"], "model")
+        _, pb = jsh.embedding_bag_rows(w0, ids, mesh=ms["1d"], axis_name="model", mode="sum")
+        rg = pb(jnp.ones((3000, D), dtype))
+        got = np.asarray(rg.grads)[np.asarray(rg.rows) == 0]
+        if rg.grads.dtype != jnp.float32 or got.tolist() != [[3000.0] * D]:
+            raise AssertionError(f"sharded {jnp.dtype(dtype).name} row grads {rg.grads.dtype} {got}")
+
     # A batch without ids (1-D N = 0, 2-D [B, 0]): zero bags and no row touched, as on one
     # device (with batch_axis the pullback used to fail in jax.vjp / an all_gather of 0 ids).
     mesh = ms["2d"]

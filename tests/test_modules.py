@@ -230,3 +230,18 @@ def test_to_torch_without_torch_says_how_to_install_it(monkeypatch):
         lin.to_torch(variables)
     with pytest.raises(ImportError, match=r"to_torch needs PyTorch"):
         jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0)).to_torch()
+
+
+@pytest.mark.parametrize("name, value", [("param_dtype", jnp.int32), ("param_dtype", jnp.complex64),
+                                         ("dtype", jnp.int32), ("dtype", "not-a-dtype")])
+def test_module_dtypes_must_be_floating(name, value):
+    """An int param_dtype failed inside flax's initialiser ("dtype argument to 'normal'"), a
+    complex one only at the first call ("weight must be a floating-point table"): neither named
+    the module's argument."""
+    shown = value if isinstance(value, str) else jnp.dtype(value).name
+    match = rf"{name} must be a floating-point dtype .*got {name}='?{shown}"
+    ids, offsets = jnp.array([0, 1]), jnp.array([0])
+    with pytest.raises(TypeError, match=match):
+        jaxbag.EmbeddingBag(5, 2, **{name: value}).init(jax.random.key(0), ids, offsets)
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBag(5, 2, **{name: value}, rngs=nnx.Rngs(0))

@@ -617,3 +617,30 @@ def test_the_pullback_has_forward_mode_derivatives_on_both_paths(mode, path):
     h_rows, h_dense = jax.jit(jax.hessian(loss(rows)))(g0), jax.hessian(loss(dense))(g0)
     np.testing.assert_allclose(h_rows, h_dense, rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(h_rows)).max() > 0
+
+
+def test_grad_through_the_rows_bags_keeps_scale_grad_by_freq(path):
+    """jax.grad through embedding_bag_rows' bags (not its pullback) dropped scale_grad_by_freq's
+    1/count: they were jax.vjp's primal output, whose derivative skips the custom rule."""
+    w = jnp.asarray(np.arange(30.0).reshape(10, 3) / 10, jnp.float32)
+    ids, offs = jnp.array([1, 4, 4, 7]), jnp.array([0])  # one bag, row 4 twice
+    kw = dict(mode="sum", scale_grad_by_freq=True)
+    want = jax.grad(lambda w: jaxbag.embedding_bag(w, ids, offs, **kw).sum())(w)
+    got = jax.grad(lambda w: sparse.embedding_bag_rows(w, ids, offs, **kw)[0].sum())(w)
+    np.testing.assert_array_equal(got, want)
+    assert got[4].tolist() == [1.0, 1.0, 1.0]  # 2 occurrences / 2
+    rg = sparse.embedding_bag_rows(w, ids, offs, **kw)[1](jnp.ones((1, 3), jnp.float32))
+    np.testing.assert_array_equal(rg.grads[:3], want[jnp.array([1, 4, 7])])
+
+
+def test_scale_grad_by_freq_is_exact_for_float64_tables():
+    """1/count was computed in float32, so a float64 table's gradient was float32-accurate
+    (3 * float32(1/3) != 1)."""
+    with jax.enable_x64(True):
+        w = jnp.ones((4, 2), jnp.float64)
+        ids, offs = jnp.array([1, 1, 1]), jnp.array([0])
+        kw = dict(mode="sum", scale_grad_by_freq=True)
+        g = jax.grad(lambda w: jaxbag.embedding_bag(w, ids, offs, **kw).sum())(w)
+        assert g.dtype == jnp.float64 and g[1].tolist() == [1.0, 1.0]
+        rg = sparse.embedding_bag_rows(w, ids, offs, **kw)[1](jnp.ones((1, 2), jnp.float64))
+        assert rg.grads.dtype == jnp.float64 and rg.grads[0].tolist() == [1.0, 1.0]

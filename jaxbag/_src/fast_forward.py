@@ -61,7 +61,7 @@ import numpy as np
 from jax import Array, lax
 
 from jaxbag._src import bag_terms, segments, validation
-from jaxbag._src.dtypes import acc_dtype
+from jaxbag._src.dtypes import acc_dtype, take_rows, take_tangent_rows
 
 __all__ = ["bag_reduce", "cpu_kernel_status"]
 
@@ -108,7 +108,14 @@ class _Prep:
         """``[N, D]`` rows of ``table`` (the weight or its tangent) in the accumulation dtype at the
         valid positions, exact zeros elsewhere: the placeholder row read there may hold inf or
         NaN, and a zero weight would not cancel it (0 * inf is NaN)."""
-        rows = jnp.take(table, self.safe_ids, axis=0).astype(self.acc)
+        return self._masked(take_rows(table, self.safe_ids))
+
+    def tangent_rows(self, d_table: Array) -> Array:
+        """As :meth:`rows` for a tangent of the table: its transpose sums in the accumulation
+        dtype (:func:`~jaxbag._src.dtypes.take_tangent_rows`)."""
+        return self._masked(take_tangent_rows(d_table, self.safe_ids))
+
+    def _masked(self, rows: Array) -> Array:
         return jnp.where(self.valid[:, None], rows, jnp.zeros((), self.acc))
 
 
@@ -1043,26 +1050,32 @@ def _bag_reduce_jvp(cfg, primals, tangents):
             pos = jnp.minimum(arg, n - 1)
             rows = prep.safe_ids[pos]  # [B, D]
             cols = jnp.arange(weight.shape[1], dtype=jnp.int32)[None, :]
-            picked = d_weight[rows, cols].astype(acc)
+            picked = d_weight.astype(acc)[rows, cols]  # cast first: transposed, summed in acc
             t = t + jnp.where(ok, picked, jnp.zeros((), acc))
         else:
             coef = prep.w if prep.inv_den is None else prep.w * prep.inv_den[prep.seg_c]
-            d_rows = prep.rows(d_weight) * coef[:, None]
+            d_rows = prep.tangent_rows(d_weight) * coef[:, None]
             t = t + jax.ops.segment_sum(d_rows, seg, num_segments=num_bags, indices_are_sorted=True)
     if psw is not None and not isinstance(d_psw, jax.custom_derivatives.SymbolicZero):
         dw = jnp.where(prep.valid, d_psw.astype(acc), jnp.zeros((), acc))
-        d_sum = jax.ops.segment_sum(prep.rows(weight) * dw[:, None], seg, num_segments=num_bags,
+        rows = prep.rows(weight)
+        d_sum = jax.ops.segment_sum(rows * dw[:, None], seg, num_segments=num_bags,
                                     indices_are_sorted=True)
         if mode == "sum":
             t = t + d_sum
         else:
+            if out.dtype == acc:
+                out_acc = out
+            else:  # the output before its rounding to bf16 / f16: d out / d w_k = (x_k - out) / den
+                out_acc = jax.ops.segment_sum(rows * prep.w[:, None], seg, num_segments=num_bags,
+                                              indices_are_sorted=True) * prep.inv_den[:, None]
             if mode == "mean":
                 d_den = jax.ops.segment_sum(dw, seg, num_segments=num_bags, indices_are_sorted=True)
             else:  # sqrtn: den = sqrt(sum w^2) -> d den = sum(w dw) / den
                 d_den = jax.ops.segment_sum(
                     prep.w * dw, seg, num_segments=num_bags, indices_are_sorted=True
                 ) * prep.inv_den
-            t = t + (d_sum - out.astype(acc) * d_den[:, None]) * prep.inv_den[:, None]
+            t = t + (d_sum - out_acc * d_den[:, None]) * prep.inv_den[:, None]
     return (out, arg), (t.astype(out.dtype), np.zeros(arg.shape, jax.dtypes.float0))
 
 

@@ -77,6 +77,7 @@ class EmbeddingBag(nn.Module):
 
     def setup(self) -> None:
         self.settings.check()
+        self.settings.check_dtypes(self.dtype, self.param_dtype)
         self.embedding = self.param(
             "embedding",
             common.padded_init(self.embedding_init, self.padding_idx, self.num_embeddings),

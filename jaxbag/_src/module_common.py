@@ -44,6 +44,25 @@ class BagSettings:
         validation.check_mode(self.mode)
         validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
 
+    @staticmethod
+    def check_dtypes(dtype: Any, param_dtype: Any) -> None:
+        """Raises unless ``param_dtype`` (and ``dtype``, unless ``None``) is a float dtype: an int
+        one failed inside flax's initialiser, a complex one only at the first call, both with
+        messages that did not name the module's argument."""
+        for name, value in (("param_dtype", param_dtype), ("dtype", dtype)):
+            if value is None and name == "dtype":
+                continue
+            try:
+                got = jnp.dtype(value)
+            except TypeError:
+                got = None
+            if got is None or not jnp.issubdtype(got, jnp.floating):
+                shown = repr(value) if got is None else got.name
+                raise TypeError(
+                    f"{name} must be a floating-point dtype (float32, bfloat16, float16, float64); "
+                    f"got {name}={shown}. For example: EmbeddingBag(..., {name}=jnp.bfloat16)."
+                )
+
     def op_kwargs(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         del d["num_embeddings"], d["features"]

@@ -87,6 +87,7 @@ class EmbeddingBag(nnx.Module):
             include_last_offset=include_last_offset,
         )
         self.settings.check()
+        self.settings.check_dtypes(dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
         init = common.padded_init(embedding_init, padding_idx, num_embeddings)

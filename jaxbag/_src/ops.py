@@ -13,7 +13,7 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxbag._src import bag_terms, fast_forward, segments, validation
-from jaxbag._src.dtypes import acc_dtype
+from jaxbag._src.dtypes import acc_dtype, take_rows
 
 __all__ = ["embedding_bag", "renorm"]
 
@@ -64,9 +64,12 @@ def inverse_counts(
     valid: Array,
     sentinel: int,
     *,
+    dtype: jnp.dtype,
     among: tuple[Array, Array] | None = None,
 ) -> Array:
-    """``[N]`` 1 / (occurrences of ``ids[i]``); sort-based, no ``[V]`` array.
+    """``[N]`` 1 / (occurrences of ``ids[i]``) in ``dtype`` (the accumulation dtype: float64
+    for a float64 table, whose gradient a float32 1/3 would leave float32-accurate); sort-based,
+    no ``[V]`` array.
 
     Occurrences are counted among the valid positions of ``among = (all_ids, all_valid)`` (by
     default ``(ids, valid)`` itself); positions that are not valid get 1. ``sentinel`` is any id
@@ -77,7 +80,7 @@ def inverse_counts(
     q = jnp.where(valid, ids, sentinel)
     counts = jnp.searchsorted(keys, q, side="right") - jnp.searchsorted(keys, q, side="left")
     counts = jnp.where(valid, counts, 1)
-    return 1.0 / jnp.maximum(counts, 1).astype(jnp.float32)
+    return 1 / jnp.maximum(counts, 1).astype(dtype)
 
 
 def lookup_rows(
@@ -96,7 +99,7 @@ def lookup_rows(
     """
     acc = acc_dtype(weight.dtype)
     safe_ids = jnp.where(take, ids, jnp.zeros((), ids.dtype))
-    rows = jnp.take(weight, safe_ids, axis=0, mode="clip").astype(acc)
+    rows = take_rows(weight, safe_ids)
     # Exact zeros where not taken: the placeholder row 0 may hold inf or NaN (0 * inf is NaN).
     rows = jnp.where(take[:, None], rows, jnp.zeros((), acc))
     if max_norm is not None:
@@ -225,7 +228,8 @@ def embedding_bag(
       num_bags: static ``B`` for ``segment_ids``.
 
     Returns:
-      ``[B, D]`` array of ``weight.dtype`` (accumulated in float32 for narrower tables).
+      ``[B, D]`` array of ``weight.dtype`` (accumulated in float32 for narrower tables; their
+      gradients too, rounded to ``weight.dtype`` once).
       Empty bags (and bags of only padding or dropped ids) give zeros in every mode, with zero
       gradient.
 
@@ -331,7 +335,10 @@ def _embedding_bag(
     seg = segments.bag_of_positions(indices, offsets, segment_ids)
 
     valid = bag_terms.valid_positions(ids, seg, num_embeddings, b, pad)
-    inverse_freq = inverse_counts(ids, valid, num_embeddings) if scale_grad_by_freq else None
+    inverse_freq = (
+        inverse_counts(ids, valid, num_embeddings, dtype=acc_dtype(weight.dtype))
+        if scale_grad_by_freq else None
+    )
     rows = lookup_rows(
         weight, ids, valid, max_norm=max_norm, norm_type=norm_type, inverse_freq=inverse_freq
     )

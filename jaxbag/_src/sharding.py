@@ -409,7 +409,9 @@ def embedding_bag(
                 if batch_axes:  # counts over the whole batch, not this device's share of it
                     all_ids = jax.lax.all_gather(ids, batch_axes, tiled=True)
                     all_ok = jax.lax.all_gather(ok, batch_axes, tiled=True)
-                inv = ops.inverse_counts(ids, ok, num_embeddings, among=(all_ids, all_ok))
+                inv = ops.inverse_counts(
+                    ids, ok, num_embeddings, dtype=acc_dtype(lw.dtype), among=(all_ids, all_ok)
+                )
             return embedding_bag_in_shard_map(
                 lw,
                 ids,
@@ -436,7 +438,7 @@ def embedding_bag(
                 ok = (ids >= 0) & (ids < num_embeddings) & (seg >= 0) & (seg < b)
                 if pad is not None:
                     ok = ok & (ids != pad)
-                inv = ops.inverse_counts(ids, ok, num_embeddings)
+                inv = ops.inverse_counts(ids, ok, num_embeddings, dtype=acc_dtype(lw.dtype))
             if batch_axes:  # this device's block of bags
                 first_bag = jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
                 seg = seg - first_bag
@@ -594,8 +596,10 @@ def embedding_bag_rows(
         row0 = (jax.lax.axis_index(row_axes) * r).astype(jnp.int32)
         local_rows = rows - row0
         own = (local_rows >= 0) & (local_rows < r)
-        compact = jnp.take(lw, jnp.clip(local_rows, 0, r - 1), axis=0)
-        compact = jnp.where(own[:, None], compact, jnp.zeros((), lw.dtype))
+        # in the accumulation dtype, so the vjp sums a row's gradient in float32 for bf16 / f16
+        # tables (as jaxbag.embedding_bag_rows does), not in the table's dtype
+        compact = jnp.take(lw, jnp.clip(local_rows, 0, r - 1), axis=0).astype(acc)
+        compact = jnp.where(own[:, None], compact, jnp.zeros((), acc))
         owned = (inverse < u) & jnp.take(own, jnp.clip(inverse, 0, u - 1))
         inverse = jnp.where(slotless, 0, inverse)
 

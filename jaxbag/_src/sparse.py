@@ -432,7 +432,12 @@ def _rows_local(
             table = jnp.concatenate([table, extra], axis=0)
         return ops.embedding_bag(table, inverse, offsets, padding_idx=u, **kwargs)
 
-    bags, vjp = jax.vjp(bag, local)
+    # The bags from a direct call, not jax.vjp's primal output: differentiated from outside,
+    # that output is the custom rules' forward code, so scale_grad_by_freq's 1/count was lost
+    # (jax.grad through the bags gave row gradients as if it were off). Under jit, XLA shares
+    # the two forward computations.
+    bags = bag(local)
+    _, vjp = jax.vjp(bag, jax.lax.stop_gradient(local))
 
     def pullback(g: Array) -> RowGrads:
         (g_local,) = vjp(jnp.asarray(g).astype(acc))
