@@ -619,9 +619,11 @@ def test_the_pullback_has_forward_mode_derivatives_on_both_paths(mode, path):
     assert np.abs(np.asarray(h_rows)).max() > 0
 
 
-def test_grad_through_the_rows_bags_keeps_scale_grad_by_freq(path):
+def test_grad_through_the_rows_bags_keeps_scale_grad_by_freq():
     """jax.grad through embedding_bag_rows' bags (not its pullback) dropped scale_grad_by_freq's
-    1/count: they were jax.vjp's primal output, whose derivative skips the custom rule."""
+    1/count: they were jax.vjp's primal output, whose derivative skips the custom rule. Forward
+    mode now raises, as for embedding_bag (scale_grad_by_freq is reverse-mode only); it gave the
+    unscaled tangent."""
     w = jnp.asarray(np.arange(30.0).reshape(10, 3) / 10, jnp.float32)
     ids, offs = jnp.array([1, 4, 4, 7]), jnp.array([0])  # one bag, row 4 twice
     kw = dict(mode="sum", scale_grad_by_freq=True)
@@ -631,6 +633,8 @@ def test_grad_through_the_rows_bags_keeps_scale_grad_by_freq(path):
     assert got[4].tolist() == [1.0, 1.0, 1.0]  # 2 occurrences / 2
     rg = sparse.embedding_bag_rows(w, ids, offs, **kw)[1](jnp.ones((1, 3), jnp.float32))
     np.testing.assert_array_equal(rg.grads[:3], want[jnp.array([1, 4, 7])])
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda w: sparse.embedding_bag_rows(w, ids, offs, **kw)[0], (w,), (w,))
 
 
 def test_scale_grad_by_freq_is_exact_for_float64_tables():

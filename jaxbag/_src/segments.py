@@ -17,6 +17,8 @@ or past the last offset get ``B``: both are outside ``[0, B)`` and so dropped by
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,11 +170,15 @@ def _checked_1d(name: str, x: ArrayLike) -> Array:
 
 
 def _checked_num_indices(num_indices: int) -> int:
-    if not validation.is_static_int(num_indices, 0):
+    try:  # anything with __index__ (a NumPy 0-d int array too); a tracer is not static
+        n = operator.index(num_indices)
+    except TypeError:
+        n = -1
+    if n < 0:
         raise ValueError(
             f"num_indices must be a static int >= 0 (N, the number of ids); got {num_indices!r}."
         )
-    return int(num_indices)
+    return n
 
 
 def bag_of_positions(indices: Array, offsets: Array | None, segment_ids: Array | None) -> Array:
