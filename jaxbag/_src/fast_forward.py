@@ -838,7 +838,8 @@ def _build_kernel() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        f"{_KERNEL_SOURCE}\0{jax.__version__}\0{jaxlib.__version__}\0{cxx}\0{_cpu_fingerprint()}\0{_BUILD_RECIPE}".encode()
+        f"{_KERNEL_SOURCE}\0{jax.__version__}\0{jaxlib.__version__}\0{cxx}\0{_cpu_fingerprint()}"
+        f"\0{_BUILD_RECIPE}".encode()
     ).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = out_dir / f"jaxbag_cpu_{key}.so"
@@ -903,8 +904,9 @@ def cpu_kernel_status() -> tuple[bool, str]:
 
     The kernel is compiled with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
     against the XLA FFI headers shipped in jaxlib, into ``$JAXBAG_CACHE_DIR`` (default
-    ``$XDG_CACHE_HOME/jaxbag``, or ``~/.cache/jaxbag`` when that is unset, empty or relative). Set ``JAXBAG_DISABLE_CPU_KERNEL=1`` to never use it. Without it every
-    call takes the pure-XLA path (same values and gradients).
+    ``$XDG_CACHE_HOME/jaxbag``, or ``~/.cache/jaxbag`` when that is unset, empty or relative).
+    Set ``JAXBAG_DISABLE_CPU_KERNEL=1`` to never use it. Without it every call takes the
+    pure-XLA path (same values and gradients).
 
     Returns:
       ``(available, message)``.
