@@ -27,7 +27,9 @@ from reference import (
     numeric_vjp,
 )
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          # fp8 tables: accumulated in float32 like bf16 (gather, reduce and gradients)
+          "float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
 FORMS = ("offsets", "offsets_last", "2d", "segments")
 STATIC = ("mode", "padding_idx", "include_last_offset", "max_norm", "norm_type", "scale_grad_by_freq", "num_bags")
 
@@ -355,7 +357,7 @@ NARROW_GRAD_OPS = {
 
 @pytest.mark.parametrize("op", list(NARROW_GRAD_OPS))
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float8_e4m3fn"])
 def test_narrow_table_gradients_are_summed_in_float32(dtype_name, mode, op):
     """A row read by 2,000 ids: its gradient was summed id by id in bf16 / f16 (errors of 20 on
     a gradient of 140 in bf16, worse than torch's 18); now it is summed in float32 and rounded
