@@ -14,8 +14,7 @@ from pathlib import Path
 PRELUDE = '''
 import functools
 import jax, jax.numpy as jnp, numpy as np, optax, jaxbag
-from flax import nnx, linen as nn
-from jax.sharding import AxisType
+from flax import nnx
 
 key = jax.random.key(0)
 table = jax.random.normal(key, (10_000, 64))     # [V, D]

@@ -74,6 +74,11 @@ def test_capacity_default_and_errors():
     key = sorted(FEATS)[1]
     with pytest.raises(ValueError, match=f"capacity has no entry for feature '{key}'"):
         jaxbag.JaggedFeatures.from_lists(FEATS, capacity={sorted(FEATS)[0]: 16})
+    # a misspelt key next to the real ones was ignored; a bare id was a bag of one
+    with pytest.raises(ValueError, match=r"capacity has keys that are not features: \['wrods'\]"):
+        jaxbag.JaggedFeatures.from_lists(FEATS, capacity={**{k: 16 for k in FEATS}, "wrods": 4})
+    with pytest.raises(ValueError, match=r"features\['user'\]\[0\] = 1 is a single id, not a bag"):
+        jaxbag.JaggedFeatures.from_lists({"user": [1, 2]})
     for bad in (0, -1, -8, 2.5):
         with pytest.raises(ValueError, match=rf"round_to must be an int >= 1.*round_to={bad}"):
             jaxbag.JaggedFeatures.from_lists(FEATS, round_to=bad)

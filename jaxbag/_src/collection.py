@@ -723,7 +723,7 @@ def embedding_bag_collection(
 
     Raises:
       IndexError: eagerly, an id outside ``[0, V_t)`` of its feature's table, naming the feature,
-        the table, the id and its position. Under ``jit`` such an id contributes zeros: it never
+        the table, the id and its position. Under ``jit`` such an id is skipped: it never
         reads a row of another table in the same group (nor ``padding_idx``'s row).
 
     Examples:

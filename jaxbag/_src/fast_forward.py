@@ -912,6 +912,7 @@ def cpu_kernel_status() -> tuple[bool, str]:
       ``(available, message)``.
 
     Examples:
+      >>> from jaxbag._src.fast_forward import cpu_kernel_status
       >>> ok, why = cpu_kernel_status()
       >>> isinstance(ok, bool) and isinstance(why, str)
       True
@@ -1132,6 +1133,7 @@ def bag_reduce(
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> from jaxbag._src.fast_forward import bag_reduce
       >>> w = jnp.array([[1., 2.], [3., 4.], [5., 6.]])
       >>> bag_reduce(w, jnp.array([0, 2, 1]), jnp.array([0, 0, 1]), 2, mode="sum").tolist()
       [[6.0, 8.0], [3.0, 4.0]]

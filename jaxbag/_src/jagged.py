@@ -67,6 +67,17 @@ def _as_ids(x: Any, what: str) -> np.ndarray:
     return a.reshape(-1).astype(np.int64)
 
 
+def _bag_ids(x: Any, what: str) -> np.ndarray:
+    """:func:`_as_ids` of one example's bag; a bare id is an error (``pack_bags`` refuses it too),
+    not a bag of one."""
+    if np.ndim(x) == 0:
+        raise ValueError(
+            f"{what} = {x!r} is a single id, not a bag: each example's ids are a list, e.g. "
+            "{'user': [[1], [2]]} for two examples with one id each."
+        )
+    return _as_ids(x, what)
+
+
 def _capacity_for(
     name: str, count: int, capacity: int | Mapping[str, int] | None, round_to: int
 ) -> int:
@@ -312,7 +323,7 @@ class JaggedFeatures:
           (('words', 'tags'), 3, [[2, 0, 1], [1, 1, 0]])
         """
         keys = _check_keys(list(features))
-        bags = {k: [_as_ids(b, f"features[{k!r}][{j}]") for j, b in enumerate(features[k])]
+        bags = {k: [_bag_ids(b, f"features[{k!r}][{j}]") for j, b in enumerate(features[k])]
                 for k in keys}
         sizes = {k: len(v) for k, v in bags.items()}
         if len(set(sizes.values())) != 1:
@@ -468,6 +479,11 @@ class JaggedFeatures:
 
     @classmethod
     def _from_flat(cls, keys, flat, lengths, flat_w, *, capacity, num_shards, round_to):
+        if isinstance(capacity, Mapping) and set(capacity) - set(keys):
+            raise ValueError(  # a misspelt key was ignored when the real ones were there too
+                f"capacity has keys that are not features: {sorted(set(capacity) - set(keys))}; "
+                f"the features are {list(keys)}."
+            )
         k, b = lengths.shape
         bs = b // num_shards
         starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1))])  # key-major bag starts

@@ -42,6 +42,7 @@ class BagSettings:
             if not validation.is_static_int(value, 1):
                 raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
         validation.check_mode(self.mode)
+        validation.check_norm(self.max_norm, self.norm_type)
         validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
 
     @staticmethod

@@ -200,7 +200,7 @@ def embedding_bag(
                         (ids whose segment is >= num_bags are padding: dropped; static shapes)
 
     Args:
-      weight: ``float [V, D]`` table (float32, bfloat16, float16 or float64).
+      weight: ``float [V, D]`` table (float32, bfloat16, float16, float8 or float64).
       indices: ``int [N]`` ids (with ``offsets`` or ``segment_ids``) or ``int [B, L]`` (each row is
         a bag). int32 or int64.
       offsets: ``int [B]`` start of each bag in ``indices`` (``int [B+1]`` with
@@ -238,7 +238,8 @@ def embedding_bag(
         and the first offending position. Ids at padding positions (segment id outside ``[0, B)``,
         at or past the last offset) are never read, so their values are not checked. Value checks
         (ids in range, offsets well formed, segment ids sorted) need concrete values: under
-        ``jit``/``vmap`` an out-of-range id contributes zeros (never another row), and ill-formed
+        ``jit``/``vmap`` an out-of-range id is skipped as ``padding_idx`` is (it reads no row, is not
+        counted in a mean, is no max candidate), and ill-formed
         offsets or unsorted segment ids only regroup ids (each in at most one bag; which one, and
         the gradient, are unspecified); use :func:`jaxbag.validate` with
         :mod:`jax.experimental.checkify` to check them there.
@@ -299,6 +300,7 @@ def _embedding_bag(
     offsets, segment_ids = validation.as_ids(offsets), validation.as_ids(segment_ids)
     per_sample_weights = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     validation.check_table(weight)
+    validation.check_norm(max_norm, norm_type)
     num_embeddings, features = weight.shape
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
     layout = validation.check_arguments(
@@ -372,6 +374,7 @@ def renorm(
     """
     weight = jnp.asarray(weight)
     validation.check_table(weight)
+    validation.check_norm(max_norm, norm_type)
     ids = validation.as_ids(indices)
     validation.require_int("indices", ids)
     ids = ids.reshape(-1)

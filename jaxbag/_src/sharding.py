@@ -330,8 +330,8 @@ def embedding_bag(
     Raises:
       ValueError, TypeError, IndexError: as :func:`jaxbag.embedding_bag`, plus unknown or
         overlapping mesh axes, ``V`` not divisible by ``n``, ``B`` not divisible by ``m``. An id
-        outside ``[0, V)`` is an ``IndexError`` eagerly; under ``jit`` it contributes zeros on
-        every shard (no shard reads a row for it).
+        outside ``[0, V)`` is an ``IndexError`` eagerly; under ``jit`` it is skipped on every
+        shard (no shard reads a row for it; not counted in a mean).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding
@@ -348,6 +348,7 @@ def embedding_bag(
     offsets, segment_ids = validation.as_ids(offsets), validation.as_ids(segment_ids)
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     validation.check_table(weight)
+    validation.check_norm(max_norm, norm_type)
     check_axes(mesh, axis_name, batch_axis)
     num_embeddings, features = weight.shape
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)

@@ -203,8 +203,8 @@ def unique_rows(
       skipped one.
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> rows, inv = unique_rows(jnp.array([7, 3, 7, 9]), 10, size=4)
+      >>> import jax.numpy as jnp, jaxbag
+      >>> rows, inv = jaxbag.unique_rows(jnp.array([7, 3, 7, 9]), 10, size=4)
       >>> rows.tolist(), inv.tolist()
       ([3, 7, 9, 10], [1, 0, 1, 2])
     """
@@ -298,9 +298,9 @@ def embedding_bag_rows(
       ``per_sample_weights`` is not returned (the pullback is for the table).
 
     Examples:
-      >>> import jax.numpy as jnp
+      >>> import jax.numpy as jnp, jaxbag
       >>> w = jnp.arange(8.0).reshape(4, 2)
-      >>> bags, pullback = embedding_bag_rows(w, jnp.array([3, 1, 3]), jnp.array([0, 2]), mode="sum")
+      >>> bags, pullback = jaxbag.embedding_bag_rows(w, jnp.array([3, 1, 3]), jnp.array([0, 2]), mode="sum")
       >>> bags.tolist()
       [[8.0, 10.0], [6.0, 7.0]]
       >>> g = pullback(jnp.ones((2, 2)))
@@ -534,10 +534,10 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
       A :class:`SparseOptimizer` with :class:`SgdState`.
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> opt = sparse_sgd(0.5)
+      >>> import jax.numpy as jnp, jaxbag
+      >>> opt = jaxbag.sparse_sgd(0.5)
       >>> table, state = opt.update(jnp.ones((3, 2)), opt.init(jnp.ones((3, 2))),
-      ...                           RowGrads(jnp.array([1, 3]), jnp.ones((2, 2))))
+      ...                           jaxbag.RowGrads(jnp.array([1, 3]), jnp.ones((2, 2))))
       >>> table.tolist()
       [[1.0, 1.0], [0.5, 0.5], [1.0, 1.0]]
     """
@@ -592,10 +592,10 @@ def sparse_adagrad(
       A :class:`SparseOptimizer` with :class:`RowwiseAdagradState`.
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> opt = sparse_adagrad(1.0, eps=0.0)
+      >>> import jax.numpy as jnp, jaxbag
+      >>> opt = jaxbag.sparse_adagrad(1.0, eps=0.0)
       >>> table, state = opt.update(jnp.zeros((2, 2)), opt.init(jnp.zeros((2, 2))),
-      ...                           RowGrads(jnp.array([0]), jnp.array([[3.0, 4.0]])))
+      ...                           jaxbag.RowGrads(jnp.array([0]), jnp.array([[3.0, 4.0]])))
       >>> (table * 1000).round().tolist(), state.sum_sq.tolist()
       ([[-849.0, -1131.0], [0.0, 0.0]], [12.5, 0.0])
     """
@@ -661,10 +661,10 @@ def sparse_adam(
       float64 for float64 tables).
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> opt = sparse_adam(0.1)
+      >>> import jax.numpy as jnp, jaxbag
+      >>> opt = jaxbag.sparse_adam(0.1)
       >>> table, state = opt.update(jnp.zeros((2, 2)), opt.init(jnp.zeros((2, 2))),
-      ...                           RowGrads(jnp.array([1]), jnp.array([[1.0, -2.0]])))
+      ...                           jaxbag.RowGrads(jnp.array([1]), jnp.array([[1.0, -2.0]])))
       >>> (table * 1000).round().tolist()
       [[0.0, 0.0], [-100.0, 100.0]]
     """

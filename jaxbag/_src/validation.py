@@ -42,8 +42,28 @@ def is_concrete(*xs: object) -> bool:
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(
-            f"mode must be one of {MODES}; got mode={mode!r}. "
-            "For example: embedding_bag(weight, indices, offsets, mode='mean')."
+            f"mode must be one of {MODES}; got mode={mode!r}. For example mode='mean' (the "
+            "average of each bag, torch's default) or mode='sum'."
+        )
+
+
+def check_norm(max_norm: float | None, norm_type: float) -> None:
+    """Raises unless ``max_norm`` is ``None`` or a number > 0 (``inf`` allowed), and
+    ``norm_type`` a number (torch's p of the p-norm: ``0`` counts non-zeros, ``inf`` is the
+    largest magnitude): a negative ``max_norm`` flipped every row it touched."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, bool) and not np.isnan(value)
+
+    if max_norm is not None and not (number(max_norm) and max_norm > 0):
+        raise ValueError(
+            f"max_norm must be a number > 0 (inf allowed) or None; got max_norm={max_norm!r}. "
+            "For example max_norm=1.0 (rows with a larger norm are scaled down to it)."
+        )
+    if not number(norm_type):
+        raise ValueError(
+            f"norm_type must be a number (the p of the p-norm); got norm_type={norm_type!r}. "
+            "For example norm_type=2.0 (the Euclidean norm) or float('inf')."
         )
 
 
@@ -77,6 +97,13 @@ def as_ids(x: ArrayLike | None) -> Array | None:
     """
     if x is None:
         return None
+    if isinstance(x, tuple) and type(x).__name__ == "PackedBags":  # (batching imports this module)
+        raise TypeError(
+            "got a jaxbag.PackedBags where an array of ids (or offsets, segment ids) was expected; "
+            "pass its fields: embedding_bag(weight, pb.indices, segment_ids=pb.segment_ids, "
+            "num_bags=pb.num_bags, per_sample_weights=pb.weights), or module(pb.indices, "
+            "segment_ids=pb.segment_ids, num_bags=pb.num_bags)."
+        )
     if not isinstance(x, jax.Array):
         a = np.asarray(x)
         if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
@@ -322,7 +349,7 @@ def _value_problems(
                 IndexError,
                 jnp.any(out),
                 where + f" is out of range for a table of num_embeddings={num_embeddings}: ids must "
-                f"satisfy 0 <= id < {num_embeddings}. (Under jit such ids contribute zeros.)",
+                f"satisfy 0 <= id < {num_embeddings}. (Under jit such ids are skipped, as padding_idx is.)",
                 [*where_args, flat[pos]],
             )
         )
@@ -426,7 +453,7 @@ def validate(
 
     :func:`jaxbag.embedding_bag` already runs every check when its inputs are concrete. Under
     ``jit`` (or ``vmap``) values are unknown, so it only runs the static checks and treats bad ids
-    safely (out-of-range ids contribute zeros, never another row). Call ``validate`` inside the
+    safely (out-of-range ids are skipped: they never read a row). Call ``validate`` inside the
     jitted function and wrap it in :func:`jax.experimental.checkify.checkify` to have the value
     checks reported there.
 
