@@ -699,3 +699,8 @@ def test_max_norm_must_be_positive_and_norm_type_a_number(kw):
     with pytest.raises(ValueError, match=match):
         jaxbag.nnx.EmbeddingBag(4, 2, **kw, rngs=__import__("flax").nnx.Rngs(0))
     jaxbag.embedding_bag(w, ids, offs, max_norm=float("inf"), norm_type=float("inf"))  # allowed
+    # JAX scalars, concrete or traced (jit over max_norm), worked before the check and still do
+    want = jaxbag.embedding_bag(w, ids, offs, max_norm=0.5)
+    np.testing.assert_array_equal(jaxbag.embedding_bag(w, ids, offs, max_norm=jnp.float32(0.5)), want)
+    np.testing.assert_array_equal(
+        jax.jit(lambda m: jaxbag.embedding_bag(w, ids, offs, max_norm=m))(0.5), want)

@@ -52,10 +52,18 @@ def check_norm(max_norm: float | None, norm_type: float) -> None:
     ``norm_type`` a number (torch's p of the p-norm: ``0`` counts non-zeros, ``inf`` is the
     largest magnitude): a negative ``max_norm`` flipped every row it touched."""
     def number(value: object) -> bool:
-        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-            value, bool) and not np.isnan(value)
+        if isinstance(value, (bool, str)) or np.ndim(value) != 0:
+            return False
+        if isinstance(value, jax.core.Tracer):  # a traced max_norm (jit over it): unchecked
+            return True
+        try:
+            return not np.isnan(float(value))  # Python, NumPy and concrete JAX scalars
+        except (TypeError, ValueError):
+            return False
 
-    if max_norm is not None and not (number(max_norm) and max_norm > 0):
+    if max_norm is not None and not (
+        number(max_norm) and (isinstance(max_norm, jax.core.Tracer) or float(max_norm) > 0)
+    ):
         raise ValueError(
             f"max_norm must be a number > 0 (inf allowed) or None; got max_norm={max_norm!r}. "
             "For example max_norm=1.0 (rows with a larger norm are scaled down to it)."
