@@ -683,15 +683,16 @@ def test_a_packed_bags_passed_whole_says_which_fields_to_pass():
         [[1.0, 1.0], [1.0, 1.0]])
 
 
-@pytest.mark.parametrize("kw", [dict(max_norm=-1.0), dict(max_norm=0.0), dict(max_norm=float("nan")),
-                                dict(max_norm="1"), dict(max_norm=1.0, norm_type=float("nan")),
+@pytest.mark.parametrize("kw", [dict(max_norm=float("nan")), dict(max_norm="1"), dict(max_norm=True),
+                                dict(max_norm=[1.5]), dict(max_norm=1.0, norm_type=float("nan")),
                                 dict(max_norm=1.0, norm_type="2")])
-def test_max_norm_must_be_positive_and_norm_type_a_number(kw):
-    """A negative max_norm flipped the rows it touched, silently (every other option is checked).
-    norm_type may be any number, as torch's p (0 counts non-zeros; tested against torch)."""
+def test_max_norm_and_norm_type_must_be_real_numbers(kw):
+    """Non-numbers were used as given (a string failed deep inside, True was 1). Any sign stays
+    allowed, as torch (a negative max_norm flips the rows it touches; norm_type is torch's p, 0
+    counts non-zeros)."""
     w, ids, offs = jnp.ones((4, 2), jnp.float32), jnp.array([0, 1]), jnp.array([0])
     name = "norm_type" if "norm_type" in kw else "max_norm"
-    match = rf"{name} must be a number"
+    match = rf"{name} must be a real number \(not NaN\)"
     with pytest.raises(ValueError, match=match):
         jaxbag.embedding_bag(w, ids, offs, **kw)
     with pytest.raises(ValueError, match=match):
@@ -699,6 +700,25 @@ def test_max_norm_must_be_positive_and_norm_type_a_number(kw):
     with pytest.raises(ValueError, match=match):
         jaxbag.nnx.EmbeddingBag(4, 2, **kw, rngs=__import__("flax").nnx.Rngs(0))
     jaxbag.embedding_bag(w, ids, offs, max_norm=float("inf"), norm_type=float("inf"))  # allowed
+
+
+@pytest.mark.parametrize("max_norm", [0.0, -1.0])
+def test_max_norm_zero_or_negative_is_torchs(max_norm):
+    """torch accepts them (0 zeroes the touched rows, a negative one flips them); so does
+    from_torch of such a module."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(4, 2)).astype(np.float32)
+    ids, offs = np.array([0, 1, 3]), np.array([0, 2])
+    want = torch.nn.functional.embedding_bag(torch.tensor(ids), torch.tensor(table.copy()),
+                                             torch.tensor(offs), mode="sum", max_norm=max_norm)
+    got = jaxbag.embedding_bag(jnp.asarray(table), ids, offs, mode="sum", max_norm=max_norm)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    t = torch.nn.EmbeddingBag(4, 2, mode="sum", max_norm=max_norm)
+    m = jaxbag.nnx.EmbeddingBag.from_torch(t)
+    assert m.settings.max_norm == max_norm
+    w, ids, offs = jnp.ones((4, 2), jnp.float32), jnp.array([0, 1]), jnp.array([0])
     # JAX scalars, concrete or traced (jit over max_norm), worked before the check and still do
     want = jaxbag.embedding_bag(w, ids, offs, max_norm=0.5)
     np.testing.assert_array_equal(jaxbag.embedding_bag(w, ids, offs, max_norm=jnp.float32(0.5)), want)

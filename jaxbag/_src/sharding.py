@@ -230,6 +230,7 @@ def embedding_bag_in_shard_map(
     Returns:
       ``[B, D]`` bags in ``local_weight.dtype``, replicated over ``axis_name``.
     """
+    validation.check_norm(max_norm, norm_type)
     r, d = local_weight.shape
     n = indices.shape[0]
     if num_bags == 0 or n == 0:

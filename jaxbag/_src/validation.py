@@ -48,31 +48,29 @@ def check_mode(mode: str) -> None:
 
 
 def check_norm(max_norm: float | None, norm_type: float) -> None:
-    """Raises unless ``max_norm`` is ``None`` or a number > 0 (``inf`` allowed), and
-    ``norm_type`` a number (torch's p of the p-norm: ``0`` counts non-zeros, ``inf`` is the
-    largest magnitude): a negative ``max_norm`` flipped every row it touched."""
+    """Raises unless ``max_norm`` (or ``None``) and ``norm_type`` are real scalars, not NaN.
+
+    Any sign is allowed, as in torch: ``max_norm <= 0`` scales every touched row to that norm
+    (a negative one flips it), ``norm_type`` is torch's p (``0`` counts non-zeros, ``inf`` is the
+    largest magnitude). Python, NumPy and concrete JAX scalars are checked; a traced one (``jit``
+    over ``max_norm``) passes unchecked.
+    """
     def number(value: object) -> bool:
-        if isinstance(value, (bool, str)) or np.ndim(value) != 0:
+        if isinstance(value, (bool, np.bool_, str)) or np.ndim(value) != 0:
             return False
-        if isinstance(value, jax.core.Tracer):  # a traced max_norm (jit over it): unchecked
+        if isinstance(value, jax.core.Tracer):
             return True
         try:
-            return not np.isnan(float(value))  # Python, NumPy and concrete JAX scalars
+            return not np.isnan(float(value))
         except (TypeError, ValueError):
             return False
 
-    if max_norm is not None and not (
-        number(max_norm) and (isinstance(max_norm, jax.core.Tracer) or float(max_norm) > 0)
-    ):
-        raise ValueError(
-            f"max_norm must be a number > 0 (inf allowed) or None; got max_norm={max_norm!r}. "
-            "For example max_norm=1.0 (rows with a larger norm are scaled down to it)."
-        )
-    if not number(norm_type):
-        raise ValueError(
-            f"norm_type must be a number (the p of the p-norm); got norm_type={norm_type!r}. "
-            "For example norm_type=2.0 (the Euclidean norm) or float('inf')."
-        )
+    for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+        if (value is not None or name == "norm_type") and not number(value):
+            raise ValueError(
+                f"{name} must be a real number (not NaN){' or None' if name == 'max_norm' else ''}; "
+                f"got {name}={value!r}. For example max_norm=1.0, norm_type=2.0 (the Euclidean norm)."
+            )
 
 
 def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
