@@ -70,7 +70,7 @@ def _as_ids(x: Any, what: str) -> np.ndarray:
 def _bag_ids(x: Any, what: str) -> np.ndarray:
     """:func:`_as_ids` of one example's bag; a bare id is an error (``pack_bags`` refuses it too),
     not a bag of one."""
-    if (isinstance(x, (int, np.integer)) and not isinstance(x, bool)) or getattr(x, "ndim", 1) == 0:
+    if validation.is_static_int(x, None) or getattr(x, "ndim", 1) == 0:
         raise ValueError(
             f"{what} = {x!r} is a single id, not a bag: each example's ids are a list, e.g. "
             "{'user': [[1], [2]]} for two examples with one id each."
