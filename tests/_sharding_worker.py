@@ -474,6 +474,23 @@ def case_planner():
         raise AssertionError(f"budget fallback: {plan.as_dict()} {plan.device_bytes(equal)}")
     if set(jsh.plan_sharding(equal, ms["2d"], axis_name="model").as_dict().values()) != {"table"}:
         raise AssertionError("without a budget the equal tables stay table-wise")
+    # a budget that only a mixed plan meets (all table-wise by the threshold): 8 one-row tables
+    # pad less table-wise (1 row per device) than row-wise (1 row each, 8 per device); 12 tables
+    # of 40 rows fit better row-wise (5 rows each, 60 per device) than table-wise (2 on some
+    # devices: an 80-row block). Greedy: 32 + 5120 B per device; all row-wise: 256 + 3840 B;
+    # mixed: 32 + 3840 B. It used to raise (all row-wise or nothing).
+    mixed = [T(f"tiny{i}", 1, 8, (f"t{i}",)) for i in range(8)]
+    mixed += [T(f"big{i}", 40, 16, (f"b{i}",)) for i in range(12)]
+    big_share = 10**9
+    greedy = jsh.plan_sharding(mixed, ms["1d"], axis_name="model", row_threshold_bytes=big_share)
+    if max(greedy.device_bytes(mixed)) != 32 + 5120 or set(greedy.as_dict().values()) != {"table"}:
+        raise AssertionError(f"mixed, no budget: {greedy.as_dict()} {greedy.device_bytes(mixed)}")
+    plan = jsh.plan_sharding(
+        mixed, ms["1d"], axis_name="model", row_threshold_bytes=big_share, device_budget_bytes=4000
+    )
+    want = {**{f"tiny{i}": "table" for i in range(8)}, **{f"big{i}": "row" for i in range(12)}}
+    if plan.as_dict() != want or max(plan.device_bytes(mixed)) != 32 + 3840:
+        raise AssertionError(f"mixed budget: {plan.as_dict()} {plan.device_bytes(mixed)}")
     for bad in [dict(overrides={"nope": "row"}), dict(overrides={"t0": "rows"})]:
         try:
             jsh.plan_sharding(tables, ms["1d"], axis_name="model", **bad)

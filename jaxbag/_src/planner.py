@@ -154,8 +154,10 @@ def plan_sharding(
       overrides: ``{table: "row" | "table" | "replicated"}`` forced placements.
       row_threshold_bytes: tables above this go row-wise (default ``total bytes / n``).
       device_budget_bytes: optional bytes of table storage allowed per device: larger tables go
-        row-wise; if the plan still does not fit, every table not in ``overrides`` goes
-        row-wise (the smallest sharded placement), and if that does not fit either, it raises.
+        row-wise; if the plan still does not fit, table-wise tables not in ``overrides`` go
+        row-wise one at a time, largest first, until it fits (row-wise is the smallest sharded
+        placement of a big table; small ones pad less table-wise), at the end all of them; if
+        that does not fit either, it raises.
       min_fill: table-wise tables of a group are kept only if they fill at least this fraction of
         the group's per-device blocks (else the group goes row-wise: less memory, same traffic).
 
@@ -204,22 +206,28 @@ def plan_sharding(
             kinds[t.name] = "table"
 
     plan = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
-    if device_budget_bytes is not None and max(plan.device_bytes(tables)) > device_budget_bytes:
-        # Row-wise is the smallest sharded placement (ceil(V / n) rows per device): the greedy
-        # table-wise packing can miss a budget that all-row-wise meets (equal tables that do not
-        # divide evenly among the devices).
-        rows = {t.name: overrides.get(t.name, "row") for t in tables}
-        fallback = _assign(tables, rows, overrides, mesh, axis_name, batch_axis, min_fill)
-        if max(fallback.device_bytes(tables)) <= device_budget_bytes:
-            return fallback
-        per = plan.device_bytes(tables)
-        raise ValueError(
-            f"the plan needs {max(per):,d} bytes of tables on one device, over "
-            f"device_budget_bytes={device_budget_bytes:,d} (per device: {per}; with every table "
-            f"not in overrides row-wise: {fallback.device_bytes(tables)}); place tables "
-            "row-wise rather than replicated or table-wise in overrides, or use more devices."
-        )
-    return plan
+    if device_budget_bytes is None or max(plan.device_bytes(tables)) <= device_budget_bytes:
+        return plan
+    # Over budget: move table-wise tables (not forced by overrides) to row-wise, largest first,
+    # until the plan fits. Row-wise is the smallest sharded placement of a big table (ceil(V / n)
+    # rows per device), so the greedy table-wise packing can miss a budget that moving a few
+    # tables meets; small tables stay table-wise (row-wise pads each to n rows at least). The
+    # last candidate is every table not in overrides row-wise.
+    candidate = plan
+    for t in sorted(tables, key=lambda t: -t.nbytes):
+        if t.name in overrides or candidate.placement(t.name)[0] != "table":
+            continue
+        kinds = {**candidate.as_dict(), t.name: "row"}
+        candidate = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
+        if max(candidate.device_bytes(tables)) <= device_budget_bytes:
+            return candidate
+    per = plan.device_bytes(tables)
+    raise ValueError(
+        f"the plan needs {max(per):,d} bytes of tables on one device, over "
+        f"device_budget_bytes={device_budget_bytes:,d} (per device: {per}; with every table "
+        f"not in overrides row-wise: {candidate.device_bytes(tables)}); place tables "
+        "row-wise rather than replicated or table-wise in overrides, or use more devices."
+    )
 
 
 def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> ShardingPlan:
