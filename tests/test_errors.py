@@ -655,11 +655,16 @@ def test_mixed_int32_int64_inputs_under_x64_and_strict_promotion(id_dtype, pos_d
 
 def test_numpy_int64_ids_past_int32_are_not_wrapped_without_x64():
     """Without x64, jnp.asarray casts NumPy int64 to int32 with wrap-around (and a warning), so
-    id 2**32 + 1 read row 1, eagerly and silently; a padding segment id 2**33 became bag 0."""
+    id 2**32 + 1 read row 1, eagerly and silently; a padding segment id 2**33 became bag 0. Now
+    they are clipped to int32's range, and the error says the value shown may be a clipped one."""
     w = jnp.arange(8.0).reshape(4, 2)
     for ids in (np.array([2**32 + 1]), [2**32 + 1], np.array([2**32 + 1], np.uint64)):
-        _raises(IndexError, [r"indices\[0\] = 2147483647 is out of range"],
+        _raises(IndexError, [r"indices\[0\] = 2147483647 is out of range",
+                             r"2147483647 may stand for a larger id: without jax_enable_x64"],
                 lambda ids=ids: jaxbag.embedding_bag(w, ids, np.array([0]), mode="sum"))
+    msg = _raises(IndexError, [r"indices\[0\] = 9 is out of range"],
+                  lambda: jaxbag.embedding_bag(w, np.array([9]), np.array([0]), mode="sum"))
+    assert "may stand for" not in msg
     got = jaxbag.embedding_bag(w, np.array([1, 3]), segment_ids=np.array([0, 2**33]), num_bags=1,
                                mode="sum")
     np.testing.assert_array_equal(got, w[1:2])

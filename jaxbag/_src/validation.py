@@ -413,7 +413,20 @@ def raise_value_problems(
                                  num_bags=num_bags, include_last_offset=include_last_offset,
                                  check_ids=check_ids):
             if bool(p.bad):
-                raise p.error(p.message.format(*(int(a) for a in p.args)))
+                values = [int(a) for a in p.args]
+                message = p.message.format(*values)
+                if p.error is IndexError and _maybe_clipped(indices, values[-1]):
+                    message += (
+                        f" ({values[-1]} may stand for a larger id: without jax_enable_x64, "
+                        "NumPy int64/uint64 ids past int32's range are clipped to it.)"
+                    )
+                raise p.error(message)
+
+
+def _maybe_clipped(indices: Array, value: int) -> bool:
+    """Whether ``value`` of int32 ``indices`` may be :func:`as_ids`' clip of a wider NumPy id."""
+    info = np.iinfo(np.int32)
+    return indices.dtype == jnp.int32 and value in (info.min, info.max) and not jax.config.jax_enable_x64
 
 
 def check_arguments(
