@@ -221,6 +221,101 @@ def test_to_torch_keeps_freeze_and_conversion_errors():
         jaxbag.nnx.EmbeddingBag.from_pretrained(np.ones((3, 2), np.int32))
 
 
+@pytest.mark.parametrize("form", ["module", "state_dict", "tensor"])
+def test_from_torch_copies_the_table(form):
+    """linen's from_torch returned variables sharing memory with the torch weight (NumPy view +
+    jnp.asarray with a dtype), so a later torch optimizer step or max_norm renorm rewrote them."""
+    torch.manual_seed(0)
+    tb = torch.nn.EmbeddingBag(6, 3, mode="sum")
+    source = {"module": tb, "state_dict": tb.state_dict(), "tensor": tb.weight}[form]
+    kw = {} if form == "module" else {"mode": "sum"}
+    lin, variables = jaxbag.EmbeddingBag.from_torch(source, **kw)
+    nm = jaxbag.nnx.EmbeddingBag.from_torch(source, **kw)
+    lin_pre = jaxbag.EmbeddingBag.from_pretrained(tb.weight, mode="sum")  # a Parameter, as torch's
+    nnx_pre = jaxbag.nnx.EmbeddingBag.from_pretrained(tb.weight, mode="sum")
+    ids, offs = jnp.array([0, 4]), jnp.array([0])
+    pre_vars = lin_pre.init(jax.random.key(0), ids, offs)
+    before = tb.weight.detach().numpy().copy()
+    with torch.no_grad():
+        tb.weight.mul_(-3.0).add_(1.0)
+    for table in (variables["params"]["embedding"], nm.embedding[...], pre_vars["params"]["embedding"],
+                  nnx_pre.embedding[...], lin_pre.init(jax.random.key(0), ids, offs)["params"]["embedding"]):
+        np.testing.assert_array_equal(table, before)
+
+
+def test_from_pretrained_takes_a_bf16_torch_tensor():
+    t = torch.arange(6.0).reshape(3, 2).to(torch.bfloat16)
+    for m in (jaxbag.nnx.EmbeddingBag.from_pretrained(t), jaxbag.nnx.EmbeddingBag.from_torch(t)):
+        assert m.embedding[...].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(m.embedding[...], np.float32), t.float().numpy())
+
+
+def test_from_torch_names_what_it_got_and_what_it_takes():
+    """Any torch module (nn.Linear, an nn.Sequential around a bag) or None/a path was read as a
+    weight: "the torch weight must be 2-D [V, D]; got shape ()", naming neither."""
+    for bad in (torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.EmbeddingBag(4, 2))):
+        for convert in (jaxbag.EmbeddingBag.from_torch, jaxbag.nnx.EmbeddingBag.from_torch):
+            with pytest.raises(TypeError, match=rf"got a {type(bad).__name__}\. .*from_torch\(model\.bag\)"):
+                convert(bad)
+    for bad in (None, "bag.pt", np.ones(3, np.float32)):
+        with pytest.raises(ValueError, match=rf"must be 2-D \[V, D\]; got shape .* from a {type(bad).__name__}"):
+            jaxbag.nnx.EmbeddingBag.from_torch(bad)
+    with pytest.raises(TypeError, match=r"num_embeddings comes from the table"):
+        jaxbag.nnx.EmbeddingBag.from_torch(torch.nn.EmbeddingBag(4, 2), num_embeddings=8)
+    with pytest.raises(TypeError, match=r"embedding_init comes from the table"):
+        jaxbag.EmbeddingBag.from_pretrained(np.ones((3, 2), np.float32), embedding_init=jnp.zeros)
+
+
+def test_torch_sparse_is_not_dropped_silently():
+    """torch's sparse=True has no module option: from_torch warns, from_pretrained(sparse=True)
+    refuses (sparse=False, torch's default, is accepted), and to_torch(sparse=True) sets it back.
+    The flag used to vanish in a round trip, and SparseAdam then failed on the torch side."""
+    tb = torch.nn.EmbeddingBag(5, 2, mode="sum", sparse=True)
+    with pytest.warns(UserWarning, match=r"sparse=True: .*embedding_bag_rows"):
+        nm = jaxbag.nnx.EmbeddingBag.from_torch(tb)
+    with pytest.warns(UserWarning, match=r"sparse=True"):
+        lin, variables = jaxbag.EmbeddingBag.from_torch(tb)
+    assert nm.to_torch().sparse is False
+    back = nm.to_torch(sparse=True)
+    back(torch.tensor([1, 2]), torch.tensor([0])).sum().backward()
+    assert back.weight.grad.is_sparse
+    assert lin.to_torch(variables, sparse=True).sparse is True
+    with pytest.raises(ValueError, match=r"sparse=True: torch's sparse gradients have no module option"):
+        jaxbag.nnx.EmbeddingBag.from_pretrained(np.ones((3, 2), np.float32), sparse=True)
+    with pytest.raises(ValueError, match=r"sparse=True"):
+        jaxbag.EmbeddingBag.from_pretrained(np.ones((3, 2), np.float32), sparse=True)
+    assert jaxbag.EmbeddingBag.from_pretrained(np.ones((3, 2), np.float32), sparse=False).freeze
+
+
+def test_a_frozen_torch_table_stays_frozen():
+    """to_torch maps a frozen table to requires_grad=False; from_torch now maps it back (it made
+    every table trainable, so a round trip unfroze torch's from_pretrained(freeze=True))."""
+    t = torch.arange(6.0).reshape(3, 2)
+    tb = torch.nn.EmbeddingBag.from_pretrained(t, freeze=True)
+    nm = jaxbag.nnx.EmbeddingBag.from_torch(tb)
+    lin, _ = jaxbag.EmbeddingBag.from_torch(tb)
+    assert nm.frozen and lin.freeze
+    assert nm.to_torch().weight.requires_grad is False
+    assert not jaxbag.nnx.EmbeddingBag.from_torch(tb, freeze=False).frozen
+    assert not jaxbag.nnx.EmbeddingBag.from_torch(tb.state_dict(), mode="mean").frozen
+
+
+def test_to_torch_checks_the_table():
+    lin = jaxbag.EmbeddingBag(5, 2, mode="sum")
+    variables = lin.init(jax.random.key(0), jnp.array([1]), jnp.array([0]))
+    with pytest.raises(ValueError, match=r"shape \(7, 3\), but the module has num_embeddings=5, features=2"):
+        lin.to_torch({"params": {"embedding": jnp.ones((7, 3))}})
+    with pytest.raises(TypeError, match=r"got a mapping with keys \['embedding'\]\. Call module.to_torch\(variables\)"):
+        lin.to_torch(variables["params"])
+    with pytest.raises(TypeError, match=r"got an object of type"):
+        lin.to_torch(variables["params"]["embedding"])
+    with pytest.raises(TypeError, match=r"needs a float16, bfloat16, float32 or float64 table; got int32"):
+        lin.to_torch({"params": {"embedding": jnp.ones((5, 2), jnp.int32)}})
+    f8 = jaxbag.nnx.EmbeddingBag(5, 2, param_dtype=jnp.float8_e4m3fn, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"got float8_e4m3fn\. Cast it first"):
+        f8.to_torch()
+
+
 def test_to_torch_without_torch_says_how_to_install_it(monkeypatch):
     """torch is not a dependency of jaxbag: to_torch gave a bare ModuleNotFoundError."""
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if not installed

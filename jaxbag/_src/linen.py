@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -125,10 +126,12 @@ class EmbeddingBag(nn.Module):
         """A module whose ``embedding`` is initialised to ``embeddings [V, D]`` (torch's API).
 
         Args:
-          embeddings: ``float [V, D]`` table.
+          embeddings: ``float [V, D]`` table (an array, or a torch tensor or parameter: copied).
           freeze: whether no gradient reaches the table (default true, as torch).
           **kwargs: the other attributes (``mode``, ``padding_idx``, ...). The padding row is not
-            zeroed (as torch).
+            zeroed (as torch). ``num_embeddings``, ``features`` and ``embedding_init`` come from
+            the table; torch's ``sparse=False`` is accepted, ``sparse=True`` refused (no module
+            option: see ``embedding_bag_rows`` and the sparse optimisers).
 
         Returns:
           The module; ``module.init(key, ...)["params"]["embedding"]`` equals ``embeddings``.
@@ -141,6 +144,7 @@ class EmbeddingBag(nn.Module):
           [[4.0, 6.0]]
         """
         table = jnp.asarray(common.check_pretrained(embeddings))
+        common.check_pretrained_kwargs(kwargs)
         kwargs.setdefault("param_dtype", table.dtype)
         return cls(
             num_embeddings=table.shape[0],
@@ -156,13 +160,20 @@ class EmbeddingBag(nn.Module):
 
         Args:
           source: an ``nn.EmbeddingBag`` (settings and weight are read), its ``state_dict()``
-            or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``).
+            or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``). The table
+            is copied: later changes to the torch weight do not reach ``variables``.
           **overrides: module attributes that replace or complete those read from ``source``
-            (``param_dtype`` defaults to the table's dtype, ``freeze`` to false).
+            (``param_dtype`` defaults to the table's dtype; ``freeze`` to whether the torch
+            weight has ``requires_grad=False``, as after torch's ``from_pretrained(freeze=True)``,
+            else false).
 
         Returns:
           ``(module, variables)`` with ``variables = {"params": {"embedding": table}}``; the
           module's initialiser gives the same table (``module.init`` inside a parent model).
+
+        Warns:
+          UserWarning: the torch module has ``sparse=True``, which no module option matches (the
+            table's gradient is dense; see ``embedding_bag_rows`` for sparse row updates).
 
         Examples:
           >>> import torch, jax.numpy as jnp, jaxbag
@@ -177,11 +188,13 @@ class EmbeddingBag(nn.Module):
         module = cls.from_pretrained(table, **settings.op_kwargs(), **extra)
         return module, {"params": {"embedding": jnp.asarray(table, module.param_dtype)}}
 
-    def to_torch(self, variables: dict) -> Any:
+    def to_torch(self, variables: Mapping[str, Any], *, sparse: bool = False) -> Any:
         """Builds the equivalent ``torch.nn.EmbeddingBag`` from ``variables`` (imports torch).
 
         Args:
-          variables: the module's variables (``{"params": {"embedding": [V, D]}}``).
+          variables: the module's variables (``{"params": {"embedding": [V, D]}}``, as ``init``
+            returns them), a float16/bfloat16/float32/float64 table of this module's shape.
+          sparse: torch's ``sparse`` flag for the new module (sparse table gradients in torch).
 
         Returns:
           A ``torch.nn.EmbeddingBag`` with the same settings and a copy of the table
@@ -195,6 +208,14 @@ class EmbeddingBag(nn.Module):
           >>> t.mode, tuple(t.weight.shape)
           ('max', (5, 3))
         """
-        return common.make_torch_module(
-            self.settings, variables["params"]["embedding"], freeze=self.freeze
-        )
+        try:
+            table = variables["params"]["embedding"]
+        except (KeyError, TypeError, IndexError):
+            got = (f"a mapping with keys {sorted(map(str, variables))}"
+                   if isinstance(variables, Mapping) else f"an object of type {type(variables).__name__}")
+            raise TypeError(
+                "to_torch takes the module's variables, {'params': {'embedding': [V, D]}}, as "
+                f"init returned them; got {got}. Call module.to_torch(variables), not "
+                "module.to_torch(variables['params'])."
+            ) from None
+        return common.make_torch_module(self.settings, table, freeze=self.freeze, sparse=sparse)

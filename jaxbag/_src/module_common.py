@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,8 +102,9 @@ def pretrained_init(embeddings: ArrayLike) -> Initializer:
 
 
 def check_pretrained(embeddings: ArrayLike) -> np.ndarray:
-    """``embeddings`` as a NumPy ``[V, D]`` table, or a clear error."""
-    table = np.asarray(embeddings)
+    """``embeddings`` (an array, or a torch tensor or parameter) as a NumPy ``[V, D]`` table, or a
+    clear error."""
+    table = torch_to_numpy(embeddings) if _is_torch_tensor(embeddings) else np.asarray(embeddings)
     if table.ndim != 2:
         raise ValueError(
             f"embeddings must be 2-D [V, D]; got shape {table.shape}. For example "
@@ -114,6 +116,40 @@ def check_pretrained(embeddings: ArrayLike) -> np.ndarray:
             "embeddings.astype(jnp.float32)."
         )
     return table
+
+
+def check_pretrained_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuses what ``from_pretrained`` / ``from_torch`` take from the table itself, and torch's
+    ``sparse=True`` (``sparse=False``, torch's default, is dropped: it changes nothing)."""
+    for name in ("num_embeddings", "features", "embedding_init"):
+        if name in kwargs:
+            raise TypeError(
+                f"{name} comes from the table (embeddings [V, D]); got {name}={kwargs[name]!r} "
+                "as well. Drop it, or slice or pad the table first."
+            )
+    if kwargs.pop("sparse", False):
+        raise ValueError(f"sparse=True: {_SPARSE_NOTE}")
+
+
+_SPARSE_NOTE = (
+    "torch's sparse gradients have no module option in jaxbag: jax.grad of a module gives the "
+    "table a dense [V, D] gradient. For updates that touch only the rows a batch reads, train "
+    "with jaxbag.embedding_bag_rows and a sparse optimiser (jaxbag.sparse_adam, ...; README: "
+    "'Sparse row updates'). to_torch(..., sparse=True) sets the flag on the way back."
+)
+
+
+def _is_torch_tensor(x: object) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "numpy")
+
+
+def torch_to_numpy(tensor: Any) -> np.ndarray:
+    """A NumPy copy of a torch tensor (detached, on the CPU; bf16 exactly, through float32): never
+    a view, so later in-place changes in torch (an optimizer step, ``max_norm``) do not reach it."""
+    tensor = tensor.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: go through float32
+        return tensor.float().numpy().astype(jnp.bfloat16)  # (exact both ways)
+    return tensor.numpy().copy()
 
 
 def apply_bag(
@@ -158,13 +194,21 @@ def settings_from_torch(
     the table, and the overrides that are not settings (``dtype``, ``freeze``, ...).
     """
     settings: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if hasattr(source, "embedding_dim") and not hasattr(source, "mode"):
         raise TypeError(
             f"from_torch converts a torch.nn.EmbeddingBag; got a {type(source).__name__}. For an "
             "nn.Embedding, pass its weight and the settings: from_torch(emb.weight, mode='mean', "
             "padding_idx=emb.padding_idx)."
         )
-    if hasattr(source, "embedding_dim") and hasattr(source, "weight"):
+    is_module = hasattr(source, "state_dict") and hasattr(source, "parameters")
+    if is_module and not (hasattr(source, "embedding_dim") and hasattr(source, "weight")):
+        raise TypeError(
+            f"from_torch converts a torch.nn.EmbeddingBag, its state_dict() or a [V, D] weight; "
+            f"got a {type(source).__name__}. For a bag inside a larger model, pass the bag "
+            "itself: from_torch(model.bag)."
+        )
+    if is_module:
         settings = {
             "mode": source.mode,
             "padding_idx": source.padding_idx,
@@ -174,6 +218,10 @@ def settings_from_torch(
             "include_last_offset": bool(source.include_last_offset),
         }
         weight = source.weight
+        # a frozen torch table (from_pretrained(freeze=True)) stays frozen, as to_torch maps back
+        extra["freeze"] = not bool(source.weight.requires_grad)
+        if getattr(source, "sparse", False):
+            warnings.warn(f"the torch module has sparse=True: {_SPARSE_NOTE}", stacklevel=3)
     elif isinstance(source, Mapping):
         if "weight" not in source:
             raise KeyError(
@@ -182,24 +230,45 @@ def settings_from_torch(
         weight = source["weight"]
     else:
         weight = source
-    if hasattr(weight, "detach"):
-        weight = weight.detach().cpu()
-        if str(weight.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: go through float32
-            weight = weight.float().numpy().astype(jnp.bfloat16)  # (exact both ways)
-        else:
-            weight = weight.numpy()
-    table = np.asarray(weight)
+    if _is_torch_tensor(weight):
+        table = torch_to_numpy(weight)
+    elif weight is None or isinstance(weight, (str, bytes)):
+        table = np.asarray(0.0)  # the 2-D check below names it
+    else:
+        table = np.array(weight)  # a copy: the module must not see later changes to the source
     if table.ndim != 2:
-        raise ValueError(f"the torch weight must be 2-D [V, D]; got shape {table.shape}.")
+        raise ValueError(
+            f"the torch weight must be 2-D [V, D]; got shape {table.shape} from a "
+            f"{type(weight).__name__}. from_torch takes a torch.nn.EmbeddingBag, its state_dict() "
+            "or a [V, D] weight."
+        )
     names = {f.name for f in dataclasses.fields(BagSettings)}
+    check_pretrained_kwargs(dict(overrides))
     settings.update({k: v for k, v in overrides.items() if k in names})
-    extra = {k: v for k, v in overrides.items() if k not in names}
+    extra.update({k: v for k, v in overrides.items() if k not in names})
     return BagSettings(table.shape[0], table.shape[1], **settings), table, extra
 
 
-def make_torch_module(settings: BagSettings, table: ArrayLike, *, freeze: bool = False) -> Any:
+def make_torch_module(
+    settings: BagSettings, table: ArrayLike, *, freeze: bool = False, sparse: bool = False
+) -> Any:
     """Builds a ``torch.nn.EmbeddingBag`` with ``settings`` and the weight ``table`` (imports torch);
     a frozen table becomes a weight with ``requires_grad=False``, as torch's ``freeze=True``."""
+    if settings.mode == "sqrtn":
+        raise ValueError("torch's EmbeddingBag has no mode='sqrtn'; use 'sum', 'mean' or 'max'.")
+    arr = np.asarray(table)
+    want = (settings.num_embeddings, settings.features)
+    if arr.shape != want:
+        raise ValueError(
+            f"the table has shape {arr.shape}, but the module has num_embeddings={want[0]}, "
+            f"features={want[1]}: pass the module's own table (its variables, as init returned "
+            "them)."
+        )
+    if arr.dtype not in (np.float16, np.float32, np.float64, jnp.bfloat16):
+        raise TypeError(
+            f"torch's EmbeddingBag needs a float16, bfloat16, float32 or float64 table; got "
+            f"{arr.dtype}. Cast it first, e.g. table.astype(jnp.float32)."
+        )
     try:
         import torch  # noqa: PLC0415  (only when asked for)
     except ImportError as e:
@@ -208,9 +277,6 @@ def make_torch_module(settings: BagSettings, table: ArrayLike, *, freeze: bool =
             "build: pip install torch --index-url https://download.pytorch.org/whl/cpu)."
         ) from e
 
-    if settings.mode == "sqrtn":
-        raise ValueError("torch's EmbeddingBag has no mode='sqrtn'; use 'sum', 'mean' or 'max'.")
-    arr = np.asarray(table)
     if arr.dtype == jnp.bfloat16:  # torch.from_numpy knows no bfloat16
         weight = torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
     else:
@@ -224,4 +290,5 @@ def make_torch_module(settings: BagSettings, table: ArrayLike, *, freeze: bool =
         norm_type=settings.norm_type,
         scale_grad_by_freq=settings.scale_grad_by_freq,
         include_last_offset=settings.include_last_offset,
+        sparse=sparse,
     )

@@ -140,11 +140,14 @@ class EmbeddingBag(nnx.Module):
         """A module holding ``embeddings [V, D]`` (torch's API).
 
         Args:
-          embeddings: ``float [V, D]`` table.
+          embeddings: ``float [V, D]`` table (an array, or a torch tensor or parameter: copied).
           freeze: if true (default, as torch) the table is a :class:`FrozenEmbedding`, not an
             ``nnx.Param``: no gradient reaches it and optimizers leave it alone.
           **kwargs: the other constructor arguments (``mode``, ``padding_idx``, ...); ``rngs`` is
-            not needed. The padding row is not zeroed (as torch).
+            not needed. The padding row is not zeroed (as torch). ``num_embeddings``,
+            ``features`` and ``embedding_init`` come from the table; torch's ``sparse=False`` is
+            accepted, ``sparse=True`` refused (no module option: see ``embedding_bag_rows`` and
+            the sparse optimisers).
 
         Returns:
           The module.
@@ -156,6 +159,7 @@ class EmbeddingBag(nnx.Module):
           [[4.0, 6.0]]
         """
         table = jnp.asarray(common.check_pretrained(embeddings))
+        common.check_pretrained_kwargs(kwargs)
         kwargs.setdefault("param_dtype", table.dtype)
         kwargs.setdefault("rngs", nnx.Rngs(0))
         module = cls(
@@ -174,12 +178,19 @@ class EmbeddingBag(nnx.Module):
 
         Args:
           source: an ``nn.EmbeddingBag`` (settings and weight are read), its ``state_dict()``
-            or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``).
+            or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``). The table
+            is copied.
           **overrides: constructor arguments that replace or complete those read from ``source``;
             ``freeze=True`` gives a frozen table, as :meth:`from_pretrained`.
 
         Returns:
-          A module, trainable by default (its ``embedding`` is an ``nnx.Param``).
+          A module, trainable (its ``embedding`` an ``nnx.Param``) unless ``freeze=True`` or the
+          torch weight has ``requires_grad=False`` (as after torch's
+          ``from_pretrained(freeze=True)``).
+
+        Warns:
+          UserWarning: the torch module has ``sparse=True``, which no module option matches (the
+            table's gradient is dense; see ``embedding_bag_rows`` for sparse row updates).
 
         Examples:
           >>> import torch, jaxbag
@@ -192,8 +203,11 @@ class EmbeddingBag(nnx.Module):
         extra.setdefault("freeze", False)
         return cls.from_pretrained(table, **settings.op_kwargs(), **extra)
 
-    def to_torch(self) -> Any:
+    def to_torch(self, *, sparse: bool = False) -> Any:
         """Builds the equivalent ``torch.nn.EmbeddingBag`` (imports torch).
+
+        Args:
+          sparse: torch's ``sparse`` flag for the new module (sparse table gradients in torch).
 
         Returns:
           A ``torch.nn.EmbeddingBag`` with the same settings and a copy of the table
@@ -207,5 +221,5 @@ class EmbeddingBag(nnx.Module):
           ('max', (5, 3))
         """
         return common.make_torch_module(
-            self.settings, jax.device_get(self.embedding[...]), freeze=self.frozen
+            self.settings, jax.device_get(self.embedding[...]), freeze=self.frozen, sparse=sparse
         )
