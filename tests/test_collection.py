@@ -543,3 +543,76 @@ def test_int64_ids_and_lengths_are_not_wrapped_into_range_under_jit():
         np.testing.assert_array_equal(np.flatnonzero(np.asarray(g["a+b"])[:, 0]), [7])
         out = run({"a+b": w}, vals, jnp.array([[2**32 + 1], [0]], jnp.int64))  # cut at capacity 2
         np.testing.assert_array_equal(out["x"], w[0:1] + w[0:1])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32])
+@pytest.mark.parametrize("capacity", [200, 256])
+def test_jagged_features_with_narrow_lengths(dtype, capacity):
+    """Narrow lengths were clipped to capacity.astype(their dtype), which wraps (256 -> 0 in uint8,
+    200 -> -56 in int8): every bag came out empty, eagerly and under jit, while to_lists() was
+    right."""
+    layout = jaxbag.collection_layout([T("a", 10, 2, ("a",), mode="sum")])
+    params = {"a": jnp.arange(20.0).reshape(10, 2)}
+    values = np.zeros(capacity, np.int32)
+    values[:3] = [1, 2, 3]
+    jf = JF(["a"], values, np.array([[2, 1]], dtype), capacities=(capacity,))
+    assert jf.to_lists() == {"a": [[1, 2], [3]]}
+    want = np.array([[6.0, 8.0], [6.0, 7.0]])  # rows 1 + 2, row 3
+    run = lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout)["a"]  # noqa: E731
+    np.testing.assert_array_equal(run(params, jf), want)
+    np.testing.assert_array_equal(jax.jit(run)(params, jf), want)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_jagged_features_numpy_int64_ids_are_not_wrapped_without_x64(dtype):
+    """JaggedFeatures(...) took NumPy int64 ids through jnp.asarray, which wraps 2**32 + 1 to 1:
+    row 1 was read, eagerly and under jit. They are now clipped as embedding_bag's are: out of
+    range (an error eagerly, skipped under jit)."""
+    layout = jaxbag.collection_layout([T("a", 10, 2, ("a",), mode="sum")])
+    params = {"a": jnp.arange(1.0, 21.0).reshape(10, 2)}
+    jf = JF(["a"], np.array([2**32 + 1], dtype), np.array([[1]]), capacities=(1,))
+    assert jf.values.dtype == jnp.int32 and int(jf.values[0]) == 2**31 - 1
+    run = lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout)["a"]  # noqa: E731
+    with pytest.raises(IndexError, match=r"has id 2147483647 at position 0 .* ids must be in \[0, 10\)"):
+        run(params, jf)
+    np.testing.assert_array_equal(jax.jit(run)(params, jf), np.zeros((1, 2)))
+
+
+def test_jagged_features_repr_with_non_array_leaves():
+    """repr read lengths.shape, so feature_specs' PartitionSpec pytree (and any jax.tree.map that
+    changes the leaves) raised AttributeError when printed."""
+    jf = JF.from_lists({"x": [[1, 2], [3]]})
+    assert repr(jf).startswith("JaggedFeatures(keys=('x',), batch_size=2,")
+    for other in (jax.tree.map(str, jf), jax.tree.map(lambda x: 0, jf)):
+        assert "batch_size=None" in repr(other)
+
+
+def test_tables_and_collections_with_the_default_init_pickle():
+    """The default embedding_init was flax's variance_scaling closure, so a TableConfig, a layout
+    and an NNX collection could not be pickled."""
+    import pickle
+
+    t = T("user", 10, 4, ("user",))
+    assert pickle.loads(pickle.dumps(t)) == t
+    layout = jaxbag.collection_layout([t])
+    assert pickle.loads(pickle.dumps(layout)) == layout
+    model = NnxCollection([t], rngs=nnx.Rngs(0))
+    back = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(nnx.state(back)["embeddings"]["user"][...],
+                                  nnx.state(model)["embeddings"]["user"][...])
+    # the same values as flax's nn.Embed default
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(t.embedding_init(key, (10, 4), jnp.float32),
+                                  nn.Embed(10, 4).embedding_init(key, (10, 4), jnp.float32))
+
+
+def test_linen_collection_with_a_list_of_tables_is_hashable():
+    """tables=[...] (as the examples write it) made the linen module unhashable, so it could not
+    be a static argument of jax.jit."""
+    make = lambda: jaxbag.EmbeddingBagCollection(tables=[T("user", 10, 4, ("user",))])  # noqa: E731
+    model = make()
+    assert isinstance(model.tables, tuple) and hash(model) == hash(make())
+    jf = JF.from_lists({"user": [[1, 2], [3]]})
+    variables = model.init(jax.random.key(0), jf)
+    out = jax.jit(lambda m, v, j: m.apply(v, j), static_argnums=0)(model, variables, jf)
+    np.testing.assert_array_equal(out["user"], model.apply(variables, jf)["user"])

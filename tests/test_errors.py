@@ -729,3 +729,26 @@ def test_max_norm_zero_or_negative_is_torchs(max_norm):
     np.testing.assert_array_equal(jaxbag.embedding_bag(w, ids, offs, max_norm=jnp.float32(0.5)), want)
     np.testing.assert_array_equal(
         jax.jit(lambda m: jaxbag.embedding_bag(w, ids, offs, max_norm=m))(0.5), want)
+
+
+def test_lists_holding_traced_values_are_taken_as_jnp_takes_them():
+    """as_ids read every non-jax.Array input through np.asarray, so a Python list holding a
+    traced scalar (offsets [0, k] under jit) raised TracerArrayConversionError in embedding_bag,
+    offsets_to_segment_ids and the modules (per_sample_weights lists already worked)."""
+    w = jnp.arange(10.0).reshape(5, 2)
+    ids = jnp.array([1, 2, 3])
+
+    @jax.jit
+    def f(k):
+        return (jaxbag.embedding_bag(w, ids, [0, k], mode="sum"),
+                jaxbag.embedding_bag(w, [k, 2], [0], mode="sum"),
+                jaxbag.offsets_to_segment_ids([0, k], 3))
+
+    a, b, seg = f(1)
+    np.testing.assert_array_equal(a, [w[1], w[2] + w[3]])
+    np.testing.assert_array_equal(b, [w[1] + w[2]])
+    np.testing.assert_array_equal(seg, [0, 1, 1])
+    err, _ = jax.jit(checkify.checkify(lambda k: jaxbag.validate(5, ids, [0, k])))(2)
+    assert err.get() is None
+    err, _ = jax.jit(checkify.checkify(lambda k: jaxbag.validate(5, ids, [0, k])))(9)
+    assert "offsets[1] = 9 is past the end of indices" in err.get()

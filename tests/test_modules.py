@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from flax import linen as nn
 from flax import nnx
 
 import jaxbag
@@ -340,3 +341,28 @@ def test_module_dtypes_must_be_floating(name, value):
         jaxbag.EmbeddingBag(5, 2, **{name: value}).init(jax.random.key(0), ids, offsets)
     with pytest.raises(TypeError, match=match):
         jaxbag.nnx.EmbeddingBag(5, 2, **{name: value}, rngs=nnx.Rngs(0))
+
+
+def test_from_pretrained_under_a_trace():
+    """check_pretrained read the table back into NumPy, so from_pretrained failed under any trace:
+    a linen parent building the bag in setup under jax.jit(init) / jax.eval_shape(init) (the
+    sharded-init recipe), nnx.eval_shape, or a jitted function building an NNX bag."""
+    w = np.arange(20, dtype=np.float32).reshape(10, 2)
+    ids, offs = jnp.array([1, 2]), jnp.array([0])
+
+    class Parent(nn.Module):
+        def setup(self):
+            self.bag = jaxbag.EmbeddingBag.from_pretrained(w, mode="sum", freeze=False)
+
+        def __call__(self, i, o):
+            return self.bag(i, o)
+
+    p = Parent()
+    variables = jax.jit(p.init)(jax.random.key(0), ids, offs)
+    np.testing.assert_array_equal(variables["params"]["bag"]["embedding"], w)
+    shapes = jax.eval_shape(p.init, jax.random.key(0), ids, offs)
+    assert shapes["params"]["bag"]["embedding"].shape == (10, 2)
+    abstract = nnx.eval_shape(lambda: jaxbag.nnx.EmbeddingBag.from_pretrained(w))
+    assert abstract.embedding.shape == (10, 2)
+    out = jax.jit(lambda t: jaxbag.nnx.EmbeddingBag.from_pretrained(t, mode="sum")(ids, offs))(w)
+    np.testing.assert_array_equal(out, [w[1] + w[2]])

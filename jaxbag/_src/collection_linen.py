@@ -66,6 +66,12 @@ class EmbeddingBagCollection(nn.Module):
     plan: Any = None
     dtype: Any = None
 
+    def __post_init__(self) -> None:
+        # a list (as written in examples) made the module unhashable: jax.jit(static_argnums=...)
+        # and flax's own module hashing need every field hashable
+        object.__setattr__(self, "tables", tuple(self.tables))
+        super().__post_init__()
+
     @property
     def layout(self) -> CollectionLayout:
         """The static :class:`jaxbag.CollectionLayout` of this module."""

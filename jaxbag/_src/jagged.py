@@ -165,8 +165,9 @@ class JaggedFeatures:
         self._keys = _check_keys(keys)
         self._capacities = tuple(int(c) for c in capacities)
         self._num_shards = int(num_shards)
-        self.values = jnp.asarray(values)
-        self.lengths = jnp.asarray(lengths)
+        # as the ops: narrow and unsigned ints widened, NumPy int64 clipped (not wrapped) to int32
+        self.values = validation.as_ids(values)
+        self.lengths = validation.as_ids(lengths)
         self.weights = None if weights is None else jnp.asarray(weights)
         k, t, s = len(self._keys), sum(self._capacities), self._num_shards
         if len(self._capacities) != k or any(c < 0 for c in self._capacities):
@@ -281,7 +282,7 @@ class JaggedFeatures:
 
     def __repr__(self) -> str:
         return (
-            f"JaggedFeatures(keys={self._keys}, batch_size={self.batch_size}, "
+            f"JaggedFeatures(keys={self._keys}, batch_size={_batch_size_or_none(self)}, "
             f"capacities={self._capacities}, num_shards={self._num_shards}, "
             f"weighted={self.weights is not None})"
         )
@@ -568,6 +569,13 @@ class JaggedFeatures:
         """A copy with other ``values`` of the same shape (e.g. remapped ids); not checked."""
         leaves, aux = self.tree_flatten()
         return self.tree_unflatten(aux, (values,) + tuple(leaves[1:]))
+
+
+def _batch_size_or_none(jf: JaggedFeatures) -> int | None:
+    """``B``, or ``None`` where the leaves are not arrays (``feature_specs``' PartitionSpecs,
+    ``jax.tree.map`` results)."""
+    shape = getattr(jf.lengths, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None
 
 
 def _fitted_lengths(jf: JaggedFeatures) -> Array:

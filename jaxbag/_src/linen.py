@@ -143,7 +143,7 @@ class EmbeddingBag(nn.Module):
           >>> m.apply(m.init(jax.random.key(0), ids, offsets), ids, offsets).tolist()
           [[4.0, 6.0]]
         """
-        table = jnp.asarray(common.check_pretrained(embeddings))
+        table = common.check_pretrained(embeddings)
         common.check_pretrained_kwargs(kwargs)
         kwargs.setdefault("param_dtype", table.dtype)
         return cls(

@@ -18,9 +18,13 @@ from jaxbag._src import validation
 from jaxbag._src.ops import embedding_bag
 
 Initializer = Any  # (key, shape, dtype) -> Array, as flax's initializers
-default_embed_init = nn.initializers.variance_scaling(
-    1.0, "fan_in", "normal", out_axis=0
-)  # as flax's nn.Embed
+_variance_scaling = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+
+def default_embed_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    """flax ``nn.Embed``'s default initialiser (variance scaling, fan-in, normal), as a
+    module-level function so that tables and modules holding it can be pickled."""
+    return _variance_scaling(key, shape, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +105,16 @@ def pretrained_init(embeddings: ArrayLike) -> Initializer:
     return init
 
 
-def check_pretrained(embeddings: ArrayLike) -> np.ndarray:
-    """``embeddings`` (an array, or a torch tensor or parameter) as a NumPy ``[V, D]`` table, or a
-    clear error."""
-    table = torch_to_numpy(embeddings) if _is_torch_tensor(embeddings) else np.asarray(embeddings)
+def check_pretrained(embeddings: ArrayLike) -> Array:
+    """``embeddings`` (an array, or a torch tensor or parameter) as a JAX ``[V, D]`` table, or a
+    clear error. NumPy and torch input is copied; a JAX array (a tracer too, inside ``jit`` or
+    ``eval_shape``) is kept as it is, never read back into NumPy."""
+    if _is_torch_tensor(embeddings):
+        table = torch_to_numpy(embeddings)
+    elif isinstance(embeddings, jax.Array):
+        table = embeddings
+    else:
+        table = np.asarray(embeddings)
     if table.ndim != 2:
         raise ValueError(
             f"embeddings must be 2-D [V, D]; got shape {table.shape}. For example "
@@ -115,7 +125,7 @@ def check_pretrained(embeddings: ArrayLike) -> np.ndarray:
             f"embeddings must be a floating-point table; got dtype {table.dtype}. Cast it first: "
             "embeddings.astype(jnp.float32)."
         )
-    return table
+    return jnp.asarray(table)
 
 
 def check_pretrained_kwargs(kwargs: dict[str, Any]) -> None:

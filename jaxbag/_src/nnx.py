@@ -158,7 +158,7 @@ class EmbeddingBag(nnx.Module):
           >>> m(jnp.array([0, 2]), jnp.array([0])).tolist()
           [[4.0, 6.0]]
         """
-        table = jnp.asarray(common.check_pretrained(embeddings))
+        table = common.check_pretrained(embeddings)
         common.check_pretrained_kwargs(kwargs)
         kwargs.setdefault("param_dtype", table.dtype)
         kwargs.setdefault("rngs", nnx.Rngs(0))

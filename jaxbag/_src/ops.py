@@ -202,7 +202,7 @@ def embedding_bag(
     Args:
       weight: ``float [V, D]`` table (float32, bfloat16, float16, float8 or float64).
       indices: ``int [N]`` ids (with ``offsets`` or ``segment_ids``) or ``int [B, L]`` (each row is
-        a bag). int32 or int64.
+        a bag). Any integer dtype (narrow and unsigned ones are widened).
       offsets: ``int [B]`` start of each bag in ``indices`` (``int [B+1]`` with
         ``include_last_offset``); must start at 0 and be non-decreasing, equal offsets give empty bags.
       mode: ``"sum"``, ``"mean"`` (sum / count), ``"max"`` (per feature), or ``"sqrtn"``

@@ -145,10 +145,13 @@ def lengths_to_segment_ids_unchecked(lengths: Array, num_indices: int) -> Array:
 
 def capped_ends(lengths: Array, cap: ArrayLike, axis: int = -1) -> Array:
     """``int32`` running sums of ``lengths`` along ``axis``, each length clipped to
-    ``[0, cap]`` in its own dtype (an int64 ``2**32`` must not wrap to 0) and the sum saturating
+    ``[0, cap]`` in its own dtype, widened to 32 bits (an int64 ``2**32`` must not wrap to 0, nor
+    a capacity of 256 to a uint8 0) and the sum saturating
     at ``cap`` (a plain int32 cumsum of huge lengths wraps). ``cap``: an int or an int array
     broadcasting against ``lengths``."""
     cap = jnp.asarray(cap, jnp.int32)
+    if jnp.iinfo(lengths.dtype).bits < 32:  # cap.astype(uint8) would wrap 256 to 0
+        lengths = lengths.astype(jnp.int32)
     lengths = jnp.clip(lengths, 0, cap.astype(lengths.dtype)).astype(jnp.int32)
     return jax.lax.associative_scan(lambda x, y: jnp.minimum(x, cap - y) + y, lengths, axis=axis)
 

@@ -110,7 +110,9 @@ def as_ids(x: ArrayLike | None) -> Array | None:
             "num_bags=pb.num_bags, per_sample_weights=pb.weights), or module(pb.indices, "
             "segment_ids=pb.segment_ids, num_bags=pb.num_bags)."
         )
-    if not isinstance(x, jax.Array):
+    if not isinstance(x, jax.Array) and not any(
+        isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(x)
+    ):  # NumPy input, or lists of Python/NumPy numbers (a list holding a tracer goes to jnp)
         a = np.asarray(x)
         if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
             # jnp.asarray would cast int64 to int32 with wrap-around (a warning, then id 2**32 + 1
@@ -149,7 +151,7 @@ def require_int(name: str, x: Array) -> None:
     """Raises ``TypeError`` naming ``name`` unless ``x`` has an integer dtype."""
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(
-            f"{name} must be an integer array (int32 or int64); got dtype {x.dtype}. "
+            f"{name} must be an integer array; got dtype {x.dtype}. "
             f"Cast it first: {name}.astype(jnp.int32)."
         )
 
