@@ -302,7 +302,7 @@ def test_renorm_ignores_out_of_range_ids_under_jit():
 
 # ------------------------------------------------------------------------------------------------
 # Under jit, ill-formed offsets and unsorted segment ids regroup ids: each valid id still counts in
-# at most one bag, and no row outside the batch is read. Checked with an identity table (row r is
+# at most one bag (with segment ids, only in its own), and no row outside the batch is read. Checked with an identity table (row r is
 # the unit vector e_r, so a sum bag counts the rows it read), on the CPU kernel and the XLA path.
 
 
@@ -335,6 +335,13 @@ def test_jit_ill_formed_bags_regroup_ids_only(form, impl, monkeypatch):
         assert np.all(out >= 0) and np.all(out == np.round(out)), f"trial {trial}: {out}"
         assert np.all(read <= counts), (
             f"trial {trial}: an id counted twice or a row not in the batch\n{out}\n{counts}")
+        if seg is not None:  # an id counts only in the bag its segment id names: padding positions
+            # (segment id outside [0, B)) are never read (the kernel read them when unsorted ids
+            # put them inside another bag's position range)
+            for k in range(b):
+                own = (seg == k) & (ids >= 0) & (ids < v)
+                assert np.all(out[k] <= np.bincount(ids[own], minlength=v)), (
+                    f"trial {trial}, bag {k}: a row from outside the bag\n{out[k]}\n{ids}\n{seg}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -752,3 +759,11 @@ def test_lists_holding_traced_values_are_taken_as_jnp_takes_them():
     assert err.get() is None
     err, _ = jax.jit(checkify.checkify(lambda k: jaxbag.validate(5, ids, [0, k])))(9)
     assert "offsets[1] = 9 is past the end of indices" in err.get()
+    # lists of concrete values still go through NumPy: a NumPy int64 id past int32 next to a JAX
+    # scalar stays out of range (a first version sent them to jnp, which wrapped it to row 1), and
+    # a Python int next to an int16 JAX scalar is not cast to int16
+    with pytest.raises(IndexError, match=r"indices\[0\] = 2147483647 is out of range"):
+        jaxbag.embedding_bag(w, [np.int64(2**32 + 1), jnp.int32(0)], [0], mode="sum")
+    big = jnp.ones((50_000, 2))
+    np.testing.assert_array_equal(jaxbag.embedding_bag(big, [jnp.int16(5), 40_000], [0], mode="sum"),
+                                  [[2.0, 2.0]])

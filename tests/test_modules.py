@@ -366,3 +366,15 @@ def test_from_pretrained_under_a_trace():
     assert abstract.embedding.shape == (10, 2)
     out = jax.jit(lambda t: jaxbag.nnx.EmbeddingBag.from_pretrained(t, mode="sum")(ids, offs))(w)
     np.testing.assert_array_equal(out, [w[1] + w[2]])
+
+
+def test_from_pretrained_copies_a_jax_table():
+    """A first fix kept a JAX table as given, so donating the caller's array (a jitted train step
+    with donate_argnums) deleted the module's table too."""
+    w = jnp.arange(6.0).reshape(3, 2)
+    lin = jaxbag.EmbeddingBag.from_pretrained(w, mode="sum")
+    nm = jaxbag.nnx.EmbeddingBag.from_pretrained(w, mode="sum")
+    w.delete()
+    ids, offs = jnp.array([0, 2]), jnp.array([0])
+    np.testing.assert_array_equal(lin.apply(lin.init(jax.random.key(0), ids, offs), ids, offs), [[4.0, 6.0]])
+    np.testing.assert_array_equal(nm(ids, offs), [[4.0, 6.0]])

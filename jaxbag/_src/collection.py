@@ -259,7 +259,12 @@ class CollectionLayout:
 
 def group_key(table: TableConfig) -> tuple[int, str, str]:
     """Tables with equal keys can be stacked: width, dtype and mode."""
-    return (table.features, jnp.dtype(table.dtype).name, table.mode)
+    return (table.features, _dtype_name(table.dtype), table.mode)
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: Any) -> str:
+    return jnp.dtype(dtype).name  # ~6 us uncached: the planner asks T * T times
 
 
 def _check_tables(tables: Sequence[TableConfig]) -> tuple[TableConfig, ...]:
@@ -351,6 +356,7 @@ def collection_layout(
         n = 1 if (plan is None or replicated) else plan.num_shards
         slots, used = [], [0] * n
         row_wise = [t for t in members if n > 1 and placement[t.name][0] == "row"]
+        row_names = {t.name for t in row_wise}
         offset = 0
         for t in row_wise:  # same offset in every block
             rows = -(-t.num_embeddings // n)
@@ -358,7 +364,7 @@ def collection_layout(
             offset += rows
         used = [offset] * n
         for t in members:
-            if t in row_wise:
+            if t.name in row_names:
                 continue
             shard = placement.get(t.name, ("table", 0))[1] if n > 1 else 0
             shard = 0 if shard is None else int(shard)
@@ -565,6 +571,7 @@ def _check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
                         f"feature {f!r} (table {table.name!r}, num_embeddings="
                         f"{table.num_embeddings}) has id {int(ids[bad[0]])} at position "
                         f"{int(bad[0])} of shard {sh}; ids must be in [0, {table.num_embeddings})."
+                        + validation.clipped_id_note(values.dtype, int(ids[bad[0]]))
                     )
 
 

@@ -251,6 +251,9 @@ struct Args {
   int64_t mode; int64_t pad;
   const int64_t* start;  // [B + 1]: bag b is positions [start[b], start[b + 1])
   float* out; int32_t* arg;
+  // segment ids [N] (layout 0), else nullptr: a position counts only in its own bag, so unsorted
+  // ids (unspecified grouping) never pull a padding position (or another bag's) into a bag
+  const int32_t* seg;
 };
 
 inline bool Skip(const Args& a, int64_t id) { return id < 0 || id >= a.V || id == a.pad; }
@@ -272,8 +275,8 @@ inline void Prefetch(const Args& a, int64_t p, int64_t end) {
 // One bag, columns [c0, c0 + W) of a row of stride D; W is a compile-time width so the
 // accumulators stay in registers (kW = 0: runtime width w, via a local buffer).
 template <int kW>
-inline void BagBlock(const Args& a, int64_t n0, int64_t n1, int64_t c0, int64_t w, float* o,
-                     int32_t* g) {
+inline void BagBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, int64_t w,
+                     float* o, int32_t* g) {
   constexpr int kMaxW = 256;
   const int64_t W = kW > 0 ? kW : w;
   const int64_t D = a.D;
@@ -286,7 +289,7 @@ inline void BagBlock(const Args& a, int64_t n0, int64_t n1, int64_t c0, int64_t 
   for (int64_t p = n0; p < n1; ++p) {
     Prefetch(a, p, n1);
     const int64_t id = a.ids[p];
-    if (Skip(a, id)) continue;
+    if (Skip(a, id) || (a.seg != nullptr && a.seg[p] != b)) continue;
     const float* __restrict__ r = a.w + id * D + c0;
     if (is_max) {
       const int32_t pp = static_cast<int32_t>(p);
@@ -326,19 +329,19 @@ void Bags(const Args& a, int64_t b0, int64_t b1) {
     float* o = a.out + b * D;
     int32_t* g = a.mode == kMax ? a.arg + b * D : nullptr;
     switch (D) {
-      case 16: BagBlock<16>(a, n0, n1, 0, 16, o, g); continue;
-      case 32: BagBlock<32>(a, n0, n1, 0, 32, o, g); continue;
-      case 64: BagBlock<64>(a, n0, n1, 0, 64, o, g); continue;
-      case 128: BagBlock<128>(a, n0, n1, 0, 128, o, g); continue;
-      case 256: BagBlock<256>(a, n0, n1, 0, 256, o, g); continue;
+      case 16: BagBlock<16>(a, b, n0, n1, 0, 16, o, g); continue;
+      case 32: BagBlock<32>(a, b, n0, n1, 0, 32, o, g); continue;
+      case 64: BagBlock<64>(a, b, n0, n1, 0, 64, o, g); continue;
+      case 128: BagBlock<128>(a, b, n0, n1, 0, 128, o, g); continue;
+      case 256: BagBlock<256>(a, b, n0, n1, 0, 256, o, g); continue;
       default: break;
     }
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
       const int64_t w = std::min<int64_t>(64, D - c0);
       if (w == 64) {
-        BagBlock<64>(a, n0, n1, c0, 64, o + c0, g ? g + c0 : nullptr);
+        BagBlock<64>(a, b, n0, n1, c0, 64, o + c0, g ? g + c0 : nullptr);
       } else {
-        BagBlock<0>(a, n0, n1, c0, w, o + c0, g ? g + c0 : nullptr);
+        BagBlock<0>(a, b, n0, n1, c0, w, o + c0, g ? g + c0 : nullptr);
       }
     }
   }
@@ -393,7 +396,8 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
     for (int64_t b = 0; b <= B && b < static_cast<int64_t>(offs.size()); ++b) sh->start[b] = offs[b];
   }
   Args a{weight.typed_data(), wd[0], wd[1], ids.typed_data(), weighted ? psw.typed_data() : nullptr,
-         N, B, mode, padding_idx, sh->start.data(), out->typed_data(), arg->typed_data()};
+         N, B, mode, padding_idx, sh->start.data(), out->typed_data(), arg->typed_data(),
+         layout == 0 ? bd : nullptr};
   sh->a = a;
   if (B == 0) return ffi::Error::Success();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());

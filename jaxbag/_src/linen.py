@@ -163,9 +163,9 @@ class EmbeddingBag(nn.Module):
             or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``). The table
             is copied: later changes to the torch weight do not reach ``variables``.
           **overrides: module attributes that replace or complete those read from ``source``
-            (``param_dtype`` defaults to the table's dtype; ``freeze`` to whether the torch
-            weight has ``requires_grad=False``, as after torch's ``from_pretrained(freeze=True)``,
-            else false).
+            (``param_dtype`` defaults to the table's dtype; ``freeze`` to whether an
+            ``nn.EmbeddingBag`` source's weight has ``requires_grad=False``, as after torch's
+            ``from_pretrained(freeze=True)``, else false).
 
         Returns:
           ``(module, variables)`` with ``variables = {"params": {"embedding": table}}``; the

@@ -107,8 +107,8 @@ def pretrained_init(embeddings: ArrayLike) -> Initializer:
 
 def check_pretrained(embeddings: ArrayLike) -> Array:
     """``embeddings`` (an array, or a torch tensor or parameter) as a JAX ``[V, D]`` table, or a
-    clear error. NumPy and torch input is copied; a JAX array (a tracer too, inside ``jit`` or
-    ``eval_shape``) is kept as it is, never read back into NumPy."""
+    clear error. Always a copy (the caller may donate or delete its array); a JAX array (a tracer
+    too, inside ``jit`` or ``eval_shape``) is copied as a JAX array, never read back into NumPy."""
     if _is_torch_tensor(embeddings):
         table = torch_to_numpy(embeddings)
     elif isinstance(embeddings, jax.Array):
@@ -125,7 +125,7 @@ def check_pretrained(embeddings: ArrayLike) -> Array:
             f"embeddings must be a floating-point table; got dtype {table.dtype}. Cast it first: "
             "embeddings.astype(jnp.float32)."
         )
-    return jnp.asarray(table)
+    return jnp.array(table, copy=True)
 
 
 def check_pretrained_kwargs(kwargs: dict[str, Any]) -> None:
@@ -271,8 +271,7 @@ def make_torch_module(
     if arr.shape != want:
         raise ValueError(
             f"the table has shape {arr.shape}, but the module has num_embeddings={want[0]}, "
-            f"features={want[1]}: pass the module's own table (its variables, as init returned "
-            "them)."
+            f"features={want[1]}: convert the module with a table of its own shape."
         )
     if arr.dtype not in (np.float16, np.float32, np.float64, jnp.bfloat16):
         raise TypeError(

@@ -184,9 +184,9 @@ class EmbeddingBag(nnx.Module):
             ``freeze=True`` gives a frozen table, as :meth:`from_pretrained`.
 
         Returns:
-          A module, trainable (its ``embedding`` an ``nnx.Param``) unless ``freeze=True`` or the
-          torch weight has ``requires_grad=False`` (as after torch's
-          ``from_pretrained(freeze=True)``).
+          A module, trainable (its ``embedding`` an ``nnx.Param``) unless ``freeze=True`` or
+          ``source`` is an ``nn.EmbeddingBag`` whose weight has ``requires_grad=False`` (as after
+          torch's ``from_pretrained(freeze=True)``).
 
         Warns:
           UserWarning: the torch module has ``sparse=True``, which no module option matches (the

@@ -238,15 +238,13 @@ def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> 
     # stacked array's block is as big as the fullest device); ties -> fewest bytes overall, then
     # lowest index (round-robin for equal tables).
     shard_of: dict[str, int] = {}
-    device_total = [0] * n
-    for t in tables:  # row-wise tables weigh the same on every device
-        if kinds[t.name] == "row":
-            for i in range(n):
-                device_total[i] += t.nbytes // n
+    # row-wise tables weigh the same on every device
+    device_total = [sum(t.nbytes // n for t in tables if kinds[t.name] == "row")] * n
     group_rows: dict[tuple, list[int]] = {}
+    key = {t.name: collection.group_key(t) for t in tables}
     table_wise = [t for t in tables if kinds[t.name] == "table"]
     for t in sorted(table_wise, key=lambda t: -t.nbytes):
-        rows = group_rows.setdefault(collection.group_key(t), [0] * n)
+        rows = group_rows.setdefault(key[t.name], [0] * n)
         best = min(range(n), key=lambda i: (rows[i], device_total[i], i))
         shard_of[t.name] = best
         rows[best] += t.num_embeddings
@@ -255,7 +253,7 @@ def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> 
     # would pad every other device with unused rows: row-wise is then strictly smaller (same
     # communication), so such groups go row-wise unless the placement was forced.
     for gkey, rows in group_rows.items():
-        members = [t for t in table_wise if collection.group_key(t) == gkey]
+        members = [t for t in table_wise if key[t.name] == gkey]
         if n > 1 and sum(rows) < min_fill * n * max(rows):
             for t in members:
                 if t.name not in overrides:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 from jax.experimental import checkify
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 __all__ = ["MODES", "validate"]
 
@@ -110,10 +110,13 @@ def as_ids(x: ArrayLike | None) -> Array | None:
             "num_bags=pb.num_bags, per_sample_weights=pb.weights), or module(pb.indices, "
             "segment_ids=pb.segment_ids, num_bags=pb.num_bags)."
         )
-    if not isinstance(x, jax.Array) and not any(
-        isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(x)
-    ):  # NumPy input, or lists of Python/NumPy numbers (a list holding a tracer goes to jnp)
-        a = np.asarray(x)
+    a = None
+    if not isinstance(x, jax.Array):
+        try:
+            a = np.asarray(x)
+        except jax.errors.TracerArrayConversionError:  # a list holding traced values (under jit)
+            x = jnp.asarray(x)
+    if a is not None:
         if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
             # jnp.asarray would cast int64 to int32 with wrap-around (a warning, then id 2**32 + 1
             # reads row 1): clip first, so out of range stays out of range
@@ -417,18 +420,21 @@ def raise_value_problems(
             if bool(p.bad):
                 values = [int(a) for a in p.args]
                 message = p.message.format(*values)
-                if p.error is IndexError and _maybe_clipped(indices, values[-1]):
-                    message += (
-                        f" ({values[-1]} may stand for a larger id: without jax_enable_x64, "
-                        "NumPy int64/uint64 ids past int32's range are clipped to it.)"
-                    )
+                if p.error is IndexError:
+                    message += clipped_id_note(indices.dtype, values[-1])
                 raise p.error(message)
 
 
-def _maybe_clipped(indices: Array, value: int) -> bool:
-    """Whether ``value`` of int32 ``indices`` may be :func:`as_ids`' clip of a wider NumPy id."""
+def clipped_id_note(dtype: DTypeLike, value: int) -> str:
+    """A note for an error that shows id ``value`` of an array of ``dtype``: ``""``, or, where the
+    value may be :func:`as_ids`' clip of a wider or unsigned id (int32's bounds, x64 off), so."""
     info = np.iinfo(np.int32)
-    return indices.dtype == jnp.int32 and value in (info.min, info.max) and not jax.config.jax_enable_x64
+    if dtype != jnp.int32 or value not in (info.min, info.max) or jax.config.jax_enable_x64:
+        return ""
+    return (
+        f" ({value} may stand for a larger id: without jax_enable_x64, int64 and unsigned ids "
+        "past int32's range are clipped to it.)"
+    )
 
 
 def check_arguments(
