@@ -18,6 +18,9 @@ from jaxbag._src.collection import embedding_bag_collection as embedding_bag_col
 from jaxbag._src.collection import init_collection as init_collection
 from jaxbag._src.collection import pack_tables as pack_tables
 from jaxbag._src.collection import unpack_tables as unpack_tables
+from jaxbag._src.collection_sparse import (
+    embedding_bag_collection_rows as embedding_bag_collection_rows,
+)
 from jaxbag._src.collection_linen import (
     EmbeddingBagCollection as EmbeddingBagCollection,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "concat_features",
     "embedding_bag",
     "embedding_bag_collection",
+    "embedding_bag_collection_rows",
     "embedding_bag_rows",
     "geometric_buckets",
     "init_collection",

@@ -541,7 +541,7 @@ def _make_params(layout: CollectionLayout, key: Array) -> dict[str, Array]:
 _init_params = jax.jit(_make_params, static_argnums=0)
 
 
-def _check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
+def check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
     if not isinstance(jf, JaggedFeatures):
         raise TypeError(
             f"features must be a jaxbag.JaggedFeatures; got {type(jf).__name__}. Build one with "
@@ -575,7 +575,7 @@ def _check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
                     )
 
 
-def _check_params(layout: CollectionLayout, params: Mapping[str, Array]) -> None:
+def check_params(layout: CollectionLayout, params: Mapping[str, Array]) -> None:
     """Every group's array is there, ``[num_rows, D]`` of the tables' dtype (static checks)."""
     missing = [g.name for g in layout.groups if g.name not in params]
     if missing:
@@ -596,7 +596,7 @@ def _check_params(layout: CollectionLayout, params: Mapping[str, Array]) -> None
             )
 
 
-def _group_ids(g: GroupLayout, layout: CollectionLayout, keys: Sequence[str]):
+def group_ids(g: GroupLayout, layout: CollectionLayout, keys: Sequence[str]):
     """The per-slot id transform into stacked rows: out-of-range ids -> -1, padding -> pad_row."""
     pad_row = g.pad_row
 
@@ -613,6 +613,17 @@ def _group_ids(g: GroupLayout, layout: CollectionLayout, keys: Sequence[str]):
     return transform
 
 
+def check_no_max_weights(g: GroupLayout, keys: Sequence[str], jf: JaggedFeatures) -> None:
+    """A ``max`` group takes no per-id weights (as torch)."""
+    if g.mode == "max" and jf.weights is not None:
+        raise ValueError(
+            f"the features {keys} use mode='max' tables, which take no per-id weights (as torch); "
+            "build the JaggedFeatures without weights, or use mode='sum'/'mean'/'sqrtn' tables. "
+            "To mix weighted features with max tables, use two collections over two "
+            "JaggedFeatures (TorchRec's EmbeddingBagCollection and its weighted twin)."
+        )
+
+
 def _lookup_group(
     g: GroupLayout,
     layout: CollectionLayout,
@@ -622,12 +633,8 @@ def _lookup_group(
 ) -> dict[str, Array]:
     """One packed lookup for all features of group ``g``; splits the ``[F * B, D]`` result."""
     keys = g.feature_names
-    if g.mode == "max" and jf.weights is not None:
-        raise ValueError(
-            f"the features {keys} use mode='max' tables, which take no per-id weights (as torch); "
-            "build the JaggedFeatures without weights, or use mode='sum'/'mean'/'sqrtn' tables."
-        )
-    ids, seg, w = pack_features(jf, keys, _group_ids(g, layout, keys))
+    check_no_max_weights(g, keys, jf)
+    ids, seg, w = pack_features(jf, keys, group_ids(g, layout, keys))
     b = jf.batch_size
     num_bags = len(keys) * b
     if sharded_axis is not None:
@@ -745,8 +752,8 @@ def embedding_bag_collection(
       >>> jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True).shape
       (2, 8)
     """
-    _check_features(layout, features)
-    _check_params(layout, params)
+    check_features(layout, features)
+    check_params(layout, params)
     if layout.plan is not None:
         out = _apply_sharded(layout, params, features)
     elif not layout.stacked:
