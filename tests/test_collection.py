@@ -621,3 +621,20 @@ def test_linen_collection_with_a_list_of_tables_is_hashable():
     variables = model.init(jax.random.key(0), jf)
     out = jax.jit(lambda m, v, j: m.apply(v, j), static_argnums=0)(model, variables, jf)
     np.testing.assert_array_equal(out["user"], model.apply(variables, jf)["user"])
+
+
+def test_linen_collection_starts_from_the_same_tables_whatever_the_layout():
+    """linen drew each group array from flax's per-parameter key, which depends on the group's
+    name, so stack=True and stack=False started from different tables (NNX did not)."""
+    tables = [T("user", 10, 4, ("user",)), T("item", 12, 4, ("item",)), T("tag", 6, 2, ("tag",), mode="sum")]
+    jf = JF.from_lists({"user": [[1]], "item": [[2]], "tag": [[3]]})
+    per_table = []
+    for stack in (True, False):
+        model = jaxbag.EmbeddingBagCollection(tables=tables, stack=stack)
+        variables = model.init(jax.random.key(7), jf)
+        per_table.append(jaxbag.unpack_tables(model.layout, variables["params"]))
+    assert set(per_table[0]) == {"user", "item", "tag"}
+    jax.tree.map(np.testing.assert_array_equal, per_table[0], per_table[1])
+    nnx_tables = [jaxbag.unpack_tables(m.layout, {k: v[...] for k, v in m.embeddings.items()})
+                  for m in (NnxCollection(tables, stack=s, rngs=nnx.Rngs(7)) for s in (True, False))]
+    jax.tree.map(np.testing.assert_array_equal, nnx_tables[0], nnx_tables[1])

@@ -508,7 +508,10 @@ def init_collection(layout: CollectionLayout, key: Array) -> dict[str, Array]:
     """Fresh parameters for ``layout``: ``{group name: [num_rows, D]}``.
 
     Each table is initialised from its own key (derived from ``key`` and the table's name), so
-    stacked, unstacked and sharded layouts of the same tables start from the same tables. With a
+    stacked, unstacked and sharded layouts of the same tables start from the same tables (so do
+    the linen and NNX collection modules for one init key or ``nnx.Rngs``, whatever their
+    layout; their tables differ from ``init_collection(layout, key)``'s, as flax derives the
+    modules' keys from theirs). With a
     plan the arrays are created directly in their sharding (``jit`` with ``out_shardings``).
 
     Args:

@@ -83,10 +83,14 @@ class EmbeddingBagCollection(nn.Module):
         if self.plan is not None:
             _check_explicit_mesh_context(self.plan.mesh)
         params = {}
+        # One key for the whole collection (not flax's per-parameter key, which depends on the
+        # group's name): each table then starts the same whether stacked, unstacked or sharded,
+        # as with init_collection and the NNX module.
+        base = self.make_rng("params") if self.is_initializing() else None
         for g in layout.groups:
 
             def init(key, g=g):
-                value = collection.init_group(layout, g, key)
+                value = collection.init_group(layout, g, key if base is None else base)
                 if self.plan is None:
                     return value
                 # On an Explicit-axes mesh the partitioning constraint only asserts: create the
