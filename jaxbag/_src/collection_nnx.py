@@ -23,6 +23,8 @@ class EmbeddingBagCollection(nnx.Module):
     ``self.embeddings`` holds one :class:`flax.nnx.Param` per group of stacked tables (see
     :func:`jaxbag.collection_layout`), keyed by the group name (``"user+item"``). With a ``plan``
     the parameters are created in their sharding and carry it as ``out_sharding`` metadata.
+    ``self.layout`` is the static :class:`jaxbag.CollectionLayout` (for
+    :func:`jaxbag.unpack_tables`, :func:`jaxbag.embedding_bag_collection_rows`, ...).
 
     Args:
       tables: the :class:`jaxbag.TableConfig` s.
