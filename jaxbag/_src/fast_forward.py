@@ -251,8 +251,8 @@ struct Args {
   int64_t mode; int64_t pad;
   const int64_t* start;  // [B + 1]: bag b is positions [start[b], start[b + 1])
   float* out; int32_t* arg;
-  // segment ids [N] (layout 0), else nullptr: a position counts only in its own bag, so unsorted
-  // ids (unspecified grouping) never pull a padding position (or another bag's) into a bag
+  // unsorted segment ids [N] (layout 0), else nullptr: a position counts only in its own bag, so
+  // unsorted ids (unspecified grouping) never pull a padding position (or another bag's) into a bag
   const int32_t* seg;
 };
 
@@ -397,7 +397,12 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
   }
   Args a{weight.typed_data(), wd[0], wd[1], ids.typed_data(), weighted ? psw.typed_data() : nullptr,
          N, B, mode, padding_idx, sh->start.data(), out->typed_data(), arg->typed_data(),
-         layout == 0 ? bd : nullptr};
+         nullptr};
+  if (layout == 0) {  // per-position bag checks only for unsorted ids (one sequential pass)
+    for (int64_t k = 1; k < N; ++k) {
+      if (bd[k] < bd[k - 1]) { a.seg = bd; break; }
+    }
+  }
   sh->a = a;
   if (B == 0) return ffi::Error::Success();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
