@@ -110,19 +110,18 @@ def as_ids(x: ArrayLike | None) -> Array | None:
             "num_bags=pb.num_bags, per_sample_weights=pb.weights), or module(pb.indices, "
             "segment_ids=pb.segment_ids, num_bags=pb.num_bags)."
         )
-    a = None
     if not isinstance(x, jax.Array):
         try:
             a = np.asarray(x)
         except jax.errors.TracerArrayConversionError:  # a list holding traced values (under jit)
-            x = jnp.asarray(x)
-    if a is not None:
-        if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
-            # jnp.asarray would cast int64 to int32 with wrap-around (a warning, then id 2**32 + 1
-            # reads row 1): clip first, so out of range stays out of range
-            info = np.iinfo(np.int32)
-            a = np.clip(a, info.min, info.max).astype(np.int32)
-        x = a
+            pass
+        else:
+            if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
+                # jnp.asarray would cast int64 to int32 with wrap-around (a warning, then id
+                # 2**32 + 1 reads row 1): clip first, so out of range stays out of range
+                info = np.iinfo(np.int32)
+                a = np.clip(a, info.min, info.max).astype(np.int32)
+            x = a
     x = jnp.asarray(x)
     if x.size == 0 and jnp.issubdtype(x.dtype, jnp.floating):
         return x.astype(jnp.int32)  # [] (NumPy and JAX read it as float): no ids, not float ids
