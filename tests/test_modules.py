@@ -378,3 +378,9 @@ def test_from_pretrained_copies_a_jax_table():
     ids, offs = jnp.array([0, 2]), jnp.array([0])
     np.testing.assert_array_equal(lin.apply(lin.init(jax.random.key(0), ids, offs), ids, offs), [[4.0, 6.0]])
     np.testing.assert_array_equal(nm(ids, offs), [[4.0, 6.0]])
+    # init returns a fresh copy each time: donating one init's variables leaves the next intact
+    # (the initialiser returned its own table, which the donation then deleted)
+    for module in (lin, jaxbag.EmbeddingBag.from_torch(torch.nn.EmbeddingBag(3, 2))[0]):
+        donate = jax.jit(lambda v: jax.tree.map(lambda x: x * 2, v), donate_argnums=0)
+        donate(module.init(jax.random.key(0), ids, offs))
+        assert module.init(jax.random.key(0), ids, offs)["params"]["embedding"].shape == (3, 2)

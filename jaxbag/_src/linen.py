@@ -186,7 +186,9 @@ class EmbeddingBag(nn.Module):
         extra.setdefault("param_dtype", table.dtype)
         extra.setdefault("freeze", False)
         module = cls.from_pretrained(table, **settings.op_kwargs(), **extra)
-        return module, {"params": {"embedding": jnp.asarray(table, module.param_dtype)}}
+        # the initialiser's copy of the table: the variables never share memory with the source
+        table = module.embedding_init(None, (module.num_embeddings, module.features), module.param_dtype)
+        return module, {"params": {"embedding": table}}
 
     def to_torch(self, variables: Mapping[str, Any], *, sparse: bool = False) -> Any:
         """Builds the equivalent ``torch.nn.EmbeddingBag`` from ``variables`` (imports torch).

@@ -88,18 +88,19 @@ def padded_init(init: Initializer, padding_idx: int | None, num_embeddings: int)
     return wrapped
 
 
-def pretrained_init(embeddings: ArrayLike) -> Initializer:
-    """An initialiser that returns ``embeddings`` (checking shape, casting to the param dtype).
+def pretrained_init(table: Array) -> Initializer:
+    """An initialiser that returns a fresh copy of ``table`` (from :func:`check_pretrained`),
+    checking the shape and casting to the param dtype: donating what ``init`` returned must not
+    delete the table the next ``init`` reads.
 
     Its padding row is not zeroed (:func:`padded_init` leaves it alone).
     """
-    table = check_pretrained(embeddings)
 
     def init(key, shape, dtype=jnp.float32):
         del key
         if tuple(shape) != table.shape:
             raise ValueError(f"pretrained embeddings have shape {table.shape}, expected {shape}.")
-        return jnp.asarray(table, dtype)
+        return jnp.array(table, dtype, copy=True)
 
     init.pretrained = True  # type: ignore[attr-defined]
     return init
@@ -154,12 +155,13 @@ def _is_torch_tensor(x: object) -> bool:
 
 
 def torch_to_numpy(tensor: Any) -> np.ndarray:
-    """A NumPy copy of a torch tensor (detached, on the CPU; bf16 exactly, through float32): never
-    a view, so later in-place changes in torch (an optimizer step, ``max_norm``) do not reach it."""
+    """A NumPy view of a torch tensor (detached, on the CPU; bf16 exactly, through float32, a
+    copy): :func:`check_pretrained` copies it into JAX, so later in-place changes in torch (an
+    optimizer step, ``max_norm``) do not reach the module."""
     tensor = tensor.detach().cpu()
     if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: go through float32
         return tensor.float().numpy().astype(jnp.bfloat16)  # (exact both ways)
-    return tensor.numpy().copy()
+    return tensor.numpy()
 
 
 def apply_bag(
@@ -201,7 +203,7 @@ def settings_from_torch(
 
     ``source`` is an ``nn.EmbeddingBag``, its ``state_dict()`` (a mapping with ``"weight"``), a
     weight tensor, or a NumPy array; ``overrides`` give or replace settings. Returns the settings,
-    the table, and the overrides that are not settings (``dtype``, ``freeze``, ...).
+    the table (possibly a view of the source: ``from_pretrained`` copies it), and the overrides that are not settings (``dtype``, ``freeze``, ...).
     """
     settings: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -245,7 +247,7 @@ def settings_from_torch(
     elif weight is None or isinstance(weight, (str, bytes)):
         table = np.asarray(0.0)  # the 2-D check below names it
     else:
-        table = np.array(weight)  # a copy: the module must not see later changes to the source
+        table = np.asarray(weight)  # from_pretrained's check_pretrained copies it
     if table.ndim != 2:
         raise ValueError(
             f"the torch weight must be 2-D [V, D]; got shape {table.shape} from a "
