@@ -18,6 +18,7 @@ from jaxbag._src.collection import embedding_bag_collection as embedding_bag_col
 from jaxbag._src.collection import init_collection as init_collection
 from jaxbag._src.collection import pack_tables as pack_tables
 from jaxbag._src.collection import unpack_tables as unpack_tables
+from jaxbag._src.collection_sparse import collection_optimizer as collection_optimizer
 from jaxbag._src.collection_sparse import (
     embedding_bag_collection_rows as embedding_bag_collection_rows,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "TableConfig",
     "bucket_size",
     "collection_layout",
+    "collection_optimizer",
     "concat_features",
     "embedding_bag",
     "embedding_bag_collection",

@@ -2,8 +2,8 @@
 
 Checked against the dense path: the bags equal embedding_bag_collection's, the row gradients
 scattered into a zero table equal jax.grad of the same loss, and sparse SGD steps equal dense
-optax.sgd steps; plus the touched rows (padding, shared tables), jit without recompiles and the
-errors.
+optax.sgd steps; plus the touched rows (padding, shared tables), jit without recompiles, a
+sharding plan on a one-device mesh (8 devices: tests/_sharding_worker.py) and the errors.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AxisType
 
 import jaxbag
 
@@ -145,9 +146,69 @@ def test_errors():
                                                 weights={f: [[2.0]] for f in VOCAB})
     with pytest.raises(ValueError, match=r"mode='max' tables, which take no per-id weights.*two collections"):
         jaxbag.embedding_bag_collection_rows(params, weighted, layout=layout)
-    mesh = jax.make_mesh((1,), ("model",))
-    plan = jaxbag.sharding.plan_sharding(TABLES, mesh, axis_name="model")
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    plan = jaxbag.sharding.plan_sharding(TABLES, mesh, axis_name="model", batch_axis="data")
     planned = jaxbag.collection_layout(TABLES, plan=plan)
-    with pytest.raises(ValueError, match=r"a layout without a sharding plan.*sharding.embedding_bag_rows"):
-        jaxbag.embedding_bag_collection_rows(jaxbag.init_collection(planned, jax.random.key(0)), jf,
-                                             layout=planned)
+    split = jaxbag.JaggedFeatures.from_lists({f: [[1], [2]] for f in VOCAB}, num_shards=2)
+    with pytest.raises(ValueError, match=r"batch_axis='data' \(1 devices\) but the features have "
+                                         r"num_shards=2"):
+        jaxbag.embedding_bag_collection_rows(jaxbag.init_collection(planned, jax.random.key(0)),
+                                             split, layout=planned)
+    opt = jaxbag.collection_optimizer(jaxbag.sparse_sgd(0.1), layout=layout)
+    state = opt.init(params)
+    _, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout)
+    row_grads = pullback(jax.tree.map(jnp.ones_like, _))
+    with pytest.raises(ValueError, match=r"row_grads must have one entry per group"):
+        opt.update(params, state, {k: v for k, v in row_grads.items() if k != "cat"})
+    with pytest.raises(ValueError, match=r"state must have one entry per group"):
+        opt.update(params, {**state, "extra": state["cat"]}, row_grads)
+    with pytest.raises(KeyError, match=r"params has no array for the groups \['user\+user2', 'cat', 'query'\]"):
+        opt.init({"item": params["item"]})
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, count_compiles):
+    """A sharding plan on a 1 x 1 mesh (row-wise, table-wise and replicated groups): the same
+    bags and, after 3 sparse Adam steps through collection_optimizer, the same tables as the plain
+    layout; one compile. (8 devices: tests/_sharding_worker.py, case collection_sparse.)"""
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(axis_type,) * 2)
+    plan = jaxbag.sharding.plan_sharding(
+        TABLES, mesh, axis_name="model", batch_axis="data",
+        overrides={"item": "row", "user": "table", "cat": "replicated"})
+    assert set(plan.as_dict().values()) == {"row", "table", "replicated"}
+    planned = jaxbag.collection_layout(TABLES, plan=plan)
+    plain = jaxbag.collection_layout(TABLES, stack=False)
+    base = jaxbag.sparse_adam(0.05)
+    head = jax.random.normal(jax.random.key(1), (planned.output_features,))
+
+    def make_step(layout):
+        opt = jaxbag.collection_optimizer(base, layout=layout)
+
+        @jax.jit
+        def step(p, state, jf):
+            x, pullback = jaxbag.embedding_bag_collection_rows(p, jf, layout=layout, concat=True)
+            p, state = opt.update(p, state, pullback(jax.grad(lambda x: jnp.sum(jnp.sin(x @ head)))(x)))
+            return p, state, x
+
+        return opt, step
+
+    with jax.set_mesh(mesh):
+        params = jaxbag.init_collection(planned, jax.random.key(0))
+        tables = jaxbag.unpack_tables(planned, params)
+        opt_p, step_p = make_step(planned)
+        opt_u, step_u = make_step(plain)
+        state_p, state_u = opt_p.init(params), opt_u.init(tables)
+        rng = np.random.default_rng(8)
+        batches = [_batch(rng) for _ in range(3)]
+        plain_bags = []
+        for jf in batches:
+            tables, state_u, x_u = step_u(tables, state_u, jf)
+            plain_bags.append(x_u)
+        with count_compiles(step_p) as compiles:  # (both steps are named "step": count one)
+            for jf, x_u in zip(batches, plain_bags):
+                params, state_p, x_p = step_p(params, state_p, jf)
+                np.testing.assert_allclose(x_p, x_u, rtol=1e-5, atol=1e-6)
+        assert len(compiles) == 1
+        got = jaxbag.unpack_tables(planned, params)
+    for name, table in tables.items():
+        np.testing.assert_allclose(got[name], table, rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ CASES = [
     "planner",
     "modules",
     "sparse",
+    "collection_sparse",
     "experiment",
 ]
 

@@ -244,11 +244,20 @@ class CollectionLayout:
         return sum(self.table_of(f).features for f in self.feature_names)
 
     def param_specs(self) -> dict[str, P]:
-        """``PartitionSpec`` of each parameter array (``P()`` without a plan)."""
+        """``PartitionSpec`` of each parameter array: ``P(axis_name, None)`` for a row-sharded
+        group, replicated for the others (``P()`` for every group without a plan).
+
+        In the form a jitted step returns (``sharding.canonical_spec``: on an Auto mesh ``P()``
+        rather than the equivalent ``P(None, None)``, and mesh axes of size 1 left out);
+        parameters placed otherwise would compile a training step a second time.
+        """
         if self.plan is None:
             return {g.name: P() for g in self.groups}
-        row = sharding.spec_entry(self.plan.axis_name)
-        return {g.name: P(row, None) if g.sharded else P(None, None) for g in self.groups}
+        row = P(sharding.spec_entry(self.plan.axis_name), None)
+        return {
+            g.name: sharding.canonical_spec(self.plan.mesh, row if g.sharded else P(), 2)
+            for g in self.groups
+        }
 
     def param_shardings(self) -> dict[str, NamedSharding]:
         """``NamedSharding`` of each parameter array (needs a plan)."""
@@ -797,10 +806,10 @@ def feature_specs(jf: JaggedFeatures, batch_axis: Any) -> JaggedFeatures:
     return JaggedFeatures.tree_unflatten(aux, specs)
 
 
-def _apply_sharded(layout, params, jf) -> dict[str, Array]:
-    plan = layout.plan
-    mesh, axis_name, batch_axis = plan.mesh, plan.axis_name, plan.batch_axis
-    n_batch = sharding.axis_size(mesh, batch_axis)
+def check_batch_shards(plan: ShardingPlan, jf: JaggedFeatures) -> None:
+    """The features are split as the plan splits the batch (``num_shards`` = batch-axis size)."""
+    batch_axis = plan.batch_axis
+    n_batch = sharding.axis_size(plan.mesh, batch_axis)
     if batch_axis is not None and jf.num_shards != n_batch:
         raise ValueError(
             f"the plan splits the batch over batch_axis={batch_axis!r} ({n_batch} devices) but the "
@@ -812,6 +821,12 @@ def _apply_sharded(layout, params, jf) -> dict[str, Array]:
             f"the plan has batch_axis=None (replicated batch) but the features have num_shards="
             f"{jf.num_shards}; build them with num_shards=1 or plan with batch_axis=..."
         )
+
+
+def _apply_sharded(layout, params, jf) -> dict[str, Array]:
+    plan = layout.plan
+    mesh, axis_name, batch_axis = plan.mesh, plan.axis_name, plan.batch_axis
+    check_batch_shards(plan, jf)
     param_specs = layout.param_specs()
     params = {g.name: params[g.name] for g in layout.groups}
     in_specs = (param_specs, feature_specs(jf, batch_axis))

@@ -8,7 +8,6 @@ from typing import Any
 import jax
 from flax import linen as nn
 from jax import Array
-from jax.sharding import AxisType
 
 from jaxbag._src import collection, sharding
 from jaxbag._src.collection import CollectionLayout, TableConfig
@@ -20,7 +19,7 @@ __all__ = ["EmbeddingBagCollection"]
 def _check_explicit_mesh_context(mesh: Any) -> None:
     """linen's partitioning constraint refers to mesh axes, which for Explicit axes needs a
     ``jax.set_mesh`` context: say so, instead of a ``with_sharding_constraint`` error."""
-    explicit = mesh.axis_types and all(t == AxisType.Explicit for t in mesh.axis_types)
+    explicit = sharding.is_explicit(mesh)
     if explicit and jax.sharding.get_abstract_mesh().empty:
         raise ValueError(
             "the plan's mesh has Explicit axes (jax.make_mesh's default), which the linen module "

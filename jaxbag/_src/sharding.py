@@ -115,9 +115,14 @@ def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> 
         )
 
 
+def is_explicit(mesh: Mesh) -> bool:
+    """Whether every axis of ``mesh`` is Explicit (shardings are part of the array types)."""
+    return bool(mesh.axis_types) and all(t == AxisType.Explicit for t in mesh.axis_types)
+
+
 def place(x: Any, mesh: Mesh, spec: Any) -> Any:
     """Puts ``x`` (a pytree) on ``spec`` for ``shard_map``; needed only for Explicit meshes."""
-    if mesh.axis_types and all(t == AxisType.Explicit for t in mesh.axis_types):
+    if is_explicit(mesh):
         return jax.tree.map(
             lambda a, s: a if a is None else jax.reshard(a, NamedSharding(mesh, s)),
             x,
@@ -125,6 +130,36 @@ def place(x: Any, mesh: Mesh, spec: Any) -> Any:
             is_leaf=lambda a: a is None,
         )
     return x
+
+
+def canonical_spec(mesh: Mesh, spec: P, ndim: int) -> P:
+    """The form of ``spec`` (for an ``ndim``-dimensional array) that a jitted step returns.
+
+    Arrays placed so round-trip through ``jit`` without a second compilation. On an Explicit
+    mesh the array types keep the spec: padded to ``ndim`` entries (``P(None, None)`` for a
+    replicated table). Otherwise the placement is read back from the compiled program, which
+    does not see mesh axes of size 1 (they split nothing): those are left out, and a spec that
+    splits nothing is ``P()`` (``P('model', None)`` on a one-device ``model`` axis comes back
+    as ``P()``).
+    """
+    entries = list(spec) + [None] * (ndim - len(spec))
+    if is_explicit(mesh):
+        return P(*entries)
+    kept_entries = []
+    for entry in entries:
+        kept = tuple(a for a in axis_tuple(entry) if mesh.shape[a] > 1)
+        kept_entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*kept_entries) if any(e is not None for e in kept_entries) else P()
+
+
+def constrain(x: Any, mesh: Mesh, spec: Any) -> Any:
+    """Pins ``x`` (a pytree) to ``spec`` on any mesh: ``jax.reshard`` (Explicit axes), else a
+    sharding constraint (so a jitted step returns what it was given: no recompile)."""
+    if is_explicit(mesh):
+        return place(x, mesh, spec)
+    return jax.tree.map(
+        lambda a, s: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, s)), x, spec
+    )
 
 
 def shard_table(weight: ArrayLike, mesh: Mesh, axis_name: AxisName) -> Array:
@@ -635,12 +670,7 @@ def embedding_bag_rows(
             u = 0 if size is None else size
             rows = jnp.full((n_shards * u,), num_embeddings // n_shards, jnp.int32)
             grads = jnp.zeros((n_shards * u, weight.shape[1]), acc)
-            specs = (P(spec_entry(axis_name)), rows_spec)
-            if all(t == AxisType.Explicit for t in mesh.axis_types):
-                rows, grads = place((rows, grads), mesh, specs)
-            else:
-                rows, grads = (jax.lax.with_sharding_constraint(a, NamedSharding(mesh, s))
-                               for a, s in zip((rows, grads), specs))
+            rows, grads = constrain((rows, grads), mesh, (P(spec_entry(axis_name)), rows_spec))
             return sparse.RowGrads(rows=rows, grads=grads)
         args = (weight, indices, seg_all, psw, g)
         specs = (
