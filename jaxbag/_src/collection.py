@@ -845,5 +845,5 @@ def _apply_sharded(layout, params, jf) -> dict[str, Array]:
         return {f: out[f] for f in layout.feature_names}
 
     args = sharding.place((params, jf), mesh, in_specs)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+    return sharding.shard_map_call(local, mesh, in_specs, out_specs, *args)
 

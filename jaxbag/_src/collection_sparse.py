@@ -44,7 +44,7 @@ def embedding_bag_collection_rows(
     of the rows it owns, so no ``[V, D]`` gradient is built and no row leaves its device; a group
     the plan replicates gets ordinary (global) ``RowGrads``. :func:`collection_optimizer` applies
     either kind. As the sharded ops, call it under ``jax.jit`` then (eagerly it works, but
-    every call traces its ``shard_map`` again: seconds per call).
+    every call compiles its ``shard_map`` bodies again: about 2 s for 4 groups on a 2-core CPU).
 
     Args:
       params: ``{group name: array}`` from :func:`jaxbag.init_collection` (placed as

@@ -132,6 +132,25 @@ def place(x: Any, mesh: Mesh, spec: Any) -> Any:
     return x
 
 
+def shard_map_call(fn: Any, mesh: Mesh, in_specs: Any, out_specs: Any, *args: Any) -> Any:
+    """``jax.shard_map(fn, ...)(*args)`` inside a ``jax.jit``.
+
+    Called eagerly, the body is then compiled once per call instead of dispatched op by op on
+    every device (seconds per call), and the results are placed exactly as ``out_specs`` say, as
+    an eager ``shard_map`` returns them (a ``jit`` drops mesh axes of size 1 from the specs).
+    Under an outer ``jit`` the inner one is inlined.
+    """
+    out = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))(*args)
+    if not validation.is_concrete(*jax.tree.leaves(args)):
+        return out
+    return jax.tree.map(
+        lambda spec, x: jax.device_put(x, NamedSharding(mesh, spec)),
+        out_specs,
+        out,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
 def canonical_spec(mesh: Mesh, spec: P, ndim: int) -> P:
     """The form of ``spec`` (for an ``ndim``-dimensional array) that a jitted step returns.
 
@@ -329,7 +348,8 @@ def embedding_bag(
     ``NamedSharding(mesh, P(axis_name, None))`` (place it so once with :func:`shard_table`; any
     other placement is resharded on every call). Each device reads only its own ``V / n`` rows;
     only ``[B, D]`` partial bags are communicated (never the table). Call it under ``jax.jit``
-    (not inside another ``shard_map``: use :func:`embedding_bag_in_shard_map` there). With an
+    (not inside another ``shard_map``: use :func:`embedding_bag_in_shard_map` there); called
+    eagerly it compiles its ``shard_map`` body on every call (a fraction of a second). With an
     Explicit-axes mesh (the default of ``jax.make_mesh``) run the surrounding code under
     ``jax.set_mesh(mesh)``.
 
@@ -488,7 +508,7 @@ def embedding_bag(
         fn = local_1d
 
     args = place(args, mesh, specs)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_spec)(*args)
+    return shard_map_call(fn, mesh, specs, out_spec, *args)
 
 
 def table_shardings(mesh: Mesh, axis_name: AxisName) -> NamedSharding:
@@ -681,12 +701,10 @@ def embedding_bag_rows(
             out_spec,
         )
         args = place(args, mesh, specs)
-        rows, grads = jax.shard_map(
-            local_pullback,
-            mesh=mesh,
-            in_specs=specs,
-            out_specs=(P(spec_entry(axis_name)), P(spec_entry(axis_name), None)),
-        )(*args)
+        rows, grads = shard_map_call(
+            local_pullback, mesh, specs, (P(spec_entry(axis_name)), P(spec_entry(axis_name), None)),
+            *args,
+        )
         return sparse.RowGrads(rows=rows, grads=grads)
 
     del features
@@ -717,6 +735,8 @@ def sparse_init(
     local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)
     specs = _state_specs(optimizer, local, axis_name)
     table = place(table, mesh, P(spec_entry(axis_name), None))
+    # (eager shard_map, not shard_map_call: it returns the state placed exactly as ``specs``,
+    # as a jitted sparse_update returns it; a jit would drop size-1 axes from the specs)
     return jax.shard_map(
         optimizer.init, mesh=mesh, in_specs=P(spec_entry(axis_name), None), out_specs=specs
     )(table)
@@ -771,6 +791,4 @@ def sparse_update(
     def local_update(t, s, g):
         return optimizer.update(t, s, sparse.RowGrads(*g))
 
-    return jax.shard_map(
-        local_update, mesh=mesh, in_specs=specs, out_specs=specs[:2]
-    )(*args)
+    return shard_map_call(local_update, mesh, specs, specs[:2], *args)
