@@ -137,8 +137,26 @@ def test_errors():
     jf = _batch(np.random.default_rng(5))
     with pytest.raises(ValueError, match=r"size names unknown groups \['nope'\]"):
         jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, size={"nope": 4})
-    with pytest.raises(ValueError, match=r"size=2 row slots are too few"):
+    with pytest.raises(ValueError, match=r"group 'item' \(features \['item', 'last_item'\]\): "
+                                         r"size=2 row slots are too few"):
         jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, size=2)
+    out, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout)
+    ones = jax.tree.map(jnp.ones_like, out)
+    with pytest.raises(ValueError, match=r"cotangent\['user'\] must have the output's shape "
+                                         r"\(6, 4\); got \(6, 3\)"):
+        pullback({**ones, "user": jnp.ones((6, 3))})
+    with pytest.raises(ValueError, match=r"one entry per output feature .*; got \['cat', 'item'"):
+        pullback({k: v for k, v in ones.items() if k != "last_item"})
+    with pytest.raises(TypeError, match=r"must be a dict \{feature: \[B, D_f\]\}"):
+        pullback(jnp.ones((6, layout.output_features)))
+    _, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, concat=True)
+    for width in (layout.output_features - 1, layout.output_features + 1):  # +1 was ignored
+        with pytest.raises(ValueError, match=r"shape of the concatenated output \(6, 21\)"):
+            pullback(jnp.ones((6, width)))
+    with pytest.raises(TypeError, match=r"jaxbag.sparse_adam\(1e-3\) \(called\)"):
+        jaxbag.collection_optimizer(jaxbag.sparse_sgd, layout=layout)
+    with pytest.raises(TypeError, match=r"layout must be a jaxbag.CollectionLayout.*got list"):
+        jaxbag.collection_optimizer(jaxbag.sparse_sgd(0.1), layout=TABLES)
     bad = jaxbag.JaggedFeatures.from_lists({**{f: [[1]] for f in VOCAB}, "user": [[30]]})
     with pytest.raises(IndexError, match=r"feature 'user' \(table 'user', num_embeddings=30\) has id 30"):
         jaxbag.embedding_bag_collection_rows(params, bad, layout=layout)

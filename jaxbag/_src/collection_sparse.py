@@ -130,29 +130,27 @@ def embedding_bag_collection_rows(
             padding_idx=g.pad_row,
             size=size.get(g.name) if isinstance(size, Mapping) else size,
         )
-        if plan is not None and g.sharded:  # row grads per shard, local rows (see the docstring)
-            bags, pb = sharding.embedding_bag_rows(
-                params[g.name],
-                ids,
-                mesh=plan.mesh,
-                axis_name=plan.axis_name,
-                batch_axis=plan.batch_axis,
-                **kwargs,
-            )
-        else:  # a plain group, or one replicated by the plan
-            bags, pb = embedding_bag_rows(params[g.name], ids, **kwargs)
+        try:
+            if plan is not None and g.sharded:  # row grads per shard, local rows (docstring)
+                bags, pb = sharding.embedding_bag_rows(
+                    params[g.name],
+                    ids,
+                    mesh=plan.mesh,
+                    axis_name=plan.axis_name,
+                    batch_axis=plan.batch_axis,
+                    **kwargs,
+                )
+            else:  # a plain group, or one replicated by the plan
+                bags, pb = embedding_bag_rows(params[g.name], ids, **kwargs)
+        except ValueError as e:  # (size too small) say which group
+            raise ValueError(f"group {g.name!r} (features {list(keys)}): {e}") from e
         blocks = batch_split(bags, (n_split, len(keys), b // n_split, g.features))
         out.update({f: batch_split(blocks[:, j], (b, g.features)) for j, f in enumerate(keys)})
         pullbacks.append((g, keys, pb))
     out = {f: out[f] for f in layout.feature_names}  # (with a plan, split over the batch)
 
     def pullback(cotangent: Any) -> dict[str, RowGrads]:
-        if concat:
-            widths = [layout.table_of(f).features for f in layout.feature_names]
-            starts = [sum(widths[:i]) for i in range(len(widths))]
-            cotangent = {
-                f: cotangent[:, s : s + d] for f, s, d in zip(layout.feature_names, starts, widths)
-            }
+        cotangent = _split_cotangent(layout, cotangent, b, concat)
         grads = {}
         for g, keys, pb in pullbacks:  # the cotangents in the bags' order (above)
             parts = [batch_split(jnp.asarray(cotangent[f], g.dtype), (n_split, b // n_split,
@@ -169,6 +167,36 @@ def embedding_bag_collection_rows(
     return out, pullback
 
 
+def _split_cotangent(layout: CollectionLayout, cotangent: Any, b: int, concat: bool) -> dict:
+    """``{feature: [B, D_f]}`` from the pullback's cotangent, checked against the output."""
+    widths = {f: layout.table_of(f).features for f in layout.feature_names}
+    if concat:
+        want = (b, layout.output_features)
+        got = getattr(cotangent, "shape", None)
+        if got is None or tuple(got) != want:
+            raise ValueError(
+                f"the cotangent must have the shape of the concatenated output {want} (concat=True); "
+                f"got {type(cotangent).__name__ if got is None else tuple(got)}."
+            )
+        starts = [sum(list(widths.values())[:i]) for i in range(len(widths))]
+        return {f: cotangent[:, s : s + widths[f]] for f, s in zip(widths, starts)}
+    if not isinstance(cotangent, Mapping):
+        raise TypeError(
+            f"the cotangent must be a dict {{feature: [B, D_f]}} like the output (concat=False); got "
+            f"{type(cotangent).__name__}."
+        )
+    if sorted(cotangent) != sorted(widths):
+        raise ValueError(
+            f"the cotangent must have one entry per output feature {list(widths)}; got "
+            f"{sorted(cotangent)}."
+        )
+    for f, d in widths.items():
+        got = tuple(getattr(cotangent[f], "shape", ()))
+        if got != (b, d):
+            raise ValueError(f"cotangent[{f!r}] must have the output's shape {(b, d)}; got {got}.")
+    return dict(cotangent)
+
+
 def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout) -> SparseOptimizer:
     """Lifts a sparse optimiser to a collection's ``{group name: array}`` parameters.
 
@@ -178,7 +206,9 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
     group. With a sharding plan, a row-sharded group's state is row-sharded like its array
     (:func:`jaxbag.sharding.sparse_init`) and each shard updates its own rows
     (:func:`jaxbag.sharding.sparse_update`: no communication); a replicated group is updated as
-    on one device.
+    on one device. ``update`` checks that a row-sharded group's row gradients are split over the
+    plan's axis (their shape; eagerly also their placement), so a plain layout's row gradients,
+    whose global row numbers would update the wrong rows, are refused.
 
     Args:
       optimizer: :func:`jaxbag.sparse_sgd`, :func:`jaxbag.sparse_adagrad`,
@@ -199,11 +229,17 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
       'LazyAdamState'
     """
 
+    if not isinstance(optimizer, SparseOptimizer):
+        raise TypeError(
+            f"optimizer must be a jaxbag.SparseOptimizer, e.g. jaxbag.sparse_adam(1e-3) (called); "
+            f"got {optimizer!r}."
+        )
+    if not isinstance(layout, CollectionLayout):
+        raise TypeError(
+            f"layout must be a jaxbag.CollectionLayout (jaxbag.collection_layout(tables, ...)); got "
+            f"{type(layout).__name__}."
+        )
     sharded = {g.name for g in layout.groups if layout.plan is not None and g.sharded}
-
-    def _state_spec(a: Array, where: dict[str, Any] | None) -> P:
-        spec = P() if where is None or a.ndim == 0 else P(sharding.spec_entry(where["axis_name"]))
-        return sharding.canonical_spec(layout.plan.mesh, spec, a.ndim)
 
     def placement(name: str) -> dict[str, Any] | None:
         if name not in sharded:
@@ -215,19 +251,17 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
         state = {}
         for g in layout.groups:
             where = placement(g.name)
-            if layout.plan is None:
-                state[g.name] = optimizer.init(params[g.name])
-                continue
-            if where is not None:
-                s = sharding.sparse_init(optimizer, params[g.name], **where)
+            if where is not None:  # row-sharded as the group (sparse_init: canonical specs)
+                state[g.name] = sharding.sparse_init(optimizer, params[g.name], **where)
+            elif layout.plan is not None:  # replicated, in the form a jitted update returns
+                mesh = layout.plan.mesh
+                state[g.name] = jax.tree.map(
+                    lambda a: jax.device_put(
+                        a, NamedSharding(mesh, sharding.canonical_spec(mesh, P(), a.ndim))),
+                    optimizer.init(params[g.name]),
+                )
             else:
-                s = optimizer.init(params[g.name])
-            # placed as a jitted update returns it (row-sharded as the group, or replicated;
-            # sharding.canonical_spec), so a training step compiles once
-            mesh = layout.plan.mesh
-            state[g.name] = jax.tree.map(
-                lambda a: jax.device_put(a, NamedSharding(mesh, _state_spec(a, where))), s
-            )
+                state[g.name] = optimizer.init(params[g.name])
         return state
 
     def update(
@@ -241,6 +275,8 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
                     f"{what} must have one entry per group {names}; got {sorted(tree)}. Build it "
                     "with this optimiser's init / embedding_bag_collection_rows on the same layout."
                 )
+        for name in sharded:  # per-shard local rows, not a plain layout's global rows
+            _check_split_rows(name, row_grads[name], layout.plan)
         new_params, new_state = dict(params), {}
         for name in names:
             where = placement(name)
@@ -257,3 +293,22 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
         return new_params, new_state
 
     return SparseOptimizer(init=init, update=update)
+
+
+def _check_split_rows(name: str, rg: RowGrads, plan: Any) -> None:
+    """A row-sharded group's ``RowGrads`` are split over the plan's axis (static shape check;
+    eagerly also the placement): a plain layout's global rows would update the wrong rows."""
+    n = sharding.axis_size(plan.mesh, plan.axis_name)
+    split = NamedSharding(plan.mesh, P(sharding.spec_entry(plan.axis_name)))
+    rows = rg.rows
+    if rows.ndim != 1 or rows.shape[0] % n or (
+        isinstance(getattr(rows, "sharding", None), NamedSharding)
+        and not rows.sharding.is_equivalent_to(split, 1)
+    ) or (n > 1 and isinstance(getattr(rows, "sharding", None), jax.sharding.SingleDeviceSharding)):
+        raise ValueError(
+            f"row_grads[{name!r}] must hold per-shard local rows split over the plan's axis_name="
+            f"{plan.axis_name!r} ({n} devices), as embedding_bag_collection_rows returns them for "
+            f"this planned layout; got rows of shape {tuple(rows.shape)} placed "
+            f"{getattr(rows, 'sharding', 'unknown')}. (A plain layout's row gradients hold global "
+            "row numbers: they would update the wrong rows.)"
+        )

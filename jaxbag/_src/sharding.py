@@ -136,15 +136,15 @@ def shard_map_call(fn: Any, mesh: Mesh, in_specs: Any, out_specs: Any, *args: An
     """``jax.shard_map(fn, ...)(*args)`` inside a ``jax.jit``.
 
     Called eagerly, the body is then compiled once per call instead of dispatched op by op on
-    every device (seconds per call), and the results are placed exactly as ``out_specs`` say, as
-    an eager ``shard_map`` returns them (a ``jit`` drops mesh axes of size 1 from the specs).
+    every device (seconds per call), and the results are placed in the form a jitted step
+    returns them (:func:`canonical_spec`), so feeding them to one does not compile it twice.
     Under an outer ``jit`` the inner one is inlined.
     """
     out = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))(*args)
     if not validation.is_concrete(*jax.tree.leaves(args)):
         return out
     return jax.tree.map(
-        lambda spec, x: jax.device_put(x, NamedSharding(mesh, spec)),
+        lambda spec, x: jax.device_put(x, NamedSharding(mesh, canonical_spec(mesh, spec, x.ndim))),
         out_specs,
         out,
         is_leaf=lambda x: isinstance(x, P),
@@ -154,12 +154,14 @@ def shard_map_call(fn: Any, mesh: Mesh, in_specs: Any, out_specs: Any, *args: An
 def canonical_spec(mesh: Mesh, spec: P, ndim: int) -> P:
     """The form of ``spec`` (for an ``ndim``-dimensional array) that a jitted step returns.
 
-    Arrays placed so round-trip through ``jit`` without a second compilation. On an Explicit
-    mesh the array types keep the spec: padded to ``ndim`` entries (``P(None, None)`` for a
-    replicated table). Otherwise the placement is read back from the compiled program, which
-    does not see mesh axes of size 1 (they split nothing): those are left out, and a spec that
-    splits nothing is ``P()`` (``P('model', None)`` on a one-device ``model`` axis comes back
-    as ``P()``).
+    jaxbag places the arrays it creates (:func:`shard_table`, :func:`sparse_init`,
+    :func:`jaxbag.init_collection`, the collection modules) in this form, so they round-trip
+    through a jitted training step without a second compilation. On an Explicit mesh the array
+    types keep the spec, padded to ``ndim`` entries (``P('model', None)``, ``P(None, None)``).
+    On an Auto mesh a step that mixes placements reads them back from the compiled program,
+    which knows neither mesh axes of size 1 (they split nothing) nor trailing unsplit
+    dimensions: ``P('model', None)`` comes back as ``P('model')``, and as ``P()`` on a
+    one-device ``model`` axis.
     """
     entries = list(spec) + [None] * (ndim - len(spec))
     if is_explicit(mesh):
@@ -168,7 +170,9 @@ def canonical_spec(mesh: Mesh, spec: P, ndim: int) -> P:
     for entry in entries:
         kept = tuple(a for a in axis_tuple(entry) if mesh.shape[a] > 1)
         kept_entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-    return P(*kept_entries) if any(e is not None for e in kept_entries) else P()
+    while kept_entries and kept_entries[-1] is None:
+        kept_entries.pop()
+    return P(*kept_entries)
 
 
 def constrain(x: Any, mesh: Mesh, spec: Any) -> Any:
@@ -183,6 +187,9 @@ def constrain(x: Any, mesh: Mesh, spec: Any) -> Any:
 
 def shard_table(weight: ArrayLike, mesh: Mesh, axis_name: AxisName) -> Array:
     """Places ``weight [V, D]`` row-sharded: ``NamedSharding(mesh, P(axis_name, None))``.
+
+    (On an Auto-axes mesh in the equivalent form ``P(axis_name)`` a jitted step returns: see
+    :func:`table_shardings`.)
 
     Args:
       weight: ``float [V, D]``; ``V`` must be divisible by the size of ``axis_name`` (see
@@ -209,7 +216,7 @@ def shard_table(weight: ArrayLike, mesh: Mesh, axis_name: AxisName) -> Array:
             f"{axis_name!r}; got shape {weight.shape}. Pad it: "
             f"jaxbag.sharding.pad_rows(weight, {n})."
         )
-    return jax.device_put(weight, NamedSharding(mesh, P(spec_entry(axis_name), None)))
+    return jax.device_put(weight, table_shardings(mesh, axis_name))
 
 
 def pad_rows(weight: ArrayLike, multiple: int) -> Array:
@@ -519,15 +526,17 @@ def table_shardings(mesh: Mesh, axis_name: AxisName) -> NamedSharding:
       axis_name: mesh axis (or tuple) the rows are split over.
 
     Returns:
-      ``NamedSharding(mesh, P(axis_name, None))`` (e.g. for ``jit``'s ``out_shardings``).
+      ``NamedSharding(mesh, P(axis_name, None))`` (e.g. for ``jit``'s ``out_shardings``), in the
+      form a jitted step returns it: on an Auto-axes mesh ``P(axis_name)`` (and ``P()`` when
+      the axis has one device), so a table placed so is not compiled for twice.
 
     Examples:
       >>> import jax, jaxbag.sharding
-      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> mesh = jax.make_mesh((1,), ("model",))    # Explicit axes (the default)
       >>> jaxbag.sharding.table_shardings(mesh, "model").spec
       P('model', None)
     """
-    return NamedSharding(mesh, P(spec_entry(axis_name), None))
+    return NamedSharding(mesh, canonical_spec(mesh, P(spec_entry(axis_name), None), 2))
 
 
 
@@ -729,17 +738,14 @@ def sparse_init(
       mesh, axis_name: as :func:`embedding_bag`.
 
     Returns:
-      The optimiser state; ``[V]``/``[V, D]`` leaves sharded ``P(axis_name)``, scalars replicated.
+      The optimiser state; ``[V]``/``[V, D]`` leaves sharded ``P(axis_name)``, scalars replicated
+      (in the form a jitted :func:`sparse_update` returns them: :func:`table_shardings`).
     """
     n = axis_size(mesh, axis_name)
     local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)
     specs = _state_specs(optimizer, local, axis_name)
     table = place(table, mesh, P(spec_entry(axis_name), None))
-    # (eager shard_map, not shard_map_call: it returns the state placed exactly as ``specs``,
-    # as a jitted sparse_update returns it; a jit would drop size-1 axes from the specs)
-    return jax.shard_map(
-        optimizer.init, mesh=mesh, in_specs=P(spec_entry(axis_name), None), out_specs=specs
-    )(table)
+    return shard_map_call(optimizer.init, mesh, P(spec_entry(axis_name), None), specs, table)
 
 
 def sparse_update(
