@@ -503,6 +503,25 @@ def case_planner():
     want = {**{f"tiny{i}": "table" for i in range(8)}, **{f"big{i}": "row" for i in range(12)}}
     if plan.as_dict() != want or max(plan.device_bytes(mixed)) != 32 + 3840:
         raise AssertionError(f"mixed budget: {plan.as_dict()} {plan.device_bytes(mixed)}")
+    # min_fill sends four 9-row tables and an 8-row one row-wise (a 17-row block on the device
+    # with two: sum 44 < 0.75 * 4 * 17): 3 + 3 + 3 + 3 + 2 = 14 rows (56 B). The largest-first
+    # rule had nothing left to move and raised under 48 B; the per-group search moves the 8-row
+    # table alone: 2 rows + 9 (one 9-row table per device) = 11 rows (44 B), the lower bound
+    # ceil(44 / 4); under that it still raises.
+    odd = [T(f"e{i}", 9, 1, (f"g{i}",)) for i in range(4)] + [T("s", 8, 1, ("s",))]
+    if set(jsh.plan_sharding(odd, ms["2d"], axis_name="model").as_dict().values()) != {"row"}:
+        raise AssertionError("without a budget min_fill sends the 9/8-row tables row-wise")
+    plan = jsh.plan_sharding(odd, ms["2d"], axis_name="model", device_budget_bytes=48)
+    shards = sorted(plan.placement(f"e{i}")[1] for i in range(4))
+    if plan.placement("s")[0] != "row" or shards != [0, 1, 2, 3] or plan.device_bytes(odd) != [44] * 4:
+        raise AssertionError(f"per-group search: {plan.placements} {plan.device_bytes(odd)}")
+    try:
+        jsh.plan_sharding(odd, ms["2d"], axis_name="model", device_budget_bytes=43)
+    except ValueError as e:
+        if "device_budget_bytes=43" not in str(e):
+            raise
+    else:
+        raise AssertionError("a budget under the lower bound did not raise")
     for bad in [dict(overrides={"nope": "row"}), dict(overrides={"t0": "rows"})]:
         try:
             jsh.plan_sharding(tables, ms["1d"], axis_name="model", **bad)

@@ -26,6 +26,7 @@ updates on one device. Communication is one all-reduce of the ``[B, D]`` bags pe
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
@@ -156,8 +157,12 @@ def plan_sharding(
       device_budget_bytes: optional bytes of table storage allowed per device: larger tables go
         row-wise; if the plan still does not fit, table-wise tables not in ``overrides`` go
         row-wise one at a time, largest first, until it fits (row-wise is the smallest sharded
-        placement of a big table; small ones pad less table-wise), at the end all of them; if
-        that does not fit either, it raises.
+        placement of a big table; small ones pad less table-wise). If none of those steps fits,
+        each group (tables of one width, dtype and mode; its block does not depend on the other
+        groups) takes the smallest of: its ``k`` largest such tables row-wise (any ``k``) or one
+        alone, fewer moves on ties. If that does not fit either (or the budget is under
+        ``ceil(rows / n)`` per group, which no placement beats), it raises. A plan within the
+        budget is the plan without one.
       min_fill: table-wise tables of a group are kept only if they fill at least this fraction of
         the group's per-device blocks (else the group goes row-wise: less memory, same traffic).
 
@@ -206,26 +211,34 @@ def plan_sharding(
             kinds[t.name] = "table"
 
     plan = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
-    if device_budget_bytes is None or max(plan.device_bytes(tables)) <= device_budget_bytes:
+    budget = device_budget_bytes
+    if budget is None or max(plan.device_bytes(tables)) <= budget:
         return plan
-    # Over budget: move table-wise tables (not forced by overrides) to row-wise, largest first,
-    # until the plan fits. Row-wise is the smallest sharded placement of a big table (ceil(V / n)
-    # rows per device), so the greedy table-wise packing can miss a budget that moving a few
-    # tables meets; small tables stay table-wise (row-wise pads each to n rows at least). The
-    # last candidate is every table not in overrides row-wise.
-    candidate = plan
-    for t in sorted(tables, key=lambda t: -t.nbytes):
-        if t.name in overrides or candidate.placement(t.name)[0] != "table":
-            continue
-        kinds = {**candidate.as_dict(), t.name: "row"}
-        candidate = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
-        if max(candidate.device_bytes(tables)) <= device_budget_bytes:
-            return candidate
+    # Over budget: which table-wise tables (not in overrides) to move row-wise. First the
+    # largest-first rule (the same plans as before the search existed, in O(group size) per
+    # step); if it never fits, the per-group search, which also undoes min_fill's moves (a group
+    # min_fill sent row-wise can fit once one table is out). Moves never touch overrides, and the
+    # found plan is rebuilt by _assign and checked with device_bytes before it is returned.
+    def exact(kinds):
+        plan = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
+        return max(plan.device_bytes(tables))
+
+    model = _BudgetModel(tables, overrides, n, min_fill, exact)
+    if model.lower_bound <= budget:  # else no placement fits (e.g. n = 1: all store the same)
+        for search, start in ((model.largest_first, plan.as_dict()), (model.per_group, kinds)):
+            found = search(start, budget)
+            if found is None:
+                continue
+            candidate = _assign(tables, found, overrides, mesh, axis_name, batch_axis, min_fill)
+            if max(candidate.device_bytes(tables)) <= budget:
+                return candidate
     per = plan.device_bytes(tables)
+    all_row = {t.name: overrides.get(t.name, "row") for t in tables}
+    all_row = _assign(tables, all_row, overrides, mesh, axis_name, batch_axis, min_fill)
     raise ValueError(
         f"the plan needs {max(per):,d} bytes of tables on one device, over "
-        f"device_budget_bytes={device_budget_bytes:,d} (per device: {per}; with every table "
-        f"not in overrides row-wise: {candidate.device_bytes(tables)}); place tables "
+        f"device_budget_bytes={budget:,d} (per device: {per}; with every table "
+        f"not in overrides row-wise: {all_row.device_bytes(tables)}); place tables "
         "row-wise rather than replicated or table-wise in overrides, or use more devices."
     )
 
@@ -265,3 +278,174 @@ def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> 
         batch_axis=batch_axis,
         placements=tuple((t.name, kinds[t.name], shard_of.get(t.name)) for t in tables),
     )
+
+
+def _fullest(rows: list[int], n: int) -> int:
+    """Rows on the fullest of ``n`` devices after placing ``rows`` (largest first) each on a least
+    loaded one, as ``_assign`` does. The loads' multiset, hence this maximum, is the same whichever
+    tied device gets a table, so a group's block does not depend on the other groups (in _assign
+    they only break ties)."""
+    if len(rows) <= n:
+        return rows[0]
+    loads, top, total = [0] * n, 0, sum(rows)
+    for r in rows:
+        # Each table left goes where the load is at most the mean (total - r') / n, so it ends
+        # below total / n + r' <= total / n + r: once that is <= top, the rest stays below top.
+        if top * n >= total + n * r:
+            break
+        load = loads[0] + r
+        heapq.heapreplace(loads, load)
+        if load > top:
+            top = load
+    return top
+
+
+class _BudgetModel:
+    """Per-device bytes of the plan for ``{table: kind}``, group by group, without building it.
+
+    Every device of ``axis_name`` holds the same bytes: per group one block of its row-wise tables'
+    ``ceil(V / n)`` rows plus the fullest device's table-wise rows (``_fullest``; the ``min_fill``
+    rule applied), per replicated group all its rows. Moving a table changes only its group's
+    block, so a search step costs that group's size, not the collection's. One case depends on
+    the other groups: a group that ``min_fill`` sends row-wise while it keeps tables forced
+    table-wise by ``overrides`` (their devices were chosen next to the others);
+    :meth:`group_bytes` returns ``None`` for it and the searches ask ``exact`` (``_assign``) or
+    skip the state.
+    """
+
+    def __init__(self, tables, overrides, n, min_fill, exact):
+        self.n, self.min_fill, self.overrides, self.exact = n, min_fill, overrides, exact
+        self.seen: dict[tuple, tuple[int | None, list[str]]] = {}
+        self.order = [t.name for t in sorted(tables, key=lambda t: -t.nbytes)]  # the move order
+        self.rows = {t.name: t.num_embeddings for t in tables}
+        self.padded = {t.name: -(-t.num_embeddings // n) for t in tables}  # row-wise, per device
+        self.key = {t.name: collection.group_key(t) for t in tables}
+        self.members: dict[tuple, list[str]] = {}  # group -> its tables, largest first
+        for name in self.order:
+            self.members.setdefault(self.key[name], []).append(name)
+        by_name = {t.name: t for t in tables}
+        self.row_bytes = {
+            g: by_name[m[0]].features * jnp.dtype(by_name[m[0]].dtype).itemsize
+            for g, m in self.members.items()
+        }
+        self.replicated = 0  # replicated tables of a group: one array with all their rows
+        self.lower_bound = 0  # no plan stores less (see below)
+        for g, members in self.members.items():
+            rep = [self.rows[m] for m in members if overrides.get(m) == "replicated"]
+            if rep:
+                self.replicated += sum(rep) * self.row_bytes[g]
+            if len(rep) < len(members):
+                # sum ceil(V / n) over row-wise tables + the fullest device's table-wise rows
+                # >= ceil(all sharded rows / n), whatever goes where
+                sharded = sum(self.rows[m] for m in members) - sum(rep)
+                self.lower_bound += max(-(-sharded // n), 1) * self.row_bytes[g]
+        self.lower_bound += self.replicated
+
+    def group_bytes(self, g, kinds) -> tuple[int | None, list[str]]:
+        """(bytes of group ``g``'s sharded block, its tables ``min_fill`` sends row-wise)."""
+        members = self.members[g]
+        if all(kinds[name] == "replicated" for name in members):
+            return 0, []
+        row = sum(self.padded[name] for name in members if kinds[name] == "row")
+        return self.block(g, row, [name for name in members if kinds[name] == "table"])
+
+    def block(self, g, row, table_wise) -> tuple[int | None, list[str]]:
+        """``group_bytes`` from ``row`` (rows of the row-wise tables per device) and the
+        table-wise tables, largest first."""
+        key = (g, row, tuple(table_wise))
+        if key not in self.seen:  # the two searches meet the same states
+            self.seen[key] = self._block(g, row, table_wise)
+        return self.seen[key]
+
+    def _block(self, g, row, table_wise):
+        top, moved = 0, []
+        if table_wise:
+            rows = [self.rows[name] for name in table_wise]
+            top = _fullest(rows, self.n)
+            if sum(rows) < self.min_fill * self.n * top:  # the min_fill rule of _assign
+                moved = [name for name in table_wise if name not in self.overrides]
+                if moved and len(moved) < len(table_wise):
+                    return None, moved
+                if moved:
+                    row += sum(self.padded[name] for name in moved)
+                    top = 0
+        return max(row + top, 1) * self.row_bytes[g], moved
+
+    def largest_first(self, kinds, budget) -> dict[str, str] | None:
+        """The rule of old: from the plan's ``kinds``, table-wise tables not in ``overrides`` go
+        row-wise one at a time, largest first (a group that ``min_fill`` sends row-wise stays so),
+        until the plan fits; the fitting step's kinds, or ``None``."""
+        kinds = dict(kinds)
+        cost = {g: self.group_bytes(g, kinds)[0] for g in self.members}
+        if None in cost.values():
+            return None  # not met: kinds come from _assign, min_fill's moves made
+        total = self.replicated + sum(cost.values())
+        for name in self.order:
+            if name in self.overrides or kinds[name] != "table":
+                continue
+            kinds[name] = "row"
+            g = self.key[name]
+            new, moved = self.group_bytes(g, kinds)
+            if new is None:
+                fits = self.exact(kinds) <= budget
+            else:
+                fits = total - cost[g] + new <= budget
+            if fits:
+                return kinds
+            for m in moved:
+                kinds[m] = "row"
+            if moved:
+                new = self.group_bytes(g, kinds)[0]
+            total += new - cost[g]
+            cost[g] = new
+        return None
+
+    def per_group(self, kinds, budget) -> dict[str, str] | None:
+        """Each group on its own (a group's block depends only on its own tables): from the
+        threshold's ``kinds`` (before ``min_fill``), the smallest block of moving its ``k``
+        largest free tables (table-wise, not in ``overrides``) row-wise, any ``k``, or one free
+        table alone; fewer moves on ties. The kinds if the groups' sum fits, else ``None``."""
+        out, total, n = dict(kinds), self.replicated, self.n
+        for g, members in self.members.items():
+            if all(kinds[name] == "replicated" for name in members):
+                continue
+            row0 = sum(self.padded[name] for name in members if kinds[name] == "row")
+            table_wise = [name for name in members if kinds[name] == "table"]
+            free = [name for name in table_wise if name not in self.overrides]
+            best = None  # (bytes, moves, moved tables)
+
+            def consider(moved):
+                nonlocal best
+                gone = set(moved)
+                row = row0 + sum(self.padded[name] for name in moved)
+                size = self.block(g, row, [name for name in table_wise if name not in gone])[0]
+                if size is not None and (best is None or (size, len(moved)) < best[:2]):
+                    best = (size, len(moved), moved)
+
+            def beaten(rows, moves):  # no candidate of >= rows and >= moves beats best
+                return best is not None and (rows * bpr, moves) >= best[:2]
+
+            # Lower bounds skip candidates: a move adds ceil(V / n) rows per device, and some
+            # device holds ceil(table-wise rows / n) at least (also when min_fill moves them);
+            # along k the bound never decreases, and the moves grow.
+            bpr, rest = self.row_bytes[g], sum(self.rows[name] for name in table_wise)
+            consider(free)  # all moved: what min_fill reaches too
+            padded = 0
+            for k in range(len(free)):
+                if beaten(row0 + padded + -(-rest // n), k):
+                    break
+                consider(free[:k])
+                padded += self.padded[free[k]]
+                rest -= self.rows[free[k]]
+            rest, seen = sum(self.rows[name] for name in table_wise), set()
+            for name in free:  # equal tables give equal blocks: one of each size
+                v = self.rows[name]
+                if v not in seen and not beaten(row0 + self.padded[name] + -(-(rest - v) // n), 1):
+                    consider([name])
+                seen.add(v)
+            if best is None:
+                return None  # every candidate depends on the other groups (see the class)
+            total += best[0]
+            for name in best[2]:
+                out[name] = "row"
+        return out if total <= budget else None
