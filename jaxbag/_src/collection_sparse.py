@@ -15,7 +15,7 @@ from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbag._src import collection, sharding
+from jaxbag._src import collection, sharding, validation
 from jaxbag._src.collection import CollectionLayout
 from jaxbag._src.jagged import JaggedFeatures, pack_features
 from jaxbag._src.sparse import RowGrads, SparseOptimizer, embedding_bag_rows
@@ -301,10 +301,10 @@ def _check_split_rows(name: str, rg: RowGrads, plan: Any) -> None:
     n = sharding.axis_size(plan.mesh, plan.axis_name)
     split = NamedSharding(plan.mesh, P(sharding.spec_entry(plan.axis_name)))
     rows = rg.rows
+    placed = getattr(rows, "sharding", None) if validation.is_concrete(rows) else None
     if rows.ndim != 1 or rows.shape[0] % n or (
-        isinstance(getattr(rows, "sharding", None), NamedSharding)
-        and not rows.sharding.is_equivalent_to(split, 1)
-    ) or (n > 1 and isinstance(getattr(rows, "sharding", None), jax.sharding.SingleDeviceSharding)):
+        isinstance(placed, NamedSharding) and not placed.is_equivalent_to(split, 1)
+    ) or (n > 1 and isinstance(placed, jax.sharding.SingleDeviceSharding)):
         raise ValueError(
             f"row_grads[{name!r}] must hold per-shard local rows split over the plan's axis_name="
             f"{plan.axis_name!r} ({n} devices), as embedding_bag_collection_rows returns them for "
