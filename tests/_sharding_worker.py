@@ -54,6 +54,17 @@ def close(a, b, what, rtol=1e-5, atol=1e-6):
         raise AssertionError(f"{what}: sharded != single-device (max diff {diff})\n{a}\n{b}")
 
 
+def expect_error(fn, text, what, exc=ValueError):
+    """Calls ``fn()``; it must raise ``exc`` whose message contains ``text``."""
+    try:
+        fn()
+    except exc as e:
+        if text not in str(e):
+            raise
+    else:
+        raise AssertionError(f"{what}: no error")
+
+
 def make_data(seed=0, dtype=jnp.float32):
     """A table with tied rows on different shards, ragged bags with empty ones and padding."""
     rng = np.random.default_rng(seed)
@@ -471,13 +482,9 @@ def case_planner():
     per = jsh.plan_sharding(tables, ms["1d"], axis_name="model").device_bytes(tables)
     if max(per) > (4000 // 8 + 101 + 8) * 16 * 4 + 8 * 16 * 4:
         raise AssertionError(f"unbalanced: {per}")
-    try:
-        jsh.plan_sharding(tables, ms["1d"], axis_name="model", device_budget_bytes=1000)
-    except ValueError as e:
-        if "device_budget_bytes" not in str(e):
-            raise
-    else:
-        raise AssertionError("over-budget plan did not raise")
+    expect_error(lambda: jsh.plan_sharding(tables, ms["1d"], axis_name="model",
+                                           device_budget_bytes=1000),
+                 "device_budget_bytes", "an over-budget plan")
     # 7 equal tables on 4 devices: the greedy table-wise packing puts 2 on some device (192 B),
     # over a 180 B budget that all-row-wise meets (168 B); it used to raise
     equal = [T(f"e{i}", 24, 1, (f"g{i}",)) for i in range(7)]
@@ -515,13 +522,8 @@ def case_planner():
     shards = sorted(plan.placement(f"e{i}")[1] for i in range(4))
     if plan.placement("s")[0] != "row" or shards != [0, 1, 2, 3] or plan.device_bytes(odd) != [44] * 4:
         raise AssertionError(f"per-group search: {plan.placements} {plan.device_bytes(odd)}")
-    try:
-        jsh.plan_sharding(odd, ms["2d"], axis_name="model", device_budget_bytes=43)
-    except ValueError as e:
-        if "device_budget_bytes=43" not in str(e):
-            raise
-    else:
-        raise AssertionError("a budget under the lower bound did not raise")
+    expect_error(lambda: jsh.plan_sharding(odd, ms["2d"], axis_name="model", device_budget_bytes=43),
+                 "device_budget_bytes=43", "a budget under the lower bound")
     for bad in [dict(overrides={"nope": "row"}), dict(overrides={"t0": "rows"})]:
         try:
             jsh.plan_sharding(tables, ms["1d"], axis_name="model", **bad)
@@ -821,13 +823,9 @@ def case_collection_sparse():
                         close(m, getattr(su[t_name], field), f"{tag} {field} {t_name}",
                               rtol=1e-4, atol=1e-5)
         if oname == "sgd":  # a plain layout's row gradients (global rows) are refused, eagerly
-            try:
-                opt_p.update(p, s, plain_rows(u, batches[0][1]))
-            except ValueError as e:
-                if "per-shard local rows split over the plan's axis_name='model'" not in str(e):
-                    raise
-            else:
-                raise AssertionError("plain row gradients fed to the planned optimiser: no error")
+            expect_error(lambda: opt_p.update(p, s, plain_rows(u, batches[0][1])),
+                         "per-shard local rows split over the plan's axis_name='model'",
+                         "plain row gradients fed to the planned optimiser")
         if sharded._cache_size() != 1:  # ragged batches, state as init placed it: one compile
             raise AssertionError(f"{tag}: the step compiled {sharded._cache_size()} times")
         compiled = sharded.lower(p, s, batches[0][0]).compile()
