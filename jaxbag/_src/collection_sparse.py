@@ -285,11 +285,6 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
                 new_params[name], new_state[name] = sharding.sparse_update(optimizer, *args, **where)
                 continue
             new_params[name], new_state[name] = optimizer.update(*args)
-            if layout.plan is not None:  # replicated: returned as init_collection / init place it
-                mesh = layout.plan.mesh
-                new_params[name] = sharding.constrain(new_params[name], mesh, P())
-                new_state[name] = jax.tree.map(
-                    lambda a: sharding.constrain(a, mesh, P()), new_state[name])
         return new_params, new_state
 
     return SparseOptimizer(init=init, update=update)
