@@ -299,8 +299,8 @@ def check_no_table_traffic(hlo, table_shapes, what, row_group_size, allow_int_ga
     * no all-gather at all (except integer ids, for ``scale_grad_by_freq`` over a split batch,
       and the result types in ``allow_gather``);
     * no collective over the row axis (replica groups of ``row_group_size`` devices), and no
-      collective-permute, carries an array of a table's shape (collectives over the data axis may: that is the data-parallel
-      gradient sync of a table replicated over that axis);
+      collective-permute, carries an array of a table's shape (collectives over the data axis
+      may: that is the data-parallel gradient sync of a table replicated over that axis);
     * the partial bags are all-reduced over the row axis.
     """
     ops = []
@@ -313,7 +313,7 @@ def check_no_table_traffic(hlo, table_shapes, what, row_group_size, allow_int_ga
         if op == "all-gather" and not (allow_int_gather and re.match(r"\(?(s32|s64|pred)", ty)) \
                 and not any(ty.startswith(a) for a in allow_gather):
             raise AssertionError(f"{what}: all-gather in the compiled HLO: {op} {ty}")
-        # a collective-permute (point to point: e.g. bags moving between batch shards) has no
+        # a collective-permute (point to point, e.g. bags moving to their batch shard) has no
         # replica groups; it must not carry a table either
         if "source_target_pairs=" in line or _group_size(line) == row_group_size:
             for v, dd in table_shapes:

@@ -123,6 +123,12 @@ def test_eager_sharded_sparse_step_equals_jit_and_keeps_the_placements(axis_type
         assert s1.mu.sharding.spec == s.mu.sharding.spec == w.sharding.spec
         jitted(w1, s1)  # the eager results as inputs: no second compile
         assert jitted._cache_size() == 1
+        # a batch without ids (its own code path) places its empty row gradients the same way
+        empty, pb = jsh.embedding_bag_rows(w, jnp.zeros((0,), jnp.int32), jnp.zeros((4,), jnp.int32),
+                                           size=3, **kw)
+        rg0 = pb(jnp.ones_like(empty))
+        assert (rg0.rows.sharding.spec, rg0.grads.sharding.spec) == (
+            rg.rows.sharding.spec, rg.grads.sharding.spec)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn"])

@@ -244,12 +244,13 @@ class CollectionLayout:
         return sum(self.table_of(f).features for f in self.feature_names)
 
     def param_specs(self) -> dict[str, P]:
-        """``PartitionSpec`` of each parameter array: ``P(axis_name, None)`` for a row-sharded
-        group, replicated for the others (``P()`` for every group without a plan).
+        """``PartitionSpec`` of each parameter array: rows split over ``axis_name`` for a
+        row-sharded group, replicated for the others (``P()`` for every group without a plan).
 
-        In the form a jitted step returns (``sharding.canonical_spec``: on an Auto mesh ``P()``
-        rather than the equivalent ``P(None, None)``, and mesh axes of size 1 left out);
-        parameters placed otherwise would compile a training step a second time.
+        In the form a jitted step returns (``sharding.canonical_spec``): on an Auto mesh
+        ``P(axis_name)`` and ``P()`` (mesh axes of size 1 left out), on an Explicit mesh
+        ``P(axis_name, None)`` and ``P(None, None)``; parameters placed in another, equivalent
+        form would compile a training step a second time.
         """
         if self.plan is None:
             return {g.name: P() for g in self.groups}

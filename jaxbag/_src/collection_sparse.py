@@ -292,7 +292,8 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
 
 def _check_split_rows(name: str, rg: RowGrads, plan: Any) -> None:
     """A row-sharded group's ``RowGrads`` are split over the plan's axis (static shape check;
-    eagerly also the placement): a plain layout's global rows would update the wrong rows."""
+    eagerly also the placement): a plain layout's global rows would update the wrong rows. (On a
+    one-device axis the two cannot be told apart, and need not be: local rows are global.)"""
     n = sharding.axis_size(plan.mesh, plan.axis_name)
     split = NamedSharding(plan.mesh, P(sharding.spec_entry(plan.axis_name)))
     rows = rg.rows

@@ -161,8 +161,9 @@ def plan_sharding(
         each group (tables of one width, dtype and mode; its block does not depend on the other
         groups) takes the smallest of: its ``k`` largest such tables row-wise (any ``k``) or one
         alone, fewer moves on ties. If that does not fit either (or the budget is under
-        ``ceil(rows / n)`` per group, which no placement beats), it raises. A plan within the
-        budget is the plan without one.
+        ``ceil(rows / n)`` per group, which no placement beats), it raises. The searches run
+        only when the plan built with the budget's rule (tables larger than the budget
+        row-wise) does not fit; one that fits is returned unchanged.
       min_fill: table-wise tables of a group are kept only if they fill at least this fraction of
         the group's per-device blocks (else the group goes row-wise: less memory, same traffic).
 
@@ -238,7 +239,8 @@ def plan_sharding(
     raise ValueError(
         f"the plan needs {max(per):,d} bytes of tables on one device, over "
         f"device_budget_bytes={budget:,d} (per device: {per}; with every table "
-        f"not in overrides row-wise: {all_row.device_bytes(tables)}); place tables "
+        f"not in overrides row-wise: {all_row.device_bytes(tables)}; no placement of these "
+        f"tables and overrides needs less than {model.lower_bound:,d}); place tables "
         "row-wise rather than replicated or table-wise in overrides, or use more devices."
     )
 
@@ -413,6 +415,7 @@ class _BudgetModel:
             table_wise = [name for name in members if kinds[name] == "table"]
             free = [name for name in table_wise if name not in self.overrides]
             best = None  # (bytes, moves, moved tables)
+            bpr, rest = self.row_bytes[g], sum(self.rows[name] for name in table_wise)
 
             def consider(moved):
                 nonlocal best
@@ -428,7 +431,6 @@ class _BudgetModel:
             # Lower bounds skip candidates: a move adds ceil(V / n) rows per device, and some
             # device holds ceil(table-wise rows / n) at least (also when min_fill moves them);
             # along k the bound never decreases, and the moves grow.
-            bpr, rest = self.row_bytes[g], sum(self.rows[name] for name in table_wise)
             consider(free)  # all moved: what min_fill reaches too
             padded = 0
             for k in range(len(free)):

@@ -156,7 +156,8 @@ def canonical_spec(mesh: Mesh, spec: P, ndim: int) -> P:
 
     jaxbag places the arrays it creates (:func:`shard_table`, :func:`sparse_init`,
     :func:`jaxbag.init_collection`, the collection modules) in this form, so they round-trip
-    through a jitted training step without a second compilation. On an Explicit mesh the array
+    through a jitted training step without a second compilation (a mesh that mixes Explicit
+    and Auto axes counts as Auto here, as in :func:`place`). On an Explicit mesh the array
     types keep the spec, padded to ``ndim`` entries (``P('model', None)``, ``P(None, None)``).
     On an Auto mesh a step that mixes placements reads them back from the compiled program,
     which knows neither mesh axes of size 1 (they split nothing) nor trailing unsplit
@@ -699,7 +700,10 @@ def embedding_bag_rows(
             u = 0 if size is None else size
             rows = jnp.full((n_shards * u,), num_embeddings // n_shards, jnp.int32)
             grads = jnp.zeros((n_shards * u, weight.shape[1]), acc)
-            rows, grads = constrain((rows, grads), mesh, (P(spec_entry(axis_name)), rows_spec))
+            # (in the canonical form, as the shard_map path returns them)
+            rows, grads = constrain((rows, grads), mesh, (
+                canonical_spec(mesh, P(spec_entry(axis_name)), 1),
+                canonical_spec(mesh, rows_spec, 2)))
             return sparse.RowGrads(rows=rows, grads=grads)
         args = (weight, indices, seg_all, psw, g)
         specs = (
