@@ -336,12 +336,14 @@ def test_layout_and_input_errors():
         jaxbag.embedding_bag_collection(
             params, jaxbag.JaggedFeatures.from_lists({"y": [[1]]}), layout=layout
         )
-    maxed = jaxbag.collection_layout([T("m", 4, 2, ("x",), mode="max")])
     weighted = jaxbag.JaggedFeatures.from_lists({"x": [[1]]}, weights={"x": [[0.5]]})
-    with pytest.raises(ValueError, match="mode='max'"):
-        jaxbag.embedding_bag_collection(
-            jaxbag.init_collection(maxed, jax.random.key(0)), weighted, layout=maxed
-        )
+    for stack in (True, False):  # the stacked and the per-table lookups give the same error
+        maxed = jaxbag.collection_layout([T("m", 4, 2, ("x",), mode="max")], stack=stack)
+        with pytest.raises(ValueError, match=r"features \['x'\] use mode='max' tables, which take "
+                                             r"no per-id weights.*two collections"):
+            jaxbag.embedding_bag_collection(
+                jaxbag.init_collection(maxed, jax.random.key(0)), weighted, layout=maxed
+            )
     bad = jaxbag.JaggedFeatures.from_lists({"x": [[1], [4]]})
     with pytest.raises(IndexError, match="feature 'x'.*id 4"):
         jaxbag.embedding_bag_collection(params, bad, layout=layout)

@@ -630,8 +630,9 @@ def check_no_max_weights(g: GroupLayout, keys: Sequence[str], jf: JaggedFeatures
     """A ``max`` group takes no per-id weights (as torch)."""
     if g.mode == "max" and jf.weights is not None:
         raise ValueError(
-            f"the features {keys} use mode='max' tables, which take no per-id weights (as torch); "
-            "build the JaggedFeatures without weights, or use mode='sum'/'mean'/'sqrtn' tables. "
+            f"the features {list(keys)} use mode='max' tables, which take no per-id weights (as "
+            "torch); build the JaggedFeatures without weights, or use mode='sum'/'mean'/'sqrtn' "
+            "tables. "
             "To mix weighted features with max tables, use two collections over two "
             "JaggedFeatures (TorchRec's EmbeddingBagCollection and its weighted twin)."
         )
@@ -676,14 +677,11 @@ def _lookup_group(
 
 
 def _lookup_unstacked(layout, params, jf) -> dict[str, Array]:
+    for g in layout.groups:  # (one group per table here)
+        check_no_max_weights(g, g.feature_names, jf)
     out = {}
     for f in layout.feature_names:
         t = layout.table_of(f)
-        if t.mode == "max" and jf.weights is not None:
-            raise ValueError(
-                f"feature {f!r} uses the mode='max' table {t.name!r}, which takes no per-id "
-                "weights (as torch); build the JaggedFeatures without weights."
-            )
         ids, seg, w = pack_features(jf, [f])
         out[f] = embedding_bag(
             params[t.name],

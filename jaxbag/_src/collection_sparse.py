@@ -175,15 +175,15 @@ def _split_cotangent(layout: CollectionLayout, cotangent: Any, b: int, concat: b
         got = getattr(cotangent, "shape", None)
         if got is None or tuple(got) != want:
             raise ValueError(
-                f"the cotangent must have the shape of the concatenated output {want} (concat=True); "
-                f"got {type(cotangent).__name__ if got is None else tuple(got)}."
+                f"the cotangent must have the shape of the concatenated output {want} "
+                f"(concat=True); got {type(cotangent).__name__ if got is None else tuple(got)}."
             )
         starts = [sum(list(widths.values())[:i]) for i in range(len(widths))]
         return {f: cotangent[:, s : s + widths[f]] for f, s in zip(widths, starts)}
     if not isinstance(cotangent, Mapping):
         raise TypeError(
-            f"the cotangent must be a dict {{feature: [B, D_f]}} like the output (concat=False); got "
-            f"{type(cotangent).__name__}."
+            f"the cotangent must be a dict {{feature: [B, D_f]}} like the output (concat=False); "
+            f"got {type(cotangent).__name__}."
         )
     if sorted(cotangent) != sorted(widths):
         raise ValueError(
@@ -197,7 +197,9 @@ def _split_cotangent(layout: CollectionLayout, cotangent: Any, b: int, concat: b
     return dict(cotangent)
 
 
-def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout) -> SparseOptimizer:
+def collection_optimizer(
+    optimizer: SparseOptimizer, *, layout: CollectionLayout
+) -> SparseOptimizer:
     """Lifts a sparse optimiser to a collection's ``{group name: array}`` parameters.
 
     The returned :class:`jaxbag.SparseOptimizer` works on whole collections: ``init(params)``
@@ -236,8 +238,8 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
         )
     if not isinstance(layout, CollectionLayout):
         raise TypeError(
-            f"layout must be a jaxbag.CollectionLayout (jaxbag.collection_layout(tables, ...)); got "
-            f"{type(layout).__name__}."
+            f"layout must be a jaxbag.CollectionLayout (jaxbag.collection_layout(tables, ...)); "
+            f"got {type(layout).__name__}."
         )
     sharded = {g.name for g in layout.groups if layout.plan is not None and g.sharded}
 
@@ -282,7 +284,8 @@ def collection_optimizer(optimizer: SparseOptimizer, *, layout: CollectionLayout
             where = placement(name)
             args = (params[name], state[name], row_grads[name])
             if where is not None:
-                new_params[name], new_state[name] = sharding.sparse_update(optimizer, *args, **where)
+                new_params[name], new_state[name] = sharding.sparse_update(
+                    optimizer, *args, **where)
                 continue
             new_params[name], new_state[name] = optimizer.update(*args)
         return new_params, new_state

@@ -187,7 +187,8 @@ class EmbeddingBag(nn.Module):
         extra.setdefault("freeze", False)
         module = cls.from_pretrained(table, **settings.op_kwargs(), **extra)
         # the initialiser's copy of the table: the variables never share memory with the source
-        table = module.embedding_init(None, (module.num_embeddings, module.features), module.param_dtype)
+        shape = (module.num_embeddings, module.features)
+        table = module.embedding_init(None, shape, module.param_dtype)
         return module, {"params": {"embedding": table}}
 
     def to_torch(self, variables: Mapping[str, Any], *, sparse: bool = False) -> Any:

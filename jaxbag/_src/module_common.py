@@ -203,7 +203,8 @@ def settings_from_torch(
 
     ``source`` is an ``nn.EmbeddingBag``, its ``state_dict()`` (a mapping with ``"weight"``), a
     weight tensor, or a NumPy array; ``overrides`` give or replace settings. Returns the settings,
-    the table (possibly a view of the source: ``from_pretrained`` copies it), and the overrides that are not settings (``dtype``, ``freeze``, ...).
+    the table (possibly a view of the source: ``from_pretrained`` copies it), and the overrides
+    that are not settings (``dtype``, ``freeze``, ...).
     """
     settings: dict[str, Any] = {}
     extra: dict[str, Any] = {}
