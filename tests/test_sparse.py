@@ -48,18 +48,24 @@ def _batch(rng, n_bags=4, max_len=6, v=V, pad=None, n_ids=None):
 # ---- unique_rows --------------------------------------------------------------------------------
 
 
-def test_unique_rows_matches_numpy(path):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(-3, V + 3, 40).astype(np.int32)
-    valid = rng.random(40) < 0.8
+@pytest.mark.parametrize("n", [10, 40, 200])
+def test_unique_rows_matches_numpy(path, n):
+    # size=None gives U = min(N, V) slots: N = 10 < V, and N = 40, 200 > V (at 200 every row of
+    # the table is present, so all U = V slots are used).
+    rng = np.random.default_rng(n)
+    ids = rng.integers(-3, V + 3, n).astype(np.int32)
+    valid = rng.random(n) < 0.8
     rows, inv = jax.jit(lambda i, m: sparse.unique_rows(i, V, valid=m))(ids, valid)
     rows, inv = np.asarray(rows), np.asarray(inv)
     keep = valid & (ids >= 0) & (ids < V)
     expect = np.unique(ids[keep])
-    assert rows.shape == (40,)
+    u = min(n, V)
+    assert rows.shape == (u,)
+    if n == 200:
+        assert expect.size == V
     np.testing.assert_array_equal(rows[: expect.size], expect)
     assert (rows[expect.size :] == V).all()
-    np.testing.assert_array_equal(inv[~keep], 40)
+    np.testing.assert_array_equal(inv[~keep], u)
     np.testing.assert_array_equal(rows[inv[keep]], ids[keep])
 
 

@@ -53,7 +53,8 @@ def embedding_bag_collection_rows(
         (with a plan, split as its ``batch_axis``: ``num_shards`` = that axis's size).
       layout: the :class:`jaxbag.CollectionLayout` (stacked or not, with or without a plan).
       size: ``U_g``, the static number of row slots: one int for every group, ``{group name:
-        int}``, or ``None`` (each group's packed id count: always enough). Too small: as
+        int}``, or ``None`` (per group ``min(N_g, V_g)``: its packed id count or its array's rows,
+        whichever is smaller; always enough). Too small: as
         :func:`jaxbag.embedding_bag_rows` (an error eagerly; under ``jit`` the rows past the
         first ``U_g`` distinct ones get no gradient).
       concat: return one ``[B, sum D_f]`` array (``feature_names`` order); the pullback then

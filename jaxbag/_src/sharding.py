@@ -581,10 +581,10 @@ def embedding_bag_rows(
         also eagerly, this checks them as :func:`embedding_bag` does: eagerly an ``IndexError``,
         under ``jit`` skipped.
       mesh, axis_name, batch_axis: as :func:`embedding_bag`.
-      size: ``U``, static row slots (``None``: the number of ids of the whole batch). Too small
-        for a batch: eagerly a ``ValueError``; under ``jit`` the rows past the first ``U``
-        distinct ones get no gradient (with ``mode="max"``, their bags' gradient may then go to
-        another row of the bag).
+      size: ``U``, static row slots (``None``: ``min(N, V)`` with ``N`` the ids of the whole
+        batch, always enough). Too small for a batch: eagerly a ``ValueError``; under ``jit`` the
+        rows past the first ``U`` distinct ones get no gradient (with ``mode="max"``, their
+        bags' gradient may then go to another row of the bag).
 
     Returns:
       ``(bags [B, D], pullback)``.
@@ -611,7 +611,7 @@ def embedding_bag_rows(
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
     sparse.check_slots(indices, bag_terms.valid_positions(
         indices.reshape(-1), segments.bag_of_positions(indices, offsets, segment_ids),
-        num_embeddings, bags.shape[0], pad), size)
+        num_embeddings, bags.shape[0], pad), size, num_embeddings)
     b = bags.shape[0]
     b_loc = b // axis_size(mesh, batch_axis)
     batch_axes, row_axes = axis_tuple(batch_axis), axis_tuple(axis_name)
@@ -697,7 +697,7 @@ def embedding_bag_rows(
             raise ValueError(f"g must have the shape of the bags {bags.shape}; got {g.shape}.")
         if indices.size == 0:  # no ids, no rows: every slot unused (shard_map would trip on it)
             n_shards = axis_size(mesh, axis_name)
-            u = 0 if size is None else size
+            u = 0 if size is None else size  # (size=None: min(0, V) = 0)
             rows = jnp.full((n_shards * u,), num_embeddings // n_shards, jnp.int32)
             grads = jnp.zeros((n_shards * u, weight.shape[1]), acc)
             # (in the canonical form, as the shard_map path returns them)

@@ -145,11 +145,18 @@ class LazyAdamState(NamedTuple):
     nu: Array
 
 
-def _check_size(size: int, num_indices: int) -> int:
+def default_slots(num_indices: int, num_embeddings: int) -> int:
+    """``U`` for ``size=None``: ``min(N, V)``, always enough (a batch has at most that many
+    distinct rows) and no more (a ``[U, D]`` gradient larger than the table is never needed)."""
+    return min(num_indices, num_embeddings)
+
+
+def _check_size(size: int, num_indices: int, num_embeddings: int) -> int:
     if not validation.is_static_int(size, 1):
         raise ValueError(
             f"size must be a positive int (the number of row slots U); got size={size!r}. "
-            f"size=None uses N={num_indices}, always enough."
+            f"size=None uses min(N, V)={default_slots(num_indices, num_embeddings)}, always "
+            "enough."
         )
     return int(size)
 
@@ -162,17 +169,17 @@ _BAG_KWARGS = tuple(
 )
 
 
-def check_slots(indices: Array, valid: Array, size: int | None) -> None:
+def check_slots(indices: Array, valid: Array, size: int | None, num_embeddings: int) -> None:
     """Raises when ``size`` slots cannot hold the distinct ``indices`` at ``valid`` positions (only
     when their values are known: under ``jit`` the rows past the first ``size`` get no slot)."""
     if size is None or not validation.is_concrete(indices, valid):
         return
     distinct = np.unique(np.asarray(indices).reshape(-1)[np.asarray(valid).reshape(-1)]).size
-    if distinct > _check_size(size, indices.size):
+    if distinct > _check_size(size, indices.size, num_embeddings):
         raise ValueError(
             f"size={size} row slots are too few: this batch has {distinct} distinct ids, and the "
             f"rows beyond the first {size} would get no gradient. Pass size >= {distinct} (the "
-            "most distinct ids a batch can have), or size=None (N slots, always enough)."
+            "most distinct ids a batch can have), or size=None (min(N, V) slots, always enough)."
         )
 
 
@@ -191,7 +198,8 @@ def unique_rows(
     Args:
       indices: ``int [...]`` ids (any shape, ``N`` of them in all).
       num_embeddings: ``V``; ids outside ``[0, V)`` are skipped.
-      size: ``U``, the number of slots (static). ``None`` means ``N``, always enough. With a smaller
+      size: ``U``, the number of slots (static). ``None`` means ``min(N, V)``, always enough.
+        With a smaller
         ``U``, the ids beyond the first ``U`` distinct ones (in increasing order) are treated as
         skipped: make sure a batch never has more than ``U`` distinct ids.
       valid: optional ``bool`` mask of ``indices``' shape; ``False`` positions are skipped (e.g.
@@ -227,7 +235,7 @@ def unique_rows(
     ok = (flat >= 0) & (flat < num_embeddings)  # before the int32 cast, which would wrap int64 ids
     ids = flat.astype(jnp.int32)
     n = ids.shape[0]
-    u = n if size is None else _check_size(size, n)
+    u = default_slots(n, num_embeddings) if size is None else _check_size(size, n, num_embeddings)
     if n == 0:
         return jnp.full((u,), num_embeddings, jnp.int32), ids.reshape(shape)
     if valid is not None:
@@ -282,7 +290,7 @@ def embedding_bag_rows(
         ``[0, V)`` are skipped (as under ``jit``), also eagerly; offsets and segment ids are checked
         eagerly as :func:`jaxbag.embedding_bag` checks them.
       offsets: optional ``int [B]`` offsets, as for :func:`jaxbag.embedding_bag`.
-      size: ``U``, static number of row slots (``None``: ``N``, always enough); see
+      size: ``U``, static number of row slots (``None``: ``min(N, V)``, always enough); see
         :func:`unique_rows`. Too small for a batch: eagerly a ``ValueError``; under ``jit`` the
         bags are still right, but the rows past the first ``U`` distinct ones (in increasing
         order) get no gradient.
@@ -337,7 +345,7 @@ def embedding_bag_rows(
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
     # optimiser must not count its row as touched (torch's sparse gradient leaves it out too).
     valid = bag_terms.valid_positions(indices.reshape(-1), seg, num_embeddings, layout.num_bags, pad)
-    check_slots(indices, valid, size)
+    check_slots(indices, valid, size, num_embeddings)
     rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid.reshape(indices.shape))
     if kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq", False):
         # The options that only the general path uses, passed at their defaults, change nothing.
