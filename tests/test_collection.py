@@ -6,6 +6,7 @@ compared with the plain per-feature path, values and gradients.
 
 from __future__ import annotations
 
+import re
 
 import jax
 import jax.numpy as jnp
@@ -661,3 +662,48 @@ def test_linen_collection_starts_from_the_same_tables_whatever_the_layout():
     nnx_tables = [jaxbag.unpack_tables(m.layout, {k: v[...] for k, v in m.embeddings.items()})
                   for m in (NnxCollection(tables, stack=s, rngs=nnx.Rngs(7)) for s in (True, False))]
     jax.tree.map(np.testing.assert_array_equal, nnx_tables[0], nnx_tables[1])
+
+
+def test_unpack_and_pack_tables_check_their_arrays():
+    """unpack_tables sliced whatever it got: a [45, 8] array for a [50, 8] group gave a 25-row
+    table, a whole variables dict a bare KeyError. pack_tables ignored unknown table names and
+    gave a bare KeyError for a missing one."""
+    layout = jaxbag.collection_layout([T("user", 20, 8, ("u",)), T("item", 30, 8, ("i",))])
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    (name,) = params
+    with pytest.raises(ValueError, match=rf"params\['{re.escape(name)}'\].*must be float32 \[50, 8\]; "
+                                         r"got float32 \[45, 8\]"):
+        jaxbag.unpack_tables(layout, {name: jnp.ones((45, 8))})
+    with pytest.raises(KeyError, match="no array for the groups"):
+        jaxbag.unpack_tables(layout, {"params": params})
+    with pytest.raises(TypeError, match="params must be a dict"):
+        jaxbag.unpack_tables(layout, params[name])
+    # another dtype is fine (e.g. optimiser moments or a checkpoint): each table keeps it
+    half = jaxbag.unpack_tables(layout, {name: params[name].astype(jnp.bfloat16)})
+    assert half["user"].dtype == jnp.bfloat16 and half["item"].shape == (30, 8)
+    tables = jaxbag.unpack_tables(layout, params)
+    with pytest.raises(KeyError, match=r"missing \['item'\]"):
+        jaxbag.pack_tables(layout, {"user": tables["user"]})
+    with pytest.raises(ValueError, match=r"not in the layout: \['itme'\]"):
+        jaxbag.pack_tables(layout, {**tables, "itme": tables["item"]})
+    np.testing.assert_array_equal(jaxbag.pack_tables(layout, tables)[name], params[name])
+
+
+def test_table_config_errors_name_the_table_and_show_the_fix():
+    with pytest.raises(ValueError, match=r"table 'a': mode must be one of"):
+        T("a", 4, 2, ("x",), mode="avg")
+    with pytest.raises(ValueError, match=r"table 'a': padding_idx must be within"):
+        T("a", 4, 2, ("x",), padding_idx=4)
+    with pytest.raises(ValueError, match=r"table 'a': num_embeddings.*pass int\(x\)"):
+        T("a", jnp.int32(4), 2, ("x",))
+    one = T("a", 4, 2, ("x",))
+    for make in (lambda: jaxbag.collection_layout(one),
+                 lambda: NnxCollection(one, rngs=nnx.Rngs(0)),
+                 lambda: jaxbag.EmbeddingBagCollection(tables=one)):
+        with pytest.raises(TypeError, match=r"got one TableConfig \('a'\). Pass a list"):
+            make()
+    for init in (nn.with_partitioning(nn.initializers.normal(), ("model", None)),
+                 nnx.with_partitioning(nnx.initializers.normal(), ("model", None))):
+        boxed = T("b", 4, 2, ("x",), embedding_init=init)
+        with pytest.raises(TypeError, match=r"table 'b': embedding_init returned a .*sharding plan"):
+            NnxCollection([boxed], rngs=nnx.Rngs(0))

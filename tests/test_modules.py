@@ -384,3 +384,59 @@ def test_from_pretrained_copies_a_jax_table():
         donate = jax.jit(lambda v: jax.tree.map(lambda x: x * 2, v), donate_argnums=0)
         donate(module.init(jax.random.key(0), ids, offs))
         assert module.init(jax.random.key(0), ids, offs)["params"]["embedding"].shape == (3, 2)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0, -1])
+def test_padding_idx_with_a_sharding_annotated_init(padding_idx):
+    """nn.with_partitioning / nnx.with_partitioning (the Flax way to shard a parameter) box the
+    initialiser's array; with padding_idx the padding-row zeroing called .at on the box
+    (AttributeError). The row is zeroed inside the box and the sharding annotation kept."""
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        m = jaxbag.nnx.EmbeddingBag(
+            10, 4, padding_idx=padding_idx, rngs=nnx.Rngs(0),
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0), ("model", None)))
+        lin = jaxbag.EmbeddingBag(
+            10, 4, padding_idx=padding_idx,
+            embedding_init=nn.with_partitioning(nn.initializers.normal(1.0), ("model", None)))
+        variables = lin.init(jax.random.key(0), IDS, OFFSETS)
+    assert m.embedding[...].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    assert nn.get_partition_spec(variables)["params"]["embedding"] == jax.sharding.PartitionSpec(
+        "model", None)
+    for table in (np.asarray(m.embedding[...]), np.asarray(nn.unbox(variables)["params"]["embedding"])):
+        assert table.shape == (10, 4)
+        nonzero = np.any(table != 0, axis=1)
+        if padding_idx is None:
+            assert nonzero.all()
+        else:
+            assert not nonzero[padding_idx] and nonzero.sum() == 9
+
+
+def test_linen_modules_from_pretrained_pickle():
+    """from_pretrained / from_torch built their initialiser as a closure, so the linen module
+    could not be pickled (plain modules and NNX modules could)."""
+    import pickle
+
+    t = np.arange(12, dtype=np.float32).reshape(6, 2)
+    from_torch, _ = jaxbag.EmbeddingBag.from_torch(torch.nn.EmbeddingBag.from_pretrained(
+        torch.from_numpy(t.copy()), mode="sum", padding_idx=1))
+    for module in (jaxbag.EmbeddingBag.from_pretrained(jnp.asarray(t), mode="sum", padding_idx=1),
+                   from_torch):
+        back = pickle.loads(pickle.dumps(module))
+        a = module.init(jax.random.key(0), IDS[:4] % 6, OFFSETS[:2])
+        b = back.init(jax.random.key(1), IDS[:4] % 6, OFFSETS[:2])
+        np.testing.assert_array_equal(nn.unbox(b)["params"]["embedding"], t)  # row 1 as given
+        np.testing.assert_array_equal(back.apply(b, IDS[:4] % 6, OFFSETS[:2]),
+                                      module.apply(a, IDS[:4] % 6, OFFSETS[:2]))
+
+
+def test_module_input_and_size_errors_show_the_fix():
+    jf = jaxbag.JaggedFeatures.from_lists({"a": [[1]]})
+    m = jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"got a jaxbag.JaggedFeatures.*jf.feature\(key\)"):
+        m(jf)
+    with pytest.raises(TypeError, match=r"got a jaxbag.JaggedFeatures"):
+        jaxbag.embedding_bag(jnp.ones((10, 4)), jf)
+    for size in (jnp.int32(10), np.array(10)):
+        with pytest.raises(ValueError, match=r"num_embeddings must be a positive int.*pass int\(x\)"):
+            jaxbag.nnx.EmbeddingBag(size, 4, rngs=nnx.Rngs(0))

@@ -100,14 +100,20 @@ class TableConfig:
         for field in ("num_embeddings", "features"):
             v = getattr(self, field)
             if not validation.is_static_int(v, 1):
-                raise ValueError(f"table {self.name!r}: {field} must be a positive int; got {v!r}.")
+                raise ValueError(
+                    f"table {self.name!r}: {field} must be a positive int; got {v!r}."
+                    + validation.static_int_hint(v)
+                )
         if not self.feature_names or not all(isinstance(f, str) for f in self.feature_names):
             raise ValueError(
                 f"table {self.name!r}: feature_names must be a non-empty tuple of str; got "
                 f"{self.feature_names!r}, e.g. feature_names=('{self.name}',)."
             )
-        validation.check_mode(self.mode)
-        validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
+        try:
+            validation.check_mode(self.mode)
+            validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
+        except ValueError as e:
+            raise ValueError(f"table {self.name!r}: {e}") from e
         if not jnp.issubdtype(self.dtype, jnp.floating):
             raise TypeError(f"table {self.name!r}: dtype must be floating; got {self.dtype}.")
 
@@ -124,6 +130,14 @@ class TableConfig:
     def init(self, key: Array) -> Array:
         """A fresh ``[V, D]`` table (padding row zeroed)."""
         table = self.embedding_init(key, (self.num_embeddings, self.features), self.dtype)
+        if module_common.is_metadata_box(table):
+            raise TypeError(
+                f"table {self.name!r}: embedding_init returned a {type(table).__name__} (an "
+                "initialiser wrapped in nn.with_partitioning / nnx.with_partitioning). A "
+                "collection places its tables through a sharding plan instead: pass the bare "
+                "initialiser and jaxbag.collection_layout(tables, plan=jaxbag.sharding."
+                "plan_sharding(tables, mesh, axis_name=...))."
+            )
         table = jnp.asarray(table, self.dtype)
         if self.pad is not None:
             table = table.at[self.pad].set(0)
@@ -277,8 +291,19 @@ def _dtype_name(dtype: Any) -> str:
     return jnp.dtype(dtype).name  # ~6 us uncached: the planner asks T * T times
 
 
-def _check_tables(tables: Sequence[TableConfig]) -> tuple[TableConfig, ...]:
-    tables = tuple(tables)
+def check_tables(tables: Sequence[TableConfig]) -> tuple[TableConfig, ...]:
+    if isinstance(tables, TableConfig):
+        raise TypeError(
+            f"tables must be a sequence of jaxbag.TableConfig; got one TableConfig "
+            f"({tables.name!r}). Pass a list: tables=[TableConfig({tables.name!r}, ...)]."
+        )
+    try:
+        tables = tuple(tables)
+    except TypeError:
+        raise TypeError(
+            f"tables must be a non-empty sequence of jaxbag.TableConfig; got "
+            f"{type(tables).__name__}."
+        ) from None
     if not tables or not all(isinstance(t, TableConfig) for t in tables):
         raise TypeError(
             "tables must be a non-empty sequence of jaxbag.TableConfig; got "
@@ -328,7 +353,7 @@ def collection_layout(
       >>> layout.feature_names, layout.output_features
       (('user', 'item', 'last_item', 'tag'), 28)
     """
-    tables = _check_tables(tables)
+    tables = check_tables(tables)
     features = tuple(f for t in tables for f in t.feature_names)
     if plan is None and not stack:
         groups = tuple(
@@ -435,6 +460,16 @@ def pack_tables(layout: CollectionLayout, tables: Mapping[str, Array]) -> dict[s
       >>> p["a+b"][:, 0].tolist()
       [0.0, 0.0, 1.0, 1.0, 1.0]
     """
+    names = [t.name for t in layout.tables]
+    missing = [n for n in names if n not in tables]
+    unknown = sorted(set(tables) - set(names))
+    if missing or unknown:
+        raise (KeyError if missing else ValueError)(
+            f"tables must have one [V_t, D_t] array per table of the layout {names}; "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and unknown else "")
+            + (f"not in the layout: {unknown}" if unknown else "") + "."
+        )
     return {g.name: pack_group(g, tables) for g in layout.groups}
 
 
@@ -487,6 +522,7 @@ def unpack_tables(layout: CollectionLayout, params: Mapping[str, Array]) -> dict
       >>> {name: t.shape for name, t in tables.items()}
       {'a': (4, 2), 'b': (6, 2)}
     """
+    check_params(layout, params, check_dtype=False)  # (each table keeps the array's dtype)
     return _unpack_jit(layout, dict(params))
 
 
@@ -588,8 +624,16 @@ def check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
                     )
 
 
-def check_params(layout: CollectionLayout, params: Mapping[str, Array]) -> None:
-    """Every group's array is there, ``[num_rows, D]`` of the tables' dtype (static checks)."""
+def check_params(
+    layout: CollectionLayout, params: Mapping[str, Array], *, check_dtype: bool = True
+) -> None:
+    """Every group's array is there, ``[num_rows, D]`` (of the tables' dtype with
+    ``check_dtype``); static checks."""
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"params must be a dict {{group name: array}}; got {type(params).__name__}. Build it "
+            "with jaxbag.init_collection(layout, key) or jaxbag.pack_tables(layout, {table: array})."
+        )
     missing = [g.name for g in layout.groups if g.name not in params]
     if missing:
         raise KeyError(
@@ -600,7 +644,8 @@ def check_params(layout: CollectionLayout, params: Mapping[str, Array]) -> None:
     for g in layout.groups:
         arr = params[g.name]
         want = (g.num_rows, g.features)
-        if tuple(jnp.shape(arr)) != want or jnp.dtype(jnp.result_type(arr)) != jnp.dtype(g.dtype):
+        dtype_ok = not check_dtype or jnp.dtype(jnp.result_type(arr)) == jnp.dtype(g.dtype)
+        if tuple(jnp.shape(arr)) != want or not dtype_ok:
             tables = [s.table.name for s in g.slots]
             raise ValueError(
                 f"params[{g.name!r}] (tables {tables}) must be {jnp.dtype(g.dtype).name} {list(want)}; "

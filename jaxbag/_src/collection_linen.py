@@ -68,13 +68,13 @@ class EmbeddingBagCollection(nn.Module):
     def __post_init__(self) -> None:
         # a list (as written in examples) made the module unhashable: jax.jit(static_argnums=...)
         # and flax's own module hashing need every field hashable
-        object.__setattr__(self, "tables", tuple(self.tables))
+        object.__setattr__(self, "tables", collection.check_tables(self.tables))
         super().__post_init__()
 
     @property
     def layout(self) -> CollectionLayout:
         """The static :class:`jaxbag.CollectionLayout` of this module."""
-        return collection.collection_layout(tuple(self.tables), stack=self.stack, plan=self.plan)
+        return collection.collection_layout(self.tables, stack=self.stack, plan=self.plan)
 
     def setup(self) -> None:
         layout = self.layout

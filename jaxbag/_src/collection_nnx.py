@@ -53,7 +53,7 @@ class EmbeddingBagCollection(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         self.layout: CollectionLayout = collection.collection_layout(
-            tuple(tables), stack=stack, plan=plan
+            tables, stack=stack, plan=plan
         )
         self.dtype = dtype
         params = collection.init_collection(self.layout, rngs.params())

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import nnx
 from jax import Array
 from jax.typing import ArrayLike
 
@@ -45,7 +46,10 @@ class BagSettings:
         for name in ("num_embeddings", "features"):
             value = getattr(self, name)
             if not validation.is_static_int(value, 1):
-                raise ValueError(f"{name} must be a positive int; got {name}={value!r}.")
+                raise ValueError(
+                    f"{name} must be a positive int; got {name}={value!r}."
+                    + validation.static_int_hint(value)
+                )
         validation.check_mode(self.mode)
         validation.check_norm(self.max_norm, self.norm_type)
         validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
@@ -83,9 +87,22 @@ def padded_init(init: Initializer, padding_idx: int | None, num_embeddings: int)
         return init
 
     def wrapped(key, shape, dtype=jnp.float32):
-        return init(key, shape, dtype).at[pad].set(0)
+        value = init(key, shape, dtype)
+        # An initialiser wrapped in nn.with_partitioning / nnx.with_partitioning (the Flax way to
+        # shard a parameter) returns the array in a metadata box: zero the row inside the box.
+        if isinstance(value, nn.meta.AxisMetadata):  # linen: nn.Partitioned and the like
+            return value.replace_boxed(value.unbox().at[pad].set(0))
+        if isinstance(value, nnx.VariableMetadata):  # nnx.with_partitioning / with_metadata
+            return dataclasses.replace(value, raw_value=value.raw_value.at[pad].set(0))
+        return value.at[pad].set(0)
 
     return wrapped
+
+
+def is_metadata_box(value: Any) -> bool:
+    """Whether an initialiser's result is a Flax metadata box (``nn.with_partitioning``,
+    ``nnx.with_partitioning`` / ``with_metadata``) rather than an array."""
+    return isinstance(value, (nn.meta.AxisMetadata, nnx.VariableMetadata))
 
 
 def pretrained_init(table: Array) -> Initializer:
@@ -96,14 +113,24 @@ def pretrained_init(table: Array) -> Initializer:
     Its padding row is not zeroed (:func:`padded_init` leaves it alone).
     """
 
-    def init(key, shape, dtype=jnp.float32):
-        del key
-        if tuple(shape) != table.shape:
-            raise ValueError(f"pretrained embeddings have shape {table.shape}, expected {shape}.")
-        return jnp.array(table, dtype, copy=True)
+    return _PretrainedInit(table)
 
-    init.pretrained = True  # type: ignore[attr-defined]
-    return init
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: compared and hashed by identity
+class _PretrainedInit:
+    """:func:`pretrained_init`'s initialiser: a module-level class, not a closure, so that linen
+    modules built by ``from_pretrained`` / ``from_torch`` can be pickled."""
+
+    table: Array
+    pretrained = True  # read by padded_init: the padding row is kept as given
+
+    def __call__(self, key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        del key
+        if tuple(shape) != self.table.shape:
+            raise ValueError(
+                f"pretrained embeddings have shape {self.table.shape}, expected {shape}."
+            )
+        return jnp.array(self.table, dtype, copy=True)
 
 
 def check_pretrained(embeddings: ArrayLike) -> Array:

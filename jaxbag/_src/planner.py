@@ -183,7 +183,7 @@ def plan_sharding(
       >>> plan.as_dict()
       {'big': 'table', 'small': 'replicated'}
     """
-    tables = collection._check_tables(tables)
+    tables = collection.check_tables(tables)
     sharding.check_axes(mesh, axis_name, batch_axis)
     n = sharding.axis_size(mesh, axis_name)
     overrides = dict(overrides or {})

@@ -34,6 +34,14 @@ def is_static_int(value: object, minimum: int | None = 0) -> bool:
     return minimum is None or value >= minimum
 
 
+def static_int_hint(value: object) -> str:
+    """A hint for a size given as an array (``jnp.int32(10)``, a 0-d NumPy array): sizes are
+    static Python ints (they fix shapes), so ``int(...)`` of a concrete array is the fix."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return " Sizes fix shapes, so they must be Python ints, not arrays: pass int(x)."
+    return ""
+
+
 def is_concrete(*xs: object) -> bool:
     """Whether none of ``xs`` is a tracer (i.e. their values are known now)."""
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
@@ -109,6 +117,14 @@ def as_ids(x: ArrayLike | None) -> Array | None:
             "pass its fields: embedding_bag(weight, pb.indices, segment_ids=pb.segment_ids, "
             "num_bags=pb.num_bags, per_sample_weights=pb.weights), or module(pb.indices, "
             "segment_ids=pb.segment_ids, num_bags=pb.num_bags)."
+        )
+    if type(x).__name__ == "JaggedFeatures":  # (jagged imports this module)
+        raise TypeError(
+            "got a jaxbag.JaggedFeatures where an array of ids was expected; a multi-feature "
+            "batch goes to jaxbag.embedding_bag_collection / EmbeddingBagCollection. For one "
+            "feature: ids, seg, w = jf.feature(key); embedding_bag(weight, ids, segment_ids=seg, "
+            "num_bags=jf.batch_size, per_sample_weights=w), or module(ids, segment_ids=seg, "
+            "num_bags=jf.batch_size)."
         )
     if not isinstance(x, jax.Array):
         try:
