@@ -116,6 +116,43 @@ def test_row_grads_equal_dense_grad(mode, use_psw, pad, extra, path):
         assert pad not in real.tolist()
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "max"])
+def test_row_grads_of_a_large_batch_match_numpy(mode, path):
+    """Large enough (N * D >= 2**18) for the kernel to split the row gradients over the thread
+    pool by slot ranges; against a float64 NumPy scatter of the bag cotangents."""
+    rng = np.random.default_rng(7)
+    v, d, b = 3000, 64, 512
+    w = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
+    ids, offsets = _batch(rng, n_bags=b, v=v, pad=5, n_ids=8192)
+    psw = None if mode == "max" else rng.random(ids.size).astype(np.float32) + 0.5
+    ct = rng.standard_normal((b, d)).astype(np.float32)
+    kw = dict(mode=mode, padding_idx=5, per_sample_weights=None if psw is None else jnp.asarray(psw))
+    rg = jax.jit(lambda w_, i, o, g: sparse.embedding_bag_rows(w_, i, o, **kw)[1](g))(
+        w, ids, offsets, ct)
+    seg = np.repeat(np.arange(b), np.diff(np.append(offsets, ids.size)))
+    want = np.zeros((v + 1, d))
+    if mode == "max":  # the cotangent goes to the first position holding each column's max
+        table = np.asarray(w, np.float64)
+        for bag in range(b):
+            pos = np.flatnonzero((seg == bag) & (ids != 5))
+            if pos.size:
+                first = pos[np.argmax(table[ids[pos]], axis=0)]
+                np.add.at(want, (ids[first], np.arange(d)), ct[bag])
+    else:
+        c = np.where(ids == 5, 0.0, psw.astype(np.float64))
+        den = np.bincount(seg, c if mode == "mean" else c ** 2, minlength=b)
+        den = den if mode == "mean" else np.sqrt(den)
+        coef = c / np.where(den == 0, 1.0, den)[seg] if mode != "sum" else c
+        np.add.at(want, ids, coef[:, None] * ct[seg])
+    rows = np.asarray(rg.rows)
+    assert rows.shape == (min(ids.size, v),)
+    got = np.zeros((v + 1, d))
+    np.add.at(got, rows, np.asarray(rg.grads, np.float64))
+    np.testing.assert_allclose(got[:v], want[:v], rtol=1e-5, atol=1e-5)
+    touched = set(ids[ids != 5].tolist())
+    assert set(rows[rows < v].tolist()) == touched
+
+
 def test_row_grads_2d_indices_under_jit():
     rng = np.random.default_rng(2)
     w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)

@@ -430,10 +430,49 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
 
 // ---- sparse training: row gradients and fused row-wise optimisers -----------------------------
 
+// Runs body(lo, hi) over `chunks` consecutive ranges splitting [0, n) on XLA's intra-op pool
+// (the calling thread works too) and returns when all are done. A task the pool starts late
+// finds no chunk left and never calls body.
+template <typename F>
+void ParallelRanges(ffi::ThreadPool& pool, int64_t n, int64_t chunks, F body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (chunks <= 1 || threads == 1) {
+    body(int64_t{0}, n);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  auto work = [st, chunks, n, body]() {
+    for (;;) {
+      const int64_t c = st->next.fetch_add(1);
+      if (c >= chunks) return;
+      body(n * c / chunks, n * (c + 1) / chunks);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// Runs body(u) for u in [0, U) on XLA's intra-op pool (rows are distinct: no races).
+template <typename F>
+void ParallelRows(ffi::ThreadPool& pool, int64_t U, int64_t D, F body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = U * D < (int64_t{1} << 16) ? 1 : 4 * threads;
+  ParallelRanges(pool, U, chunks, [body](int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u) body(u);
+  });
+}
+
 // grads[U, D] = sum over positions n with slot[n] < U of coef[n] * ct[seg[n]] (sum/mean/sqrtn), or
-// for max: grads[slot[arg[b, d]], d] += ct[b, d]. Sequential (scatter-add with repeated slots).
-ffi::Error RowsGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::S32> seg,
-                    ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> arg,
+// for max: grads[slot[arg[b, d]], d] += ct[b, d]. Sum/mean/sqrtn are split over the pool by slot
+// ranges: each range scans every position (ints) and adds only into its own slots, in position
+// order, so every slot's sum is the one a single thread computes (no races, the same rounding).
+ffi::Error RowsGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S32> slot,
+                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> arg,
                     ffi::ResultBuffer<ffi::F32> grads, int64_t is_max) {
   const auto cd = ct.dimensions();
   const auto gd = grads->dimensions();
@@ -443,39 +482,48 @@ ffi::Error RowsGrad(ffi::Buffer<ffi::F32> ct, ffi::Buffer<ffi::S32> slot, ffi::B
   const int64_t B = cd[0], D = cd[1], U = gd[0];
   const int64_t N = static_cast<int64_t>(slot.element_count());
   float* g = grads->typed_data();
-  std::memset(g, 0, sizeof(float) * U * D);
   const float* c = ct.typed_data();
   const int32_t* sl = slot.typed_data();
-  if (is_max) {
-    if (static_cast<int64_t>(arg.element_count()) != B * D) {
-      return ffi::Error::InvalidArgument("jaxbag rows_grad: max needs arg [B, D]");
-    }
-    const int32_t* a = arg.typed_data();
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t p = a[b * D + d];
-        if (p < 0 || p >= N) continue;
-        const int64_t u = sl[p];
-        if (u < 0 || u >= U) continue;
-        g[u * D + d] += c[b * D + d];
-      }
-    }
-    return ffi::Error::Success();
+  if (is_max && static_cast<int64_t>(arg.element_count()) != B * D) {
+    return ffi::Error::InvalidArgument("jaxbag rows_grad: max needs arg [B, D]");
   }
-  if (static_cast<int64_t>(seg.element_count()) != N || static_cast<int64_t>(coef.element_count()) != N) {
+  if (!is_max && (static_cast<int64_t>(seg.element_count()) != N ||
+                  static_cast<int64_t>(coef.element_count()) != N)) {
     return ffi::Error::InvalidArgument("jaxbag rows_grad: slot, seg and coef must all be [N]");
   }
+  const int32_t* a = arg.typed_data();
   const int32_t* sg = seg.typed_data();
   const float* w = coef.typed_data();
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t u = sl[n], b = sg[n];
-    const float k = w[n];
-    // (no shortcut for k == 0: 0 * inf and 0 * NaN are NaN, as in the XLA path and torch)
-    if (u < 0 || u >= U || b < 0 || b >= B) continue;
-    float* gu = g + u * D;
-    const float* cb = c + b * D;
-    for (int64_t d = 0; d < D; ++d) gu[d] += k * cb[d];
-  }
+  auto range = [=](int64_t u0, int64_t u1) {
+    if (u1 > u0) std::memset(g + u0 * D, 0, sizeof(float) * (u1 - u0) * D);
+    if (is_max) {
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t p = a[b * D + d];
+          if (p < 0 || p >= N) continue;
+          const int64_t u = sl[p];
+          if (u < u0 || u >= u1) continue;
+          g[u * D + d] += c[b * D + d];
+        }
+      }
+      return;
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t u = sl[n], b = sg[n];
+      // (no shortcut for k == 0: 0 * inf and 0 * NaN are NaN, as in the XLA path and torch)
+      if (u < u0 || u >= u1 || b < 0 || b >= B) continue;
+      const float k = w[n];
+      float* gu = g + u * D;
+      const float* cb = c + b * D;
+      for (int64_t d = 0; d < D; ++d) gu[d] += k * cb[d];
+    }
+  };
+  // Each range reads all N slots and segments: split only when the D-wide adds dwarf that (not
+  // for max, one add per arg read).
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const bool split = !is_max && N * D >= (int64_t{1} << 18) && D >= 8 && U >= 2;
+  const int64_t chunks = split ? std::min<int64_t>(U, threads) : 1;
+  ParallelRanges(pool, U, chunks, range);
   return ffi::Error::Success();
 }
 
@@ -537,32 +585,6 @@ ffi::Error UniqueRows(ffi::Buffer<ffi::S32> keys, ffi::ResultBuffer<ffi::S32> ro
     inv[n] = (s < 0 || rank[s] >= U) ? static_cast<int32_t>(U) : rank[s];
   }
   return ffi::Error::Success();
-}
-
-// Runs body(u) for u in [0, U) on XLA's intra-op pool (rows are distinct: no races).
-template <typename F>
-void ParallelRows(ffi::ThreadPool& pool, int64_t U, int64_t D, F body) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads == 1 || U * D < (int64_t{1} << 16)) {
-    for (int64_t u = 0; u < U; ++u) body(u);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto st = std::make_shared<State>();
-  const int64_t chunks = 4 * threads;
-  auto work = [st, chunks, U, body]() {
-    for (;;) {
-      const int64_t c = st->next.fetch_add(1);
-      if (c >= chunks) return;
-      for (int64_t u = U * c / chunks; u < U * (c + 1) / chunks; ++u) body(u);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 // Lazy Adam (torch SparseAdam) on the rows; table, mu, nu are updated in place (aliased).
@@ -712,6 +734,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagUniqueRows, UniqueRows,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagRowsGradF32, RowsGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
