@@ -947,6 +947,62 @@ def case_experiment():
                              f"{single['compilations']['train_step']}x single-device")
 
 
+def case_split_features():
+    """A batch that arrives split over the data axis (``feature_specs``, as the "Many hosts"
+    recipe builds it) gives exactly the results of the same batch replicated, on a (2 x 4) mesh
+    with Auto and with Explicit axes.
+
+    On Auto axes the results were silently wrong: XLA's SPMD partitioner (jax 0.10.2) counts
+    the replicated leading 0 of a scatter-add at ``concatenate([0], ends split over 'data')``
+    twice, the pattern lengths_to_segment_ids used. On Explicit axes packing a split batch was
+    a sharding type error.
+    """
+    tables = [t for t in collection_tables() if t.name not in ("bf",)]
+    feats, ws = collection_batch(tables, seed=5, weights=False)
+    for axis_type in (AUTO, AxisType.Explicit):
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
+        tag = f"split features ({axis_type})"
+        with jax.set_mesh(mesh):
+            jf = jaxbag.JaggedFeatures.from_lists(feats, capacity=24, num_shards=2)
+            specs = jsh.feature_specs(jf, "data")
+            split = jax.tree.map(lambda a, sp: jax.device_put(a, NamedSharding(mesh, sp)), jf,
+                                 specs)
+            whole = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P())), jf)
+            if split.lengths.sharding.spec != P(None, "data"):
+                raise AssertionError(f"{tag}: lengths not split: {split.lengths.sharding}")
+            lengths = jnp.asarray([2, 0, 3, 1, 1, 0, 2, 1], jnp.int32)
+            cases = {"lengths_to_segment_ids": (
+                lambda l: jaxbag.lengths_to_segment_ids(l, 16),
+                (jax.device_put(lengths, NamedSharding(mesh, P()))),
+                (jax.device_put(lengths, NamedSharding(mesh, P("data")))))}
+            cases["JaggedFeatures.feature"] = (lambda j: j.feature("i2"), (whole,), (split,))
+            plan = jsh.plan_sharding(tables, mesh, axis_name="model", batch_axis="data",
+                                     overrides={"rep": "replicated", "geo": "row"})
+            for name, layout in (("plain", jaxbag.collection_layout(tables)),
+                                 ("planned", jaxbag.collection_layout(tables, plan=plan))):
+                params = jaxbag.init_collection(layout, jax.random.key(1))
+                if layout.plan is None:
+                    params = jax.device_put(params, NamedSharding(mesh, P()))
+
+                def rows(p, j, layout=layout):
+                    x, pullback = jaxbag.embedding_bag_collection_rows(p, j, layout=layout,
+                                                                       concat=True)
+                    return x, pullback(jnp.cos(x))
+
+                cases[f"{name} collection"] = (
+                    lambda p, j, layout=layout: jaxbag.embedding_bag_collection(
+                        p, j, layout=layout, concat=True), (params, whole), (params, split))
+                cases[f"{name} collection rows"] = (rows, (params, whole), (params, split))
+            for what, (fn, a, b) in cases.items():
+                a = a if isinstance(a, tuple) else (a,)
+                b = b if isinstance(b, tuple) else (b,)
+                want, got = jax.jit(fn)(*a), jax.jit(fn)(*b)
+                for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+                    if not np.array_equal(np.asarray(x), np.asarray(y)):
+                        raise AssertionError(f"{tag}: {what} differs for the split batch\n"
+                                             f"{np.asarray(x)}\n{np.asarray(y)}")
+
+
 CASES = {
     "op_1d": case_op_1d,
     "op_2d": case_op_2d,
@@ -956,6 +1012,7 @@ CASES = {
     "modules": case_modules,
     "sparse": case_sparse,
     "collection_sparse": case_collection_sparse,
+    "split_features": case_split_features,
     "experiment": case_experiment,
 }
 

@@ -35,6 +35,7 @@ CASES = [
     "modules",
     "sparse",
     "collection_sparse",
+    "split_features",
     "experiment",
 ]
 

@@ -95,6 +95,11 @@ def embedding_bag_collection_rows(
     plan = layout.plan
     if plan is not None:
         collection.check_batch_shards(plan, features)
+        # The ids are packed on the global view (every row shard reads all of them anyway):
+        # replicate features that arrive split over batch_axis (feature_specs, "Many hosts").
+        # On an Explicit mesh packing a split batch is a sharding type error otherwise.
+        features = sharding.constrain(
+            features, plan.mesh, collection.feature_specs(features, None))
     if isinstance(size, Mapping):
         unknown = sorted(set(size) - {g.name for g in layout.groups})
         if unknown:

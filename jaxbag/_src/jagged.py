@@ -587,7 +587,9 @@ def _fitted_lengths(jf: JaggedFeatures) -> Array:
     caps = jnp.asarray(jf.capacities, jnp.int32).reshape(k, 1, 1)
     lengths = jnp.asarray(jf.lengths).reshape(k, s, b // s)
     ends = segments.capped_ends(lengths, caps, axis=2)
-    starts = jnp.concatenate([jnp.zeros((k, s, 1), jnp.int32), ends[:, :, :-1]], axis=2)
+    # (a pad, not a concatenate with a replicated zero block: on an Explicit mesh that is a
+    # sharding type error for lengths split over the batch)
+    starts = jnp.pad(ends[:, :, :-1], ((0, 0), (0, 0), (1, 0)))
     return (ends - starts).reshape(k, b)
 
 
@@ -621,6 +623,7 @@ def pack_features(
       ``(ids [M], segment_ids int32 [M], weights [M] or None)`` with ``M = S * sum(C_k)`` over
       ``keys``.
     """
+    jf = jax.tree.map(segments.unsplit, jf)
     b, s_count, t = jf.batch_size, jf.num_shards, jf.shard_capacity
     bs = b // s_count
     regions = []  # (slot, shard, start, capacity, key index), in bag order

@@ -18,6 +18,7 @@ or past the last offset get ``B``: both are outside ``[0, B)`` and so dropped by
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +76,33 @@ def offsets_to_segment_ids(
     return offsets_to_segment_ids_unchecked(offsets, n)
 
 
+def unsplit(x: Any) -> Any:
+    """``x`` replicated if its type splits it over an Explicit mesh axis (else ``x`` itself).
+
+    Segment ids and packed batches are computed on the whole batch: on an Explicit mesh the
+    slices, scans and reshapes of lengths split over the batch axis (``feature_specs``, the "Many
+    hosts" inputs) are sharding type errors. Auto meshes (the partitioner decides) and
+    ``shard_map`` bodies (manual axes) are left alone."""
+    if not isinstance(x, jax.Array | jax.core.Tracer):
+        return x
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return x
+    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                if t == jax.sharding.AxisType.Explicit}
+    used = {a for e in sharding.spec if e is not None for a in (e if isinstance(e, tuple) else (e,))}
+    if not used & explicit:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def offsets_to_segment_ids_unchecked(offsets: Array, num_indices: int) -> Array:
     """:func:`offsets_to_segment_ids` without argument checks (for callers that checked them)."""
     # Mark each bag start, then a running count gives the bag of every position. Out-of-range
     # offsets are sent to position N + 1, which the scatter drops. (The last offset, with
     # include_last_offset, starts the ignored segment B either way.)
+    offsets = unsplit(offsets)
     starts = jnp.where((offsets >= 0) & (offsets <= num_indices), offsets, num_indices + 1)
     marks = jnp.zeros(num_indices + 1, jnp.int32).at[starts].add(1, mode="drop")
     return jnp.cumsum(marks[:num_indices], dtype=jnp.int32) - 1
@@ -138,9 +161,12 @@ def lengths_to_segment_ids_unchecked(lengths: Array, num_indices: int) -> Array:
     """:func:`lengths_to_segment_ids` without argument checks: a negative length counts as 0 and
     the bags are cut at ``N`` (each length clipped to ``[0, N]``, then summed saturating at
     ``N``, so neither an int64 length nor the running sum wraps int32)."""
-    ends = capped_ends(lengths, num_indices)
-    offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
-    return offsets_to_segment_ids_unchecked(offsets, num_indices)
+    ends = capped_ends(unsplit(lengths), num_indices)  # in [0, N]
+    # Position p lies in bag #{ends <= p} (bags start at 0 and at each end). Counting the ends
+    # alone, with no leading 0 concatenated in front of them: XLA's SPMD partitioner miscounts
+    # a scatter-add at concatenate([replicated 0], ends split over one axis of a 2-D mesh).
+    marks = jnp.zeros(num_indices + 1, jnp.int32).at[ends].add(1, mode="drop")
+    return jnp.cumsum(marks[:num_indices], dtype=jnp.int32)
 
 
 def capped_ends(lengths: Array, cap: ArrayLike, axis: int = -1) -> Array:
