@@ -1001,6 +1001,15 @@ def case_split_features():
                     if not np.array_equal(np.asarray(x), np.asarray(y)):
                         raise AssertionError(f"{tag}: {what} differs for the split batch\n"
                                              f"{np.asarray(x)}\n{np.asarray(y)}")
+        # Eagerly, outside jax.set_mesh, with a batch on one device (an earlier fix moved it onto
+        # the mesh first, and the eager argument checks then failed on an Explicit mesh).
+        planned = jaxbag.collection_layout(tables, plan=plan)
+        params = jaxbag.init_collection(planned, jax.random.key(1))
+        jf = jaxbag.JaggedFeatures.from_lists(feats, capacity=24, num_shards=2)
+        eager = jaxbag.embedding_bag_collection_rows(params, jf, layout=planned, concat=True)[0]
+        jitted = jax.jit(lambda p, j: jaxbag.embedding_bag_collection_rows(
+            p, j, layout=planned, concat=True)[0])(params, jf)
+        close(eager, jitted, f"{tag}: eager planned rows outside set_mesh")
 
 
 CASES = {

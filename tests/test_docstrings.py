@@ -18,6 +18,7 @@ MODULES = [
     "jaxbag._src.collection",
     "jaxbag._src.collection_linen",
     "jaxbag._src.collection_nnx",
+    "jaxbag._src.collection_sparse",
 ]
 
 

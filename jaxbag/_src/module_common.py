@@ -90,7 +90,10 @@ def padded_init(init: Initializer, padding_idx: int | None, num_embeddings: int)
         value = init(key, shape, dtype)
         # An initialiser wrapped in nn.with_partitioning / nnx.with_partitioning (the Flax way to
         # shard a parameter) returns the array in a metadata box: zero the row inside the box.
-        if isinstance(value, nn.meta.AxisMetadata):  # linen: nn.Partitioned and the like
+        if isinstance(value, nn.Partitioned):  # linen (also nn.LogicallyPartitioned)
+            # (no sharding constraint here: padding_idx must not change the init program)
+            return value.replace_boxed(value.unbox(apply_constraint=False).at[pad].set(0))
+        if isinstance(value, nn.meta.AxisMetadata):  # other linen boxes
             return value.replace_boxed(value.unbox().at[pad].set(0))
         if isinstance(value, nnx.VariableMetadata):  # nnx.with_partitioning / with_metadata
             return dataclasses.replace(value, raw_value=value.raw_value.at[pad].set(0))
@@ -121,7 +124,7 @@ class _PretrainedInit:
     """:func:`pretrained_init`'s initialiser: a module-level class, not a closure, so that linen
     modules built by ``from_pretrained`` / ``from_torch`` can be pickled."""
 
-    table: Array
+    table: Array = dataclasses.field(repr=False)  # (not printed in every module's repr)
     pretrained = True  # read by padded_init: the padding row is kept as given
 
     def __call__(self, key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
