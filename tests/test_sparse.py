@@ -116,14 +116,18 @@ def test_row_grads_equal_dense_grad(mode, use_psw, pad, extra, path):
         assert pad not in real.tolist()
 
 
+@pytest.mark.parametrize("distinct", [None, 300])
 @pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "max"])
-def test_row_grads_of_a_large_batch_match_numpy(mode, path):
+def test_row_grads_of_a_large_batch_match_numpy(mode, distinct, path):
     """Large enough (N * D >= 2**18) for the kernel to split the row gradients over the thread
-    pool by slot ranges; against a float64 NumPy scatter of the bag cotangents."""
+    pool by slot ranges; against a float64 NumPy scatter of the bag cotangents. With 300
+    distinct ids most of the U = min(N, V) = 3000 slots are unused (zeroed apart)."""
     rng = np.random.default_rng(7)
     v, d, b = 3000, 64, 512
     w = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
     ids, offsets = _batch(rng, n_bags=b, v=v, pad=5, n_ids=8192)
+    if distinct is not None:
+        ids = ids % distinct
     psw = None if mode == "max" else rng.random(ids.size).astype(np.float32) + 0.5
     ct = rng.standard_normal((b, d)).astype(np.float32)
     kw = dict(mode=mode, padding_idx=5, per_sample_weights=None if psw is None else jnp.asarray(psw))
@@ -151,6 +155,7 @@ def test_row_grads_of_a_large_batch_match_numpy(mode, path):
     np.testing.assert_allclose(got[:v], want[:v], rtol=1e-5, atol=1e-5)
     touched = set(ids[ids != 5].tolist())
     assert set(rows[rows < v].tolist()) == touched
+    np.testing.assert_array_equal(np.asarray(rg.grads)[rows == v], 0.0)  # unused slots: zeros
 
 
 def test_row_grads_2d_indices_under_jit():

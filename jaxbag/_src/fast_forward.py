@@ -521,9 +521,20 @@ ffi::Error RowsGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Buffer<
   // Each range reads all N slots and segments: split only when the D-wide adds dwarf that (not
   // for max, one add per arg read).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const bool split = !is_max && N * D >= (int64_t{1} << 18) && D >= 8 && U >= 2;
-  const int64_t chunks = split ? std::min<int64_t>(U, threads) : 1;
-  ParallelRanges(pool, U, chunks, range);
+  const bool split = !is_max && N * D >= (int64_t{1} << 18) && D >= 8 && U >= 2 && threads > 1;
+  if (!split) {
+    range(0, U);
+    return ffi::Error::Success();
+  }
+  // Slots past the batch's distinct rows are unused (U = min(N, V) by default): zero them here
+  // and split only the used ones, so that no range is left with nothing to add.
+  int64_t used = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t u = sl[n];
+    if (u >= used && u < U) used = u + 1;
+  }
+  if (used < U) std::memset(g + used * D, 0, sizeof(float) * (U - used) * D);
+  ParallelRanges(pool, used, std::min<int64_t>(std::max<int64_t>(used, 1), threads), range);
   return ffi::Error::Success();
 }
 
