@@ -463,12 +463,12 @@ def pack_tables(layout: CollectionLayout, tables: Mapping[str, Array]) -> dict[s
     names = [t.name for t in layout.tables]
     missing = [n for n in names if n not in tables]
     unknown = sorted(set(tables) - set(names))
-    if missing or unknown:
+    problems = [f"missing {missing}"] * bool(missing) + [f"not in the layout: {unknown}"] * bool(
+        unknown)
+    if problems:
         raise (KeyError if missing else ValueError)(
             f"tables must have one [V_t, D_t] array per table of the layout {names}; "
-            + (f"missing {missing}" if missing else "")
-            + ("; " if missing and unknown else "")
-            + (f"not in the layout: {unknown}" if unknown else "") + "."
+            f"{'; '.join(problems)}."
         )
     return {g.name: pack_group(g, tables) for g in layout.groups}
 

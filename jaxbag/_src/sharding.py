@@ -697,7 +697,7 @@ def embedding_bag_rows(
             raise ValueError(f"g must have the shape of the bags {bags.shape}; got {g.shape}.")
         if indices.size == 0:  # no ids, no rows: every slot unused (shard_map would trip on it)
             n_shards = axis_size(mesh, axis_name)
-            u = 0 if size is None else size  # (size=None: min(0, V) = 0)
+            u = sparse.default_slots(0, num_embeddings) if size is None else size
             rows = jnp.full((n_shards * u,), num_embeddings // n_shards, jnp.int32)
             grads = jnp.zeros((n_shards * u, weight.shape[1]), acc)
             # (in the canonical form, as the shard_map path returns them)

@@ -199,9 +199,8 @@ def unique_rows(
       indices: ``int [...]`` ids (any shape, ``N`` of them in all).
       num_embeddings: ``V``; ids outside ``[0, V)`` are skipped.
       size: ``U``, the number of slots (static). ``None`` means ``min(N, V)``, always enough.
-        With a smaller
-        ``U``, the ids beyond the first ``U`` distinct ones (in increasing order) are treated as
-        skipped: make sure a batch never has more than ``U`` distinct ids.
+        With a smaller ``U``, the ids beyond the first ``U`` distinct ones (in increasing order)
+        are treated as skipped: make sure a batch never has more than ``U`` distinct ids.
       valid: optional ``bool`` mask of ``indices``' shape; ``False`` positions are skipped (e.g.
         padding).
 
