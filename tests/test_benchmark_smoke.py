@@ -169,6 +169,42 @@ def test_bag_reduce_matches_embedding_bag(mode, skewed, impl):
     np.testing.assert_allclose(vf, vr, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [1, 3, 4, 6, 16, 21, 32, 64, 100, 128, 200, 256, 300])
+def test_kernel_every_row_width(width):
+    # The kernel has one loop per width of 16-256 and blocks of 64, 16, 4 and 1 columns for other
+    # widths; every mode, weights, padding, out-of-range ids, empty bags and positions past the
+    # last bag, against float64 NumPy. (Unsorted segment ids: test_errors' regrouping tests.)
+    rng = np.random.default_rng(width)
+    nv, nb, n = 30, 5, 40
+    w = rng.standard_normal((nv, width)).astype(np.float32)
+    ids = rng.integers(-1, nv + 1, n).astype(np.int32)
+    seg = np.sort(rng.integers(0, nb, n)).astype(np.int32)
+    seg[seg == 2] = 3  # bag 2 empty
+    seg[-3:] = nb  # past the last bag: dropped
+    psw = (rng.random(n) + 0.5).astype(np.float32)
+    pad = 7
+    take = (ids >= 0) & (ids < nv) & (ids != pad)
+    for mode in ("sum", "mean", "sqrtn", "max"):
+        for weighted in (False, True) if mode != "max" else (False,):
+            out = jax.jit(lambda w_, p_, i, s, mode=mode: bag_reduce(
+                w_, i, s, nb, mode=mode, per_sample_weights=p_, padding_idx=pad, impl="kernel"))(
+                w, psw if weighted else None, ids, seg)
+            expect = np.zeros((nb, width))
+            for b in range(nb):
+                sel = take & (seg == b)
+                if not sel.any():
+                    continue
+                rows = w[ids[sel]].astype(np.float64)
+                c = psw[sel].astype(np.float64) if weighted else np.ones(int(sel.sum()))
+                if mode == "max":
+                    expect[b] = rows.max(0)
+                else:
+                    den = {"sum": 1.0, "mean": c.sum(), "sqrtn": np.sqrt((c * c).sum())}[mode]
+                    expect[b] = (c[:, None] * rows).sum(0) / den
+            np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"mode={mode} weighted={weighted}")
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "sqrtn"])
 @pytest.mark.parametrize("unroll", [1, 2, 4])
 def test_stream_loop_with_closed_over_constants(mode, unroll):

@@ -256,94 +256,152 @@ struct Args {
   const int32_t* seg;
 };
 
-inline bool Skip(const Args& a, int64_t id) { return id < 0 || id >= a.V || id == a.pad; }
-
-// Prefetches every cache line of the row 12 positions ahead (a row is D * 4 bytes, often > 64).
-inline void Prefetch(const Args& a, int64_t p, int64_t end) {
-  (void)end;  // the next bag's rows usually follow: prefetch across bag ends too
-  constexpr int64_t kAhead = 12;
-  if (p + kAhead < a.N) {
-    const int64_t id = a.ids[p + kAhead];
-    if (id >= 0 && id < a.V) {
-      const char* row = reinterpret_cast<const char*>(a.w + id * a.D);
-      const int64_t bytes = std::min<int64_t>(a.D * 4, 1024);
-      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
-    }
+// Prefetches the first kBytes (capped at 1 KiB) of the row kAhead = 16 positions ahead (as
+// fbgemm); the next bag's rows usually follow, so it prefetches across bag ends too. kBytes = 0:
+// the row's runtime width. The empty asm keeps the loop: GCC 12 deleted a loop of prefetches
+// alone as having no effect (even with a constant trip count), so the kernel ran without
+// prefetching, at half the speed.
+template <int kBytes>
+inline void Prefetch(const Args& a, int64_t p) {
+  constexpr int64_t kAhead = 16;
+  if (p + kAhead >= a.N) return;
+  const int64_t id = a.ids[p + kAhead];
+  if (id < 0 || id >= a.V) return;
+  const char* row = reinterpret_cast<const char*>(a.w + id * a.D);
+  const int64_t bytes = std::min<int64_t>(kBytes > 0 ? kBytes : a.D * 4, 1024);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(row + off);
+    asm volatile("" : : "r"(row + off));
   }
 }
 
-// One bag, columns [c0, c0 + W) of a row of stride D; W is a compile-time width so the
-// accumulators stay in registers (kW = 0: runtime width w, via a local buffer).
-template <int kW>
-inline void BagBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, int64_t w,
-                     float* o, int32_t* g) {
-  constexpr int kMaxW = 256;
-  const int64_t W = kW > 0 ? kW : w;
-  const int64_t D = a.D;
-  float acc[kW > 0 ? kW : kMaxW];
-  int32_t arg[kW > 0 ? kW : kMaxW];
-  const bool is_max = a.mode == kMax;
-  for (int64_t d = 0; d < W; ++d) { acc[d] = 0.0f; arg[d] = static_cast<int32_t>(a.N); }
-  bool any = false;
+// Whether position p (id) counts in bag b: a valid id that is not padding and, for unsorted
+// segment ids (seg), of this bag. Callers copy the Args fields into locals first: read through a
+// reference or a struct in the loop, they kept GCC from holding the accumulators in registers.
+inline bool Take(int64_t id, int64_t V, int64_t pad, const int32_t* seg, int64_t p, int64_t b) {
+  return id >= 0 && id < V && id != pad && (seg == nullptr || seg[p] == b);
+}
+
+// sum / mean / sqrtn of one bag, columns [c0, c0 + kW) of rows of stride D. The width, the mode
+// and whether there are weights are compile-time, so the accumulators stay in registers and the
+// loop over positions carries only what its mode needs. kWhole: the block is the whole row (the
+// prefetch width is then compile-time too).
+template <int kW, int kMode, bool kWeighted, bool kWhole>
+inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o) {
+  float acc[kW] = {};
   double den = 0.0;
+  const float* base = a.w + c0;
+  const int64_t D = a.D;
+  const int32_t* ids = a.ids;
+  const int32_t* seg = a.seg;
+  const int64_t V = a.V, pad = a.pad;
   for (int64_t p = n0; p < n1; ++p) {
-    Prefetch(a, p, n1);
-    const int64_t id = a.ids[p];
-    if (Skip(a, id) || (a.seg != nullptr && a.seg[p] != b)) continue;
-    const float* __restrict__ r = a.w + id * D + c0;
-    if (is_max) {
-      const int32_t pp = static_cast<int32_t>(p);
-      if (!any) {
-        for (int64_t d = 0; d < W; ++d) { acc[d] = r[d]; arg[d] = pp; }
-        any = true;
-      } else {
-        for (int64_t d = 0; d < W; ++d) {
-          // The first NaN wins and stays (NaN propagates, as in jnp.max; torch's CPU kernel
-          // drops a NaN that follows a number).
-          const bool better = r[d] > acc[d] || (r[d] != r[d] && acc[d] == acc[d]);
-          acc[d] = better ? r[d] : acc[d];
-          arg[d] = better ? pp : arg[d];
-        }
-      }
+    Prefetch<kWhole ? kW * 4 : 0>(a, p);
+    const int64_t id = ids[p];
+    if (!Take(id, V, pad, seg, p, b)) continue;
+    const float* __restrict__ r = base + id * D;
+    if constexpr (kWeighted) {
+      const float c = a.psw[p];
+      den += kMode == kSqrtn ? static_cast<double>(c) * c : static_cast<double>(c);
+      for (int d = 0; d < kW; ++d) acc[d] += c * r[d];
     } else {
-      const float c = a.psw ? a.psw[p] : 1.0f;
-      den += a.mode == kSqrtn ? static_cast<double>(c) * c : static_cast<double>(c);
-      for (int64_t d = 0; d < W; ++d) acc[d] += c * r[d];
+      den += 1.0;
+      for (int d = 0; d < kW; ++d) acc[d] += r[d];
     }
   }
   float scale = 1.0f;
-  if (a.mode == kMean || a.mode == kSqrtn) {
-    if (a.mode == kSqrtn) den = std::sqrt(den);
+  if constexpr (kMode == kMean || kMode == kSqrtn) {
+    if constexpr (kMode == kSqrtn) den = std::sqrt(den);
     scale = den != 0.0 ? static_cast<float>(1.0 / den) : 0.0f;
   }
-  for (int64_t d = 0; d < W; ++d) o[d] = acc[d] * scale;
-  if (is_max) {
-    for (int64_t d = 0; d < W; ++d) g[d] = arg[d];
+  for (int d = 0; d < kW; ++d) o[d] = acc[d] * scale;
+}
+
+// max of one bag, columns [c0, c0 + kW), with the first arg-max position per column in g.
+template <int kW, bool kWhole>
+inline void MaxBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o,
+                     int32_t* g) {
+  float acc[kW];
+  int32_t arg[kW];
+  for (int d = 0; d < kW; ++d) { acc[d] = 0.0f; arg[d] = static_cast<int32_t>(a.N); }
+  bool any = false;
+  const float* base = a.w + c0;
+  const int64_t D = a.D;
+  const int32_t* ids = a.ids;
+  const int32_t* seg = a.seg;
+  const int64_t V = a.V, pad = a.pad;
+  for (int64_t p = n0; p < n1; ++p) {
+    Prefetch<kWhole ? kW * 4 : 0>(a, p);
+    const int64_t id = ids[p];
+    if (!Take(id, V, pad, seg, p, b)) continue;
+    const float* __restrict__ r = base + id * D;
+    const int32_t pp = static_cast<int32_t>(p);
+    if (!any) {
+      for (int d = 0; d < kW; ++d) { acc[d] = r[d]; arg[d] = pp; }
+      any = true;
+      continue;
+    }
+    for (int d = 0; d < kW; ++d) {
+      // The first NaN wins and stays (NaN propagates, as in jnp.max; torch's CPU kernel drops a
+      // NaN that follows a number).
+      const bool better = r[d] > acc[d] || (r[d] != r[d] && acc[d] == acc[d]);
+      acc[d] = better ? r[d] : acc[d];
+      arg[d] = better ? pp : arg[d];
+    }
+  }
+  for (int d = 0; d < kW; ++d) { o[d] = acc[d]; g[d] = arg[d]; }
+}
+
+template <int kW, int kMode, bool kWeighted, bool kWhole = false>
+inline void Block(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o,
+                  int32_t* g) {
+  if constexpr (kMode == kMax) {
+    MaxBlock<kW, kWhole>(a, b, n0, n1, c0, o, g);
+  } else {
+    SumBlock<kW, kMode, kWeighted, kWhole>(a, b, n0, n1, c0, o);
   }
 }
 
-void Bags(const Args& a, int64_t b0, int64_t b1) {
+// Columns [c0, D) in blocks of kW, then of kW / 4, ..., 1 (a row width that is not 16-256).
+template <int kW, int kMode, bool kWeighted>
+inline void Blocks(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o,
+                   int32_t* g) {
+  for (; c0 + kW <= a.D; c0 += kW) {
+    Block<kW, kMode, kWeighted>(a, b, n0, n1, c0, o + c0, g ? g + c0 : nullptr);
+  }
+  if constexpr (kW > 1) Blocks<kW / 4, kMode, kWeighted>(a, b, n0, n1, c0, o, g);
+}
+
+// Bags [b0, b1): rows of 16-256 features in one block, other widths in blocks of 64, 16, 4, 1.
+template <int kMode, bool kWeighted>
+void BagsOf(const Args& a, int64_t b0, int64_t b1) {
   const int64_t D = a.D;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = a.start[b], n1 = a.start[b + 1];
     float* o = a.out + b * D;
-    int32_t* g = a.mode == kMax ? a.arg + b * D : nullptr;
+    int32_t* g = kMode == kMax ? a.arg + b * D : nullptr;
     switch (D) {
-      case 16: BagBlock<16>(a, b, n0, n1, 0, 16, o, g); continue;
-      case 32: BagBlock<32>(a, b, n0, n1, 0, 32, o, g); continue;
-      case 64: BagBlock<64>(a, b, n0, n1, 0, 64, o, g); continue;
-      case 128: BagBlock<128>(a, b, n0, n1, 0, 128, o, g); continue;
-      case 256: BagBlock<256>(a, b, n0, n1, 0, 256, o, g); continue;
-      default: break;
+      case 16: Block<16, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
+      case 32: Block<32, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
+      case 64: Block<64, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
+      case 128: Block<128, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
+      case 256: Block<256, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
+      default: Blocks<64, kMode, kWeighted>(a, b, n0, n1, 0, o, g);
     }
-    for (int64_t c0 = 0; c0 < D; c0 += 64) {
-      const int64_t w = std::min<int64_t>(64, D - c0);
-      if (w == 64) {
-        BagBlock<64>(a, b, n0, n1, c0, 64, o + c0, g ? g + c0 : nullptr);
-      } else {
-        BagBlock<0>(a, b, n0, n1, c0, w, o + c0, g ? g + c0 : nullptr);
-      }
-    }
+  }
+}
+
+void Bags(const Args& a, int64_t b0, int64_t b1) {
+  const bool weighted = a.psw != nullptr;
+  switch (a.mode) {
+    case kSum:
+      return weighted ? BagsOf<kSum, true>(a, b0, b1) : BagsOf<kSum, false>(a, b0, b1);
+    case kMean:
+      return weighted ? BagsOf<kMean, true>(a, b0, b1) : BagsOf<kMean, false>(a, b0, b1);
+    case kSqrtn:
+      return weighted ? BagsOf<kSqrtn, true>(a, b0, b1) : BagsOf<kSqrtn, false>(a, b0, b1);
+    default:
+      return BagsOf<kMax, false>(a, b0, b1);
   }
 }
 
