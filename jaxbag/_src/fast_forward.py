@@ -282,14 +282,11 @@ inline bool Take(int64_t id, int64_t V, int64_t pad, const int32_t* seg, int64_t
   return id >= 0 && id < V && id != pad && (seg == nullptr || seg[p] == b);
 }
 
-// sum / mean / sqrtn of one bag, columns [c0, c0 + kW) of rows of stride D. The width, the mode
-// and whether there are weights are compile-time, so the accumulators stay in registers and the
-// loop over positions carries only what its mode needs. kWhole: the block is the whole row (the
-// prefetch width is then compile-time too).
-template <int kW, int kMode, bool kWeighted, bool kWhole>
-inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o) {
-  float acc[kW] = {};
-  double den = 0.0;
+// Calls body(p, row) for each position p of bag b in [n0, n1) that counts (Take), with row its
+// columns from c0, prefetching ahead. kWhole: the block is the whole row (the prefetch width is
+// then compile-time too).
+template <int kW, bool kWhole, typename F>
+inline void ForRows(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, F&& body) {
   const float* base = a.w + c0;
   const int64_t D = a.D;
   const int32_t* ids = a.ids;
@@ -298,8 +295,18 @@ inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c
   for (int64_t p = n0; p < n1; ++p) {
     Prefetch<kWhole ? kW * 4 : 0>(a, p);
     const int64_t id = ids[p];
-    if (!Take(id, V, pad, seg, p, b)) continue;
-    const float* __restrict__ r = base + id * D;
+    if (Take(id, V, pad, seg, p, b)) body(p, base + id * D);
+  }
+}
+
+// sum / mean / sqrtn of one bag, columns [c0, c0 + kW) of rows of stride D. The width, the mode
+// and whether there are weights are compile-time, so the accumulators stay in registers and the
+// loop over positions carries only what its mode needs.
+template <int kW, int kMode, bool kWeighted, bool kWhole>
+inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o) {
+  float acc[kW] = {};
+  double den = 0.0;
+  ForRows<kW, kWhole>(a, b, n0, n1, c0, [&](int64_t p, const float* __restrict__ r) {
     if constexpr (kWeighted) {
       const float c = a.psw[p];
       den += kMode == kSqrtn ? static_cast<double>(c) * c : static_cast<double>(c);
@@ -308,7 +315,7 @@ inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c
       den += 1.0;
       for (int d = 0; d < kW; ++d) acc[d] += r[d];
     }
-  }
+  });
   float scale = 1.0f;
   if constexpr (kMode == kMean || kMode == kSqrtn) {
     if constexpr (kMode == kSqrtn) den = std::sqrt(den);
@@ -325,21 +332,12 @@ inline void MaxBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c
   int32_t arg[kW];
   for (int d = 0; d < kW; ++d) { acc[d] = 0.0f; arg[d] = static_cast<int32_t>(a.N); }
   bool any = false;
-  const float* base = a.w + c0;
-  const int64_t D = a.D;
-  const int32_t* ids = a.ids;
-  const int32_t* seg = a.seg;
-  const int64_t V = a.V, pad = a.pad;
-  for (int64_t p = n0; p < n1; ++p) {
-    Prefetch<kWhole ? kW * 4 : 0>(a, p);
-    const int64_t id = ids[p];
-    if (!Take(id, V, pad, seg, p, b)) continue;
-    const float* __restrict__ r = base + id * D;
+  ForRows<kW, kWhole>(a, b, n0, n1, c0, [&](int64_t p, const float* __restrict__ r) {
     const int32_t pp = static_cast<int32_t>(p);
     if (!any) {
       for (int d = 0; d < kW; ++d) { acc[d] = r[d]; arg[d] = pp; }
       any = true;
-      continue;
+      return;
     }
     for (int d = 0; d < kW; ++d) {
       // The first NaN wins and stays (NaN propagates, as in jnp.max; torch's CPU kernel drops a
@@ -348,7 +346,7 @@ inline void MaxBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c
       acc[d] = better ? r[d] : acc[d];
       arg[d] = better ? pp : arg[d];
     }
-  }
+  });
   for (int d = 0; d < kW; ++d) { o[d] = acc[d]; g[d] = arg[d]; }
 }
 
