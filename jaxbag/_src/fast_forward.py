@@ -403,89 +403,6 @@ void Bags(const Args& a, int64_t b0, int64_t b1) {
   }
 }
 
-struct Shared {
-  Args a;
-  std::vector<int64_t> start, bounds;
-  std::atomic<int64_t> next{0}, done{0};
-  void Work() {
-    const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
-    for (;;) {
-      const int64_t c = next.fetch_add(1);
-      if (c >= chunks) return;
-      Bags(a, bounds[c], bounds[c + 1]);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::S32> ids,
-                  ffi::Buffer<ffi::S32> bounds, ffi::Buffer<ffi::F32> psw,
-                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::S32> arg, int64_t mode,
-                  int64_t padding_idx, int64_t layout) {
-  const auto wd = weight.dimensions();
-  const auto od = out->dimensions();
-  if (wd.size() != 2 || od.size() != 2 || od[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("jaxbag kernel: weight must be [V, D] and out [B, D]");
-  }
-  const int64_t N = static_cast<int64_t>(ids.element_count());
-  const int64_t B = od[0];
-  const bool weighted = mode != kMax && static_cast<int64_t>(psw.element_count()) == N;
-  if (mode == kMax && static_cast<int64_t>(arg->element_count()) != B * od[1]) {
-    return ffi::Error::InvalidArgument("jaxbag kernel: mode max needs a [B, D] arg output");
-  }
-  auto sh = std::make_shared<Shared>();
-  sh->start.assign(B + 1, N);
-  const int32_t* bd = bounds.typed_data();
-  const int64_t K = static_cast<int64_t>(bounds.element_count());
-  if (layout == 0) {  // sorted segment ids [N]
-    if (K != N) return ffi::Error::InvalidArgument("jaxbag kernel: segment ids must be [N]");
-    for (int64_t b = 0; b <= B; ++b) {
-      sh->start[b] = std::lower_bound(bd, bd + N, static_cast<int32_t>(b)) - bd;
-    }
-  } else {  // offsets [K]: bag k starts at the k-th smallest offset in [0, N] (as segment ids do)
-    std::vector<int64_t> offs;
-    offs.reserve(K);
-    for (int64_t k = 0; k < K; ++k) {
-      if (bd[k] >= 0 && bd[k] <= N) offs.push_back(bd[k]);
-    }
-    std::sort(offs.begin(), offs.end());
-    for (int64_t b = 0; b <= B && b < static_cast<int64_t>(offs.size()); ++b) sh->start[b] = offs[b];
-  }
-  Args a{weight.typed_data(), wd[0], wd[1], ids.typed_data(), weighted ? psw.typed_data() : nullptr,
-         N, B, mode, padding_idx, sh->start.data(), out->typed_data(), arg->typed_data(),
-         nullptr};
-  if (layout == 0) {  // per-position bag checks only for unsorted ids (one sequential pass)
-    for (int64_t k = 1; k < N; ++k) {
-      if (bd[k] < bd[k - 1]) { a.seg = bd; break; }
-    }
-  }
-  sh->a = a;
-  if (B == 0) return ffi::Error::Success();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t span = sh->start[B] - sh->start[0];
-  const int64_t chunks =
-      (span * a.D < (int64_t{1} << 15) || threads == 1) ? 1 : std::min<int64_t>(B, 4 * threads);
-  if (chunks == 1) {
-    Bags(a, 0, B);
-    return ffi::Error::Success();
-  }
-  // Bag boundaries splitting the ids evenly (balanced for skewed bags).
-  sh->bounds.assign(chunks + 1, B);
-  sh->bounds[0] = 0;
-  for (int64_t c = 1; c < chunks; ++c) {
-    const int64_t target = sh->start[0] + span * c / chunks;
-    const int64_t b = std::upper_bound(sh->start.begin(), sh->start.begin() + B, target) -
-                      sh->start.begin() - 1;
-    sh->bounds[c] = std::min<int64_t>(B, std::max<int64_t>(sh->bounds[c - 1], b));
-  }
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule([sh]() { sh->Work(); });
-  sh->Work();
-  while (sh->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-  return ffi::Error::Success();
-}
-
-// ---- sparse training: row gradients and fused row-wise optimisers -----------------------------
-
 // Runs body(lo, hi) over `chunks` consecutive ranges splitting [0, n) on XLA's intra-op pool
 // (the calling thread works too) and returns when all are done. A task the pool starts late
 // finds no chunk left and never calls body.
@@ -512,6 +429,72 @@ void ParallelRanges(ffi::ThreadPool& pool, int64_t n, int64_t chunks, F body) {
   work();
   while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
+
+ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::S32> ids,
+                  ffi::Buffer<ffi::S32> bounds, ffi::Buffer<ffi::F32> psw,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::S32> arg, int64_t mode,
+                  int64_t padding_idx, int64_t layout) {
+  const auto wd = weight.dimensions();
+  const auto od = out->dimensions();
+  if (wd.size() != 2 || od.size() != 2 || od[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("jaxbag kernel: weight must be [V, D] and out [B, D]");
+  }
+  const int64_t N = static_cast<int64_t>(ids.element_count());
+  const int64_t B = od[0];
+  const bool weighted = mode != kMax && static_cast<int64_t>(psw.element_count()) == N;
+  if (mode == kMax && static_cast<int64_t>(arg->element_count()) != B * od[1]) {
+    return ffi::Error::InvalidArgument("jaxbag kernel: mode max needs a [B, D] arg output");
+  }
+  std::vector<int64_t> start(B + 1, N);
+  const int32_t* bd = bounds.typed_data();
+  const int64_t K = static_cast<int64_t>(bounds.element_count());
+  if (layout == 0) {  // sorted segment ids [N]
+    if (K != N) return ffi::Error::InvalidArgument("jaxbag kernel: segment ids must be [N]");
+    for (int64_t b = 0; b <= B; ++b) {
+      start[b] = std::lower_bound(bd, bd + N, static_cast<int32_t>(b)) - bd;
+    }
+  } else {  // offsets [K]: bag k starts at the k-th smallest offset in [0, N] (as segment ids do)
+    std::vector<int64_t> offs;
+    offs.reserve(K);
+    for (int64_t k = 0; k < K; ++k) {
+      if (bd[k] >= 0 && bd[k] <= N) offs.push_back(bd[k]);
+    }
+    std::sort(offs.begin(), offs.end());
+    for (int64_t b = 0; b <= B && b < static_cast<int64_t>(offs.size()); ++b) start[b] = offs[b];
+  }
+  Args a{weight.typed_data(), wd[0], wd[1], ids.typed_data(), weighted ? psw.typed_data() : nullptr,
+         N, B, mode, padding_idx, start.data(), out->typed_data(), arg->typed_data(),
+         nullptr};
+  if (layout == 0) {  // per-position bag checks only for unsorted ids (one sequential pass)
+    for (int64_t k = 1; k < N; ++k) {
+      if (bd[k] < bd[k - 1]) { a.seg = bd; break; }
+    }
+  }
+  if (B == 0) return ffi::Error::Success();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t span = start[B] - start[0];
+  const int64_t chunks =
+      (span * a.D < (int64_t{1} << 15) || threads == 1) ? 1 : std::min<int64_t>(B, 4 * threads);
+  if (chunks == 1) {
+    Bags(a, 0, B);
+    return ffi::Error::Success();
+  }
+  // Bag boundaries splitting the ids evenly (balanced for skewed bags).
+  std::vector<int64_t> cuts(chunks + 1, B);
+  cuts[0] = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = start[0] + span * c / chunks;
+    const int64_t b = std::upper_bound(start.begin(), start.begin() + B, target) - start.begin() - 1;
+    cuts[c] = std::min<int64_t>(B, std::max<int64_t>(cuts[c - 1], b));
+  }
+  // one chunk index per range (ParallelRanges returns once all are done: references stay valid)
+  ParallelRanges(pool, chunks, chunks, [&a, &cuts](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) Bags(a, cuts[c], cuts[c + 1]);
+  });
+  return ffi::Error::Success();
+}
+
+// ---- sparse training: row gradients and fused row-wise optimisers -----------------------------
 
 // Runs body(u) for u in [0, U) on XLA's intra-op pool (rows are distinct: no races).
 template <typename F>
