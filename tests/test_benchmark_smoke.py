@@ -108,6 +108,30 @@ def test_benchmark_config_errors_before_any_work(tmp_path, override, match):
     assert not (tmp_path / "w").exists()
 
 
+def test_benchmark_times_torch_with_no_jax_copy_running(tmp_path, monkeypatch):
+    """``jnp.asarray(table)`` returns before its copy is done; the benchmark timed torch while a
+    512 MB copy ran (torch's ``sum`` 4-8x slower). Every JAX array must be ready when torch starts."""
+    from configs import bench_smoke
+    from experiments import benchmark
+    from experiments.bench import timing
+
+    pending = []
+    real = timing.time_torch
+
+    def spy(fn, **kw):
+        pending.append(sum(not a.is_ready() for a in jax.live_arrays()))
+        return real(fn, **kw)
+
+    monkeypatch.setattr(timing, "time_torch", spy)
+    config = bench_smoke.get_config()
+    config.update(dict(shapes=(bench_smoke.shape("big", 1 << 18, 64, 64, 256),), sweeps=(),
+                       phases=("fwd", "fwd_bwd", "train"), modes=("sum",), fwd_impls=("kernel",),
+                       grad_impls=("kernel",), train_impls=("jaxbag_sparse",), check=False,
+                       plots=False, repeats=1, train_repeats=1))
+    benchmark.run(config, tmp_path)
+    assert len(pending) == 5 and not any(pending), pending  # fwd; fwd_bwd dense, sparse; train x2
+
+
 # ---- the faster forward (fast_forward.bag_reduce: C++ CPU kernel and XLA stream loop) ----------
 
 V, D, B = 40, 6, 7
