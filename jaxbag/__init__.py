@@ -19,6 +19,8 @@ from jaxbag._src.collection import init_collection as init_collection
 from jaxbag._src.collection import pack_tables as pack_tables
 from jaxbag._src.collection import unpack_tables as unpack_tables
 from jaxbag._src.collection_sparse import collection_optimizer as collection_optimizer
+from jaxbag._src.collection_sparse import pack_states as pack_states
+from jaxbag._src.collection_sparse import unpack_states as unpack_states
 from jaxbag._src.collection_sparse import (
     embedding_bag_collection_rows as embedding_bag_collection_rows,
 )
@@ -73,6 +75,7 @@ __all__ = [
     "nnx",
     "offsets_to_segment_ids",
     "pack_bags",
+    "pack_states",
     "pack_tables",
     "renorm",
     "sharding",
@@ -80,6 +83,7 @@ __all__ = [
     "sparse_adam",
     "sparse_sgd",
     "unique_rows",
+    "unpack_states",
     "unpack_tables",
     "validate",
 ]

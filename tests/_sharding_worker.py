@@ -8,7 +8,6 @@ single-device op (itself tested against torch and NumPy elsewhere) or with NumPy
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -745,7 +744,9 @@ def case_collection_sparse():
     A (data 2 x model 4) plan with row-wise, table-wise and replicated groups (every mode, a
     shared table, padding rows) against the unstacked layout on one device: bags, and the tables
     and optimiser states after 3 steps of each sparse optimiser (ragged batches, one compile).
-    The compiled step moves no table over the model axis, and every group is updated.
+    The compiled step moves no table over the model axis, and every group is updated. Then the
+    tables and states move to a (data 4 x model 2) plan with other placements (unpack_tables /
+    unpack_states, pack_tables / pack_states) and a 4th step there equals the plain path's.
     """
     ms = meshes()
     mesh = ms["2d"]
@@ -760,11 +761,17 @@ def case_collection_sparse():
     p0 = jaxbag.init_collection(lp, jax.random.key(3))
     u0 = jaxbag.unpack_tables(lp, p0)
     batches = []
-    for seed in range(3):  # ragged: other lengths, same capacities
+    for seed in range(4):  # ragged: other lengths, same capacities (the 4th: after the move)
         feats, _ = collection_batch(tables, seed=seed)
         caps = {f: 3 * 8 for f in feats}
         batches.append((jaxbag.JaggedFeatures.from_lists(feats, capacity=caps, num_shards=2),
-                        jaxbag.JaggedFeatures.from_lists(feats, capacity=caps)))
+                        jaxbag.JaggedFeatures.from_lists(feats, capacity=caps),
+                        jaxbag.JaggedFeatures.from_lists(feats, capacity=caps, num_shards=4)))
+    # Another plan to move to: a (data 4 x model 2) mesh, the replicated table now row-wise.
+    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AUTO, AUTO))
+    plan2 = jsh.plan_sharding(tables, mesh2, axis_name="model", batch_axis="data",
+                              overrides={"rep": "row", "geo": "table", "item": "row"})
+    l2 = jaxbag.collection_layout(tables, plan=plan2)
     rng = np.random.default_rng(11)
     head = jnp.asarray(rng.normal(size=(lp.output_features,)).astype(np.float32))
 
@@ -799,29 +806,30 @@ def case_collection_sparse():
                 if not a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim):
                     raise AssertionError(f"{oname} {g.name}: state sharded {a.sharding}")
         u, su = u0, opt_u.init(u0)
-        for jf, jf1 in batches:
+        for jf, jf1, _ in batches[:3]:
             p, s, x = sharded(p, s, jf)
             u, su, x1 = single(u, su, jf1)
             close(x, x1, f"collection sparse {oname} bags", rtol=1e-5)
         tag = f"collection sparse {oname}"
-        got = jaxbag.unpack_tables(lp, p)
-        for t in tables:
-            # float summation order (3 steps; the 3-row table sums many ids per row)
-            close(got[t.name], u[t.name], f"{tag} table {t.name}", rtol=1e-4, atol=1e-5)
-            if np.allclose(np.asarray(got[t.name]), np.asarray(u0[t.name])):
-                raise AssertionError(f"{tag}: table {t.name} not updated")
+
+        def check_equal(layout, p, s, want_p, want_s, when, tol=1e-4):
+            got, states = jaxbag.unpack_tables(layout, p), jaxbag.unpack_states(layout, s)
+            for t in tables:
+                close(got[t.name], want_p[t.name], f"{tag} table {t.name} {when}", rtol=tol,
+                      atol=tol / 10)
+                if np.allclose(np.asarray(got[t.name]), np.asarray(u0[t.name])):
+                    raise AssertionError(f"{tag}: table {t.name} not updated")
+                if jax.tree.structure(states[t.name]) != jax.tree.structure(want_s[t.name]):
+                    raise AssertionError(f"{tag}: state of {t.name}: {states[t.name]}")
+                for a, b in zip(jax.tree.leaves(states[t.name]), jax.tree.leaves(want_s[t.name])):
+                    close(a, b, f"{tag} optimizer state of {t.name} {when}", rtol=tol,
+                          atol=tol / 10)
+
+        # float summation order (3 steps; the 3-row table sums many ids per row)
+        check_equal(lp, p, s, u, su, "after 3 steps")
         for name, want in lp.param_shardings().items():
             if not p[name].sharding.is_equivalent_to(want, 2):
                 raise AssertionError(f"{tag} {name}: {p[name].sharding.spec}")
-        if oname == "adam":  # per-row moments: unpack like tables and compare with the plain path
-            for g in lp.groups:
-                for field in ("mu", "nu"):
-                    mom = jaxbag.unpack_tables(
-                        dataclasses.replace(lp, groups=(g,), tables=tuple(sl.table for sl in g.slots)),
-                        {g.name: getattr(s[g.name], field)})
-                    for t_name, m in mom.items():
-                        close(m, getattr(su[t_name], field), f"{tag} {field} {t_name}",
-                              rtol=1e-4, atol=1e-5)
         if oname == "sgd":  # a plain layout's row gradients (global rows) are refused, eagerly
             expect_error(lambda: opt_p.update(p, s, plain_rows(u, batches[0][1])),
                          "per-shard local rows split over the plan's axis_name='model'",
@@ -835,6 +843,26 @@ def case_collection_sparse():
         check_no_table_traffic(compiled.as_text(), shapes, tag, plan.num_shards,
                                allow_int_gather=True,
                                allow_gather=(f"f32[{len(rep.feature_names) * 8},{rep.features}]",))
+        # Tables and optimizer state moved to the other plan (pack_states places the state as
+        # opt.init does: one compile), one more step: as a 4th step on the first plan (the same
+        # sums, so up to 1e-6), and, up to float drift, the plain path's 4th step.
+        opt2 = jaxbag.collection_optimizer(base, layout=l2)
+        moved = jax.jit(functools.partial(step, opt2, l2))
+        p2 = jax.device_put(jaxbag.pack_tables(l2, jaxbag.unpack_tables(lp, p)),
+                            l2.param_shardings())
+        s2 = jaxbag.pack_states(l2, jaxbag.unpack_states(lp, s))
+        moved(p2, opt2.init(p2), batches[3][2])
+        p2, s2, x = moved(p2, s2, batches[3][2])
+        u, su, x1 = single(u, su, batches[3][1])
+        pq, sq, xq = sharded(p, s, batches[3][0])
+        close(x, xq, f"{tag} bags after the move", rtol=1e-6)
+        close(x, x1, f"{tag} bags after the move, plain path", rtol=1e-4, atol=1e-5)
+        if moved._cache_size() != 1:
+            raise AssertionError(f"{tag}: the moved step compiled {moved._cache_size()} times")
+        check_equal(l2, p2, s2, jaxbag.unpack_tables(lp, pq), jaxbag.unpack_states(lp, sq),
+                    "after the move and a 4th step (vs the first plan)", tol=1e-6)
+        check_equal(l2, p2, s2, u, su, "after the move and a 4th step (vs the plain path)",
+                    tol=2e-4)
 
 
     # One compile whatever the group order or argument order: a replicated group named first, the

@@ -230,3 +230,133 @@ def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, count_com
         got = jaxbag.unpack_tables(planned, params)
     for name, table in tables.items():
         np.testing.assert_allclose(got[name], table, rtol=1e-5, atol=1e-6)
+
+
+# -- optimizer states across layouts (pack_states / unpack_states) -----------------------------
+
+
+def _one_device_plan(axis_type):
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(axis_type,) * 2)
+    plan = jaxbag.sharding.plan_sharding(
+        TABLES, mesh, axis_name="model", batch_axis="data",
+        overrides={"item": "row", "user": "table", "cat": "replicated"})
+    return mesh, jaxbag.collection_layout(TABLES, plan=plan)
+
+
+@pytest.mark.parametrize("name, axis_type", [("sgd", AxisType.Auto), ("adagrad", AxisType.Auto),
+                                             ("adam", AxisType.Auto), ("adam", AxisType.Explicit)])
+def test_states_move_between_layouts(name, axis_type, count_compiles):
+    """Two sparse steps on the stacked layout, then tables and optimizer states moved to the
+    unstacked layout, then to a planned one (1 x 1 mesh: row-wise, table-wise and replicated
+    groups), one step on each: the same tables and states as four steps on the stacked layout.
+    Without the states (opt.init afresh) Adagrad / Adam differ, so the states matter."""
+    base = {"sgd": jaxbag.sparse_sgd(0.3), "adagrad": jaxbag.sparse_adagrad(0.3),
+            "adam": jaxbag.sparse_adam(0.05)}[name]
+    mesh, planned = _one_device_plan(axis_type)
+    stacked = jaxbag.collection_layout(TABLES)
+    plain = jaxbag.collection_layout(TABLES, stack=False)
+    head = jax.random.normal(jax.random.key(1), (stacked.output_features,))
+
+    def make_step(layout):
+        opt = jaxbag.collection_optimizer(base, layout=layout)
+
+        @jax.jit
+        def step(p, state, jf):
+            x, pullback = jaxbag.embedding_bag_collection_rows(p, jf, layout=layout, concat=True)
+            g = pullback(jax.grad(lambda x: jnp.sum(jnp.sin(x @ head)))(x))
+            return opt.update(p, state, g)
+
+        return opt, step
+
+    rng = np.random.default_rng(11)
+    batches = [_batch(rng) for _ in range(4)]
+    with jax.set_mesh(mesh):
+        opt_s, step_s = make_step(stacked)
+        p0 = jaxbag.init_collection(stacked, jax.random.key(0))
+        ref_p, ref_s = p0, opt_s.init(p0)
+        for jf in batches:
+            ref_p, ref_s = step_s(ref_p, ref_s, jf)
+        p, s = p0, opt_s.init(p0)
+        for jf in batches[:2]:
+            p, s = step_s(p, s, jf)
+        fresh_p, fresh_s = p, opt_s.init(p)  # the same tables, states restarted
+        for old, layout, jf in ((stacked, plain, batches[2]), (plain, planned, batches[3])):
+            tables, states = jaxbag.unpack_tables(old, p), jaxbag.unpack_states(old, s)
+            opt, step = make_step(layout)
+            p, s = jaxbag.pack_tables(layout, tables), jaxbag.pack_states(layout, states)
+            if layout is planned:  # placed as opt.init places them: no second compile
+                p = jax.device_put(p, layout.param_shardings())
+                with count_compiles(step) as compiles:
+                    step(p, opt.init(p), jf)
+                    p, s = step(p, s, jf)
+                assert len(compiles) == 1
+            else:
+                p, s = step(p, s, jf)
+        for jf in batches[2:]:
+            fresh_p, fresh_s = step_s(fresh_p, fresh_s, jf)
+        got_t, got_s = jaxbag.unpack_tables(planned, p), jaxbag.unpack_states(planned, s)
+        ref_t, ref_st = jaxbag.unpack_tables(stacked, ref_p), jaxbag.unpack_states(stacked, ref_s)
+        fresh_t = jaxbag.unpack_tables(stacked, fresh_p)
+    for t in TABLES:
+        np.testing.assert_allclose(got_t[t.name], ref_t[t.name], rtol=1e-5, atol=1e-6)
+        assert jax.tree.structure(got_s[t.name]) == jax.tree.structure(ref_st[t.name])
+        for a, b in zip(jax.tree.leaves(got_s[t.name]), jax.tree.leaves(ref_st[t.name])):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert int(got_s[t.name].count) == 4
+    moved = max(float(np.max(np.abs(fresh_t[t.name] - ref_t[t.name]))) for t in TABLES)
+    assert (moved > 1e-4) == (name != "sgd"), moved  # states carry information (not for SGD)
+
+
+def test_state_round_trip_keeps_dtypes_and_values():
+    """pack_states(unpack_states(s)) == s, leaf for leaf; bfloat16 tables keep float32 moments;
+    per-table states equal the rows of the group state (hand-checked slices)."""
+    tables = [T("a", 3, 2, ("a",), dtype=jnp.bfloat16), T("b", 5, 2, ("b",), dtype=jnp.bfloat16)]
+    layout = jaxbag.collection_layout(tables)
+    opt = jaxbag.collection_optimizer(jaxbag.sparse_adam(0.1), layout=layout)
+    state = opt.init(jaxbag.init_collection(layout, jax.random.key(0)))
+    mu = jnp.arange(16, dtype=jnp.float32).reshape(8, 2) / 7  # not representable in bfloat16
+    state = {"a+b": state["a+b"]._replace(mu=mu, count=jnp.int32(3))}
+    per = jaxbag.unpack_states(layout, state)
+    np.testing.assert_array_equal(per["a"].mu, mu[:3])
+    np.testing.assert_array_equal(per["b"].mu, mu[3:])
+    assert per["a"].mu.dtype == jnp.float32 and int(per["b"].count) == 3
+    back = jaxbag.pack_states(layout, per)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_errors():
+    layout = jaxbag.collection_layout(TABLES)
+    opt = jaxbag.collection_optimizer(jaxbag.sparse_adam(0.1), layout=layout)
+    state = opt.init(jaxbag.init_collection(layout, jax.random.key(0)))
+    per = jaxbag.unpack_states(layout, state)
+    with pytest.raises(KeyError, match=r"state must have one entry per group .*got \['cat'"):
+        jaxbag.unpack_states(layout, {k: v for k, v in state.items() if k != "item"})
+    with pytest.raises(TypeError, match=r"state must have one entry per group .*got list"):
+        jaxbag.unpack_states(layout, [state])
+    bad = {**state, "cat": state["cat"]._replace(mu=jnp.zeros((9, 2)))}
+    with pytest.raises(ValueError, match=r"state\['cat'\]\.mu has shape \(9, 2\); a leaf with "
+                                         r"rows must have the group's 8 rows first"):
+        jaxbag.unpack_states(layout, bad)
+    with pytest.raises(KeyError, match=r"table_states must have one optimizer state per table "
+                                       r".*missing \['query'\]"):
+        jaxbag.pack_states(layout, {k: v for k, v in per.items() if k != "query"})
+    with pytest.raises(ValueError, match=r"not in the layout: \['nope'\]"):
+        jaxbag.pack_states(layout, {**per, "nope": per["cat"]})
+    with pytest.raises(ValueError, match=r"must agree on their optimizer state's scalars .*"
+                                         r"'user': 0, 'user2': 5"):
+        jaxbag.pack_states(layout, {**per, "user2": per["user2"]._replace(count=jnp.int32(5))})
+    sgd = jaxbag.sparse_sgd(0.1).init(jnp.zeros((40, 4)))
+    with pytest.raises(ValueError, match=r"tables \['user', 'user2'\] .* must have one structure"):
+        jaxbag.pack_states(layout, {**per, "user2": sgd})
+    with pytest.raises(ValueError, match=r"leaf 1 of the optimizer state of table 'user2' must "
+                                         r"have shape \(40, 4\); got \(40, 3\)"):
+        jaxbag.pack_states(layout, {**per, "user2": per["user2"]._replace(
+            mu=jnp.zeros((40, 3)), nu=jnp.zeros((40, 3)))})
+    with pytest.raises(ValueError, match=r"leaf 1 of the states packed into group 'user\+user2' "
+                                         r"must have one dtype"):
+        jaxbag.pack_states(layout, {**per, "user2": per["user2"]._replace(
+            mu=per["user2"].mu.astype(jnp.float16))})

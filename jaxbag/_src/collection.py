@@ -460,40 +460,59 @@ def pack_tables(layout: CollectionLayout, tables: Mapping[str, Array]) -> dict[s
       >>> p["a+b"][:, 0].tolist()
       [0.0, 0.0, 1.0, 1.0, 1.0]
     """
+    check_table_keys(layout, tables, "tables", "[V_t, D_t] array")
+    return {g.name: pack_group(g, tables) for g in layout.groups}
+
+
+def check_table_keys(layout: CollectionLayout, by_table: Mapping[str, Any], what: str,
+                     each: str) -> None:
+    """``by_table`` has exactly one entry per table of ``layout`` (KeyError / ValueError)."""
     names = [t.name for t in layout.tables]
-    missing = [n for n in names if n not in tables]
-    unknown = sorted(set(tables) - set(names))
+    missing = [n for n in names if n not in by_table]
+    unknown = sorted(set(by_table) - set(names))
     problems = [f"missing {missing}"] * bool(missing) + [f"not in the layout: {unknown}"] * bool(
         unknown)
     if problems:
         raise (KeyError if missing else ValueError)(
-            f"tables must have one [V_t, D_t] array per table of the layout {names}; "
+            f"{what} must have one {each} per table of the layout {names}; "
             f"{'; '.join(problems)}."
         )
-    return {g.name: pack_group(g, tables) for g in layout.groups}
 
 
-def pack_group(g: GroupLayout, tables: Mapping[str, Array]) -> Array:
-    """The ``[num_rows, D]`` array of group ``g`` from ``{table name: [V_t, D]}``."""
+def pack_group(
+    g: GroupLayout,
+    tables: Mapping[str, Array],
+    *,
+    row_shape: tuple[int, ...] | None = None,
+    dtype: Any = None,
+    what: str = "table",
+) -> Array:
+    """The ``[num_rows, *row_shape]`` array of group ``g`` from ``{table name: [V_t, *row_shape]}``.
+
+    ``row_shape`` defaults to ``(D,)`` and ``dtype`` to the group's (the tables); block padding
+    rows are zeros. ``what`` names the arrays in errors.
+    """
+    row_shape = (g.features,) if row_shape is None else tuple(row_shape)
+    dtype = g.dtype if dtype is None else dtype
     blocks = []
     for s in range(g.num_shards):
         parts = []
         for slot in sorted(g.slots, key=lambda x: x.offset):
             t = slot.table
             arr = jnp.asarray(tables[t.name])
-            if arr.shape != (t.num_embeddings, t.features):
+            if arr.shape != (t.num_embeddings, *row_shape):
                 raise ValueError(
-                    f"table {t.name!r} must have shape {(t.num_embeddings, t.features)}; got "
+                    f"{what} {t.name!r} must have shape {(t.num_embeddings, *row_shape)}; got "
                     f"{arr.shape}."
                 )
-            arr = arr.astype(g.dtype)
+            arr = arr.astype(dtype)
             if slot.kind == "row":
                 padded = sharding.pad_rows(arr, g.num_shards)
                 parts.append(padded[s * slot.rows : (s + 1) * slot.rows])
             elif slot.shard == s:
                 parts.append(arr)
         used = sum(p.shape[0] for p in parts)
-        parts.append(jnp.zeros((g.shard_rows - used, g.features), g.dtype))
+        parts.append(jnp.zeros((g.shard_rows - used, *row_shape), dtype))
         blocks.append(jnp.concatenate(parts, axis=0))
     return jnp.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
@@ -523,30 +542,38 @@ def unpack_tables(layout: CollectionLayout, params: Mapping[str, Array]) -> dict
       {'a': (4, 2), 'b': (6, 2)}
     """
     check_params(layout, params, check_dtype=False)  # (each table keeps the array's dtype)
-    return _unpack_jit(layout, dict(params))
+    rows = unpack_rows(layout, {g.name: [params[g.name]] for g in layout.groups})
+    return {name: arrays[0] for name, arrays in rows.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _unpack_jit(layout: CollectionLayout, params: dict[str, Array]) -> dict[str, Array]:
-    """:func:`unpack_tables` as one program. On an Explicit-axes mesh the arrays are first made
-    replicated: slices of a row-sharded array that do not split evenly are sharding type errors."""
-    out = {}
+def unpack_rows(
+    layout: CollectionLayout, arrays: dict[str, list[Array]]
+) -> dict[str, list[Array]]:
+    """Each group's ``[num_rows, ...]`` arrays cut into its tables' ``[V_t, ...]`` rows.
+
+    ``{group name: [arrays]}`` -> ``{table name: [arrays]}`` (same order), as one program. On an
+    Explicit-axes mesh the arrays are first made replicated: slices of a row-sharded array that
+    do not split evenly are sharding type errors.
+    """
+    out: dict[str, list[Array]] = {t.name: [] for g in layout.groups for t in
+                                   (s.table for s in g.slots)}
     for g in layout.groups:
-        arr = params[g.name]
-        if layout.plan is not None:
-            arr = sharding.place(arr, layout.plan.mesh, P())
         r = g.shard_rows
-        for slot in g.slots:
-            t = slot.table
-            if slot.kind == "row":
-                pieces = [
-                    arr[s * r + slot.offset : s * r + slot.offset + slot.rows]
-                    for s in range(g.num_shards)
-                ]
-                out[t.name] = jnp.concatenate(pieces, axis=0)[: t.num_embeddings]
-            else:
-                start = slot.shard * r + slot.offset
-                out[t.name] = arr[start : start + t.num_embeddings]
+        for arr in arrays[g.name]:
+            if layout.plan is not None:
+                arr = sharding.place(arr, layout.plan.mesh, P())
+            for slot in g.slots:
+                t = slot.table
+                if slot.kind == "row":
+                    pieces = [
+                        arr[s * r + slot.offset : s * r + slot.offset + slot.rows]
+                        for s in range(g.num_shards)
+                    ]
+                    out[t.name].append(jnp.concatenate(pieces, axis=0)[: t.num_embeddings])
+                else:
+                    start = slot.shard * r + slot.offset
+                    out[t.name].append(arr[start : start + t.num_embeddings])
     return out
 
 

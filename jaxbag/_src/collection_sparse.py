@@ -312,3 +312,166 @@ def _check_split_rows(name: str, rg: RowGrads, plan: Any) -> None:
             f"{getattr(rows, 'sharding', 'unknown')}. (A plain layout's row gradients hold global "
             "row numbers: they would update the wrong rows.)"
         )
+
+
+# -- optimizer states in a portable form (one state per table) ----------------------------------
+
+
+def unpack_states(layout: CollectionLayout, state: Mapping[str, Any]) -> dict[str, Any]:
+    """A collection optimizer's state, one state per table: the inverse of :func:`pack_states`.
+
+    The counterpart of :func:`jaxbag.unpack_tables` for ``collection_optimizer(...).init``'s
+    ``{group name: state}``: every leaf with rows (``[num_rows]``, ``[num_rows, D]``: Adagrad's
+    ``sum_sq``, Adam's ``mu`` / ``nu``) is cut into the tables' ``[V_t]`` / ``[V_t, D]`` rows as
+    the tables are, keeping its dtype; a scalar leaf (the step ``count``) is copied to each of
+    the group's tables. With :func:`pack_states` this moves optimizer states between layouts:
+    stacked and unstacked, or two sharding plans (another mesh shape, other placements).
+
+    Args:
+      layout: the :class:`jaxbag.CollectionLayout` the state belongs to.
+      state: ``{group name: state}`` from ``collection_optimizer(opt, layout=layout).init``
+        (or its ``update``).
+
+    Returns:
+      ``{table name: state}``: each a state of ``opt`` for that table alone (``[V_t, ...]``
+      leaves), as ``opt.init(table)`` would structure it.
+
+    Raises:
+      KeyError / ValueError: a group missing from ``state``; a non-scalar leaf whose leading
+        dimension is not the group's ``num_rows`` (names the group and the leaf).
+
+    Examples:
+      >>> import jax, jaxbag
+      >>> tables = [jaxbag.TableConfig("a", 4, 2, ("a",)), jaxbag.TableConfig("b", 6, 2, ("b",))]
+      >>> layout = jaxbag.collection_layout(tables)             # one group "a+b", 10 rows
+      >>> opt = jaxbag.collection_optimizer(jaxbag.sparse_adagrad(0.1), layout=layout)
+      >>> state = opt.init(jaxbag.init_collection(layout, jax.random.key(0)))
+      >>> per_table = jaxbag.unpack_states(layout, state)
+      >>> {name: s.sum_sq.shape for name, s in per_table.items()}
+      {'a': (4,), 'b': (6,)}
+    """
+    names = [g.name for g in layout.groups]
+    if not isinstance(state, Mapping) or sorted(state) != sorted(names):
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise (KeyError if isinstance(state, Mapping) else TypeError)(
+            f"state must have one entry per group {names} (as collection_optimizer(opt, "
+            f"layout=layout).init returns it); got {got}."
+        )
+    split: dict[str, tuple[Any, list[Any], list[int]]] = {}  # treedef, leaves, leaves with rows
+    for g in layout.groups:
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(state[g.name])
+        rows_at = []
+        for i, (path, leaf) in enumerate(with_paths):
+            shape = tuple(jnp.shape(leaf))
+            if shape and shape[0] != g.num_rows:
+                raise ValueError(
+                    f"state[{g.name!r}]{jax.tree_util.keystr(path)} has shape {shape}; a leaf "
+                    f"with rows must have the group's {g.num_rows} rows first (scalars are "
+                    "copied to every table). Pass the state of collection_optimizer(opt, "
+                    "layout=layout) for this layout."
+                )
+            if shape:
+                rows_at.append(i)
+        split[g.name] = (treedef, [leaf for _, leaf in with_paths], rows_at)
+    rows = collection.unpack_rows(
+        layout, {name: [leaves[i] for i in at] for name, (_, leaves, at) in split.items()})
+    out = {}
+    for g in layout.groups:
+        treedef, leaves, rows_at = split[g.name]
+        for slot in g.slots:
+            mine = list(leaves)
+            for i, arr in zip(rows_at, rows[slot.table.name]):
+                mine[i] = arr
+            out[slot.table.name] = jax.tree.unflatten(treedef, mine)
+    return out
+
+
+def pack_states(layout: CollectionLayout, table_states: Mapping[str, Any]) -> dict[str, Any]:
+    """A collection optimizer's ``{group name: state}`` from one state per table.
+
+    The counterpart of :func:`jaxbag.pack_tables`, and the inverse of :func:`unpack_states`:
+    every leaf with rows (``[V_t]``, ``[V_t, D]``) is stacked into the group's ``[num_rows]`` /
+    ``[num_rows, D]`` as the tables are (padding rows zeros), keeping the leaf's dtype (float32
+    Adam moments of a bfloat16 table stay float32); a scalar leaf (the step ``count``) must be
+    equal across a group's tables (checked when concrete; under ``jit`` the first table's is
+    taken). Eagerly, with a sharding plan, the arrays are placed as
+    ``collection_optimizer(opt, layout=layout).init`` places them (row-sharded groups' rows split
+    over the plan's axis), so a step compiled for that state takes them without recompiling.
+
+    Args:
+      layout: the :class:`jaxbag.CollectionLayout` to pack for.
+      table_states: ``{table name: state}`` for every table, e.g. :func:`unpack_states` of
+        another layout of the same tables; the states of one group share their tree structure.
+
+    Returns:
+      ``{group name: state}`` for ``collection_optimizer(opt, layout=layout).update``.
+
+    Raises:
+      KeyError / ValueError: missing or unknown tables; states of one group with different
+        structures, scalars or row dtypes; a leaf with rows whose shape does not fit its table.
+
+    Examples:
+      >>> import jax, jaxbag
+      >>> tables = [jaxbag.TableConfig("a", 4, 2, ("a",)), jaxbag.TableConfig("b", 6, 2, ("b",))]
+      >>> stacked = jaxbag.collection_layout(tables)
+      >>> opt = jaxbag.collection_optimizer(jaxbag.sparse_adam(0.1), layout=stacked)
+      >>> state = opt.init(jaxbag.init_collection(stacked, jax.random.key(0)))
+      >>> unstacked = jaxbag.collection_layout(tables, stack=False)   # one group per table
+      >>> moved = jaxbag.pack_states(unstacked, jaxbag.unpack_states(stacked, state))
+      >>> {name: s.mu.shape for name, s in moved.items()}
+      {'a': (4, 2), 'b': (6, 2)}
+    """
+    collection.check_table_keys(layout, table_states, "table_states", "optimizer state")
+    out = {}
+    for g in layout.groups:
+        names = [s.table.name for s in g.slots]
+        flat = [jax.tree.flatten(table_states[n]) for n in names]
+        treedef = flat[0][1]
+        for n, (_, td) in zip(names, flat):
+            if td != treedef:
+                raise ValueError(
+                    f"the states of the tables {names} (packed into group {g.name!r}) must have "
+                    f"one structure; {names[0]!r} has {treedef}, {n!r} has {td}."
+                )
+        leaves = []
+        for i, first in enumerate(flat[0][0]):
+            column = {n: f[0][i] for n, f in zip(names, flat)}
+            if not jnp.shape(first):
+                leaves.append(_common_scalar(g.name, column))
+                continue
+            dtypes = {n: jnp.dtype(jnp.result_type(a)) for n, a in column.items()}
+            if len(set(dtypes.values())) > 1:
+                raise ValueError(
+                    f"leaf {i} of the states packed into group {g.name!r} must have one dtype; got "
+                    f"{ {n: d.name for n, d in dtypes.items()} }."
+                )
+            leaves.append(collection.pack_group(
+                g, column, row_shape=tuple(jnp.shape(first))[1:], dtype=dtypes[names[0]],
+                what=f"leaf {i} of the optimizer state of table"))
+        placed = [_place_state_leaf(layout, g, a) for a in leaves]
+        out[g.name] = jax.tree.unflatten(treedef, placed)
+    return out
+
+
+def _common_scalar(group: str, column: Mapping[str, Any]) -> Any:
+    """The one value of a scalar state leaf across a group's tables (checked when concrete)."""
+    first_name, first = next(iter(column.items()))
+    if validation.is_concrete(*column.values()):
+        values = {n: jax.device_get(a) for n, a in column.items()}
+        differ = [n for n, v in values.items() if not bool(jnp.array_equal(v, values[first_name]))]
+        if differ:
+            raise ValueError(
+                f"the tables packed into group {group!r} must agree on their optimizer state's "
+                f"scalars (the step count): got { {n: v.tolist() for n, v in values.items()} }. "
+                "States from one collection_optimizer agree; start the others with opt.init."
+            )
+    return first
+
+
+def _place_state_leaf(layout: CollectionLayout, g: collection.GroupLayout, leaf: Any) -> Any:
+    """Eagerly, with a plan: where ``collection_optimizer(...).init`` puts this leaf."""
+    if layout.plan is None or not validation.is_concrete(leaf):
+        return leaf
+    mesh, ndim = layout.plan.mesh, jnp.ndim(leaf)
+    spec = P(sharding.spec_entry(layout.plan.axis_name)) if g.sharded and ndim else P()
+    return jax.device_put(leaf, NamedSharding(mesh, sharding.canonical_spec(mesh, spec, ndim)))

@@ -241,7 +241,7 @@ def pad_rows(weight: ArrayLike, multiple: int) -> Array:
     extra = -weight.shape[0] % int(multiple)
     if extra == 0:
         return weight
-    return jnp.concatenate([weight, jnp.zeros((extra, weight.shape[1]), weight.dtype)], axis=0)
+    return jnp.concatenate([weight, jnp.zeros((extra, *weight.shape[1:]), weight.dtype)], axis=0)
 
 
 def embedding_bag_in_shard_map(
