@@ -556,8 +556,7 @@ def unpack_rows(
     Explicit-axes mesh the arrays are first made replicated: slices of a row-sharded array that
     do not split evenly are sharding type errors.
     """
-    out: dict[str, list[Array]] = {t.name: [] for g in layout.groups for t in
-                                   (s.table for s in g.slots)}
+    out: dict[str, list[Array]] = {s.table.name: [] for g in layout.groups for s in g.slots}
     for g in layout.groups:
         r = g.shard_rows
         for arr in arrays[g.name]:
