@@ -184,31 +184,38 @@ def test_errors():
         opt.init({"item": params["item"]})
 
 
+def _one_device_plan(axis_type):
+    """A plan on a 1 x 1 mesh with row-wise, table-wise and replicated groups."""
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(axis_type,) * 2)
+    plan = jaxbag.sharding.plan_sharding(
+        TABLES, mesh, axis_name="model", batch_axis="data",
+        overrides={"item": "row", "user": "table", "cat": "replicated"})
+    return mesh, jaxbag.collection_layout(TABLES, plan=plan)
+
+
+def _sin_step(base, layout):
+    """(collection optimizer, jitted sparse step -> (params, state, bags)) for a fixed loss."""
+    opt = jaxbag.collection_optimizer(base, layout=layout)
+    head = jax.random.normal(jax.random.key(1), (layout.output_features,))
+
+    @jax.jit
+    def step(p, state, jf):
+        x, pullback = jaxbag.embedding_bag_collection_rows(p, jf, layout=layout, concat=True)
+        p, state = opt.update(p, state, pullback(jax.grad(lambda x: jnp.sum(jnp.sin(x @ head)))(x)))
+        return p, state, x
+
+    return opt, step
+
+
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, count_compiles):
     """A sharding plan on a 1 x 1 mesh (row-wise, table-wise and replicated groups): the same
     bags and, after 3 sparse Adam steps through collection_optimizer, the same tables as the plain
     layout; one compile. (8 devices: tests/_sharding_worker.py, case collection_sparse.)"""
-    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(axis_type,) * 2)
-    plan = jaxbag.sharding.plan_sharding(
-        TABLES, mesh, axis_name="model", batch_axis="data",
-        overrides={"item": "row", "user": "table", "cat": "replicated"})
-    assert set(plan.as_dict().values()) == {"row", "table", "replicated"}
-    planned = jaxbag.collection_layout(TABLES, plan=plan)
+    mesh, planned = _one_device_plan(axis_type)
+    assert set(planned.plan.as_dict().values()) == {"row", "table", "replicated"}
     plain = jaxbag.collection_layout(TABLES, stack=False)
-    base = jaxbag.sparse_adam(0.05)
-    head = jax.random.normal(jax.random.key(1), (planned.output_features,))
-
-    def make_step(layout):
-        opt = jaxbag.collection_optimizer(base, layout=layout)
-
-        @jax.jit
-        def step(p, state, jf):
-            x, pullback = jaxbag.embedding_bag_collection_rows(p, jf, layout=layout, concat=True)
-            p, state = opt.update(p, state, pullback(jax.grad(lambda x: jnp.sum(jnp.sin(x @ head)))(x)))
-            return p, state, x
-
-        return opt, step
+    make_step = functools.partial(_sin_step, jaxbag.sparse_adam(0.05))
 
     with jax.set_mesh(mesh):
         params = jaxbag.init_collection(planned, jax.random.key(0))
@@ -235,14 +242,6 @@ def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, count_com
 # -- optimizer states across layouts (pack_states / unpack_states) -----------------------------
 
 
-def _one_device_plan(axis_type):
-    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(axis_type,) * 2)
-    plan = jaxbag.sharding.plan_sharding(
-        TABLES, mesh, axis_name="model", batch_axis="data",
-        overrides={"item": "row", "user": "table", "cat": "replicated"})
-    return mesh, jaxbag.collection_layout(TABLES, plan=plan)
-
-
 @pytest.mark.parametrize("name, axis_type", [("sgd", AxisType.Auto), ("adagrad", AxisType.Auto),
                                              ("adam", AxisType.Auto), ("adam", AxisType.Explicit)])
 def test_states_move_between_layouts(name, axis_type, count_compiles):
@@ -255,18 +254,7 @@ def test_states_move_between_layouts(name, axis_type, count_compiles):
     mesh, planned = _one_device_plan(axis_type)
     stacked = jaxbag.collection_layout(TABLES)
     plain = jaxbag.collection_layout(TABLES, stack=False)
-    head = jax.random.normal(jax.random.key(1), (stacked.output_features,))
-
-    def make_step(layout):
-        opt = jaxbag.collection_optimizer(base, layout=layout)
-
-        @jax.jit
-        def step(p, state, jf):
-            x, pullback = jaxbag.embedding_bag_collection_rows(p, jf, layout=layout, concat=True)
-            g = pullback(jax.grad(lambda x: jnp.sum(jnp.sin(x @ head)))(x))
-            return opt.update(p, state, g)
-
-        return opt, step
+    make_step = functools.partial(_sin_step, base)
 
     rng = np.random.default_rng(11)
     batches = [_batch(rng) for _ in range(4)]
@@ -275,10 +263,10 @@ def test_states_move_between_layouts(name, axis_type, count_compiles):
         p0 = jaxbag.init_collection(stacked, jax.random.key(0))
         ref_p, ref_s = p0, opt_s.init(p0)
         for jf in batches:
-            ref_p, ref_s = step_s(ref_p, ref_s, jf)
+            ref_p, ref_s, _ = step_s(ref_p, ref_s, jf)
         p, s = p0, opt_s.init(p0)
         for jf in batches[:2]:
-            p, s = step_s(p, s, jf)
+            p, s, _ = step_s(p, s, jf)
         fresh_p, fresh_s = p, opt_s.init(p)  # the same tables, states restarted
         for old, layout, jf in ((stacked, plain, batches[2]), (plain, planned, batches[3])):
             tables, states = jaxbag.unpack_tables(old, p), jaxbag.unpack_states(old, s)
@@ -288,12 +276,12 @@ def test_states_move_between_layouts(name, axis_type, count_compiles):
                 p = jax.device_put(p, layout.param_shardings())
                 with count_compiles(step) as compiles:
                     step(p, opt.init(p), jf)
-                    p, s = step(p, s, jf)
+                    p, s, _ = step(p, s, jf)
                 assert len(compiles) == 1
             else:
-                p, s = step(p, s, jf)
+                p, s, _ = step(p, s, jf)
         for jf in batches[2:]:
-            fresh_p, fresh_s = step_s(fresh_p, fresh_s, jf)
+            fresh_p, fresh_s, _ = step_s(fresh_p, fresh_s, jf)
         got_t, got_s = jaxbag.unpack_tables(planned, p), jaxbag.unpack_states(planned, s)
         ref_t, ref_st = jaxbag.unpack_tables(stacked, ref_p), jaxbag.unpack_states(stacked, ref_s)
         fresh_t = jaxbag.unpack_tables(stacked, fresh_p)
