@@ -8,6 +8,7 @@ sharding plan on a one-device mesh (8 devices: tests/_sharding_worker.py) and th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -207,17 +208,21 @@ def _sin_step(base, layout):
     return opt, step
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
-def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, count_compiles):
+@pytest.mark.parametrize("axis_type, set_mesh", [(AxisType.Auto, True), (AxisType.Auto, False),
+                                                  (AxisType.Explicit, True),
+                                                  (AxisType.Explicit, False)])
+def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, set_mesh, count_compiles):
     """A sharding plan on a 1 x 1 mesh (row-wise, table-wise and replicated groups): the same
     bags and, after 3 sparse Adam steps through collection_optimizer, the same tables as the plain
-    layout; one compile. (8 devices: tests/_sharding_worker.py, case collection_sparse.)"""
+    layout; one compile, under ``jax.set_mesh`` or not. (8 devices, where a replicated group's
+    placement can also come back in another form: tests/_sharding_worker.py, case
+    collection_sparse.)"""
     mesh, planned = _one_device_plan(axis_type)
     assert set(planned.plan.as_dict().values()) == {"row", "table", "replicated"}
     plain = jaxbag.collection_layout(TABLES, stack=False)
     make_step = functools.partial(_sin_step, jaxbag.sparse_adam(0.05))
 
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
         params = jaxbag.init_collection(planned, jax.random.key(0))
         tables = jaxbag.unpack_tables(planned, params)
         opt_p, step_p = make_step(planned)

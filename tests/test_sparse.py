@@ -350,6 +350,19 @@ def test_update_rejects_mismatched_row_grads():
         opt.update(w, opt.init(w), sparse.RowGrads(jnp.array([0, 1]), jnp.zeros((2, 5))))
 
 
+def test_update_rejects_another_optimisers_state():
+    """Another optimiser's state is a TypeError naming both states, not an AttributeError."""
+    w = jnp.zeros((4, 3))
+    rg = sparse.RowGrads(jnp.array([0, 1]), jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match=r"state must be the LazyAdamState that "
+                                        r"jaxbag.sparse_adam\(...\).init\(table\) returns; got SgdState"):
+        sparse.sparse_adam().update(w, sparse.sparse_sgd(0.1).init(w), rg)
+    with pytest.raises(TypeError, match="RowwiseAdagradState.*got LazyAdamState"):
+        sparse.sparse_adagrad().update(w, sparse.sparse_adam().init(w), rg)
+    with pytest.raises(TypeError, match="SgdState.*got tuple"):
+        sparse.sparse_sgd(0.1).update(w, (), rg)
+
+
 # ---- memory: no [V, D] gradient, table updated in place ----------------------------------------
 
 

@@ -837,7 +837,7 @@ def embedding_bag_collection(
     check_features(layout, features)
     check_params(layout, params)
     if layout.plan is not None:
-        out = _apply_sharded(layout, params, features)
+        out = apply_sharded(layout, params, features)
     elif not layout.stacked:
         out = _lookup_unstacked(layout, params, features)
     else:
@@ -893,7 +893,17 @@ def check_batch_shards(plan: ShardingPlan, jf: JaggedFeatures) -> None:
         )
 
 
-def _apply_sharded(layout, params, jf) -> dict[str, Array]:
+def one_shard(jf_local: JaggedFeatures, batch_axis: Any) -> JaggedFeatures:
+    """Inside ``shard_map`` over :func:`feature_specs`: this device's block of the features as a
+    one-shard ``JaggedFeatures`` (unchanged when the batch is not split)."""
+    if batch_axis is None:
+        return jf_local
+    leaves, (keys, caps, _) = jf_local.tree_flatten()
+    return JaggedFeatures.tree_unflatten((keys, caps, 1), leaves)
+
+
+def apply_sharded(layout, params, jf) -> dict[str, Array]:
+    """The planned lookup: one ``shard_map``, each device its batch shard's features."""
     plan = layout.plan
     mesh, axis_name, batch_axis = plan.mesh, plan.axis_name, plan.batch_axis
     check_batch_shards(plan, jf)
@@ -905,9 +915,7 @@ def _apply_sharded(layout, params, jf) -> dict[str, Array]:
     local_layout = dataclasses.replace(layout, plan=None)
 
     def local(params, jf_local):
-        if batch_axis is not None:  # this device's block is a one-shard JaggedFeatures
-            leaves, (keys, caps, _) = jf_local.tree_flatten()
-            jf_local = JaggedFeatures.tree_unflatten((keys, caps, 1), leaves)
+        jf_local = one_shard(jf_local, batch_axis)
         out = {}
         for g in layout.groups:
             axis = axis_name if g.sharded else None

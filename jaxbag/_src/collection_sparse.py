@@ -6,6 +6,7 @@ table, ``U_g`` the row slots of group ``g``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,10 +16,10 @@ from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbag._src import collection, sharding, validation
+from jaxbag._src import bag_terms, collection, sharding, validation
 from jaxbag._src.collection import CollectionLayout
 from jaxbag._src.jagged import JaggedFeatures, pack_features
-from jaxbag._src.sparse import RowGrads, SparseOptimizer, embedding_bag_rows
+from jaxbag._src.sparse import RowGrads, SparseOptimizer, check_slots, embedding_bag_rows
 
 
 def embedding_bag_collection_rows(
@@ -38,12 +39,14 @@ def embedding_bag_collection_rows(
     updates only those rows, and a table shared by several features gets one gradient per row.
     No ``[V, D]`` gradient is built.
 
-    With a sharding plan (``collection_layout(..., plan=...)``) a row-sharded group's bags and
-    row gradients come from :func:`jaxbag.sharding.embedding_bag_rows`: its ``RowGrads`` are
-    split over the plan's ``axis_name``, each shard holding ``U_g`` slots of *local* row numbers
-    of the rows it owns, so no ``[V, D]`` gradient is built and no row leaves its device; a group
-    the plan replicates gets ordinary (global) ``RowGrads``. :func:`collection_optimizer` applies
-    either kind. As the sharded ops, call it under ``jax.jit`` then (eagerly it works, but
+    With a sharding plan (``collection_layout(..., plan=...)``) the work is data parallel over
+    the plan's ``batch_axis``: each device looks up and backpropagates only its batch shard's
+    ids, and the ids are gathered over ``batch_axis`` (ints) so every device finds the same
+    distinct rows. A row-sharded group's ``RowGrads`` are split over the plan's ``axis_name``,
+    each shard holding ``U_g`` slots of *local* row numbers of the rows it owns (as
+    :func:`jaxbag.sharding.embedding_bag_rows`), so no ``[V, D]`` gradient is built and no row
+    leaves its device; a group the plan replicates gets ordinary (global) ``RowGrads``, the same
+    on every device. :func:`collection_optimizer` applies either kind. As the sharded ops, call it under ``jax.jit`` then (eagerly it works, but
     every call compiles its ``shard_map`` bodies again: about 2 s for 4 groups on a 2-core CPU).
 
     Args:
@@ -102,69 +105,111 @@ def embedding_bag_collection_rows(
                 f"size names unknown groups {unknown}; the groups are "
                 f"{[g.name for g in layout.groups]}."
             )
-    b = features.batch_size
-    # With a plan, number the bags batch shard first: the [F * B, D] bags split over batch_axis
-    # then keep each example on its batch shard (no bag traffic between batch shards).
-    n_split = features.num_shards if plan is not None else 1
-
-    def batch_split(x: Array, shape: tuple[int, ...]) -> Array:
-        """``x.reshape(shape)``; with a plan, the leading axis split over its batch_axis."""
-        if plan is None:
-            return x.reshape(shape)
-        spec = P(sharding.spec_entry(plan.batch_axis), *[None] * (len(shape) - 1))
-        if sharding.is_explicit(plan.mesh):  # (a reshape of a split axis needs its sharding)
-            return jnp.reshape(x, shape, out_sharding=NamedSharding(plan.mesh, spec))
-        return sharding.constrain(x.reshape(shape), plan.mesh, spec)
-
-    out: dict[str, Array] = {}
-    pullbacks = []
+    sizes = {
+        g.name: size.get(g.name) if isinstance(size, Mapping) else size for g in layout.groups
+    }
     for g in layout.groups:
-        keys = g.feature_names
-        collection.check_no_max_weights(g, keys, features)
-        ids, seg, w = pack_features(features, keys, collection.group_ids(g, layout, keys),
-                                    shard_major=n_split > 1)
-        kwargs = dict(
-            segment_ids=seg,
-            num_bags=len(keys) * b,
-            mode=g.mode,
-            per_sample_weights=w,
-            padding_idx=g.pad_row,
-            size=size.get(g.name) if isinstance(size, Mapping) else size,
-        )
-        try:
-            if plan is not None and g.sharded:  # row grads per shard, local rows (docstring)
-                bags, pb = sharding.embedding_bag_rows(
-                    params[g.name],
-                    ids,
-                    mesh=plan.mesh,
-                    axis_name=plan.axis_name,
-                    batch_axis=plan.batch_axis,
-                    **kwargs,
-                )
-            else:  # a plain group, or one replicated by the plan
-                bags, pb = embedding_bag_rows(params[g.name], ids, **kwargs)
-        except ValueError as e:  # (e.g. size too small) say which group
-            raise ValueError(f"group {g.name!r} (features {list(keys)}): {e}") from e
-        blocks = batch_split(bags, (n_split, len(keys), b // n_split, g.features))
-        out.update({f: batch_split(blocks[:, j], (b, g.features)) for j, f in enumerate(keys)})
-        pullbacks.append((g, keys, pb))
-    out = {f: out[f] for f in layout.feature_names}  # (with a plan, split over the batch)
+        collection.check_no_max_weights(g, g.feature_names, features)
+    b = features.batch_size
+    if plan is not None:
+        out, pullback = _planned_rows(layout, params, features, sizes)
+    else:
+        out, pullback = _plain_rows(layout, params, features, sizes)
 
-    def pullback(cotangent: Any) -> dict[str, RowGrads]:
-        cotangent = _split_cotangent(layout, cotangent, b, concat)
-        grads = {}
-        for g, keys, pb in pullbacks:  # the cotangents in the bags' order (above)
-            parts = [batch_split(jnp.asarray(cotangent[f], g.dtype), (n_split, b // n_split,
-                                                                      g.features))
-                     for f in keys]
-            ct = batch_split(jnp.stack(parts, axis=1), (len(keys) * b, g.features))
-            if plan is not None and not g.sharded:  # a replicated group's bags are computed whole
-                ct = sharding.constrain(ct, plan.mesh, P())
-            grads[g.name] = pb(ct)
-        return grads
+    def cotangent_pullback(cotangent: Any) -> dict[str, RowGrads]:
+        return pullback(_split_cotangent(layout, cotangent, b, concat))
 
     if concat:
-        return collection.concat_features(layout, out, dtype), pullback
+        return collection.concat_features(layout, out, dtype), cotangent_pullback
+    return out, cotangent_pullback
+
+
+def _group_error(g: collection.GroupLayout, e: ValueError) -> ValueError:
+    """``e`` (e.g. size too small) saying which group."""
+    return ValueError(f"group {g.name!r} (features {list(g.feature_names)}): {e}")
+
+
+def _plain_rows(layout, params, features, sizes):
+    """No plan: each group's bags and pullback from :func:`jaxbag.embedding_bag_rows`."""
+    b = features.batch_size
+    out, pullbacks = {}, []
+    for g in layout.groups:
+        keys = g.feature_names
+        ids, seg, w = pack_features(features, keys, collection.group_ids(g, layout, keys))
+        try:
+            bags, pb = embedding_bag_rows(
+                params[g.name], ids, segment_ids=seg, num_bags=len(keys) * b, mode=g.mode,
+                per_sample_weights=w, padding_idx=g.pad_row, size=sizes[g.name],
+            )
+        except ValueError as e:
+            raise _group_error(g, e) from e
+        out.update({f: bags[j * b : (j + 1) * b] for j, f in enumerate(keys)})
+        pullbacks.append((g, pb))
+
+    def pullback(cotangent: dict[str, Array]) -> dict[str, RowGrads]:
+        return {
+            g.name: pb(jnp.concatenate(
+                [jnp.asarray(cotangent[f], g.dtype) for f in g.feature_names], axis=0))
+            for g, pb in pullbacks
+        }
+
+    return {f: out[f] for f in layout.feature_names}, pullback
+
+
+def _planned_rows(layout, params, features, sizes):
+    """With a plan: the bags as :func:`jaxbag.embedding_bag_collection` computes them (each
+    device its batch shard's ids, a row-sharded group's partial bags summed over the plan's
+    ``axis_name``), and a pullback in one ``shard_map``: per device, its batch shard's bag
+    gradients to the rows of one slot space for the whole batch (the ids gathered over
+    ``batch_axis``, as ints), local rows of its own shard for a row-sharded group, global rows
+    for a replicated one (:func:`jaxbag.sharding.local_row_grads`)."""
+    plan = layout.plan
+    if validation.is_concrete(features.values, features.lengths):  # eagerly: size too small
+        for g in layout.groups:
+            keys = g.feature_names
+            ids, seg, _ = pack_features(features, keys, collection.group_ids(g, layout, keys))
+            valid = bag_terms.valid_positions(ids, seg, g.num_rows, len(keys) * features.batch_size,
+                                              g.pad_row)
+            try:
+                check_slots(ids, valid, sizes[g.name], g.num_rows)
+            except ValueError as e:
+                raise _group_error(g, e) from e
+    out = collection.apply_sharded(layout, params, features)
+    mesh, axis_name, batch_axis = plan.mesh, plan.axis_name, plan.batch_axis
+    local_layout = dataclasses.replace(layout, plan=None)
+    row = sharding.spec_entry(axis_name)
+    batch = P(sharding.spec_entry(batch_axis), None)
+    out_specs = {
+        g.name: RowGrads(rows=P(row), grads=P(row, None)) if g.sharded
+        else RowGrads(rows=P(), grads=P(None, None))
+        for g in layout.groups
+    }
+
+    def local(params, jf, cotangent):
+        jf = collection.one_shard(jf, batch_axis)
+        grads = {}
+        for g in layout.groups:
+            keys = g.feature_names
+            ids, seg, w = pack_features(jf, keys, collection.group_ids(g, local_layout, keys))
+            num_bags = len(keys) * jf.batch_size
+            ct = jnp.concatenate([cotangent[f].astype(g.dtype) for f in keys], axis=0)
+            rows, row_grads = sharding.local_row_grads(
+                params[g.name], ids, seg, w, ct,
+                valid=bag_terms.valid_positions(ids, seg, g.num_rows, num_bags, g.pad_row),
+                num_bags=num_bags, num_embeddings=g.num_rows, size=sizes[g.name], mode=g.mode,
+                axis_name=axis_name if g.sharded else None, batch_axis=batch_axis,
+            )
+            grads[g.name] = RowGrads(rows=rows, grads=row_grads)
+        return grads
+
+    def pullback(cotangent: dict[str, Array]) -> dict[str, RowGrads]:
+        in_specs = (layout.param_specs(), collection.feature_specs(features, batch_axis),
+                    {f: batch for f in layout.feature_names})
+        args = ({g.name: params[g.name] for g in layout.groups}, features,
+                {f: cotangent[f] for f in layout.feature_names})
+        args = sharding.place(args, mesh, in_specs)
+        return sharding.shard_map_call(local, mesh, in_specs, out_specs, *args)
+
     return out, pullback
 
 
@@ -279,7 +324,10 @@ def collection_optimizer(
                     "with this optimiser's init / embedding_bag_collection_rows on the same layout."
                 )
         for name in sharded:  # per-shard local rows, not a plain layout's global rows
-            _check_split_rows(name, row_grads[name], layout.plan)
+            sharding.check_split_rows(
+                row_grads[name], layout.plan.mesh, layout.plan.axis_name,
+                what=f"row_grads[{name!r}]",
+                source="embedding_bag_collection_rows for this planned layout")
         new_params, new_state = dict(params), {}
         for name in names:
             where = placement(name)
@@ -292,26 +340,6 @@ def collection_optimizer(
         return new_params, new_state
 
     return SparseOptimizer(init=init, update=update)
-
-
-def _check_split_rows(name: str, rg: RowGrads, plan: Any) -> None:
-    """A row-sharded group's ``RowGrads`` are split over the plan's axis (static shape check;
-    eagerly also the placement): a plain layout's global rows would update the wrong rows. (On a
-    one-device axis the two cannot be told apart, and need not be: local rows are global.)"""
-    n = sharding.axis_size(plan.mesh, plan.axis_name)
-    split = NamedSharding(plan.mesh, P(sharding.spec_entry(plan.axis_name)))
-    rows = rg.rows
-    placed = getattr(rows, "sharding", None) if validation.is_concrete(rows) else None
-    if rows.ndim != 1 or rows.shape[0] % n or (
-        isinstance(placed, NamedSharding) and not placed.is_equivalent_to(split, 1)
-    ) or (n > 1 and isinstance(placed, jax.sharding.SingleDeviceSharding)):
-        raise ValueError(
-            f"row_grads[{name!r}] must hold per-shard local rows split over the plan's axis_name="
-            f"{plan.axis_name!r} ({n} devices), as embedding_bag_collection_rows returns them for "
-            f"this planned layout; got rows of shape {tuple(rows.shape)} placed "
-            f"{getattr(rows, 'sharding', 'unknown')}. (A plain layout's row gradients hold global "
-            "row numbers: they would update the wrong rows.)"
-        )
 
 
 # -- optimizer states in a portable form (one state per table) ----------------------------------

@@ -1379,7 +1379,11 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
 
     def kernel():
         call = jax.ffi.ffi_call(
-            _OPT_TARGETS[kind], tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
+            # (each output typed as its input: on an Explicit-axes mesh the spec is part of the
+            # type, and a step that returned P() for P(None, None) would compile again)
+            _OPT_TARGETS[kind],
+            tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.typeof(a).sharding)
+                  for a in arrays),
             input_output_aliases={i: i for i in range(k)}, vmap_method="sequential",
         )
         rows32 = validation.to_int32(rows, 0, arrays[0].shape[0] - 1, -1)  # int64: no wrap

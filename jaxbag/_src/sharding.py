@@ -115,6 +115,39 @@ def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> 
         )
 
 
+def check_divisible_rows(what: str, num_rows: int, mesh: Mesh, axis_name: AxisName) -> None:
+    """Raises unless ``num_rows`` splits evenly over the devices of ``axis_name``."""
+    n = axis_size(mesh, axis_name)
+    if num_rows % n:
+        raise ValueError(
+            f"{what} has V={num_rows} rows, not divisible by the {n} devices of axis_name="
+            f"{axis_name!r}; pad the table once with jaxbag.sharding.pad_rows(weight, {n}) (ids "
+            "stay the same)."
+        )
+
+
+def check_split_rows(
+    row_grads: sparse.RowGrads, mesh: Mesh, axis_name: AxisName, *, what: str = "row_grads",
+    source: str = "jaxbag.sharding.embedding_bag_rows' pullback",
+) -> None:
+    """Raises unless ``row_grads`` hold per-shard local rows split over ``axis_name`` (their
+    shape; eagerly also their placement): global row numbers would update the wrong rows. (On a
+    one-device axis the two cannot be told apart, and need not be: local rows are global.)"""
+    n = axis_size(mesh, axis_name)
+    split = NamedSharding(mesh, P(spec_entry(axis_name)))
+    rows = row_grads.rows
+    placed = getattr(rows, "sharding", None) if validation.is_concrete(rows) else None
+    if rows.ndim != 1 or rows.shape[0] % n or (
+        isinstance(placed, NamedSharding) and not placed.is_equivalent_to(split, 1)
+    ) or (n > 1 and isinstance(placed, jax.sharding.SingleDeviceSharding)):
+        raise ValueError(
+            f"{what} must hold per-shard local rows split over axis_name={axis_name!r} ({n} "
+            f"devices), as {source} returns them; got rows of shape {tuple(rows.shape)} placed "
+            f"{getattr(rows, 'sharding', 'unknown')}. (Row gradients of an unsharded table hold "
+            "global row numbers: they would update the wrong rows.)"
+        )
+
+
 def is_explicit(mesh: Mesh) -> bool:
     """Whether every axis of ``mesh`` is Explicit (shardings are part of the array types)."""
     return bool(mesh.axis_types) and all(t == AxisType.Explicit for t in mesh.axis_types)
@@ -428,14 +461,8 @@ def embedding_bag(
         mode=mode,
         scale_grad_by_freq=scale_grad_by_freq,
     )
-    n_rows = axis_size(mesh, axis_name)
+    check_divisible_rows("weight", num_embeddings, mesh, axis_name)
     n_batch = axis_size(mesh, batch_axis)
-    if num_embeddings % n_rows:
-        raise ValueError(
-            f"weight has V={num_embeddings} rows, not divisible by the {n_rows} devices of "
-            f"axis_name={axis_name!r}; pad it once with jaxbag.sharding.pad_rows(weight, {n_rows}) "
-            "(ids stay the same)."
-        )
     b = layout.num_bags
     if b % n_batch:
         raise ValueError(
@@ -614,7 +641,7 @@ def embedding_bag_rows(
         num_embeddings, bags.shape[0], pad), size, num_embeddings)
     b = bags.shape[0]
     b_loc = b // axis_size(mesh, batch_axis)
-    batch_axes, row_axes = axis_tuple(batch_axis), axis_tuple(axis_name)
+    batch_axes = axis_tuple(batch_axis)
     rows_spec, out_spec = P(spec_entry(axis_name), None), P(spec_entry(batch_axis), None)
     acc = acc_dtype(weight.dtype)
     two_d = indices.ndim == 2
@@ -630,7 +657,6 @@ def embedding_bag_rows(
         ids_spec = P()
 
     def local_pullback(lw, ids_in, seg, w, g):
-        r = lw.shape[0]
         if two_d:
             ids = validation.to_int32(ids_in.reshape(-1), 0, num_embeddings - 1, -1)
             length = ids_in.shape[1]
@@ -638,58 +664,23 @@ def embedding_bag_rows(
                 jnp.arange(b_loc, dtype=jnp.int32), length, total_repeat_length=b_loc * length
             )
             w = None if w is None else w.reshape(-1)
-            all_ids, start = ids, 0
-            if batch_axes:  # one slot space for the whole batch: gather the (int) ids
-                all_ids = jax.lax.all_gather(ids, batch_axes, tiled=True, to="invarying")
-                start = jax.lax.axis_index(batch_axes) * ids.shape[0]
-            all_seg, n_bags = jnp.zeros_like(all_ids), 1  # every position is in its row's bag
-        else:
-            ids = all_ids = validation.to_int32(ids_in, 0, num_embeddings - 1, -1)
-            start = 0
-            all_seg, n_bags = seg, b  # the whole batch's bags, on every replica
-            if batch_axes:
-                seg = seg - jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
+            # every position is in its row's bag (one bag for the validity check)
+            valid = bag_terms.valid_positions(ids, jnp.zeros_like(ids), num_embeddings, 1, pad)
+            return local_row_grads(
+                lw, ids, seg, w, g, valid=valid, num_bags=b_loc, num_embeddings=num_embeddings,
+                size=size, mode=mode, axis_name=axis_name, batch_axis=batch_axis,
+            )
+        ids = validation.to_int32(ids_in, 0, num_embeddings - 1, -1)
+        # The ids are the whole batch's on every replica: one slot space, nothing to gather.
         # Ids outside every bag (segment >= B, past the last offset) are padding, not rows of the
         # batch (as in jaxbag.embedding_bag_rows).
-        valid = bag_terms.valid_positions(all_ids, all_seg, num_embeddings, n_bags, pad)
-        rows, inverse = sparse.unique_rows(all_ids, num_embeddings, size=size, valid=valid)
-        u = rows.shape[0]
-        # Valid ids without a slot (size too small, under jit): no gradient, but still counted in
-        # their bag (a mean's count), as in the forward: slot 0, not owned by any shard.
-        slotless = valid & (inverse == u)
-        if two_d and batch_axes:
-            inverse = jax.lax.dynamic_slice_in_dim(inverse, start, ids.shape[0])
-            slotless = jax.lax.dynamic_slice_in_dim(slotless, start, ids.shape[0])
-        row0 = (jax.lax.axis_index(row_axes) * r).astype(jnp.int32)
-        local_rows = rows - row0
-        own = (local_rows >= 0) & (local_rows < r)
-        # in the accumulation dtype, so the vjp sums a row's gradient in float32 for bf16 / f16
-        # tables (as jaxbag.embedding_bag_rows does), not in the table's dtype
-        compact = jnp.take(lw, jnp.clip(local_rows, 0, r - 1), axis=0).astype(acc)
-        compact = jnp.where(own[:, None], compact, jnp.zeros((), acc))
-        owned = (inverse < u) & jnp.take(own, jnp.clip(inverse, 0, u - 1))
-        inverse = jnp.where(slotless, 0, inverse)
-
-        def bag(table):
-            return embedding_bag_in_shard_map(
-                table,
-                inverse,
-                seg,
-                num_bags=b_loc,
-                num_embeddings=u,
-                axis_name=axis_name,
-                mode=mode,
-                per_sample_weights=w,
-                owned=owned,
-            )
-
-        out, vjp = jax.vjp(bag, compact)
-        (grads,) = vjp(g.astype(out.dtype))
-        # With batch_axis, ``compact`` is the same on every replica of the batch and the bags are
-        # not, so the transpose already sums the replicas' row gradients (an all-reduce of
-        # [U, D] over batch_axis): every replica holds the whole batch's gradient of its rows.
-        grads = grads.astype(acc)
-        return jnp.where(own, local_rows, jnp.int32(r)), grads
+        valid = bag_terms.valid_positions(ids, seg, num_embeddings, b, pad)
+        if batch_axes:  # this replica's block of bags
+            seg = seg - jax.lax.axis_index(batch_axes).astype(seg.dtype) * b_loc
+        return local_row_grads(
+            lw, ids, seg, w, g, valid=valid, num_bags=b_loc, num_embeddings=num_embeddings,
+            size=size, mode=mode, axis_name=axis_name, batch_axis=None,
+        )
 
     def pullback(g: Array) -> sparse.RowGrads:
         g = jnp.asarray(g)
@@ -724,6 +715,95 @@ def embedding_bag_rows(
     return bags, pullback
 
 
+def local_row_grads(
+    local_weight: Array,
+    indices: Array,
+    segment_ids: Array,
+    per_sample_weights: Array | None,
+    g: Array,
+    *,
+    valid: Array,
+    num_bags: int,
+    num_embeddings: int,
+    size: int | None,
+    mode: str,
+    axis_name: AxisName | None,
+    batch_axis: AxisName | None,
+) -> tuple[Array, Array]:
+    """Inside ``shard_map``: this shard's row gradients of its bags (the pullback's body).
+
+    Legend: ``R`` rows on this shard, ``D`` features, ``N`` ids here, ``B`` bags here, ``U`` slots.
+
+    One slot space for the whole batch: the ``valid`` ids are gathered over ``batch_axis``
+    (ints; ``None`` when every replica already holds the whole batch's ids, as ``indices``), and
+    every replica finds the same distinct rows. Each shard of ``axis_name`` fills the slots of the
+    rows it owns (``None``: a replicated table, ``R = V``, every row its own). The gradients of
+    the replicas' bags are summed over ``batch_axis`` by the transpose (``[U, D]``).
+
+    Args:
+      local_weight: ``float [R, D]``, this shard's rows.
+      indices: ``int32 [N]`` global row ids (negative or ``>= V``: skipped).
+      segment_ids: ``int32 [N]`` this replica's bag of each id (outside ``[0, B)``: none).
+      per_sample_weights: optional ``float [N]``.
+      g: ``[B, D]`` cotangent of this replica's bags.
+      valid: ``bool [N]``: ids that are rows of the batch (in range, in a bag of the whole batch,
+        not ``padding_idx``).
+      num_bags, num_embeddings, mode: ``B``, ``V`` and the bag mode.
+      size: ``U`` (``None``: ``min(N_all, V)``).
+      axis_name: the mesh axis the rows are split over, or ``None`` (replicated table).
+      batch_axis: the mesh axis to gather the ids over, or ``None``.
+
+    Returns:
+      ``(rows int32 [U], grads [U, D])``: local row numbers (``R`` in slots this shard does not
+      own) and their gradients in the accumulation dtype.
+    """
+    r = local_weight.shape[0]
+    acc = acc_dtype(local_weight.dtype)
+    batch_axes = axis_tuple(batch_axis)
+    all_ids = jnp.where(valid, indices, -1)
+    if batch_axes:
+        all_ids = jax.lax.all_gather(all_ids, batch_axes, tiled=True, to="invarying")
+    rows, inverse = sparse.unique_rows(all_ids, num_embeddings, size=size, valid=all_ids >= 0)
+    if batch_axes:  # this replica's ids
+        start = jax.lax.axis_index(batch_axes) * indices.shape[0]
+        inverse = jax.lax.dynamic_slice_in_dim(inverse, start, indices.shape[0])
+    u = rows.shape[0]
+    # Valid ids without a slot (size too small, under jit): no gradient, but still counted in
+    # their bag (a mean's count), as in the forward: slot 0, not owned by any shard.
+    slotless = valid & (inverse == u)
+    row_axes = axis_tuple(axis_name)
+    local_rows = rows
+    if row_axes:
+        local_rows = rows - (jax.lax.axis_index(row_axes) * r).astype(jnp.int32)
+    own = (local_rows >= 0) & (local_rows < r)
+    # in the accumulation dtype, so the vjp sums a row's gradient in float32 for bf16 / f16
+    # tables (as jaxbag.embedding_bag_rows does), not in the table's dtype
+    compact = jnp.take(local_weight, jnp.clip(local_rows, 0, r - 1), axis=0).astype(acc)
+    compact = jnp.where(own[:, None], compact, jnp.zeros((), acc))
+    owned = (inverse < u) & jnp.take(own, jnp.clip(inverse, 0, u - 1))
+    inverse = jnp.where(slotless, 0, inverse)
+
+    def bag(table):
+        return embedding_bag_in_shard_map(
+            table,
+            inverse,
+            segment_ids,
+            num_bags=num_bags,
+            num_embeddings=u,
+            axis_name=axis_name,
+            mode=mode,
+            per_sample_weights=per_sample_weights,
+            owned=owned,
+        )
+
+    out, vjp = jax.vjp(bag, compact)
+    (grads,) = vjp(g.astype(out.dtype))
+    # With batch_axis (or replicated ids), ``compact`` is the same on every replica of the batch
+    # and the bags are not, so the transpose already sums the replicas' row gradients (an
+    # all-reduce of [U, D] over batch_axis): every replica holds the whole batch's gradient.
+    return jnp.where(own, local_rows, jnp.int32(r)), grads.astype(acc)
+
+
 def _state_specs(optimizer: sparse.SparseOptimizer, local_table: Any, axis_name: AxisName) -> Any:
     """Scalars replicated, every other leaf split by rows (the optimisers' per-row state)."""
     shapes = jax.eval_shape(optimizer.init, local_table)
@@ -745,6 +825,8 @@ def sparse_init(
       The optimiser state; ``[V]``/``[V, D]`` leaves sharded ``P(axis_name)``, scalars replicated
       (in the form a jitted :func:`sparse_update` returns them: :func:`table_shardings`).
     """
+    check_axes(mesh, axis_name, None)
+    check_divisible_rows("table", table.shape[0], mesh, axis_name)
     n = axis_size(mesh, axis_name)
     local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)
     specs = _state_specs(optimizer, local, axis_name)
@@ -788,6 +870,9 @@ def sparse_update(
       >>> w[:, 0].tolist()
       [0.0, -0.5, 0.0, -1.0]
     """
+    check_axes(mesh, axis_name, None)
+    check_divisible_rows("table", table.shape[0], mesh, axis_name)
+    check_split_rows(row_grads, mesh, axis_name)
     n = axis_size(mesh, axis_name)
     local = jax.ShapeDtypeStruct((table.shape[0] // n, table.shape[1]), table.dtype)
     row = spec_entry(axis_name)

@@ -466,8 +466,15 @@ def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array, jnp.dtype], Arra
     return lambda count, dtype: jnp.asarray(lr, dtype)
 
 
-def _check_table(table: Array, row_grads: RowGrads) -> None:
+def _check_table(table: Array, state: Any, state_type: type, maker: str,
+                 row_grads: RowGrads) -> None:
     validation.check_table(table, "table")
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"state must be the {state_type.__name__} that jaxbag.{maker}(...).init(table) "
+            f"returns; got {type(state).__name__}. Each sparse optimiser takes its own init's "
+            "state (after switching optimisers, init a new state)."
+        )
     rows, grads = row_grads
     if rows.ndim != 1 or grads.ndim != 2 or grads.shape != (rows.shape[0], table.shape[1]):
         raise ValueError(
@@ -555,7 +562,7 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
         return SgdState(count=jnp.zeros((), jnp.int32))
 
     def update(table: Array, state: SgdState, row_grads: RowGrads) -> tuple[Array, SgdState]:
-        _check_table(table, row_grads)
+        _check_table(table, state, SgdState, "sparse_sgd", row_grads)
         rows, grads = row_grads
         c = acc_dtype(table.dtype)
         lr = lr_fn(state.count, c)
@@ -617,7 +624,7 @@ def sparse_adagrad(
     def update(
         table: Array, state: RowwiseAdagradState, row_grads: RowGrads
     ) -> tuple[Array, RowwiseAdagradState]:
-        _check_table(table, row_grads)
+        _check_table(table, state, RowwiseAdagradState, "sparse_adagrad", row_grads)
         rows, grads = row_grads
         c = acc_dtype(table.dtype)
         lr = lr_fn(state.count, c)
@@ -693,7 +700,7 @@ def sparse_adam(
     def update(
         table: Array, state: LazyAdamState, row_grads: RowGrads
     ) -> tuple[Array, LazyAdamState]:
-        _check_table(table, row_grads)
+        _check_table(table, state, LazyAdamState, "sparse_adam", row_grads)
         rows, grads = row_grads
         count = state.count + 1
         c = acc_dtype(table.dtype)
