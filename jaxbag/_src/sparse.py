@@ -95,6 +95,12 @@ class SparseOptimizer(NamedTuple):
         the rows in ``row_grads.rows`` (``rows`` must be distinct, as :func:`unique_rows` returns
         them; rows outside ``[0, V)`` are skipped).
 
+    The sharded and collection helpers (:func:`jaxbag.sharding.sparse_init` /
+    ``sparse_update``, :func:`jaxbag.collection_optimizer`, :func:`jaxbag.unpack_states`) assume
+    the state of your own pair is made of scalars (kept whole: a step count) and per-row arrays
+    (``[V, ...]``: split, cut and stacked by rows as the table); a state with other leaves (a
+    ``[D]`` vector) needs its own handling there.
+
     Examples:
       >>> import jax.numpy as jnp, jaxbag
       >>> opt = jaxbag.sparse_adagrad(0.1)   # or sparse_sgd, sparse_adam, or your own pair
