@@ -1013,10 +1013,12 @@ def case_experiment():
         raise AssertionError("vocabularies differ")
     # One compilation per padded batch size, as single-device: fresh optimizer step counts and
     # metric sums start replicated on the mesh, as the train step returns them.
-    # (The resumed process trains one epoch, so it may see fewer batch sizes.)
-    compiled, once = (r["compilations"]["train_step"] for r in (split, resumed))
-    if compiled != single["compilations"]["train_step"] or once > compiled:
-        raise AssertionError(f"train_step compiled {compiled}x sharded ({once}x resumed), "
+    # (The resumed run's count covers both of its processes, each compiling at most as often as
+    # the uninterrupted run: a process trains one epoch, so it may see fewer batch sizes.)
+    compiled, twice = (r["compilations"]["train_step"] for r in (split, resumed))
+    if compiled != single["compilations"]["train_step"] or not 2 <= twice <= 2 * compiled:
+        raise AssertionError(f"train_step compiled {compiled}x sharded ({twice}x in the two "
+                             f"processes of the resumed run), "
                              f"{single['compilations']['train_step']}x single-device")
 
 

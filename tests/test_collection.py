@@ -123,27 +123,6 @@ def test_pack_features_sorted_segments_and_padding_last():
     assert np.all(np.diff(np.asarray(seg)) >= 0)
 
 
-def test_pack_features_shard_major_keeps_examples_on_their_batch_shard():
-    """shard_major: example s * (B / S) + e of slot j is bag s * (F * B / S) + j * (B / S) + e,
-    ids in that bag order (segment ids sorted), padding last; weights follow their ids."""
-    feats = {"a": [[1, 2], [], [3], [4, 5, 6]], "b": [[7], [8, 9], [], [10]]}
-    weights = {k: [[float(x) / 10 for x in bag] for bag in v] for k, v in feats.items()}
-    jf = jaxbag.JaggedFeatures.from_lists(feats, weights=weights, num_shards=2)
-    ids, seg, w = pack_features(jf, ["a", "b"], shard_major=True)
-    bags = [[] for _ in range(8)]
-    for i, s in zip(ids.tolist(), seg.tolist()):
-        if s < 8:
-            bags[s].append(i)
-    # shard 0 = examples 0, 1; shard 1 = examples 2, 3: [a0 a1 b0 b1 | a2 a3 b2 b3]
-    assert bags == [[1, 2], [], [7], [8, 9], [3], [4, 5, 6], [], [10]]
-    assert np.all(np.diff(np.asarray(seg)) >= 0)
-    n = sum(map(len, bags))
-    assert seg[n:].tolist() == [8] * (len(seg) - n)
-    np.testing.assert_allclose(w[:n], np.asarray(ids[:n]) / 10, rtol=1e-6)
-    plain_ids, plain_seg, _ = pack_features(jf, ["a", "b"])  # slot-major: [a0 a1 a2 a3 | b0 ..]
-    assert plain_ids[:n].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
-
-
 # -- collections ------------------------------------------------------------------------------------
 
 

@@ -185,11 +185,11 @@ def test_errors():
         opt.init({"item": params["item"]})
 
 
-def _one_device_plan(axis_type):
+def _one_device_plan(axis_type, batch_axis="data"):
     """A plan on a 1 x 1 mesh with row-wise, table-wise and replicated groups."""
     mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(axis_type,) * 2)
     plan = jaxbag.sharding.plan_sharding(
-        TABLES, mesh, axis_name="model", batch_axis="data",
+        TABLES, mesh, axis_name="model", batch_axis=batch_axis,
         overrides={"item": "row", "user": "table", "cat": "replicated"})
     return mesh, jaxbag.collection_layout(TABLES, plan=plan)
 
@@ -208,16 +208,18 @@ def _sin_step(base, layout):
     return opt, step
 
 
-@pytest.mark.parametrize("axis_type, set_mesh", [(AxisType.Auto, True), (AxisType.Auto, False),
-                                                  (AxisType.Explicit, True),
-                                                  (AxisType.Explicit, False)])
-def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, set_mesh, count_compiles):
-    """A sharding plan on a 1 x 1 mesh (row-wise, table-wise and replicated groups): the same
-    bags and, after 3 sparse Adam steps through collection_optimizer, the same tables as the plain
-    layout; one compile, under ``jax.set_mesh`` or not. (8 devices, where a replicated group's
-    placement can also come back in another form: tests/_sharding_worker.py, case
-    collection_sparse.)"""
-    mesh, planned = _one_device_plan(axis_type)
+@pytest.mark.parametrize("axis_type, set_mesh, batch_axis", [
+    (AxisType.Auto, True, "data"), (AxisType.Auto, False, "data"),
+    (AxisType.Explicit, True, "data"), (AxisType.Explicit, False, "data"),
+    (AxisType.Explicit, False, None)])
+def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, set_mesh, batch_axis,
+                                                            count_compiles):
+    """A sharding plan on a 1 x 1 mesh (row-wise, table-wise and replicated groups; the batch
+    split over an axis or not): the same bags and, after 3 sparse Adam steps through
+    collection_optimizer, the same tables as the plain layout; one compile, under
+    ``jax.set_mesh`` or not. (8 devices, where a replicated group's placement can also come back
+    in another form: tests/_sharding_worker.py, case collection_sparse.)"""
+    mesh, planned = _one_device_plan(axis_type, batch_axis)
     assert set(planned.plan.as_dict().values()) == {"row", "table", "replicated"}
     plain = jaxbag.collection_layout(TABLES, stack=False)
     make_step = functools.partial(_sin_step, jaxbag.sparse_adam(0.05))

@@ -46,8 +46,9 @@ def embedding_bag_collection_rows(
     each shard holding ``U_g`` slots of *local* row numbers of the rows it owns (as
     :func:`jaxbag.sharding.embedding_bag_rows`), so no ``[V, D]`` gradient is built and no row
     leaves its device; a group the plan replicates gets ordinary (global) ``RowGrads``, the same
-    on every device. :func:`collection_optimizer` applies either kind. As the sharded ops, call it under ``jax.jit`` then (eagerly it works, but
-    every call compiles its ``shard_map`` bodies again: about 2 s for 4 groups on a 2-core CPU).
+    on every device. :func:`collection_optimizer` applies either kind. As the sharded ops, call
+    it under ``jax.jit`` then (eagerly it works, but every call compiles its ``shard_map``
+    bodies again: about 2 s for 4 groups on a 2-core CPU).
 
     Args:
       params: ``{group name: array}`` from :func:`jaxbag.init_collection` (placed as

@@ -597,8 +597,6 @@ def pack_features(
     jf: JaggedFeatures,
     keys: Sequence[str],
     transform: Callable[[int, Array], Array] | None = None,
-    *,
-    shard_major: bool = False,
 ) -> tuple[Array, Array, Array | None]:
     """Concatenates features into one segment-id batch with sorted segment ids (jit-friendly).
 
@@ -607,17 +605,11 @@ def pack_features(
     segment id is ``len(keys) * B`` (dropped by ``num_bags=len(keys) * B``). The permutation that
     moves padding behind is computed from ``lengths`` alone (O(ids), no sort).
 
-    With ``shard_major``, the bags of each of the ``S`` batch shards come together instead: example
-    ``b = s * (B / S) + e`` of slot ``j`` is bag ``s * (F * B / S) + j * (B / S) + e``, so the
-    ``[F * B, D]`` bags split evenly over ``S`` devices leave every example on its batch shard
-    (``bags.reshape(S, F, B / S, D)[:, j]`` is slot ``j``'s ``[B, D]``, in example order).
-
     Args:
       jf: the batch.
       keys: the features to pack, in slot order (each at most once).
       transform: optional ``(slot j, ids [C]) -> ids [C]`` applied to a region's ids before packing
         (e.g. to offset them into a stacked table).
-      shard_major: number the bags batch shard first (above).
 
     Returns:
       ``(ids [M], segment_ids int32 [M], weights [M] or None)`` with ``M = S * sum(C_k)`` over
@@ -632,8 +624,6 @@ def pack_features(
         off = jf.key_offset(key)
         for s in range(s_count):
             regions.append((j, s, s * t + off, jf.capacities[i], i))
-    if shard_major:
-        regions.sort(key=lambda r: (r[1], r[0]))
     total = sum(r[3] for r in regions)
     lengths = _fitted_lengths(jf)
     # Real ids per region; exclusive cumulative sums give where each region's real ids and
@@ -659,12 +649,8 @@ def pack_features(
         if jf.weights is not None:
             w_parts.append(jf.weights[start : start + cap])
     num_bags = len(keys) * b
-    # Bag lengths in packed order (slot-major, then example; or shard, slot, example) -> sorted
-    # segment ids.
-    packed_lengths = lengths[jnp.asarray([jf.index(k) for k in keys], jnp.int32)]
-    if shard_major:
-        packed_lengths = packed_lengths.reshape(len(keys), s_count, bs).transpose(1, 0, 2)
-    packed_lengths = packed_lengths.reshape(-1)
+    # Bag lengths in packed order (slot-major, then example) -> sorted segment ids.
+    packed_lengths = lengths[jnp.asarray([jf.index(k) for k in keys], jnp.int32)].reshape(-1)
     seg = segments.lengths_to_segment_ids_unchecked(packed_lengths, total)
     if total == 0:
         empty_w = None if jf.weights is None else jnp.zeros((0,), jf.weights.dtype)
