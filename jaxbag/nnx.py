@@ -1,4 +1,6 @@
-"""The flax.nnx modules of jaxbag: ``EmbeddingBag`` and ``EmbeddingBagCollection``."""
+"""The flax.nnx modules of jaxbag: ``EmbeddingBag`` and ``EmbeddingBagCollection``, and
+``FrozenEmbedding``, the variable type of a frozen table (``from_pretrained(..., freeze=True)``:
+not an ``nnx.Param``, so optimisers leave it alone)."""
 
 from jaxbag._src.collection_nnx import EmbeddingBagCollection as EmbeddingBagCollection
 from jaxbag._src.nnx import EmbeddingBag as EmbeddingBag

@@ -81,8 +81,8 @@ def bag_entries(indices, offsets=None, *, include_last_offset=False, segment_ids
 def _renorm_row(row, max_norm, norm_type):
     if max_norm is None:
         return row
-    if math.isinf(norm_type):
-        norm = max(abs(float(v)) for v in row)
+    if math.isinf(norm_type):  # p = inf: the largest magnitude; -inf: the smallest
+        norm = (max if norm_type > 0 else min)(abs(float(v)) for v in row)
     elif norm_type == 0:  # torch.norm(p=0): the number of nonzero entries
         norm = float(sum(1 for v in row if v != 0))
     else:

@@ -254,6 +254,16 @@ def test_stream_loop_with_closed_over_constants(mode, unroll):
                                    err_msg=f"lengths={lengths}")
 
 
+@pytest.mark.parametrize("impl", ["kernel", "stream", "auto"])
+def test_max_of_a_bag_of_minus_inf_rows_is_minus_inf(impl):
+    """A bag whose rows are all -inf has max -inf, as jnp.max and torch (the stream loop took no
+    row, since -inf > -inf is false, and returned the empty bag's zeros)."""
+    w = jnp.asarray([[1.0, 2.0], [-np.inf, -np.inf], [3.0, 4.0]], jnp.float32)
+    ids, seg = jnp.asarray([0, 1, 1, 2], jnp.int32), jnp.asarray([0, 1, 1, 2], jnp.int32)
+    out = bag_reduce(w, ids, seg, 3, mode="max", impl=impl)
+    np.testing.assert_array_equal(out, [[1.0, 2.0], [-np.inf, -np.inf], [3.0, 4.0]])
+
+
 @pytest.mark.parametrize("impl", ["kernel", "stream"])
 def test_bag_reduce_offsets_layout_including_ill_formed(impl):
     rng = np.random.default_rng(3)

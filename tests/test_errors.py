@@ -481,6 +481,11 @@ HELPER_CASES = {
                                    ValueError, [r"num_embeddings must be a positive", r"=0"]),
     "rows_int_table": (lambda: jaxbag.embedding_bag_rows(jnp.ones((3, 2), jnp.int32), i32(0), i32(0)),
                        TypeError, [r"weight must be a floating-point"]),
+    # a table without rows (under jit its gathers could not even be traced)
+    "empty_table": (lambda: jaxbag.embedding_bag(jnp.zeros((0, 3)), i32(0, 1), i32(0), mode="sum"),
+                    ValueError, [r"weight has no rows \(shape \(0, 3\)\)", r"num_embeddings >= 1"]),
+    "empty_table_jit": (lambda: jax.jit(lambda w, i: jaxbag.embedding_bag(w, i, i32(0)))(
+        jnp.zeros((0, 3)), i32(0, 1)), ValueError, [r"weight has no rows"]),
     "optimizer_1d_table": (
         lambda: jaxbag.sparse_sgd(0.1).update(jnp.ones(3), jaxbag.sparse_sgd(0.1).init(jnp.ones(3)),
                                                jaxbag.RowGrads(i32(0), jnp.ones((1, 1)))),

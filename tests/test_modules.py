@@ -410,6 +410,11 @@ def test_padding_idx_with_a_sharding_annotated_init(padding_idx):
             assert nonzero.all()
         else:
             assert not nonzero[padding_idx] and nonzero.sum() == 9
+    # to_torch takes the variables as init returned them, box included (it saw a 0-d table)
+    t = lin.to_torch(variables)
+    np.testing.assert_array_equal(t.weight.detach().numpy(),
+                                  np.asarray(nn.unbox(variables)["params"]["embedding"]))
+    np.testing.assert_array_equal(m.to_torch().weight.detach().numpy(), m.embedding[...])
 
 
 def test_linen_modules_from_pretrained_pickle():

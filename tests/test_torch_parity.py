@@ -5,7 +5,8 @@ Documented differences, handled here:
 
 * sqrtn and weighted mean do not exist in torch: they are built from torch ops
   (weighted sum / sum(w), weighted sum / sqrt(sum(w^2)), sum / sqrt(count)).
-* include_last_offset: only cases with no entries past the last offset are compared with torch.
+* include_last_offset: only cases with no entries past the last offset are compared with torch
+  (the difference past it is pinned by test_include_last_offset_differs_from_torch_as_documented).
 * scale_grad_by_freq: torch 2.13's embedding_bag divides by the wrong count, so the torch side is
   F.embedding(..., scale_grad_by_freq=True) followed by a manual per-bag sum / mean.
 """
@@ -175,7 +176,8 @@ def test_parity(mode, weighted, form, padding_idx, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (0.7, 1.0), (2.5, 0.0)])
+@pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (0.7, 1.0), (2.5, 0.0),
+                                               (0.3, float("-inf"))])
 @pytest.mark.parametrize("form", ["offsets", "2d"])
 @pytest.mark.parametrize("mode,weighted", MODES_W, ids=MODE_IDS)
 def test_parity_max_norm(mode, weighted, form, max_norm, norm_type, jit):
@@ -192,6 +194,7 @@ def test_parity_max_norm(mode, weighted, form, max_norm, norm_type, jit):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (0.7, 1.0), (1.2, 3.0), (0.9, float("inf")),
+                                               (0.3, float("-inf")),  # the smallest magnitude
                                                (2.5, 0.0)])  # p=0: torch counts nonzero entries
 def test_renorm_matches_torch_weight_after_forward(max_norm, norm_type, jit):
     weight = table(seed=4, scale=1.5)
@@ -284,6 +287,27 @@ def test_scale_grad_by_freq_counts_right(jit):
     expected[0] = 1.0
     expected[1] = 1.0
     np.testing.assert_allclose(dw, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_include_last_offset_differs_from_torch_as_documented(jit):
+    """Ids past the last offset: torch 2.13 ignores them in sum, counts them in mean's divisor
+    without adding their rows, and takes them into the max (the README's stated difference);
+    jaxbag ignores them in every mode, as the documented rule says."""
+    w = np.arange(12.0, dtype=np.float32).reshape(6, 2)
+    ids, offsets = np.array([1, 2, 3, 5, 4], np.int32), np.array([0, 2, 3], np.int32)
+    last = {"sum": [6.0, 7.0], "mean": [6.0, 7.0], "max": [6.0, 7.0]}  # bag 1 holds only row 3
+    torch_last = {"sum": [6.0, 7.0], "mean": [6.0 / 3, 7.0 / 3], "max": [10.0, 11.0]}
+    f = jax.jit(jaxbag.embedding_bag, static_argnames=("mode", "include_last_offset")) if jit \
+        else jaxbag.embedding_bag
+    for mode in ("sum", "mean", "max"):
+        got = f(jnp.asarray(w), ids, offsets, mode=mode, include_last_offset=True)
+        np.testing.assert_allclose(got[1], last[mode], rtol=1e-6)
+        t = F.embedding_bag(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(w),
+                            torch.from_numpy(offsets.astype(np.int64)), mode=mode,
+                            include_last_offset=True)
+        np.testing.assert_allclose(t[1].numpy(), torch_last[mode], rtol=1e-6)
+        np.testing.assert_allclose(got[0], t[0].numpy(), rtol=1e-6)  # bag 0 agrees
 
 
 def test_reference_matches_torch_directly():

@@ -234,6 +234,7 @@ class CollectionLayout:
     plan: Any = None
 
     def table(self, name: str) -> TableConfig:
+        """The :class:`TableConfig` named ``name`` (``KeyError`` listing the tables if none)."""
         for t in self.tables:
             if t.name == name:
                 return t
@@ -247,10 +248,12 @@ class CollectionLayout:
         raise KeyError(f"no table reads feature {feature!r}; features are {self.feature_names}.")
 
     def group_of(self, table_name: str) -> GroupLayout:
+        """The :class:`GroupLayout` (one array of ``params``) that holds table ``table_name``."""
         for g in self.groups:
             if any(s.table.name == table_name for s in g.slots):
                 return g
-        raise KeyError(table_name)
+        raise KeyError(
+            f"no table {table_name!r}; tables are {[t.name for t in self.tables]}.")
 
     @property
     def output_features(self) -> int:

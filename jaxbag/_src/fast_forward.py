@@ -145,8 +145,10 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
             row = _gather_rows(weight, jnp.clip(row_id, 0, v - 1)).astype(acc)
             if is_max:
                 cand = jnp.where(ok[:, None], row, jnp.asarray(-jnp.inf, acc))
-                # The first NaN wins and stays (NaN propagates, as in jnp.max).
-                better = (cand > total) | (jnp.isnan(cand) & ~jnp.isnan(total))
+                # The first NaN wins and stays (NaN propagates, as in jnp.max); a bag's first
+                # valid row is always taken (a row of -inf is the max of a bag of -inf rows).
+                better = ((cand > total) | (jnp.isnan(cand) & ~jnp.isnan(total))
+                          | (ok[:, None] & (arg == n)))
                 total = jnp.where(better, cand, total)
                 arg = jnp.where(better, p[:, None], arg)
             else:

@@ -221,4 +221,5 @@ class EmbeddingBag(nn.Module):
                 f"init returned them; got {got}. Call module.to_torch(variables), not "
                 "module.to_torch(variables['params'])."
             ) from None
+        table = nn.meta.unbox(table)  # (an nn.with_partitioning init's box)
         return common.make_torch_module(self.settings, table, freeze=self.freeze, sparse=sparse)

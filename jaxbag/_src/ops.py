@@ -19,11 +19,13 @@ __all__ = ["embedding_bag", "renorm"]
 
 
 def _row_norms(rows: Array, norm_type: float) -> Array:
-    """``[N]`` p-norms of ``rows [N, D]`` (``norm_type`` may be ``inf``; ``0`` counts the nonzero
-    entries, as ``torch.norm(p=0)``)."""
+    """``[N]`` p-norms of ``rows [N, D]`` (``norm_type`` may be ``inf`` / ``-inf``: the largest /
+    smallest magnitude; ``0`` counts the nonzero entries, as ``torch.norm(p=0)``)."""
     a = jnp.abs(rows)
     if norm_type == float("inf"):
         return jnp.max(a, axis=-1)
+    if norm_type == float("-inf"):  # torch's p = -inf: the smallest magnitude
+        return jnp.min(a, axis=-1)
     if norm_type == 0:
         return jnp.sum(a != 0, axis=-1).astype(rows.dtype)
     if norm_type == 2.0:
@@ -209,12 +211,15 @@ def embedding_bag(
         (TensorFlow's: sum / sqrt(count)).
       per_sample_weights: optional ``float`` weights of ``indices``' shape. ``sum``: sum(w * x) as
         torch; ``mean``: sum(w * x) / sum(w) and ``sqrtn``: sum(w * x) / sqrt(sum(w**2)), as
-        TensorFlow's ``embedding_lookup_sparse``; not allowed with ``max``.
+        TensorFlow's ``embedding_lookup_sparse``; not allowed with ``max``. A zero divisor
+        (weights summing to 0, all weights 0) gives zeros, as an empty bag.
       padding_idx: optional row in ``[-V, V)`` (negative counts from the end) whose ids are skipped:
         not summed, not counted in the mean, not a max candidate; that row gets no gradient.
       include_last_offset: ``offsets`` has ``B + 1`` entries, the last one the end of the last bag.
-        Ids at or past the last offset are ignored in every mode (torch 2.13 CPU adds them to the
-        last bag in ``mean``/``max`` mode but not in ``sum``; jaxbag follows the documented rule).
+        No effect with 2-D ``indices`` (as torch). Ids at or past the last offset are ignored in
+        every mode (torch 2.13 CPU ignores them in ``sum``, counts them in ``mean``'s divisor
+        without adding their rows, and takes them into the last bag's ``max``; jaxbag follows
+        the documented rule).
       max_norm: if set, every looked-up row with a ``norm_type``-norm above ``max_norm`` is scaled
         by ``max_norm / (norm + 1e-7)`` before reduction, as torch's forward does. The table itself
         is not changed (JAX is functional; :func:`jaxbag.renorm` returns the renormed table), and the

@@ -37,6 +37,8 @@ from jaxbag._src.collection import TableConfig
 
 __all__ = ["PLACEMENTS", "ShardingPlan", "plan_sharding"]
 
+#: The placement kinds of a :class:`ShardingPlan` (``overrides`` values of :func:`plan_sharding`):
+#: rows split over the row axis, a whole table on one device, or a copy on every device.
 PLACEMENTS = ("row", "table", "replicated")
 
 
@@ -49,6 +51,18 @@ class ShardingPlan:
       axis_name: mesh axis (or tuple) the tables are split over.
       batch_axis: mesh axis (or tuple) the batch is split over, or ``None`` (replicated batch).
       placements: ``(table name, "row" | "table" | "replicated", device index or None)``.
+
+    Build it with :func:`plan_sharding`; edited by hand (``dataclasses.replace``), it is checked
+    on construction.
+
+    Examples:
+      >>> import jax, jaxbag, jaxbag.sharding
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> tables = [jaxbag.TableConfig("big", 1000, 8, ("q",))]
+      >>> plan = jaxbag.sharding.plan_sharding(tables, mesh, axis_name="model",
+      ...                                      overrides={"big": "row"})
+      >>> plan.placement("big"), plan.num_shards, plan.device_bytes(tables)
+      (('row', None), 1, [32000])
     """
 
     mesh: Mesh

@@ -324,6 +324,18 @@ def embedding_bag_in_shard_map(
 
     Returns:
       ``[B, D]`` bags in ``local_weight.dtype``, replicated over ``axis_name``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag.sharding as jsh
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> def local(lw, ids, seg):
+      ...     return jsh.embedding_bag_in_shard_map(lw, ids, seg, num_bags=2, num_embeddings=4,
+      ...                                           axis_name="model", mode="sum")
+      >>> f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("model", None), P(), P()),
+      ...                           out_specs=P()))
+      >>> f(jnp.arange(8.0).reshape(4, 2), jnp.array([3, 1, 3]), jnp.array([0, 0, 1])).tolist()
+      [[8.0, 10.0], [6.0, 7.0]]
     """
     validation.check_norm(max_norm, norm_type)
     r, d = local_weight.shape
@@ -615,6 +627,18 @@ def embedding_bag_rows(
 
     Returns:
       ``(bags [B, D], pullback)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag.sharding as jsh
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> w = jsh.shard_table(jnp.arange(8.0).reshape(4, 2), mesh, "model")
+      >>> bags, pullback = jsh.embedding_bag_rows(w, jnp.array([3, 1, 3]), jnp.array([0, 2]),
+      ...                                         mesh=mesh, axis_name="model", mode="sum")
+      >>> bags.tolist()
+      [[8.0, 10.0], [6.0, 7.0]]
+      >>> g = pullback(jnp.ones((2, 2)))  # this shard's rows 1 and 3; slot 3 unused (R = 4)
+      >>> g.rows.tolist(), g.grads[:, 0].tolist()
+      ([1, 3, 4], [1.0, 2.0, 0.0])
     """
     weight = jnp.asarray(weight)
     indices = validation.as_ids(indices)
@@ -824,6 +848,14 @@ def sparse_init(
     Returns:
       The optimiser state; ``[V]``/``[V, D]`` leaves sharded ``P(axis_name)``, scalars replicated
       (in the form a jitted :func:`sparse_update` returns them: :func:`table_shardings`).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding as jsh
+      >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> w = jsh.shard_table(jnp.zeros((4, 2)), mesh, "model")
+      >>> state = jsh.sparse_init(jaxbag.sparse_adagrad(0.1), w, mesh=mesh, axis_name="model")
+      >>> type(state).__name__, state.sum_sq.shape
+      ('RowwiseAdagradState', (4,))
     """
     check_axes(mesh, axis_name, None)
     check_divisible_rows("table", table.shape[0], mesh, axis_name)

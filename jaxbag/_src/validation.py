@@ -23,6 +23,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 __all__ = ["MODES", "validate"]
 
+#: The bag reductions ``mode`` accepts (:func:`jaxbag.embedding_bag`, the modules, ``TableConfig``).
 MODES = ("sum", "mean", "max", "sqrtn")
 
 
@@ -60,8 +61,8 @@ def check_norm(max_norm: float | None, norm_type: float) -> None:
 
     Any sign is allowed, as in torch: ``max_norm <= 0`` scales every touched row to that norm
     (a negative one flips it), ``norm_type`` is torch's p (``0`` counts non-zeros, ``inf`` is the
-    largest magnitude). Python, NumPy and concrete JAX scalars are checked; a traced one (``jit``
-    over ``max_norm``) passes unchecked.
+    largest magnitude, ``-inf`` the smallest). Python, NumPy and concrete JAX scalars are
+    checked; a traced one (``jit`` over ``max_norm``) passes unchecked.
     """
     def number(value: object) -> bool:
         if isinstance(value, (bool, np.bool_, str)) or np.ndim(value) != 0:
@@ -175,7 +176,7 @@ def require_int(name: str, x: Array) -> None:
 
 
 def check_table(table: Array, name: str = "weight") -> None:
-    """Raises unless ``table`` is a 2-D ``[V, D]`` floating-point array."""
+    """Raises unless ``table`` is a 2-D ``[V, D]`` floating-point array with ``V >= 1``."""
     if table.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D [V, D] (one row per id); got shape {table.shape}. A single row "
@@ -185,6 +186,11 @@ def check_table(table: Array, name: str = "weight") -> None:
         raise TypeError(
             f"{name} must be a floating-point table; got dtype {table.dtype}. Cast it first: "
             f"{name}.astype(jnp.float32)."
+        )
+    if table.shape[0] == 0:  # (every id would be out of range; the gathers need a row)
+        raise ValueError(
+            f"{name} has no rows (shape {table.shape}): a table needs num_embeddings >= 1, e.g. "
+            f"jnp.zeros((1, {table.shape[1]})) for a table whose ids are all padding."
         )
 
 
