@@ -132,7 +132,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         rng=jax.random.fold_in(jax.random.key(config.seed), 1),  # dropout stream
     )
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.max_checkpoints)
-    restored = checkpoint.restore_latest(manager, state)
+    try:
+        restored = checkpoint.restore_latest(manager, state)
+    except checkpoint.DamagedCheckpointError:
+        manager.close()  # (its threads would outlive the error)
+        raise
     resumed_from = 0
     if restored is not None:
         state = restored
