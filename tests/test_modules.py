@@ -445,3 +445,134 @@ def test_module_input_and_size_errors_show_the_fix():
     for size in (jnp.int32(10), np.array(10)):
         with pytest.raises(ValueError, match=r"num_embeddings must be a positive int.*pass int\(x\)"):
             jaxbag.nnx.EmbeddingBag(size, 4, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(num_embeddings=0), ValueError, "num_embeddings must be a positive int"),
+    (dict(mode="avg"), ValueError, "mode must be one of"),
+    (dict(padding_idx=10), ValueError, "padding_idx must be within"),
+    (dict(param_dtype=jnp.int32), TypeError, "param_dtype must be a floating-point dtype"),
+    (dict(mode="max", scale_grad_by_freq=True), ValueError, "scale_grad_by_freq is not supported"),
+    (dict(max_norm="1"), ValueError, "max_norm must be a real number"),
+])
+def test_settings_that_never_work_raise_when_the_module_is_built(kw, error, match):
+    """Linen checked its settings only in setup (at init or apply, deep inside a parent model's
+    init) and NNX let mode='max' with scale_grad_by_freq through to the first call: both now
+    raise when the module is built, before any parameter exists."""
+    args = dict(num_embeddings=10, features=4) | kw
+    with pytest.raises(error, match=match):
+        jaxbag.EmbeddingBag(**args)
+    with pytest.raises(error, match=match):
+        jaxbag.nnx.EmbeddingBag(**args, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("value", ["False", 0, 1, None, jnp.bool_(False)])
+@pytest.mark.parametrize("flag", ["include_last_offset", "scale_grad_by_freq"])
+def test_flags_must_be_bools(flag, value):
+    """A flag from a config file ("False") switched the option on by its truthiness: with
+    include_last_offset a bag was silently lost, with scale_grad_by_freq the gradient changed."""
+    match = rf"{flag} must be a bool \(True or False\); got {flag}="
+    with pytest.raises(TypeError, match=match):
+        jaxbag.embedding_bag(jnp.ones((5, 2)), IDS % 5, OFFSETS, mode="sum", **{flag: value})
+    with pytest.raises(TypeError, match=match):
+        jaxbag.EmbeddingBag(5, 2, **{flag: value})
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBag(5, 2, **{flag: value}, rngs=nnx.Rngs(0))
+    if flag == "include_last_offset":
+        with pytest.raises(TypeError, match=match):
+            jaxbag.offsets_to_segment_ids(OFFSETS, 7, include_last_offset=value)
+    # NumPy bools are bools
+    np.testing.assert_array_equal(
+        jaxbag.embedding_bag(jnp.ones((5, 2)), IDS % 5, OFFSETS, mode="sum", **{flag: np.False_}),
+        jaxbag.embedding_bag(jnp.ones((5, 2)), IDS % 5, OFFSETS, mode="sum"))
+
+
+def test_module_and_collection_flags_must_be_bools():
+    tables = [jaxbag.TableConfig("a", 5, 4, ("a",))]
+    jf = jaxbag.JaggedFeatures.from_lists({"a": [[1, 2], []]})
+    with pytest.raises(TypeError, match=r"freeze must be a bool .*got freeze='False'"):
+        jaxbag.EmbeddingBag(5, 2, freeze="False")
+    with pytest.raises(TypeError, match=r"freeze must be a bool .*got freeze='no'"):
+        jaxbag.nnx.EmbeddingBag.from_pretrained(jnp.ones((5, 2)), freeze="no")
+    with pytest.raises(TypeError, match=r"freeze must be a bool"):
+        jaxbag.EmbeddingBag.from_pretrained(jnp.ones((5, 2)), freeze=1)
+    with pytest.raises(TypeError, match=r"sparse must be a bool .*got sparse='False'"):
+        jaxbag.nnx.EmbeddingBag(5, 2, rngs=nnx.Rngs(0)).to_torch(sparse="False")
+    with pytest.raises(TypeError, match=r"stack must be a bool .*got stack='no'"):
+        jaxbag.EmbeddingBagCollection(tables, stack="no")
+    with pytest.raises(TypeError, match=r"stack must be a bool"):
+        jaxbag.nnx.EmbeddingBagCollection(tables, stack=0, rngs=nnx.Rngs(0))
+    model = jaxbag.nnx.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"concat must be a bool .*got concat='True'"):
+        model(jf, concat="True")
+    with pytest.raises(TypeError, match=r"concat must be a bool"):
+        jaxbag.embedding_bag_collection_rows(
+            {"a": model.embeddings["a"][...]}, jf, layout=model.layout, concat=1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, "foo"])
+def test_collection_modules_check_dtype_and_plan_when_built(dtype):
+    """An int dtype truncated the bags to ints and bool made them True, silently; 'foo' failed at
+    the first call without naming dtype; plan='row' raised AttributeError / flax's
+    DescriptorAttributeError naming neither plan nor ShardingPlan."""
+    tables = [jaxbag.TableConfig("a", 5, 4, ("a",))]
+    match = r"dtype must be a floating-point dtype .*got dtype="
+    with pytest.raises(TypeError, match=match):
+        jaxbag.EmbeddingBagCollection(tables, dtype=dtype)
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBagCollection(tables, dtype=dtype, rngs=nnx.Rngs(0))
+    layout = jaxbag.collection_layout(tables)
+    jf = jaxbag.JaggedFeatures.from_lists({"a": [[1, 2], []]})
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    with pytest.raises(TypeError, match=match):
+        jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True, dtype=dtype)
+    match = r"plan must be a jaxbag.sharding.ShardingPlan or None; got 'row'.*plan_sharding"
+    with pytest.raises(TypeError, match=match):
+        jaxbag.EmbeddingBagCollection(tables, plan="row")
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBagCollection(tables, plan="row", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_init_may_return_a_numpy_table(padding_idx):
+    """flax's nn.Embed takes an initialiser returning a NumPy array; with padding_idx the
+    padding-row zeroing called .at on it (AttributeError)."""
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    init = lambda key, shape, dtype=jnp.float32: table  # noqa: E731
+    want = table.copy()
+    if padding_idx is not None:
+        want[padding_idx] = 0
+    lin = jaxbag.EmbeddingBag(10, 4, padding_idx=padding_idx, embedding_init=init)
+    got = lin.init(jax.random.key(0), IDS, OFFSETS)["params"]["embedding"]
+    np.testing.assert_array_equal(got, want)
+    m = jaxbag.nnx.EmbeddingBag(10, 4, padding_idx=padding_idx, embedding_init=init,
+                                rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(m.embedding[...], want)
+    assert table[0, 1] == 1.0  # the initialiser's array itself is left alone
+
+
+def test_embedding_init_of_the_wrong_shape_is_an_error():
+    """A (3, 3) table in a module of num_embeddings=10, features=4 gave [B, 3] outputs and, for an
+    id >= 3, an IndexError blaming 'num_embeddings=3'."""
+    init = lambda key, shape, dtype=jnp.float32: jnp.ones((3, 3), dtype)  # noqa: E731
+    match = r"embedding_init returned a table of shape \(3, 3\); the module needs .* \(10, 4\)"
+    with pytest.raises(ValueError, match=match):
+        jaxbag.EmbeddingBag(10, 4, embedding_init=init).init(jax.random.key(0), IDS, OFFSETS)
+    with pytest.raises(ValueError, match=match):
+        jaxbag.nnx.EmbeddingBag(10, 4, embedding_init=init, rngs=nnx.Rngs(0))
+
+
+def test_nnx_module_has_nnx_embed_size_attributes():
+    m = jaxbag.nnx.EmbeddingBag(7, 3, mode="sum", rngs=nnx.Rngs(0))
+    assert (m.num_embeddings, m.features) == (7, 3)
+    assert m.embedding[...].shape == (m.num_embeddings, m.features)
+
+
+def test_a_float64_torch_table_without_x64_gives_a_float32_module():
+    """The module said param_dtype=float64 while its parameter was float32 (JAX without x64)."""
+    assert not jax.config.jax_enable_x64
+    t = torch.nn.EmbeddingBag(5, 3).double()
+    lin, variables = jaxbag.EmbeddingBag.from_torch(t)
+    assert lin.param_dtype == variables["params"]["embedding"].dtype == jnp.float32
+    m = jaxbag.nnx.EmbeddingBag.from_torch(t)
+    assert m.param_dtype == m.embedding[...].dtype == jnp.float32

@@ -356,7 +356,16 @@ def collection_layout(
       >>> layout.feature_names, layout.output_features
       (('user', 'item', 'last_item', 'tag'), 28)
     """
+    from jaxbag._src.planner import ShardingPlan  # noqa: PLC0415  (the planner imports this module)
+
     tables = check_tables(tables)
+    validation.check_bool("stack", stack)
+    if plan is not None and not isinstance(plan, ShardingPlan):
+        raise TypeError(
+            f"plan must be a jaxbag.sharding.ShardingPlan or None; got {plan!r} of type "
+            f"{type(plan).__name__}. Make one with jaxbag.sharding.plan_sharding(tables, mesh, "
+            "axis_name=...); for one placement everywhere use its overrides={table: 'row'}."
+        )
     features = tuple(f for t in tables for f in t.feature_names)
     if plan is None and not stack:
         groups = tuple(
@@ -769,6 +778,12 @@ def _lookup_unstacked(layout, params, jf) -> dict[str, Array]:
     return out
 
 
+def check_output_dtype(dtype: Any) -> None:
+    """Raises unless ``dtype`` (of a concatenated output) is ``None`` or a floating-point dtype."""
+    if dtype is not None:
+        validation.check_float_dtype("dtype", dtype, "dtype=jnp.float32 (or None: the tables' own)")
+
+
 def concat_features(
     layout: CollectionLayout, outputs: Mapping[str, Array], dtype: Any = None
 ) -> Array:
@@ -789,6 +804,7 @@ def concat_features(
       >>> jaxbag.concat_features(layout, {"y": jnp.ones((1, 3)), "x": jnp.zeros((1, 2))}).tolist()
       [[0.0, 0.0, 1.0, 1.0, 1.0]]
     """
+    check_output_dtype(dtype)
     if dtype is None:
         dtypes = {jnp.dtype(outputs[f].dtype) for f in layout.feature_names}
         dtype = dtypes.pop() if len(dtypes) == 1 else jnp.float32
@@ -837,6 +853,8 @@ def embedding_bag_collection(
       >>> jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True).shape
       (2, 8)
     """
+    validation.check_bool("concat", concat)
+    check_output_dtype(dtype)
     check_features(layout, features)
     check_params(layout, params)
     if layout.plan is not None:

@@ -69,6 +69,8 @@ class EmbeddingBagCollection(nn.Module):
         # a list (as written in examples) made the module unhashable: jax.jit(static_argnums=...)
         # and flax's own module hashing need every field hashable
         object.__setattr__(self, "tables", collection.check_tables(self.tables))
+        collection.check_output_dtype(self.dtype)
+        _ = self.layout  # stack and plan are checked when the module is built, not at init
         super().__post_init__()
 
     @property

@@ -52,6 +52,7 @@ class EmbeddingBagCollection(nnx.Module):
         dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
+        collection.check_output_dtype(dtype)
         self.layout: CollectionLayout = collection.collection_layout(
             tables, stack=stack, plan=plan
         )

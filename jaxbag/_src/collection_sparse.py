@@ -94,6 +94,8 @@ def embedding_bag_collection_rows(
       >>> [round(x, 4) for x in params["item"][:, 0].tolist()]
       [0.0, 1.9, 3.9, 5.8, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0]
     """
+    validation.check_bool("concat", concat)
+    collection.check_output_dtype(dtype)
     collection.check_features(layout, features)
     collection.check_params(layout, params)
     plan = layout.plan

@@ -11,6 +11,7 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxbag._src import module_common as common
+from jaxbag._src import validation
 
 __all__ = ["EmbeddingBag"]
 
@@ -26,8 +27,10 @@ class EmbeddingBag(nn.Module):
       mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
       padding_idx: optional row skipped in every bag (negative counts from the end); initialised
         to zeros, as torch does.
-      max_norm: optional; looked-up rows are rescaled to this ``norm_type``-norm (see
-        :func:`jaxbag.embedding_bag`).
+      max_norm: optional; a looked-up row whose ``norm_type``-norm exceeds it is scaled down to
+        it (torch's forward, see :func:`jaxbag.embedding_bag`). Unlike torch, the stored
+        ``embedding`` is not renormed in place (JAX arrays are immutable): :func:`jaxbag.renorm`
+        returns the renormed table.
       norm_type: the p of the p-norm for ``max_norm``.
       scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
       include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
@@ -76,12 +79,18 @@ class EmbeddingBag(nn.Module):
             include_last_offset=self.include_last_offset,
         )
 
-    def setup(self) -> None:
+    def __post_init__(self) -> None:
+        # Settings that can never work raise when the module is built, not at its first init
+        # (deep inside a parent model's), as the NNX module and the collections do.
         self.settings.check()
         self.settings.check_dtypes(self.dtype, self.param_dtype)
+        validation.check_bool("freeze", self.freeze)
+        super().__post_init__()
+
+    def setup(self) -> None:
         self.embedding = self.param(
             "embedding",
-            common.padded_init(self.embedding_init, self.padding_idx, self.num_embeddings),
+            common.table_init(self.embedding_init, self.padding_idx, self.num_embeddings),
             (self.num_embeddings, self.features),
             self.param_dtype,
         )
@@ -163,7 +172,8 @@ class EmbeddingBag(nn.Module):
             or a ``[V, D]`` weight tensor/array (give the settings in ``overrides``). The table
             is copied: later changes to the torch weight do not reach ``variables``.
           **overrides: module attributes that replace or complete those read from ``source``
-            (``param_dtype`` defaults to the table's dtype; ``freeze`` to whether an
+            (``param_dtype`` defaults to the table's dtype as JAX holds it, float64 becoming
+            float32 without x64; ``freeze`` to whether an
             ``nn.EmbeddingBag`` source's weight has ``requires_grad=False``, as after torch's
             ``from_pretrained(freeze=True)``, else false).
 
@@ -183,7 +193,6 @@ class EmbeddingBag(nn.Module):
           ('sum', (4, 2))
         """
         settings, table, extra = common.settings_from_torch(source, overrides)
-        extra.setdefault("param_dtype", table.dtype)
         extra.setdefault("freeze", False)
         module = cls.from_pretrained(table, **settings.op_kwargs(), **extra)
         # the initialiser's copy of the table: the variables never share memory with the source

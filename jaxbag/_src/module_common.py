@@ -50,7 +50,7 @@ class BagSettings:
                     f"{name} must be a positive int; got {name}={value!r}."
                     + validation.static_int_hint(value)
                 )
-        validation.check_mode(self.mode)
+        validation.check_options(self.mode, self.include_last_offset, self.scale_grad_by_freq)
         validation.check_norm(self.max_norm, self.norm_type)
         validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
 
@@ -60,18 +60,8 @@ class BagSettings:
         one failed inside flax's initialiser, a complex one only at the first call, both with
         messages that did not name the module's argument."""
         for name, value in (("param_dtype", param_dtype), ("dtype", dtype)):
-            if value is None and name == "dtype":
-                continue
-            try:
-                got = jnp.dtype(value)
-            except TypeError:
-                got = None
-            if got is None or not jnp.issubdtype(got, jnp.floating):
-                shown = repr(value) if got is None else got.name
-                raise TypeError(
-                    f"{name} must be a floating-point dtype (float32, bfloat16, float16, float64); "
-                    f"got {name}={shown}. For example: EmbeddingBag(..., {name}=jnp.bfloat16)."
-                )
+            if value is not None or name == "param_dtype":
+                validation.check_float_dtype(name, value, f"EmbeddingBag(..., {name}=jnp.bfloat16)")
 
     def op_kwargs(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -79,25 +69,38 @@ class BagSettings:
         return d
 
 
-def padded_init(init: Initializer, padding_idx: int | None, num_embeddings: int) -> Initializer:
-    """Wraps ``init`` so that the padding row starts at zero (as torch's EmbeddingBag); a
-    :func:`pretrained_init` table is kept as given (as torch's ``from_pretrained``)."""
+def table_init(init: Initializer, padding_idx: int | None, num_embeddings: int) -> Initializer:
+    """Wraps ``init``: the table it returns must have the requested ``[V, D]`` shape (a wrong one
+    would make a module whose ``num_embeddings`` / ``features`` are not its table's), and the
+    padding row starts at zero (as torch's EmbeddingBag). A :func:`pretrained_init` table is kept
+    as given (it checks its shape; its padding row is not zeroed, as torch's ``from_pretrained``).
+    """
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
-    if pad is None or getattr(init, "pretrained", False):
+    if getattr(init, "pretrained", False):
         return init
 
     def wrapped(key, shape, dtype=jnp.float32):
+        def fix(table):
+            table = jnp.asarray(table)  # (an initialiser may return a NumPy array)
+            if table.shape != tuple(shape):
+                raise ValueError(
+                    f"embedding_init returned a table of shape {table.shape}; the module needs "
+                    f"[num_embeddings, features] = {tuple(shape)}. Make the initialiser use the "
+                    "shape it is given: embedding_init(key, shape, dtype)."
+                )
+            return table if pad is None else table.at[pad].set(0)
+
         value = init(key, shape, dtype)
         # An initialiser wrapped in nn.with_partitioning / nnx.with_partitioning (the Flax way to
-        # shard a parameter) returns the array in a metadata box: zero the row inside the box.
+        # shard a parameter) returns the array in a metadata box: fix the table inside the box.
         if isinstance(value, nn.Partitioned):  # linen (also nn.LogicallyPartitioned)
             # (no sharding constraint here: padding_idx must not change the init program)
-            return value.replace_boxed(value.unbox(apply_constraint=False).at[pad].set(0))
+            return value.replace_boxed(fix(value.unbox(apply_constraint=False)))
         if isinstance(value, nn.meta.AxisMetadata):  # other linen boxes
-            return value.replace_boxed(value.unbox().at[pad].set(0))
+            return value.replace_boxed(fix(value.unbox()))
         if isinstance(value, nnx.VariableMetadata):  # nnx.with_partitioning / with_metadata
-            return dataclasses.replace(value, raw_value=value.raw_value.at[pad].set(0))
-        return value.at[pad].set(0)
+            return dataclasses.replace(value, raw_value=fix(value.raw_value))
+        return fix(value)
 
     return wrapped
 
@@ -113,7 +116,7 @@ def pretrained_init(table: Array) -> Initializer:
     checking the shape and casting to the param dtype: donating what ``init`` returned must not
     delete the table the next ``init`` reads.
 
-    Its padding row is not zeroed (:func:`padded_init` leaves it alone).
+    Its padding row is not zeroed (:func:`table_init` leaves it alone).
     """
 
     return _PretrainedInit(table)
@@ -125,7 +128,7 @@ class _PretrainedInit:
     modules built by ``from_pretrained`` / ``from_torch`` can be pickled."""
 
     table: Array = dataclasses.field(repr=False)  # (not printed in every module's repr)
-    pretrained = True  # read by padded_init: the padding row is kept as given
+    pretrained = True  # read by table_init: the padding row is kept as given
 
     def __call__(self, key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
         del key
@@ -297,6 +300,7 @@ def make_torch_module(
 ) -> Any:
     """Builds a ``torch.nn.EmbeddingBag`` with ``settings`` and the weight ``table`` (imports torch);
     a frozen table becomes a weight with ``requires_grad=False``, as torch's ``freeze=True``."""
+    validation.check_bool("sparse", sparse)
     if settings.mode == "sqrtn":
         raise ValueError("torch's EmbeddingBag has no mode='sqrtn'; use 'sum', 'mean' or 'max'.")
     arr = np.asarray(table)

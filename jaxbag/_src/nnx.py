@@ -11,6 +11,7 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxbag._src import module_common as common
+from jaxbag._src import validation
 
 __all__ = ["EmbeddingBag", "FrozenEmbedding"]
 
@@ -40,7 +41,9 @@ class EmbeddingBag(nnx.Module):
       mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
       padding_idx: optional row skipped in every bag (negative counts from the end); initialised
         to zeros, as torch does.
-      max_norm: optional; looked-up rows are rescaled to this ``norm_type``-norm.
+      max_norm: optional; a looked-up row whose ``norm_type``-norm exceeds it is scaled down to
+        it (torch's forward, see :func:`jaxbag.embedding_bag`). Unlike torch, the stored
+        ``embedding`` is not renormed in place: :func:`jaxbag.renorm` returns the renormed table.
       norm_type: the p of the p-norm for ``max_norm``.
       scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
       include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
@@ -51,6 +54,9 @@ class EmbeddingBag(nnx.Module):
 
     Attributes:
       embedding: ``nnx.Param [V, D]`` (a :class:`FrozenEmbedding` for a frozen pretrained table).
+      settings: the options passed on to :func:`jaxbag.embedding_bag` (``mode``,
+        ``padding_idx``, ...); ``num_embeddings`` and ``features`` are also attributes, as in
+        ``nnx.Embed``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
@@ -90,10 +96,20 @@ class EmbeddingBag(nnx.Module):
         self.settings.check_dtypes(dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
-        init = common.padded_init(embedding_init, padding_idx, num_embeddings)
+        init = common.table_init(embedding_init, padding_idx, num_embeddings)
         self.embedding: nnx.Variable = nnx.Param(
             init(rngs.params(), (num_embeddings, features), param_dtype)
         )
+
+    @property
+    def num_embeddings(self) -> int:
+        """``V``, rows in the table."""
+        return self.settings.num_embeddings
+
+    @property
+    def features(self) -> int:
+        """``D``, the width of each row."""
+        return self.settings.features
 
     @property
     def frozen(self) -> bool:
@@ -158,6 +174,7 @@ class EmbeddingBag(nnx.Module):
           >>> m(jnp.array([0, 2]), jnp.array([0])).tolist()
           [[4.0, 6.0]]
         """
+        validation.check_bool("freeze", freeze)
         table = common.check_pretrained(embeddings)
         common.check_pretrained_kwargs(kwargs)
         kwargs.setdefault("param_dtype", table.dtype)
@@ -199,7 +216,6 @@ class EmbeddingBag(nnx.Module):
           ('sum', (4, 2))
         """
         settings, table, extra = common.settings_from_torch(source, overrides)
-        extra.setdefault("param_dtype", table.dtype)
         extra.setdefault("freeze", False)
         return cls.from_pretrained(table, **settings.op_kwargs(), **extra)
 

@@ -60,6 +60,7 @@ def offsets_to_segment_ids(
       >>> jaxbag.offsets_to_segment_ids(jnp.array([0, 2, 4]), 5, include_last_offset=True).tolist()
       [0, 0, 1, 1, 2]
     """
+    validation.check_bool("include_last_offset", include_last_offset)
     offsets = _checked_1d("offsets", offsets)
     n = _checked_num_indices(num_indices)
     if include_last_offset and offsets.shape[0] == 0:

@@ -43,6 +43,30 @@ def static_int_hint(value: object) -> str:
     return ""
 
 
+def check_bool(name: str, value: object) -> None:
+    """Raises unless ``value`` is a Python or NumPy bool: a flag given as a string (``"False"``
+    from a config file) or a number would otherwise switch the option on by its truthiness."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{name} must be a bool (True or False); got {name}={value!r} of type "
+            f"{type(value).__name__}. For example {name}=False."
+        )
+
+
+def check_float_dtype(name: str, value: object, example: str) -> None:
+    """Raises unless ``value`` names a floating-point dtype; ``example`` is a correct call."""
+    try:
+        got = jnp.dtype(value)
+    except TypeError:
+        got = None
+    if got is None or not jnp.issubdtype(got, jnp.floating):
+        shown = repr(value) if got is None else got.name
+        raise TypeError(
+            f"{name} must be a floating-point dtype (float32, bfloat16, float16, float64); got "
+            f"{name}={shown}. For example: {example}."
+        )
+
+
 def is_concrete(*xs: object) -> bool:
     """Whether none of ``xs`` is a tracer (i.e. their values are known now)."""
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
@@ -53,6 +77,18 @@ def check_mode(mode: str) -> None:
         raise ValueError(
             f"mode must be one of {MODES}; got mode={mode!r}. For example mode='mean' (the "
             "average of each bag, torch's default) or mode='sum'."
+        )
+
+
+def check_options(mode: str, include_last_offset: bool, scale_grad_by_freq: bool) -> None:
+    """Checks the options that do not depend on the input (the op's and the modules' settings)."""
+    check_mode(mode)
+    check_bool("include_last_offset", include_last_offset)
+    check_bool("scale_grad_by_freq", scale_grad_by_freq)
+    if scale_grad_by_freq and mode == "max":
+        raise ValueError(
+            "scale_grad_by_freq is not supported with mode='max' (as in torch): use mode='sum' or "
+            "'mean', or scale_grad_by_freq=False."
         )
 
 
@@ -215,7 +251,7 @@ def check_static(
     scale_grad_by_freq: bool = False,
 ) -> Layout:
     """Checks everything that does not need values; returns the number of bags."""
-    check_mode(mode)
+    check_options(mode, include_last_offset, scale_grad_by_freq)
     require_int("indices", indices)
     if indices.ndim == 2:
         if offsets is not None:
@@ -304,11 +340,6 @@ def check_static(
                 f"per_sample_weights must have the shape of indices {indices.shape}; got "
                 f"{per_sample_weights.shape}."
             )
-    if scale_grad_by_freq and mode == "max":
-        raise ValueError(
-            "scale_grad_by_freq is not supported with mode='max' (as in torch): use mode='sum' or "
-            "'mean', or scale_grad_by_freq=False."
-        )
     return layout
 
 
