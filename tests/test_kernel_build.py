@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,17 +85,64 @@ def test_a_failing_compiler_with_arguments_is_reported(tmp_path, monkeypatch):
 
 
 def test_build_directories_of_killed_builders_are_removed(tmp_path):
-    old, new = tmp_path / "tmpold", tmp_path / "tmpnew"
-    for d in (old, new):
+    """Only jaxbag's own: every old tmp* folder was removed, so with a shared cache directory
+    (JAXBAG_CACHE_DIR=/tmp) other programs' tempfile folders went too."""
+    prefix = fast_forward._BUILD_PREFIX
+    old, new, theirs = tmp_path / f"{prefix}old", tmp_path / f"{prefix}new", tmp_path / "tmpk2j3"
+    for d in (old, new, theirs):
         (d / "sub").mkdir(parents=True)
         (d / "bag.cc").write_text("x")
     past = time.time() - 2 * fast_forward._STALE_BUILD_S
-    os.utime(old, (past, past))
+    for d in (old, theirs):
+        os.utime(d, (past, past))
     keep = tmp_path / "jaxbag_cpu_0.so"
     keep.write_bytes(b"")
     fast_forward._remove_stale_builds(tmp_path)
     assert not old.exists() and new.is_dir() and keep.exists()
-    shutil.rmtree(new)
+    assert (theirs / "bag.cc").read_text() == "x"
+
+
+def test_a_cached_kernel_that_does_not_load_is_rebuilt(tmp_path, monkeypatch):
+    """A .so whose sidecar matched but which did not load (damaged after its sidecar was written,
+    or built for another system) sent every process to the XLA path for good."""
+    good = _built_kernel()
+    monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path))
+    lib = fast_forward._build_kernel()
+    lib.write_bytes(b"not a shared object")
+    (tmp_path / (lib.name + ".sha256")).write_text(fast_forward._sha256(lib))
+    assert fast_forward._cached_ok(lib)  # the sidecar matches: only loading can tell
+    fast_forward._load_library(lib)
+    assert lib.read_bytes() == good.read_bytes() and fast_forward._cached_ok(lib)
+
+
+def test_an_unavailable_kernel_is_announced_once(tmp_path, monkeypatch):
+    """Only a logging.info said why: every call quietly took the (slower) XLA path."""
+    monkeypatch.setattr(fast_forward, "_kernel_state", {})
+    monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(_script(tmp_path / "fail.sh", "exit 1")))
+    with pytest.warns(RuntimeWarning, match=r"(?s)C\+\+ CPU kernel is unavailable .*exited with 1.*"
+                                            r"JAXBAG_DISABLE_CPU_KERNEL=1"):
+        assert not fast_forward._load_kernel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fast_forward._load_kernel()  # remembered: no second warning, no second build
+
+
+@pytest.mark.parametrize("value, disabled", [
+    ("", False), ("0", False), ("false", False), ("No", False), ("off", False),
+    ("1", True), ("true", True), ("YES", True), ("on", True)])
+def test_disable_variable_values(monkeypatch, value, disabled):
+    """'false', 'no' and 'off' switched the kernel off (anything but '' and '0' did)."""
+    monkeypatch.setenv("JAXBAG_DISABLE_CPU_KERNEL", value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fast_forward._disabled_by_env() is disabled
+
+
+def test_an_unknown_disable_value_warns_and_disables(monkeypatch):
+    monkeypatch.setenv("JAXBAG_DISABLE_CPU_KERNEL", "maybe")
+    with pytest.warns(UserWarning, match=r"JAXBAG_DISABLE_CPU_KERNEL='maybe' is not one of"):
+        assert fast_forward._disabled_by_env()
 
 
 @pytest.mark.parametrize(
@@ -117,3 +165,29 @@ def test_cache_dir_follows_the_xdg_rules(monkeypatch, tmp_path, jaxbag_cache, xd
         else:
             monkeypatch.setenv(name, value)
     assert fast_forward._cache_dir() == Path(expected.replace("HOME", str(tmp_path)))
+
+
+def test_the_kernel_is_not_built_for_another_backend(monkeypatch):
+    """On a GPU/TPU process the first float32 call compiled C++ (seconds) and wrote a .so to the
+    cache, for calls that lower to the XLA path there."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(fast_forward, "_load_kernel", lambda: pytest.fail("the kernel was built"))
+    assert not fast_forward._kernel_ok(jnp.ones((2, 2), jnp.float32))
+
+
+def test_the_kernel_says_no_arg_max_outside_max_mode():
+    """Sum / mean / sqrtn left the [B, 1] arg output uninitialised (random ints); it holds N
+    ("none"), as the stream loop's does."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    _built_kernel()
+    w, ids, seg = jnp.ones((5, 3)), jnp.array([0, 1, 2, 3], jnp.int32), jnp.array([0, 0, 1, 1], jnp.int32)
+    for mode in ("sum", "mean", "sqrtn"):
+        for impl in ("auto", "stream"):
+            _, arg = fast_forward.bag_reduce_with_arg(
+                w, ids, seg, None, num_bags=2, padding_idx=None, mode=mode, layout=0, impl=impl)
+            np.testing.assert_array_equal(arg, np.full((2, 1), 4, np.int32))

@@ -363,6 +363,43 @@ def test_update_rejects_another_optimisers_state():
         sparse.sparse_sgd(0.1).update(w, (), rg)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("make_opt, field", [(sparse.sparse_adam, "mu"),
+                                             (sparse.sparse_adagrad, "sum_sq")])
+def test_update_rejects_a_state_made_for_another_table(make_opt, field, jit):
+    """A state made for a smaller table reached the fused CPU kernel, which read and wrote the
+    moments at the table's row offsets: a segfault, or silent out-of-bounds writes under jit; the
+    XLA fallback (kernel off) silently took the missing moments as zeros."""
+    opt = make_opt(0.1)
+    update = jax.jit(opt.update) if jit else opt.update
+    table = jnp.ones((1000, 4))
+    rg = sparse.RowGrads(jnp.array([500, 999]), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=rf"state.{field} has shape \(10, ?4?\).*for a table of "
+                                         r"shape \(1000, 4\).*init\(table\)"):
+        update(table, opt.init(jnp.zeros((10, 4))), rg)
+    if jax.config.jax_enable_x64:
+        return
+    wrong_dtype = opt.init(jnp.zeros((1000, 4), jnp.bfloat16))._replace(
+        **{field: opt.init(table)._asdict()[field].astype(jnp.float16)})
+    with pytest.raises(ValueError, match=rf"state.{field} has shape .* dtype float16"):
+        update(table, wrong_dtype, rg)
+
+
+def test_adam_kernel_refuses_moments_of_the_wrong_size():
+    """The kernel itself checks the moments' size (the update's check comes first; this is the
+    second line of defence for any other caller)."""
+    from jaxbag._src import fast_forward
+
+    ok, why = fast_forward.cpu_kernel_status()
+    assert ok, why
+    table, small = jnp.ones((1000, 4)), jnp.zeros((10, 4))
+    hyper = jnp.array([0.1, 0.9, 0.1, 0.999, 0.001, 1e-8], jnp.float32)
+    with pytest.raises(Exception, match="jaxbag sparse_adam: bad shapes"):
+        jax.block_until_ready(fast_forward.fused_row_update(
+            "adam", (table, small, small), jnp.array([999], jnp.int32), jnp.ones((1, 4)), hyper,
+            lambda: pytest.fail("the kernel path was not taken")))
+
+
 # ---- memory: no [V, D] gradient, table updated in place ----------------------------------------
 
 

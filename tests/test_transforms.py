@@ -370,3 +370,35 @@ def test_check_grads(mode, weighted, form):
 
         args = (weight,)
     check_grads(f, args, order=1, modes=["rev", "fwd"], eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+@pytest.mark.parametrize("mode, psw", [
+    ("mean", [0.1, 0.2, -0.3]),   # sums to exactly 0 in float32 (not in float64)
+    ("sqrtn", [1e-23] * 3),       # squares underflow to 0 in float32
+    ("sqrtn", [0.0] * 3),
+])
+def test_zero_float32_divisor_gives_zeros_and_zero_gradients_on_every_path(mode, psw, impl,
+                                                                          monkeypatch):
+    """The CPU kernel summed a weighted bag's divisor in float64 while the XLA formulation and
+    the gradient rule sum it in float32: weights summing to 0 in float32 gave a huge bag
+    (5.4e7) whose gradient was 0. The XLA formulation's sqrtn gave NaN weight gradients when the
+    squares summed to 0. Now both give the zero-divisor rule's zeros, value and gradients."""
+    from jaxbag._src import fast_forward
+
+    if impl == "xla":
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    else:
+        assert fast_forward.cpu_kernel_status()[0]
+    w = jnp.array([[1.0], [2.0], [3.0]], jnp.float32)
+    ids, offsets, p = jnp.array([0, 1, 2]), jnp.array([0]), jnp.array(psw, jnp.float32)
+
+    def f(w, p):
+        return jaxbag.embedding_bag(w, ids, offsets, mode=mode, per_sample_weights=p)
+
+    for fn in (f, jax.jit(f)):
+        out = fn(w, p)
+        np.testing.assert_array_equal(out, np.zeros((1, 1), np.float32))
+        dw, dp = jax.grad(lambda w, p: fn(w, p).sum(), (0, 1))(w, p)
+        np.testing.assert_array_equal(dw, np.zeros_like(w))
+        np.testing.assert_array_equal(dp, np.zeros_like(p))

@@ -47,9 +47,11 @@ def bag_denominators(w: Array, seg: Array, num_bags: int, mode: str) -> Array | 
     if mode == "mean":
         return jax.ops.segment_sum(w, seg, num_segments=num_bags, indices_are_sorted=True)
     if mode == "sqrtn":
-        return jnp.sqrt(
-            jax.ops.segment_sum(w * w, seg, num_segments=num_bags, indices_are_sorted=True)
-        )
+        sq = jax.ops.segment_sum(w * w, seg, num_segments=num_bags, indices_are_sorted=True)
+        # sqrt's derivative is infinite at 0: a bag whose weights' squares sum to 0 (all zero,
+        # or underflowing) would get NaN weight gradients instead of the zero-divisor rule's 0
+        some = sq > 0
+        return jnp.where(some, jnp.sqrt(jnp.where(some, sq, jnp.ones((), sq.dtype))), sq)
     return None
 
 

@@ -51,6 +51,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -307,23 +308,35 @@ inline void ForRows(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0
 template <int kW, int kMode, bool kWeighted, bool kWhole>
 inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o) {
   float acc[kW] = {};
-  double den = 0.0;
+  // The divisor: a weighted bag's weights (squares for sqrtn) are summed in float32, as the XLA
+  // formulation and the gradient rule sum them, so the value, its gradient and the zero-divisor
+  // rule agree (a float64 sum made weights summing to 0 in float32 a huge bag with a zero
+  // gradient). An unweighted bag's count is exact.
+  float wden = 0.0f;
+  int64_t count = 0;
   ForRows<kW, kWhole>(a, b, n0, n1, c0, [&](int64_t p, const float* __restrict__ r) {
     if constexpr (kWeighted) {
       const float c = a.psw[p];
-      den += kMode == kSqrtn ? static_cast<double>(c) * c : static_cast<double>(c);
+      wden += kMode == kSqrtn ? c * c : c;
       for (int d = 0; d < kW; ++d) acc[d] += c * r[d];
     } else {
-      den += 1.0;
+      ++count;
       for (int d = 0; d < kW; ++d) acc[d] += r[d];
     }
   });
   float scale = 1.0f;
   if constexpr (kMode == kMean || kMode == kSqrtn) {
-    if constexpr (kMode == kSqrtn) den = std::sqrt(den);
-    scale = den != 0.0 ? static_cast<float>(1.0 / den) : 0.0f;
+    if constexpr (kWeighted) {
+      const float den = kMode == kSqrtn ? std::sqrt(wden) : wden;
+      scale = den != 0.0f ? 1.0f / den : 0.0f;
+    } else {
+      const double den = kMode == kSqrtn ? std::sqrt(static_cast<double>(count))
+                                         : static_cast<double>(count);
+      scale = count != 0 ? static_cast<float>(1.0 / den) : 0.0f;
+    }
   }
-  for (int d = 0; d < kW; ++d) o[d] = acc[d] * scale;
+  // (a zero divisor gives +0, as the XLA formulation, not acc * 0 = -0 for a negative sum)
+  for (int d = 0; d < kW; ++d) o[d] = scale != 0.0f ? acc[d] * scale : 0.0f;
 }
 
 // max of one bag, columns [c0, c0 + kW), with the first arg-max position per column in g.
@@ -446,6 +459,10 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
   const bool weighted = mode != kMax && static_cast<int64_t>(psw.element_count()) == N;
   if (mode == kMax && static_cast<int64_t>(arg->element_count()) != B * od[1]) {
     return ffi::Error::InvalidArgument("jaxbag kernel: mode max needs a [B, D] arg output");
+  }
+  if (mode != kMax) {  // no arg-max: the [B, 1] output says "none" (N), as the stream loop
+    int32_t* g = arg->typed_data();
+    std::fill(g, g + arg->element_count(), static_cast<int32_t>(N));
   }
   std::vector<int64_t> start(B + 1, N);
   const int32_t* bd = bounds.typed_data();
@@ -649,8 +666,10 @@ ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Bu
                       ffi::ResultBuffer<ffi::F32> nu_out) {
   const auto td = table.dimensions();
   const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
-  if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 6) {
-    return ffi::Error::InvalidArgument("jaxbag sparse_adam: bad grads/hyper shapes");
+  if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 6 ||
+      static_cast<int64_t>(mu.element_count()) != V * D ||
+      static_cast<int64_t>(nu.element_count()) != V * D) {
+    return ffi::Error::InvalidArgument("jaxbag sparse_adam: bad shapes");
   }
   float* w = table_out->typed_data();
   float* m = mu_out->typed_data();
@@ -882,11 +901,15 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+_BUILD_PREFIX = "jaxbag-build-"  # only directories with this prefix are ever removed
+
+
 def _remove_stale_builds(out_dir: Path) -> None:
     """Build directories left by builders that were killed (``TemporaryDirectory`` cannot
-    clean up after SIGKILL)."""
+    clean up after SIGKILL). Only jaxbag's own (``_BUILD_PREFIX``): the cache directory may be
+    shared (``JAXBAG_CACHE_DIR=/tmp``), and other programs' ``tmp*`` folders are not ours."""
     now = time.time()
-    for d in out_dir.glob("tmp*"):
+    for d in out_dir.glob(_BUILD_PREFIX + "*"):
         try:
             if d.is_dir() and now - d.stat().st_mtime > _STALE_BUILD_S:
                 shutil.rmtree(d, ignore_errors=True)
@@ -931,7 +954,7 @@ def _build_kernel() -> Path:
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out_dir)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=_BUILD_PREFIX) as tmp:
         src = Path(tmp) / "bag.cc"
         src.write_text(_KERNEL_SOURCE)
         tmp_lib = Path(tmp) / "bag.so"
@@ -962,23 +985,62 @@ def _build_kernel() -> Path:
         raise RuntimeError("compiling the jaxbag CPU kernel failed:\n" + "\n".join(errors))
 
 
+_DISABLE = ("1", "true", "yes", "on")  # JAXBAG_DISABLE_CPU_KERNEL values that switch it off
+_KEEP = ("", "0", "false", "no", "off")  # ... and that leave it on
+
+
+def _disabled_by_env() -> bool:
+    """Whether ``JAXBAG_DISABLE_CPU_KERNEL`` switches the kernel off: 1/true/yes/on (any case);
+    unset, empty, 0/false/no/off leave it on. Another value is refused with a warning and
+    switches it off (the cautious reading of a flag that was set)."""
+    value = os.environ.get("JAXBAG_DISABLE_CPU_KERNEL", "").strip().lower()
+    if value in _DISABLE or value in _KEEP:
+        return value in _DISABLE
+    warnings.warn(
+        f"JAXBAG_DISABLE_CPU_KERNEL={value!r} is not one of {_DISABLE + _KEEP[1:]}; taking it as set "
+        "(the CPU kernel is off). Use JAXBAG_DISABLE_CPU_KERNEL=1 or 0.",
+        stacklevel=4,
+    )
+    return True
+
+
+def _load_library(path: Path) -> ctypes.CDLL:
+    """Loads the built kernel; a cached ``.so`` that does not load (its sidecar matched, yet it
+    is damaged or built for another system) is removed and built once more."""
+    try:
+        return ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+        _log.info("the cached jaxbag CPU kernel %s does not load (%s): building it again", path, e)
+        for stale in (path, path.with_name(path.name + ".sha256")):
+            stale.unlink(missing_ok=True)
+        return ctypes.cdll.LoadLibrary(str(_build_kernel()))
+
+
 def _load_kernel() -> bool:
     with _kernel_lock:
         if "ok" in _kernel_state:
             return bool(_kernel_state["ok"])
-        if os.environ.get("JAXBAG_DISABLE_CPU_KERNEL", "") not in ("", "0"):
+        if _disabled_by_env():
             _kernel_state.update(ok=False, reason="disabled by JAXBAG_DISABLE_CPU_KERNEL")
             return False
         try:
             path = _build_kernel()
-            lib = ctypes.cdll.LoadLibrary(str(path))
+            lib = _load_library(path)
             for target, symbol in _KERNEL_SYMBOLS.items():
                 jax.ffi.register_ffi_target(
                     target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
                 )
             _kernel_state.update(ok=True, reason=f"loaded {path}", lib=lib)
         except Exception as e:  # noqa: BLE001  (any failure: fall back to the XLA formulation)
-            _log.info("jaxbag CPU kernel unavailable, using the XLA path: %s", e)
+            # Said once per process, as a warning: the XLA path gives the same values, but a
+            # user who expects the kernel's speed should learn why it is not there.
+            warnings.warn(
+                f"jaxbag's C++ CPU kernel is unavailable ({type(e).__name__}: {e}); using the "
+                "XLA path (same values and gradients, slower on CPU). Set "
+                "JAXBAG_DISABLE_CPU_KERNEL=1 to use the XLA path without trying to build it.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             _kernel_state.update(ok=False, reason=f"{type(e).__name__}: {e}")
         return bool(_kernel_state["ok"])
 
@@ -1286,9 +1348,12 @@ def in_shard_map(*arrays: Any) -> bool:
 
 
 def _kernel_ok(*arrays: Array) -> bool:
+    # (on a GPU/TPU process the kernel is never built: its calls would lower to the XLA path
+    # there anyway, and building it cost seconds and wrote a .so to the cache)
     return (
         all(a.dtype == jnp.float32 for a in arrays)
         and not in_shard_map(*arrays)
+        and jax.default_backend() == "cpu"
         and _load_kernel()
     )
 

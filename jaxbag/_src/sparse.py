@@ -34,6 +34,7 @@ Example (a training step)::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -472,15 +473,35 @@ def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array, jnp.dtype], Arra
     return lambda count, dtype: jnp.asarray(lr, dtype)
 
 
-def _check_table(table: Array, state: Any, state_type: type, maker: str,
+@functools.lru_cache(maxsize=64)
+def _state_spec(init: Callable[[Array], Any], shape: tuple[int, ...], dtype: jnp.dtype) -> Any:
+    """The shapes and dtypes of ``init``'s state for a table (cached: an eager update checks it
+    on every call)."""
+    return jax.eval_shape(init, jax.ShapeDtypeStruct(shape, dtype))
+
+
+def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: str,
                  row_grads: RowGrads) -> None:
+    """Static checks of an update: the state is what ``init(table)`` makes for this table (its
+    type, and every leaf's shape and dtype: the fused CPU kernel reads and writes the moments at
+    the table's row offsets, so a state made for a smaller table must never reach it)."""
     validation.check_table(table, "table")
-    if not isinstance(state, state_type):
+    want = _state_spec(init, table.shape, jnp.dtype(table.dtype))
+    if not isinstance(state, type(want)):
         raise TypeError(
-            f"state must be the {state_type.__name__} that jaxbag.{maker}(...).init(table) "
+            f"state must be the {type(want).__name__} that jaxbag.{maker}(...).init(table) "
             f"returns; got {type(state).__name__}. Each sparse optimiser takes its own init's "
             "state (after switching optimisers, init a new state)."
         )
+    for name in want._fields:
+        got, w = getattr(state, name), getattr(want, name)
+        if jnp.shape(got) != w.shape or jnp.result_type(got) != w.dtype:
+            raise ValueError(
+                f"state.{name} has shape {jnp.shape(got)} and dtype "
+                f"{jnp.result_type(got).name}; for a table of shape {table.shape} and dtype "
+                f"{jnp.dtype(table.dtype).name} it must be {w.shape} {w.dtype.name}. The state "
+                f"belongs to another table: make this table's with jaxbag.{maker}(...).init(table)."
+            )
     rows, grads = row_grads
     if rows.ndim != 1 or grads.ndim != 2 or grads.shape != (rows.shape[0], table.shape[1]):
         raise ValueError(
@@ -568,7 +589,7 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
         return SgdState(count=jnp.zeros((), jnp.int32))
 
     def update(table: Array, state: SgdState, row_grads: RowGrads) -> tuple[Array, SgdState]:
-        _check_table(table, state, SgdState, "sparse_sgd", row_grads)
+        _check_table(table, state, init, "sparse_sgd", row_grads)
         rows, grads = row_grads
         c = acc_dtype(table.dtype)
         lr = lr_fn(state.count, c)
@@ -630,7 +651,7 @@ def sparse_adagrad(
     def update(
         table: Array, state: RowwiseAdagradState, row_grads: RowGrads
     ) -> tuple[Array, RowwiseAdagradState]:
-        _check_table(table, state, RowwiseAdagradState, "sparse_adagrad", row_grads)
+        _check_table(table, state, init, "sparse_adagrad", row_grads)
         rows, grads = row_grads
         c = acc_dtype(table.dtype)
         lr = lr_fn(state.count, c)
@@ -706,7 +727,7 @@ def sparse_adam(
     def update(
         table: Array, state: LazyAdamState, row_grads: RowGrads
     ) -> tuple[Array, LazyAdamState]:
-        _check_table(table, state, LazyAdamState, "sparse_adam", row_grads)
+        _check_table(table, state, init, "sparse_adam", row_grads)
         rows, grads = row_grads
         count = state.count + 1
         c = acc_dtype(table.dtype)
