@@ -1085,6 +1085,66 @@ def case_split_features():
         close(eager, jitted, f"{tag}: eager planned rows outside set_mesh")
 
 
+def case_plain_explicit():
+    """The plain op and the NNX module on inputs split over an Explicit (2 x 4) mesh, as a
+    data-parallel model on jax.make_mesh's default axes holds them: a batch-split 2-D id array
+    (eagerly, the value checks sliced it: a sharding type error), a column- or row-split table,
+    or both. Values and table gradients equal the single-device op's, the bags come out split
+    over the batch as the ids and over the features as the table, and a jitted step compiles
+    once for two batches."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(V, 8)).astype(np.float32)
+    ids = rng.integers(0, V, (B, 3)).astype(np.int32)
+    psw = rng.random((B, 3)).astype(np.float32)
+    layouts = [(P(), P("data", None)), (P(None, "model"), P()), (P("model", None), P()),
+               (P(None, "model"), P("data", None)), (P(None, "data"), P("data", None))]
+    with jax.set_mesh(mesh):
+        for wspec, ispec in layouts:
+            ws = jax.device_put(w, NamedSharding(mesh, wspec))
+            xs = jax.device_put(ids, NamedSharding(mesh, ispec))
+            ps = jax.device_put(psw, NamedSharding(mesh, ispec))
+            for mode in MODES:
+                tag = f"explicit {wspec} table, {ispec} ids, {mode}"
+                kw = {} if mode == "max" else {"per_sample_weights": ps}
+                want = jaxbag.embedding_bag(w, ids, mode=mode,
+                                            **({} if mode == "max" else {"per_sample_weights": psw}))
+
+                def loss(t, i, kw=kw, mode=mode):
+                    return jnp.sum(jnp.sin(jaxbag.embedding_bag(t, i, mode=mode, **kw)))
+
+                got = jaxbag.embedding_bag(ws, xs, mode=mode, **kw)  # eager
+                jitted = jax.jit(lambda t, i, kw=kw, mode=mode: jaxbag.embedding_bag(
+                    t, i, mode=mode, **kw))(ws, xs)
+                close(got, want, f"{tag}: eager")
+                close(jitted, want, f"{tag}: jit")
+                bags_axis = None if ispec == P() or wspec == P(None, "data") else "data"
+                want_spec = P(bags_axis, wspec[1] if len(wspec) > 1 else None)
+                if jitted.sharding.spec != want_spec:
+                    raise AssertionError(f"{tag}: bags {jitted.sharding.spec}, want {want_spec}")
+                g = jax.jit(jax.grad(loss))(ws, xs)
+                close(g, jax.grad(loss)(w, ids), f"{tag}: table gradient")
+        # a data-parallel NNX step: one compile for two batches of the same shape
+        from flax import nnx
+
+        model = jaxbag.nnx.EmbeddingBag(V, 8, mode="mean", rngs=nnx.Rngs(0))
+        traces = []
+
+        @jax.jit
+        def step(table, i):
+            traces.append(1)
+            return jax.grad(lambda t: jnp.sum(jaxbag.embedding_bag(t, i, mode="mean") ** 2))(table)
+
+        table = jax.device_put(model.embedding[...], NamedSharding(mesh, P()))
+        for seed in (0, 1):
+            batch = np.random.default_rng(seed).integers(0, V, (B, 3)).astype(np.int32)
+            step(table, jax.device_put(batch, NamedSharding(mesh, P("data", None))))
+        if len(traces) != 1:
+            raise AssertionError(f"explicit data-parallel step traced {len(traces)} times")
+        out = model(jax.device_put(ids, NamedSharding(mesh, P("data", None))))
+        close(out, jaxbag.embedding_bag(model.embedding[...], ids, mode="mean"), "NNX module")
+
+
 CASES = {
     "op_1d": case_op_1d,
     "op_2d": case_op_2d,
@@ -1095,6 +1155,7 @@ CASES = {
     "sparse": case_sparse,
     "collection_sparse": case_collection_sparse,
     "split_features": case_split_features,
+    "plain_explicit": case_plain_explicit,
     "experiment": case_experiment,
 }
 

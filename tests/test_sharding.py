@@ -36,6 +36,7 @@ CASES = [
     "sparse",
     "collection_sparse",
     "split_features",
+    "plain_explicit",
     "experiment",
 ]
 

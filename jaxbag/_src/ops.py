@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
-from jaxbag._src import bag_terms, fast_forward, segments, validation
+from jaxbag._src import bag_terms, explicit, fast_forward, segments, validation
 from jaxbag._src.dtypes import acc_dtype, take_rows
 
 __all__ = ["embedding_bag", "renorm"]
@@ -320,6 +320,24 @@ def _embedding_bag(
         scale_grad_by_freq=scale_grad_by_freq,
     )
 
+    out_sharding = _explicit_out_sharding(
+        weight, indices, (offsets, segment_ids, per_sample_weights))
+    if out_sharding is not None:
+        # An input split over Explicit mesh axes (jax.make_mesh's default): the gather and the
+        # segment reductions below need sharding rules JAX does not infer for them (a batch-split
+        # 2-D id array, or a column-split table, failed to trace). Inside auto_axes the compiler
+        # partitions the computation as on an Auto mesh; the bags come out split as their ids'
+        # rows and the table's columns.
+        def whole(w, i, o, s, p):
+            return _embedding_bag(
+                w, i, o, mode=mode, per_sample_weights=p, padding_idx=padding_idx,
+                include_last_offset=include_last_offset, max_norm=max_norm, norm_type=norm_type,
+                scale_grad_by_freq=scale_grad_by_freq, segment_ids=s, num_bags=num_bags,
+                fast=fast)
+
+        return jax.sharding.auto_axes(whole, out_sharding=out_sharding)(
+            weight, indices, offsets, segment_ids, per_sample_weights)
+
     b = layout.num_bags
     ids = indices.reshape(-1)
     n = ids.shape[0]
@@ -390,3 +408,21 @@ def renorm(
     new_rows = rows * _renorm_scale(rows, max_norm, norm_type)[:, None]
     target = jnp.where(ok, ids, num_embeddings)  # dropped by the scatter
     return weight.at[target].set(new_rows.astype(weight.dtype), mode="drop")
+
+
+def _explicit_out_sharding(
+    weight: Array, indices: Array, others: tuple[Array | None, ...]
+) -> jax.sharding.NamedSharding | None:
+    """The bags' sharding when an input is split over Explicit mesh axes, else ``None``.
+
+    ``[B, D]`` bags are split over ``B`` as 2-D ``indices`` are over their rows (1-D ids: ``B``
+    whole) and over ``D`` as ``weight``'s columns; an axis used by both stays on ``D``.
+    """
+    meshes = [m for m in map(explicit.explicit_mesh, (weight, indices, *others)) if m is not None]
+    if not meshes:
+        return None
+    features = explicit.spec_entry(weight, 1)
+    bags = explicit.spec_entry(indices, 0) if indices.ndim == 2 else None
+    if explicit.shares_axes(bags, features):
+        bags = None
+    return jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec(bags, features))

@@ -21,6 +21,8 @@ from jax import Array
 from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbag._src import explicit
+
 __all__ = ["MODES", "validate"]
 
 #: The bag reductions ``mode`` accepts (:func:`jaxbag.embedding_bag`, the modules, ``TableConfig``).
@@ -465,6 +467,8 @@ def raise_value_problems(
     the end of the last bag. ``check_ids=False`` leaves out the id range check (for callers that
     skip out-of-range ids by contract).
     """
+    # (whole arrays: on an Explicit mesh, slicing a split array is a sharding type error)
+    indices, offsets, segment_ids = map(explicit.unsplit, (indices, offsets, segment_ids))
     with jax.ensure_compile_time_eval():
         for p in _value_problems(num_embeddings, indices, offsets, segment_ids,
                                  num_bags=num_bags, include_last_offset=include_last_offset,
