@@ -1,4 +1,5 @@
-"""jaxbag.pack_bags / bucket_size / geometric_buckets: layout, values, errors, no recompiles."""
+"""jaxbag.pack_bags / bucket_size / geometric_buckets: layout, values, errors, no recompiles; the
+segment-id helpers (offsets_to_segment_ids / lengths_to_segment_ids) on host int64 / uint64 input."""
 
 import jax
 import jax.numpy as jnp
@@ -165,8 +166,7 @@ def test_bucket_ladders():
         (lambda: jaxbag.bucket_size(5, min_size=0), "min_size must be a positive int"),
         (lambda: jaxbag.pack_bags([[1], [2], [3]], batch_size=2), "got 3 bags but batch_size=2"),
         (lambda: jaxbag.pack_bags([[1]], batch_size=0), "batch_size must be a positive int"),
-        (lambda: jaxbag.pack_bags([[[1, 2]]]), r"bags\[0\] must be a 1-D"),
-        (lambda: jaxbag.pack_bags([[1], [0.5]]), r"bags\[1\] must hold integer ids"),
+        (lambda: jaxbag.pack_bags([[[1, 2]]]), r"bags\[0\] must be a flat list of ids.*\(1, 2\)"),
         (lambda: jaxbag.pack_bags([[1, -2]]), r"bags\[0\]\[1\] = -2: ids must lie in"),
         (lambda: jaxbag.pack_bags([[1, 2], [], [3, -4, 5]]), r"bags\[2\]\[1\] = -4"),
         (lambda: jaxbag.pack_bags([[5], np.array([7, 2**40])]), r"bags\[1\]\[1\] = 1099511627776"),
@@ -214,3 +214,100 @@ def test_no_recompile_over_many_ragged_batches(count_compiles):
     assert len(traces) == len(capacities) == len(compiles)
     assert len(capacities) <= len(jaxbag.geometric_buckets(batch_size * 60, min_size=min_size))
     assert len(totals) > 3 * len(capacities)
+
+
+def test_bags_and_weights_may_be_jax_arrays():
+    """A JAX array of bags (or weights) was refused ('bags must be a sequence ..., got ArrayImpl')
+    though NumPy arrays work and the docs promise arrays."""
+    p = jaxbag.pack_bags(jnp.array([[1, 2], [3, 4]]), weights=jnp.array([[0.5, 1.0], [2.0, 3.0]]),
+                         bucket_sizes=(4,))
+    np.testing.assert_array_equal(p.indices, [1, 2, 3, 4])
+    np.testing.assert_array_equal(p.weights, [0.5, 1.0, 2.0, 3.0])
+    q = jaxbag.pack_bags([jnp.array([5]), jnp.array([], jnp.int32)], weights=[jnp.ones(1), []],
+                         bucket_sizes=(2,))
+    np.testing.assert_array_equal(q.indices, [5, 0])
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: jaxbag.pack_bags([[1]], batch_size=jnp.int32(2)), "batch_size"),
+        (lambda: jaxbag.bucket_size(jnp.int32(5)), "n"),
+        (lambda: jaxbag.bucket_size(5, min_size=np.array(64)), "min_size"),
+        (lambda: jaxbag.geometric_buckets(jnp.int32(500)), "max_size"),
+    ],
+)
+def test_sizes_given_as_arrays_get_the_int_hint(call, name):
+    with pytest.raises(ValueError, match=rf"{name} must be a .*pass int\(x\)"):
+        call()
+
+
+def test_ladder_rungs_are_the_exact_ceilings():
+    """100 * 1.1 is 110.00000000000001 in floating point, so the rung after 100 was 111."""
+    assert jaxbag.geometric_buckets(200, min_size=100, growth=1.1) == (
+        100, 110, 121, 134, 148, 163, 180, 198, 218)
+    assert jaxbag.bucket_size(110, min_size=100, growth=1.1) == 110
+    assert jaxbag.geometric_buckets(1000, min_size=10, growth=1.5)[:4] == (10, 15, 23, 35)
+    assert jaxbag.geometric_buckets(2**40, min_size=2**30, growth=2.0)[-1] == 2**40
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # NumPy's 'inhomogeneous shape' / 'could not convert string to float', without a name
+        (lambda: jaxbag.pack_bags([[[1], [2, 3]]]), ValueError,
+         r"bags\[0\] must be a flat list of ids; got \[\[1\], \[2, 3\]\] \(ragged\)"),
+        (lambda: jaxbag.pack_bags([[1], [2, 3]], weights=[[1.0], [1.0, [2.0]]]), ValueError,
+         r"weights\[1\] must be 1-D with the length of bags\[1\] \(2\); got ragged data"),
+        (lambda: jaxbag.pack_bags([[1, 2]], weights=[["a", "b"]]), TypeError,
+         r"weights\[0\] must hold numbers .*weights\[0\]\[0\] = 'a'"),
+        (lambda: jaxbag.pack_bags([[1], 3]), ValueError, r"bags\[1\] = 3 is a single id, not a bag"),
+        (lambda: jaxbag.pack_bags([[1], [True]]), TypeError,
+         r"bags\[1\] must hold integer ids; got dtype bool"),
+        # Python ints past 64 bits (dtype object) were 'not integer ids'; None was not named
+        (lambda: jaxbag.pack_bags([[1, 2**70]]), ValueError,
+         r"bags\[0\]\[1\] = 1180591620717411303424 does not fit in int32"),
+        (lambda: jaxbag.pack_bags([[1, None]]), TypeError, r"bags\[0\]\[1\] = None"),
+        # int64 and uint64 bags concatenated to float64: the value was shown as 9.2e18
+        (lambda: jaxbag.pack_bags([np.array([1], np.int64), np.array([4, 2**63 + 5], np.uint64)]),
+         ValueError, r"bags\[1\]\[1\] = 9223372036854775813 does not fit in int32"),
+    ],
+)
+def test_errors_name_the_argument_and_position(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_non_integer_ids_are_not_met_with_a_truncating_cast():
+    """pack_bags([[1, 2.5]]) suggested np.asarray(bag, dtype=np.int32), which makes 2.5 a 2."""
+    with pytest.raises(TypeError, match=r"bags\[1\] must hold integer ids; got dtype float64 "
+                                        r"\(bags\[1\]\[1\] = 2\.5\): 2\.5 is not a whole number") as e:
+        jaxbag.pack_bags([[1], [1, 2.5]])
+    assert "int32" not in str(e.value) and "astype" not in str(e.value)
+    with pytest.raises(TypeError, match=r"bags\[0\]\[0\] = 1\.0\): they are whole numbers"):
+        jaxbag.pack_bags([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: jaxbag.offsets_to_segment_ids(np.array([0, 2**33]), 5),
+         r"offsets\[1\] = 8589934592 is past int32's range"),
+        (lambda: jaxbag.offsets_to_segment_ids(np.array([0, 2**64 - 1], np.uint64), 5),
+         r"offsets\[1\] = 18446744073709551615 is past int32's range"),
+        (lambda: jaxbag.lengths_to_segment_ids(np.array([1, 2**40]), 5),
+         r"lengths\[1\] = 1099511627776 is past int32's range.*lengths must be >= 0 and sum"),
+        (lambda: jaxbag.lengths_to_segment_ids(np.array([-(2**40), 1]), 5),
+         r"lengths\[0\] = -1099511627776 is past int32's range"),
+        (lambda: jaxbag.lengths_to_segment_ids(jnp.array([3, 2**32 - 1], jnp.uint32), 5),
+         r"lengths\[1\] = 4294967295 is past int32's range"),
+    ],
+)
+def test_segment_helpers_name_the_real_value_past_int32(call, match):
+    """Host int64 / uint64 offsets and lengths past int32 are clipped before the checks (JAX's own
+    cast wraps them), so the errors showed offsets[1] = 2147483647 for 2**33."""
+    with pytest.raises(ValueError, match=match):
+        call()
+    # values in range, of the same dtypes, still work
+    assert jaxbag.offsets_to_segment_ids(np.array([0, 2], np.uint64), 3).tolist() == [0, 0, 1]
+    assert jaxbag.lengths_to_segment_ids(np.array([2, 1], np.int64), 3).tolist() == [0, 0, 1]

@@ -402,7 +402,9 @@ def test_out_of_range_ids_never_reach_a_neighbouring_table_under_jit():
     tabs = [T("a", 3, 2, ("x",), mode="sum"), T("b", 3, 2, ("y",), mode="sum")]
     layout = jaxbag.collection_layout(tabs)
     params = {"a+b": jnp.ones((6, 2), jnp.float32)}
-    jf = jaxbag.JaggedFeatures.from_lists({"x": [[3, 5, -1, 0]], "y": [[-1, 2]]})
+    # (the raw constructor: the builders refuse negative ids, as pack_bags does)
+    jf = jaxbag.JaggedFeatures(["x", "y"], jnp.array([3, 5, -1, 0, -1, 2]), jnp.array([[4], [2]]),
+                               capacities=(4, 2))
     out = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout))(params, jf)
     assert out["x"].tolist() == [[1.0, 1.0]] and out["y"].tolist() == [[1.0, 1.0]]
 

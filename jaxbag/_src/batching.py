@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import jax
 import numpy as np
 import numpy.typing as npt
 
@@ -41,6 +42,7 @@ __all__ = [
 DEFAULT_MIN_SIZE = 128
 DEFAULT_GROWTH = 2.0
 _INT32_MAX = np.iinfo(np.int32).max
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class PackedBags(NamedTuple):
@@ -110,11 +112,165 @@ class PackedBags(NamedTuple):
         return int(self.indices.shape[0])
 
 
+def _plain(x: object) -> object:
+    """A NumPy scalar as the Python value it holds (``2.5``, not ``np.float64(2.5)``), for errors."""
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def bag_ids(bag: object, where: str) -> np.ndarray:
+    """One bag's ids as a 1-D NumPy array of an integer dtype, their own (never cast here, so a
+    uint64 or int64 id is not wrapped; :func:`checked_ids` checks the range).
+
+    Shared by :func:`pack_bags` and the ``JaggedFeatures`` builders.
+
+    Args:
+      bag: a list, tuple, NumPy or JAX array of ids (``[]`` is an empty bag).
+      where: the bag as the caller passed it, for errors: ``"bags[3]"``, ``"features['a'][3]"``.
+
+    Returns:
+      ``int [n]`` (``int64 [0]`` for an empty bag).
+
+    Raises:
+      ValueError: a single id instead of a bag, or nested / ragged data.
+      TypeError: ids that are not integers (float, bool, str), naming the first non-integer one.
+    """
+    try:
+        a = np.asarray(bag)
+    except ValueError:  # ragged nesting
+        a = None
+    if a is not None and a.ndim == 1 and a.dtype.kind in "iu":
+        return a
+    if a is not None and a.ndim == 0 and a.dtype.kind in "iu":
+        raise ValueError(
+            f"{where} = {bag!r} is a single id, not a bag: each bag is a list of ids, e.g. "
+            "[[1], [2]] for two bags of one id each."
+        )
+    if a is None or a.ndim != 1:
+        shape = "ragged" if a is None else f"shape {a.shape}"
+        raise ValueError(
+            f"{where} must be a flat list of ids; got {bag!r:.80} ({shape}). A bag is 1-D, e.g. "
+            "[4, 1, 7]."
+        )
+    if a.size == 0:
+        return np.zeros(0, np.int64)  # NumPy reads [] as float64
+    values = a.tolist()
+    if all(type(x) is int for x in values):  # (dtype object: Python ints, some past 64 bits)
+        j = next((i for i, x in enumerate(values) if not 0 <= x <= _INT32_MAX), None)
+        if j is None:  # (an object array of small ints)
+            return np.asarray(values, np.int64)
+        raise _id_range_error(f"{where}[{j}]", values[j])
+    j = next((i for i, x in enumerate(values) if type(x) is not int), 0)
+    hint = "ids are integers, e.g. [4, 1, 7]"
+    if a.dtype.kind == "f":
+        frac = ~np.isfinite(a) | (a != np.round(a))
+        j = int(np.argmax(frac))  # 0 when every value is whole
+        hint = (
+            f"{_plain(a[j])!r} is not a whole number: map such values to integer ids first (a cast "
+            "would truncate them silently)" if frac.any() else
+            "they are whole numbers, so np.asarray(ids).astype(np.int64) converts them"
+        )
+    raise TypeError(
+        f"{where} must hold integer ids; got dtype {a.dtype} ({where}[{j}] = {_plain(a[j])!r}): "
+        f"{hint}."
+    )
+
+
+def checked_ids(arrays: Sequence[np.ndarray], where: Callable[[int], str]) -> np.ndarray:
+    """The bags of :func:`bag_ids` concatenated into ``int32``, every id checked to lie in
+    ``[0, int32 max]`` (as :func:`pack_bags` and the ``JaggedFeatures`` builders require).
+
+    Args:
+      arrays: ``B`` 1-D integer arrays, any integer dtypes.
+      where: bag number -> the bag as the caller passed it (``lambda i: f"bags[{i}]"``).
+
+    Returns:
+      ``int32 [sum of the bags' sizes]``.
+
+    Raises:
+      ValueError: naming the first id out of range as ``where(bag)[position] = value``, the value
+        as given (read from the bag itself, never a wrapped or clipped copy).
+    """
+    if not arrays:
+        return np.zeros(0, np.int32)
+    # (int64 and uint64 bags concatenate to float64: exact to 2**53, and larger is out of range
+    # anyway; the error reads the value from the bag itself)
+    flat = np.concatenate(arrays)
+    if flat.size and (flat.min() < 0 or flat.max() > _INT32_MAX):
+        j = int(np.argmax((flat < 0) | (flat > _INT32_MAX)))
+        ends = np.cumsum([a.size for a in arrays])
+        bag = int(np.searchsorted(ends, j, side="right"))
+        pos = j - (int(ends[bag - 1]) if bag else 0)
+        raise _id_range_error(f"{where(bag)}[{pos}]", arrays[bag][pos])
+    return flat.astype(np.int32)
+
+
+def _id_range_error(position: str, value: int) -> ValueError:
+    return ValueError(
+        f"{position} = {value}{' does not fit in int32' if value > 0 else ''}: ids must lie in "
+        f"[0, {_INT32_MAX}] (non-negative int32); map or hash your ids into the embedding table's "
+        "range first."
+    )
+
+
+def host_weights(
+    w: object, where: str, length: int | None = None, of: str = ""
+) -> np.ndarray:
+    """Per-id weights as ``float32``, shared by :func:`pack_bags` and the ``JaggedFeatures``
+    builders: numbers only (bool, int, float), and no finite value that float32 cannot hold
+    (it would become ``inf`` silently).
+
+    Args:
+      w: a list, tuple, NumPy or JAX array of weights.
+      where: ``w`` as the caller passed it, for errors: ``"weights[3]"``.
+      length: if given, ``w`` must be 1-D of this length, that of the ids ``of`` names.
+      of: the ids ``w`` goes with, for errors: ``"bags[3]"``.
+
+    Returns:
+      ``float32`` weights of ``w``'s shape.
+
+    Raises:
+      ValueError: ragged data, a shape other than ``[length]``, or a value float32 overflows.
+      TypeError: weights that are not numbers (str, object).
+    """
+    try:
+        src = np.asarray(w)
+    except ValueError:  # ragged nesting
+        src = None
+    if src is None or (length is not None and (src.ndim != 1 or src.shape[0] != length)):
+        shape = "ragged data" if src is None else f"shape {src.shape}"
+        must = "a flat list of weights" if length is None else f"1-D with the length of {of} ({length})"
+        raise ValueError(f"{where} must be {must}; got {shape}.")
+    if src.size == 0:
+        return np.zeros(src.shape, np.float32)
+    if src.dtype.kind not in "biuf":
+        j = next((i for i, x in enumerate(src.reshape(-1).tolist())
+                  if not isinstance(x, bool | int | float)), 0)
+        at = "".join(f"[{i}]" for i in np.unravel_index(j, src.shape))
+        raise TypeError(
+            f"{where} must hold numbers (per-id weights); got {where}{at} = "
+            f"{_plain(src.reshape(-1)[j])!r} (dtype {src.dtype}). For example "
+            "weights=[[0.5, 1.0], [2.0]]."
+        )
+    if src.dtype.itemsize <= 4 or src.dtype.kind != "f" or (np.abs(src) <= _F32_MAX).all():
+        return src.astype(np.float32)  # (no int64 is past float32's range)
+    with np.errstate(over="ignore"):
+        out = src.astype(np.float32)
+    over = np.flatnonzero(np.isinf(out) & np.isfinite(src))
+    if over.size:
+        j = int(over[0])
+        at = "".join(f"[{i}]" for i in np.unravel_index(j, src.shape))
+        raise ValueError(
+            f"{where}{at} = {float(src.reshape(-1)[j])!r} overflows float32 (the packed weights' "
+            f"dtype, max {_F32_MAX:.4g}); rescale the weights."
+        )
+    return out
+
+
 def _check_ladder_args(min_size: int, growth: float) -> None:
     if not validation.is_static_int(min_size, 1):
         raise ValueError(
             f"min_size must be a positive int, got {min_size!r}; "
-            "e.g. jaxbag.bucket_size(n, min_size=128)."
+            "e.g. jaxbag.bucket_size(n, min_size=128)." + validation.static_int_hint(min_size)
         )
     if not isinstance(growth, (int, float, np.integer, np.floating)) or not 1.0 < growth < math.inf:
         raise ValueError(
@@ -124,7 +280,12 @@ def _check_ladder_args(min_size: int, growth: float) -> None:
 
 
 def _next_rung(size: int, growth: float) -> int:
-    return max(size + 1, math.ceil(size * growth))
+    """``ceil(size * growth)`` (at least ``size + 1``), where a product within a relative 1e-12
+    of a whole number is that number: ``100 * 1.1`` is ``110.00000000000001`` in floating point,
+    and its rung is 110, not 111."""
+    x = size * growth
+    whole = round(x)
+    return max(size + 1, whole if abs(x - whole) <= 1e-12 * x else math.ceil(x))
 
 
 def geometric_buckets(
@@ -156,7 +317,7 @@ def geometric_buckets(
     if not validation.is_static_int(max_size, 0):
         raise ValueError(
             f"max_size must be a non-negative int, got {max_size!r}; "
-            "e.g. jaxbag.geometric_buckets(4096)."
+            "e.g. jaxbag.geometric_buckets(4096)." + validation.static_int_hint(max_size)
         )
     sizes = [int(min_size)]
     while sizes[-1] < max_size:
@@ -197,7 +358,7 @@ def bucket_size(
     if not validation.is_static_int(n, 0):
         raise ValueError(
             f"n must be a non-negative int (the number of ids), got {n!r}; "
-            "e.g. jaxbag.bucket_size(1000)."
+            "e.g. jaxbag.bucket_size(1000)." + validation.static_int_hint(n)
         )
     if bucket_sizes is not None:
         sizes = _check_bucket_sizes(bucket_sizes)
@@ -251,16 +412,17 @@ def pack_bags(
 
     Args:
         bags: a sequence of ``b <= B`` bags, each a 1-D sequence or array of
-            non-negative integer ids (lists, tuples or NumPy arrays; may be empty).
+            non-negative integer ids in int32's range (lists, tuples, NumPy or JAX
+            arrays; may be empty), or a 2-D array with one bag per row.
         batch_size: ``B``, the fixed number of bag slots; defaults to ``len(bags)``.
             Must be ``>= len(bags)``.
         bucket_sizes: optional explicit increasing capacities to choose ``N_pad`` from.
         min_size: first rung of the default geometric ladder (the floor of ``N_pad``).
         growth: ratio of the default geometric ladder.
-        weights: optional per-id weights, one 1-D sequence per bag with the bag's
-            length, or a 2-D array with one row per bag, as for ``bags`` (e.g. word counts
-            of a bag of unique ids, for ``mode="mean"`` or ``"sum"`` with
-            ``per_sample_weights``).
+        weights: optional per-id weights (numbers float32 can hold), one 1-D sequence
+            per bag with the bag's length, or a 2-D array with one row per bag, as for
+            ``bags`` (e.g. word counts of a bag of unique ids, for ``mode="mean"`` or
+            ``"sum"`` with ``per_sample_weights``).
 
     Returns:
         A :class:`PackedBags` of NumPy arrays: indices/segment_ids int32 ``[N_pad]``,
@@ -268,10 +430,12 @@ def pack_bags(
         and weights float32 ``[N_pad]`` (``None`` without ``weights``).
 
     Raises:
-        TypeError: ``bags`` is not a sequence (a list, tuple or array of bags).
-        ValueError: a bag is not 1-D integer data, an id is negative or does not fit
-            in int32, ``batch_size`` is smaller than ``len(bags)``, ``N`` exceeds
-            every explicit bucket, or ``weights`` does not match ``bags``.
+        TypeError: ``bags`` is not a sequence (a list, tuple or array of bags), a bag
+            holds non-integer ids or ``weights`` non-numbers.
+        ValueError: a bag is not 1-D, an id is negative or does not fit in int32,
+            ``batch_size`` is smaller than ``len(bags)``, ``N`` exceeds every explicit
+            bucket, or ``weights`` does not match ``bags`` or overflows float32. Each
+            names the first offending position, e.g. ``bags[2][1] = -4``.
 
     Examples:
         >>> import jaxbag
@@ -290,6 +454,8 @@ def pack_bags(
         >>> counted.weights.tolist()
         [3.0, 1.0, 0.0, 0.0]
     """
+    if isinstance(bags, jax.Array):
+        bags = np.asarray(bags)  # (rows of a 2-D array are bags)
     if isinstance(bags, (str, bytes)) or not isinstance(bags, (Sequence, np.ndarray)):
         raise TypeError(
             f"bags must be a sequence of 1-D id sequences, got {type(bags).__name__}; "
@@ -306,7 +472,7 @@ def pack_bags(
     if not validation.is_static_int(batch_size, 1):
         raise ValueError(
             f"batch_size must be a positive int, got {batch_size!r}; "
-            "e.g. jaxbag.pack_bags(bags, batch_size=32)."
+            "e.g. jaxbag.pack_bags(bags, batch_size=32)." + validation.static_int_hint(batch_size)
         )
     if num_real > batch_size:
         raise ValueError(
@@ -314,47 +480,21 @@ def pack_bags(
             "batch_size bags per call (split the data into batches first)."
         )
 
-    arrays: list[np.ndarray] = []
-    for i, bag in enumerate(bags):
-        arr = np.asarray(bag)
-        if arr.ndim != 1:
-            raise ValueError(
-                f"bags[{i}] must be a 1-D sequence of ids, got shape {arr.shape}; "
-                "e.g. bags=[[1, 2], [3]]."
-            )
-        if arr.size == 0:
-            continue
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(
-                f"bags[{i}] must hold integer ids, got dtype {arr.dtype}; "
-                "convert with np.asarray(bag, dtype=np.int32)."
-            )
-        arrays.append(arr)
-
+    arrays = [bag_ids(bag, f"bags[{i}]") for i, bag in enumerate(bags)]
     lengths = np.zeros(batch_size, dtype=np.int32)
-    lengths[:num_real] = [np.size(bag) for bag in bags]
+    lengths[:num_real] = [a.size for a in arrays]
     total = int(lengths.sum(dtype=np.int64))
     n_pad = bucket_size(total, bucket_sizes=bucket_sizes, min_size=min_size, growth=growth)
+    flat = checked_ids(arrays, lambda i: f"bags[{i}]")
+    packed_weights = None if weights is None else _pack_weights(weights, lengths, num_real, n_pad)
 
     indices = np.zeros(n_pad, dtype=np.int32)
-    if total:
-        flat = np.concatenate(arrays)
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0 or hi > _INT32_MAX:
-            j = int(np.argmax((flat < 0) | (flat > _INT32_MAX)))
-            bag = int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), j, side="right"))
-            pos = j - int(lengths[:bag].sum(dtype=np.int64))
-            raise ValueError(
-                f"bags[{bag}][{pos}] = {flat[j]}: ids must lie in [0, {_INT32_MAX}] "
-                "(non-negative int32); map or hash your ids into the embedding table's range first."
-            )
-        indices[:total] = flat
+    indices[:total] = flat
     segment_ids = np.full(n_pad, batch_size, dtype=np.int32)
     segment_ids[:total] = np.repeat(np.arange(batch_size, dtype=np.int32), lengths)
     offsets = np.zeros(batch_size + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     bag_mask = np.arange(batch_size) < num_real
-    packed_weights = None if weights is None else _pack_weights(weights, lengths, num_real, n_pad)
     return PackedBags(
         indices=indices,
         segment_ids=segment_ids,
@@ -366,11 +506,13 @@ def pack_bags(
 
 
 def _pack_weights(
-    weights: Sequence[Sequence[float] | npt.ArrayLike],
+    weights: Sequence[Sequence[float] | npt.ArrayLike] | npt.ArrayLike,
     lengths: np.ndarray,
     num_real: int,
     n_pad: int,
 ) -> np.ndarray:
+    if isinstance(weights, jax.Array):
+        weights = np.asarray(weights)
     is_seq = isinstance(weights, (Sequence, np.ndarray)) and not isinstance(weights, (str, bytes))
     if not is_seq or len(weights) != num_real:  # (a 2-D array is one row per bag, as for bags)
         got = len(weights) if is_seq else type(weights).__name__
@@ -378,25 +520,9 @@ def _pack_weights(
             f"weights must be a sequence with one 1-D weight sequence per bag ({num_real}), "
             f"got {got}; e.g. jaxbag.pack_bags([[1, 2]], weights=[[0.5, 0.5]])."
         )
+    parts = [host_weights(w, f"weights[{i}]", int(lengths[i]), f"bags[{i}]")
+             for i, w in enumerate(weights)]
     out = np.zeros(n_pad, dtype=np.float32)
-    parts = []
-    for i, w in enumerate(weights):
-        src = np.asarray(w, dtype=np.float64) if np.size(w) else np.zeros((0,), np.float64)
-        with np.errstate(over="ignore"):
-            arr = src.astype(np.float32)
-        if arr.ndim != 1 or arr.shape[0] != lengths[i]:
-            raise ValueError(
-                f"weights[{i}] must be 1-D with the length of bags[{i}] ({int(lengths[i])}), "
-                f"got shape {arr.shape}."
-            )
-        overflow = np.flatnonzero(np.isinf(arr) & np.isfinite(src))
-        if overflow.size:
-            j = int(overflow[0])
-            raise ValueError(
-                f"weights[{i}][{j}] = {float(src[j])!r} overflows float32 (the packed weights' "
-                f"dtype, max {float(np.finfo(np.float32).max):.4g}); rescale the weights."
-            )
-        parts.append(arr)
     total = int(lengths.sum(dtype=np.int64))
     if total:
         out[:total] = np.concatenate(parts)

@@ -34,7 +34,7 @@ import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 
-from jaxbag._src import segments, validation
+from jaxbag._src import batching, explicit, segments, validation
 
 __all__ = ["JaggedFeatures"]
 
@@ -48,34 +48,24 @@ def _check_keys(keys: Sequence[str]) -> tuple[str, ...]:
     return keys
 
 
-def _as_ids(x: Any, what: str) -> np.ndarray:
-    """``int64 [n]`` from a flat list / array of integer ids (``[]`` is fine; floats, bools and
-    nested lists are errors rather than truncated or flattened)."""
-    try:
-        a = np.asarray(x)
-    except ValueError:  # ragged nesting
-        a = None
-    if a is None or a.ndim > 1 or a.dtype == object:
-        raise ValueError(f"{what} must be a flat list of ids; got {x!r:.80}.")
-    if a.size == 0:
-        return np.zeros(0, np.int64)  # NumPy reads [] as float64
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(
-            f"{what} must hold integer ids; got dtype {a.dtype} ({a.reshape(-1)[:4].tolist()}"
-            f"{' ...' if a.size > 4 else ''}). Cast them first: np.asarray(ids, np.int32)."
-        )
-    return a.reshape(-1).astype(np.int64)
+def _rows(x: Any) -> Any:
+    """A JAX array of bags as a NumPy one (its rows are then read on the host); else ``x``."""
+    return np.asarray(x) if isinstance(x, jax.Array) else x
 
 
-def _bag_ids(x: Any, what: str) -> np.ndarray:
-    """:func:`_as_ids` of one example's bag; a bare id is an error (``pack_bags`` refuses it too),
-    not a bag of one."""
-    if validation.is_static_int(x, None) or getattr(x, "ndim", 1) == 0:
+def _check_num_shards(num_shards: int, b: int | None = None) -> None:
+    """``num_shards``: a static int >= 1, dividing the batch size ``b`` when given."""
+    if not validation.is_static_int(num_shards, 1):
         raise ValueError(
-            f"{what} = {x!r} is a single id, not a bag: each example's ids are a list, e.g. "
-            "{'user': [[1], [2]]} for two examples with one id each."
+            f"num_shards must be an int >= 1 (the size of the data-parallel mesh axis); got "
+            f"num_shards={num_shards!r}. For example num_shards=2."
+            + validation.static_int_hint(num_shards)
         )
-    return _as_ids(x, what)
+    if b is not None and b % num_shards:
+        raise ValueError(
+            f"num_shards={num_shards} must divide the batch size B={b}; pad the batch with empty "
+            "examples ([]) to a multiple of num_shards."
+        )
 
 
 def _capacity_for(
@@ -158,24 +148,39 @@ class JaggedFeatures:
           keys: ``K`` distinct feature names.
           values: ``int [S * T]`` ids in the padded layout.
           lengths: ``int [K, B]`` bag lengths.
-          weights: optional ``float [S * T]``.
-          capacities: ``K`` ints, the per-shard capacity of each feature.
-          num_shards: ``S``, dividing ``B``.
+          weights: optional ``float [S * T]`` (a floating-point dtype).
+          capacities: ``K`` ints (Python or NumPy, static), the per-shard capacity of each feature.
+          num_shards: ``S``, an int dividing ``B``.
+
+        Raises:
+          TypeError / ValueError: non-int ``capacities`` or ``num_shards``, non-integer ``values``
+            or ``lengths``, non-float ``weights``, shapes that do not match; with concrete
+            ``lengths`` also a negative length or a feature overflowing its capacity in a shard.
+            Values are not checked (they may be traced).
         """
         self._keys = _check_keys(keys)
-        self._capacities = tuple(int(c) for c in capacities)
+        k = len(self._keys)
+        caps = tuple(capacities) if np.iterable(capacities) else (capacities,)
+        if len(caps) != k or not all(validation.is_static_int(c, 0) for c in caps):
+            bad = next((c for c in caps if not validation.is_static_int(c, 0)), None)
+            raise ValueError(
+                f"capacities must hold one int >= 0 per key ({k}); got "
+                f"capacities={capacities!r}. "
+                f"For example capacities={(8,) * k}." + validation.static_int_hint(bad)
+            )
+        _check_num_shards(num_shards)
+        self._capacities = tuple(int(c) for c in caps)
         self._num_shards = int(num_shards)
         # as the ops: narrow and unsigned ints widened, NumPy int64 clipped (not wrapped) to int32
         self.values = validation.as_ids(values)
         self.lengths = validation.as_ids(lengths)
         self.weights = None if weights is None else jnp.asarray(weights)
-        k, t, s = len(self._keys), sum(self._capacities), self._num_shards
-        if len(self._capacities) != k or any(c < 0 for c in self._capacities):
-            raise ValueError(
-                f"capacities must hold one int >= 0 per key ({k}); got {self._capacities}."
+        t, s = sum(self._capacities), self._num_shards
+        if self.weights is not None and not jnp.issubdtype(self.weights.dtype, jnp.floating):
+            raise TypeError(
+                f"weights must be floating-point per-id weights; got dtype {self.weights.dtype}. "
+                "Cast them first: weights.astype(jnp.float32) (from_lists / from_lengths do)."
             )
-        if s < 1:
-            raise ValueError(f"num_shards must be >= 1; got num_shards={num_shards}.")
         if self.lengths.ndim != 2 or self.lengths.shape[0] != k:
             raise ValueError(
                 f"lengths must have shape [K, B] = [{k}, B]; got {self.lengths.shape}."
@@ -298,7 +303,7 @@ class JaggedFeatures:
         num_shards: int = 1,
         round_to: int = 8,
     ) -> JaggedFeatures:
-        """Builds the padded layout from Python lists (or NumPy arrays), one list per feature.
+        """Builds the padded layout from Python lists (or NumPy / JAX arrays), one per feature.
 
         Args:
           features: ``{key: bags}`` where ``bags`` holds ``B`` id lists (one per example; every
@@ -314,7 +319,11 @@ class JaggedFeatures:
           A :class:`JaggedFeatures` with int32 ``values`` (float32 ``weights``).
 
         Raises:
-          ValueError: features of different batch sizes, a capacity too small, bad ``num_shards``.
+          ValueError: features of different batch sizes, a capacity too small, bad ``num_shards``,
+            a bag that is not a flat list, a negative id or one past int32, weights not shaped as
+            the ids or overflowing float32; each names the position as passed, e.g.
+            ``features['b'][1][0] = -2``.
+          TypeError: non-integer ids or non-number weights.
 
         Examples:
           >>> import jaxbag
@@ -324,34 +333,35 @@ class JaggedFeatures:
           (('words', 'tags'), 3, [[2, 0, 1], [1, 1, 0]])
         """
         keys = _check_keys(list(features))
-        bags = {k: [_bag_ids(b, f"features[{k!r}][{j}]") for j, b in enumerate(features[k])]
-                for k in keys}
+        _check_num_shards(num_shards)
+        bags = {k: [batching.bag_ids(x, f"features[{k!r}][{j}]")
+                    for j, x in enumerate(_rows(features[k]))] for k in keys}
         sizes = {k: len(v) for k, v in bags.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"every feature needs the same number of examples; got {sizes}.")
         b = sizes[keys[0]]
-        if num_shards < 1 or b % num_shards:
-            raise ValueError(
-                f"num_shards={num_shards} must be >= 1 and divide the batch size B={b}; pad the "
-                "batch with empty examples ([]) to a multiple of num_shards."
-            )
-        wbags = None
+        _check_num_shards(num_shards, b)
+        flat_w = None
         if weights is not None:
             if set(weights) != set(keys):
                 raise ValueError(
                     f"weights must have exactly the keys of features {keys}; got {tuple(weights)}."
                 )
-            wbags = {k: [np.asarray(w, np.float32).reshape(-1) for w in weights[k]] for k in keys}
             for k in keys:
-                if [len(x) for x in wbags[k]] != [len(x) for x in bags[k]]:
-                    raise ValueError(f"weights[{k!r}] must match features[{k!r}] bag by bag.")
+                if len(weights[k]) != b:
+                    raise ValueError(
+                        f"weights[{k!r}] has {len(weights[k])} bags but features[{k!r}] has {b}: "
+                        "give one list of weights per example, shaped as its ids."
+                    )
+            flat_w = np.concatenate([np.zeros(0, np.float32)] + [
+                batching.host_weights(w, f"weights[{k!r}][{j}]", len(bags[k][j]),
+                                      f"features[{k!r}][{j}]")
+                for k in keys for j, w in enumerate(_rows(weights[k]))
+            ])
         lengths = np.array([[len(x) for x in bags[k]] for k in keys], np.int64).reshape(len(keys), b)
-        flat = np.concatenate([np.concatenate(bags[k] + [np.zeros(0, np.int64)]) for k in keys])
-        flat_w = None
-        if wbags is not None:
-            flat_w = np.concatenate(
-                [np.concatenate(wbags[k] + [np.zeros(0, np.float32)]) for k in keys]
-            )
+        flat = batching.checked_ids(
+            [x for k in keys for x in bags[k]], lambda i: f"features[{keys[i // b]!r}][{i % b}]"
+        )
         return cls._from_flat(
             keys, flat, lengths, flat_w, capacity=capacity, num_shards=num_shards, round_to=round_to
         )
@@ -372,13 +382,20 @@ class JaggedFeatures:
 
         Args:
           keys: ``K`` feature names.
-          values: ``int [sum(lengths)]`` ids, key-major then example-major, no padding.
+          values: ``int [sum(lengths)]`` ids in ``[0, 2**31)``, key-major then example-major,
+            no padding.
           lengths: ``int [K * B]`` (or ``[K, B]``) ids per feature and example.
           weights: optional ``float [sum(lengths)]``.
           capacity, num_shards, round_to: as :meth:`from_lists`.
 
         Returns:
           A :class:`JaggedFeatures`.
+
+        Raises:
+          TypeError / ValueError: non-integer values or lengths, ``lengths`` of another shape,
+            a negative length or lengths not summing to ``len(values)``, an id negative or past
+            int32, weights not of ``values``' shape or overflowing float32 (each naming the
+            position, e.g. ``values[3] = -1``), and bad ``num_shards``.
 
         Examples:
           >>> import jaxbag
@@ -387,6 +404,7 @@ class JaggedFeatures:
           ([1, 2, 3, 4], {'a': [[1, 2], []], 'b': [[3], [4]]})
         """
         keys = _check_keys(keys)
+        _check_num_shards(num_shards)
         lengths = np.asarray(lengths)
         if lengths.size and (lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer)):
             raise TypeError(f"lengths must be integer counts; got dtype {lengths.dtype}.")
@@ -397,28 +415,26 @@ class JaggedFeatures:
                 f"lengths must be [K * B] or [K, B] with K={len(keys)} keys (key-major); got shape "
                 f"{lengths.shape}."
             )
-        lengths = lengths.astype(np.int64).reshape(len(keys), -1)
-        if (lengths < 0).any():
-            i, b = (int(x[0]) for x in np.nonzero(lengths < 0))
+        lengths = lengths.reshape(len(keys), -1)
+        values = batching.bag_ids(values, "values")
+        n = values.shape[0]
+        bad = (lengths < 0) | (lengths > n)  # (compared in their own dtype: a uint64 never wraps)
+        if bad.any():
+            i, b = (int(x[0]) for x in np.nonzero(bad))
+            v = lengths[i, b]
+            rule = ("is negative: lengths must be >= 0 (0 for an empty bag)" if v < 0 else
+                    f"is more than the {n} ids of values: lengths must sum to len(values)")
             raise ValueError(
-                f"lengths[{i * lengths.shape[1] + b}] = {lengths[i, b]} (feature {keys[i]!r}, "
-                f"example {b}) is negative: lengths must be >= 0 (0 for an empty bag)."
+                f"lengths[{i * lengths.shape[1] + b}] = {v} (feature {keys[i]!r}, example {b}) {rule}."
             )
-        values = _as_ids(np.asarray(values).reshape(-1), "values")
-        if values.shape[0] != lengths.sum():
-            raise ValueError(
-                f"values must hold sum(lengths)={int(lengths.sum())} ids; got {values.shape[0]}."
-            )
-        w = None if weights is None else np.asarray(weights, np.float32).reshape(-1)
-        if w is not None and w.shape != values.shape:
-            raise ValueError(f"weights must have the shape of values {values.shape}; got {w.shape}.")
-        b = lengths.shape[1]
-        if num_shards < 1 or b % num_shards:
-            raise ValueError(
-                f"num_shards={num_shards} must be >= 1 and divide the batch size B={b}."
-            )
+        lengths = lengths.astype(np.int64)
+        if lengths.sum() != n:
+            raise ValueError(f"values must hold sum(lengths)={int(lengths.sum())} ids; got {n}.")
+        w = None if weights is None else batching.host_weights(weights, "weights", n, "values")
+        _check_num_shards(num_shards, lengths.shape[1])
+        flat = batching.checked_ids([values], lambda _: "values")
         return cls._from_flat(
-            keys, values, lengths, w, capacity=capacity, num_shards=num_shards, round_to=round_to
+            keys, flat, lengths, w, capacity=capacity, num_shards=num_shards, round_to=round_to
         )
 
     @classmethod
@@ -446,7 +462,8 @@ class JaggedFeatures:
 
         Raises:
           TypeError / ValueError: non-integer offsets, offsets not starting at 0 or decreasing
-            (naming the position), and the errors of :meth:`from_lengths`.
+            (naming the position), not ``K * B + 1`` of them, ``offsets[-1] != len(values)``,
+            and the errors of :meth:`from_lengths` about ``values`` and ``weights``.
 
         Examples:
           >>> import jaxbag
@@ -460,26 +477,42 @@ class JaggedFeatures:
                 f"offsets must be integer positions; got dtype {offsets.dtype}. Cast them first: "
                 "np.asarray(offsets, np.int64)."
             )
-        offsets = offsets.astype(np.int64).reshape(-1)
+        keys = _check_keys(keys)
+        offsets = offsets.reshape(-1)  # (compared in their own dtype: a uint64 never wraps)
         if offsets.size < 1 or offsets[0] != 0:
             first = offsets.tolist()[:1]
             raise ValueError(
                 f"offsets must start at 0 (TorchRec's [K * B + 1] offsets); got offsets[0] = "
                 f"{first[0] if first else '(none: empty offsets)'}."
             )
-        if (np.diff(offsets) < 0).any():
-            j = int(np.argmax(np.diff(offsets) < 0)) + 1
+        if (offsets[1:] < offsets[:-1]).any():
+            j = int(np.argmax(offsets[1:] < offsets[:-1])) + 1
             raise ValueError(
                 f"offsets[{j}] = {offsets[j]} is smaller than offsets[{j - 1}] = {offsets[j - 1]}: "
                 "offsets must be non-decreasing (equal offsets make empty bags)."
             )
+        k, values = len(keys), batching.bag_ids(values, "values")
+        if (offsets.size - 1) % k:
+            raise ValueError(
+                f"offsets must have K * B + 1 entries with K={k} keys (a start per feature and "
+                f"example, key-major, then the end of the last bag); got {offsets.size} entries, "
+                f"{offsets.size - 1} starts, not a multiple of {k}."
+            )
+        if offsets[-1] != values.shape[0]:
+            raise ValueError(
+                f"offsets[-1] = {offsets[-1]} must equal len(values) = {values.shape[0]}: the last "
+                f"offset is the end of the last bag. For example offsets={[0, values.shape[0]]} "
+                "for one feature and one example."
+            )
         return cls.from_lengths(
-            keys, values, np.diff(offsets),
+            keys, values, np.diff(offsets.astype(np.int64)),
             weights=weights, capacity=capacity, num_shards=num_shards, round_to=round_to,
         )
 
     @classmethod
     def _from_flat(cls, keys, flat, lengths, flat_w, *, capacity, num_shards, round_to):
+        """The padded layout of checked ``int32`` ids ``flat`` (key-major), ``int64 [K, B]``
+        lengths and optional ``float32`` weights ``flat_w`` of ``flat``'s shape."""
         if isinstance(capacity, Mapping) and set(capacity) - set(keys):
             raise ValueError(  # a misspelt key was ignored when the real ones were there too
                 f"capacity has keys that are not features: {sorted(set(capacity) - set(keys))}; "
@@ -500,13 +533,6 @@ class JaggedFeatures:
         t = sum(caps)
         values = np.zeros(num_shards * t, np.int32)
         weights = None if flat_w is None else np.zeros(num_shards * t, np.float32)
-        info = np.iinfo(np.int32)
-        if flat.size and (flat.min() < info.min or flat.max() > info.max):
-            j = int(np.argmax((flat < info.min) | (flat > info.max)))
-            raise ValueError(
-                f"values[{j}] = {flat[j]} does not fit in int32: ids must be in [0, num_embeddings) "
-                "of their feature's table."
-            )
         for s in range(num_shards):
             pos = s * t
             for i in range(k):
@@ -615,7 +641,7 @@ def pack_features(
       ``(ids [M], segment_ids int32 [M], weights [M] or None)`` with ``M = S * sum(C_k)`` over
       ``keys``.
     """
-    jf = jax.tree.map(segments.unsplit, jf)
+    jf = jax.tree.map(explicit.unsplit, jf)
     b, s_count, t = jf.batch_size, jf.num_shards, jf.shard_capacity
     bs = b // s_count
     regions = []  # (slot, shard, start, capacity, key index), in bag order

@@ -18,7 +18,6 @@ or past the last offset get ``B``: both are outside ``[0, B)`` and so dropped by
 from __future__ import annotations
 
 import operator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from jaxbag._src import validation
+from jaxbag._src.explicit import unsplit
 
 __all__ = ["lengths_to_segment_ids", "offsets_to_segment_ids"]
 
@@ -50,7 +50,8 @@ def offsets_to_segment_ids(
     Raises:
       TypeError / ValueError: non-integer or non-1-D ``offsets``, a negative ``num_indices``;
         eagerly (concrete values) also ``offsets`` not starting at 0, decreasing or past ``N``,
-        naming the first offending position. Under ``jit`` such offsets are not checked (use
+        naming the first offending position (a host int64 / uint64 offset past int32 by its
+        real value, not the clipped one). Under ``jit`` such offsets are not checked (use
         :func:`jaxbag.validate`): offsets outside ``[0, N]`` then mark nothing.
 
     Examples:
@@ -61,8 +62,9 @@ def offsets_to_segment_ids(
       [0, 0, 1, 1, 2]
     """
     validation.check_bool("include_last_offset", include_last_offset)
-    offsets = _checked_1d("offsets", offsets)
+    raw, offsets = offsets, _checked_1d("offsets", offsets)
     n = _checked_num_indices(num_indices)
+    _check_not_clipped("offsets", raw, offsets, n)
     if include_last_offset and offsets.shape[0] == 0:
         raise ValueError(
             "include_last_offset=True needs at least one offset (the end of the last bag); got "
@@ -75,27 +77,6 @@ def offsets_to_segment_ids(
             include_last_offset=include_last_offset, check_ids=False,
         )
     return offsets_to_segment_ids_unchecked(offsets, n)
-
-
-def unsplit(x: Any) -> Any:
-    """``x`` replicated if its type splits it over an Explicit mesh axis (else ``x`` itself).
-
-    Segment ids and packed batches are computed on the whole batch: on an Explicit mesh the
-    slices, scans and reshapes of lengths split over the batch axis (``feature_specs``, the "Many
-    hosts" inputs) are sharding type errors. Auto meshes (the partitioner decides) and
-    ``shard_map`` bodies (manual axes) are left alone."""
-    if not isinstance(x, jax.Array | jax.core.Tracer):
-        return x
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty:
-        return x
-    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
-                if t == jax.sharding.AxisType.Explicit}
-    used = {a for e in sharding.spec if e is not None for a in (e if isinstance(e, tuple) else (e,))}
-    if not used & explicit:
-        return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def offsets_to_segment_ids_unchecked(offsets: Array, num_indices: int) -> Array:
@@ -123,16 +104,18 @@ def lengths_to_segment_ids(lengths: ArrayLike, num_indices: int) -> Array:
 
     Raises:
       TypeError / ValueError: non-integer or non-1-D ``lengths``, a negative ``num_indices``;
-        eagerly also a negative length or lengths summing past ``N``, naming the position. Under
-        ``jit`` (not checked) a negative length counts as 0 and the bags are cut at ``N``.
+        eagerly also a negative length or lengths summing past ``N``, naming the position (a
+        host int64 / uint64 length past int32 by its real value). Under ``jit`` (not checked)
+        a negative length counts as 0 and the bags are cut at ``N``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
       >>> jaxbag.lengths_to_segment_ids(jnp.array([2, 0, 1]), 5).tolist()
       [0, 0, 2, 3, 3]
     """
-    lengths = _checked_1d("lengths", lengths)
+    raw, lengths = lengths, _checked_1d("lengths", lengths)
     n = _checked_num_indices(num_indices)
+    _check_not_clipped("lengths", raw, lengths, n)
     if validation.is_concrete(lengths) and lengths.shape[0] > 0:
         with jax.ensure_compile_time_eval():
             a = np.asarray(lengths).astype(np.int64)
@@ -197,6 +180,35 @@ def _checked_1d(name: str, x: ArrayLike) -> Array:
     if x.ndim != 1:
         raise ValueError(f"{name} must be 1-D [B]; got shape {x.shape}. Flatten it: {name}.reshape(-1).")
     return x
+
+
+_RULES = {
+    "offsets": "offsets must start at 0, be non-decreasing and at most num_indices.",
+    "lengths": "lengths must be >= 0 and sum to at most num_indices.",
+}
+
+
+def _check_not_clipped(name: str, raw: ArrayLike, x: Array, n: int) -> None:
+    """Raises, naming the real value, where :func:`validation.as_ids` clipped an int64 or unsigned
+    entry of ``raw`` to ``x``'s range (int32 without x64): such an offset or length is past any
+    ``N``, and the later checks would show the clipped ``2147483647`` instead. Concrete host
+    values only (a traced or signed JAX ``raw`` is never clipped)."""
+    if isinstance(raw, jax.core.Tracer) or (isinstance(raw, jax.Array) and raw.dtype.kind == "i"):
+        return
+    try:
+        a = np.asarray(raw)
+    except jax.errors.TracerArrayConversionError:  # a list holding traced values
+        return
+    info = np.iinfo(x.dtype)
+    if a.dtype.kind not in "iu" or (np.iinfo(a.dtype).min >= info.min and
+                                    np.iinfo(a.dtype).max <= info.max):
+        return  # (nothing was clipped)
+    if a.size and (a.min() < info.min or a.max() > info.max):
+        j = int(np.argmax((a < info.min) | (a > info.max)))
+        raise ValueError(
+            f"{name}[{j}] = {a[j]} is past {x.dtype}'s range, so outside [0, num_indices = {n}]: "
+            + _RULES[name]
+        )
 
 
 def _checked_num_indices(num_indices: int) -> int:

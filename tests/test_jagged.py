@@ -1,0 +1,155 @@
+"""JaggedFeatures builders and constructor: ids, weights and sizes are checked as pack_bags checks
+them, and errors name the argument and the position as the caller passed it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbag
+
+JF = jaxbag.JaggedFeatures
+U64 = np.uint64
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        # astype(int64) wrapped 2**64 - 1 to -1: accepted, to_lists() gave [[3], [-1]]
+        (lambda: JF.from_lists({"a": [np.array([3], U64), np.array([2**64 - 1], U64)]}),
+         r"features\['a'\]\[1\]\[0\] = 18446744073709551615 does not fit in int32"),
+        (lambda: JF.from_lists({"a": [np.array([2**63 + 5], U64)]}),
+         r"features\['a'\]\[0\]\[0\] = 9223372036854775813 does not fit in int32"),
+        (lambda: JF.from_lengths(["a"], np.array([3, 2**64 - 1], U64), [1, 1]),
+         r"values\[1\] = 18446744073709551615 does not fit in int32"),
+        (lambda: JF.from_offsets(["a"], np.array([3, 2**64 - 1], U64), [0, 1, 2]),
+         r"values\[1\] = 18446744073709551615 does not fit in int32"),
+        # uint64 lengths and offsets wrapped too (-1: 'is negative', 'smaller than')
+        (lambda: JF.from_lengths(["a"], [3], np.array([1, 2**64 - 1], U64)),
+         r"lengths\[1\] = 18446744073709551615 \(feature 'a', example 1\) is more than the 1 ids"),
+        (lambda: JF.from_offsets(["a"], [3], np.array([0, 1, 2**64 - 1], U64)),
+         r"offsets\[-1\] = 18446744073709551615 must equal len\(values\) = 1"),
+    ],
+)
+def test_unsigned_ids_past_int63_are_refused_with_their_real_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: JF.from_offsets(["a", "b"], [1, 2, 3, 4, 5], [0, 2, 3, 5]),
+         r"offsets must have K \* B \+ 1 entries with K=2 keys .*got 4 entries"),
+        (lambda: JF.from_offsets(["a"], [1, 2, 3], [0, 1, 2]),
+         r"offsets\[-1\] = 2 must equal len\(values\) = 3"),
+        (lambda: JF.from_offsets(["a"], [1, 2], [0, 1, 3]),
+         r"offsets\[-1\] = 3 must equal len\(values\) = 2"),
+    ],
+)
+def test_from_offsets_errors_speak_of_offsets(call, match):
+    """from_offsets reported from_lengths' errors: 'lengths must be [K * B] or [K, B]', 'values
+    must hold sum(lengths)=2 ids', of arguments the caller never passed."""
+    with pytest.raises(ValueError, match=match) as e:
+        call()
+    assert "lengths" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        # was values[5] = 1099511627776, a position in the internal key-major flat array
+        (lambda: JF.from_lists({"a": [[1, 2], [3]], "b": [[4], [5, 2**40]]}),
+         r"^features\['b'\]\[1\]\[1\] = 1099511627776 does not fit in int32"),
+        # negative ids were accepted by the builders (pack_bags refuses them)
+        (lambda: JF.from_lists({"a": [[1], [-2]]}), r"^features\['a'\]\[1\]\[0\] = -2: ids must lie in \[0, "),
+        (lambda: JF.from_lists({"a": [[1], [2]], "b": [[0, 3, -1], []]}),
+         r"^features\['b'\]\[0\]\[2\] = -1: ids must lie in"),
+        (lambda: JF.from_lengths(["a", "b"], [1, 2, -3], [1, 1, 1, 0]), r"^values\[2\] = -3: ids must"),
+        (lambda: JF.from_offsets(["a"], [-1, 2], [0, 1, 2]), r"^values\[0\] = -1: ids must"),
+        (lambda: JF.from_lists({"a": [jnp.array([1]), jnp.array([-4])]}), r"^features\['a'\]\[1\]\[0\] = -4"),
+    ],
+)
+def test_id_errors_name_the_position_as_passed(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # became inf silently (pack_bags refuses it)
+        (lambda: JF.from_lists({"a": [[1], [2]]}, weights={"a": [[1e39], [2.0]]}), ValueError,
+         r"weights\['a'\]\[0\]\[0\] = 1e\+39 overflows float32"),
+        (lambda: JF.from_lengths(["a"], [1, 2], [1, 1], weights=[2.0, -1e40]), ValueError,
+         r"weights\[1\] = -1e\+40 overflows float32"),
+        # NumPy's 'could not convert string to float'
+        (lambda: JF.from_lists({"a": [[1], [2]]}, weights={"a": [["x"], [2.0]]}), TypeError,
+         r"weights\['a'\]\[0\] must hold numbers .*weights\['a'\]\[0\]\[0\] = 'x'"),
+        # 'weights['a'] must match features['a'] bag by bag', without the bag or the lengths
+        (lambda: JF.from_lists({"a": [[1], [2]]}, weights={"a": [[1.0], [2.0, 3.0]]}), ValueError,
+         r"weights\['a'\]\[1\] must be 1-D with the length of features\['a'\]\[1\] \(1\); "
+         r"got shape \(2,\)"),
+        (lambda: JF.from_lists({"a": [[1], [2]]}, weights={"a": [[1.0]]}), ValueError,
+         r"weights\['a'\] has 1 bags but features\['a'\] has 2"),
+        # "'float' object cannot be interpreted as an integer"
+        (lambda: JF.from_lists({"a": [[1], [2]]}, num_shards=2.0), ValueError,
+         r"num_shards must be an int >= 1 .*got num_shards=2\.0"),
+        (lambda: JF.from_lengths(["a"], [1, 2], [1, 1], num_shards=jnp.int32(2)), ValueError,
+         r"num_shards must be an int >= 1 .*got num_shards=Array.*pass int\(x\)"),
+        (lambda: JF.from_lists({"a": [[1], [[2], 3]]}), ValueError,
+         r"features\['a'\]\[1\] must be a flat list of ids; got .* \(ragged\)"),
+    ],
+)
+def test_builder_argument_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_builders_take_whole_number_weights_and_jax_arrays():
+    jf = JF.from_lists({"a": jnp.array([[1, 2], [3, 4]])}, weights={"a": [[1, 2], np.array([3, 4])]})
+    assert jf.to_lists() == {"a": [[1, 2], [3, 4]]} and jf.weights.dtype == jnp.float32
+    assert jf.weights.tolist()[:4] == [1.0, 2.0, 3.0, 4.0]
+    ok = JF.from_lists({"a": [np.array([3], U64), np.array([2**31 - 1], U64)]})
+    assert ok.to_lists() == {"a": [[3], [2**31 - 1]]}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        # int / bool weights were kept (the docstring says float); embedding_bag_collection then
+        # complained about per_sample_weights
+        (dict(weights=np.ones(4, np.int32)), TypeError,
+         r"weights must be floating-point per-id weights; got dtype int32.*astype\(jnp.float32\)"),
+        (dict(weights=jnp.ones(4, bool)), TypeError, r"weights must be floating-point.*bool"),
+        # 1.9 was truncated to a capacity of 1
+        (dict(capacities=(1.9,)), ValueError, r"capacities must hold one int >= 0 per key \(1\); "
+                                              r"got capacities=\(1\.9,\)"),
+        (dict(capacities=jnp.array([4])), ValueError, r"capacities must hold .*pass int\(x\)"),
+        (dict(num_shards=1.0), ValueError, r"num_shards must be an int >= 1 .*num_shards=1\.0"),
+    ],
+)
+def test_constructor_refuses_non_float_weights_and_non_int_sizes(kwargs, error, match):
+    args = dict(values=np.array([1, 2, 3, 0]), lengths=np.array([[2, 1]]), capacities=(4,))
+    with pytest.raises(error, match=match):
+        JF(["a"], **{**args, **kwargs})
+
+
+def test_constructor_checks_leave_jit_vmap_and_tree_map_working():
+    """The new checks read only dtypes and static sizes: traced leaves, leaves replaced by
+    jax.tree.map (tree_unflatten does not run __init__) and NumPy int capacities still work."""
+    values, lengths, w = jnp.array([1, 2, 3, 0]), jnp.array([[2, 1]]), jnp.ones(4, jnp.bfloat16)
+
+    @jax.jit
+    def build(v, n, w):
+        jf = JF(["a"], v, n, w, capacities=(np.int64(4),), num_shards=np.int32(1))
+        return jf.feature("a")
+
+    ids, seg, ws = build(values, lengths, w)
+    assert ids.tolist() == [1, 2, 3, 0] and seg.tolist() == [0, 0, 1, 2] and ws.dtype == jnp.bfloat16
+    batched = jax.vmap(lambda v: JF(["a"], v, lengths, capacities=(4,)).values * 2)(
+        jnp.stack([values, values]))
+    assert batched.shape == (2, 4)
+    jf = JF.from_lists({"a": [[1, 2], [3]]}, weights={"a": [[1.0, 2.0], [3.0]]})
+    assert jax.tree.map(lambda x: x.astype(jnp.int32), jf).weights.dtype == jnp.int32
+    assert jax.tree.map(str, jf).capacities == jf.capacities
