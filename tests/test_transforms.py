@@ -402,3 +402,29 @@ def test_zero_float32_divisor_gives_zeros_and_zero_gradients_on_every_path(mode,
         dw, dp = jax.grad(lambda w, p: fn(w, p).sum(), (0, 1))(w, p)
         np.testing.assert_array_equal(dw, np.zeros_like(w))
         np.testing.assert_array_equal(dp, np.zeros_like(p))
+
+
+@pytest.mark.parametrize("mode", ["mean", "sqrtn"])
+def test_tiny_weights_get_finite_gradients_on_the_reference_path(mode):
+    """The reference formulation (used for max_norm, scale_grad_by_freq and inside the sharded
+    ops) differentiated sums / den as -sums / den**2, which overflows: weights of 1e-30 in a mean
+    gave -inf weight gradients where the true ones are about +-3.3e29 (the kernel path's)."""
+    from jaxbag._src.ops import embedding_bag_xla
+
+    w = jnp.array([[1.0], [2.0], [3.0]], jnp.float32)
+    ids, offsets = jnp.array([0, 1, 2]), jnp.array([0])
+    scale = 1e-30 if mode == "mean" else 1e-15
+    p = jnp.array([1.0, 1.0, 1.0], jnp.float32) * scale
+    grads = {}
+    for name, fn in (("xla", embedding_bag_xla), ("dispatched", jaxbag.embedding_bag)):
+        grads[name] = jax.grad(lambda p, fn=fn: fn(w, ids, offsets, mode=mode,
+                                                   per_sample_weights=p).sum())(p)
+        assert np.isfinite(np.asarray(grads[name])).all(), (name, grads[name])
+    # d/dp_i of sum_j p_j x_j / den(p): (x_i - out) / sum(p) (mean), x_i / |p| - out p_i / |p|^2
+    p64, x = np.full(3, scale), np.array([1.0, 2.0, 3.0])
+    den = p64.sum() if mode == "mean" else np.sqrt((p64**2).sum())
+    out = (p64 * x).sum() / den
+    want = (x - out) / den if mode == "mean" else x / den - out * p64 / den**2
+    for name, g in grads.items():
+        np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-5, atol=1e-6 * abs(want).max(),
+                                   err_msg=name)

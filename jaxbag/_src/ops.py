@@ -170,7 +170,23 @@ def reduce_bags(
         return sums
     nonzero = denom != 0
     safe = jnp.where(nonzero, denom, jnp.ones((), acc))
-    return jnp.where(nonzero[:, None], sums / safe[:, None], zero)
+    return jnp.where(nonzero[:, None], _divide_bags(sums, safe), zero)
+
+
+@jax.custom_jvp
+def _divide_bags(sums: Array, den: Array) -> Array:
+    """``sums [B, D] / den [B]``, with the tangent ``(d_sums - out * d_den) / den``: autodiff's
+    ``-sums / den**2`` overflows for a small divisor (weights of 1e-30 gave -inf weight
+    gradients where the true ones are about 3e29)."""
+    return sums / den[:, None]
+
+
+@_divide_bags.defjvp
+def _divide_bags_jvp(primals, tangents):
+    sums, den = primals
+    d_sums, d_den = tangents
+    out = sums / den[:, None]
+    return out, (d_sums - out * d_den[:, None]) / den[:, None]
 
 
 def embedding_bag(
