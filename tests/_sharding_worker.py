@@ -1143,6 +1143,25 @@ def case_plain_explicit():
             raise AssertionError(f"explicit data-parallel step traced {len(traces)} times")
         out = model(jax.device_put(ids, NamedSharding(mesh, P("data", None))))
         close(out, jaxbag.embedding_bag(model.embedding[...], ids, mode="mean"), "NNX module")
+        # ids captured by a jitted function (a constant: checked eagerly as a host copy; a reshard
+        # of it inside jit was traced, and the checks' bool() failed)
+        xs = jax.device_put(ids, NamedSharding(mesh, P("data", None)))
+        got = jax.jit(lambda t: jaxbag.embedding_bag(t, xs, mode="sum"))(w)
+        close(got, jaxbag.embedding_bag(w, ids, mode="sum"), "explicit ids captured under jit")
+        # a shard_map over the data axis only: the model axis stays Explicit inside, and only it
+        # is made Auto (auto_axes over every axis tried to convert the Manual one)
+        sm = jax.jit(jax.shard_map(
+            lambda t, i: jaxbag.embedding_bag(t, i, mode="mean"), in_specs=(P(), P("data")),
+            out_specs=P("data"), axis_names={"data"}))
+        for wspec in (P(None, "model"), P("model", None)):
+            got = sm(jax.device_put(w, NamedSharding(mesh, wspec)), xs)
+            close(got, jaxbag.embedding_bag(w, ids, mode="mean"), f"partial shard_map, {wspec}")
+    # eagerly outside jax.set_mesh, ids on the Explicit mesh (replicated or split): the value
+    # checks' compile-time ops failed for want of the mesh context
+    for ispec in (P(), P("data", None)):
+        xs = jax.device_put(ids, NamedSharding(mesh, ispec))
+        close(jaxbag.embedding_bag(w, xs, mode="sum"), jaxbag.embedding_bag(w, ids, mode="sum"),
+              f"eager outside set_mesh, {ispec} ids")
 
 
 CASES = {

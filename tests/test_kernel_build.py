@@ -128,6 +128,25 @@ def test_an_unavailable_kernel_is_announced_once(tmp_path, monkeypatch):
         assert not fast_forward._load_kernel()  # remembered: no second warning, no second build
 
 
+def test_with_warnings_as_errors_an_unavailable_kernel_raises_once(tmp_path, monkeypatch):
+    """The state was recorded after the warning: with warnings as errors (pytest -W error) every
+    call raised and tried the build again, instead of falling back to the XLA path."""
+    import jax.numpy as jnp
+
+    import jaxbag
+
+    monkeypatch.setattr(fast_forward, "_kernel_state", {})
+    monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(_script(tmp_path / "fail.sh", "exit 1")))
+    w, ids, offsets = jnp.ones((4, 2)), jnp.array([0, 1, 2]), jnp.array([0, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="kernel is unavailable"):
+            jaxbag.embedding_bag(w, ids, offsets, mode="sum")
+        out = jaxbag.embedding_bag(w, ids, offsets, mode="sum")  # the XLA path, no second build
+    assert out.tolist() == [[2.0, 2.0], [1.0, 1.0]]
+
+
 @pytest.mark.parametrize("value, disabled", [
     ("", False), ("0", False), ("false", False), ("No", False), ("off", False),
     ("1", True), ("true", True), ("YES", True), ("on", True)])

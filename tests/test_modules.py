@@ -466,7 +466,7 @@ def test_settings_that_never_work_raise_when_the_module_is_built(kw, error, matc
         jaxbag.nnx.EmbeddingBag(**args, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("value", ["False", 0, 1, None, jnp.bool_(False)])
+@pytest.mark.parametrize("value", ["False", 0, 1, None, jnp.array([False])])
 @pytest.mark.parametrize("flag", ["include_last_offset", "scale_grad_by_freq"])
 def test_flags_must_be_bools(flag, value):
     """A flag from a config file ("False") switched the option on by its truthiness: with
@@ -481,10 +481,11 @@ def test_flags_must_be_bools(flag, value):
     if flag == "include_last_offset":
         with pytest.raises(TypeError, match=match):
             jaxbag.offsets_to_segment_ids(OFFSETS, 7, include_last_offset=value)
-    # NumPy bools are bools
-    np.testing.assert_array_equal(
-        jaxbag.embedding_bag(jnp.ones((5, 2)), IDS % 5, OFFSETS, mode="sum", **{flag: np.False_}),
-        jaxbag.embedding_bag(jnp.ones((5, 2)), IDS % 5, OFFSETS, mode="sum"))
+    # NumPy bools and concrete 0-d bool arrays are bools
+    for ok in (np.False_, np.array(False), jnp.bool_(False)):
+        np.testing.assert_array_equal(
+            jaxbag.embedding_bag(jnp.ones((5, 2)), IDS % 5, OFFSETS, mode="sum", **{flag: ok}),
+            jaxbag.embedding_bag(jnp.ones((5, 2)), IDS % 5, OFFSETS, mode="sum"))
 
 
 def test_module_and_collection_flags_must_be_bools():
@@ -537,7 +538,7 @@ def test_collection_modules_check_dtype_and_plan_when_built(dtype):
 def test_embedding_init_may_return_a_numpy_table(padding_idx):
     """flax's nn.Embed takes an initialiser returning a NumPy array; with padding_idx the
     padding-row zeroing called .at on it (AttributeError)."""
-    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    table = np.arange(40, dtype=np.float64).reshape(10, 4)
     init = lambda key, shape, dtype=jnp.float32: table  # noqa: E731
     want = table.copy()
     if padding_idx is not None:
@@ -549,6 +550,10 @@ def test_embedding_init_may_return_a_numpy_table(padding_idx):
                                 rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(m.embedding[...], want)
     assert table[0, 1] == 1.0  # the initialiser's array itself is left alone
+    # cast to the dtype it was asked for (param_dtype), as a flax initialiser's result is
+    bf16 = jaxbag.nnx.EmbeddingBag(10, 4, padding_idx=padding_idx, embedding_init=init,
+                                   param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert bf16.embedding[...].dtype == jnp.bfloat16 and got.dtype == jnp.float32
 
 
 def test_embedding_init_of_the_wrong_shape_is_an_error():

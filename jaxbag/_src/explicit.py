@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["explicit_mesh", "unsplit"]
+__all__ = ["explicit_mesh", "on_explicit_mesh", "unsplit"]
 
 
 def _axes(entry: Any) -> tuple:
@@ -33,6 +33,14 @@ def explicit_mesh(x: Any) -> Any:
     explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
     used = {a for e in sharding.spec for a in _axes(e)}
     return mesh if used & explicit else None
+
+
+def on_explicit_mesh(x: Any) -> bool:
+    """Whether ``x`` is a concrete array placed on a mesh with Explicit axes (split or not)."""
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    mesh = getattr(x.sharding, "mesh", None)
+    return mesh is not None and AxisType.Explicit in getattr(mesh, "axis_types", ())
 
 
 def unsplit(x: Any) -> Any:

@@ -1032,17 +1032,20 @@ def _load_kernel() -> bool:
                 )
             _kernel_state.update(ok=True, reason=f"loaded {path}", lib=lib)
         except Exception as e:  # noqa: BLE001  (any failure: fall back to the XLA formulation)
-            # Said once per process, as a warning: the XLA path gives the same values, but a
-            # user who expects the kernel's speed should learn why it is not there.
-            warnings.warn(
-                f"jaxbag's C++ CPU kernel is unavailable ({type(e).__name__}: {e}); using the "
-                "XLA path (same values and gradients, slower on CPU). Set "
-                "JAXBAG_DISABLE_CPU_KERNEL=1 to use the XLA path without trying to build it.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
             _kernel_state.update(ok=False, reason=f"{type(e).__name__}: {e}")
-        return bool(_kernel_state["ok"])
+        else:
+            return True
+    # Said once per process, as a warning: the XLA path gives the same values, but a user who
+    # expects the kernel's speed should learn why it is not there. The state is recorded first:
+    # with warnings turned into errors the call raises once, and the next takes the XLA path.
+    warnings.warn(
+        f"jaxbag's C++ CPU kernel is unavailable ({_kernel_state['reason']}); using the XLA "
+        "path (same values and gradients, slower on CPU). Set JAXBAG_DISABLE_CPU_KERNEL=1 to "
+        "use the XLA path without trying to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
 
 
 def cpu_kernel_status() -> tuple[bool, str]:

@@ -81,7 +81,8 @@ def table_init(init: Initializer, padding_idx: int | None, num_embeddings: int) 
 
     def wrapped(key, shape, dtype=jnp.float32):
         def fix(table):
-            table = jnp.asarray(table)  # (an initialiser may return a NumPy array)
+            if isinstance(table, np.ndarray):  # an initialiser may return a NumPy array: as
+                table = jnp.asarray(table, dtype)  # flax would, in the dtype it was asked for
             if table.shape != tuple(shape):
                 raise ValueError(
                     f"embedding_init returned a table of shape {table.shape}; the module needs "

@@ -351,7 +351,10 @@ def _embedding_bag(
                 scale_grad_by_freq=scale_grad_by_freq, segment_ids=s, num_bags=num_bags,
                 fast=fast)
 
-        return jax.sharding.auto_axes(whole, out_sharding=out_sharding)(
+        mesh = out_sharding.mesh  # (only its Explicit axes: Manual ones of a shard_map stay)
+        axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                     if t == jax.sharding.AxisType.Explicit)
+        return jax.sharding.auto_axes(whole, axes=axes, out_sharding=out_sharding)(
             weight, indices, offsets, segment_ids, per_sample_weights)
 
     b = layout.num_bags

@@ -483,8 +483,8 @@ def _state_spec(init: Callable[[Array], Any], shape: tuple[int, ...], dtype: jnp
 def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: str,
                  row_grads: RowGrads) -> None:
     """Static checks of an update: the state is what ``init(table)`` makes for this table (its
-    type, and every leaf's shape and dtype: the fused CPU kernel reads and writes the moments at
-    the table's row offsets, so a state made for a smaller table must never reach it)."""
+    type, and every leaf's shape: the fused CPU kernel reads and writes the moments at the
+    table's row offsets, so a state made for a smaller table must never reach it)."""
     validation.check_table(table, "table")
     want = _state_spec(init, table.shape, jnp.dtype(table.dtype))
     if not isinstance(state, type(want)):
@@ -493,14 +493,13 @@ def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: 
             f"returns; got {type(state).__name__}. Each sparse optimiser takes its own init's "
             "state (after switching optimisers, init a new state)."
         )
-    for name in want._fields:
+    for name in want._fields:  # (shapes only: moments kept in another float dtype are fine)
         got, w = getattr(state, name), getattr(want, name)
-        if jnp.shape(got) != w.shape or jnp.result_type(got) != w.dtype:
+        if jnp.shape(got) != w.shape:
             raise ValueError(
-                f"state.{name} has shape {jnp.shape(got)} and dtype "
-                f"{jnp.result_type(got).name}; for a table of shape {table.shape} and dtype "
-                f"{jnp.dtype(table.dtype).name} it must be {w.shape} {w.dtype.name}. The state "
-                f"belongs to another table: make this table's with jaxbag.{maker}(...).init(table)."
+                f"state.{name} has shape {jnp.shape(got)}; for a table of shape {table.shape} it "
+                f"must be {w.shape}. The state belongs to another table: make this table's with "
+                f"jaxbag.{maker}(...).init(table)."
             )
     rows, grads = row_grads
     if rows.ndim != 1 or grads.ndim != 2 or grads.shape != (rows.shape[0], table.shape[1]):

@@ -46,8 +46,12 @@ def static_int_hint(value: object) -> str:
 
 
 def check_bool(name: str, value: object) -> None:
-    """Raises unless ``value`` is a Python or NumPy bool: a flag given as a string (``"False"``
-    from a config file) or a number would otherwise switch the option on by its truthiness."""
+    """Raises unless ``value`` is a Python or NumPy bool (or a concrete 0-d bool array): a flag
+    given as a string (``"False"`` from a config file) or a number would otherwise switch the
+    option on by its truthiness. A traced bool cannot choose the computation: refused too."""
+    if isinstance(value, np.ndarray | jax.Array) and not isinstance(value, jax.core.Tracer):
+        if value.ndim == 0 and value.dtype == np.bool_:
+            return  # a concrete 0-d bool array (np.array(True), jnp.bool_(True))
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(
             f"{name} must be a bool (True or False); got {name}={value!r} of type "
@@ -467,8 +471,11 @@ def raise_value_problems(
     the end of the last bag. ``check_ids=False`` leaves out the id range check (for callers that
     skip out-of-range ids by contract).
     """
-    # (whole arrays: on an Explicit mesh, slicing a split array is a sharding type error)
-    indices, offsets, segment_ids = map(explicit.unsplit, (indices, offsets, segment_ids))
+    # Arrays on an Explicit mesh are checked as host copies (they are concrete here): slicing a
+    # split one is a sharding type error, a reshard of a constant inside jit is traced, and
+    # outside jax.set_mesh compile-time ops on them fail for want of the mesh.
+    indices, offsets, segment_ids = (
+        np.asarray(x) if explicit.on_explicit_mesh(x) else x for x in (indices, offsets, segment_ids))
     with jax.ensure_compile_time_eval():
         for p in _value_problems(num_embeddings, indices, offsets, segment_ids,
                                  num_bags=num_bags, include_last_offset=include_last_offset,
