@@ -32,7 +32,8 @@ def format_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{meta['loadavg_start'][0]:.1f}/{meta.get('loadavg_end', [float('nan')])[0]:.1f}"
         ),
         (
-            "ratio = time / torch time (x torch: dense torch; x sparse: torch sparse=True). "
+            "ratio = time / torch time (x torch: dense torch; in train steps the fastest of torch's "
+            "Adam implementations, torch=<it>; x sparse: torch sparse=True). "
             "GB/s = gathered row bytes (N*D*4) / time (forward only); %cpy = that / memcpy GB/s."
         ),
     ]
@@ -55,8 +56,9 @@ def format_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if r.get("skipped"):
                 lines.append(f"  {r['impl']:<14}  skipped: {r['skipped']}")
                 continue
+            name = r["impl"] + (f"={r['variant'].removeprefix('torch_')}" if r.get("variant") else "")
             lines.append(
-                f"  {r['impl']:<14}{_fmt(r['median_ms'], '11.3f')}{_fmt(r['p10_ms'], '9.3f')}"
+                f"  {name:<14}{_fmt(r['median_ms'], '11.3f')}{_fmt(r['p10_ms'], '9.3f')}"
                 f"{_fmt(r['p90_ms'], '9.3f')}{_fmt(r.get('x_torch'), '9.2f')}"
                 f"{_fmt(r.get('x_torch_sparse'), '9.2f')}{_fmt(r.get('gbps'), '7.1f')}"
                 f"{_fmt(None if r.get('gbps') is None else 100 * r['gbps'] / meta['memcpy_gbps'], '6.0f')}"

@@ -44,10 +44,21 @@ def fwd_bwd(t: TorchInputs, mode: str, sparse: bool) -> Callable[[], Any]:
     return f
 
 
-def train_step(t: TorchInputs, mode: str, sparse: bool, lr: float) -> tuple[Callable[[], Any], Any]:
-    """One step of ``mean((embedding_bag - targets)**2)`` with Adam (dense) or SparseAdam."""
+#: torch's dense Adam implementations (its default on CPU is the per-tensor loop)
+ADAM_VARIANTS = ("default", "foreach", "fused")
+
+
+def train_step(
+    t: TorchInputs, mode: str, sparse: bool, lr: float, variant: str = "default"
+) -> tuple[Callable[[], Any], Any]:
+    """One step of ``mean((embedding_bag - targets)**2)`` with Adam (dense; ``variant`` one of
+    :data:`ADAM_VARIANTS`) or SparseAdam."""
     w = torch.nn.Parameter(t.weight.clone())
-    opt = torch.optim.SparseAdam([w], lr=lr) if sparse else torch.optim.Adam([w], lr=lr)
+    if sparse:
+        opt = torch.optim.SparseAdam([w], lr=lr)
+    else:
+        kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[variant]
+        opt = torch.optim.Adam([w], lr=lr, **kw)
 
     def f():
         opt.zero_grad(set_to_none=True)
