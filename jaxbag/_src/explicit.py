@@ -14,11 +14,16 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["explicit_mesh", "on_explicit_mesh", "unsplit"]
+__all__ = ["explicit_axes", "explicit_mesh", "on_explicit_mesh", "unsplit"]
 
 
 def _axes(entry: Any) -> tuple:
     return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def explicit_axes(mesh: Any) -> tuple[str, ...]:
+    """The names of ``mesh``'s Explicit axes."""
+    return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
 
 
 def explicit_mesh(x: Any) -> Any:
@@ -30,9 +35,8 @@ def explicit_mesh(x: Any) -> Any:
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty:
         return None
-    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
     used = {a for e in sharding.spec for a in _axes(e)}
-    return mesh if used & explicit else None
+    return mesh if used & set(explicit_axes(mesh)) else None
 
 
 def on_explicit_mesh(x: Any) -> bool:

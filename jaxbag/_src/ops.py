@@ -351,9 +351,8 @@ def _embedding_bag(
                 scale_grad_by_freq=scale_grad_by_freq, segment_ids=s, num_bags=num_bags,
                 fast=fast)
 
-        mesh = out_sharding.mesh  # (only its Explicit axes: Manual ones of a shard_map stay)
-        axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
-                     if t == jax.sharding.AxisType.Explicit)
+        # (only the Explicit axes: the Manual ones of an enclosing shard_map stay Manual)
+        axes = explicit.explicit_axes(out_sharding.mesh)
         return jax.sharding.auto_axes(whole, axes=axes, out_sharding=out_sharding)(
             weight, indices, offsets, segment_ids, per_sample_weights)
 
