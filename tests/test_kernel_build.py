@@ -155,13 +155,17 @@ def test_disable_variable_values(monkeypatch, value, disabled):
     monkeypatch.setenv("JAXBAG_DISABLE_CPU_KERNEL", value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fast_forward._disabled_by_env() is disabled
+        assert fast_forward._disabled_by_env() == (disabled, None)
 
 
-def test_an_unknown_disable_value_warns_and_disables(monkeypatch):
+def test_an_unknown_disable_value_warns_once_and_disables(monkeypatch):
+    monkeypatch.setattr(fast_forward, "_kernel_state", {})
     monkeypatch.setenv("JAXBAG_DISABLE_CPU_KERNEL", "maybe")
-    with pytest.warns(UserWarning, match=r"JAXBAG_DISABLE_CPU_KERNEL='maybe' is not one of"):
-        assert fast_forward._disabled_by_env()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the state is recorded first: the error is raised once
+        with pytest.raises(UserWarning, match=r"JAXBAG_DISABLE_CPU_KERNEL='maybe' is not one of"):
+            fast_forward._load_kernel()
+        assert not fast_forward._load_kernel()
 
 
 @pytest.mark.parametrize(

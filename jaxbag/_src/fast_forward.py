@@ -989,19 +989,17 @@ _DISABLE = ("1", "true", "yes", "on")  # JAXBAG_DISABLE_CPU_KERNEL values that s
 _KEEP = ("", "0", "false", "no", "off")  # ... and that leave it on
 
 
-def _disabled_by_env() -> bool:
+def _disabled_by_env() -> tuple[bool, str | None]:
     """Whether ``JAXBAG_DISABLE_CPU_KERNEL`` switches the kernel off: 1/true/yes/on (any case);
-    unset, empty, 0/false/no/off leave it on. Another value is refused with a warning and
-    switches it off (the cautious reading of a flag that was set)."""
+    unset, empty, 0/false/no/off leave it on. Another value switches it off (the cautious reading
+    of a flag that was set), with a warning to give: ``(disabled, warning or None)``."""
     value = os.environ.get("JAXBAG_DISABLE_CPU_KERNEL", "").strip().lower()
     if value in _DISABLE or value in _KEEP:
-        return value in _DISABLE
-    warnings.warn(
-        f"JAXBAG_DISABLE_CPU_KERNEL={value!r} is not one of {_DISABLE + _KEEP[1:]}; taking it as set "
-        "(the CPU kernel is off). Use JAXBAG_DISABLE_CPU_KERNEL=1 or 0.",
-        stacklevel=4,
+        return value in _DISABLE, None
+    return True, (
+        f"JAXBAG_DISABLE_CPU_KERNEL={value!r} is not one of {_DISABLE + _KEEP[1:]}; taking it as "
+        "set (the CPU kernel is off). Use JAXBAG_DISABLE_CPU_KERNEL=1 or 0."
     )
-    return True
 
 
 def _load_library(path: Path) -> ctypes.CDLL:
@@ -1020,32 +1018,34 @@ def _load_kernel() -> bool:
     with _kernel_lock:
         if "ok" in _kernel_state:
             return bool(_kernel_state["ok"])
-        if _disabled_by_env():
+        disabled, warning = _disabled_by_env()
+        category = UserWarning
+        if disabled:
             _kernel_state.update(ok=False, reason="disabled by JAXBAG_DISABLE_CPU_KERNEL")
-            return False
-        try:
-            path = _build_kernel()
-            lib = _load_library(path)
-            for target, symbol in _KERNEL_SYMBOLS.items():
-                jax.ffi.register_ffi_target(
-                    target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
-                )
-            _kernel_state.update(ok=True, reason=f"loaded {path}", lib=lib)
-        except Exception as e:  # noqa: BLE001  (any failure: fall back to the XLA formulation)
-            _kernel_state.update(ok=False, reason=f"{type(e).__name__}: {e}")
         else:
-            return True
-    # Said once per process, as a warning: the XLA path gives the same values, but a user who
-    # expects the kernel's speed should learn why it is not there. The state is recorded first:
-    # with warnings turned into errors the call raises once, and the next takes the XLA path.
-    warnings.warn(
-        f"jaxbag's C++ CPU kernel is unavailable ({_kernel_state['reason']}); using the XLA "
-        "path (same values and gradients, slower on CPU). Set JAXBAG_DISABLE_CPU_KERNEL=1 to "
-        "use the XLA path without trying to build it.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    return False
+            try:
+                path = _build_kernel()
+                lib = _load_library(path)
+                for target, symbol in _KERNEL_SYMBOLS.items():
+                    jax.ffi.register_ffi_target(
+                        target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+                    )
+                _kernel_state.update(ok=True, reason=f"loaded {path}", lib=lib)
+            except Exception as e:  # noqa: BLE001  (any failure: fall back to the XLA formulation)
+                _kernel_state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+                # Said once per process: the XLA path gives the same values, but a user who
+                # expects the kernel's speed should learn why it is not there.
+                warning, category = (
+                    f"jaxbag's C++ CPU kernel is unavailable ({_kernel_state['reason']}); using "
+                    "the XLA path (same values and gradients, slower on CPU). Set "
+                    "JAXBAG_DISABLE_CPU_KERNEL=1 to use the XLA path without trying to build it.",
+                    RuntimeWarning,
+                )
+    # Warned after the state is recorded: turned into an error, a warning raises once, and the
+    # next call takes the XLA path.
+    if warning:
+        warnings.warn(warning, category, stacklevel=2)
+    return bool(_kernel_state["ok"])
 
 
 def cpu_kernel_status() -> tuple[bool, str]:
