@@ -117,6 +117,12 @@ def _plain(x: object) -> object:
     return x.item() if isinstance(x, np.generic) else x
 
 
+def host_rows(x: object) -> object:
+    """A JAX array of bags (or of their weights) as a NumPy one, its rows then read on the host
+    one bag each; anything else as it is. Shared by :func:`pack_bags` and the builders."""
+    return np.asarray(x) if isinstance(x, jax.Array) else x
+
+
 def bag_ids(bag: object, where: str) -> np.ndarray:
     """One bag's ids as a 1-D NumPy array of an integer dtype, their own (never cast here, so a
     uint64 or int64 id is not wrapped; :func:`checked_ids` checks the range).
@@ -454,8 +460,7 @@ def pack_bags(
         >>> counted.weights.tolist()
         [3.0, 1.0, 0.0, 0.0]
     """
-    if isinstance(bags, jax.Array):
-        bags = np.asarray(bags)  # (rows of a 2-D array are bags)
+    bags = host_rows(bags)
     if isinstance(bags, (str, bytes)) or not isinstance(bags, (Sequence, np.ndarray)):
         raise TypeError(
             f"bags must be a sequence of 1-D id sequences, got {type(bags).__name__}; "
@@ -511,8 +516,7 @@ def _pack_weights(
     num_real: int,
     n_pad: int,
 ) -> np.ndarray:
-    if isinstance(weights, jax.Array):
-        weights = np.asarray(weights)
+    weights = host_rows(weights)
     is_seq = isinstance(weights, (Sequence, np.ndarray)) and not isinstance(weights, (str, bytes))
     if not is_seq or len(weights) != num_real:  # (a 2-D array is one row per bag, as for bags)
         got = len(weights) if is_seq else type(weights).__name__

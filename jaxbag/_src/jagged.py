@@ -48,11 +48,6 @@ def _check_keys(keys: Sequence[str]) -> tuple[str, ...]:
     return keys
 
 
-def _rows(x: Any) -> Any:
-    """A JAX array of bags as a NumPy one (its rows are then read on the host); else ``x``."""
-    return np.asarray(x) if isinstance(x, jax.Array) else x
-
-
 def _check_num_shards(num_shards: int, b: int | None = None) -> None:
     """``num_shards``: a static int >= 1, dividing the batch size ``b`` when given."""
     if not validation.is_static_int(num_shards, 1):
@@ -335,7 +330,7 @@ class JaggedFeatures:
         keys = _check_keys(list(features))
         _check_num_shards(num_shards)
         bags = {k: [batching.bag_ids(x, f"features[{k!r}][{j}]")
-                    for j, x in enumerate(_rows(features[k]))] for k in keys}
+                    for j, x in enumerate(batching.host_rows(features[k]))] for k in keys}
         sizes = {k: len(v) for k, v in bags.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"every feature needs the same number of examples; got {sizes}.")
@@ -356,7 +351,7 @@ class JaggedFeatures:
             flat_w = np.concatenate([np.zeros(0, np.float32)] + [
                 batching.host_weights(w, f"weights[{k!r}][{j}]", len(bags[k][j]),
                                       f"features[{k!r}][{j}]")
-                for k in keys for j, w in enumerate(_rows(weights[k]))
+                for k in keys for j, w in enumerate(batching.host_rows(weights[k]))
             ])
         lengths = np.array([[len(x) for x in bags[k]] for k in keys], np.int64).reshape(len(keys), b)
         flat = batching.checked_ids(
