@@ -1156,6 +1156,31 @@ def case_plain_explicit():
         for wspec in (P(None, "model"), P("model", None)):
             got = sm(jax.device_put(w, NamedSharding(mesh, wspec)), xs)
             close(got, jaxbag.embedding_bag(w, ids, mode="mean"), f"partial shard_map, {wspec}")
+        # vmap over a batch axis split over "data" (JAX's own loop rule for the kernel call, and
+        # the batched gather of the other path, were sharding type errors): one call on all rows'
+        # bags, split over the batch as the rows; per-example gradients too. (The gradient of a
+        # vmap over ids split this way with a replicated table is still refused by JAX's gather
+        # batching rule, as for jnp.take; a column-split table takes the auto_axes path.)
+        rows = rng.integers(0, V, (B, 2, 3)).astype(np.int32)
+        rs = jax.device_put(rows, NamedSharding(mesh, P("data")))
+        for wspec in (P(), P(None, "model")):
+            ws = jax.device_put(w, NamedSharding(mesh, wspec))
+            for mode in ("mean", "max"):
+                tag = f"vmap over data-split ids, {wspec} table, {mode}"
+
+                def one(t, i, mode=mode):
+                    return jaxbag.embedding_bag(t, i, mode=mode)
+
+                got = jax.jit(jax.vmap(one, in_axes=(None, 0)))(ws, rs)
+                close(got, np.stack([np.asarray(one(w, r)) for r in rows]), tag)
+                want_spec = P("data", None, wspec[1] if len(wspec) > 1 else None)
+                if got.sharding.spec != want_spec:
+                    raise AssertionError(f"{tag}: bags {got.sharding.spec}, want {want_spec}")
+                per_example = jax.jit(jax.vmap(jax.grad(lambda t, i: jnp.sum(jnp.sin(one(t, i)))),
+                                               in_axes=(None, 0)))(ws, rs)
+                for k in (0, B - 1):
+                    close(np.asarray(per_example)[k], jax.grad(lambda t: jnp.sum(jnp.sin(one(t, rows[k]))))(w),
+                          f"{tag}: per-example gradient {k}")
     # eagerly outside jax.set_mesh, ids on the Explicit mesh (replicated or split): the value
     # checks' compile-time ops failed for want of the mesh context
     for ispec in (P(), P("data", None)):

@@ -161,15 +161,29 @@ VMAP_CASES = [
 ]
 
 
+def _use_path(path, monkeypatch):
+    """Selects the formulation under test: ``kernel`` (the CPU kernel), ``gather`` (what the
+    fast path lowers where the kernel does not apply) or ``reference`` (``max_norm``: the
+    gather + segment-op path of ``ops``). Returns the extra ``embedding_bag`` options."""
+    from jaxbag._src import fast_forward
+
+    if path == "kernel":
+        assert fast_forward.cpu_kernel_status()[0]
+    elif path == "gather":
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    return {"max_norm": 1.5} if path == "reference" else {}
+
+
+@pytest.mark.parametrize("path", ["kernel", "gather", "reference"])
 @pytest.mark.parametrize("mode,weighted,form,batched", VMAP_CASES,
                          ids=[f"{m}-{'w' if w else 'u'}-{f}-{b}" for m, w, f, b in VMAP_CASES])
-def test_vmap_equals_loop(mode, weighted, form, batched):
+def test_vmap_equals_loop(mode, weighted, form, batched, path, monkeypatch):
     weights, ids, offs, segs, psw = _stacked_case(form)
     if not weighted:
         psw = None
     axes = AXES[batched]
     num_bags = 4 if form == "segments" else None
-    options = dict(mode=mode, padding_idx=2, max_norm=1.5, num_bags=num_bags)
+    options = dict(mode=mode, padding_idx=2, num_bags=num_bags, **_use_path(path, monkeypatch))
 
     def f(w, i, o, s, p):
         return jaxbag.embedding_bag(w, i, o, segment_ids=s, per_sample_weights=p, **options)
@@ -187,6 +201,112 @@ def test_vmap_equals_loop(mode, weighted, form, batched):
         ref = embedding_bag_ref(f64(a_t[0]), a_t[1], a_t[2], segment_ids=a_t[3], per_sample_weights=f64(a_t[4]),
                                 **options)
         np.testing.assert_allclose(np.asarray(out[t]), ref, rtol=1e-5, atol=1e-5)
+
+
+ILL_FORMED = {
+    # (ids [T, N], offsets [T, K]): rows whose first offset is past 0 (ids before it are in no
+    # bag), unsorted and out-of-range offsets (bag k starts at the k-th smallest offset in
+    # [0, N]), repeated offsets (empty bags) and out-of-range ids
+    "offsets": (
+        [[0, 5, -1, 9, 3, 4, 6, 1], [2, 2, 7, 0, 1, 3, 5, 4], [1, 6, 3, 8, 0, 2, 2, 5]],
+        [[2, 5, 5], [7, 0, 3], [0, 40, -3]],
+    ),
+    # (ids, segment ids): negative and past-num_bags segment ids, gaps (empty bags)
+    "segments": (
+        [[0, 5, 1, 9, 3, 4, 6, 1], [2, 2, 7, 0, 1, 3, 5, 4], [1, 6, 3, -2, 0, 2, 2, 5]],
+        [[-1, 0, 0, 2, 2, 3, 4, 4], [0, 0, 0, 0, 1, 1, 1, 1], [-3, -1, 1, 1, 3, 3, 3, 9]],
+    ),
+}
+
+
+@pytest.mark.parametrize("mode,path", [(m, "kernel") for m in MODES] + [("mean", "gather"),
+                                                                          ("max", "gather")])
+@pytest.mark.parametrize("form,last", [("offsets", False), ("offsets", True), ("segments", False)])
+def test_vmap_of_ill_formed_rows_equals_loop(form, last, mode, path, monkeypatch):
+    """vmap over the fast path is one call on all rows' bags (each row's bags, then one for its
+    ids outside them): ids before a row's first offset, past its last one (include_last_offset)
+    or of an out-of-range segment id must stay out of every bag, its own row's and the next
+    one's; out-of-range ids and padding are skipped; the max arg-max (its gradient) is per row."""
+    _use_path(path, monkeypatch)
+    ids, bounds = (jnp.asarray(np.array(a, np.int32)) for a in ILL_FORMED[form])
+    weights = jnp.stack([table(seed=s) for s in range(T)])
+    psw = None if mode == "max" else jnp.asarray(
+        np.random.default_rng(1).uniform(0.5, 2.0, size=ids.shape).astype(np.float32))
+    kw = dict(mode=mode, padding_idx=4)
+    if form == "offsets":
+        kw["include_last_offset"] = last
+    else:
+        kw["num_bags"] = 5
+
+    def f(w, i, b, p):
+        o, s = (b, None) if form == "offsets" else (None, b)
+        return jaxbag.embedding_bag(w, i, o, segment_ids=s, per_sample_weights=p, **kw)
+
+    cot = jnp.asarray(np.random.default_rng(2).normal(size=(T, *jax.eval_shape(
+        f, weights[0], ids[0], bounds[0], None if psw is None else psw[0]).shape)).astype(np.float32))
+
+    def loss(w, i, b, p, c):
+        return jnp.sum(f(w, i, b, p) * c)
+
+    argnums = (0, 3) if psw is not None else 0
+    jf, jg = jax.jit(f), jax.jit(jax.grad(loss, argnums=argnums))
+    for w_axis in (None, 0):  # one table for every row, or a table per row
+        w = weights[0] if w_axis is None else weights
+        in_axes = (w_axis, 0, 0, None if psw is None else 0)
+        out = jax.jit(jax.vmap(f, in_axes=in_axes))(w, ids, bounds, psw)
+        grads = jax.jit(jax.vmap(jax.grad(loss, argnums=argnums), in_axes=(*in_axes, 0)))(
+            w, ids, bounds, psw, cot)
+        for t in range(T):
+            w_t = w if w_axis is None else w[t]
+            p_t = None if psw is None else psw[t]
+            # (eagerly such rows are errors: under jit they are regrouped and skipped)
+            np.testing.assert_allclose(out[t], jf(w_t, ids[t], bounds[t], p_t),
+                                       rtol=1e-6, atol=1e-6)
+            # the reference reads offsets as given: pass them as the op reads them (sorted, the
+            # out-of-range ones dropped, the missing bags empty at the end)
+            o_t = np.asarray(bounds[t])
+            o_t = np.sort(np.where((o_t >= 0) & (o_t <= ids.shape[1]), o_t, ids.shape[1]))
+            ref = embedding_bag_ref(
+                f64(w_t), np.asarray(ids[t]), o_t if form == "offsets" else None,
+                segment_ids=np.asarray(bounds[t]) if form == "segments" else None,
+                per_sample_weights=f64(p_t), **kw)
+            np.testing.assert_allclose(out[t], ref, rtol=1e-5, atol=1e-5)
+            g_t = jg(w_t, ids[t], bounds[t], p_t, cot[t])
+            for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(g_t)):
+                np.testing.assert_allclose(got[t], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["kernel", "gather"])
+def test_nested_vmap_equals_loop(path, monkeypatch):
+    _use_path(path, monkeypatch)
+    rng = np.random.default_rng(5)
+    w = table()
+    ids = jnp.asarray(rng.integers(-1, V + 1, size=(2, 3, 7)).astype(np.int32))
+    offs = jnp.asarray(np.sort(rng.integers(0, 8, size=(2, 3, 3)), axis=-1).astype(np.int32))
+
+    def f(i, o):
+        return jaxbag.embedding_bag(w, i, o, mode="max", include_last_offset=True)
+
+    out = jax.jit(jax.vmap(jax.vmap(f)))(ids, offs)
+    f = jax.jit(f)
+    for a in range(2):
+        for b in range(3):
+            np.testing.assert_allclose(out[a, b], f(ids[a, b], offs[a, b]),
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_vmap_of_the_kernel_is_one_call_not_a_loop():
+    """vmap over the CPU kernel lowers to one kernel call on all rows' bags: JAX's default rule
+    for an FFI call is a loop of one call per row (slower, and a loop cannot run over a batch
+    axis split over an Explicit mesh axis)."""
+    from jaxbag._src import fast_forward
+
+    assert fast_forward.cpu_kernel_status()[0]
+    ids = jnp.zeros((16, 2, 5), jnp.int32)
+    f = jax.vmap(lambda i: jaxbag.embedding_bag(table(), i, mode="mean"))
+    hlo = jax.jit(f).lower(ids).as_text()
+    assert hlo.count("jaxbag_bag_fwd_f32") == 1, hlo
+    assert "while" not in hlo, hlo
 
 
 def test_vmap_of_grad_per_example_gradients():

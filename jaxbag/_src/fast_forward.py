@@ -26,6 +26,13 @@ loop stepping ``unroll`` positions at a time met an XLA:CPU simplifier bug (a co
 ``while i < 1: i += k``, ``k > 1``, is removed as if it ran zero times), which returned zeros for
 one bag of one id closed over under ``jit``.
 
+``vmap``: the kernel (and, where it does not apply, the gather formulation) has a batching rule
+(``jax.custom_batching.custom_vmap``): ``S`` rows of ``B`` bags are one call on ``S * (B + 1)``
+bags of the rows' ids laid end to end (bag ``B`` of a row holds its ids outside its bags: before
+its first offset, past its last one, or of an out-of-range segment id; it is dropped). JAX's
+default rule for an FFI call is a loop of ``S`` calls, which also cannot run over a batch axis
+split over an Explicit mesh axis. Flat positions past int32 fall back to that loop.
+
 The same compiled library holds the CPU kernels of the sparse training path
 (:mod:`jaxbag._src.sparse`): distinct ids (hash + radix sort), the row-gradient scatter, and fused
 in-place SGD / row-wise Adagrad / lazy Adam updates of the touched rows. Each has an XLA fallback.
@@ -61,7 +68,7 @@ import jaxlib
 import numpy as np
 from jax import Array, lax
 
-from jaxbag._src import bag_terms, segments, validation
+from jaxbag._src import bag_terms, explicit, segments, validation
 from jaxbag._src.dtypes import acc_dtype, take_rows, take_tangent_rows
 
 __all__ = ["bag_reduce", "cpu_kernel_status"]
@@ -1070,22 +1077,118 @@ def cpu_kernel_status() -> tuple[bool, str]:
     return ok, str(_kernel_state.get("reason", ""))
 
 
-def _kernel_call(weight, ids, bounds, psw, num_bags, padding_idx, mode, layout):
-    """The FFI call: ``([B, D]`` float32 result, ``[B, D]`` (max) or ``[B, 1]`` int32 arg)."""
-    d = weight.shape[1]
-    arg_shape = (num_bags, d) if mode == "max" else (num_bags, 1)
-    call = jax.ffi.ffi_call(
-        _KERNEL_TARGET,
-        (jax.ShapeDtypeStruct((num_bags, d), jnp.float32), jax.ShapeDtypeStruct(arg_shape, jnp.int32)),
-        vmap_method="sequential",
-    )
-    p = jnp.zeros((0,), jnp.float32) if psw is None else psw.astype(jnp.float32)
-    return call(
-        weight, ids, bounds, p,
-        mode=np.int64(_MODE_CODE[mode]),
-        padding_idx=np.int64(-1 if padding_idx is None else padding_idx),
-        layout=np.int64(layout),
-    )
+@functools.cache
+def _forward_fn(num_bags, padding_idx, mode, layout, use_kernel):
+    """The kernel (CPU; the gather formulation elsewhere) for one static configuration, as a
+    function ``(weight, ids, bounds, p)`` (``p``: ``[N]`` weights, or ``[0]`` for none) ->
+    ``(out [B, D], arg)``, with a batching rule: ``vmap`` over it is one call on more bags
+    (``S`` rows of ``B`` bags are ``S * (B + 1)`` bags of one flat id list), not a loop of ``S``
+    kernel calls or a batched gather (both of which failed on a batch axis split over an
+    Explicit mesh axis)."""
+
+    def forward(weight, ids, bounds, p):
+        n = ids.shape[0]
+        psw = None if p.shape[0] == 0 else p
+
+        def gather():
+            seg = _segment_ids(bounds, n, layout)
+            return _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode)
+
+        if not use_kernel:
+            return gather()
+
+        def kernel():
+            v, d = weight.shape
+            ids32 = validation.to_int32(ids, 0, v - 1, -1)
+            if layout == 0:
+                b32 = (bounds if bounds.dtype == jnp.int32
+                       else segments.segment_ids_int32(bounds, num_bags))
+            else:
+                b32 = validation.to_int32(bounds, 0, n, -1)
+            arg_shape = (num_bags, d) if mode == "max" else (num_bags, 1)
+            return jax.ffi.ffi_call(
+                _KERNEL_TARGET,
+                (jax.ShapeDtypeStruct((num_bags, d), jnp.float32),
+                 jax.ShapeDtypeStruct(arg_shape, jnp.int32)),
+                vmap_method="sequential",
+            )(
+                weight, ids32, b32, p.astype(jnp.float32),
+                mode=np.int64(_MODE_CODE[mode]),
+                padding_idx=np.int64(-1 if padding_idx is None else padding_idx),
+                layout=np.int64(layout),
+            )
+
+        return lax.platform_dependent(cpu=kernel, default=gather)
+
+    batchable = jax.custom_batching.custom_vmap(forward)
+
+    @batchable.def_vmap
+    def batched(axis_size, in_batched, weight, ids, bounds, p):
+        args = (weight, ids, bounds, p)
+        flat = functools.partial(_forward_flat, axis_size, in_batched, num_bags, padding_idx,
+                                 mode, layout, use_kernel)
+        meshes = [m for a, b in zip(args, in_batched) if b
+                  for m in [explicit.explicit_mesh(a)] if m is not None]
+        if meshes:
+            # the batch axis is split over Explicit mesh axes: one call, partitioned by the
+            # compiler as on an Auto mesh; the bags come out split as the batch was
+            first = next(a for a, b in zip(args, in_batched) if b)
+            spec = jax.sharding.PartitionSpec(explicit.spec_entry(first, 0))
+            out_sharding = jax.sharding.NamedSharding(meshes[0], spec)
+            flat = jax.sharding.auto_axes(flat, axes=explicit.explicit_axes(meshes[0]),
+                                          out_sharding=(out_sharding, out_sharding))
+        return flat(*args), (True, True)
+
+    return batchable
+
+
+def _forward_flat(s, in_batched, num_bags, padding_idx, mode, layout, use_kernel,
+                  weight, ids, bounds, p):
+    """:func:`_forward_fn`'s batching rule: ``S`` rows of ``B`` bags as one call on
+    ``S * (B + 1)`` bags: each row's bags, then one for its ids outside them (before its first
+    offset, past its last one, or of an out-of-range segment id), over the rows' ids in order."""
+    args = (weight, ids, bounds, p)
+    w_b, i_b, b_b, p_b = in_batched
+    n = ids.shape[-1]
+    v, d = weight.shape[-2:]
+    per_row = num_bags + 1
+    if s * max(n, per_row, v if w_b else 0) >= 2**31 - 1:  # flat positions past int32: a loop
+        def row(xs):
+            it = iter(xs)
+            return _forward_fn(num_bags, padding_idx, mode, layout, use_kernel)(
+                *(next(it) if b else a for a, b in zip(args, in_batched)))
+        return lax.map(row, tuple(a for a, b in zip(args, in_batched) if b))
+    base = jnp.arange(s, dtype=jnp.int32)[:, None]
+    ids = validation.to_int32(ids if i_b else jnp.broadcast_to(ids, (s, n)), 0, v - 1, -1)
+    if layout == 0:
+        seg = bounds if b_b else jnp.broadcast_to(bounds, (s, n))
+        seg = jnp.clip(seg, -1, num_bags).astype(jnp.int32)
+        # a row's ids outside its bags go to its extra bag B (those before its first offset to
+        # the previous row's; -1 for row 0): the flat segment ids are sorted where each row's are
+        bounds = jnp.where(seg < 0, base * per_row - 1, base * per_row + seg)
+    else:
+        def starts(o):  # the row's B + 1 bag bounds: its offsets in [0, N], sorted, then N
+            o = jnp.sort(jnp.where((o >= 0) & (o <= n), o, n).astype(jnp.int32))
+            return jnp.concatenate([o, jnp.full((per_row,), n, jnp.int32)])[:per_row]
+
+        # bag B of row s: from its end to row s + 1's first offset (no bag before row 0's)
+        bounds = (jax.vmap(starts)(bounds) if b_b else starts(bounds)[None]) + base * n
+    pad = padding_idx
+    if w_b:  # S tables: the ids of row s index rows [s * V, (s + 1) * V) of the stacked tables
+        keep = (ids >= 0) & (ids < v)
+        if pad is not None:
+            keep = keep & (ids != pad)
+        ids = jnp.where(keep, ids + base * v, -1)
+        weight = weight.reshape(s * v, d)
+        pad = None
+    if p.shape[-1] != 0:
+        p = (p if p_b else jnp.broadcast_to(p, (s, n))).reshape(-1)
+    out, arg = _forward_fn(s * per_row, pad, mode, layout, use_kernel)(
+        weight, ids.reshape(-1), bounds.reshape(-1), p)
+    out = out.reshape(s, per_row, d)[:, :num_bags]
+    arg = arg.reshape(s, per_row, -1)[:, :num_bags]
+    # flat arg-max positions back to positions in the row (N: none)
+    return out, jnp.where(arg >= s * n, n, arg - base[:, :, None] * n)
 
 
 # ---- dispatch and derivatives --------------------------------------------------------------------
@@ -1142,41 +1245,20 @@ def _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode):
 
 def _primal(weight, psw, ids, bounds, cfg):
     (num_bags, padding_idx, mode, layout, include_last_offset, impl, unroll, skew_limit, chunk) = cfg
-    n = ids.shape[0]
-
-    def seg_ids():
-        return _segment_ids(bounds, n, layout)
-
-    def xla():
-        return _xla_primal(weight, psw, ids, seg_ids(), num_bags, padding_idx, mode, unroll,
+    if impl == "stream":
+        seg = _segment_ids(bounds, ids.shape[0], layout)
+        return _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll,
                            skew_limit, chunk)
-
-    def gather():
-        return _gather_primal(weight, psw, ids, seg_ids(), num_bags, padding_idx, mode)
-
-    use_kernel = impl != "stream" and _kernel_ok(weight)
+    use_kernel = _kernel_ok(weight)
     if impl == "kernel" and not use_kernel:
         raise RuntimeError(
             "impl='kernel' needs a float32 table and the CPU kernel; cpu_kernel_status() says: "
             f"{cpu_kernel_status()[1]!r}. Use impl='auto' to fall back to XLA."
         )
-    if impl == "stream":
-        return xla()
-    if not use_kernel:
-        # auto: the gather formulation (the stream loop, impl="stream", is opt-in: see the
-        # module docstring).
-        return gather()
-    v = weight.shape[0]
-    ids32 = validation.to_int32(ids, 0, v - 1, -1)
-    if layout == 0:
-        b32 = bounds if bounds.dtype == jnp.int32 else segments.segment_ids_int32(bounds, num_bags)
-    else:
-        b32 = validation.to_int32(bounds, 0, n, -1)
-
-    def kernel():
-        return _kernel_call(weight, ids32, b32, psw, num_bags, padding_idx, mode, layout)
-
-    return lax.platform_dependent(cpu=kernel, default=gather)
+    # auto: the kernel, or the gather formulation where it does not apply (the stream loop,
+    # impl="stream", is opt-in: see the module docstring)
+    p = jnp.zeros((0,), weight.dtype) if psw is None else psw
+    return _forward_fn(num_bags, padding_idx, mode, layout, use_kernel)(weight, ids, bounds, p)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
