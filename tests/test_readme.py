@@ -17,6 +17,12 @@ def test_every_python_block_is_found():
     assert all(line > 1 and text.splitlines()[line - 2] == "```python" for line, _ in blocks)
 
 
+def test_the_readme_shows_the_prelude_its_blocks_start_from():
+    """The worker runs PRELUDE before the blocks (so that a block can be run alone); the README
+    prints the same code, so that a reader has every name its blocks use."""
+    assert _readme_worker.PRELUDE.strip() + "\n```" in (ROOT / "README.md").read_text()
+
+
 def test_readme_python_blocks_run():
     proc = run_on_8_devices(ROOT / "tests" / "_readme_worker.py")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"

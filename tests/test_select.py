@@ -116,3 +116,35 @@ def test_a_bad_candidate_value_is_an_error_before_any_candidate_runs(tmp_path):
                        r"\[0, 1\); got 1\.5\. Pass --config\.base\.model\.dropout=0\.1\."):
         select.select(config, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ---- behaviours pinned down by mutation testing (each test below failed on a seeded bug)
+
+
+def test_select_statistics_and_ranking_from_the_fold_summaries(tmp_path, monkeypatch):
+    """Mean accuracy, mean loss and time over the folds; ties in accuracy go to the lower loss;
+    the reference is neither better nor worse than itself."""
+    fake = {  # (candidate, repeat, fold) -> (accuracy, loss, train_time_s)
+        ("ref", 0, 0): (0.9, 0.30, 1.0), ("ref", 0, 1): (0.8, 0.30, 3.0),
+        ("ref", 0, 2): (0.7, 0.90, 2.0),
+        ("low_loss", 0, 0): (0.8, 0.10, 1.0), ("low_loss", 0, 1): (0.9, 0.20, 1.0),
+        ("low_loss", 0, 2): (0.7, 0.30, 1.0),
+    }
+
+    def run_or_reuse(config, workdir):
+        name, rest = workdir.parent.name, workdir.name  # <name>/repeat<r>_fold<f>
+        r, f = (int(x) for x in rest.removeprefix("repeat").split("_fold"))
+        acc, loss, secs = fake[name, r, f]
+        return {"test_accuracy": acc, "test_loss": loss, "train_time_s": secs, "epoch_time_s": 99.0}
+
+    monkeypatch.setattr(select, "run_or_reuse", run_or_reuse)
+    config = _selection_config()
+    config.folds, config.repeats, config.reference = 3, 1, "ref"
+    config.candidates = ml_collections.ConfigDict({"ref": "", "low_loss": "model.features=8"})
+    rows = select.select(config, tmp_path)
+    assert [r["name"] for r in rows] == ["low_loss", "ref"]  # same accuracy, lower loss first
+    ref = rows[1]
+    assert ref["accuracy"] == pytest.approx(0.8) and ref["loss"] == pytest.approx(0.5)
+    assert ref["train_time_s"] == pytest.approx(2.0)
+    assert (ref["folds_better"], ref["folds_worse"], ref["diff_vs_reference"]) == (0, 0, 0.0)
+    assert (rows[0]["folds_better"], rows[0]["folds_worse"]) == (1, 1)

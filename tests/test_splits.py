@@ -104,3 +104,30 @@ def test_run_splits_pairs_the_models_on_the_same_splits(tmp_path, monkeypatch):
     monkeypatch.setattr(select, "train_and_evaluate",
                         lambda *a, **k: pytest.fail("a finished split was trained again"))
     assert splits.run_splits(config, tmp_path)["accuracies"] == accs
+
+
+# ---- behaviours pinned down by mutation testing (each test below failed on a seeded bug)
+
+
+def test_run_splits_pairs_each_model_with_the_named_reference(tmp_path, monkeypatch):
+    """The reference need not be the first model; the SVM gets the same splits."""
+    accs = {"first": [0.5, 0.8], "ref": [0.6, 0.6]}
+    monkeypatch.setattr(splits, "run_or_reuse", lambda config, workdir: {
+        "test_accuracy": accs[workdir.parent.name][int(workdir.name.removeprefix("split"))]})
+    config = ml_collections.ConfigDict()
+    config.base = smoke.get_config()
+    config.num_splits = 2
+    config.models = ml_collections.ConfigDict({"first": "model.features=8", "ref": ""})
+    config.reference = "ref"
+    config.tfidf_svc = True
+    config.threshold = 0.6
+    from experiments.textcls import tfidf_baseline
+
+    svc_seeds = []
+    monkeypatch.setattr(tfidf_baseline, "split_accuracy",
+                        lambda data, seed: svc_seeds.append((data["split_seed"], seed)) or 0.6)
+    rows = {r["name"]: r for r in splits.run_splits(config, tmp_path)["rows"]}
+    assert svc_seeds == [(-1, 0), (-1, 1)]  # the SVM is scored on split k, as the models
+    assert rows["ref"]["diff"] == 0.0 and (rows["ref"]["better"], rows["ref"]["worse"]) == (0, 0)
+    assert rows["first"]["diff"] == pytest.approx(0.05) and (rows["first"]["better"], rows["first"]["worse"]) == (1, 1)
+    assert rows["first"]["at_threshold"] == 1 and rows["ref"]["at_threshold"] == 2

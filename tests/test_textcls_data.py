@@ -182,6 +182,9 @@ def test_jsonl_loader_and_errors(tmp_path):
         g = _write(tmp_path / "b.jsonl", content)
         with pytest.raises(data.DataError, match=match):
             data.load_jsonl(g, num_classes=2)
+    # a null text reads as an empty text (an empty bag), as the README says
+    g = _write(tmp_path / "n.jsonl", '{"text": null, "label": 1}\n')
+    assert data.load_jsonl(g, num_classes=2).texts == ("",)
 
 
 def test_loaders_read_utf8_with_a_bom_long_fields_and_name_bad_bytes(tmp_path):
@@ -382,3 +385,76 @@ def test_misclassified_records_and_their_listing():
     ]
     assert format_misclassified(records, limit=2).splitlines() == [
         "  b/2.txt  b -> c  Second title", "  a/3.txt  a -> b  ", "  ... 1 more"]
+
+
+# ---- behaviours pinned down by mutation testing (each test below failed on a seeded bug)
+
+
+def test_vocabulary_ties_are_alphabetical_not_first_seen():
+    # equal counts: alphabetical order, whatever order the documents met them in
+    assert Vocabulary.build([["zeta", "alpha"], ["mid"]]).tokens == (UNK, "alpha", "mid", "zeta")
+    assert Vocabulary.build([["zeta", "alpha"]], max_size=2).tokens == (UNK, "alpha")
+
+
+def test_idf_counts_documents_not_occurrences():
+    # "apple" occurs 3 times in one of the 2 documents: df = 1, idf = ln(3 / 2) + 1
+    f = Featurizer.fit(["apple apple apple", "pie"],
+                       {"max_tokens": 0, "min_freq": 1, "max_size": 0, "ngrams": 1,
+                        "num_buckets": 8, "term_weights": "binary", "idf": True})
+    np.testing.assert_allclose(f.idf[f.vocab.tokens.index("apple")], np.log(3 / 2) + 1, rtol=1e-6)
+
+
+def test_vocabulary_and_idf_see_only_the_first_max_tokens():
+    cfg = {"max_tokens": 2, "min_freq": 1, "max_size": 0, "ngrams": 1, "num_buckets": 8,
+           "term_weights": "none", "idf": False}
+    f = Featurizer.fit(["alpha beta gamma delta", "beta alpha omega"], cfg)
+    assert set(f.vocab.tokens) == {UNK, "alpha", "beta"}  # gamma, delta, omega are never features
+    g = Featurizer.from_json(json.loads(json.dumps(f.to_json())))
+    assert g.max_tokens == 2 and g("alpha beta gamma").tolist() == f("alpha beta gamma").tolist()
+
+
+def test_a_two_token_text_has_its_bigram():
+    f = Featurizer(Vocabulary((UNK, "new", "york")), ngrams=2, num_buckets=50)
+    ids = f("New York")
+    want = [1, 2] + [3 + b for b in _fnv_ngram_reference(["new", "york"], 2, 50)]
+    assert ids.tolist() == want
+
+
+def test_stratified_split_rounds_each_class_to_the_nearest():
+    # 7 per class at 0.25: round(1.75) = 2 to test (floor would give 1)
+    labels = np.repeat(np.arange(2), 7)
+    _, te = data.stratified_split(labels, test_fraction=0.25, seed=0)
+    assert np.bincount(labels[te]).tolist() == [2, 2]
+
+
+def test_stratified_split_shuffles_each_class_with_its_own_seed():
+    """The documented draw: class c's members permuted by default_rng([seed, c])."""
+    labels = np.repeat(np.arange(3), [6, 6, 6])
+    _, te = data.stratified_split(labels, test_fraction=0.5, seed=4)
+    want = np.sort(np.concatenate([
+        np.random.default_rng([4, c]).permutation(np.flatnonzero(labels == c))[:3]
+        for c in range(3)]))
+    np.testing.assert_array_equal(te, want)
+
+
+def test_stratified_folds_are_even_over_all_classes():
+    # three classes each with remainder 1 on 5 folds: dealing each class from fold 0 would give
+    # fold 0 three more examples than the others
+    labels = np.repeat(np.arange(3), [51, 31, 21])
+    fold = data.stratified_folds(labels, num_folds=5, seed=0)
+    per_fold = np.bincount(fold, minlength=5)
+    assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == 103
+
+
+def test_ag_news_csv_skips_whitespace_only_lines(tmp_path):
+    f = _write(tmp_path / "ws.csv", '"1","a","b"\n   \n"2","c","d"\n')
+    assert data.load_ag_news_csv(f).sources == ("ws.csv:1", "ws.csv:3")
+
+
+def test_epoch_order_differs_between_epochs_and_is_a_permutation():
+    from experiments.textcls.batches import epoch_order
+
+    a, b = epoch_order(50, seed=0, epoch=1), epoch_order(50, seed=0, epoch=2)
+    assert sorted(a.tolist()) == list(range(50)) and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, epoch_order(50, seed=0, epoch=1))
+    assert not np.array_equal(a, epoch_order(50, seed=1, epoch=1))

@@ -508,3 +508,186 @@ def test_damaged_workdir_files_are_named(tmp_path):
     (tmp_path / artifacts.SPLIT).write_text('{"train": [1, 2')
     with pytest.raises(ValueError, match=r"split.json is not valid JSON"):
         artifacts.read_json(tmp_path / artifacts.SPLIT)
+
+
+# ---- behaviours pinned down by mutation testing (each test below failed on a seeded bug)
+
+
+def test_summary_recomputes_best_epoch_and_throughput_from_the_metrics(smoke_run, tmp_path):
+    """best_epoch is the epoch of the highest test accuracy in metrics.jsonl (not the last one);
+    examples_per_s is the training examples over the median epoch time."""
+    _, workdir, _ = smoke_run
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    rows = [json.loads(line) for line in (wd / artifacts.METRICS).read_text().splitlines()]
+    for row, acc in zip(rows, [0.1, 0.9, 0.2]):
+        row["test_accuracy"] = acc
+    artifacts.write_jsonl(wd / artifacts.METRICS, rows)
+    summary = train_and_evaluate(smoke.get_config(), wd)  # resumes past the last epoch
+    assert summary["resumed_from_epoch"] == 3
+    assert (summary["best_epoch"], summary["best_test_accuracy"]) == (2, 0.9)
+    assert summary["examples_per_s"] == pytest.approx(summary["num_train"] / summary["epoch_time_s"])
+
+
+def test_reported_test_loss_is_the_plain_cross_entropy(smoke_run):
+    """Label smoothing is a training loss; the evaluation loss is -log p(true class)."""
+    config, workdir, summary = smoke_run
+    from experiments.textcls.data import load_bbc_news
+
+    predictor = Predictor(workdir)
+    split = json.loads((workdir / artifacts.SPLIT).read_text())
+    full = load_bbc_news(max_per_class=config.data.max_per_class)
+    by_source = dict(zip(full.sources, zip(full.texts, full.labels)))
+    texts, labels = zip(*(by_source[s] for s in split["test"]))
+    probs = predictor.scores(list(texts))
+    want = float(np.mean(-np.log(probs[np.arange(len(labels)), list(labels)])))
+    assert summary["test_loss"] == pytest.approx(want, rel=1e-4)
+
+
+def _tiny_config(**train):
+    config = smoke.get_config()
+    config.data.max_per_class = 10  # 40 training articles: 3 batches of 16, the last one padded
+    config.model.features = 8
+    config.model.dropout = 0.5
+    config.train.num_epochs = 2
+    config.train.plot = False
+    config.train.update(train)
+    return config
+
+
+def test_resume_with_dropout_continues_the_step_count(tmp_path, monkeypatch):
+    """Dropout keys are fold_in(key, global step): a resumed run must go on counting steps from
+    the checkpoint (and so end with the uninterrupted run's parameters), and ignore a metrics line
+    of an epoch whose checkpoint was never written."""
+    from experiments import train
+
+    seen = []
+    make_steps = train.make_steps
+
+    def spy(*args, **kwargs):
+        steps = make_steps(*args, **kwargs)
+
+        def train_step(p, opt_state, metrics, batch, rng, step):
+            seen.append(int(step))
+            return steps.train_step(p, opt_state, metrics, batch, rng, step)
+
+        return steps._replace(train_step=train_step)
+
+    monkeypatch.setattr(train, "make_steps", spy)
+    # stop_after_epochs = num_epochs is not an early stop: the run finishes and writes its summary
+    full = train_and_evaluate(_tiny_config(stop_after_epochs=2), tmp_path / "full")
+    assert not full["stopped_early"] and (tmp_path / "full" / artifacts.SUMMARY).is_file()
+    assert seen == list(range(6))
+    # 40 examples a epoch, not the 48 slots of 3 padded batches
+    assert full["examples_per_s"] == pytest.approx(40 / full["epoch_time_s"])
+    seen.clear()
+    train_and_evaluate(_tiny_config(stop_after_epochs=1), tmp_path / "resumed")
+    with (tmp_path / "resumed" / artifacts.METRICS).open("a") as fh:
+        fh.write(json.dumps({"epoch": 2, "test_accuracy": 1.0}) + "\n")  # killed before saving
+    resumed = train_and_evaluate(_tiny_config(), tmp_path / "resumed")
+    assert seen == list(range(6)) and resumed["resumed_from_epoch"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / artifacts.METRICS).read_text().splitlines()]
+    assert [(r["epoch"], r["global_step"]) for r in rows] == [(1, 3), (2, 6)]
+    want, _ = checkpoint.load_params(tmp_path / "full")
+    got, _ = checkpoint.load_params(tmp_path / "resumed")
+    for (path, a), (_, b) in zip(jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_every_field_but_the_documented_ones_is_checked_on_resume(tmp_path):
+    """README: only stop_after_epochs, max_checkpoints, progress_bar, log_every_steps, plot and
+    eval_batch_size may change when a run resumes."""
+    may_change = {"train.stop_after_epochs", "train.max_checkpoints", "train.progress_bar",
+                  "train.log_every_steps", "train.plot", "train.eval_batch_size"}
+    config = smoke.get_config()
+    artifacts.check_resume_config(tmp_path, config, resuming=False)
+    flat = artifacts._flatten(artifacts.config_to_dict(config))
+    for key, value in flat.items():
+        other = smoke.get_config()
+        *parents, leaf = key.split(".")
+        node = other
+        for p in parents:
+            node = node[p]
+        node[leaf] = (not value if isinstance(value, bool) else value + 1
+                      if isinstance(value, (int, float)) else "x" if isinstance(value, str)
+                      else ("x",))
+        if key in may_change:
+            artifacts.check_resume_config(tmp_path, other, resuming=True)
+            artifacts.check_resume_config(tmp_path, config, resuming=True)  # back
+        else:
+            with pytest.raises(ValueError, match=rf"different config \({re.escape(key)}: "):
+                artifacts.check_resume_config(tmp_path, other, resuming=True)
+
+
+def test_predict_lists_the_scores_best_first():
+    from experiments.predict import _format
+
+    result = {"text": "t", "label": "b", "scores": {"a": 0.2, "b": 0.5, "c": 0.3}}
+    assert _format(result, 0).splitlines()[2:] == [
+        f"  {'b':<16} 0.5000", f"  {'c':<16} 0.3000", f"  {'a':<16} 0.2000"]
+    assert _format(result, 1).splitlines()[2:] == [f"  {'b':<16} 0.5000"]
+
+
+def test_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+    from experiments.textcls.optim import make_schedule
+
+    with jax.numpy_dtype_promotion("standard"):
+        for kind in ("cosine", "linear"):
+            s = make_schedule({"learning_rate": 1.0, "warmup_steps": 2, "schedule": kind}, 10)
+            assert float(s(0)) == 0.0 and float(s(2)) == pytest.approx(1.0)
+            assert float(s(10)) == pytest.approx(0.0, abs=1e-7)
+        # a warmup longer than the run is cut so that the peak is reached at the last step
+        s = make_schedule({"learning_rate": 1.0, "warmup_steps": 100, "schedule": "constant"}, 10)
+        assert float(s(9)) == pytest.approx(1.0)
+
+
+def test_adamw_weight_decay_follows_the_config():
+    import optax
+
+    from experiments.textcls.optim import make_optimizer
+
+    cfg = {"learning_rate": 0.1, "warmup_steps": 0, "schedule": "constant", "name": "adamw",
+           "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "momentum": 0.0, "grad_clip": 0.0}
+    params = {"w": jax.numpy.ones(3)}
+    zero = {"w": jax.numpy.zeros(3)}
+    with jax.numpy_dtype_promotion("standard"):
+        for wd, want in ((0.0, 1.0), (0.5, 1 - 0.1 * 0.5)):
+            tx = make_optimizer({**cfg, "weight_decay": wd}, 10)
+            updates, _ = tx.update(zero, tx.init(params), params)
+            np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], want, rtol=1e-6)
+
+
+def test_dropout_applies_without_a_hidden_layer():
+    from flax import nnx
+
+    from experiments.textcls.model import FastText
+
+    model = FastText(10, 3, features=32, dropout=0.5, rngs=nnx.Rngs(0))
+    x = jax.numpy.ones((2, 32))
+    a = model.classify(x)
+    b = model.classify(x, dropout_key=jax.random.key(1))
+    np.testing.assert_array_equal(a, model.classify(x))  # no key: deterministic
+    assert not np.allclose(a, b)
+
+
+def test_one_empty_validation_fold_is_already_an_error(tmp_path):
+    config = _jsonl_config(tmp_path, train_rows=4)
+    config.data.validation_folds = 5
+    with pytest.raises(ValueError, match=r"config\.data\.validation_folds=5 leaves 1 of the folds empty"):
+        train_and_evaluate(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_ignore_unknown_leaves_the_unknown_word_out_of_the_bag():
+    """Training bags never hold <unk> (the vocabulary is the training split's), so only the test
+    documents' unknown words tell ignore_unknown apart."""
+    import jaxbag
+    from experiments.textcls.model import build_model
+
+    for ignore in (True, False):
+        cfg = smoke.get_config().model
+        cfg.ignore_unknown = ignore
+        model = build_model(cfg, num_embeddings=10, num_classes=3, seed=0)
+        b = jaxbag.pack_bags([[5, 3], [5, 3, 0]], weights=[[1.0, 2.0], [1.0, 2.0, 1.0]])
+        logits = np.asarray(model(b.indices, b.segment_ids, num_bags=b.num_bags, weights=b.weights))
+        assert np.allclose(logits[0], logits[1], atol=1e-6) == ignore
