@@ -772,3 +772,34 @@ def test_lists_holding_traced_values_are_taken_as_jnp_takes_them():
     big = jnp.ones((50_000, 2))
     np.testing.assert_array_equal(jaxbag.embedding_bag(big, [jnp.int16(5), 40_000], [0], mode="sum"),
                                   [[2.0, 2.0]])
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_negative_int64_segment_ids_are_dropped_under_x64(mode, jit):
+    """x64: int64 segment ids reach the CPU kernel through ``segment_ids_int32``, which must keep
+    ``-1`` (ids before bag 0: padding) out of bag 0. test_negative_segment_ids_dropped only
+    covers int32 segment ids (they skip that conversion)."""
+    with jax.enable_x64(True):
+        w = jnp.asarray(np.arange(14, dtype=np.float32).reshape(7, 2))
+        seg = np.array([-1, -1, 0, 1, 1, 2], np.int64)
+        ids = np.array([5, 6, 1, 2, 3, 4], np.int64)
+        f = lambda w_, i, s: jaxbag.embedding_bag(w_, i, segment_ids=s, num_bags=2, mode=mode)
+        out = np.asarray((jax.jit(f) if jit else f)(w, jnp.asarray(ids), jnp.asarray(seg)))
+    wn = np.asarray(w)
+    ref = {"sum": [wn[1], wn[2] + wn[3]], "mean": [wn[1], (wn[2] + wn[3]) / 2],
+           "max": [wn[1], np.maximum(wn[2], wn[3])]}[mode]
+    np.testing.assert_allclose(out, np.stack(ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize("check", ["embedding_bag", "validate"])
+def test_2d_out_of_range_id_is_named_by_row_then_column(check):
+    """The one 2-D case in test_errors sits at [1, 1], where row and column are the same number:
+    an id at [1, 2] of a [2, 4] batch must be reported as indices[1, 2], not [2, 1] or [6]."""
+    w = jnp.ones((5, 2), jnp.float32)
+    ids = np.array([[0, 1, 2, 3], [3, 4, 7, 0]], np.int32)
+    with pytest.raises(IndexError, match=r"indices\[1, 2\] = 7 is out of range"):
+        if check == "validate":
+            jaxbag.validate(5, ids)
+        else:
+            jaxbag.embedding_bag(w, ids)

@@ -153,3 +153,20 @@ def test_constructor_checks_leave_jit_vmap_and_tree_map_working():
     jf = JF.from_lists({"a": [[1, 2], [3]]}, weights={"a": [[1.0, 2.0], [3.0]]})
     assert jax.tree.map(lambda x: x.astype(jnp.int32), jf).weights.dtype == jnp.int32
     assert jax.tree.map(str, jf).capacities == jf.capacities
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_capacity_covers_the_fullest_shard_not_only_the_first(capacity):
+    """With num_shards > 1 the automatic capacity is the largest count over the shards, and an
+    explicit one is checked against every shard: here shard 1 holds 3 ids of "a", shard 0 one."""
+    feats = {"a": [[1], [], [2, 3], [4]], "b": [[5, 6], [7], [], []]}
+    jf = jaxbag.JaggedFeatures.from_lists(feats, num_shards=2, round_to=1, capacity=capacity)
+    assert jf.capacities[0] == 3
+    assert jf.to_lists() == feats
+    ids, seg, _ = jf.feature("a")
+    w = jnp.eye(8, dtype=jnp.float32)
+    out = jaxbag.embedding_bag(w, ids, segment_ids=seg, num_bags=4, mode="sum")
+    np.testing.assert_array_equal(np.asarray(out)[:, :5], [[0, 1, 0, 0, 0], [0] * 5,
+                                                          [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="capacity"):
+        jaxbag.JaggedFeatures.from_lists(feats, num_shards=2, capacity=2)

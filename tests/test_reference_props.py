@@ -393,3 +393,40 @@ def test_narrow_table_weight_gradient_uses_the_unrounded_bag(dtype_name, mode):
         want = embedding_bag_ref_vjp(to_f64(weight), np.array([0, 1]), np.array([0]),
                                      cotangent=np.ones((1, 1)), mode=mode, per_sample_weights=np.ones(2))[1]
         np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-3, err_msg=op)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_max_norm_leaves_a_row_of_exactly_max_norm_unchanged(norm_type):
+    """torch renorms only rows whose norm is *above* max_norm (``norm > max_norm``); a row whose
+    norm equals it is left bit for bit (``max_norm / (norm + 1e-7)`` would shrink it by 1 ulp)."""
+    w = jnp.array([[1.0, 0.0], [0.0, -1.0], [4.0, 0.0]], jnp.float32)
+    ids = jnp.array([0, 1, 2])
+    out = jaxbag.embedding_bag(w, ids, jnp.array([0, 1, 2]), mode="sum", max_norm=1.0,
+                               norm_type=norm_type)
+    np.testing.assert_array_equal(np.asarray(out[:2]), np.asarray(w[:2]))
+    assert float(out[2, 0]) < 4.0  # (above max_norm: renormed)
+    new = jaxbag.renorm(w, ids, max_norm=1.0, norm_type=norm_type)
+    np.testing.assert_array_equal(np.asarray(new[:2]), np.asarray(w[:2]))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_large_batch_split_over_threads_matches_numpy(mode):
+    """Big enough (ids * D >= 2**15) for the CPU kernel to split the bags over XLA's thread pool
+    in chunks cut at bag boundaries: every bag, those at the cuts included, must be reduced once."""
+    rng = np.random.default_rng(0)
+    v, d, b = 300, 64, 257
+    lengths = rng.integers(0, 30, size=b)
+    lengths[::17] = 0  # empty bags, some of them at or near the cuts
+    n = int(lengths.sum())
+    assert n * d >= 2**15
+    w = rng.normal(size=(v, d)).astype(np.float32)
+    ids = rng.integers(0, v, size=n).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    out = np.asarray(jaxbag.embedding_bag(jnp.asarray(w), jnp.asarray(ids), jnp.asarray(offsets),
+                                          mode=mode))
+    ref = np.zeros((b, d), np.float64)
+    for k in range(b):
+        rows = w[ids[offsets[k]: offsets[k] + lengths[k]]].astype(np.float64)
+        if rows.size:
+            ref[k] = {"sum": rows.sum(0), "mean": rows.mean(0), "max": rows.max(0)}[mode]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -747,3 +747,60 @@ def test_scale_grad_by_freq_is_exact_for_float64_tables():
         assert g.dtype == jnp.float64 and g[1].tolist() == [1.0, 1.0]
         rg = sparse.embedding_bag_rows(w, ids, offs, **kw)[1](jnp.ones((1, 2), jnp.float64))
         assert rg.grads.dtype == jnp.float64 and rg.grads[0].tolist() == [1.0, 1.0]
+
+
+def test_unique_rows_sorts_ids_past_2_to_the_24():
+    """The CPU kernel radix-sorts the distinct ids 8 bits a pass: ids that differ only above bit 24
+    (a table of more than 16M rows) must still come out in increasing order, with matching slots."""
+    v = 2**31 - 1
+    ids = np.array([2**24 + 1, 5, 2**24, 2**30 + 3, 5, 2**30], np.int32)
+    rows, inv = jaxbag.unique_rows(jnp.asarray(ids), v, size=5)
+    want = np.unique(ids)
+    np.testing.assert_array_equal(np.asarray(rows), want)
+    np.testing.assert_array_equal(np.asarray(rows)[np.asarray(inv)], ids)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
+@pytest.mark.parametrize("name", ["sparse_adam", "sparse_adagrad", "sparse_sgd"])
+def test_schedules_are_read_at_the_count_of_updates_done(name, kernel, monkeypatch):
+    """A schedule gets the number of updates done before this one (0 on the first), as optax's
+    ``scale_by_learning_rate``; only sparse_sgd's schedule was tested. With every row touched,
+    sparse_adam (eps=0) is dense Adam and sparse_sgd is dense SGD, step for step."""
+    if not kernel:
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    sched = optax.linear_schedule(0.0, 0.3, 4)  # lr(0) = 0: the first update changes no weight
+    rng = np.random.default_rng(3)
+    v, d = 5, 3
+    w0 = rng.standard_normal((v, d)).astype(np.float32)
+    kw = dict(eps=0.0) if name != "sparse_sgd" else {}
+    opt = getattr(jaxbag, name)(sched, **kw)
+    dense = {"sparse_adam": optax.adam(sched, eps=0.0), "sparse_sgd": optax.sgd(sched)}.get(name)
+    w = jnp.asarray(w0)
+    st = opt.init(w)
+    wd = jnp.asarray(w0)
+    std = None if dense is None else dense.init(wd)
+    for k in range(3):
+        g = jnp.asarray(rng.standard_normal((v, d)).astype(np.float32))
+        w, st = opt.update(w, st, jaxbag.RowGrads(jnp.arange(v, dtype=jnp.int32), g))
+        if k == 0:
+            np.testing.assert_array_equal(np.asarray(w), w0)
+        if dense is not None:
+            with jax.numpy_dtype_promotion("standard"):  # (optax's bias correction mixes dtypes)
+                upd, std = dense.update(g, std, wd)
+                wd = optax.apply_updates(wd, upd)
+            np.testing.assert_allclose(np.asarray(w), np.asarray(wd), rtol=2e-5, atol=2e-6)
+    assert not np.allclose(np.asarray(w), w0)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(max_norm=1.0)])
+def test_size_equal_to_the_distinct_ids_is_enough(extra):
+    """``size`` slots hold a batch of exactly ``size`` distinct ids (the bound is inclusive: only
+    more distinct ids than slots is an error), and every touched row gets its gradient."""
+    w = jnp.asarray(np.arange(20, dtype=np.float32).reshape(10, 2))
+    ids = jnp.array([3, 7, 3, 1])  # 3 distinct
+    bags, pb = jaxbag.embedding_bag_rows(w, ids, jnp.array([0, 2]), mode="sum", size=3, **extra)
+    g = pb(jnp.ones_like(bags))
+    assert g.rows.tolist() == [1, 3, 7]
+    np.testing.assert_array_equal(np.asarray(g.grads), [[1, 1], [2, 2], [1, 1]])
+    with pytest.raises(ValueError, match="size=2 row slots are too few"):
+        jaxbag.embedding_bag_rows(w, ids, jnp.array([0, 2]), mode="sum", size=2, **extra)
