@@ -94,16 +94,22 @@ def test_readers_leave_a_save_in_progress_alone(smoke_run, tmp_path):
         checkpoint.load_params(tmp_path / "nothing")
 
 
+def _test_split(config, workdir):
+    """The run's test articles (texts, label ids), read back through its split.json."""
+    from experiments.textcls.data import load_bbc_news
+
+    split = json.loads((workdir / artifacts.SPLIT).read_text())
+    full = load_bbc_news(max_per_class=config.data.max_per_class)
+    by_source = dict(zip(full.sources, zip(full.texts, full.labels)))
+    texts, labels = zip(*(by_source[s] for s in split["test"]))
+    return list(texts), list(labels)
+
+
 def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
     config, workdir, summary = smoke_run
     predictor = Predictor(workdir)
-    split = json.loads((workdir / artifacts.SPLIT).read_text())
-    from experiments.textcls.data import load_bbc_news
-
-    full = load_bbc_news(max_per_class=config.data.max_per_class)
-    by_source = dict(zip(full.sources, zip(full.texts, full.labels)))
-    texts = [by_source[s][0] for s in split["test"]]
-    labels = [predictor.class_names[by_source[s][1]] for s in split["test"]]
+    texts, label_ids = _test_split(config, workdir)
+    labels = [predictor.class_names[y] for y in label_ids]
     results = predictor.predict(texts)
     accuracy = np.mean([r["label"] == y for r, y in zip(results, labels)])
     assert accuracy == pytest.approx(summary["test_accuracy"])  # eager, other batching: same answer
@@ -532,14 +538,8 @@ def test_summary_recomputes_best_epoch_and_throughput_from_the_metrics(smoke_run
 def test_reported_test_loss_is_the_plain_cross_entropy(smoke_run):
     """Label smoothing is a training loss; the evaluation loss is -log p(true class)."""
     config, workdir, summary = smoke_run
-    from experiments.textcls.data import load_bbc_news
-
-    predictor = Predictor(workdir)
-    split = json.loads((workdir / artifacts.SPLIT).read_text())
-    full = load_bbc_news(max_per_class=config.data.max_per_class)
-    by_source = dict(zip(full.sources, zip(full.texts, full.labels)))
-    texts, labels = zip(*(by_source[s] for s in split["test"]))
-    probs = predictor.scores(list(texts))
+    texts, labels = _test_split(config, workdir)
+    probs = Predictor(workdir).scores(texts)
     want = float(np.mean(-np.log(probs[np.arange(len(labels)), list(labels)])))
     assert summary["test_loss"] == pytest.approx(want, rel=1e-4)
 
