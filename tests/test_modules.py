@@ -581,3 +581,63 @@ def test_a_float64_torch_table_without_x64_gives_a_float32_module():
     assert lin.param_dtype == variables["params"]["embedding"].dtype == jnp.float32
     m = jaxbag.nnx.EmbeddingBag.from_torch(t)
     assert m.param_dtype == m.embedding[...].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_torch_round_trip_keeps_max_norm_norm_type_and_scale_grad_by_freq(api):
+    """from_torch / to_torch carry every torch setting, not only mode / padding_idx /
+    include_last_offset: max_norm, norm_type and scale_grad_by_freq as well (a dropped one gives
+    other bags, or other gradients, without an error)."""
+    torch.manual_seed(0)
+    kw = dict(mode="sum", max_norm=0.5, norm_type=1.0, scale_grad_by_freq=True)
+    tb = torch.nn.EmbeddingBag(9, 5, **kw)
+    ids, offsets = torch.tensor([1, 3, 3, 8, 0, 3, 7]), torch.tensor([0, 2, 5])
+    jids, joff = jnp.asarray(ids.numpy()), jnp.asarray(offsets.numpy())
+    cot = jax.random.normal(jax.random.key(1), (3, 5))
+    if api == "linen":
+        lin, variables = jaxbag.EmbeddingBag.from_torch(tb)
+        table, back = variables["params"]["embedding"], lin.to_torch(variables)
+        out = lin.apply(variables, jids, joff)
+        grad = jax.grad(lambda v: jnp.sum(lin.apply(v, jids, joff) * cot))(variables)
+        grad = grad["params"]["embedding"]
+    else:
+        mod = jaxbag.nnx.EmbeddingBag.from_torch(tb)
+        table, back, out = mod.embedding[...], mod.to_torch(), mod(jids, joff)
+        grad = nnx.grad(lambda m: jnp.sum(m(jids, joff) * cot))(mod).embedding[...]
+    assert (back.max_norm, back.norm_type, back.scale_grad_by_freq) == (0.5, 1.0, True)
+    # the forward is torch's (max_norm, norm_type: run after the conversion, torch renorms its
+    # weight in place); the gradient is the op's with the same settings (torch's own
+    # scale_grad_by_freq in embedding_bag is off: see test_torch_parity)
+    np.testing.assert_allclose(out, tb(ids, offsets).detach().numpy(), rtol=1e-5, atol=1e-6)
+    want = jax.grad(lambda t: jnp.sum(jaxbag.embedding_bag(t, jids, joff, **kw) * cot))(table)
+    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
+
+
+def test_from_torch_overrides_replace_the_torch_modules_settings():
+    """``**overrides`` replace what is read from an nn.EmbeddingBag (not only complete a
+    state_dict's): from_torch(tb, mode='sum') of a 'mean' module is a 'sum' module."""
+    tb = torch.nn.EmbeddingBag(6, 3, mode="mean", padding_idx=1)
+    ids, offs = jnp.array([0, 1, 2, 4]), jnp.array([0, 2])
+    lin, variables = jaxbag.EmbeddingBag.from_torch(tb, mode="sum", padding_idx=None)
+    mod = jaxbag.nnx.EmbeddingBag.from_torch(tb, mode="sum", padding_idx=None)
+    assert (lin.mode, lin.padding_idx) == ("sum", None)
+    assert (mod.settings.mode, mod.settings.padding_idx) == ("sum", None)
+    table = tb.weight.detach().numpy()
+    want = np.stack([table[0] + table[1], table[2] + table[4]])
+    np.testing.assert_allclose(lin.apply(variables, ids, offs), want, rtol=1e-6)
+    np.testing.assert_allclose(mod(ids, offs), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["state_dict", "tensor"])
+def test_from_torch_of_a_state_dict_or_weight_is_trainable(form):
+    """A state_dict or weight carries no requires_grad flag to follow: the module is trainable
+    (freeze=False, as documented), not frozen as from_pretrained's default would make it."""
+    tb = torch.nn.EmbeddingBag(5, 2, mode="sum")
+    source = tb.state_dict() if form == "state_dict" else tb.weight.detach()
+    lin, variables = jaxbag.EmbeddingBag.from_torch(source, mode="sum")
+    assert lin.freeze is False
+    ids, offs = jnp.array([1, 2]), jnp.array([0])
+    grad = jax.grad(lambda v: jnp.sum(lin.apply(v, ids, offs)))(variables)
+    assert np.asarray(grad["params"]["embedding"][1]).any()
+    mod = jaxbag.nnx.EmbeddingBag.from_torch(source, mode="sum")
+    assert not mod.frozen and isinstance(mod.embedding, nnx.Param)

@@ -228,6 +228,61 @@ def test_a_hand_built_sharding_plan_is_checked():
             dataclasses.replace(plan, **change)
 
 
+def _fake_mesh(shape, names):
+    """A mesh of ``prod(shape)`` copies of this process's one device: enough for the planner and
+    the axis helpers, which read only the axis sizes (nothing is placed on it)."""
+    devices = np.array([jax.devices()[0]] * int(np.prod(shape)), dtype=object).reshape(shape)
+    return jax.sharding.Mesh(devices, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def test_planner_choices_in_process():
+    """The planner's rules on 2- and 4-device axes, in process (the 8-device worker case covers
+    the budget search): a fair-share table stays table-wise; table-wise tables go largest first
+    onto the device with the fewest rows of their group (then the fewest bytes overall); a
+    one-device axis keeps every table table-wise."""
+    T = jaxbag.TableConfig
+    mesh4 = _fake_mesh((4,), ("model",))
+    assert jsh.axis_size(_fake_mesh((2, 4), ("data", "model")), ("data", "model")) == 8
+    # four equal tables on four devices: each exactly the fair share (total / n), one per device
+    equal = [T(f"e{i}", 100, 8, (f"f{i}",)) for i in range(4)]
+    plan = jsh.plan_sharding(equal, mesh4, axis_name="model")
+    assert set(plan.as_dict().values()) == {"table"}
+    assert sorted(plan.placement(t.name)[1] for t in equal) == [0, 1, 2, 3]
+    assert plan.device_bytes(equal) == [100 * 8 * 4] * 4
+    # three of them fill exactly min_fill = 3/4 of the four blocks: "at least", so kept
+    plan = jsh.plan_sharding(equal[:3], mesh4, axis_name="model", row_threshold_bytes=10**9)
+    assert set(plan.as_dict().values()) == {"table"}
+    # largest first: 20 rows alone on one device, the two 10-row tables on the other (a 20-row
+    # block); in the given order 10 + 20 would share a device (a 30-row block, then min_fill)
+    mesh2 = _fake_mesh((2,), ("model",))
+    lopsided = [T("a", 10, 4, ("a",)), T("b", 10, 4, ("b",)), T("c", 20, 4, ("c",))]
+    plan = jsh.plan_sharding(lopsided, mesh2, axis_name="model", row_threshold_bytes=10**9)
+    assert set(plan.as_dict().values()) == {"table"}
+    assert plan.placement("a")[1] == plan.placement("b")[1] != plan.placement("c")[1]
+    assert plan.device_bytes(lopsided) == [20 * 4 * 4] * 2
+    # the group's rows decide before the bytes of other groups: "big" (another width) on device
+    # 0 must not push both narrow tables onto device 1 (which would make min_fill send them
+    # row-wise); "big" alone is sent row-wise by min_fill
+    mixed = [T("big", 200, 8, ("g",)), T("n1", 100, 4, ("n1",)), T("n2", 100, 4, ("n2",))]
+    plan = jsh.plan_sharding(mixed, mesh2, axis_name="model", row_threshold_bytes=10**9)
+    assert plan.as_dict() == {"big": "row", "n1": "table", "n2": "table"}
+    assert {plan.placement("n1")[1], plan.placement("n2")[1]} == {0, 1}
+    # a table forced table-wise stays so, even alone (min_fill moves only the planner's choices)
+    mesh3 = _fake_mesh((3,), ("model",))
+    plan = jsh.plan_sharding(equal[:1], mesh3, axis_name="model", overrides={"e0": "table"})
+    assert plan.placements == (("e0", "table", 0),)
+    # a budget met by moving tables of two groups row-wise (the search's block of a group with
+    # fewer tables than devices is its largest table)
+    budget = [T("w0", 37, 2, ("a",)), T("n0", 16, 1, ("b",)), T("n1", 6, 1, ("c",)),
+              T("w1", 20, 2, ("d",)), T("w2", 25, 2, ("e",))]
+    plan = jsh.plan_sharding(budget, mesh2, axis_name="model", device_budget_bytes=395)
+    assert set(plan.as_dict().values()) == {"row"} and max(plan.device_bytes(budget)) <= 395
+    # one device: row-wise would store the same, and nothing is labelled row-wise
+    plan = jsh.plan_sharding(equal, _fake_mesh((1,), ("model",)), axis_name="model",
+                             row_threshold_bytes=0)
+    assert set(plan.as_dict().values()) == {"table"}
+
+
 def test_pad_rows_and_shard_table():
     w = jnp.arange(20.0, dtype=jnp.float32).reshape(10, 2)
     p = jsh.pad_rows(w, 4)
