@@ -34,6 +34,16 @@ for mode in ("sum", "mean", "max"):
         targets = [ln for ln in exp.mlir_module().splitlines() if "custom_call" in ln]
         assert not any("jaxbag" in ln for ln in targets), targets
         np.testing.assert_allclose(exp.call(w, ids, offs), fn(w, ids, offs), rtol=1e-6, atol=1e-6)
+# vmap with a symbolic batch size (the batching rule's int32 check compared symbolic sizes)
+b, = export.symbolic_shape("b")
+rows = jnp.asarray(rng.integers(-1, 8, size=(4, 5)), jnp.int32)
+f = lambda w, i: jaxbag.embedding_bag(w, i, offs, mode="mean")
+g = jax.grad(lambda w, i: jnp.sum(f(w, i) ** 2))
+for fn in (f, g):
+    vf = jax.vmap(fn, in_axes=(None, 0))
+    exp = export.export(jax.jit(vf))(jax.ShapeDtypeStruct(w.shape, w.dtype),
+                                     jax.ShapeDtypeStruct((b, 5), jnp.int32))
+    np.testing.assert_allclose(exp.call(w, rows), vf(w, rows), rtol=1e-6, atol=1e-6)
 print("EXPORTED")
 """
 

@@ -295,6 +295,25 @@ def test_nested_vmap_equals_loop(path, monkeypatch):
                                        rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["kernel", "gather"])
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_vmap_over_an_empty_batch(mode, path, monkeypatch):
+    """S = 0 rows: [0, B, D] bags and [0, V, D] per-example gradients, as a loop gives (the
+    batching rule's reshape of the [0, ...] arg-max output failed)."""
+    _use_path(path, monkeypatch)
+    w = table()
+
+    def f(w, i, o):
+        return jaxbag.embedding_bag(w, i, o, mode=mode)
+
+    ids, offs = jnp.zeros((0, 4), jnp.int32), jnp.zeros((0, 2), jnp.int32)
+    assert jax.jit(jax.vmap(f, in_axes=(None, 0, 0)))(w, ids, offs).shape == (0, 2, D)
+    grads = jax.jit(jax.vmap(jax.grad(lambda w, i, o: jnp.sum(f(w, i, o))), in_axes=(None, 0, 0)))
+    assert grads(w, ids, offs).shape == (0, V, D)
+    tables = jnp.zeros((0, V, D), jnp.float32)
+    assert jax.jit(jax.vmap(f))(tables, ids, offs).shape == (0, 2, D)
+
+
 def test_vmap_of_the_kernel_is_one_call_not_a_loop():
     """vmap over the CPU kernel lowers to one kernel call on all rows' bags: JAX's default rule
     for an FFI call is a loop of one call per row (slower, and a loop cannot run over a batch

@@ -31,7 +31,9 @@ one bag of one id closed over under ``jit``.
 bags of the rows' ids laid end to end (bag ``B`` of a row holds its ids outside its bags: before
 its first offset, past its last one, or of an out-of-range segment id; it is dropped). JAX's
 default rule for an FFI call is a loop of ``S`` calls, which also cannot run over a batch axis
-split over an Explicit mesh axis. Flat positions past int32 fall back to that loop.
+split over an Explicit mesh axis. Flat positions past int32 fall back to that loop. (Unsorted
+segment ids, whose grouping is unspecified, may group differently under ``vmap`` than in a loop:
+the kernel looks for a bag's ids where sorted ids would put them, now in the flat list.)
 
 The same compiled library holds the CPU kernels of the sparse training path
 (:mod:`jaxbag._src.sparse`): distinct ids (hash + radix sort), the row-gradient scatter, and fused
@@ -1152,7 +1154,10 @@ def _forward_flat(s, in_batched, num_bags, padding_idx, mode, layout, use_kernel
     n = ids.shape[-1]
     v, d = weight.shape[-2:]
     per_row = num_bags + 1
-    if s * max(n, per_row, v if w_b else 0) >= 2**31 - 1:  # flat positions past int32: a loop
+    dims = (s, n, per_row, v)
+    # flat positions past int32: a loop (symbolic sizes, as jax.export's, cannot be compared)
+    if (all(isinstance(x, int) for x in dims)
+            and s * max(n, per_row, v if w_b else 0) >= 2**31 - 1):
         def row(xs):
             it = iter(xs)
             return _forward_fn(num_bags, padding_idx, mode, layout, use_kernel)(
@@ -1186,7 +1191,7 @@ def _forward_flat(s, in_batched, num_bags, padding_idx, mode, layout, use_kernel
     out, arg = _forward_fn(s * per_row, pad, mode, layout, use_kernel)(
         weight, ids.reshape(-1), bounds.reshape(-1), p)
     out = out.reshape(s, per_row, d)[:, :num_bags]
-    arg = arg.reshape(s, per_row, -1)[:, :num_bags]
+    arg = arg.reshape(s, per_row, arg.shape[-1])[:, :num_bags]  # (-1 fails for S = 0)
     # flat arg-max positions back to positions in the row (N: none)
     return out, jnp.where(arg >= s * n, n, arg - base[:, :, None] * n)
 
