@@ -1129,15 +1129,15 @@ def _forward_fn(num_bags, padding_idx, mode, layout, use_kernel):
         args = (weight, ids, bounds, p)
         flat = functools.partial(_forward_flat, axis_size, in_batched, num_bags, padding_idx,
                                  mode, layout, use_kernel)
-        meshes = [m for a, b in zip(args, in_batched) if b
-                  for m in [explicit.explicit_mesh(a)] if m is not None]
-        if meshes:
+        split = next((a for a, b in zip(args, in_batched)
+                      if b and explicit.explicit_mesh(a) is not None), None)
+        if split is not None:
             # the batch axis is split over Explicit mesh axes: one call, partitioned by the
-            # compiler as on an Auto mesh; the bags come out split as the batch was
-            first = next(a for a, b in zip(args, in_batched) if b)
-            spec = jax.sharding.PartitionSpec(explicit.spec_entry(first, 0))
-            out_sharding = jax.sharding.NamedSharding(meshes[0], spec)
-            flat = jax.sharding.auto_axes(flat, axes=explicit.explicit_axes(meshes[0]),
+            # compiler as on an Auto mesh; the bags come out split as that batched input was
+            mesh = explicit.explicit_mesh(split)
+            out_sharding = jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(explicit.spec_entry(split, 0)))
+            flat = jax.sharding.auto_axes(flat, axes=explicit.explicit_axes(mesh),
                                           out_sharding=(out_sharding, out_sharding))
         return flat(*args), (True, True)
 
