@@ -43,3 +43,20 @@ def _count_compiles(fun):
 def count_compiles():
     """``with count_compiles(f) as n: ...``: ``len(n)`` XLA compilations of ``jax.jit(f)``."""
     return _count_compiles
+
+
+def _set_kernel(monkeypatch, on: bool) -> None:
+    from jaxbag._src import fast_forward
+
+    if on:
+        assert fast_forward.cpu_kernel_status()[0], fast_forward.cpu_kernel_status()
+    else:
+        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+
+
+@pytest.fixture
+def set_kernel(monkeypatch):
+    """``set_kernel(True)`` asserts that the CPU kernel is built and used; ``set_kernel(False)``
+    switches it off for the rest of the test, so the op lowers its pure-XLA formulation (the
+    one other platforms get). ``set_kernel(on, mp)`` patches through another ``MonkeyPatch``."""
+    return lambda on, mp=monkeypatch: _set_kernel(mp, on)

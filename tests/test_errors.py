@@ -13,6 +13,7 @@ import pytest
 from jax.experimental import checkify
 
 import jaxbag
+from jaxbag._src import fast_forward
 from reference import embedding_bag_ref
 
 V, D = 5, 2
@@ -308,13 +309,8 @@ def test_renorm_ignores_out_of_range_ids_under_jit():
 
 @pytest.mark.parametrize("impl", ["kernel", "xla"])
 @pytest.mark.parametrize("form", ["segments", "offsets", "last_offset"])
-def test_jit_ill_formed_bags_regroup_ids_only(form, impl, monkeypatch):
-    from jaxbag._src import fast_forward
-
-    if impl == "xla":
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
-    else:
-        assert fast_forward.cpu_kernel_status()[0]
+def test_jit_ill_formed_bags_regroup_ids_only(form, impl, set_kernel):
+    set_kernel(impl == "kernel")
     v, n, b = 16, 12, 5
     eye = jnp.eye(v, dtype=jnp.float32)
     rng = np.random.default_rng(0)
@@ -388,11 +384,8 @@ def test_out_of_range_ids_at_padding_positions_are_not_errors(name):
 @pytest.mark.parametrize("impl", ["kernel", "gather", "stream", "max_norm"])
 @pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn", "max"])
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
-def test_skipped_ids_never_leak_row_0(impl, mode, bad, monkeypatch):
-    from jaxbag._src import fast_forward
-
-    if impl == "gather":
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+def test_skipped_ids_never_leak_row_0(impl, mode, bad, set_kernel):
+    set_kernel(impl != "gather")
     w = np.array([[bad, 1.0], [5.0, 5.0], [2.0, 3.0], [-1.0, 4.0]], np.float32)
     ids = i32(1, 2, 9, 3, -2, 2, 0)  # 9, -2: out of range (jit); 0: at a padding position
     seg = i32(0, 0, 0, 1, 1, 1, 2)  # segment 2 >= num_bags: padding
@@ -424,11 +417,8 @@ def test_skipped_ids_never_leak_row_0(impl, mode, bad, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["kernel", "gather", "stream", "chunked", "max_norm"])
-def test_max_propagates_nan_on_every_path(impl, monkeypatch):
-    from jaxbag._src import fast_forward
-
-    if impl == "gather":
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+def test_max_propagates_nan_on_every_path(impl, set_kernel):
+    set_kernel(impl != "gather")
     w = np.array([[1.0, 0.0], [np.nan, 1.0], [2.0, 2.0], [0.5, np.nan]], np.float32)
     if impl == "chunked":  # skewed bags: the stream loop hands over to the chunked scan
         ids = i32(*([0] * 30), 1, 2, 1, 3, 2, 2, 0, 3)
@@ -519,13 +509,10 @@ def test_narrow_integer_ids_are_widened(dtype):
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
-def test_unsigned_ids_offsets_and_segment_ids(dtype, kernel, monkeypatch):
+def test_unsigned_ids_offsets_and_segment_ids(dtype, kernel, set_kernel):
     """Unsigned segment ids were clipped to [-1, B] in their own dtype, where -1 wraps to the
     largest value: on the CPU-kernel path every bag came back zero (eagerly and under jit)."""
-    from jaxbag._src import fast_forward
-
-    if not kernel:
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    set_kernel(kernel)
     w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
     wn = np.asarray(w)
     top = np.iinfo(dtype).max  # a padding segment id (>= B): dropped
@@ -639,8 +626,6 @@ def test_mixed_int32_int64_inputs_under_x64_and_strict_promotion(id_dtype, pos_d
     """x64 with strict promotion: int64 ids with int32 offsets (or the reverse) failed with a
     TypePromotionError inside the library (include_last_offset checks, the streaming loop, the
     JaggedFeatures packing)."""
-    from jaxbag._src import fast_forward
-
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         w = jnp.asarray(rng.normal(size=(9, 3)), jnp.float32)

@@ -5,7 +5,6 @@ or failing compilers, and builders killed mid-way. Values on either path are cov
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import time
 import warnings

@@ -20,14 +20,9 @@ V, D = 23, 5
 
 
 @pytest.fixture(params=["kernel", "xla"])
-def path(request, monkeypatch):
+def path(request, set_kernel):
     """Runs a test on the CPU-kernel path and again on the pure-XLA path (kernel switched off)."""
-    from jaxbag._src import fast_forward
-
-    if request.param == "xla":
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
-    else:
-        assert fast_forward.cpu_kernel_status()[0]
+    set_kernel(request.param == "kernel")
     return request.param
 
 
@@ -389,8 +384,6 @@ def test_update_rejects_a_state_made_for_another_table(make_opt, field, jit):
 def test_adam_kernel_refuses_moments_of_the_wrong_size():
     """The kernel itself checks the moments' size (the update's check comes first; this is the
     second line of defence for any other caller)."""
-    from jaxbag._src import fast_forward
-
     ok, why = fast_forward.cpu_kernel_status()
     assert ok, why
     table, small = jnp.ones((1000, 4)), jnp.zeros((10, 4))
@@ -538,7 +531,7 @@ def test_float64_tables_are_updated_in_float64(name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
-def test_negative_rows_are_skipped_on_both_paths(name, monkeypatch):
+def test_negative_rows_are_skipped_on_both_paths(name, set_kernel):
     """Rows outside [0, V) in RowGrads are skipped by the kernel and by XLA alike (the XLA scatter
     used to wrap -1 to the last row)."""
     opt = {"sgd": sparse.sparse_sgd(1.0), "adagrad": sparse.sparse_adagrad(1.0),
@@ -547,8 +540,7 @@ def test_negative_rows_are_skipped_on_both_paths(name, monkeypatch):
     rg = sparse.RowGrads(jnp.array([-1, 2, -5, 7], jnp.int32), jnp.ones((4, 2)))
     outs = []
     for kernel in (True, False):
-        if not kernel:
-            monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+        set_kernel(kernel)
         new, _ = jax.jit(lambda *a: opt.update(*a))(w, opt.init(w), rg)  # a fresh trace
         outs.append(np.asarray(new))
         changed = np.flatnonzero(np.any(outs[-1] != np.asarray(w), axis=1))
@@ -569,7 +561,7 @@ def test_int64_rows_past_int32_are_skipped_not_wrapped(name, path):
         np.testing.assert_array_equal(changed, [3])
 
 
-def test_sparse_adam_matches_torch_in_float32_to_rounding():
+def test_sparse_adam_matches_torch_in_float32_to_rounding(set_kernel):
     """Bias corrections and 1 - beta are rounded once from double, as torch does: float32 b2 ** t
     (1 - 0.999f is 1.3e-5 off) made every step 6e-6 too small or too large."""
     rng = np.random.default_rng(1)
@@ -581,8 +573,7 @@ def test_sparse_adam_matches_torch_in_float32_to_rounding():
         opt = sparse.sparse_adam(0.01)
         w, state = jnp.asarray(w0), opt.init(jnp.asarray(w0))
         with pytest.MonkeyPatch.context() as mp:
-            if not kernel:
-                mp.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+            set_kernel(kernel, mp)
             update = jax.jit(opt.update)
             for step in range(5):
                 g = np.random.default_rng(step).normal(size=(2, 4)).astype(np.float32)
@@ -762,12 +753,11 @@ def test_unique_rows_sorts_ids_past_2_to_the_24():
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
 @pytest.mark.parametrize("name", ["sparse_adam", "sparse_adagrad", "sparse_sgd"])
-def test_schedules_are_read_at_the_count_of_updates_done(name, kernel, monkeypatch):
+def test_schedules_are_read_at_the_count_of_updates_done(name, kernel, set_kernel):
     """A schedule gets the number of updates done before this one (0 on the first), as optax's
     ``scale_by_learning_rate``; only sparse_sgd's schedule was tested. With every row touched,
     sparse_adam (eps=0) is dense Adam and sparse_sgd is dense SGD, step for step."""
-    if not kernel:
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    set_kernel(kernel)
     sched = optax.linear_schedule(0.0, 0.3, 4)  # lr(0) = 0: the first update changes no weight
     rng = np.random.default_rng(3)
     v, d = 5, 3

@@ -161,29 +161,25 @@ VMAP_CASES = [
 ]
 
 
-def _use_path(path, monkeypatch):
+def _use_path(path, set_kernel):
     """Selects the formulation under test: ``kernel`` (the CPU kernel), ``gather`` (what the
     fast path lowers where the kernel does not apply) or ``reference`` (``max_norm``: the
     gather + segment-op path of ``ops``). Returns the extra ``embedding_bag`` options."""
-    from jaxbag._src import fast_forward
-
-    if path == "kernel":
-        assert fast_forward.cpu_kernel_status()[0]
-    elif path == "gather":
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+    if path != "reference":
+        set_kernel(path == "kernel")
     return {"max_norm": 1.5} if path == "reference" else {}
 
 
 @pytest.mark.parametrize("path", ["kernel", "gather", "reference"])
 @pytest.mark.parametrize("mode,weighted,form,batched", VMAP_CASES,
                          ids=[f"{m}-{'w' if w else 'u'}-{f}-{b}" for m, w, f, b in VMAP_CASES])
-def test_vmap_equals_loop(mode, weighted, form, batched, path, monkeypatch):
+def test_vmap_equals_loop(mode, weighted, form, batched, path, set_kernel):
     weights, ids, offs, segs, psw = _stacked_case(form)
     if not weighted:
         psw = None
     axes = AXES[batched]
     num_bags = 4 if form == "segments" else None
-    options = dict(mode=mode, padding_idx=2, num_bags=num_bags, **_use_path(path, monkeypatch))
+    options = dict(mode=mode, padding_idx=2, num_bags=num_bags, **_use_path(path, set_kernel))
 
     def f(w, i, o, s, p):
         return jaxbag.embedding_bag(w, i, o, segment_ids=s, per_sample_weights=p, **options)
@@ -222,12 +218,12 @@ ILL_FORMED = {
 @pytest.mark.parametrize("mode,path", [(m, "kernel") for m in MODES] + [("mean", "gather"),
                                                                           ("max", "gather")])
 @pytest.mark.parametrize("form,last", [("offsets", False), ("offsets", True), ("segments", False)])
-def test_vmap_of_ill_formed_rows_equals_loop(form, last, mode, path, monkeypatch):
+def test_vmap_of_ill_formed_rows_equals_loop(form, last, mode, path, set_kernel):
     """vmap over the fast path is one call on all rows' bags (each row's bags, then one for its
     ids outside them): ids before a row's first offset, past its last one (include_last_offset)
     or of an out-of-range segment id must stay out of every bag, its own row's and the next
     one's; out-of-range ids and padding are skipped; the max arg-max (its gradient) is per row."""
-    _use_path(path, monkeypatch)
+    _use_path(path, set_kernel)
     ids, bounds = (jnp.asarray(np.array(a, np.int32)) for a in ILL_FORMED[form])
     weights = jnp.stack([table(seed=s) for s in range(T)])
     psw = None if mode == "max" else jnp.asarray(
@@ -277,8 +273,8 @@ def test_vmap_of_ill_formed_rows_equals_loop(form, last, mode, path, monkeypatch
 
 
 @pytest.mark.parametrize("path", ["kernel", "gather"])
-def test_nested_vmap_equals_loop(path, monkeypatch):
-    _use_path(path, monkeypatch)
+def test_nested_vmap_equals_loop(path, set_kernel):
+    _use_path(path, set_kernel)
     rng = np.random.default_rng(5)
     w = table()
     ids = jnp.asarray(rng.integers(-1, V + 1, size=(2, 3, 7)).astype(np.int32))
@@ -297,10 +293,10 @@ def test_nested_vmap_equals_loop(path, monkeypatch):
 
 @pytest.mark.parametrize("path", ["kernel", "gather"])
 @pytest.mark.parametrize("mode", ["sum", "max"])
-def test_vmap_over_an_empty_batch(mode, path, monkeypatch):
+def test_vmap_over_an_empty_batch(mode, path, set_kernel):
     """S = 0 rows: [0, B, D] bags and [0, V, D] per-example gradients, as a loop gives (the
     batching rule's reshape of the [0, ...] arg-max output failed)."""
-    _use_path(path, monkeypatch)
+    _use_path(path, set_kernel)
     w = table()
 
     def f(w, i, o):
@@ -518,17 +514,12 @@ def test_check_grads(mode, weighted, form):
     ("sqrtn", [0.0] * 3),
 ])
 def test_zero_float32_divisor_gives_zeros_and_zero_gradients_on_every_path(mode, psw, impl,
-                                                                          monkeypatch):
+                                                                          set_kernel):
     """The CPU kernel summed a weighted bag's divisor in float64 while the XLA formulation and
     the gradient rule sum it in float32: weights summing to 0 in float32 gave a huge bag
     (5.4e7) whose gradient was 0. The XLA formulation's sqrtn gave NaN weight gradients when the
     squares summed to 0. Now both give the zero-divisor rule's zeros, value and gradients."""
-    from jaxbag._src import fast_forward
-
-    if impl == "xla":
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
-    else:
-        assert fast_forward.cpu_kernel_status()[0]
+    set_kernel(impl == "kernel")
     w = jnp.array([[1.0], [2.0], [3.0]], jnp.float32)
     ids, offsets, p = jnp.array([0, 1, 2]), jnp.array([0]), jnp.array(psw, jnp.float32)
 

@@ -26,7 +26,6 @@ holds a complete ``JaggedFeatures`` of its own examples.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
