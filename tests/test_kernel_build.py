@@ -83,6 +83,52 @@ def test_a_failing_compiler_with_arguments_is_reported(tmp_path, monkeypatch):
     assert args_file.read_text().startswith("--wrapped -O3")
 
 
+def test_a_failed_build_is_remembered_until_the_compiler_changes(tmp_path, monkeypatch):
+    """A failed build was tried again in every process: each import of a program (each pytest
+    worker, each training run) spent two compiler runs on the same error."""
+    runs = tmp_path / "runs"
+    fake = _script(tmp_path / "cxx.sh", f'echo run >> "{runs}"; echo "bad flag" >&2; exit 1')
+    monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(RuntimeError, match=r"(?s)^compiling the jaxbag CPU kernel failed:.*bad flag"):
+        fast_forward._build_kernel()
+    assert runs.read_text().count("run") == 2  # -march=native, then without it
+    (failed,) = (tmp_path / "cache").glob("jaxbag_cpu_*.so.failed")
+    with pytest.raises(RuntimeError, match=r"(?s)an earlier build with the same compiler failed "
+                                           r"\(remembered in .*\.failed: delete it to try again\).*bad flag"):
+        fast_forward._build_kernel()  # as a new process would: nothing but the file is kept
+    assert runs.read_text().count("run") == 2  # not compiled again
+    failed.unlink()  # deleted: tried again
+    with pytest.raises(RuntimeError, match="^compiling"):
+        fast_forward._build_kernel()
+    assert runs.read_text().count("run") == 4
+    _script(fake, f'echo run >> "{runs}"; exit 2')  # an updated compiler is tried again too
+    os.utime(fake, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(RuntimeError, match="(?s)^compiling.*exited with 2"):
+        fast_forward._build_kernel()
+    assert runs.read_text().count("run") == 6
+    monkeypatch.setenv("CXX", f"{fake} -DX")  # so is the same compiler with other arguments
+    with pytest.raises(RuntimeError, match="^compiling"):
+        fast_forward._build_kernel()
+    assert runs.read_text().count("run") == 8
+
+
+def test_a_timed_out_build_is_not_remembered(tmp_path, monkeypatch):
+    """A compiler that timed out (a loaded machine) or could not be started may pass next time."""
+    monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fast_forward, "_COMPILE_TIMEOUT_S", 1)
+    monkeypatch.setenv("CXX", str(_script(tmp_path / "slow.sh", "sleep 30")))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"did not finish in 1 s"):
+            fast_forward._build_kernel()
+    monkeypatch.setenv("CXX", str(tmp_path / "not-executable.txt"))
+    (tmp_path / "not-executable.txt").write_text("")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"could not be run"):
+            fast_forward._build_kernel()
+    assert not list((tmp_path / "cache").glob("*.failed"))
+
+
 def test_build_directories_of_killed_builders_are_removed(tmp_path):
     """Only jaxbag's own: every old tmp* folder was removed, so with a shared cache directory
     (JAXBAG_CACHE_DIR=/tmp) other programs' tempfile folders went too."""

@@ -943,8 +943,23 @@ def _run_compiler(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def _compiler_stamp(cxx: list[str]) -> str:
+    """The compiler program's identity for a remembered failed build: its resolved path, size
+    and modification time, so an updated or replaced compiler is tried again."""
+    path = shutil.which(cxx[0]) or cxx[0]
+    try:
+        st = os.stat(path)
+        return f"{os.path.realpath(path)} {st.st_size} {st.st_mtime_ns} {shlex.join(cxx)}"
+    except OSError:
+        return f"{path} ? ? {shlex.join(cxx)}"
+
+
 def _build_kernel() -> Path:
-    """Compiles the kernel into the cache (once per source / jaxlib / CPU) and returns the .so."""
+    """Compiles the kernel into the cache (once per source / jaxlib / CPU) and returns the .so.
+
+    A compiler that exits with an error is remembered (``<name>.so.failed`` beside the cache
+    name, with the errors): later processes report it without compiling again, until the file
+    is deleted or the compiler program changes."""
     cxx_env = os.environ.get("CXX", "").strip()
     cxx = shlex.split(cxx_env) if cxx_env else None  # e.g. CXX="ccache g++"
     if cxx is None:
@@ -961,6 +976,16 @@ def _build_kernel() -> Path:
     lib = out_dir / f"jaxbag_cpu_{key}.so"
     if _cached_ok(lib):
         return lib
+    failed, stamp = lib.with_name(lib.name + ".failed"), _compiler_stamp(cxx)
+    try:
+        first, _, earlier = failed.read_text().partition("\n")
+    except OSError:
+        first = None
+    if first == stamp:
+        raise RuntimeError(
+            f"an earlier build with the same compiler failed (remembered in {failed}: delete it "
+            f"to try again):\n{earlier}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=_BUILD_PREFIX) as tmp:
@@ -991,7 +1016,13 @@ def _build_kernel() -> Path:
                 return lib
             errors.append(f"{' '.join(cmd[:3])} ... exited with {proc.returncode}: "
                           f"{proc.stderr[-2000:] or '(no output)'}")
-        raise RuntimeError("compiling the jaxbag CPU kernel failed:\n" + "\n".join(errors))
+        message = "compiling the jaxbag CPU kernel failed:\n" + "\n".join(errors)
+        # Remembered, so later processes do not compile again (twice) only to fail again; not
+        # a timeout or a compiler that could not be started: those may pass on the next try.
+        note = Path(tmp) / "failed"
+        note.write_text(f"{stamp}\n{message}")
+        os.replace(note, failed)
+        raise RuntimeError(message)
 
 
 _DISABLE = ("1", "true", "yes", "on")  # JAXBAG_DISABLE_CPU_KERNEL values that switch it off
