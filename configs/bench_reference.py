@@ -13,10 +13,11 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.threads = 0  # 0: the cores XLA:CPU uses (sched_getaffinity); torch.set_num_threads(same)
-    config.repeats = 10  # timed calls (median reported)
-    config.warmup = 2  # untimed calls after the first one
+    config.rounds = 3  # every implementation of a (shape, phase, mode) measured in turn, 3 times
+    config.repeats = 4  # timed calls per round (median over all rounds reported)
+    config.warmup = 2  # untimed calls after the first one, per round
     config.settle_s = 0.3  # sleep before each measurement: lets the other framework's threads idle
-    config.train_repeats = 3  # timed train steps (the dense ones take ~0.5-2 s at V = 1M)
+    config.train_repeats = 1  # timed train steps per round (the dense ones take ~0.5-2 s at V = 1M)
     config.memcpy_mb = 128  # buffer size of the memcpy bandwidth measurement
     config.torch = True  # torch baselines (F.embedding_bag dense and sparse=True, Adam, SparseAdam)
     config.check = True  # compare outputs / gradients / losses with numpy and torch

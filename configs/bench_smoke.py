@@ -8,10 +8,11 @@ from configs.bench_sweep import sweep
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    config.repeats = 2
+    config.rounds = 2
+    config.repeats = 1
     config.settle_s = 0.0
     config.warmup = 0
-    config.train_repeats = 2
+    config.train_repeats = 1
     config.memcpy_mb = 4
     config.modes = ("sum", "max")
     config.shapes = (shape("tiny", 300, 8, 6, 40),)

@@ -5,8 +5,10 @@ r"""EmbeddingBag benchmark: jaxbag vs torch vs XLA formulations, forward / backw
 
 Everything runs in one process on whatever backend JAX has (CPU here). Each jax function is
 jit-compiled first (``lower().compile()``, timed apart from the runs), called once (reported as the
-first call), warmed up, then timed ``repeats`` times with ``block_until_ready``; medians (and
-p10/p90) are reported. torch runs with ``torch.set_num_threads`` set to the number of cores XLA's
+first call), warmed up, then timed ``repeats`` times with ``block_until_ready``. With
+``rounds`` > 1 every implementation of a (shape, phase, mode) is measured that many times in turn
+(torch, jax 1, jax 2, ..., torch, jax 1, ...), so that a change of load on a shared machine falls
+on all of them alike; medians (and p10/p90) are over the timed calls of all rounds. torch runs with ``torch.set_num_threads`` set to the number of cores XLA's
 CPU thread pool uses. Memory: jax reports ``compiled.memory_analysis().temp_size_in_bytes``; torch
 the peak-RSS growth during its timed calls.
 
@@ -82,7 +84,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             if bad or not values:
                 raise ValueError(f"{where} {kind} must be a non-empty tuple of {allowed}; got "
                                  f"{tuple(values)}.")
-    for key in ("repeats", "train_repeats"):
+    for key in ("repeats", "train_repeats", "rounds"):
         if int(config[key]) < 1:
             raise ValueError(f"config.{key} must be >= 1; got {config[key]}.")
     if int(config.warmup) < 0:
@@ -130,6 +132,8 @@ class Runner:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.results: list[dict[str, Any]] = []
+        self._round: list[dict[str, Any]] = []  # the records of the round being measured
+        self._prefix = ""
         self.torch = None
         if config.torch:
             import torch
@@ -159,8 +163,9 @@ class Runner:
             msg = f"skipped ({rec['skipped']})"
         else:
             msg = f"{rec['median_ms']:.3f} ms (compile {rec['compile_s']:.2f} s)"
-        print(f"  {rec['shape']:<22} {rec['phase']:<8} {rec['mode']:<5} {rec['impl']:<14} {msg}", flush=True)
-        self.results.append(rec)
+        print(f"  {self._prefix}{rec['shape']:<22} {rec['phase']:<8} {rec['mode']:<5} {rec['impl']:<14} "
+              f"{msg}", flush=True)
+        self._round.append(rec)
 
     # -- phases ------------------------------------------------------------------------------------
 
@@ -255,10 +260,9 @@ class Runner:
                 dense.append(rec)
                 del keep, fn
                 gc.collect()
-            best = min(dense, key=lambda r: r["median_ms"])
-            rec = dict(best, impl="torch", variant=best["impl"])
-            losses["torch"] = rec["final_loss"]
-            self._log(rec)
+            # the fastest of this round gives the loss to check against; the "torch" record
+            # (the fastest over all rounds) is added when the rounds are merged
+            losses["torch"] = min(dense, key=lambda r: r["median_ms"])["final_loss"]
             if mode != "max":
                 fn, keep = self.torch_impls.train_step(t_in, mode, True, lr)
                 t, loss = self._torch(fn, repeats=reps)
@@ -313,11 +317,48 @@ class Runner:
             dev = device_inputs(p)
             for phase in extra["phases"]:
                 for mode in extra["modes"]:
-                    getattr(self, {"fwd": "forward", "fwd_bwd": "fwd_bwd", "train": "train"}[phase])(
-                        p, dev, mode, extra
-                    )
+                    self._measure(phase, p, dev, mode, extra)
             del p, dev
             gc.collect()
+
+    def _measure(self, phase, p, dev, mode, extra) -> None:
+        """Measures every implementation of one (shape, phase, mode) ``rounds`` times in turn and
+        adds one record per implementation, over the timed calls of all rounds."""
+        rounds = int(self.config.rounds)
+        method = {"fwd": self.forward, "fwd_bwd": self.fwd_bwd, "train": self.train}[phase]
+        per_round = []
+        for r in range(rounds):
+            self._round, self._prefix = [], f"[{r + 1}/{rounds}] " if rounds > 1 else ""
+            method(p, dev, mode, extra)
+            per_round.append(self._round)
+        self._round, self._prefix = [], ""
+        merged = [_merge_records(recs) for recs in zip(*per_round, strict=True)]
+        if phase == "train" and self.torch is not None:
+            dense = [r for r in merged if r["impl"].startswith("torch_") and r["impl"] != "torch_sparse"]
+            best = min(dense, key=lambda r: r["median_ms"])
+            merged.insert(len(dense), dict(best, impl="torch", variant=best["impl"]))
+        self.results.extend(merged)
+
+
+_TIMING_FIELDS = tuple(f.name for f in dataclasses.fields(timing.Timing))
+
+
+def _merge_records(recs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """One record from the same implementation's records of every round: the first round's, with
+    the timings merged and the largest error seen."""
+    first = recs[0]
+    if any(r["impl"] != first["impl"] or bool(r.get("skipped")) != bool(first.get("skipped"))
+           for r in recs):
+        raise RuntimeError(f"the rounds measured different things: {[r['impl'] for r in recs]}")
+    if first.get("skipped"):
+        return first
+    rec = dict(first)
+    rec.update(dataclasses.asdict(timing.merge(
+        [timing.Timing(**{k: r[k] for k in _TIMING_FIELDS}) for r in recs])))
+    errs = [r["max_abs_err"] for r in recs if "max_abs_err" in r]
+    if errs:
+        rec["max_abs_err"] = max(errs)
+    return rec
 
 
 def _add_ratios(results: list[dict[str, Any]], memcpy_gbps: float) -> None:

@@ -3,6 +3,7 @@ faster forward formulation it measures (jaxbag._src.fast_forward) agrees with em
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,6 +82,57 @@ def test_benchmark_smoke_run(tmp_path):
     assert "x torch" in table and "jaxbag_sparse" in table
 
 
+def test_rounds_interleave_the_implementations_and_merge_their_calls(tmp_path, monkeypatch):
+    """Torch and each JAX implementation were timed one after the other, once: a change of load
+    on the shared machine fell on some of them only. With ``rounds`` every implementation of a
+    (shape, phase, mode) is measured in turn, that many times, and its record covers all calls."""
+    from configs import bench_smoke
+    from experiments import benchmark
+    from experiments.bench import timing
+
+    order, calls = [], {}
+    real_jax, real_torch = timing.time_jax, timing.time_torch
+
+    def fake(real, name):
+        def timed(*a, **kw):
+            t, out = real(*a, **kw)
+            k = len(order)
+            order.append(name)
+            # made-up times that tell the rounds apart: the merge must keep every call
+            t = dataclasses.replace(t, times_ms=[k + 0.25 * i for i in range(len(t.times_ms))],
+                                    compile_s=float(k), temp_bytes=k)
+            calls[k] = t.times_ms
+            return t, out
+        return timed
+
+    monkeypatch.setattr(timing, "time_jax", fake(real_jax, "jax"))
+    monkeypatch.setattr(timing, "time_torch", fake(real_torch, "torch"))
+    config = bench_smoke.get_config()
+    config.update(dict(sweeps=(), phases=("fwd", "train"), modes=("sum",), fwd_impls=("kernel", "naive"),
+                       train_impls=("jaxbag_sparse",), plots=False, rounds=3, repeats=2))
+    results = benchmark.run(config, tmp_path)["results"]
+    fwd_order = ["torch", "jax", "jax"]
+    train_order = ["torch"] * 4 + ["jax"]  # three dense Adam variants, sparse, jaxbag_sparse
+    assert order == fwd_order * 3 + train_order * 3
+    fwd = [r for r in results if r["phase"] == "fwd"]
+    assert [r["impl"] for r in fwd] == ["torch", "kernel", "naive"]
+    for i, r in enumerate(fwd):  # calls i, i + 3, i + 6 of the run
+        ks = [i, i + 3, i + 6]
+        times = [t for k in ks for t in calls[k]]
+        assert r["times_ms"] == times and r["repeats"] == 6
+        assert r["median_ms"] == pytest.approx(np.median(times))
+        assert r["min_ms"] == min(times) and r["compile_s"] == ks[0] and r["temp_bytes"] == ks[2]
+    train = {r["impl"]: r for r in results if r["phase"] == "train"}
+    assert [r["impl"] for r in results if r["phase"] == "train"] == [
+        "torch_default", "torch_foreach", "torch_fused", "torch", "torch_sparse", "jaxbag_sparse"]
+    assert train["jaxbag_sparse"]["repeats"] == 3 and train["torch"]["repeats"] == 3
+    fastest = min(("torch_default", "torch_foreach", "torch_fused"), key=lambda k: train[k]["median_ms"])
+    assert train["torch"]["variant"] == fastest
+    assert train["torch"]["median_ms"] == train[fastest]["median_ms"] == train["torch_default"]["median_ms"]
+    assert train["jaxbag_sparse"]["x_torch_sparse"] == pytest.approx(
+        train["jaxbag_sparse"]["median_ms"] / train["torch_sparse"]["median_ms"])
+
+
 def test_benchmark_cli_locks_config(tmp_path):
     base = [sys.executable, "-m", "experiments.benchmark", "--config", "configs/bench_smoke.py",
             "--workdir", str(tmp_path)]
@@ -102,6 +154,7 @@ def test_benchmark_cli_locks_config(tmp_path):
     ({"phases": ("fwd", "bwd")}, r"config phases must be a non-empty tuple of \('fwd', 'fwd_bwd', 'train'\)"),
     ({"modes": ("summ",)}, r"config modes must be"),
     ({"repeats": 0}, r"config.repeats must be >= 1"),
+    ({"rounds": 0}, r"config.rounds must be >= 1"),
     ({"train_impls": ("naive_sparse",)}, r"config.train_impls has unknown implementations \['naive_sparse'\]"),
 ])
 def test_benchmark_config_errors_before_any_work(tmp_path, override, match):
@@ -136,10 +189,11 @@ def test_benchmark_times_torch_with_no_jax_copy_running(tmp_path, monkeypatch):
     config.update(dict(shapes=(bench_smoke.shape("big", 1 << 18, 64, 64, 256),), sweeps=(),
                        phases=("fwd", "fwd_bwd", "train"), modes=("sum",), fwd_impls=("kernel",),
                        grad_impls=("kernel",), train_impls=("jaxbag_sparse",), check=False,
-                       plots=False, repeats=1, train_repeats=1))
+                       plots=False, repeats=1, train_repeats=1, rounds=2))
     benchmark.run(config, tmp_path)
-    # fwd; fwd_bwd dense, sparse; train: dense Adam x 3 implementations, sparse
-    assert len(pending) == 7 and not any(pending), pending
+    # fwd; fwd_bwd dense, sparse; train: dense Adam x 3 implementations, sparse; in two rounds
+    # (the second round's torch runs after JAX did)
+    assert len(pending) == 2 * 7 and not any(pending), pending
 
 
 # ---- the faster forward (fast_forward.bag_reduce: C++ CPU kernel and XLA stream loop) ----------

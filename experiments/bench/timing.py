@@ -27,6 +27,7 @@ class Timing:
       temp_bytes: jax: ``compiled.memory_analysis().temp_size_in_bytes``; torch: peak RSS growth
         during the timed calls (VmHWM after a reset, minus VmRSS before), or None if unknown.
       out_bytes: jax: output bytes not aliased to an input; torch: None.
+      times_ms: every timed call, in order.
     """
 
     compile_s: float
@@ -38,6 +39,23 @@ class Timing:
     repeats: int
     temp_bytes: int | None
     out_bytes: int | None
+    times_ms: list[float]
+
+
+def merge(timings: list[Timing]) -> Timing:
+    """One ``Timing`` over the timed calls of several rounds of the same callable: quantiles of
+    all of them; compile and first-call times of the first round (the cold ones); the largest
+    memory seen."""
+    times = [t for x in timings for t in x.times_ms]
+    med, p10, p90, mn = _quantiles([t / 1e3 for t in times])
+    temps = [x.temp_bytes for x in timings if x.temp_bytes is not None]
+    first = timings[0]
+    return Timing(first.compile_s, first.first_call_s, med, p10, p90, mn, len(times),
+                  max(temps) if temps else None, first.out_bytes, times)
+
+
+def _ms(ts: list[float]) -> list[float]:
+    return [t * 1e3 for t in ts]
 
 
 def _quantiles(ts: list[float]) -> tuple[float, float, float, float]:
@@ -97,7 +115,7 @@ def time_jax(
         if carry is not None:
             args = carry(out, args)
     med, p10, p90, mn = _quantiles(ts)
-    return Timing(compile_s, first, med, p10, p90, mn, repeats, temp, out_b), out
+    return Timing(compile_s, first, med, p10, p90, mn, repeats, temp, out_b, _ms(ts)), out
 
 
 def _read_status_kb(key: str) -> int | None:
@@ -142,7 +160,7 @@ def time_torch(
     if can_reset and rss0 is not None and hwm is not None:
         temp = max(hwm - rss0, 0) * 1024
     med, p10, p90, mn = _quantiles(ts)
-    return Timing(0.0, first, med, p10, p90, mn, repeats, temp, None), out
+    return Timing(0.0, first, med, p10, p90, mn, repeats, temp, None, _ms(ts)), out
 
 
 def memcpy_bandwidth(megabytes: int, repeats: int = 5) -> float:
