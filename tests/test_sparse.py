@@ -794,3 +794,42 @@ def test_size_equal_to_the_distinct_ids_is_enough(extra):
     np.testing.assert_array_equal(np.asarray(g.grads), [[1, 1], [2, 2], [1, 1]])
     with pytest.raises(ValueError, match="size=2 row slots are too few"):
         jaxbag.embedding_bag_rows(w, ids, jnp.array([0, 2]), mode="sum", size=2, **extra)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_vmap_of_rows_pullback_and_update_equals_a_loop(mode, path):
+    """``vmap`` over ``unique_rows``, ``embedding_bag_rows`` (bags and per-example row gradients,
+    e.g. for per-example clipping) and a sparse optimiser over stacked tables gives what a loop
+    over the examples gives, on the kernel (whose calls batch as a loop) and on the XLA path."""
+    rng = np.random.default_rng(7)
+    s, n, b, u = 4, 9, 3, 8
+    w = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(-1, V + 1, size=(s, n)), jnp.int32)  # some out of range
+    offs = jnp.asarray(np.sort(rng.integers(0, n, size=(s, b)), axis=1), jnp.int32)
+    g = jnp.asarray(rng.normal(size=(s, b, D)), jnp.float32)
+
+    def example(table, i, o, gg):
+        out, pullback = jaxbag.embedding_bag_rows(table, i, o, mode=mode, size=u)
+        return out, pullback(gg)
+
+    def check(batched, looped):
+        for k in range(s):
+            jax.tree.map(lambda a, c: np.testing.assert_allclose(a[k], c, rtol=1e-6, atol=1e-6),
+                         batched, looped[k])
+
+    check(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(ids),
+          [jaxbag.unique_rows(ids[k], V, size=u) for k in range(s)])
+    out, rg = jax.jit(jax.vmap(example, (None, 0, 0, 0)))(w, ids, offs, g)
+    looped = [jax.jit(example)(w, ids[k], offs[k], g[k]) for k in range(s)]
+    check((out, rg), looped)
+    for k in range(s):  # and each example's row gradients are its dense gradient's rows
+        dense = jax.jit(lambda t, i, o, gg: jax.vjp(  # jit: out-of-range ids are skipped
+            lambda t: jaxbag.embedding_bag(t, i, o, mode=mode), t)[1](gg)[0])(w, ids[k], offs[k], g[k])
+        keep = np.asarray(rg.rows[k]) < V
+        np.testing.assert_allclose(np.asarray(rg.grads[k])[keep], np.asarray(dense)[np.asarray(rg.rows[k])[keep]],
+                                   rtol=1e-6, atol=1e-6)
+    opt = sparse.sparse_adam(0.1)
+    tables = w[None] * jnp.arange(1, s + 1, dtype=jnp.float32)[:, None, None]
+    new, state = jax.jit(jax.vmap(opt.update))(tables, jax.vmap(opt.init)(tables), rg)
+    check((new, state), [opt.update(tables[k], opt.init(tables[k]), jax.tree.map(lambda x: x[k], rg))
+                         for k in range(s)])
