@@ -450,6 +450,18 @@ def case_collection():
         raise AssertionError(f"s-group blocks of {s_group.shard_rows} rows, expected 25")
     plan1 = jsh.plan_sharding(tables, ms["1d"], axis_name="model")
     compare_collection(plan1, tables, num_shards=1, weights=True)
+    # replicated groups are looked up locally: with every table replicated, the forward over a
+    # batch split over "data" needs no collective at all (no partial bags summed over "model")
+    rep = jsh.plan_sharding(tables, ms["2d"], axis_name="model", batch_axis="data",
+                            overrides={t.name: "replicated" for t in tables})
+    rep_layout = jaxbag.collection_layout(tables, plan=rep)
+    feats, _ = collection_batch(tables, seed=0)
+    jf = jaxbag.JaggedFeatures.from_lists(feats, capacity=24, num_shards=2)
+    fwd = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=rep_layout, concat=True))
+    ops = collectives(fwd.lower(jaxbag.init_collection(rep_layout, jax.random.key(0)), jf)
+                      .compile().as_text())
+    if ops:
+        raise AssertionError(f"all-replicated plan: collectives in the forward: {ops}")
 
 
 def case_planner():
@@ -714,6 +726,10 @@ def case_sparse():
         )
         rows = np.asarray(pb(gs[0]).rows).reshape(n, -1)  # local row numbers, R = unused
         r = V // n
+        # every slot a shard does not own holds R (skipped by any mode="drop" scatter), never a
+        # negative local row number of another shard's row (a scatter would wrap it)
+        if rows.min() < 0 or rows.max() > r:
+            raise AssertionError(f"sparse rows {mname}: local rows outside [0, {r}]: {rows}")
         got = sorted(set((rows + np.arange(n)[:, None] * r)[rows < r].tolist()))
         if got != expect:
             raise AssertionError(f"sparse rows {mname}: touched {got}, the bags hold {expect}")
@@ -1189,6 +1205,90 @@ def case_plain_explicit():
               f"eager outside set_mesh, {ispec} ids")
 
 
+def case_explicit_layouts():
+    """Inputs on an Explicit (2 x 4) mesh in the layouts plain_explicit leaves out: a table or 2-D
+    ids split over both axes at once (a tuple ``PartitionSpec`` entry, ``P(("data", "model"))``),
+    1-D ids (offsets form) split over the batch axis, whose bags stay whole over ``B`` (``B``
+    need not divide by the axis), and split offsets. Values (eager and jitted) and table
+    gradients equal the single-device op's, and the bags come out split as documented. Also:
+    ``shard_table`` of a table that does not split over the shards names the fix."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
+    both = ("data", "model")
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(V, 8)).astype(np.float32)
+    ids2 = rng.integers(0, V, (B, 3)).astype(np.int32)
+    psw2 = rng.random((B, 3)).astype(np.float32)
+    ids1 = rng.integers(0, V, (24,)).astype(np.int32)
+    offs1 = np.array([0, 5, 5, 9, 20], np.int32)  # B = 5: not divisible by the 2 of "data"
+    offs6 = np.array([0, 2, 7, 7, 11, 23], np.int32)
+    psw1 = rng.random(24).astype(np.float32)
+    # (table spec, id spec, ids, offsets, per-sample weights, expected bags spec)
+    layouts = [
+        (P(), P(both, None), ids2, None, psw2, P(both, None)),
+        (P(None, both), P(), ids2, None, psw2, P(None, both)),
+        (P(both, None), P(), ids2, None, psw2, P(None, None)),
+        (P(None, "model"), P(both, None), ids2, None, psw2, P(None, "model")),  # shared axis: on D
+        (P(), P("data"), ids1, offs1, psw1, P(None, None)),
+        (P(None, "model"), P("data"), ids1, offs1, psw1, P(None, "model")),
+        (P(None, both), P("data"), ids1, offs1, psw1, P(None, both)),
+        (P(None, "model"), P("data"), ids1, offs6, psw1, P(None, "model")),  # offsets split too
+    ]
+    with jax.set_mesh(mesh):
+        for wspec, ispec, ids, offs, psw, want_spec in layouts:
+            ws = jax.device_put(w, NamedSharding(mesh, wspec))
+            xs = jax.device_put(ids, NamedSharding(mesh, ispec))
+            ps = jax.device_put(psw, NamedSharding(mesh, ispec))
+            ref_extra = () if offs is None else (jnp.asarray(offs),)
+            extra = () if offs is None else (jax.device_put(
+                offs, NamedSharding(mesh, P("data") if len(offs) % 2 == 0 else P())),)
+            for mode in ("sum", "max"):
+                tag = (f"explicit {wspec} table, {ispec} ids [{ids.ndim}-D], "
+                       f"{'split' if offs is not None and len(offs) % 2 == 0 else 'whole'} offsets, {mode}")
+                kw = {} if mode == "max" else {"per_sample_weights": ps}
+                kw_ref = {} if mode == "max" else {"per_sample_weights": jnp.asarray(psw)}
+
+                def bags(t, i, *o, kw=kw, mode=mode):
+                    return jaxbag.embedding_bag(t, i, *o, mode=mode, **kw)
+
+                def loss(t, i, *o, bags=bags):
+                    return jnp.sum(jnp.sin(bags(t, i, *o)))
+
+                def loss_ref(t, kw=kw_ref, mode=mode):
+                    return jnp.sum(jnp.sin(jaxbag.embedding_bag(t, ids, *ref_extra, mode=mode, **kw)))
+
+                want = jaxbag.embedding_bag(w, ids, *ref_extra, mode=mode, **kw_ref)
+                close(bags(ws, xs, *extra), want, f"{tag}: eager")
+                jitted = jax.jit(bags)(ws, xs, *extra)
+                close(jitted, want, f"{tag}: jit")
+                if jitted.sharding.spec != want_spec:
+                    raise AssertionError(f"{tag}: bags {jitted.sharding.spec}, want {want_spec}")
+                close(jax.jit(jax.grad(loss))(ws, xs, *extra), jax.grad(loss_ref)(w),
+                      f"{tag}: table gradient")
+        # split offsets in the row-sharded op (data parallel) and the public conversion: the
+        # scatter at the bag starts is a sharding type error for offsets split over "data"
+        os6 = jax.device_put(offs6, NamedSharding(mesh, P("data")))
+        wt = jsh.shard_table(w, mesh, "model")
+        for mode in ("mean", "max"):
+            def sharded(t, o, mode=mode):
+                return jsh.embedding_bag(t, ids1, o, mesh=mesh, axis_name="model",
+                                         batch_axis="data", mode=mode)
+
+            want = jaxbag.embedding_bag(w, ids1, offs6, mode=mode)
+            close(sharded(wt, os6), want, f"row-sharded op, split offsets, {mode}: eager")
+            close(jax.jit(sharded)(wt, os6), want, f"row-sharded op, split offsets, {mode}: jit")
+        seg = jax.jit(lambda o: jaxbag.offsets_to_segment_ids(o, 24))(os6)
+        if not np.array_equal(np.asarray(seg), np.asarray(jaxbag.offsets_to_segment_ids(offs6, 24))):
+            raise AssertionError(f"offsets_to_segment_ids of split offsets: {seg}")
+    # shard_table: V = 30 on the 8 devices of ("data", "model"), or 4 of "model": the fix named
+    for axis in ("model", both):
+        expect_error(lambda axis=axis: jsh.shard_table(w[:30], mesh, axis), "pad_rows(weight, ",
+                     f"shard_table of 30 rows over {axis}")
+    got = jsh.shard_table(jsh.pad_rows(w[:30], 8), mesh, both)
+    close(got, np.concatenate([w[:30], np.zeros((2, 8), np.float32)]), "shard_table(pad_rows)")
+    if got.sharding.spec != P(both, None):
+        raise AssertionError(f"shard_table over {both}: {got.sharding.spec}")
+
+
 CASES = {
     "op_1d": case_op_1d,
     "op_2d": case_op_2d,
@@ -1201,6 +1301,7 @@ CASES = {
     "split_features": case_split_features,
     "plain_explicit": case_plain_explicit,
     "experiment": case_experiment,
+    "explicit_layouts": case_explicit_layouts,
 }
 
 

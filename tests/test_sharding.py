@@ -38,6 +38,7 @@ CASES = [
     "split_features",
     "plain_explicit",
     "experiment",
+    "explicit_layouts",
 ]
 
 
@@ -329,3 +330,54 @@ def test_public_namespace():
     for name in jsh.__all__:
         assert getattr(jsh, name) is not None
     assert jaxbag.sharding is jsh
+
+
+@pytest.mark.parametrize("v, multiple, want", [(10, 3, 12), (9, 4, 12), (7, 8, 8), (12, 4, 12)])
+def test_pad_rows_pads_up_to_the_next_multiple(v, multiple, want):
+    """``V`` rows padded to ``ceil(V / multiple) * multiple`` (10 rows by 4 is the one case where
+    ``-V % m`` and ``V % m`` agree)."""
+    w = jnp.arange(2.0 * v, dtype=jnp.float32).reshape(v, 2)
+    p = jsh.pad_rows(w, multiple)
+    assert p.shape == (want, 2)
+    np.testing.assert_array_equal(p[:v], w)
+    np.testing.assert_array_equal(p[v:], np.zeros((want - v, 2), np.float32))
+
+
+def test_a_mesh_mixing_auto_and_explicit_axes_is_refused():
+    mixed = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Explicit, AxisType.Auto))
+    w, ids, offs = jnp.ones((8, 2), jnp.float32), jnp.array([1, 2, 3]), jnp.array([0, 1])
+    for call in (
+        lambda: jsh.embedding_bag(w, ids, offs, mesh=mixed, axis_name="model", batch_axis="data"),
+        lambda: jsh.shard_table(w, mixed, "model"),
+        lambda: jsh.plan_sharding([jaxbag.TableConfig("a", 8, 2, ("f",))], mixed, axis_name="model"),
+    ):
+        with pytest.raises(ValueError, match=r"mesh axes must be all Auto or all Explicit"):
+            call()
+
+
+def test_sparse_update_checks_the_shape_of_traced_row_grads():
+    """Under jit the placement of ``row_grads`` is unknown, so their shape alone tells global row
+    numbers (a single-device pullback's ``min(N, V)`` slots) from per-shard local rows: 5 rows do
+    not split over 2 shards."""
+    mesh2 = _fake_mesh((2,), ("model",))
+    opt = jaxbag.sparse_sgd(0.5)
+    w = jnp.zeros((8, 2), jnp.float32)
+
+    def step(w, rows, grads):
+        return jsh.sparse_update(opt, w, opt.init(w), jaxbag.RowGrads(rows, grads), mesh=mesh2,
+                                 axis_name="model")
+
+    with pytest.raises(ValueError, match=r"row_grads must hold per-shard local rows split over "
+                                         r"axis_name='model' \(2 devices\).*shape \(5,\)"):
+        jax.eval_shape(step, w, jnp.zeros((5,), jnp.int32), jnp.zeros((5, 2), jnp.float32))
+
+
+def test_an_empty_axis_name_is_refused():
+    """``axis_name=()`` names no mesh axis: an error, not a silently replicated table."""
+    w, ids = jnp.ones((8, 2), jnp.float32), jnp.zeros((2, 3), jnp.int32)
+    for call in (lambda: jsh.embedding_bag(w, ids, mesh=_mesh1(), axis_name=()),
+                 lambda: jsh.shard_table(w, _mesh1(), ()),
+                 lambda: jsh.plan_sharding([jaxbag.TableConfig("a", 8, 2, ("f",))], _mesh1(),
+                                           axis_name=())):
+        with pytest.raises(ValueError, match="axis_name must name at least one mesh axis"):
+            call()
