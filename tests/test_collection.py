@@ -688,3 +688,85 @@ def test_table_config_errors_name_the_table_and_show_the_fix():
         boxed = T("b", 4, 2, ("x",), embedding_init=init)
         with pytest.raises(TypeError, match=r"table 'b': embedding_init returned a .*sharding plan"):
             NnxCollection([boxed], rngs=nnx.Rngs(0))
+
+
+# -- from mutation testing of the collection modules: each fails on a seeded bug the suite missed --
+
+
+def test_tables_of_one_shape_start_from_different_values():
+    """Each table is drawn from its own key (derived from its name): with one key for all, two
+    tables of one shape started equal (stacked or not, functional core or NNX), and every
+    layout-independence test still passed."""
+    tables = [T("user", 6, 3, ("u",)), T("item", 6, 3, ("i",))]
+    for stack in (True, False):
+        layout = jaxbag.collection_layout(tables, stack=stack)
+        per_table = jaxbag.unpack_tables(layout, jaxbag.init_collection(layout, jax.random.key(0)))
+        assert not np.allclose(per_table["user"], per_table["item"]), stack
+        model = NnxCollection(tables, stack=stack, rngs=nnx.Rngs(0))
+        per_table = jaxbag.unpack_tables(model.layout, {k: v[...] for k, v in model.embeddings.items()})
+        assert not np.allclose(per_table["user"], per_table["item"]), stack
+
+
+def test_module_dtype_sets_the_concatenated_output():
+    """The modules' ``dtype`` is the concatenated output's dtype (linen and NNX), as
+    embedding_bag_collection's ``dtype``; it was only checked, never passed on."""
+    tables = [T("a", 4, 2, ("x",), mode="sum"), T("b", 4, 3, ("y",), mode="sum")]
+    layout = jaxbag.collection_layout(tables)
+    params = jaxbag.pack_tables(layout, {"a": jnp.arange(8.0).reshape(4, 2) / 3,
+                                         "b": -jnp.arange(12.0).reshape(4, 3) / 3})
+    jf = JF.from_lists({"x": [[3, 1]], "y": [[0, 2]]})
+    want = jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True, dtype=jnp.bfloat16)
+    assert want.dtype == jnp.bfloat16
+    lin = jaxbag.EmbeddingBagCollection(tables=tables, dtype=jnp.bfloat16)
+    out = lin.apply({"params": params}, jf, concat=True)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out.astype(jnp.float32), want.astype(jnp.float32))
+    model = NnxCollection(tables, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    for name, value in params.items():
+        model.embeddings[name][...] = value
+    out = model(jf, concat=True)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out.astype(jnp.float32), want.astype(jnp.float32))
+
+
+def test_nnx_collection_takes_stack():
+    """stack=False gives one NNX parameter per table (the layout-independence tests compare
+    unpacked tables, which agree whether or not stack is honoured)."""
+    tables = [T("user", 10, 4, ("user",)), T("item", 12, 4, ("item",))]
+    plain = NnxCollection(tables, stack=False, rngs=nnx.Rngs(0))
+    assert not plain.layout.stacked and set(plain.embeddings) == {"user", "item"}
+    assert set(NnxCollection(tables, rngs=nnx.Rngs(0)).embeddings) == {"user+item"}
+
+
+def test_eager_id_check_reads_every_shard():
+    """Features split into num_shards blocks (no plan): an id out of range in the second block
+    is the collection's IndexError naming the feature, the id and that block (with the check
+    reading the first block's region for every block, only the op's error about a stacked id
+    -1 at indices[2] came, naming neither the feature nor the table)."""
+    layout = jaxbag.collection_layout([T("a", 4, 2, ("x",), mode="sum")])
+    params = {"a": jnp.arange(8.0).reshape(4, 2)}
+    bad = JF.from_lists({"x": [[1], [2, 7]]}, num_shards=2)
+    with pytest.raises(IndexError, match=r"feature 'x' .*has id 7 at position 1 of shard 1"):
+        jaxbag.embedding_bag_collection(params, bad, layout=layout)
+    ok = JF.from_lists({"x": [[1], [2, 3]]}, num_shards=2)
+    np.testing.assert_array_equal(jaxbag.embedding_bag_collection(params, ok, layout=layout)["x"],
+                                  [[2.0, 3.0], [10.0, 12.0]])
+
+
+def test_outputs_follow_feature_names_whatever_the_groups_and_names():
+    """Tables "a" and "c" stack (width 2) ahead of "b" (width 3), and the feature names are not in
+    sorted order: the dict and the concatenation still follow layout.feature_names (the group
+    order and the sorted order both differ from it; test_concat_order_and_dtype's names are
+    sorted and its groups in table order, so it could not tell)."""
+    tables = [T("a", 4, 2, ("q",), mode="sum"), T("b", 4, 3, ("p",), mode="sum"),
+              T("c", 4, 2, ("o",), mode="sum")]
+    layout = jaxbag.collection_layout(tables)
+    assert [g.name for g in layout.groups] == ["a+c", "b"] and layout.feature_names == ("q", "p", "o")
+    params = jaxbag.pack_tables(layout, {"a": jnp.arange(8.0).reshape(4, 2),
+                                         "b": -jnp.arange(12.0).reshape(4, 3),
+                                         "c": 100 + jnp.arange(8.0).reshape(4, 2)})
+    jf = JF.from_lists({"o": [[1]], "p": [[0, 2]], "q": [[3]]})
+    out = jaxbag.embedding_bag_collection(params, jf, layout=layout)
+    assert list(out) == ["q", "p", "o"]
+    cat = jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True)
+    assert cat.tolist() == [[6.0, 7.0, -6.0, -8.0, -10.0, 102.0, 103.0]]

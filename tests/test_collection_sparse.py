@@ -372,3 +372,40 @@ def test_row_gradients_follow_each_features_cotangent_whatever_the_names():
             p, jf, layout=layout, concat=concat), params)
         np.testing.assert_array_equal(got, vjp(ct)[0]["words"])
         np.testing.assert_array_equal(got[1], [1.0, 2.0])  # query's first bag read row 1
+
+
+# -- from mutation testing: a planned layout's eager size check and padding row -------------------
+
+
+def test_planned_size_too_small_is_an_error_eagerly():
+    """With a plan, as without: too few row slots for a group is an error eagerly, naming the
+    group (without the check the pullback silently dropped the rows past the slots)."""
+    _, planned = _one_device_plan(AxisType.Auto)
+    params = jaxbag.init_collection(planned, jax.random.key(0))
+    jf = jaxbag.JaggedFeatures.from_lists({f: [[1, 2, 3], [4]] for f in VOCAB})  # item reads 4 rows
+    with pytest.raises(ValueError, match=r"group 'item' \(features \['item', 'last_item'\]\): "
+                                         r"size=3 row slots are too few"):
+        jaxbag.embedding_bag_collection_rows(params, jf, layout=planned, size={"item": 3})
+    jaxbag.embedding_bag_collection_rows(params, jf, layout=planned, size={"item": 4})  # enough
+
+
+@pytest.mark.parametrize("kind", ["row", "table", "replicated"])
+def test_planned_rows_skip_padding_hand_computed(kind):
+    """test_rows_touched_shared_tables_and_padding on a planned layout (1 x 1 mesh, each
+    placement): the padding_idx row and the empty bags touch no row. (The random batches of the
+    planned tests rarely hold the padding id, so a pullback whose slots counted padding_idx's
+    row passed them.)"""
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    tables = [T("item", 10, 2, ("item", "last_item"), mode="sum", padding_idx=0)]
+    plan = jaxbag.sharding.plan_sharding(tables, mesh, axis_name="model", batch_axis="data",
+                                         overrides={"item": kind})
+    layout = jaxbag.collection_layout(tables, plan=plan)
+    params = jaxbag.pack_tables(layout, {"item": jnp.arange(20.0).reshape(10, 2)})
+    jf = jaxbag.JaggedFeatures.from_lists({"item": [[1, 0, 3], [3]], "last_item": [[3, 5], [0]]})
+    out, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, size=5)
+    np.testing.assert_array_equal(out["item"], [[8.0, 10.0], [6.0, 7.0]])  # row 0 skipped
+    np.testing.assert_array_equal(out["last_item"], [[16.0, 18.0], [0.0, 0.0]])
+    g = pullback({"item": jnp.array([[1.0, 2.0], [3.0, 4.0]]),
+                  "last_item": jnp.array([[5.0, 6.0], [7.0, 8.0]])})["item"]
+    assert g.rows.tolist() == [1, 3, 5, 10, 10]  # distinct, sorted, padded with V; no row 0
+    np.testing.assert_array_equal(g.grads[:3], [[1.0, 2.0], [1 + 3 + 5, 2 + 4 + 6], [5.0, 6.0]])

@@ -284,6 +284,38 @@ def test_planner_choices_in_process():
     assert set(plan.as_dict().values()) == {"table"}
 
 
+def test_planned_stack_layout_in_process():
+    """A planned group's stacked array on a 2-device axis, hand-computed: the row-wise table
+    ("b", 5 rows: 3 per block, the last block's third row padding) first in every block, then
+    the block's table-wise tables at their offsets, whatever order the tables were given in ("a"
+    before "b"); the rest of a block zeros. Every id's stacked row holds that id's row, and
+    unpack_tables gives the tables back. (The worker checks the init of 2 tables only, and its
+    other comparisons read the tables back through the same layout, so rows packed in the wrong
+    place went unnoticed. In process: packing reads only the mesh's axis sizes.)"""
+    T = jaxbag.TableConfig
+    tables = [T("a", 3, 2, ("x",), mode="sum"), T("b", 5, 2, ("y",), mode="sum"),
+              T("c", 2, 2, ("z",), mode="sum")]
+    plan = jsh.plan_sharding(tables, _fake_mesh((2,), ("model",)), axis_name="model",
+                             overrides={"a": "table", "b": "row", "c": "table"})
+    plan = dataclasses.replace(plan, placements=(("a", "table", 1), ("b", "row", None),
+                                                 ("c", "table", 1)))
+    layout = jaxbag.collection_layout(tables, plan=plan)
+    (g,) = layout.groups
+    assert (g.name, g.num_shards, g.shard_rows) == ("a+b+c", 2, 8)
+    arrays = {t.name: 10.0 * (i + 1) + jnp.arange(2.0 * t.num_embeddings).reshape(-1, 2) / 2
+              for i, t in enumerate(tables)}
+    packed = jaxbag.pack_tables(layout, arrays)[g.name]
+    #                        block 0: b 0..2, zeros    | block 1: b 3, 4, pad, a 0..2, c 0..1
+    assert packed[:, 0].tolist() == [20, 21, 22, 0, 0, 0, 0, 0, 23, 24, 0, 10, 11, 12, 30, 31]
+    np.testing.assert_array_equal(packed[:, 1], np.where(packed[:, 0] > 0, packed[:, 0] + 0.5, 0))
+    for t in tables:
+        rows = g.slot(t.name).stacked_ids(np.arange(t.num_embeddings), g.shard_rows)
+        np.testing.assert_array_equal(packed[rows], arrays[t.name])
+    back = jaxbag.unpack_tables(layout, {g.name: packed})
+    for t in tables:
+        np.testing.assert_array_equal(back[t.name], arrays[t.name])
+
+
 def test_pad_rows_and_shard_table():
     w = jnp.arange(20.0, dtype=jnp.float32).reshape(10, 2)
     p = jsh.pad_rows(w, 4)
