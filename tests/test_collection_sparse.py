@@ -75,12 +75,19 @@ def test_bags_and_row_gradients_equal_the_dense_path(stack, concat, jit):
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_rows_touched_shared_tables_and_padding():
+@pytest.mark.parametrize("kind", [None, "row", "table", "replicated"])
+def test_rows_touched_shared_tables_and_padding(kind):
     """A shared table gets one RowGrads whose rows are distinct (the optimisers need that); the
-    padding_idx row and the ids of empty bags are not touched; hand-computed gradients."""
-    layout = jaxbag.collection_layout([T("item", 10, 2, ("item", "last_item"), mode="sum", padding_idx=0)])
-    params = {"item": jnp.arange(20.0).reshape(10, 2)}
-    jf = jaxbag.JaggedFeatures.from_lists({"item": [[1, 0, 3], [3]], "last_item": [[3, 5], []]})
+    padding_idx row and the ids of empty bags are not touched; hand-computed gradients. Also on
+    a planned layout (1 x 1 mesh, each placement), whose random test batches rarely hold the
+    padding id: a pullback whose slots counted padding_idx's row passed them."""
+    tables = [T("item", 10, 2, ("item", "last_item"), mode="sum", padding_idx=0)]
+    plan = None if kind is None else jaxbag.sharding.plan_sharding(
+        tables, jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2),
+        axis_name="model", batch_axis="data", overrides={"item": kind})
+    layout = jaxbag.collection_layout(tables, plan=plan)
+    params = jaxbag.pack_tables(layout, {"item": jnp.arange(20.0).reshape(10, 2)})
+    jf = jaxbag.JaggedFeatures.from_lists({"item": [[1, 0, 3], [3]], "last_item": [[3, 5], [0]]})
     out, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, size=5)
     np.testing.assert_array_equal(out["item"], [[8.0, 10.0], [6.0, 7.0]])   # row 0 skipped
     np.testing.assert_array_equal(out["last_item"], [[16.0, 18.0], [0.0, 0.0]])
@@ -374,7 +381,7 @@ def test_row_gradients_follow_each_features_cotangent_whatever_the_names():
         np.testing.assert_array_equal(got[1], [1.0, 2.0])  # query's first bag read row 1
 
 
-# -- from mutation testing: a planned layout's eager size check and padding row -------------------
+# -- from mutation testing: a planned layout's eager size check --------------------------------
 
 
 def test_planned_size_too_small_is_an_error_eagerly():
@@ -387,25 +394,3 @@ def test_planned_size_too_small_is_an_error_eagerly():
                                          r"size=3 row slots are too few"):
         jaxbag.embedding_bag_collection_rows(params, jf, layout=planned, size={"item": 3})
     jaxbag.embedding_bag_collection_rows(params, jf, layout=planned, size={"item": 4})  # enough
-
-
-@pytest.mark.parametrize("kind", ["row", "table", "replicated"])
-def test_planned_rows_skip_padding_hand_computed(kind):
-    """test_rows_touched_shared_tables_and_padding on a planned layout (1 x 1 mesh, each
-    placement): the padding_idx row and the empty bags touch no row. (The random batches of the
-    planned tests rarely hold the padding id, so a pullback whose slots counted padding_idx's
-    row passed them.)"""
-    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-    tables = [T("item", 10, 2, ("item", "last_item"), mode="sum", padding_idx=0)]
-    plan = jaxbag.sharding.plan_sharding(tables, mesh, axis_name="model", batch_axis="data",
-                                         overrides={"item": kind})
-    layout = jaxbag.collection_layout(tables, plan=plan)
-    params = jaxbag.pack_tables(layout, {"item": jnp.arange(20.0).reshape(10, 2)})
-    jf = jaxbag.JaggedFeatures.from_lists({"item": [[1, 0, 3], [3]], "last_item": [[3, 5], [0]]})
-    out, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, size=5)
-    np.testing.assert_array_equal(out["item"], [[8.0, 10.0], [6.0, 7.0]])  # row 0 skipped
-    np.testing.assert_array_equal(out["last_item"], [[16.0, 18.0], [0.0, 0.0]])
-    g = pullback({"item": jnp.array([[1.0, 2.0], [3.0, 4.0]]),
-                  "last_item": jnp.array([[5.0, 6.0], [7.0, 8.0]])})["item"]
-    assert g.rows.tolist() == [1, 3, 5, 10, 10]  # distinct, sorted, padded with V; no row 0
-    np.testing.assert_array_equal(g.grads[:3], [[1.0, 2.0], [1 + 3 + 5, 2 + 4 + 6], [5.0, 6.0]])
