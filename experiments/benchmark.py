@@ -8,8 +8,8 @@ jit-compiled first (``lower().compile()``, timed apart from the runs), called on
 first call), warmed up, then timed ``repeats`` times with ``block_until_ready``. With
 ``rounds`` > 1 every implementation of a (shape, phase, mode) is measured that many times in turn
 (torch, jax 1, jax 2, ..., torch, jax 1, ...), so that a change of load on a shared machine falls
-on all of them alike; medians (and p10/p90) are over the timed calls of all rounds. torch runs with ``torch.set_num_threads`` set to the number of cores XLA's
-CPU thread pool uses. Memory: jax reports ``compiled.memory_analysis().temp_size_in_bytes``; torch
+on all of them alike; medians (and p10/p90) are over the timed calls of all rounds. torch runs
+with ``torch.set_num_threads`` set to the number of cores XLA's CPU thread pool uses. Memory: jax reports ``compiled.memory_analysis().temp_size_in_bytes``; torch
 the peak-RSS growth during its timed calls.
 
 Outputs in ``--workdir``: ``results.json`` (every measurement + machine info), ``table.txt`` (the
