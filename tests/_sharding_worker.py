@@ -1101,6 +1101,36 @@ def case_split_features():
         close(eager, jitted, f"{tag}: eager planned rows outside set_mesh")
 
 
+def compare_split_inputs(mesh, w, ids, psw, offsets, wspec, ispec, ospec, want_spec, modes):
+    """The plain op on a table, ids (and per-sample weights) and offsets placed with ``wspec``,
+    ``ispec`` and ``ospec`` on an Explicit mesh (run under ``jax.set_mesh``): eager and jitted
+    values and the table gradient equal the single-device op's, and the jitted bags come out
+    with ``want_spec``."""
+    ws = jax.device_put(w, NamedSharding(mesh, wspec))
+    xs = jax.device_put(ids, NamedSharding(mesh, ispec))
+    ps = jax.device_put(psw, NamedSharding(mesh, ispec))
+    ref_extra = () if offsets is None else (jnp.asarray(offsets),)
+    extra = () if offsets is None else (jax.device_put(offsets, NamedSharding(mesh, ospec)),)
+    for mode in modes:
+        tag = f"explicit {wspec} table, {ispec} ids [{ids.ndim}-D], {ospec} offsets, {mode}"
+        kw = {} if mode == "max" else {"per_sample_weights": ps}
+        kw_ref = {} if mode == "max" else {"per_sample_weights": jnp.asarray(psw)}
+
+        def loss(t, i, *o, kw, mode=mode):
+            return jnp.sum(jnp.sin(jaxbag.embedding_bag(t, i, *o, mode=mode, **kw)))
+
+        want = jaxbag.embedding_bag(w, ids, *ref_extra, mode=mode, **kw_ref)
+        close(jaxbag.embedding_bag(ws, xs, *extra, mode=mode, **kw), want, f"{tag}: eager")
+        jitted = jax.jit(lambda t, i, *o, kw=kw, mode=mode: jaxbag.embedding_bag(
+            t, i, *o, mode=mode, **kw))(ws, xs, *extra)
+        close(jitted, want, f"{tag}: jit")
+        if jitted.sharding.spec != want_spec:
+            raise AssertionError(f"{tag}: bags {jitted.sharding.spec}, want {want_spec}")
+        got = jax.jit(jax.grad(functools.partial(loss, kw=kw)))(ws, xs, *extra)
+        close(got, jax.grad(functools.partial(loss, kw=kw_ref))(w, ids, *ref_extra),
+              f"{tag}: table gradient")
+
+
 def case_plain_explicit():
     """The plain op and the NNX module on inputs split over an Explicit (2 x 4) mesh, as a
     data-parallel model on jax.make_mesh's default axes holds them: a batch-split 2-D id array
@@ -1117,29 +1147,9 @@ def case_plain_explicit():
                (P(None, "model"), P("data", None)), (P(None, "data"), P("data", None))]
     with jax.set_mesh(mesh):
         for wspec, ispec in layouts:
-            ws = jax.device_put(w, NamedSharding(mesh, wspec))
-            xs = jax.device_put(ids, NamedSharding(mesh, ispec))
-            ps = jax.device_put(psw, NamedSharding(mesh, ispec))
-            for mode in MODES:
-                tag = f"explicit {wspec} table, {ispec} ids, {mode}"
-                kw = {} if mode == "max" else {"per_sample_weights": ps}
-                want = jaxbag.embedding_bag(w, ids, mode=mode,
-                                            **({} if mode == "max" else {"per_sample_weights": psw}))
-
-                def loss(t, i, kw=kw, mode=mode):
-                    return jnp.sum(jnp.sin(jaxbag.embedding_bag(t, i, mode=mode, **kw)))
-
-                got = jaxbag.embedding_bag(ws, xs, mode=mode, **kw)  # eager
-                jitted = jax.jit(lambda t, i, kw=kw, mode=mode: jaxbag.embedding_bag(
-                    t, i, mode=mode, **kw))(ws, xs)
-                close(got, want, f"{tag}: eager")
-                close(jitted, want, f"{tag}: jit")
-                bags_axis = None if ispec == P() or wspec == P(None, "data") else "data"
-                want_spec = P(bags_axis, wspec[1] if len(wspec) > 1 else None)
-                if jitted.sharding.spec != want_spec:
-                    raise AssertionError(f"{tag}: bags {jitted.sharding.spec}, want {want_spec}")
-                g = jax.jit(jax.grad(loss))(ws, xs)
-                close(g, jax.grad(loss)(w, ids), f"{tag}: table gradient")
+            bags_axis = None if ispec == P() or wspec == P(None, "data") else "data"
+            want_spec = P(bags_axis, wspec[1] if len(wspec) > 1 else None)
+            compare_split_inputs(mesh, w, ids, psw, None, wspec, ispec, None, want_spec, MODES)
         # a data-parallel NNX step: one compile for two batches of the same shape
         from flax import nnx
 
@@ -1235,35 +1245,9 @@ def case_explicit_layouts():
     ]
     with jax.set_mesh(mesh):
         for wspec, ispec, ids, offs, psw, want_spec in layouts:
-            ws = jax.device_put(w, NamedSharding(mesh, wspec))
-            xs = jax.device_put(ids, NamedSharding(mesh, ispec))
-            ps = jax.device_put(psw, NamedSharding(mesh, ispec))
-            ref_extra = () if offs is None else (jnp.asarray(offs),)
-            extra = () if offs is None else (jax.device_put(
-                offs, NamedSharding(mesh, P("data") if len(offs) % 2 == 0 else P())),)
-            for mode in ("sum", "max"):
-                tag = (f"explicit {wspec} table, {ispec} ids [{ids.ndim}-D], "
-                       f"{'split' if offs is not None and len(offs) % 2 == 0 else 'whole'} offsets, {mode}")
-                kw = {} if mode == "max" else {"per_sample_weights": ps}
-                kw_ref = {} if mode == "max" else {"per_sample_weights": jnp.asarray(psw)}
-
-                def bags(t, i, *o, kw=kw, mode=mode):
-                    return jaxbag.embedding_bag(t, i, *o, mode=mode, **kw)
-
-                def loss(t, i, *o, bags=bags):
-                    return jnp.sum(jnp.sin(bags(t, i, *o)))
-
-                def loss_ref(t, kw=kw_ref, mode=mode):
-                    return jnp.sum(jnp.sin(jaxbag.embedding_bag(t, ids, *ref_extra, mode=mode, **kw)))
-
-                want = jaxbag.embedding_bag(w, ids, *ref_extra, mode=mode, **kw_ref)
-                close(bags(ws, xs, *extra), want, f"{tag}: eager")
-                jitted = jax.jit(bags)(ws, xs, *extra)
-                close(jitted, want, f"{tag}: jit")
-                if jitted.sharding.spec != want_spec:
-                    raise AssertionError(f"{tag}: bags {jitted.sharding.spec}, want {want_spec}")
-                close(jax.jit(jax.grad(loss))(ws, xs, *extra), jax.grad(loss_ref)(w),
-                      f"{tag}: table gradient")
+            ospec = None if offs is None else P("data") if len(offs) % 2 == 0 else P()
+            compare_split_inputs(mesh, w, ids, psw, offs, wspec, ispec, ospec, want_spec,
+                                 ("sum", "max"))
         # split offsets in the row-sharded op (data parallel) and the public conversion: the
         # scatter at the bag starts is a sharding type error for offsets split over "data"
         os6 = jax.device_put(offs6, NamedSharding(mesh, P("data")))
