@@ -691,3 +691,47 @@ def test_ignore_unknown_leaves_the_unknown_word_out_of_the_bag():
         b = jaxbag.pack_bags([[5, 3], [5, 3, 0]], weights=[[1.0, 2.0], [1.0, 2.0, 1.0]])
         logits = np.asarray(model(b.indices, b.segment_ids, num_bags=b.num_bags, weights=b.weights))
         assert np.allclose(logits[0], logits[1], atol=1e-6) == ignore
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_padding_bags_of_a_partial_batch_change_neither_the_step_nor_the_metrics(sparse):
+    """The last batch of an epoch is padded with empty bags of label 0; they are masked out of
+    the mean loss (so of every gradient) and of the metrics. The smoke config makes no partial
+    training batch, so this checks the step directly: three documents alone and the same three
+    padded to five bags give the same parameters and metrics after one step."""
+    import optax
+    from flax import nnx
+
+    import jaxbag
+    from experiments.textcls.batches import Batch
+    from experiments.textcls.metrics import Metrics
+    from experiments.textcls.model import FastText
+    from experiments.textcls.steps import make_steps, split_model
+
+    docs = [np.array([1, 4, 4, 7], np.int32), np.array([2, 9], np.int32), np.array([3], np.int32)]
+    labels = np.array([2, 1, 2], np.int32)
+    model = FastText(12, 3, features=8, hidden=4, rngs=nnx.Rngs(0))
+    # SGD, not Adam: Adam's step hardly changes when the gradient is scaled (a loss divided by
+    # the padded batch size instead of the real one), SGD's does.
+    steps = make_steps(model, optax.sgd(0.5), num_classes=3,
+                       sparse_tx=jaxbag.sparse_sgd(0.5) if sparse else None)
+    _, params, _ = split_model(model)
+
+    def one_step(batch_size):
+        packed = jaxbag.pack_bags(docs, batch_size=batch_size)
+        y = np.zeros(batch_size, np.int32)
+        y[:3] = labels
+        p = jax.tree.map(jax.numpy.copy, params)  # the step donates its inputs
+        p, _, metrics = steps.train_step(p, steps.init_opt_state(p), Metrics.zeros(),
+                                         Batch(packed, y), jax.random.key(0), np.int32(0))
+        return p, metrics.compute()
+
+    alone, alone_metrics = one_step(3)
+    padded, padded_metrics = one_step(5)
+    assert padded_metrics["count"] == alone_metrics["count"] == 3
+    assert padded_metrics["loss"] == pytest.approx(alone_metrics["loss"], rel=1e-6)
+    assert padded_metrics["accuracy"] == alone_metrics["accuracy"]
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), alone, params)
+    assert all(jax.tree.leaves(moved)), "every parameter takes a step"
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                         atol=1e-6), padded, alone)
