@@ -1184,9 +1184,8 @@ def case_plain_explicit():
             close(got, jaxbag.embedding_bag(w, ids, mode="mean"), f"partial shard_map, {wspec}")
         # vmap over a batch axis split over "data" (JAX's own loop rule for the kernel call, and
         # the batched gather of the other path, were sharding type errors): one call on all rows'
-        # bags, split over the batch as the rows; per-example gradients too. (The gradient of a
-        # vmap over ids split this way with a replicated table is still refused by JAX's gather
-        # batching rule, as for jnp.take; a column-split table takes the auto_axes path.)
+        # bags, split over the batch as the rows; per-example gradients too (the gradient of the
+        # vmap, per_sample_weights and tables per row: case vmap_explicit)
         rows = rng.integers(0, V, (B, 2, 3)).astype(np.int32)
         rs = jax.device_put(rows, NamedSharding(mesh, P("data")))
         for wspec in (P(), P(None, "model")):
@@ -1273,6 +1272,79 @@ def case_explicit_layouts():
         raise AssertionError(f"shard_table over {both}: {got.sharding.spec}")
 
 
+def case_vmap_explicit():
+    """``jax.vmap`` over a batch axis split over an Explicit mesh axis (2 x 4 mesh, S = 8 rows
+    over ``("data", "model")`` or 2 over ``"data"``), on the kernel and the XLA paths: forward,
+    the gradient *of* the vmap (a sum over the rows) with respect to the table and to
+    ``per_sample_weights``, and per-example table gradients (vmap *of* grad) equal a loop of the
+    single-device op, for one shared table (replicated or column-split) and a table per row, in
+    every mode and both id forms. The derivative rule's gathers used to hit JAX's gather
+    batching rule there (a sharding type error) for the replicated table, ``per_sample_weights``
+    and, through them, the psw gradient."""
+    from jaxbag._src import fast_forward
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
+    rng = np.random.default_rng(19)
+    s = 8
+    w = rng.normal(size=(V, 8)).astype(np.float32)
+    w_rows = rng.normal(size=(s, V, 8)).astype(np.float32)
+    forms = {  # per-example ids, offsets (shared) or None
+        "2-D": (rng.integers(0, V, (s, 3, 4)).astype(np.int32), None),
+        "offsets": (rng.integers(0, V, (s, 9)).astype(np.int32), np.array([0, 2, 2, 6], np.int32)),
+    }
+    # (table, its spec, in_axes of the table, batch spec of ids / psw)
+    layouts = [
+        (w, P(), None, P(("data", "model"))),
+        (w, P(None, "model"), None, P("data")),
+        (w_rows, P("data"), 0, P("data")),
+        (w_rows, P("data", None, "model"), 0, P("data")),
+    ]
+    real_kernel_ok = fast_forward._kernel_ok
+    for kernel in (True, False):
+        fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
+        if kernel and not real_kernel_ok(jnp.zeros((1, 1), jnp.float32)):
+            raise AssertionError("the CPU kernel is not built")
+        for (table, wspec, w_axis, bspec), (form, (ids, offsets)), mode in zip(
+                layouts * 2, [f for f in forms.items() for _ in layouts], MODES * 2):
+            psw = rng.random(ids.shape).astype(np.float32)
+            tag = f"vmap, kernel={kernel}, {wspec} table, {bspec} rows, {form} ids, {mode}"
+            extra = () if offsets is None else (jnp.asarray(offsets),)
+
+            def one(t, i, p, mode=mode, extra=extra):
+                kw = {} if mode == "max" else {"per_sample_weights": p}
+                return jaxbag.embedding_bag(t, i, *extra, mode=mode, **kw)
+
+            def loss(t, p, i, w_axis=w_axis, one=one):
+                return jnp.sum(jnp.sin(jax.vmap(one, in_axes=(w_axis, 0, 0))(t, i, p)))
+
+            def row_table(t, k, w_axis=w_axis):
+                return t if w_axis is None else t[k]
+
+            # the single-device loop, outside the mesh context
+            want = np.stack([one(row_table(table, k), ids[k], psw[k]) for k in range(s)])
+            want_gt, want_gp = (np.asarray(g) for g in jax.grad(loss, argnums=(0, 1))(table, psw, ids))
+            loop_gt = [jax.grad(lambda t, k=k: jnp.sum(jnp.sin(one(t, ids[k], psw[k]))))(
+                row_table(table, k)) for k in range(s)]
+            loop_gp = [jax.grad(lambda p, k=k: jnp.sum(jnp.sin(one(row_table(table, k), ids[k], p))))(
+                psw[k]) for k in range(s)]
+            close(want_gt, sum(loop_gt) if w_axis is None else np.stack(loop_gt), f"{tag}: reference")
+            close(want_gp, np.stack(loop_gp), f"{tag}: reference psw")
+            with jax.set_mesh(mesh):
+                ts = jax.device_put(table, NamedSharding(mesh, wspec))
+                xs = jax.device_put(ids, NamedSharding(mesh, bspec))
+                ps = jax.device_put(psw, NamedSharding(mesh, bspec))
+                got = jax.jit(jax.vmap(one, in_axes=(w_axis, 0, 0)))(ts, xs, ps)
+                gt, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(ts, ps, xs)
+                per_example = jax.jit(jax.vmap(
+                    jax.grad(lambda t, i, p, one=one: jnp.sum(jnp.sin(one(t, i, p)))),
+                    in_axes=(w_axis, 0, 0)))(ts, xs, ps)
+            close(got, want, f"{tag}: bags")
+            close(gt, want_gt, f"{tag}: gradient of the vmap, table")
+            close(gp, want_gp, f"{tag}: gradient of the vmap, per_sample_weights")
+            close(per_example, np.stack(loop_gt), f"{tag}: per-example table gradients")
+    fast_forward._kernel_ok = real_kernel_ok
+
+
 CASES = {
     "op_1d": case_op_1d,
     "op_2d": case_op_2d,
@@ -1286,6 +1358,7 @@ CASES = {
     "plain_explicit": case_plain_explicit,
     "experiment": case_experiment,
     "explicit_layouts": case_explicit_layouts,
+    "vmap_explicit": case_vmap_explicit,
 }
 
 

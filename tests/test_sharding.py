@@ -39,6 +39,7 @@ CASES = [
     "plain_explicit",
     "experiment",
     "explicit_layouts",
+    "vmap_explicit",
 ]
 
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from jaxbag._src import explicit
+
 __all__ = ["acc_dtype", "take_rows", "take_tangent_rows"]
 
 
@@ -26,12 +28,12 @@ def take_tangent_rows(d_table: Array, ids: Array) -> Array:
     of its gradient (2084 ids of one row: errors of 20 on a gradient of 140 in bf16).
     ``ids`` must be in range.
     """
-    return jnp.take(d_table.astype(acc_dtype(d_table.dtype)), ids, axis=0, mode="clip")
+    return explicit.gather(d_table.astype(acc_dtype(d_table.dtype)), ids)
 
 
 @jax.custom_jvp
 def _take_rows_narrow(table: Array, ids: Array) -> Array:
-    return jnp.take(table, ids, axis=0, mode="clip").astype(acc_dtype(table.dtype))
+    return explicit.gather(table, ids).astype(acc_dtype(table.dtype))
 
 
 @_take_rows_narrow.defjvp
@@ -48,5 +50,5 @@ def take_rows(table: Array, ids: Array) -> Array:
     ``table`` is summed in the accumulation dtype (:func:`take_tangent_rows`).
     """
     if acc_dtype(table.dtype) == table.dtype:
-        return jnp.take(table, ids, axis=0, mode="clip")
+        return explicit.gather(table, ids)
     return _take_rows_narrow(table, ids)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["explicit_axes", "explicit_mesh", "on_explicit_mesh", "unsplit"]
+__all__ = ["explicit_axes", "explicit_mesh", "gather", "on_explicit_mesh", "unsplit"]
 
 
 def _axes(entry: Any) -> tuple:
@@ -68,3 +68,30 @@ def spec_entry(x: Any, dim: int) -> Any:
 def shares_axes(a: Any, b: Any) -> bool:
     """Whether two ``PartitionSpec`` entries use a common mesh axis."""
     return bool(set(_axes(a)) & set(_axes(b)))
+
+
+def gather(x: Any, *idx: Any) -> Any:
+    """``x[idx]`` (clipped into range, negative indices not wrapped: ``jnp.take``'s gather; one
+    index array per leading dimension of ``x``, broadcast together), typed on an Explicit mesh:
+    the result is split as the index arrays are.
+
+    A plain gather cannot say how its result is split when the indices are batched by
+    ``jax.vmap`` over an Explicit mesh axis while ``x`` is not (JAX's gather batching rule
+    leaves the output sharding unresolved: a sharding type error). Giving the gather its
+    ``out_sharding`` (the indices' ``PartitionSpec``, then the unindexed dimensions of ``x`` as
+    they are split in ``x``, over axes the indices do not use) resolves it, and ``vmap`` extends it over the batch axis. Off Explicit meshes (no
+    mesh, Auto axes, inside ``auto_axes``) this is the plain gather.
+    """
+    ref = idx[0]
+    sharding = getattr(jax.typeof(ref), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not explicit_axes(mesh):
+        return x.at[idx].get(mode="clip", wrap_negative_indices=False)
+    shape = jax.numpy.broadcast_shapes(*(jax.numpy.shape(i) for i in idx))
+    spec = tuple(sharding.spec) if jax.numpy.shape(ref) == shape else (None,) * len(shape)
+    used = {a for e in spec for a in _axes(e)}
+    # the unindexed dimensions stay split as in x, over axes the indices do not use
+    spec = spec + tuple(None if set(_axes(e)) & used else e
+                        for e in (spec_entry(x, d) for d in range(len(idx), jax.numpy.ndim(x))))
+    return x.at[idx].get(mode="clip", wrap_negative_indices=False,
+                         out_sharding=NamedSharding(mesh, PartitionSpec(*spec)))

@@ -1320,7 +1320,8 @@ def _bag_reduce_jvp(cfg, primals, tangents):
             pos = jnp.minimum(arg, n - 1)
             rows = prep.safe_ids[pos]  # [B, D]
             cols = jnp.arange(weight.shape[1], dtype=jnp.int32)[None, :]
-            picked = d_weight.astype(acc)[rows, cols]  # cast first: transposed, summed in acc
+            # cast first: transposed, summed in acc
+            picked = explicit.gather(d_weight.astype(acc), rows, cols)
             t = t + jnp.where(ok, picked, jnp.zeros((), acc))
         else:
             coef = prep.w if prep.inv_den is None else prep.w * prep.inv_den[prep.seg_c]
