@@ -387,11 +387,11 @@ def test_adam_kernel_refuses_moments_of_the_wrong_size():
     ok, why = fast_forward.cpu_kernel_status()
     assert ok, why
     table, small = jnp.ones((1000, 4)), jnp.zeros((10, 4))
-    hyper = jnp.array([0.1, 0.9, 0.1, 0.999, 0.001, 1e-8], jnp.float32)
+    hyper = tuple(jnp.float32(x) for x in (0.1, 0.9, 0.1, 0.999, 0.001, 1e-8))
     with pytest.raises(Exception, match="jaxbag sparse_adam: bad shapes"):
         jax.block_until_ready(fast_forward.fused_row_update(
             "adam", (table, small, small), jnp.array([999], jnp.int32), jnp.ones((1, 4)), hyper,
-            lambda: pytest.fail("the kernel path was not taken")))
+            lambda *a: pytest.fail("the kernel path was not taken")))
 
 
 # ---- memory: no [V, D] gradient, table updated in place ----------------------------------------
@@ -546,6 +546,20 @@ def test_negative_rows_are_skipped_on_both_paths(name, set_kernel):
         changed = np.flatnonzero(np.any(outs[-1] != np.asarray(w), axis=1))
         np.testing.assert_array_equal(changed, [2])
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_eager_update_takes_numpy_row_grads(name, path):
+    """RowGrads of NumPy arrays (host copies) update eagerly as jax arrays do; the XLA path's
+    chunk loop indexed the NumPy gradients with its traced counter (TracerArrayConversionError)."""
+    opt = {"sgd": sparse.sparse_sgd(0.5), "adagrad": sparse.sparse_adagrad(0.5),
+           "adam": sparse.sparse_adam(0.5)}[name]
+    w = jnp.arange(10.0).reshape(5, 2)
+    rows, grads = np.array([3, 0], np.int32), np.array([[1.0, -2.0], [0.5, 4.0]], np.float32)
+    got, _ = opt.update(w, opt.init(w), sparse.RowGrads(rows, grads))
+    want, _ = opt.update(w, opt.init(w), sparse.RowGrads(jnp.asarray(rows), jnp.asarray(grads)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.flatnonzero(np.any(np.asarray(got) != np.asarray(w), axis=1)).tolist() == [0, 3]
 
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])

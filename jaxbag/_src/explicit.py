@@ -9,12 +9,13 @@ compiler partition a computation as on an Auto mesh). Auto meshes and ``shard_ma
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["explicit_axes", "explicit_mesh", "gather", "on_explicit_mesh", "unsplit"]
+__all__ = ["batch_as_auto", "explicit_axes", "explicit_mesh", "gather", "on_explicit_mesh", "unsplit"]
 
 
 def _axes(entry: Any) -> tuple:
@@ -95,3 +96,53 @@ def gather(x: Any, *idx: Any) -> Any:
                         for e in (spec_entry(x, d) for d in range(len(idx), jax.numpy.ndim(x))))
     return x.at[idx].get(mode="clip", wrap_negative_indices=False,
                          out_sharding=NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def _explicit_context(args: tuple) -> bool:
+    """Whether the context mesh, or the mesh of one of ``args``, has Explicit axes."""
+    meshes = [jax.sharding.get_abstract_mesh()]
+    meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+               for a in args if isinstance(a, jax.Array | jax.core.Tracer)]
+    return any(m is not None and not m.empty and explicit_axes(m) for m in meshes)
+
+
+def batch_as_auto(fn: Any, rule: Any = None) -> Any:
+    """``fn`` (positional array arguments -> arrays; not differentiated through) with a ``vmap``
+    rule that works on a batch axis split over Explicit mesh axes.
+
+    ``rule(axis_size, in_batched, *args)`` batches ``fn`` (default: JAX's own batching of
+    ``fn``, e.g. an FFI call's loop of one call per row). Where a batched argument is split
+    over Explicit axes, that loop (slices of split arrays) and JAX's batched gathers, scans and
+    while loops are sharding type errors; the rule then runs as on an Auto mesh
+    (``jax.sharding.auto_axes``), partitioned by the compiler, and every result comes out split
+    over its batch dimension as that argument is. Elsewhere it is the rule itself. Without a
+    ``rule``, off meshes with Explicit axes, ``fn`` is returned as it is (``custom_vmap`` has no
+    reverse-mode derivative, and JAX's batching needs no help there).
+    """
+    custom_rule = rule is not None
+    if rule is None:
+        def rule(axis_size, in_batched, *args):
+            return jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched),
+                            axis_size=axis_size)(*args)
+
+    batchable = jax.custom_batching.custom_vmap(fn)
+
+    @batchable.def_vmap
+    def batched(axis_size, in_batched, *args):
+        run = functools.partial(rule, axis_size, in_batched)
+        split = next((a for a, b in zip(args, in_batched) if b and explicit_mesh(a) is not None),
+                     None)
+        if split is not None:
+            mesh = explicit_mesh(split)
+            sharding = NamedSharding(mesh, PartitionSpec(spec_entry(split, 0)))
+            # (the results' structure from one row: the rule itself may only run inside)
+            row = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype)
+                   for a, b in zip(args, in_batched)]
+            out_sharding = jax.tree.map(lambda _: sharding, jax.eval_shape(fn, *row))
+            run = jax.sharding.auto_axes(run, axes=explicit_axes(mesh), out_sharding=out_sharding)
+        out = run(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    if custom_rule:
+        return batchable
+    return lambda *args: batchable(*args) if _explicit_context(args) else fn(*args)

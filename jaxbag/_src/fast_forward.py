@@ -1153,26 +1153,13 @@ def _forward_fn(num_bags, padding_idx, mode, layout, use_kernel):
 
         return lax.platform_dependent(cpu=kernel, default=gather)
 
-    batchable = jax.custom_batching.custom_vmap(forward)
+    def rule(axis_size, in_batched, *args):
+        return _forward_flat(axis_size, in_batched, num_bags, padding_idx, mode, layout,
+                             use_kernel, *args)
 
-    @batchable.def_vmap
-    def batched(axis_size, in_batched, weight, ids, bounds, p):
-        args = (weight, ids, bounds, p)
-        flat = functools.partial(_forward_flat, axis_size, in_batched, num_bags, padding_idx,
-                                 mode, layout, use_kernel)
-        split = next((a for a, b in zip(args, in_batched)
-                      if b and explicit.explicit_mesh(a) is not None), None)
-        if split is not None:
-            # the batch axis is split over Explicit mesh axes: one call, partitioned by the
-            # compiler as on an Auto mesh; the bags come out split as that batched input was
-            mesh = explicit.explicit_mesh(split)
-            out_sharding = jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(explicit.spec_entry(split, 0)))
-            flat = jax.sharding.auto_axes(flat, axes=explicit.explicit_axes(mesh),
-                                          out_sharding=(out_sharding, out_sharding))
-        return flat(*args), (True, True)
-
-    return batchable
+    # on a batch split over Explicit axes: one call, partitioned by the compiler as on an Auto
+    # mesh; the bags come out split as that batched input was
+    return explicit.batch_as_auto(forward, rule)
 
 
 def _forward_flat(s, in_batched, num_bags, padding_idx, mode, layout, use_kernel,
@@ -1521,12 +1508,11 @@ def rows_grad(ct: Array, slot: Array, seg: Array, coef: Array, arg: Array, num_s
         return xla(ct, coef, slot, seg, arg)
 
     def kernel(ct, coef, slot, seg, arg):
-        call = jax.ffi.ffi_call(
+        call = explicit.batch_as_auto(functools.partial(jax.ffi.ffi_call(
             "jaxbag_rows_grad_f32", jax.ShapeDtypeStruct((num_slots, d), jnp.float32),
             vmap_method="sequential",
-        )
-        return call(ct, slot.astype(jnp.int32), seg.astype(jnp.int32), coef,
-                    arg.astype(jnp.int32), is_max=np.int64(is_max))
+        ), is_max=np.int64(is_max)))
+        return call(ct, slot.astype(jnp.int32), seg.astype(jnp.int32), coef, arg.astype(jnp.int32))
 
     # The kernel has no derivative rules; the result is bilinear in (ct, coef), and its tangent is
     # the XLA formula's (linear, so transposable): the pullback can itself be differentiated in
@@ -1549,9 +1535,9 @@ _OPT_TARGETS = {"adam": "jaxbag_sparse_adam_f32", "adagrad": "jaxbag_sparse_adag
 
 
 def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: Array,
-                     hyper: Array, xla_fallback) -> tuple[Array, ...]:
+                     hyper: tuple[Array, ...], xla_fallback) -> tuple[Array, ...]:
     """One row-wise optimiser step in a single pass over the touched rows (CPU kernel, in place
-    when the arrays are donated), or ``xla_fallback()`` where the kernel does not apply.
+    when the arrays are donated), or ``xla_fallback`` where the kernel does not apply.
 
     Args:
       kind: ``"adam"`` (arrays: table, mu, nu; hyper: step_size, b1, 1 - b1, b2, 1 - b2, eps),
@@ -1559,41 +1545,56 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
       arrays: the float32 table and state arrays.
       rows: ``int32 [U]`` distinct rows (out of range: skipped).
       grads: ``float32 [U, D]``.
-      hyper: ``float32 [k]`` hyper-parameters (traced: a schedule's learning rate).
-      xla_fallback: zero-argument function giving the same result with XLA ops.
+      hyper: ``k`` float32 scalar hyper-parameters (traced: a schedule's learning rate).
+      xla_fallback: ``(arrays, rows, grads, hyper) -> arrays``, the same step with XLA ops.
+
+    Both paths take every traced value as an argument (none closed over) and batch under
+    ``vmap`` over a batch split over Explicit mesh axes
+    (:func:`~jaxbag._src.explicit.batch_as_auto`): a loop of kernel calls, or the fallback's
+    ``while_loop``, as on an Auto mesh.
     """
-    if in_shard_map(rows, hyper) or not _kernel_ok(*arrays, grads):
-        return xla_fallback()
     k = len(arrays)
 
-    def kernel():
+    def fallback(*args):  # the arrays, rows, grads, then the hyper-parameters
+        return tuple(xla_fallback(args[:k], args[k], args[k + 1], args[k + 2:]))
+
+    args = (*arrays, rows, grads, *hyper)
+    if in_shard_map(rows, *hyper) or not _kernel_ok(*arrays, grads):
+        return explicit.batch_as_auto(fallback)(*args)
+
+    def kernel(*args):
+        arrs = args[:k]
         call = jax.ffi.ffi_call(
             # (each output typed as its input: on an Explicit-axes mesh the spec is part of the
             # type, and a step that returned P() for P(None, None) would compile again)
             _OPT_TARGETS[kind],
             tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.typeof(a).sharding)
-                  for a in arrays),
+                  for a in arrs),
             input_output_aliases={i: i for i in range(k)}, vmap_method="sequential",
         )
-        rows32 = validation.to_int32(rows, 0, arrays[0].shape[0] - 1, -1)  # int64: no wrap
-        return tuple(call(*arrays, rows32, grads, hyper))
+        rows32 = validation.to_int32(args[k], 0, arrs[0].shape[0] - 1, -1)  # int64: no wrap
+        return tuple(call(*arrs, rows32, args[k + 1], jnp.stack(args[k + 2:])))
 
-    return lax.platform_dependent(cpu=kernel, default=xla_fallback)
+    return explicit.batch_as_auto(
+        lambda *a: lax.platform_dependent(*a, cpu=kernel, default=fallback))(*args)
 
 
 def unique_rows_kernel(keys: Array, num_embeddings: int, size: int, xla_fallback):
     """``(rows [U], inverse [N])`` of int32 ``keys [N]`` (keys outside ``[0, V)`` skipped) by the
-    CPU kernel (hash + radix sort), or ``xla_fallback()`` where it does not apply."""
+    CPU kernel (hash + radix sort), or ``xla_fallback(keys)`` where it does not apply. Either
+    batches (``vmap``) over a batch split over Explicit mesh axes
+    (:func:`~jaxbag._src.explicit.batch_as_auto`; the fallback's binary search is a scan)."""
     if in_shard_map(keys) or not _kernel_ok(jax.ShapeDtypeStruct((), jnp.float32)):
-        return xla_fallback()
+        return explicit.batch_as_auto(lambda k: tuple(xla_fallback(k)))(keys)
     n = keys.shape[0]
 
-    def kernel():
+    def kernel(k):
         call = jax.ffi.ffi_call(
             "jaxbag_unique_rows",
             (jax.ShapeDtypeStruct((size,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)),
             vmap_method="sequential",
         )
-        return tuple(call(keys.astype(jnp.int32), num_embeddings=np.int64(num_embeddings)))
+        return tuple(call(k.astype(jnp.int32), num_embeddings=np.int64(num_embeddings)))
 
-    return lax.platform_dependent(cpu=kernel, default=xla_fallback)
+    return explicit.batch_as_auto(
+        lambda k: lax.platform_dependent(k, cpu=kernel, default=lambda k: tuple(xla_fallback(k))))(keys)
