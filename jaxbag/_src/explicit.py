@@ -3,19 +3,22 @@
 On such a mesh an array's type carries its sharding, and JAX needs a sharding rule for every
 operation: gathers, segment reductions, slices and scans of split arrays are sharding type errors.
 These helpers find such arrays and take them out of that typing (replicate them, or let the
-compiler partition a computation as on an Auto mesh). Auto meshes and ``shard_map`` bodies
-(manual axes) are left alone.
+compiler partition a computation as on an Auto mesh), or give a gather the sharding JAX cannot
+infer under ``vmap``. Auto meshes and ``shard_map`` bodies (manual axes) are left alone.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["batch_as_auto", "explicit_axes", "explicit_mesh", "gather", "on_explicit_mesh", "unsplit"]
+__all__ = [
+    "batch_as_auto", "explicit_axes", "explicit_mesh", "gather", "on_explicit_mesh", "unsplit",
+]
 
 
 def _axes(entry: Any) -> tuple:
@@ -79,9 +82,10 @@ def gather(x: Any, *idx: Any) -> Any:
     A plain gather cannot say how its result is split when the indices are batched by
     ``jax.vmap`` over an Explicit mesh axis while ``x`` is not (JAX's gather batching rule
     leaves the output sharding unresolved: a sharding type error). Giving the gather its
-    ``out_sharding`` (the indices' ``PartitionSpec``, then the unindexed dimensions of ``x`` as
-    they are split in ``x``, over axes the indices do not use) resolves it, and ``vmap`` extends it over the batch axis. Off Explicit meshes (no
-    mesh, Auto axes, inside ``auto_axes``) this is the plain gather.
+    ``out_sharding`` resolves it, and ``vmap`` extends that over the batch axis: the indices'
+    ``PartitionSpec``, then the unindexed dimensions of ``x`` as ``x`` splits them, over axes
+    the indices do not use. Off Explicit meshes (no mesh, Auto axes, inside ``auto_axes``) this
+    is the plain gather.
     """
     ref = idx[0]
     sharding = getattr(jax.typeof(ref), "sharding", None)
@@ -106,7 +110,9 @@ def _explicit_context(args: tuple) -> bool:
     return any(m is not None and not m.empty and explicit_axes(m) for m in meshes)
 
 
-def batch_as_auto(fn: Any, rule: Any = None) -> Any:
+def batch_as_auto(
+    fn: Callable[..., Any], rule: Callable[..., Any] | None = None
+) -> Callable[..., Any]:
     """``fn`` (positional array arguments -> arrays; not differentiated through) with a ``vmap``
     rule that works on a batch axis split over Explicit mesh axes.
 

@@ -1584,8 +1584,11 @@ def unique_rows_kernel(keys: Array, num_embeddings: int, size: int, xla_fallback
     CPU kernel (hash + radix sort), or ``xla_fallback(keys)`` where it does not apply. Either
     batches (``vmap``) over a batch split over Explicit mesh axes
     (:func:`~jaxbag._src.explicit.batch_as_auto`; the fallback's binary search is a scan)."""
+    def fallback(k):
+        return tuple(xla_fallback(k))
+
     if in_shard_map(keys) or not _kernel_ok(jax.ShapeDtypeStruct((), jnp.float32)):
-        return explicit.batch_as_auto(lambda k: tuple(xla_fallback(k)))(keys)
+        return explicit.batch_as_auto(fallback)(keys)
     n = keys.shape[0]
 
     def kernel(k):
@@ -1597,4 +1600,4 @@ def unique_rows_kernel(keys: Array, num_embeddings: int, size: int, xla_fallback
         return tuple(call(k.astype(jnp.int32), num_embeddings=np.int64(num_embeddings)))
 
     return explicit.batch_as_auto(
-        lambda k: lax.platform_dependent(k, cpu=kernel, default=lambda k: tuple(xla_fallback(k))))(keys)
+        lambda k: lax.platform_dependent(k, cpu=kernel, default=fallback))(keys)

@@ -602,7 +602,8 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
             return (w.astype(c) - lr * g.astype(c),)
 
         (table,) = fast_forward.fused_row_update(
-            "sgd", (table,), rows, grads, (lr,), functools.partial(_update_rows, fn=fn, chunk=chunk))
+            "sgd", (table,), rows, grads, (lr,),
+            functools.partial(_update_rows, fn=fn, chunk=chunk))
         return table, SgdState(count=state.count + 1)
 
     return SparseOptimizer(init=init, update=update)
