@@ -1273,14 +1273,14 @@ def case_explicit_layouts():
 
 
 def case_vmap_explicit():
-    """``jax.vmap`` over a batch axis split over an Explicit mesh axis (2 x 4 mesh, S = 8 rows
-    over ``("data", "model")`` or 2 over ``"data"``), on the kernel and the XLA paths: forward,
-    the gradient *of* the vmap (a sum over the rows) with respect to the table and to
+    """``jax.vmap`` over a batch axis split over Explicit mesh axes (2 x 4 mesh; S = 8 rows split
+    over ``("data", "model")`` or over ``"data"``), on the kernel and the XLA paths: forward, the
+    gradient *of* the vmap (a sum over the rows) with respect to the table and to
     ``per_sample_weights``, and per-example table gradients (vmap *of* grad) equal a loop of the
-    single-device op, for one shared table (replicated or column-split) and a table per row, in
-    every mode and both id forms. The derivative rule's gathers used to hit JAX's gather
-    batching rule there (a sharding type error) for the replicated table, ``per_sample_weights``
-    and, through them, the psw gradient."""
+    single-device op, for one shared table (replicated or column-split) and a table per row,
+    both id forms, each layout in every mode over the two paths. The derivative rule's gathers
+    were sharding type errors there (JAX's gather batching rule) for a replicated table and for
+    ``per_sample_weights``. Then the sparse path (:func:`check_sparse_vmap`)."""
     from jaxbag._src import fast_forward
 
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
@@ -1304,8 +1304,11 @@ def case_vmap_explicit():
         fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
         if kernel and not real_kernel_ok(jnp.zeros((1, 1), jnp.float32)):
             raise AssertionError("the CPU kernel is not built")
-        for (table, wspec, w_axis, bspec), (form, (ids, offsets)), mode in zip(
-                layouts * 2, [f for f in forms.items() for _ in layouts], MODES * 2):
+        # every layout meets every mode once over the two paths: layout i, form f takes
+        # mode i + 2 f (+ 1 on the XLA path)
+        combos = [(layout, form, MODES[(i + 2 * f + (not kernel)) % len(MODES)])
+                  for f, form in enumerate(forms.items()) for i, layout in enumerate(layouts)]
+        for (table, wspec, w_axis, bspec), (form, (ids, offsets)), mode in combos:
             psw = rng.random(ids.shape).astype(np.float32)
             tag = f"vmap, kernel={kernel}, {wspec} table, {bspec} rows, {form} ids, {mode}"
             extra = () if offsets is None else (jnp.asarray(offsets),)
