@@ -1299,6 +1299,23 @@ def case_vmap_explicit():
         (w_rows, P("data"), 0, P("data")),
         (w_rows, P("data", None, "model"), 0, P("data")),
     ]
+    # explicit.gather under vmap: split over the batch as the indices, and the unindexed
+    # (column) dimension stays split as the table's (not replicated: an all-gather of the rows)
+    from jaxbag._src import explicit
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.vmap(explicit.gather, in_axes=(None, 0)))(
+            jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+            jax.device_put(forms["2-D"][0][:, 0], NamedSharding(mesh, P("data"))))
+    close(got, w[forms["2-D"][0][:, 0]], "explicit.gather under vmap")
+    if tuple(got.sharding.spec) != ("data", None, "model"):
+        raise AssertionError(f"explicit.gather under vmap: {got.sharding.spec}")
+    with jax.set_mesh(mesh):  # (no vmap: indices split over "data" split the result so)
+        got = jax.jit(explicit.gather)(jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
+                                       jax.device_put(w[:, 0].argsort().astype(np.int32),
+                                                      NamedSharding(mesh, P("data"))))
+    close(got, w[w[:, 0].argsort()], "explicit.gather of split indices")
+    if tuple(got.sharding.spec) != ("data", "model"):
+        raise AssertionError(f"explicit.gather of split indices: {got.sharding.spec}")
     real_kernel_ok = fast_forward._kernel_ok
     for kernel in (True, False):
         fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
@@ -1379,6 +1396,9 @@ def check_sparse_vmap(mesh, what):
         return jax.tree.map(lambda *xs: np.stack(xs), *results)
 
     want_unique = stacked([jaxbag.unique_rows(ids[k], V, size=u) for k in range(s)])
+    # without a context mesh (jax.set_mesh): the Explicit mesh is known from the arguments only
+    same(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids)), want_unique,
+         "unique_rows without set_mesh")
     for mode in ("mean", "max"):
         want = stacked([jax.jit(example, static_argnums=4)(w, ids[k], offs[k], g[k], mode)
                         for k in range(s)])

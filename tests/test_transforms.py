@@ -430,6 +430,23 @@ def test_grad_low_precision(mode, dtype):
     np.testing.assert_allclose(f64(dw), r_dw, rtol=tol, atol=tol * np.abs(r_dw).max())
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_table_gradient_accumulates_in_float32(mode):
+    """300 one-id bags of the same row of a bf16 table: its gradient is 300 in every mode (the
+    derivative rule gathers the tangent in float32, so its transpose sums in float32; summed in
+    bf16 it stalls at 256, as it would if max mode's (row, column) gather cast after gathering)."""
+    w = jnp.full((4, 2), 0.01, jnp.bfloat16)
+    ids, seg = jnp.zeros((300,), jnp.int32), jnp.arange(300, dtype=jnp.int32)
+
+    def loss(w):
+        out = jaxbag.embedding_bag(w, ids, segment_ids=seg, num_bags=300, mode=mode)
+        return jnp.sum(out.astype(jnp.float32))
+
+    dw = jax.jit(jax.grad(loss))(w)
+    assert dw.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(dw, np.float32)[0], [300.0, 300.0])
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_max_grad_goes_to_first_occurrence_on_ties(jit):
     w = np.zeros((V, D), np.float32)
