@@ -1281,7 +1281,7 @@ def case_vmap_explicit():
     both id forms, each layout in every mode over the two paths. The derivative rule's gathers
     were sharding type errors there (JAX's gather batching rule) for a replicated table and for
     ``per_sample_weights``. Then the sparse path (:func:`check_sparse_vmap`)."""
-    from jaxbag._src import fast_forward
+    from jaxbag._src import explicit, fast_forward
 
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
     rng = np.random.default_rng(19)
@@ -1301,7 +1301,6 @@ def case_vmap_explicit():
     ]
     # explicit.gather under vmap: split over the batch as the indices, and the unindexed
     # (column) dimension stays split as the table's (not replicated: an all-gather of the rows)
-    from jaxbag._src import explicit
     with jax.set_mesh(mesh):
         got = jax.jit(jax.vmap(explicit.gather, in_axes=(None, 0)))(
             jax.device_put(w, NamedSharding(mesh, P(None, "model"))),
@@ -1399,6 +1398,9 @@ def check_sparse_vmap(mesh, what):
     # without a context mesh (jax.set_mesh): the Explicit mesh is known from the arguments only
     same(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids)), want_unique,
          "unique_rows without set_mesh")
+    with jax.set_mesh(mesh):
+        same(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids)),
+             want_unique, "unique_rows")
     for mode in ("mean", "max"):
         want = stacked([jax.jit(example, static_argnums=4)(w, ids[k], offs[k], g[k], mode)
                         for k in range(s)])
@@ -1406,10 +1408,8 @@ def check_sparse_vmap(mesh, what):
             lambda t: jaxbag.embedding_bag(t, i, o, mode=mode), t)[1](gg)[0])(w, ids[k], offs[k], g[k])
             for k in range(s)])
         with jax.set_mesh(mesh):
-            got_unique = jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids))
             got = jax.jit(jax.vmap(functools.partial(example, mode=mode), (None, 0, 0, 0)))(
                 jax.device_put(w, NamedSharding(mesh, P())), split(ids), split(offs), split(g))
-        same(got_unique, want_unique, "unique_rows")
         same(got, want, f"embedding_bag_rows, {mode}")
         rows, grads = (np.asarray(x) for x in got[1])
         for k in range(s):
