@@ -103,10 +103,10 @@ def gather(x: Any, *idx: Any) -> Any:
 
 
 def _explicit_context(args: tuple) -> bool:
-    """Whether the context mesh, or the mesh of one of ``args``, has Explicit axes."""
-    meshes = [jax.sharding.get_abstract_mesh()]
-    meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
-               for a in args if isinstance(a, jax.Array | jax.core.Tracer)]
+    """Whether the mesh of one of ``args`` has Explicit axes (inside ``vmap`` too: a row of a
+    split batch keeps its mesh in its type; a context mesh alone splits nothing)."""
+    meshes = [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+              for a in args if isinstance(a, jax.Array | jax.core.Tracer)]
     return any(m is not None and not m.empty and explicit_axes(m) for m in meshes)
 
 
