@@ -1280,7 +1280,8 @@ def case_vmap_explicit():
     single-device op, for one shared table (replicated or column-split) and a table per row,
     both id forms, each layout in every mode over the two paths. The derivative rule's gathers
     were sharding type errors there (JAX's gather batching rule) for a replicated table and for
-    ``per_sample_weights``. Then the sparse path (:func:`check_sparse_vmap`)."""
+    ``per_sample_weights``. A table column-split over an axis the batch also uses is refused, as
+    JAX refuses a matmul there. Then the sparse path (:func:`check_sparse_vmap`)."""
     from jaxbag._src import explicit, fast_forward
 
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
@@ -1315,6 +1316,21 @@ def case_vmap_explicit():
     close(got, w[w[:, 0].argsort()], "explicit.gather of split indices")
     if tuple(got.sharding.spec) != ("data", "model"):
         raise AssertionError(f"explicit.gather of split indices: {got.sharding.spec}")
+    # a table whose columns are split over an axis the vmapped batch also uses is refused at
+    # trace time (as JAX refuses `one_hot(ids) @ table` there: no array is split twice over one
+    # axis), never computed; the README gives the fix
+    with jax.set_mesh(mesh):
+        wt = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
+        it = jax.device_put(forms["2-D"][0], NamedSharding(mesh, P(("data", "model"))))
+        for what, f in (("embedding_bag", lambda i: jaxbag.embedding_bag(wt, i)),
+                        ("one_hot @ table", lambda i: jax.nn.one_hot(i, V) @ wt)):
+            try:
+                jax.jit(jax.vmap(f))(it)
+            except Exception as e:  # (JAX's DuplicateSpecError / ShardingTypeError)
+                if "model" not in str(e):
+                    raise AssertionError(f"{what}: the error does not name the axis: {e}") from e
+            else:
+                raise AssertionError(f"{what}: a column split over a batch axis was accepted")
     real_kernel_ok = fast_forward._kernel_ok
     for kernel in (True, False):
         fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
@@ -1369,7 +1385,8 @@ def check_sparse_vmap(mesh, what):
     """The sparse path under ``vmap`` over rows split over the Explicit ``"data"`` axis:
     ``unique_rows``, ``embedding_bag_rows`` (bags and per-example row gradients, which hold each
     example's dense gradient) and every sparse optimiser over stacked tables equal a loop of
-    single-device calls, and come out split over the batch."""
+    single-device calls, and come out split over the batch; ``embedding_bag_rows`` and
+    ``sparse_adam`` also under a ``vmap`` nested in that one."""
     rng = np.random.default_rng(23)
     s, n, u = 8, 9, 8
     w = rng.normal(size=(V, 4)).astype(np.float32)
@@ -1424,6 +1441,31 @@ def check_sparse_vmap(mesh, what):
             state = jax.tree.map(split, jax.vmap(opt.init)(tables))  # placed as the tables
             new = jax.jit(jax.vmap(opt.update))(split(tables), state, jax.tree.map(split, row_grads))
         same(new, want, make.__name__)
+    # a vmap nested in the one over the split batch: each level batches through the same rule
+    # (it was a sharding type error: the inner level's loop sliced the split rows)
+    inner = ids.reshape(s, 3, 3)
+    inner_offs = np.zeros((s, 3, 1), np.int32)
+    inner_g = g[:, :, None, :]
+    want = [[example(w, inner[k, j], inner_offs[k, j], inner_g[k, j], "sum") for j in range(3)]
+            for k in range(s)]
+    want = stacked([stacked(row) for row in want])
+    nested = jax.vmap(jax.vmap(functools.partial(example, mode="sum"), (None, 0, 0, 0)),
+                      (None, 0, 0, 0))
+    with jax.set_mesh(mesh):
+        got = jax.jit(nested)(jax.device_put(w, NamedSharding(mesh, P())), split(inner),
+                              split(inner_offs), split(inner_g))
+    same(got, want, "nested vmap of embedding_bag_rows")
+    opt = jaxbag.sparse_adam(0.1)
+    row_grads = jax.tree.map(np.asarray, got[1])
+    stacks = np.broadcast_to(tables[:, None], (s, 3) + tables.shape[1:]).copy()
+    want = stacked([stacked([opt.update(stacks[k, j], opt.init(stacks[k, j]),
+                                        jax.tree.map(lambda x: x[k, j], row_grads))
+                             for j in range(3)]) for k in range(s)])
+    with jax.set_mesh(mesh):
+        state = jax.tree.map(split, jax.vmap(jax.vmap(opt.init))(stacks))
+        new = jax.jit(jax.vmap(jax.vmap(opt.update)))(split(stacks), state,
+                                                      jax.tree.map(split, row_grads))
+    same(new, want, "nested vmap of sparse_adam")
 
 
 CASES = {

@@ -117,7 +117,8 @@ def batch_as_auto(
     rule that works on a batch axis split over Explicit mesh axes.
 
     ``rule(axis_size, in_batched, *args)`` batches ``fn`` (default: JAX's own batching of
-    ``fn``, e.g. an FFI call's loop of one call per row). Where a batched argument is split
+    ``fn``, e.g. an FFI call's loop of one call per row, itself wrapped by this helper, so that
+    a ``vmap`` around that one works the same way). Where a batched argument is split
     over Explicit axes, that loop (slices of split arrays) and JAX's batched gathers, scans and
     while loops are sharding type errors; the rule then runs as on an Auto mesh
     (``jax.sharding.auto_axes``), partitioned by the compiler, and every result comes out split
@@ -128,8 +129,9 @@ def batch_as_auto(
     custom_rule = rule is not None
     if rule is None:
         def rule(axis_size, in_batched, *args):
-            return jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched),
-                            axis_size=axis_size)(*args)
+            # (the batched function carries this rule too, for a vmap around this one)
+            return batch_as_auto(jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched),
+                                          axis_size=axis_size))(*args)
 
     batchable = jax.custom_batching.custom_vmap(fn)
 
