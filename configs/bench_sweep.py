@@ -1,7 +1,7 @@
 """Sweeps over V, N and D (sum mode; forward and forward+backward), plus skewed ids.
 
 Run: ``python -m experiments.benchmark --config configs/bench_sweep.py --workdir runs/bench_sweep``
-(about ten minutes on 2 CPU cores; train steps are left to the reference config).
+(about five minutes on 2 CPU cores; train steps are left to the reference config).
 """
 
 import ml_collections
@@ -18,7 +18,6 @@ def sweep(name: str, param: str, points, base, modes=("sum",), phases=("fwd", "f
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    config.rounds = 1  # one round, as the README's sweep figures were measured (--config.rounds=3 interleaves)
     config.repeats = 7
     config.fwd_impls = ("jaxbag", "kernel", "stream", "naive", "padded_dense", "onehot")
     config.grad_impls = ("jaxbag", "jaxbag_rows", "kernel", "naive")
