@@ -1331,6 +1331,22 @@ def case_vmap_explicit():
                     raise AssertionError(f"{what}: the error does not name the axis: {e}") from e
             else:
                 raise AssertionError(f"{what}: a column split over a batch axis was accepted")
+    # each device runs the kernels on its own rows: no all-gather of the batch (under auto_axes
+    # the compiler gathered every row onto every device, an FFI call being unpartitionable)
+    with jax.set_mesh(mesh):
+        rows8 = jax.device_put(forms["offsets"][0], NamedSharding(mesh, P(("data", "model"))))
+        offs = jnp.asarray(forms["offsets"][1])
+        for what, f, args in (
+                ("unique_rows", lambda i: jaxbag.unique_rows(i, V), (rows8,)),
+                ("embedding_bag", lambda t, i: jaxbag.embedding_bag(t, i, offs, mode="sum"),
+                 (jax.device_put(w, NamedSharding(mesh, P())), rows8)),
+                ("embedding_bag_rows", lambda t, i: jaxbag.embedding_bag_rows(t, i, offs)[0],
+                 (jax.device_put(w, NamedSharding(mesh, P())), rows8))):
+            axes = (None, 0) if len(args) == 2 else 0
+            hlo = jax.jit(jax.vmap(f, in_axes=axes)).lower(*args).compile().as_text()
+            if "all-gather" in hlo or "custom-call" not in hlo:
+                raise AssertionError(f"vmap of {what} over a batch split 8 ways: not each "
+                                     f"device's rows alone:\n{hlo}")
     real_kernel_ok = fast_forward._kernel_ok
     for kernel in (True, False):
         fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)

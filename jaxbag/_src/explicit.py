@@ -2,14 +2,15 @@
 
 On such a mesh an array's type carries its sharding, and JAX needs a sharding rule for every
 operation: gathers, segment reductions, slices and scans of split arrays are sharding type errors.
-These helpers find such arrays and take them out of that typing (replicate them, or let the
-compiler partition a computation as on an Auto mesh), or give a gather the sharding JAX cannot
-infer under ``vmap``. Auto meshes and ``shard_map`` bodies (manual axes) are left alone.
+These helpers find such arrays and take them out of that typing (replicate them, let the
+compiler partition a computation as on an Auto mesh, or run a batched computation on each
+device's rows), or give a gather the sharding JAX cannot infer under ``vmap``. Auto meshes and ``shard_map`` bodies (manual axes) are left alone.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -120,9 +121,12 @@ def batch_as_auto(
     ``fn``, e.g. an FFI call's loop of one call per row, itself wrapped by this helper, so that
     a ``vmap`` around that one works the same way). Where a batched argument is split
     over Explicit axes, that loop (slices of split arrays) and JAX's batched gathers, scans and
-    while loops are sharding type errors; the rule then runs as on an Auto mesh
-    (``jax.sharding.auto_axes``), partitioned by the compiler, and every result comes out split
-    over its batch dimension as that argument is. Elsewhere it is the rule itself. Without a
+    while loops are sharding type errors; the rule then runs inside ``jax.shard_map`` over the
+    batch's axes, on each device's rows (the unbatched arguments whole; any other Explicit axes
+    as on an Auto mesh, ``jax.sharding.auto_axes``), and every result comes out split over its
+    batch dimension as that argument is. (Under ``auto_axes`` alone the compiler gathered the
+    whole batch and ran every row on every device: an FFI call cannot be partitioned.)
+    Elsewhere it is the rule itself. Without a
     ``rule``, off meshes with Explicit axes, ``fn`` is returned as it is (``custom_vmap`` has no
     reverse-mode derivative, and JAX's batching needs no help there).
     """
@@ -138,16 +142,28 @@ def batch_as_auto(
     @batchable.def_vmap
     def batched(axis_size, in_batched, *args):
         run = functools.partial(rule, axis_size, in_batched)
-        split = next((a for a, b in zip(args, in_batched) if b and explicit_mesh(a) is not None),
-                     None)
-        if split is not None:
-            mesh = explicit_mesh(split)
-            sharding = NamedSharding(mesh, PartitionSpec(spec_entry(split, 0)))
+        split = [a for a, b in zip(args, in_batched) if b and explicit_mesh(a) is not None]
+        if split:
+            mesh = explicit_mesh(split[0])
+            # the mesh axes that split the batch (dimension 0) of a batched argument
+            batch = PartitionSpec(next((e for e in map(lambda a: spec_entry(a, 0), split) if e),
+                                       None))
+            manual = _axes(batch[0])
             # (the results' structure from one row: the rule itself may only run inside)
             row = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype)
                    for a, b in zip(args, in_batched)]
-            out_sharding = jax.tree.map(lambda _: sharding, jax.eval_shape(fn, *row))
-            run = jax.sharding.auto_axes(run, axes=explicit_axes(mesh), out_sharding=out_sharding)
+            out_struct = jax.eval_shape(fn, *row)
+            run = functools.partial(rule, axis_size // math.prod(mesh.shape[a] for a in manual),
+                                    in_batched)
+            rest = tuple(a for a in explicit_axes(mesh) if a not in manual)
+            if rest:
+                run = jax.sharding.auto_axes(
+                    run, axes=rest, out_sharding=jax.tree.map(lambda _: PartitionSpec(), out_struct))
+            if manual:
+                run = jax.shard_map(
+                    run, mesh=mesh, in_specs=tuple(batch if b else PartitionSpec() for b in in_batched),
+                    out_specs=jax.tree.map(lambda _: batch, out_struct), axis_names=set(manual),
+                    check_vma=False)
         out = run(*args)
         return out, jax.tree.map(lambda _: True, out)
 
