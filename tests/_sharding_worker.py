@@ -8,6 +8,7 @@ single-device op (itself tested against torch and NumPy elsewhere) or with NumPy
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -1397,6 +1398,68 @@ def case_vmap_explicit():
     fast_forward._kernel_ok = real_kernel_ok
 
 
+def case_sparse_explicit():
+    """The sparse path's plain functions on inputs split over an Explicit (2 x 4) mesh, as a
+    data-parallel model holds them (no ``vmap``): ``unique_rows``, ``embedding_bag_rows`` (bags
+    and row gradients) and each sparse optimiser's update, for a replicated, column-split or
+    row-split table and ids split over the batch or not, eagerly and under ``jit``, on the kernel
+    and XLA paths. Every split input was a sharding type error (the sort of the ids, the
+    gathers, the kernels). Values equal the single-device path's; the bags are split as
+    ``embedding_bag``'s, the row gradients over ``D`` as the table's columns, and the table and
+    its state keep their split."""
+    from jaxbag._src import fast_forward
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
+    rng = np.random.default_rng(29)
+    w = rng.normal(size=(V, 8)).astype(np.float32)
+    ids = rng.integers(-1, V, (B, 4)).astype(np.int32)  # -1: skipped by the sparse path
+    psw = rng.random((B, 4)).astype(np.float32)
+    options = [  # (embedding_bag_rows keyword arguments, optimiser)
+        (dict(mode="mean", per_sample_weights=psw), jaxbag.sparse_adam(0.1)),
+        (dict(mode="max", padding_idx=3), jaxbag.sparse_adagrad(0.1)),
+        (dict(mode="sum", max_norm=1.0), jaxbag.sparse_sgd(0.1)),
+    ]
+    layouts = [(P(), P("data")), (P(None, "model"), P()), (P(None, "model"), P("data")),
+               (P("model", None), P("data"))]
+    real_kernel_ok = fast_forward._kernel_ok
+    for kernel in (True, False):
+        fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
+        for k, (wspec, ispec) in enumerate(layouts):
+            kw, opt = options[(k + (not kernel)) % len(options)]
+
+            def step(t, st, i, p, kw=kw, opt=opt):
+                kw = dict(kw, per_sample_weights=p) if "per_sample_weights" in kw else kw
+                bags, pullback = jaxbag.embedding_bag_rows(t, i, size=4 * B, **kw)
+                g = pullback(jnp.cos(bags))
+                return bags, g, opt.update(t, st, g), jaxbag.unique_rows(i, V, size=4 * B)
+
+            want = step(w, opt.init(w), ids, psw)
+            for how in ("eager", "jit", "eager outside set_mesh"):
+                tag = f"sparse, kernel={kernel}, {wspec} table, {ispec} ids, {kw['mode']}, {how}"
+                with contextlib.nullcontext() if how.endswith("set_mesh") else jax.set_mesh(mesh):
+                    t = jax.device_put(w, NamedSharding(mesh, wspec))
+                    i = jax.device_put(ids, NamedSharding(mesh, ispec))
+                    p = jax.device_put(psw, NamedSharding(mesh, ispec))
+                    got = (step if how.startswith("eager") else jax.jit(step))(t, opt.init(t), i, p)
+                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                    close(a, b, tag)
+                bags, g, (table, state), _ = got
+                want_specs = {
+                    "bags": (ispec[0] if ispec != P() else None, wspec[1] if len(wspec) > 1 else None),
+                    "grads": (None, wspec[1] if len(wspec) > 1 else None),
+                    "table": tuple(wspec) + (None,) * (2 - len(wspec)),
+                }
+                for name, x in (("bags", bags), ("grads", g.grads), ("table", table)):
+                    spec = tuple(jax.typeof(x).sharding.spec)
+                    if spec != want_specs[name]:
+                        raise AssertionError(f"{tag}: {name} split {spec}, want {want_specs[name]}")
+                for leaf in jax.tree.leaves(state):  # per-row state: split as the table's rows
+                    want_spec = want_specs["table"][:np.ndim(leaf)]
+                    if np.ndim(leaf) and tuple(jax.typeof(leaf).sharding.spec) != want_spec:
+                        raise AssertionError(f"{tag}: state {jax.typeof(leaf)}, want {want_spec}")
+    fast_forward._kernel_ok = real_kernel_ok
+
+
 def check_sparse_vmap(mesh, what):
     """The sparse path under ``vmap`` over rows split over the Explicit ``"data"`` axis:
     ``unique_rows``, ``embedding_bag_rows`` (bags and per-example row gradients, which hold each
@@ -1498,6 +1561,7 @@ CASES = {
     "experiment": case_experiment,
     "explicit_layouts": case_explicit_layouts,
     "vmap_explicit": case_vmap_explicit,
+    "sparse_explicit": case_sparse_explicit,
 }
 
 

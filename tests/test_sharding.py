@@ -40,6 +40,7 @@ CASES = [
     "experiment",
     "explicit_layouts",
     "vmap_explicit",
+    "sparse_explicit",
 ]
 
 

@@ -9,6 +9,7 @@ device's rows), or give a gather the sharding JAX cannot infer under ``vmap``. A
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -42,6 +43,19 @@ def explicit_mesh(x: Any) -> Any:
         return None
     used = {a for e in sharding.spec for a in _axes(e)}
     return mesh if used & set(explicit_axes(mesh)) else None
+
+
+def eager_mesh_context(*xs: Any) -> contextlib.AbstractContextManager:
+    """``jax.set_mesh`` of the first concrete array of ``xs`` split over Explicit mesh axes, for
+    an eager call made outside any mesh context (arrays JAX creates there, then resharded onto
+    the mesh, fail without one); otherwise a no-op."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    for x in xs:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) \
+                and explicit_mesh(x) is not None:
+            return jax.set_mesh(x.sharding.mesh)
+    return contextlib.nullcontext()
 
 
 def on_explicit_mesh(x: Any) -> bool:

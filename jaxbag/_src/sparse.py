@@ -44,9 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxbag._src import bag_terms, fast_forward, ops, segments, validation
+from jaxbag._src import bag_terms, explicit, fast_forward, ops, segments, validation
 from jaxbag._src.dtypes import acc_dtype
 
 __all__ = [
@@ -95,6 +96,10 @@ class SparseOptimizer(NamedTuple):
       update: ``update(table [V, D], state, row_grads: RowGrads) -> (table, state)``: updates only
         the rows in ``row_grads.rows`` (``rows`` must be distinct, as :func:`unique_rows` returns
         them; rows outside ``[0, V)`` are skipped).
+
+    jaxbag's own optimisers also take a table, state and row gradients split over Explicit mesh
+    axes (their update runs as on an Auto mesh inside; the table and state keep their split),
+    and ``init`` splits the per-row state as the table.
 
     The sharded and collection helpers (:func:`jaxbag.sharding.sparse_init` /
     ``sparse_update``, :func:`jaxbag.collection_optimizer`, :func:`jaxbag.unpack_states`) assume
@@ -236,6 +241,14 @@ def unique_rows(
                 f"valid must be a bool mask of indices' shape {indices.shape}; got {valid.dtype} "
                 f"of shape {valid.shape}. For example: valid=segment_ids < num_bags."
             )
+    mesh = _split_mesh(indices, valid)
+    if mesh is not None:  # (ids split over Explicit mesh axes: the sort is a sharding type error)
+        with explicit.eager_mesh_context(indices, valid):
+            return jax.sharding.auto_axes(
+                lambda i, v: unique_rows(i, num_embeddings, size=size, valid=v),
+                axes=explicit.explicit_axes(mesh),
+                out_sharding=(NamedSharding(mesh, PartitionSpec()), jax.typeof(indices).sharding),
+            )(indices, valid)
     shape = indices.shape
     flat = indices.reshape(-1)
     ok = (flat >= 0) & (flat < num_embeddings)  # before the int32 cast, which would wrap int64 ids
@@ -289,6 +302,11 @@ def embedding_bag_rows(
     ``include_last_offset``: the padding :func:`jaxbag.pack_bags` writes) are not among them, so a
     lazy optimiser such as :func:`sparse_adam` leaves their rows alone, as torch's ``SparseAdam``
     does.
+
+    Inputs split over Explicit mesh axes (a data-parallel batch, a column- or row-split table)
+    run as on an Auto mesh inside (the pullback recomputes the forward pass there): the bags
+    are split as :func:`jaxbag.embedding_bag`'s, the row gradients over ``D`` as the table's
+    columns.
 
     Args:
       weight: ``float [V, D]`` table.
@@ -346,6 +364,10 @@ def embedding_bag_rows(
         mode=kwargs.get("mode", "mean"), scale_grad_by_freq=kwargs.get("scale_grad_by_freq", False),
         check_ids=False,
     )
+    mesh = _split_mesh(weight, indices, offsets, segment_ids, psw)
+    if mesh is not None:
+        return _rows_explicit(mesh, weight, indices, offsets, size=size, padding_idx=padding_idx,
+                              **kwargs)
     seg = segments.bag_of_positions(indices, offsets, segment_ids)
     # The batch's rows are the ids that take part in a bag: not padding_idx, and not at a position
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
@@ -362,6 +384,88 @@ def embedding_bag_rows(
     if size is not None and size < indices.size:  # valid ids past the U slots: no slot
         overflow = valid.reshape(indices.shape) & (inverse == size)
     return _rows_local(weight, indices, offsets, rows, inverse, overflow, **kwargs)
+
+
+def _split_mesh(*xs: Any) -> Any:
+    """The mesh of the first of ``xs`` split over Explicit mesh axes, or ``None``."""
+    return next((m for m in map(explicit.explicit_mesh, xs) if m is not None), None)
+
+
+def _rows_explicit(
+    mesh: Any, weight: Array, indices: Array, offsets: Array | None, **kwargs: Any
+) -> tuple[Array, Callable[[Array], RowGrads]]:
+    """:func:`embedding_bag_rows` of inputs split over Explicit mesh axes.
+
+    The bags, then the pullback, each run as on an Auto mesh (``auto_axes``: the sort, the
+    gathers and the kernels are sharding type errors on split inputs), partitioned by the
+    compiler. The bags come out split as :func:`jaxbag.embedding_bag`'s, the row gradients
+    ``[U, D]`` over ``D`` as the table's columns, the rows whole. The pullback runs the forward
+    pass again inside (only what the gradients need of it: the slots, and ``max``'s arg-max).
+    """
+    seg_ids, psw = kwargs.pop("segment_ids", None), kwargs.pop("per_sample_weights", None)
+    args = (weight, indices, offsets, seg_ids, psw)
+    axes = explicit.explicit_axes(mesh)
+
+    def rows_of(w, i, o, s, p):
+        return embedding_bag_rows(w, i, o, segment_ids=s, per_sample_weights=p, **kwargs)
+
+    bags_sharding = ops._explicit_out_sharding(weight, indices, (offsets, seg_ids, psw))
+    with explicit.eager_mesh_context(*args):
+        bags = jax.sharding.auto_axes(lambda *a: rows_of(*a)[0], axes=axes,
+                                      out_sharding=bags_sharding)(*args)
+    grads_sharding = RowGrads(
+        rows=NamedSharding(mesh, PartitionSpec()),
+        grads=NamedSharding(mesh, PartitionSpec(None, bags_sharding.spec[1])))
+
+    def pullback(g: Array) -> RowGrads:
+        with explicit.eager_mesh_context(*args):
+            return jax.sharding.auto_axes(lambda g, *a: rows_of(*a)[1](g), axes=axes,
+                                          out_sharding=grads_sharding)(jnp.asarray(g), *args)
+
+    return bags, pullback
+
+
+def _per_row(table: Array, ndim: int) -> dict[str, NamedSharding]:
+    """Where an ``ndim``-dimensional per-row state of a table split over Explicit mesh axes
+    goes: split as the table's first ``ndim`` dimensions, as keyword arguments of ``jnp.zeros``
+    / ``jnp.full`` (none elsewhere, and under ``jit`` outside ``jax.set_mesh``: JAX's default
+    placement)."""
+    mesh = explicit.explicit_mesh(table)
+    if mesh is None:
+        return {}
+    spec = (tuple(jax.typeof(table).sharding.spec) + (None,) * ndim)[:ndim]
+    if isinstance(table, jax.core.Tracer):  # (under jit: only within jax.set_mesh, as JAX asks)
+        if jax.sharding.get_abstract_mesh().empty:
+            return {}
+        return {"out_sharding": NamedSharding(mesh, PartitionSpec(*spec))}
+    # (eagerly: on the table's devices, also outside jax.set_mesh)
+    return {"device": NamedSharding(table.sharding.mesh, PartitionSpec(*spec))}
+
+
+def _explicit_update(
+    update: Callable[[Array, Any, RowGrads], tuple[Array, Any]],
+) -> Callable[[Array, Any, RowGrads], tuple[Array, Any]]:
+    """``update`` that also takes a table, state or row gradients split over Explicit mesh
+    axes: it then runs as on an Auto mesh (``auto_axes``; its gathers, scatters and kernel are
+    sharding type errors there), and the table and state come out split as they came in."""
+
+    @functools.wraps(update)
+    def wrapped(table: Array, state: Any, row_grads: RowGrads) -> tuple[Array, Any]:
+        mesh = _split_mesh(table, *jax.tree.leaves(state), *jax.tree.leaves(row_grads))
+        if mesh is None:
+            return update(table, state, row_grads)
+
+        def kept(x: Any) -> NamedSharding:  # each array's own split (unsplit ones whole)
+            spec = jax.typeof(x).sharding.spec if explicit.explicit_mesh(x) is not None else ()
+            return NamedSharding(mesh, PartitionSpec(*spec))
+
+        out_sharding = jax.tree.map(kept, (table, state))
+        leaves = jax.tree.leaves((table, state, row_grads))
+        with explicit.eager_mesh_context(*leaves):
+            return jax.sharding.auto_axes(update, axes=explicit.explicit_axes(mesh),
+                                          out_sharding=out_sharding)(table, state, row_grads)
+
+    return wrapped
 
 
 def _rows_direct(
@@ -606,7 +710,7 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
             functools.partial(_update_rows, fn=fn, chunk=chunk))
         return table, SgdState(count=state.count + 1)
 
-    return SparseOptimizer(init=init, update=update)
+    return SparseOptimizer(init=init, update=_explicit_update(update))
 
 
 def sparse_adagrad(
@@ -647,7 +751,8 @@ def sparse_adagrad(
     def init(table: Array) -> RowwiseAdagradState:
         return RowwiseAdagradState(
             count=jnp.zeros((), jnp.int32),
-            sum_sq=jnp.full((table.shape[0],), initial_accumulator_value, acc_dtype(table.dtype)),
+            sum_sq=jnp.full((table.shape[0],), initial_accumulator_value, acc_dtype(table.dtype),
+                            **_per_row(table, 1)),
         )
 
     def update(
@@ -671,7 +776,7 @@ def sparse_adagrad(
             functools.partial(_update_rows, fn=fn, chunk=chunk))
         return table, RowwiseAdagradState(count=state.count + 1, sum_sq=sum_sq)
 
-    return SparseOptimizer(init=init, update=update)
+    return SparseOptimizer(init=init, update=_explicit_update(update))
 
 
 def sparse_adam(
@@ -721,8 +826,8 @@ def sparse_adam(
         shape = table.shape
         return LazyAdamState(
             count=jnp.zeros((), jnp.int32),
-            mu=jnp.zeros(shape, acc_dtype(table.dtype)),
-            nu=jnp.zeros(shape, acc_dtype(table.dtype)),
+            mu=jnp.zeros(shape, acc_dtype(table.dtype), **_per_row(table, 2)),
+            nu=jnp.zeros(shape, acc_dtype(table.dtype), **_per_row(table, 2)),
         )
 
     def update(
@@ -751,5 +856,5 @@ def sparse_adam(
             functools.partial(_update_rows, fn=fn, chunk=chunk))
         return table, LazyAdamState(count=count, mu=mu, nu=nu)
 
-    return SparseOptimizer(init=init, update=update)
+    return SparseOptimizer(init=init, update=_explicit_update(update))
 
