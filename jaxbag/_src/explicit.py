@@ -4,7 +4,8 @@ On such a mesh an array's type carries its sharding, and JAX needs a sharding ru
 operation: gathers, segment reductions, slices and scans of split arrays are sharding type errors.
 These helpers find such arrays and take them out of that typing (replicate them, let the
 compiler partition a computation as on an Auto mesh, or run a batched computation on each
-device's rows), or give a gather the sharding JAX cannot infer under ``vmap``. Auto meshes and ``shard_map`` bodies (manual axes) are left alone.
+device's rows), or give a gather the sharding JAX cannot infer under ``vmap``. Auto meshes and
+``shard_map`` bodies (manual axes) are left alone.
 """
 
 from __future__ import annotations
@@ -170,12 +171,13 @@ def batch_as_auto(
             run = functools.partial(rule, axis_size // math.prod(mesh.shape[a] for a in manual),
                                     in_batched)
             rest = tuple(a for a in explicit_axes(mesh) if a not in manual)
-            if rest:
-                run = jax.sharding.auto_axes(
-                    run, axes=rest, out_sharding=jax.tree.map(lambda _: PartitionSpec(), out_struct))
-            if manual:
+            if rest:  # (inside: every result whole over the other axes)
+                whole = jax.tree.map(lambda _: PartitionSpec(), out_struct)
+                run = jax.sharding.auto_axes(run, axes=rest, out_sharding=whole)
+            if manual:  # each device its rows; the unbatched arguments whole
+                in_specs = tuple(batch if b else PartitionSpec() for b in in_batched)
                 run = jax.shard_map(
-                    run, mesh=mesh, in_specs=tuple(batch if b else PartitionSpec() for b in in_batched),
+                    run, mesh=mesh, in_specs=in_specs,
                     out_specs=jax.tree.map(lambda _: batch, out_struct), axis_names=set(manual),
                     check_vma=False)
         out = run(*args)
