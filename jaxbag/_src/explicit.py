@@ -46,11 +46,18 @@ def explicit_mesh(x: Any) -> Any:
     return mesh if used & set(explicit_axes(mesh)) else None
 
 
+def _tracing() -> bool:
+    """Whether a JAX transformation is tracing here (an operation on constants then gives a
+    ``Tracer``; JAX has no public query for it)."""
+    return isinstance(jax.numpy.zeros((), jax.numpy.bool_), jax.core.Tracer)
+
+
 def eager_mesh_context(*xs: Any) -> contextlib.AbstractContextManager:
     """``jax.set_mesh`` of the first concrete array of ``xs`` split over Explicit mesh axes, for
     an eager call made outside any mesh context (arrays JAX creates there, then resharded onto
-    the mesh, fail without one); otherwise a no-op."""
-    if not jax.sharding.get_abstract_mesh().empty:
+    the mesh, fail without one); otherwise (a mesh context already, or under a trace: ``jit``
+    of a function that closes over such arrays) a no-op."""
+    if not jax.sharding.get_abstract_mesh().empty or _tracing():
         return contextlib.nullcontext()
     for x in xs:
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) \
@@ -77,6 +84,13 @@ def unsplit(x: Any) -> Any:
     if mesh is None:
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def kept_sharding(mesh: Any, x: Any) -> NamedSharding:
+    """``x``'s sharding on ``mesh`` where ``x`` is split over its Explicit axes, else whole
+    (``P()``): the out_sharding that keeps a result split as its input."""
+    spec = jax.typeof(x).sharding.spec if explicit_mesh(x) is not None else ()
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def spec_entry(x: Any, dim: int) -> Any:

@@ -247,7 +247,8 @@ def unique_rows(
             return jax.sharding.auto_axes(
                 lambda i, v: unique_rows(i, num_embeddings, size=size, valid=v),
                 axes=explicit.explicit_axes(mesh),
-                out_sharding=(NamedSharding(mesh, PartitionSpec()), jax.typeof(indices).sharding),
+                out_sharding=(NamedSharding(mesh, PartitionSpec()),
+                              explicit.kept_sharding(mesh, indices)),
             )(indices, valid)
     shape = indices.shape
     flat = indices.reshape(-1)
@@ -454,12 +455,7 @@ def _explicit_update(
         mesh = _split_mesh(table, *jax.tree.leaves(state), *jax.tree.leaves(row_grads))
         if mesh is None:
             return update(table, state, row_grads)
-
-        def kept(x: Any) -> NamedSharding:  # each array's own split (unsplit ones whole)
-            spec = jax.typeof(x).sharding.spec if explicit.explicit_mesh(x) is not None else ()
-            return NamedSharding(mesh, PartitionSpec(*spec))
-
-        out_sharding = jax.tree.map(kept, (table, state))
+        out_sharding = jax.tree.map(functools.partial(explicit.kept_sharding, mesh), (table, state))
         leaves = jax.tree.leaves((table, state, row_grads))
         with explicit.eager_mesh_context(*leaves):
             return jax.sharding.auto_axes(update, axes=explicit.explicit_axes(mesh),
