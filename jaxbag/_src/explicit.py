@@ -46,6 +46,11 @@ def explicit_mesh(x: Any) -> Any:
     return mesh if used & set(explicit_axes(mesh)) else None
 
 
+def split_mesh(*xs: Any) -> Any:
+    """The mesh of the first of ``xs`` split over Explicit mesh axes, or ``None``."""
+    return next((m for m in map(explicit_mesh, xs) if m is not None), None)
+
+
 def _tracing() -> bool:
     """Whether a JAX transformation is tracing here (an operation on constants then gives a
     ``Tracer``; JAX has no public query for it)."""

@@ -436,11 +436,11 @@ def _explicit_out_sharding(
     ``[B, D]`` bags are split over ``B`` as 2-D ``indices`` are over their rows (1-D ids: ``B``
     whole) and over ``D`` as ``weight``'s columns; an axis used by both stays on ``D``.
     """
-    meshes = [m for m in map(explicit.explicit_mesh, (weight, indices, *others)) if m is not None]
-    if not meshes:
+    mesh = explicit.split_mesh(weight, indices, *others)
+    if mesh is None:
         return None
     features = explicit.spec_entry(weight, 1)
     bags = explicit.spec_entry(indices, 0) if indices.ndim == 2 else None
     if explicit.shares_axes(bags, features):
         bags = None
-    return jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec(bags, features))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(bags, features))

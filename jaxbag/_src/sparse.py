@@ -241,7 +241,7 @@ def unique_rows(
                 f"valid must be a bool mask of indices' shape {indices.shape}; got {valid.dtype} "
                 f"of shape {valid.shape}. For example: valid=segment_ids < num_bags."
             )
-    mesh = _split_mesh(indices, valid)
+    mesh = explicit.split_mesh(indices, valid)
     if mesh is not None:  # (ids split over Explicit mesh axes: the sort is a sharding type error)
         with explicit.eager_mesh_context(indices, valid):
             return jax.sharding.auto_axes(
@@ -365,7 +365,7 @@ def embedding_bag_rows(
         mode=kwargs.get("mode", "mean"), scale_grad_by_freq=kwargs.get("scale_grad_by_freq", False),
         check_ids=False,
     )
-    mesh = _split_mesh(weight, indices, offsets, segment_ids, psw)
+    mesh = explicit.split_mesh(weight, indices, offsets, segment_ids, psw)
     if mesh is not None:
         return _rows_explicit(mesh, weight, indices, offsets, size=size, padding_idx=padding_idx,
                               **kwargs)
@@ -385,11 +385,6 @@ def embedding_bag_rows(
     if size is not None and size < indices.size:  # valid ids past the U slots: no slot
         overflow = valid.reshape(indices.shape) & (inverse == size)
     return _rows_local(weight, indices, offsets, rows, inverse, overflow, **kwargs)
-
-
-def _split_mesh(*xs: Any) -> Any:
-    """The mesh of the first of ``xs`` split over Explicit mesh axes, or ``None``."""
-    return next((m for m in map(explicit.explicit_mesh, xs) if m is not None), None)
 
 
 def _rows_explicit(
@@ -452,7 +447,7 @@ def _explicit_update(
 
     @functools.wraps(update)
     def wrapped(table: Array, state: Any, row_grads: RowGrads) -> tuple[Array, Any]:
-        mesh = _split_mesh(table, *jax.tree.leaves(state), *jax.tree.leaves(row_grads))
+        mesh = explicit.split_mesh(table, *jax.tree.leaves(state), *jax.tree.leaves(row_grads))
         if mesh is None:
             return update(table, state, row_grads)
         out_sharding = jax.tree.map(functools.partial(explicit.kept_sharding, mesh), (table, state))
