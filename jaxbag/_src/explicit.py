@@ -71,6 +71,15 @@ def eager_mesh_context(*xs: Any) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def run_as_auto(fn: Callable[..., Any], mesh: Any, out_sharding: Any, *args: Any) -> Any:
+    """``fn(*args)`` as on an Auto mesh over ``mesh``'s Explicit axes (``auto_axes``: the
+    compiler partitions it), the results split as ``out_sharding``; an eager call outside any
+    mesh context enters the arguments' mesh (:func:`eager_mesh_context`)."""
+    with eager_mesh_context(*jax.tree.leaves(args)):
+        return jax.sharding.auto_axes(fn, axes=explicit_axes(mesh), out_sharding=out_sharding)(
+            *args)
+
+
 def on_explicit_mesh(x: Any) -> bool:
     """Whether ``x`` is a concrete array placed on a mesh with Explicit axes (split or not)."""
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):

@@ -243,13 +243,10 @@ def unique_rows(
             )
     mesh = explicit.split_mesh(indices, valid)
     if mesh is not None:  # (ids split over Explicit mesh axes: the sort is a sharding type error)
-        with explicit.eager_mesh_context(indices, valid):
-            return jax.sharding.auto_axes(
-                lambda i, v: unique_rows(i, num_embeddings, size=size, valid=v),
-                axes=explicit.explicit_axes(mesh),
-                out_sharding=(NamedSharding(mesh, PartitionSpec()),
-                              explicit.kept_sharding(mesh, indices)),
-            )(indices, valid)
+        return explicit.run_as_auto(
+            lambda i, v: unique_rows(i, num_embeddings, size=size, valid=v), mesh,
+            (NamedSharding(mesh, PartitionSpec()), explicit.kept_sharding(mesh, indices)),
+            indices, valid)
     shape = indices.shape
     flat = indices.reshape(-1)
     ok = (flat >= 0) & (flat < num_embeddings)  # before the int32 cast, which would wrap int64 ids
@@ -400,23 +397,19 @@ def _rows_explicit(
     """
     seg_ids, psw = kwargs.pop("segment_ids", None), kwargs.pop("per_sample_weights", None)
     args = (weight, indices, offsets, seg_ids, psw)
-    axes = explicit.explicit_axes(mesh)
 
     def rows_of(w, i, o, s, p):
         return embedding_bag_rows(w, i, o, segment_ids=s, per_sample_weights=p, **kwargs)
 
     bags_sharding = ops._explicit_out_sharding(weight, indices, (offsets, seg_ids, psw))
-    with explicit.eager_mesh_context(*args):
-        bags = jax.sharding.auto_axes(lambda *a: rows_of(*a)[0], axes=axes,
-                                      out_sharding=bags_sharding)(*args)
+    bags = explicit.run_as_auto(lambda *a: rows_of(*a)[0], mesh, bags_sharding, *args)
     grads_sharding = RowGrads(
         rows=NamedSharding(mesh, PartitionSpec()),
         grads=NamedSharding(mesh, PartitionSpec(None, bags_sharding.spec[1])))
 
     def pullback(g: Array) -> RowGrads:
-        with explicit.eager_mesh_context(*args):
-            return jax.sharding.auto_axes(lambda g, *a: rows_of(*a)[1](g), axes=axes,
-                                          out_sharding=grads_sharding)(jnp.asarray(g), *args)
+        return explicit.run_as_auto(lambda g, *a: rows_of(*a)[1](g), mesh, grads_sharding,
+                                    jnp.asarray(g), *args)
 
     return bags, pullback
 
@@ -451,10 +444,7 @@ def _explicit_update(
         if mesh is None:
             return update(table, state, row_grads)
         out_sharding = jax.tree.map(functools.partial(explicit.kept_sharding, mesh), (table, state))
-        leaves = jax.tree.leaves((table, state, row_grads))
-        with explicit.eager_mesh_context(*leaves):
-            return jax.sharding.auto_axes(update, axes=explicit.explicit_axes(mesh),
-                                          out_sharding=out_sharding)(table, state, row_grads)
+        return explicit.run_as_auto(update, mesh, out_sharding, table, state, row_grads)
 
     return wrapped
 
