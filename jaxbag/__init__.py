@@ -27,6 +27,7 @@ from jaxbag._src.collection_sparse import (
 from jaxbag._src.collection_linen import (
     EmbeddingBagCollection as EmbeddingBagCollection,
 )
+from jaxbag._src.cpu_kernel import cpu_kernel_status as cpu_kernel_status
 from jaxbag._src.jagged import JaggedFeatures as JaggedFeatures
 from jaxbag._src.linen import EmbeddingBag as EmbeddingBag
 from jaxbag._src.ops import embedding_bag as embedding_bag
@@ -65,6 +66,7 @@ __all__ = [
     "collection_layout",
     "collection_optimizer",
     "concat_features",
+    "cpu_kernel_status",
     "embedding_bag",
     "embedding_bag_collection",
     "embedding_bag_collection_rows",

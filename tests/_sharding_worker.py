@@ -1283,7 +1283,7 @@ def case_vmap_explicit():
     were sharding type errors there (JAX's gather batching rule) for a replicated table and for
     ``per_sample_weights``. A table column-split over an axis the batch also uses is refused, as
     JAX refuses a matmul there. Then the sparse path (:func:`check_sparse_vmap`)."""
-    from jaxbag._src import explicit, fast_forward
+    from jaxbag._src import cpu_kernel, explicit
 
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
     rng = np.random.default_rng(19)
@@ -1348,9 +1348,9 @@ def case_vmap_explicit():
             if "all-gather" in hlo or "custom-call" not in hlo:
                 raise AssertionError(f"vmap of {what} over a batch split 8 ways: not each "
                                      f"device's rows alone:\n{hlo}")
-    real_kernel_ok = fast_forward._kernel_ok
+    real_kernel_ok = cpu_kernel.kernel_ok
     for kernel in (True, False):
-        fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
+        cpu_kernel.kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
         if kernel and not real_kernel_ok(jnp.zeros((1, 1), jnp.float32)):
             raise AssertionError("the CPU kernel is not built")
         # every layout meets every mode once over the two paths: layout i, form f takes
@@ -1395,7 +1395,7 @@ def case_vmap_explicit():
             close(gp, want_gp, f"{tag}: gradient of the vmap, per_sample_weights")
             close(per_example, np.stack(loop_gt), f"{tag}: per-example table gradients")
         check_sparse_vmap(mesh, f"kernel={kernel}")
-    fast_forward._kernel_ok = real_kernel_ok
+    cpu_kernel.kernel_ok = real_kernel_ok
 
 
 def case_sparse_explicit():
@@ -1407,7 +1407,7 @@ def case_sparse_explicit():
     gathers, the kernels). Values equal the single-device path's; the bags are split as
     ``embedding_bag``'s, the row gradients over ``D`` as the table's columns, and the table and
     its state keep their split."""
-    from jaxbag._src import fast_forward
+    from jaxbag._src import cpu_kernel
 
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT, EXPLICIT))
     rng = np.random.default_rng(29)
@@ -1421,9 +1421,9 @@ def case_sparse_explicit():
     ]
     layouts = [(P(), P("data")), (P(None, "model"), P()), (P(None, "model"), P("data")),
                (P("model", None), P("data"))]
-    real_kernel_ok = fast_forward._kernel_ok
+    real_kernel_ok = cpu_kernel.kernel_ok
     for kernel in (True, False):
-        fast_forward._kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
+        cpu_kernel.kernel_ok = real_kernel_ok if kernel else (lambda *a: False)
         for k, (wspec, ispec) in enumerate(layouts):
             kw, opt = options[(k + (not kernel)) % len(options)]
 
@@ -1462,7 +1462,7 @@ def case_sparse_explicit():
                     want_spec = want_specs["table"][:np.ndim(leaf)]
                     if np.ndim(leaf) and tuple(jax.typeof(leaf).sharding.spec) != want_spec:
                         raise AssertionError(f"{tag}: state {jax.typeof(leaf)}, want {want_spec}")
-    fast_forward._kernel_ok = real_kernel_ok
+    cpu_kernel.kernel_ok = real_kernel_ok
     # only one argument split: the row gradients (replicated table), per_sample_weights, the
     # valid mask; and jit outside set_mesh of functions that close over split arrays (eagerly
     # the library enters their mesh; under a trace it must not: set_mesh is refused inside jit.

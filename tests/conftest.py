@@ -46,12 +46,12 @@ def count_compiles():
 
 
 def _set_kernel(monkeypatch, on: bool) -> None:
-    from jaxbag._src import fast_forward
+    from jaxbag._src import cpu_kernel
 
     if on:
-        assert fast_forward.cpu_kernel_status()[0], fast_forward.cpu_kernel_status()
+        assert cpu_kernel.cpu_kernel_status()[0], cpu_kernel.cpu_kernel_status()
     else:
-        monkeypatch.setattr(fast_forward, "_kernel_ok", lambda *a: False)
+        monkeypatch.setattr(cpu_kernel, "kernel_ok", lambda *a: False)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ MODULES = [
     "jaxbag._src.batching",
     "jaxbag._src.sparse",
     "jaxbag._src.fast_forward",
+    "jaxbag._src.cpu_kernel",
     "jaxbag._src.jagged",
     "jaxbag._src.collection",
     "jaxbag._src.collection_linen",

@@ -1,4 +1,4 @@
-"""The on-demand build of the C++ CPU kernel (jaxbag._src.fast_forward): damaged caches, hung
+"""The on-demand build of the C++ CPU kernel (jaxbag._src.cpu_kernel): damaged caches, hung
 or failing compilers, and builders killed mid-way. Values on either path are covered elsewhere
 (every conformance test runs on the kernel and on the XLA path)."""
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from jaxbag._src import fast_forward
+from jaxbag._src import cpu_kernel, fast_forward
 
 
 def _built_kernel() -> Path:
-    ok, why = fast_forward.cpu_kernel_status()
+    ok, why = cpu_kernel.cpu_kernel_status()
     if not ok:
         pytest.fail(f"the CPU kernel should build here: {why}")
     return Path(why.removeprefix("loaded "))
@@ -33,19 +33,19 @@ def test_a_damaged_cached_kernel_is_rebuilt(tmp_path, monkeypatch):
     in every later process), and an unreadable one was never rebuilt."""
     good = _built_kernel()
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path))
-    lib = fast_forward._build_kernel()  # a fresh build in the empty cache
-    assert lib.parent == tmp_path and fast_forward._cached_ok(lib)
+    lib = cpu_kernel._build_kernel()  # a fresh build in the empty cache
+    assert lib.parent == tmp_path and cpu_kernel._cached_ok(lib)
     # builds are reproducible (no build-directory name in the binary): concurrent builders write
     # the same bytes, so the sidecar of one matches the .so of another
     assert lib.read_bytes() == good.read_bytes()
     size = lib.stat().st_size
     with open(lib, "r+b") as f:  # as a crash or an interrupted cache restore leaves it
         f.truncate(size // 2)
-    assert not fast_forward._cached_ok(lib)
-    again = fast_forward._build_kernel()
-    assert again == lib and lib.stat().st_size == size and fast_forward._cached_ok(lib)
+    assert not cpu_kernel._cached_ok(lib)
+    again = cpu_kernel._build_kernel()
+    assert again == lib and lib.stat().st_size == size and cpu_kernel._cached_ok(lib)
     (tmp_path / (lib.name + ".sha256")).unlink()  # a build from before the sidecar existed
-    assert not fast_forward._cached_ok(lib)
+    assert not cpu_kernel._cached_ok(lib)
 
 
 def test_a_hung_compiler_is_killed_with_its_children(tmp_path, monkeypatch):
@@ -55,10 +55,10 @@ def test_a_hung_compiler_is_killed_with_its_children(tmp_path, monkeypatch):
     hang = _script(tmp_path / "hang.sh", f"sleep 300 & echo $! > {pid_file}; wait")
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(hang))
-    monkeypatch.setattr(fast_forward, "_COMPILE_TIMEOUT_S", 2)
+    monkeypatch.setattr(cpu_kernel, "_COMPILE_TIMEOUT_S", 2)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"did not finish in 2 s"):
-        fast_forward._build_kernel()
+        cpu_kernel._build_kernel()
     assert time.monotonic() - t0 < 60  # one attempt, not two
     child = int(pid_file.read_text())
     for _ in range(50):  # the killed child is reaped by init shortly after
@@ -79,7 +79,7 @@ def test_a_failing_compiler_with_arguments_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", f"'{fake}' --wrapped")
     with pytest.raises(RuntimeError, match=r"exited with 3: \(no output\)"):
-        fast_forward._build_kernel()
+        cpu_kernel._build_kernel()
     assert args_file.read_text().startswith("--wrapped -O3")
 
 
@@ -91,58 +91,58 @@ def test_a_failed_build_is_remembered_until_the_compiler_changes(tmp_path, monke
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(fake))
     with pytest.raises(RuntimeError, match=r"(?s)^compiling the jaxbag CPU kernel failed:.*bad flag"):
-        fast_forward._build_kernel()
+        cpu_kernel._build_kernel()
     assert runs.read_text().count("run") == 2  # -march=native, then without it
     (failed,) = (tmp_path / "cache").glob("jaxbag_cpu_*.so.failed")
     with pytest.raises(RuntimeError, match=r"(?s)an earlier build with the same compiler failed "
                                            r"\(remembered in .*\.failed: delete it to try again\).*bad flag"):
-        fast_forward._build_kernel()  # as a new process would: nothing but the file is kept
+        cpu_kernel._build_kernel()  # as a new process would: nothing but the file is kept
     assert runs.read_text().count("run") == 2  # not compiled again
     failed.unlink()  # deleted: tried again
     with pytest.raises(RuntimeError, match="^compiling"):
-        fast_forward._build_kernel()
+        cpu_kernel._build_kernel()
     assert runs.read_text().count("run") == 4
     _script(fake, f'echo run >> "{runs}"; exit 2')  # an updated compiler is tried again too
     os.utime(fake, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(RuntimeError, match="(?s)^compiling.*exited with 2"):
-        fast_forward._build_kernel()
+        cpu_kernel._build_kernel()
     assert runs.read_text().count("run") == 6
     monkeypatch.setenv("CXX", f"{fake} -DX")  # so is the same compiler with other arguments
     with pytest.raises(RuntimeError, match="^compiling"):
-        fast_forward._build_kernel()
+        cpu_kernel._build_kernel()
     assert runs.read_text().count("run") == 8
 
 
 def test_a_timed_out_build_is_not_remembered(tmp_path, monkeypatch):
     """A compiler that timed out (a loaded machine) or could not be started may pass next time."""
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(fast_forward, "_COMPILE_TIMEOUT_S", 1)
+    monkeypatch.setattr(cpu_kernel, "_COMPILE_TIMEOUT_S", 1)
     monkeypatch.setenv("CXX", str(_script(tmp_path / "slow.sh", "sleep 30")))
     for _ in range(2):
         with pytest.raises(RuntimeError, match=r"did not finish in 1 s"):
-            fast_forward._build_kernel()
+            cpu_kernel._build_kernel()
     monkeypatch.setenv("CXX", str(tmp_path / "not-executable.txt"))
     (tmp_path / "not-executable.txt").write_text("")
     for _ in range(2):
         with pytest.raises(RuntimeError, match=r"could not be run"):
-            fast_forward._build_kernel()
+            cpu_kernel._build_kernel()
     assert not list((tmp_path / "cache").glob("*.failed"))
 
 
 def test_build_directories_of_killed_builders_are_removed(tmp_path):
     """Only jaxbag's own: every old tmp* folder was removed, so with a shared cache directory
     (JAXBAG_CACHE_DIR=/tmp) other programs' tempfile folders went too."""
-    prefix = fast_forward._BUILD_PREFIX
+    prefix = cpu_kernel._BUILD_PREFIX
     old, new, theirs = tmp_path / f"{prefix}old", tmp_path / f"{prefix}new", tmp_path / "tmpk2j3"
     for d in (old, new, theirs):
         (d / "sub").mkdir(parents=True)
         (d / "bag.cc").write_text("x")
-    past = time.time() - 2 * fast_forward._STALE_BUILD_S
+    past = time.time() - 2 * cpu_kernel._STALE_BUILD_S
     for d in (old, theirs):
         os.utime(d, (past, past))
     keep = tmp_path / "jaxbag_cpu_0.so"
     keep.write_bytes(b"")
-    fast_forward._remove_stale_builds(tmp_path)
+    cpu_kernel._remove_stale_builds(tmp_path)
     assert not old.exists() and new.is_dir() and keep.exists()
     assert (theirs / "bag.cc").read_text() == "x"
 
@@ -152,25 +152,25 @@ def test_a_cached_kernel_that_does_not_load_is_rebuilt(tmp_path, monkeypatch):
     or built for another system) sent every process to the XLA path for good."""
     good = _built_kernel()
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path))
-    lib = fast_forward._build_kernel()
+    lib = cpu_kernel._build_kernel()
     lib.write_bytes(b"not a shared object")
-    (tmp_path / (lib.name + ".sha256")).write_text(fast_forward._sha256(lib))
-    assert fast_forward._cached_ok(lib)  # the sidecar matches: only loading can tell
-    fast_forward._load_library(lib)
-    assert lib.read_bytes() == good.read_bytes() and fast_forward._cached_ok(lib)
+    (tmp_path / (lib.name + ".sha256")).write_text(cpu_kernel._sha256(lib))
+    assert cpu_kernel._cached_ok(lib)  # the sidecar matches: only loading can tell
+    cpu_kernel._load_library(lib)
+    assert lib.read_bytes() == good.read_bytes() and cpu_kernel._cached_ok(lib)
 
 
 def test_an_unavailable_kernel_is_announced_once(tmp_path, monkeypatch):
     """Only a logging.info said why: every call quietly took the (slower) XLA path."""
-    monkeypatch.setattr(fast_forward, "_kernel_state", {})
+    monkeypatch.setattr(cpu_kernel, "_kernel_state", {})
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(_script(tmp_path / "fail.sh", "exit 1")))
     with pytest.warns(RuntimeWarning, match=r"(?s)C\+\+ CPU kernel is unavailable .*exited with 1.*"
                                             r"JAXBAG_DISABLE_CPU_KERNEL=1"):
-        assert not fast_forward._load_kernel()
+        assert not cpu_kernel._load_kernel()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not fast_forward._load_kernel()  # remembered: no second warning, no second build
+        assert not cpu_kernel._load_kernel()  # remembered: no second warning, no second build
 
 
 def test_with_warnings_as_errors_an_unavailable_kernel_raises_once(tmp_path, monkeypatch):
@@ -180,7 +180,7 @@ def test_with_warnings_as_errors_an_unavailable_kernel_raises_once(tmp_path, mon
 
     import jaxbag
 
-    monkeypatch.setattr(fast_forward, "_kernel_state", {})
+    monkeypatch.setattr(cpu_kernel, "_kernel_state", {})
     monkeypatch.setenv("JAXBAG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(_script(tmp_path / "fail.sh", "exit 1")))
     w, ids, offsets = jnp.ones((4, 2)), jnp.array([0, 1, 2]), jnp.array([0, 2])
@@ -200,17 +200,17 @@ def test_disable_variable_values(monkeypatch, value, disabled):
     monkeypatch.setenv("JAXBAG_DISABLE_CPU_KERNEL", value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fast_forward._disabled_by_env() == (disabled, None)
+        assert cpu_kernel._disabled_by_env() == (disabled, None)
 
 
 def test_an_unknown_disable_value_warns_once_and_disables(monkeypatch):
-    monkeypatch.setattr(fast_forward, "_kernel_state", {})
+    monkeypatch.setattr(cpu_kernel, "_kernel_state", {})
     monkeypatch.setenv("JAXBAG_DISABLE_CPU_KERNEL", "maybe")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the state is recorded first: the error is raised once
         with pytest.raises(UserWarning, match=r"JAXBAG_DISABLE_CPU_KERNEL='maybe' is not one of"):
-            fast_forward._load_kernel()
-        assert not fast_forward._load_kernel()
+            cpu_kernel._load_kernel()
+        assert not cpu_kernel._load_kernel()
 
 
 @pytest.mark.parametrize(
@@ -232,7 +232,7 @@ def test_cache_dir_follows_the_xdg_rules(monkeypatch, tmp_path, jaxbag_cache, xd
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    assert fast_forward._cache_dir() == Path(expected.replace("HOME", str(tmp_path)))
+    assert cpu_kernel._cache_dir() == Path(expected.replace("HOME", str(tmp_path)))
 
 
 def test_the_kernel_is_not_built_for_another_backend(monkeypatch):
@@ -242,8 +242,8 @@ def test_the_kernel_is_not_built_for_another_backend(monkeypatch):
     import jax.numpy as jnp
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(fast_forward, "_load_kernel", lambda: pytest.fail("the kernel was built"))
-    assert not fast_forward._kernel_ok(jnp.ones((2, 2), jnp.float32))
+    monkeypatch.setattr(cpu_kernel, "_load_kernel", lambda: pytest.fail("the kernel was built"))
+    assert not cpu_kernel.kernel_ok(jnp.ones((2, 2), jnp.float32))
 
 
 def test_the_kernel_says_no_arg_max_outside_max_mode():

@@ -49,17 +49,41 @@ def _wheel_metadata(wheel: Path) -> email.message.Message:
         return email.message_from_string(z.read(name).decode())
 
 
+def _library_files() -> set[str]:
+    """Every file of jaxbag/ (the modules, py.typed, the C++ kernel's source), as in an archive."""
+    return {f"jaxbag/{p.relative_to(ROOT / 'jaxbag').as_posix()}" for p in (ROOT / "jaxbag").rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
 def test_the_wheel_is_the_typed_library_and_its_license(built):
     """No py.typed: type checkers skipped jaxbag ("missing library stubs or py.typed marker") and
-    every result was Any; pyproject named a license file that did not exist."""
+    every result was Any; pyproject named a license file that did not exist. The kernel's C++
+    source is package data (the library reads it to build the kernel on first use)."""
     wheel, _ = built
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "jaxbag/py.typed" in names
-    sources = {f"jaxbag/{p.relative_to(ROOT / 'jaxbag').as_posix()}" for p in (ROOT / "jaxbag").rglob("*.py")}
-    assert sources <= names, sorted(sources - names)
+    assert {"jaxbag/py.typed", "jaxbag/_src/cpu_kernel.cc"} <= names
+    assert _library_files() <= names, sorted(_library_files() - names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"jaxbag"}, tops  # no tests/experiments
+
+
+def test_the_installed_wheel_reads_the_kernel_source(built, tmp_path):
+    """Unpacked as pip installs it (no source tree on the path), the library finds the C++
+    source it compiles on first use (it was a string inside a module; now a package-data file)."""
+    wheel, _ = built
+    zipfile.ZipFile(wheel).extractall(tmp_path)
+    code = (
+        "import jaxbag; from jaxbag._src import cpu_kernel; "
+        "print(jaxbag.__file__); print(cpu_kernel._source().splitlines()[0])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path),
+                               "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, first = proc.stdout.splitlines()[-2:]
+    assert Path(where).is_relative_to(tmp_path), where
+    assert first.startswith("// jaxbag CPU kernel (XLA FFI)"), first
 
 
 def test_the_sdist_carries_what_the_tests_import(built):
@@ -74,6 +98,7 @@ def test_the_sdist_carries_what_the_tests_import(built):
         assert path in names, path
     tests_here = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("*.py")}
     assert tests_here <= names, sorted(tests_here - names)
+    assert _library_files() <= names, sorted(_library_files() - names)
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 
 

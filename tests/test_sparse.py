@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import jaxbag
-from jaxbag._src import fast_forward, sparse
+from jaxbag._src import sparse, sparse_kernels
 
 V, D = 23, 5
 
@@ -384,12 +384,12 @@ def test_update_rejects_a_state_made_for_another_table(make_opt, field, jit):
 def test_adam_kernel_refuses_moments_of_the_wrong_size():
     """The kernel itself checks the moments' size (the update's check comes first; this is the
     second line of defence for any other caller)."""
-    ok, why = fast_forward.cpu_kernel_status()
+    ok, why = jaxbag.cpu_kernel_status()
     assert ok, why
     table, small = jnp.ones((1000, 4)), jnp.zeros((10, 4))
     hyper = tuple(jnp.float32(x) for x in (0.1, 0.9, 0.1, 0.999, 0.001, 1e-8))
     with pytest.raises(Exception, match="jaxbag sparse_adam: bad shapes"):
-        jax.block_until_ready(fast_forward.fused_row_update(
+        jax.block_until_ready(sparse_kernels.fused_row_update(
             "adam", (table, small, small), jnp.array([999], jnp.int32), jnp.ones((1, 4)), hyper,
             lambda *a: pytest.fail("the kernel path was not taken")))
 

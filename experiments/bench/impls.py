@@ -94,7 +94,7 @@ def _stream(p: Problem, mode: str, opts: Any) -> Forward:
 
 
 def _kernel(p: Problem, mode: str, opts: Any) -> Forward | None:
-    if not fast_forward.cpu_kernel_status()[0]:
+    if not jaxbag.cpu_kernel_status()[0]:
         return None
 
     def f(w, b):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
-from jaxbag._src import bag_terms, explicit, fast_forward, segments, validation
+from jaxbag._src import bag_terms, cpu_kernel, explicit, fast_forward, segments, validation
 from jaxbag._src.dtypes import acc_dtype, take_rows
 
 __all__ = ["embedding_bag", "renorm"]
@@ -363,7 +363,7 @@ def _embedding_bag(
         return jnp.zeros((b, features), weight.dtype)
     weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
     fast = fast and max_norm is None and not scale_grad_by_freq
-    if fast and not fast_forward.in_shard_map(weight, ids, offsets, segment_ids, weights):
+    if fast and not cpu_kernel.in_shard_map(weight, ids, offsets, segment_ids, weights):
         # Streams rows into the bags without the [N, D] gather (CPU kernel or XLA loop; plain
         # gather + segment ops elsewhere); same values and gradients as the code below.
         kw = dict(mode=mode, per_sample_weights=weights, padding_idx=pad)

@@ -47,7 +47,9 @@ from jax import Array, lax
 from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxbag._src import bag_terms, explicit, fast_forward, ops, segments, validation
+from jaxbag._src import (
+    bag_terms, explicit, fast_forward, ops, segments, sparse_kernels, validation,
+)
 from jaxbag._src.dtypes import acc_dtype
 
 __all__ = [
@@ -258,7 +260,7 @@ def unique_rows(
     if valid is not None:
         ok = ok & valid.reshape(-1)
     keys = jnp.where(ok, ids, jnp.int32(num_embeddings))
-    rows, inverse = fast_forward.unique_rows_kernel(
+    rows, inverse = sparse_kernels.unique_rows_kernel(
         keys, num_embeddings, u, lambda k: _unique_sorted(k, num_embeddings, u)
     )
     return rows, inverse.reshape(shape)
@@ -493,10 +495,10 @@ def _rows_direct(
     slot = inverse.reshape(-1)
 
     def pullback(g: Array) -> RowGrads:
-        prep = fast_forward._Prep(weight, ids, seg, psw_flat, b, pad, mode)
+        prep = fast_forward.Prep(weight, ids, seg, psw_flat, b, pad, mode)
         coef = prep.w if prep.inv_den is None else prep.w * prep.inv_den[prep.seg_c]
         ct = jnp.asarray(g).astype(acc)
-        grads = fast_forward.rows_grad(ct, slot, prep.seg_c, coef.astype(acc), arg, u, mode)
+        grads = sparse_kernels.rows_grad(ct, slot, prep.seg_c, coef.astype(acc), arg, u, mode)
         return RowGrads(rows=rows, grads=grads)
 
     return bags, pullback
@@ -686,7 +688,7 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseO
             (w,), (lr,) = old, hyper
             return (w.astype(c) - lr * g.astype(c),)
 
-        (table,) = fast_forward.fused_row_update(
+        (table,) = sparse_kernels.fused_row_update(
             "sgd", (table,), rows, grads, (lr,),
             functools.partial(_update_rows, fn=fn, chunk=chunk))
         return table, SgdState(count=state.count + 1)
@@ -752,7 +754,7 @@ def sparse_adagrad(
             return w.astype(c) - scale[:, None] * g, new_sum
 
         hyper = (lr, jnp.asarray(eps, c))
-        table, sum_sq = fast_forward.fused_row_update(
+        table, sum_sq = sparse_kernels.fused_row_update(
             "adagrad", (table, state.sum_sq), rows, grads, hyper,
             functools.partial(_update_rows, fn=fn, chunk=chunk))
         return table, RowwiseAdagradState(count=state.count + 1, sum_sq=sum_sq)
@@ -832,7 +834,7 @@ def sparse_adam(
             return w.astype(c) - step_size * (mu / (jnp.sqrt(nu) + jnp.asarray(eps, c))), mu, nu
 
         hyper = (step_size, *(jnp.asarray(x, c) for x in (b1f, c1, b2f, c2, eps)))
-        table, mu, nu = fast_forward.fused_row_update(
+        table, mu, nu = sparse_kernels.fused_row_update(
             "adam", (table, state.mu, state.nu), rows, grads, hyper,
             functools.partial(_update_rows, fn=fn, chunk=chunk))
         return table, LazyAdamState(count=count, mu=mu, nu=nu)
