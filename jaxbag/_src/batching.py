@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -117,7 +117,7 @@ def _plain(x: object) -> object:
     return x.item() if isinstance(x, np.generic) else x
 
 
-def host_rows(x: object) -> object:
+def host_rows(x: Any) -> Any:
     """A JAX array of bags (or of their weights) as a NumPy one, its rows then read on the host
     one bag each; anything else as it is. Shared by :func:`pack_bags` and the builders."""
     return np.asarray(x) if isinstance(x, jax.Array) else x

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -158,7 +158,7 @@ class TableSlot:
     offset: int
     rows: int
 
-    def stacked_ids(self, ids: Array, shard_rows: int) -> Array:
+    def stacked_ids(self, ids: Array | np.ndarray, shard_rows: int) -> Array | np.ndarray:
         """Maps table ids ``[0, V)`` to rows of the stacked group array (others unchanged)."""
         if self.kind == "row":
             return (ids // self.rows) * shard_rows + self.offset + ids % self.rows
@@ -199,7 +199,7 @@ class GroupLayout:
     def pad_row(self) -> int | None:
         for slot in self.slots:
             if slot.table.pad is not None:
-                return int(slot.stacked_ids(np.int64(slot.table.pad), self.shard_rows))
+                return int(slot.stacked_ids(np.asarray(slot.table.pad, np.int64), self.shard_rows))
         return None
 
     def slot(self, table_name: str) -> TableSlot:
@@ -368,7 +368,7 @@ def collection_layout(
         )
     features = tuple(f for t in tables for f in t.feature_names)
     if plan is None and not stack:
-        groups = tuple(
+        unstacked = tuple(
             GroupLayout(
                 name=t.name,
                 features=t.features,
@@ -381,7 +381,7 @@ def collection_layout(
             )
             for t in tables
         )
-        return CollectionLayout(tables, groups, features, stacked=False, plan=None)
+        return CollectionLayout(tables, unstacked, features, stacked=False, plan=None)
 
     placement = {}
     if plan is not None:
@@ -397,7 +397,7 @@ def collection_layout(
         kind = placement.get(t.name, ("table", 0))[0]
         buckets.setdefault(group_key(t) + (kind == "replicated",), []).append(t)
 
-    groups = []
+    groups: list[GroupLayout] = []
     for key, members in buckets.items():
         replicated = key[-1]
         n = 1 if (plan is None or replicated) else plan.num_shards
@@ -811,6 +811,21 @@ def concat_features(
     return jnp.concatenate([outputs[f].astype(dtype) for f in layout.feature_names], axis=1)
 
 
+@overload
+def embedding_bag_collection(
+    params: Mapping[str, Array], features: JaggedFeatures, *, layout: CollectionLayout,
+    concat: Literal[False] = False, dtype: Any = None,
+) -> dict[str, Array]: ...
+@overload
+def embedding_bag_collection(
+    params: Mapping[str, Array], features: JaggedFeatures, *, layout: CollectionLayout,
+    concat: Literal[True], dtype: Any = None,
+) -> Array: ...
+@overload
+def embedding_bag_collection(
+    params: Mapping[str, Array], features: JaggedFeatures, *, layout: CollectionLayout,
+    concat: bool, dtype: Any = None,
+) -> dict[str, Array] | Array: ...
 def embedding_bag_collection(
     params: Mapping[str, Array],
     features: JaggedFeatures,

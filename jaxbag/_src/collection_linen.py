@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 from flax import linen as nn
@@ -103,6 +103,14 @@ class EmbeddingBagCollection(nn.Module):
             params[g.name] = self.param(g.name, init)
         self.embeddings = params
 
+    @overload
+    def __call__(
+        self, features: JaggedFeatures, *, concat: Literal[False] = False
+    ) -> dict[str, Array]: ...
+    @overload
+    def __call__(self, features: JaggedFeatures, *, concat: Literal[True]) -> Array: ...
+    @overload
+    def __call__(self, features: JaggedFeatures, *, concat: bool) -> dict[str, Array] | Array: ...
     def __call__(
         self, features: JaggedFeatures, *, concat: bool = False
     ) -> dict[str, Array] | Array:

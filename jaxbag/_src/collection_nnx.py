@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from flax import nnx
 from jax import Array
@@ -72,6 +72,14 @@ class EmbeddingBagCollection(nnx.Module):
             }
         )
 
+    @overload
+    def __call__(
+        self, features: JaggedFeatures, *, concat: Literal[False] = False
+    ) -> dict[str, Array]: ...
+    @overload
+    def __call__(self, features: JaggedFeatures, *, concat: Literal[True]) -> Array: ...
+    @overload
+    def __call__(self, features: JaggedFeatures, *, concat: bool) -> dict[str, Array] | Array: ...
     def __call__(
         self, features: JaggedFeatures, *, concat: bool = False
     ) -> dict[str, Array] | Array:

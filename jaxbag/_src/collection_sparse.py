@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,29 @@ from jax.sharding import PartitionSpec as P
 from jaxbag._src import bag_terms, collection, sharding, validation
 from jaxbag._src.collection import CollectionLayout
 from jaxbag._src.jagged import JaggedFeatures, pack_features
-from jaxbag._src.sparse import RowGrads, SparseOptimizer, check_slots, embedding_bag_rows
+from jaxbag._src.sparse import (
+    RowGrads, SparseOptimizer, TableOptimizer, check_slots, embedding_bag_rows,
+)
 
 
+_Pullback = Callable[[Any], dict[str, RowGrads]]
+
+
+@overload
+def embedding_bag_collection_rows(
+    params: Mapping[str, Array], features: JaggedFeatures, *, layout: CollectionLayout,
+    size: int | Mapping[str, int] | None = None, concat: Literal[False] = False, dtype: Any = None,
+) -> tuple[dict[str, Array], _Pullback]: ...
+@overload
+def embedding_bag_collection_rows(
+    params: Mapping[str, Array], features: JaggedFeatures, *, layout: CollectionLayout,
+    size: int | Mapping[str, int] | None = None, concat: Literal[True], dtype: Any = None,
+) -> tuple[Array, _Pullback]: ...
+@overload
+def embedding_bag_collection_rows(
+    params: Mapping[str, Array], features: JaggedFeatures, *, layout: CollectionLayout,
+    size: int | Mapping[str, int] | None = None, concat: bool, dtype: Any = None,
+) -> tuple[dict[str, Array] | Array, _Pullback]: ...
 def embedding_bag_collection_rows(
     params: Mapping[str, Array],
     features: JaggedFeatures,
@@ -30,7 +50,7 @@ def embedding_bag_collection_rows(
     size: int | Mapping[str, int] | None = None,
     concat: bool = False,
     dtype: Any = None,
-) -> tuple[dict[str, Array] | Array, Callable[[Any], dict[str, RowGrads]]]:
+) -> tuple[dict[str, Array] | Array, _Pullback]:
     """:func:`jaxbag.embedding_bag_collection` plus a pullback to the touched rows of each group.
 
     The collection form of :func:`jaxbag.embedding_bag_rows`: every group array (one table, or a
@@ -183,8 +203,8 @@ def _planned_rows(layout, params, features, sizes):
     row = sharding.spec_entry(axis_name)
     batch = P(sharding.spec_entry(batch_axis), None)
     out_specs = {
-        g.name: RowGrads(rows=P(row), grads=P(row, None)) if g.sharded
-        else RowGrads(rows=P(), grads=P(None, None))
+        g.name: RowGrads._make((P(row), P(row, None))) if g.sharded  # specs shaped as RowGrads
+        else RowGrads._make((P(), P(None, None)))
         for g in layout.groups
     }
 
@@ -247,8 +267,8 @@ def _split_cotangent(layout: CollectionLayout, cotangent: Any, b: int, concat: b
 
 
 def collection_optimizer(
-    optimizer: SparseOptimizer, *, layout: CollectionLayout
-) -> SparseOptimizer:
+    optimizer: TableOptimizer, *, layout: CollectionLayout
+) -> SparseOptimizer[Mapping[str, Array], Mapping[str, RowGrads]]:
     """Lifts a sparse optimiser to a collection's ``{group name: array}`` parameters.
 
     The returned :class:`jaxbag.SparseOptimizer` works on whole collections: ``init(params)``
@@ -456,7 +476,7 @@ def pack_states(layout: CollectionLayout, table_states: Mapping[str, Any]) -> di
     out = {}
     for g in layout.groups:
         names = [s.table.name for s in g.slots]
-        flat = [jax.tree.flatten(table_states[n]) for n in names]
+        flat: list[tuple[list[Any], Any]] = [jax.tree.flatten(table_states[n]) for n in names]
         treedef = flat[0][1]
         for n, (_, td) in zip(names, flat):
             if td != treedef:

@@ -341,7 +341,7 @@ def in_shard_map(*arrays: Any) -> bool:
     return False
 
 
-def kernel_ok(*arrays: Array) -> bool:
+def kernel_ok(*arrays: Array | jax.ShapeDtypeStruct) -> bool:
     # (on a GPU/TPU process the kernel is never built: its calls would lower to the XLA path
     # there anyway, and building it cost seconds and wrote a .so to the cache)
     return (

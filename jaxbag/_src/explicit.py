@@ -38,7 +38,7 @@ def explicit_mesh(x: Any) -> Any:
     or split over Auto / Manual axes only)."""
     if not isinstance(x, jax.Array | jax.core.Tracer):
         return None
-    sharding = getattr(jax.typeof(x), "sharding", None)
+    sharding: Any = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty:
         return None
@@ -67,7 +67,8 @@ def eager_mesh_context(*xs: Any) -> contextlib.AbstractContextManager:
     for x in xs:
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) \
                 and explicit_mesh(x) is not None:
-            return jax.set_mesh(x.sharding.mesh)
+            sharding: Any = x.sharding  # a NamedSharding: explicit_mesh found its mesh
+            return jax.set_mesh(sharding.mesh)
     return contextlib.nullcontext()
 
 
@@ -132,7 +133,7 @@ def gather(x: Any, *idx: Any) -> Any:
     is the plain gather.
     """
     ref = idx[0]
-    sharding = getattr(jax.typeof(ref), "sharding", None)
+    sharding: Any = getattr(jax.typeof(ref), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty or not explicit_axes(mesh):
         return x.at[idx].get(mode="clip", wrap_negative_indices=False)

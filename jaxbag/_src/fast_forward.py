@@ -424,6 +424,7 @@ def _bag_reduce_jvp(cfg, primals, tangents):
         if mode == "sum":
             t = t + d_sum
         else:
+            assert prep.inv_den is not None  # (mean and sqrtn divide)
             if out.dtype == acc:
                 out_acc = out
             else:  # the output before its rounding to bf16 / f16: d out / d w_k = (x_k - out) / den

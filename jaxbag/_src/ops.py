@@ -143,7 +143,7 @@ def reduce_bags(
     acc = rows.dtype
     n, d = rows.shape
     held = valid if held is None else held
-    kw = dict(num_segments=num_bags, indices_are_sorted=True)
+    kw: dict[str, Any] = dict(num_segments=num_bags, indices_are_sorted=True)
     if mode == "max":
         vals = jnp.where(held[:, None], jax.lax.stop_gradient(rows), jnp.asarray(-jnp.inf, acc))
         best = jax.ops.segment_max(vals, seg, **kw)
@@ -366,7 +366,7 @@ def _embedding_bag(
     if fast and not cpu_kernel.in_shard_map(weight, ids, offsets, segment_ids, weights):
         # Streams rows into the bags without the [N, D] gather (CPU kernel or XLA loop; plain
         # gather + segment ops elsewhere); same values and gradients as the code below.
-        kw = dict(mode=mode, per_sample_weights=weights, padding_idx=pad)
+        kw: dict[str, Any] = dict(mode=mode, per_sample_weights=weights, padding_idx=pad)
         if layout.two_d:
             starts = jnp.arange(0, n, indices.shape[1], dtype=jnp.int32)
             return fast_forward.bag_reduce(weight, ids, offsets=starts, **kw)

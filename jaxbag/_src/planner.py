@@ -392,8 +392,9 @@ class _BudgetModel:
         row-wise one at a time, largest first (a group that ``min_fill`` sends row-wise stays so),
         until the plan fits; the fitting step's kinds, or ``None``."""
         kinds = dict(kinds)
-        cost = {g: self.group_bytes(g, kinds)[0] for g in self.members}
-        if None in cost.values():
+        start = {g: self.group_bytes(g, kinds)[0] for g in self.members}
+        cost = {g: c for g, c in start.items() if c is not None}
+        if len(cost) < len(start):
             return None  # not met: kinds come from _assign, min_fill's moves made
         total = self.replicated + sum(cost.values())
         for name in self.order:
@@ -412,6 +413,7 @@ class _BudgetModel:
                 kinds[m] = "row"
             if moved:
                 new = self.group_bytes(g, kinds)[0]
+            assert new is not None  # (unknown only while min_fill has tables to move)
             total += new - cost[g]
             cost[g] = new
         return None

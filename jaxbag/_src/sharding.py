@@ -485,7 +485,7 @@ def embedding_bag(
     b_loc = b // n_batch
     rows_spec = P(spec_entry(axis_name), None)
     out_spec = P(spec_entry(batch_axis), None)
-    kw = dict(
+    kw: dict[str, Any] = dict(
         num_embeddings=num_embeddings,
         axis_name=axis_name,
         mode=mode,
@@ -534,6 +534,7 @@ def embedding_bag(
         if offsets is not None:
             seg = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
+            assert segment_ids is not None  # (checked: offsets or segment_ids)
             seg = segments.segment_ids_int32(segment_ids, b)
 
         def local_1d(lw, ids, seg, w):
@@ -677,6 +678,7 @@ def embedding_bag_rows(
         if offsets is not None:
             seg_all = segments.offsets_to_segment_ids_unchecked(offsets, n)
         else:
+            assert segment_ids is not None  # (checked: offsets or segment_ids)
             seg_all = segments.segment_ids_int32(segment_ids, b)
         ids_spec = P()
 
@@ -814,7 +816,7 @@ def local_row_grads(
             segment_ids,
             num_bags=num_bags,
             num_embeddings=u,
-            axis_name=axis_name,
+            axis_name=row_axes,
             mode=mode,
             per_sample_weights=per_sample_weights,
             owned=owned,
@@ -828,7 +830,7 @@ def local_row_grads(
     return jnp.where(own, local_rows, jnp.int32(r)), grads.astype(acc)
 
 
-def _state_specs(optimizer: sparse.SparseOptimizer, local_table: Any, axis_name: AxisName) -> Any:
+def _state_specs(optimizer: sparse.TableOptimizer, local_table: Any, axis_name: AxisName) -> Any:
     """Scalars replicated, every other leaf split by rows (the optimisers' per-row state)."""
     shapes = jax.eval_shape(optimizer.init, local_table)
     row = spec_entry(axis_name)
@@ -836,7 +838,7 @@ def _state_specs(optimizer: sparse.SparseOptimizer, local_table: Any, axis_name:
 
 
 def sparse_init(
-    optimizer: sparse.SparseOptimizer, table: Array, *, mesh: Mesh, axis_name: AxisName
+    optimizer: sparse.TableOptimizer, table: Array, *, mesh: Mesh, axis_name: AxisName
 ) -> Any:
     """``optimizer.init`` for a row-sharded table: the per-row state is row-sharded likewise.
 
@@ -867,7 +869,7 @@ def sparse_init(
 
 
 def sparse_update(
-    optimizer: sparse.SparseOptimizer,
+    optimizer: sparse.TableOptimizer,
     table: Array,
     state: Any,
     row_grads: sparse.RowGrads,
@@ -911,7 +913,7 @@ def sparse_update(
     specs = (
         P(row, None),
         _state_specs(optimizer, local, axis_name),
-        sparse.RowGrads(P(row), P(row, None)),
+        sparse.RowGrads._make((P(row), P(row, None))),  # specs shaped as RowGrads
     )
     args = place((table, state, row_grads), mesh, specs)
 

@@ -38,7 +38,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +90,17 @@ class RowGrads(NamedTuple):
     grads: Array
 
 
-class SparseOptimizer(NamedTuple):
+Params = TypeVar("Params")
+Grads = TypeVar("Grads")
+
+
+class SparseOptimizer(NamedTuple, Generic[Params, Grads]):
     """A row-wise optimiser for an embedding table (the sparse analogue of an optax transformation).
+
+    Typed ``SparseOptimizer[Params, Grads]``: ``SparseOptimizer[Array, RowGrads]`` for one table
+    (:func:`sparse_sgd`, :func:`sparse_adagrad`, :func:`sparse_adam`), ``SparseOptimizer[
+    Mapping[str, Array], Mapping[str, RowGrads]]`` for a collection's groups
+    (:func:`jaxbag.collection_optimizer`).
 
     Attributes:
       init: ``init(table [V, D]) -> state``, a pytree (a NamedTuple of arrays).
@@ -121,14 +130,18 @@ class SparseOptimizer(NamedTuple):
       [0.0, -0.1, 0.0, 0.0]
     """
 
-    init: Callable[[Array], Any]
-    update: Callable[[Array, Any, RowGrads], tuple[Array, Any]]
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Grads], tuple[Params, Any]]
+
+
+#: The optimiser of one ``[V, D]`` table (what :func:`sparse_adam` and the others return).
+TableOptimizer = SparseOptimizer[Array, RowGrads]
 
 
 class SgdState(NamedTuple):
     """State of :func:`sparse_sgd`: ``count`` int32 scalar, the number of updates done."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
 
 class RowwiseAdagradState(NamedTuple):
@@ -140,7 +153,7 @@ class RowwiseAdagradState(NamedTuple):
         sum of mean-over-``D`` squared gradients.
     """
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     sum_sq: Array
 
 
@@ -154,7 +167,7 @@ class LazyAdamState(NamedTuple):
       nu: ``float [V, D]`` second moments, same dtype.
     """
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
     mu: Array
     nu: Array
 
@@ -405,9 +418,10 @@ def _rows_explicit(
 
     bags_sharding = ops._explicit_out_sharding(weight, indices, (offsets, seg_ids, psw))
     bags = explicit.run_as_auto(lambda *a: rows_of(*a)[0], mesh, bags_sharding, *args)
-    grads_sharding = RowGrads(
-        rows=NamedSharding(mesh, PartitionSpec()),
-        grads=NamedSharding(mesh, PartitionSpec(None, bags_sharding.spec[1])))
+    assert bags_sharding is not None  # (an input is split over Explicit axes: we are here)
+    grads_sharding = RowGrads._make((  # a tree of shardings shaped as RowGrads
+        NamedSharding(mesh, PartitionSpec()),
+        NamedSharding(mesh, PartitionSpec(None, bags_sharding.spec[1]))))
 
     def pullback(g: Array) -> RowGrads:
         return explicit.run_as_auto(lambda g, *a: rows_of(*a)[1](g), mesh, grads_sharding,
@@ -430,7 +444,8 @@ def _per_row(table: Array, ndim: int) -> dict[str, NamedSharding]:
             return {}
         return {"out_sharding": NamedSharding(mesh, PartitionSpec(*spec))}
     # (eagerly: on the table's devices, also outside jax.set_mesh)
-    return {"device": NamedSharding(table.sharding.mesh, PartitionSpec(*spec))}
+    sharding = cast(NamedSharding, table.sharding)
+    return {"device": NamedSharding(sharding.mesh, PartitionSpec(*spec))}
 
 
 def _explicit_update(
@@ -454,7 +469,7 @@ def _explicit_update(
 def _rows_direct(
     weight: Array,
     indices: Array,
-    offsets: ArrayLike | None,
+    offsets: Array | None,
     pad: int | None,
     rows: Array,
     inverse: Array,
@@ -652,7 +667,7 @@ def _update_rows(
     return out
 
 
-def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> SparseOptimizer:
+def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> TableOptimizer:
     """Plain SGD on the touched rows: ``table[r] -= lr * g[r]``.
 
     Equal to dense SGD (``jax.grad`` + ``optax.sgd``), whose gradient is zero on the other rows.
@@ -702,7 +717,7 @@ def sparse_adagrad(
     initial_accumulator_value: float = 0.0,
     *,
     chunk: int = 1024,
-) -> SparseOptimizer:
+) -> TableOptimizer:
     """Row-wise Adagrad, as fbgemm's ``EXACT_ROWWISE_ADAGRAD``: one accumulator per row.
 
     For each touched row ``r`` with gradient ``g [D]``::
@@ -769,7 +784,7 @@ def sparse_adam(
     eps: float = 1e-8,
     *,
     chunk: int = 1024,
-) -> SparseOptimizer:
+) -> TableOptimizer:
     """Lazy Adam, as ``torch.optim.SparseAdam``: moments move only for the touched rows.
 
     With the global step ``t`` (counted on every update, touched or not, as torch does)::

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any, TypeGuard, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +29,16 @@ __all__ = ["MODES", "validate"]
 #: The bag reductions ``mode`` accepts (:func:`jaxbag.embedding_bag`, the modules, ``TableConfig``).
 MODES = ("sum", "mean", "max", "sqrtn")
 
+# The value checks take device arrays, and host copies of arrays split over an Explicit mesh.
+_Values = Array | np.ndarray
 
-def is_static_int(value: object, minimum: int | None = 0) -> bool:
+
+def is_static_int(value: object, minimum: int | None = 0) -> TypeGuard[int | np.integer]:
     """Whether ``value`` is a Python or NumPy int (not a bool, not an array) ``>= minimum``
     (``minimum=None``: any int)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         return False
-    return minimum is None or value >= minimum
+    return minimum is None or bool(value >= minimum)
 
 
 def static_int_hint(value: object) -> str:
@@ -62,7 +66,7 @@ def check_bool(name: str, value: object) -> None:
 def check_float_dtype(name: str, value: object, example: str) -> None:
     """Raises unless ``value`` names a floating-point dtype; ``example`` is a correct call."""
     try:
-        got = jnp.dtype(value)
+        got = jnp.dtype(cast(Any, value))
     except TypeError:
         got = None
     if got is None or not jnp.issubdtype(got, jnp.floating):
@@ -106,7 +110,7 @@ def check_norm(max_norm: float | None, norm_type: float) -> None:
     largest magnitude, ``-inf`` the smallest). Python, NumPy and concrete JAX scalars are
     checked; a traced one (``jit`` over ``max_norm``) passes unchecked.
     """
-    def number(value: object) -> bool:
+    def number(value: Any) -> bool:
         if isinstance(value, (bool, np.bool_, str)) or np.ndim(value) != 0:
             return False
         if isinstance(value, jax.core.Tracer):
@@ -141,6 +145,12 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return int(padding_idx) % num_embeddings
 
 
+@overload
+def as_ids(x: None) -> None: ...
+@overload
+def as_ids(x: ArrayLike) -> Array: ...
+@overload
+def as_ids(x: ArrayLike | None) -> Array | None: ...
 def as_ids(x: ArrayLike | None) -> Array | None:
     """``x`` as an array of a signed integer dtype of at least 32 bits (``None`` stays).
 
@@ -175,7 +185,7 @@ def as_ids(x: ArrayLike | None) -> Array | None:
         except jax.errors.TracerArrayConversionError:  # a list holding traced values (under jit)
             pass
         else:
-            if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.jax_enable_x64:
+            if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.read("jax_enable_x64"):
                 # jnp.asarray would cast int64 to int32 with wrap-around (a warning, then id
                 # 2**32 + 1 reads row 1): clip first, so out of range stays out of range
                 info = np.iinfo(np.int32)
@@ -359,11 +369,11 @@ class _Problem:
     args: Sequence[Array]
 
 
-def _first(mask: Array) -> Array:
+def _first(mask: _Values) -> Array:
     return jnp.argmax(mask).astype(jnp.int32)
 
 
-def _decreasing(name: str, x: Array, rule: str) -> _Problem:
+def _decreasing(name: str, x: _Values, rule: str) -> _Problem:
     """The problem "``x[i] < x[i - 1]``" at the first such ``i`` (``x`` has >= 2 entries)."""
     dec = x[1:] < x[:-1]
     i = _first(dec) + 1
@@ -376,9 +386,9 @@ def _decreasing(name: str, x: Array, rule: str) -> _Problem:
 
 
 def _in_bags(
-    n: int, offsets: Array | None, segment_ids: Array | None, num_bags: int,
+    n: int, offsets: _Values | None, segment_ids: _Values | None, num_bags: int,
     include_last_offset: bool,
-) -> Array | None:
+) -> _Values | None:
     """``bool [N]``: the positions inside a bag (``None``: all). The ids elsewhere (segment id
     outside ``[0, B)``, past the last offset) are padding: never read, so never out of range."""
     if segment_ids is not None:
@@ -390,9 +400,9 @@ def _in_bags(
 
 def _value_problems(
     num_embeddings: int,
-    indices: Array,
-    offsets: Array | None,
-    segment_ids: Array | None,
+    indices: _Values,
+    offsets: _Values | None,
+    segment_ids: _Values | None,
     *,
     num_bags: int,
     include_last_offset: bool,
@@ -457,9 +467,9 @@ def _value_problems(
 
 def raise_value_problems(
     num_embeddings: int,
-    indices: Array,
-    offsets: Array | None,
-    segment_ids: Array | None,
+    indices: _Values,
+    offsets: _Values | None,
+    segment_ids: _Values | None,
     *,
     num_bags: int,
     include_last_offset: bool,
@@ -474,8 +484,11 @@ def raise_value_problems(
     # Arrays on an Explicit mesh are checked as host copies (they are concrete here): slicing a
     # split one is a sharding type error, a reshard of a constant inside jit is traced, and
     # outside jax.set_mesh compile-time ops on them fail for want of the mesh.
-    indices, offsets, segment_ids = (
-        np.asarray(x) if explicit.on_explicit_mesh(x) else x for x in (indices, offsets, segment_ids))
+    def host(x: _Values | None) -> _Values | None:
+        return np.asarray(x) if explicit.on_explicit_mesh(x) else x
+
+    indices = np.asarray(indices) if explicit.on_explicit_mesh(indices) else indices
+    offsets, segment_ids = host(offsets), host(segment_ids)
     with jax.ensure_compile_time_eval():
         for p in _value_problems(num_embeddings, indices, offsets, segment_ids,
                                  num_bags=num_bags, include_last_offset=include_last_offset,
@@ -492,7 +505,7 @@ def clipped_id_note(dtype: DTypeLike, value: int) -> str:
     """A note for an error that shows id ``value`` of an array of ``dtype``: ``""``, or, where the
     value may be :func:`as_ids`' clip of a wider or unsigned id (int32's bounds, x64 off), so."""
     info = np.iinfo(np.int32)
-    if dtype != jnp.int32 or value not in (info.min, info.max) or jax.config.jax_enable_x64:
+    if dtype != jnp.int32 or value not in (info.min, info.max) or jax.config.read("jax_enable_x64"):
         return ""
     return (
         f" ({value} may stand for a larger id: without jax_enable_x64, int64 and unsigned ids "
@@ -594,7 +607,7 @@ def validate(
         include_last_offset=include_last_offset,
         mode=mode,
     )
-    where = dict(num_bags=layout.num_bags, include_last_offset=include_last_offset)
+    where: dict[str, Any] = dict(num_bags=layout.num_bags, include_last_offset=include_last_offset)
     if is_concrete(indices, offsets, segment_ids):
         raise_value_problems(num_embeddings, indices, offsets, segment_ids, **where)
         return
