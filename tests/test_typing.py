@@ -37,3 +37,14 @@ def test_the_typed_calls_run():
     typed_usage.sparse_training()
     typed_usage.collections(key)
     typed_usage.sharding()
+
+
+def test_embedding_bag_rows_kwargs_are_embedding_bags_options():
+    """embedding_bag_rows' **kwargs are typed as ops.BagOptions (for type checkers) and checked
+    at run time against embedding_bag's keyword-only parameters: the two lists are one."""
+    from jaxbag._src import ops, sparse
+
+    options = ops.BagOptions.__annotations__
+    assert set(options) == set(sparse._BAG_KWARGS)
+    as_text = {k: getattr(v, "__forward_arg__", v) for k, v in options.items()}  # ForwardRef('str')
+    assert as_text == {k: ops.embedding_bag.__annotations__[k] for k in options}

@@ -101,6 +101,8 @@ def misuses(key: Array) -> None:
     opt = jaxbag.sparse_adam(1e-3)
     bags, _ = jaxbag.embedding_bag_rows(table, ids, jnp.array([0]))
     opt.update(table, opt.init(table), bags)  # type: ignore[arg-type]  # bags, not RowGrads
+    jaxbag.embedding_bag_rows(table, ids, mode=2)  # type: ignore[arg-type]
+    jaxbag.embedding_bag_rows(table, ids, modes="sum")  # type: ignore[call-arg]
     layout = jaxbag.collection_layout(
         [jaxbag.TableConfig("t", num_embeddings=5, features=2, feature_names=("f",))])
     per_collection = jaxbag.collection_optimizer(opt, layout=layout)

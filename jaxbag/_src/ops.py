@@ -5,7 +5,7 @@ Legend: ``V`` rows in the table, ``D`` features, ``N`` ids, ``B`` bags, ``L`` id
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +187,20 @@ def _divide_bags_jvp(primals, tangents):
     d_sums, d_den = tangents
     out = sums / den[:, None]
     return out, (d_sums - out * d_den[:, None]) / den[:, None]
+
+
+class BagOptions(TypedDict, total=False):
+    """The keyword options of :func:`embedding_bag` that :func:`jaxbag.embedding_bag_rows` passes
+    on (its ``**kwargs``, typed for type checkers; the same names and types as here)."""
+
+    mode: str
+    per_sample_weights: ArrayLike | None
+    include_last_offset: bool
+    max_norm: float | None
+    norm_type: float
+    scale_grad_by_freq: bool
+    segment_ids: ArrayLike | None
+    num_bags: int | None
 
 
 def embedding_bag(

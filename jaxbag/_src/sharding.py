@@ -23,6 +23,7 @@ its row, so the gradient reaches exactly the row the single-device op picks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -599,7 +600,7 @@ def embedding_bag_rows(
     include_last_offset: bool = False,
     segment_ids: ArrayLike | None = None,
     num_bags: int | None = None,
-) -> tuple[Array, Any]:
+) -> tuple[Array, Callable[[Array], sparse.RowGrads]]:
     """Row-sharded :func:`jaxbag.embedding_bag_rows`: bags plus a pullback to per-shard row grads.
 
     Legend: ``V`` rows, ``R = V / n`` rows per shard, ``D`` features, ``B`` bags, ``U`` row slots.

@@ -38,7 +38,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,9 @@ from jaxbag._src import (
     bag_terms, explicit, fast_forward, ops, segments, sparse_kernels, validation,
 )
 from jaxbag._src.dtypes import acc_dtype
+
+if TYPE_CHECKING:  # (annotations only: typing.Unpack for **kwargs is Python 3.12)
+    from typing_extensions import Unpack
 
 __all__ = [
     "LazyAdamState",
@@ -300,7 +303,7 @@ def embedding_bag_rows(
     *,
     size: int | None = None,
     padding_idx: int | None = None,
-    **kwargs: Any,
+    **kwargs: Unpack[ops.BagOptions],
 ) -> tuple[Array, Callable[[Array], RowGrads]]:
     """:func:`jaxbag.embedding_bag` plus a pullback to the gradient of the touched rows only.
 
@@ -334,7 +337,8 @@ def embedding_bag_rows(
       padding_idx: optional row to skip, as for :func:`jaxbag.embedding_bag`.
       **kwargs: the other keyword arguments of :func:`jaxbag.embedding_bag` (``mode``,
         ``per_sample_weights``, ``include_last_offset``, ``segment_ids``, ``num_bags``,
-        ``max_norm``, ``norm_type``, ``scale_grad_by_freq``).
+        ``max_norm``, ``norm_type``, ``scale_grad_by_freq``), typed as there for type checkers
+        (``Unpack`` of a ``TypedDict``); another name is a ``TypeError``.
 
     Returns:
       ``(bags, pullback)``: ``bags`` ``[B, D]`` equal to ``embedding_bag(weight, indices, offsets,
@@ -389,10 +393,12 @@ def embedding_bag_rows(
     check_slots(indices, valid, size, num_embeddings)
     rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid.reshape(indices.shape))
     if kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq", False):
-        # The options that only the general path uses, passed at their defaults, change nothing.
-        for name in ("max_norm", "norm_type", "scale_grad_by_freq"):
-            kwargs.pop(name, None)
-        return _rows_direct(weight, indices, offsets, pad, rows, inverse, seg, layout, **kwargs)
+        # (the options that only the general path uses, at their defaults here, change nothing)
+        return _rows_direct(
+            weight, indices, offsets, pad, rows, inverse, seg, layout,
+            mode=kwargs.get("mode", "mean"), per_sample_weights=kwargs.get("per_sample_weights"),
+            include_last_offset=kwargs.get("include_last_offset", False),
+            segment_ids=kwargs.get("segment_ids"))
     overflow = None
     if size is not None and size < indices.size:  # valid ids past the U slots: no slot
         overflow = valid.reshape(indices.shape) & (inverse == size)
@@ -476,16 +482,14 @@ def _rows_direct(
     seg: Array,
     layout: validation.Layout,
     *,
-    mode: str = "mean",
-    per_sample_weights: ArrayLike | None = None,
-    include_last_offset: bool = False,
-    segment_ids: ArrayLike | None = None,
-    num_bags: int | None = None,
+    mode: str,
+    per_sample_weights: ArrayLike | None,
+    include_last_offset: bool,
+    segment_ids: ArrayLike | None,
 ) -> tuple[Array, Callable[[Array], RowGrads]]:
     """The common case: bags straight from the table, pullback by a direct scatter of the bag
     cotangents into the row slots (no ``[U, D]`` gathered copy of the rows, no vjp machinery).
     ``seg`` is the bag of each position (``segments.bag_of_positions``), ``layout`` the checked form."""
-    del num_bags  # in layout
     psw = None if per_sample_weights is None else jnp.asarray(per_sample_weights)
     features = weight.shape[1]
     b = layout.num_bags
