@@ -1492,6 +1492,24 @@ def case_sparse_explicit():
     i = jax.device_put(ids, NamedSharding(mesh, P("data")))
     close(jax.jit(lambda x: jaxbag.embedding_bag_rows(x, i, mode="mean", per_sample_weights=psw)[0])(t),
           bags, "jit closing over split ids")
+    # What a jitted data-parallel step moves (replicated table, batch split over "data"): the
+    # compiler all-gathers the ids, their coefficients and the bag cotangent, then every device
+    # computes the row gradients and the update; never an array of the table's V rows (a dense
+    # gradient's all-reduce carries [V, D], and Adam's moments are [V, D] too).
+    v2, b2 = 1000, 16  # (sizes no other array here has)
+    adam = jaxbag.sparse_adam(0.1)
+
+    def dp_step(t, st, i, gb):
+        _, pullback = jaxbag.embedding_bag_rows(t, i, mode="sum")
+        return adam.update(t, st, pullback(gb))
+
+    with jax.set_mesh(mesh):
+        t = jax.device_put(rng.normal(size=(v2, 8)).astype(np.float32), NamedSharding(mesh, P()))
+        i = jax.device_put(rng.integers(0, v2, (b2, 5)).astype(np.int32), NamedSharding(mesh, P("data")))
+        gb = jax.device_put(np.ones((b2, 8), np.float32), NamedSharding(mesh, P("data")))
+        moved = collectives(jax.jit(dp_step).lower(t, adam.init(t), i, gb).compile().as_text())
+    if not moved or any(re.search(rf"\[{v2}[,\]]", ty) for _, ty in moved):
+        raise AssertionError(f"data-parallel sparse step moves a table-sized array: {moved}")
 
 
 def check_sparse_vmap(mesh, what):
