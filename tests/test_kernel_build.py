@@ -259,3 +259,62 @@ def test_the_kernel_says_no_arg_max_outside_max_mode():
             _, arg = fast_forward.bag_reduce_with_arg(
                 w, ids, seg, None, num_bags=2, padding_idx=None, mode=mode, layout=0, impl=impl)
             np.testing.assert_array_equal(arg, np.full((2, 1), 4, np.int32))
+
+
+def test_the_cache_key_covers_the_source(monkeypatch):
+    """The source is a file of its own (cpu_kernel.cc): an edited one must build a new library,
+    never load the cached build of the old text."""
+    lib = _built_kernel()
+    seen = []
+    real = cpu_kernel._library_name
+    monkeypatch.setattr(cpu_kernel, "_library_name",
+                        lambda src, cxx: seen.append((src, cxx)) or real(src, cxx))
+    assert cpu_kernel._build_kernel() == lib  # (cached: nothing compiled)
+    ((src, cxx),) = seen
+    assert src == cpu_kernel._source() and lib.name == real(src, cxx)
+    assert real(src + "\n// edited\n", cxx) != lib.name
+
+
+def _lowered(fn, *args) -> str:
+    import jax
+
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_set_kernel_false_lowers_no_kernel_call(set_kernel):
+    """The tests' XLA path (set_kernel(False)) must really lower no jaxbag FFI call, for the
+    forward, its gradient, the sparse pullback, unique_rows and the fused optimiser update,
+    and set_kernel(True) lowers each one's kernel: the switch is the kernel state every call
+    reads, so a module that bound the check at import could not escape it."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxbag
+
+    w = jnp.ones((6, 3))
+    ids, offsets = jnp.array([0, 5, 2, 2], jnp.int32), jnp.array([0, 2], jnp.int32)
+    opt = jaxbag.sparse_adam(0.1)
+
+    def programs():  # fresh functions: a cached trace would not see the switch
+        def rows(w, ids, offsets):
+            bags, pullback = jaxbag.embedding_bag_rows(w, ids, offsets, mode="sum")
+            return pullback(bags)
+
+        def step(w, state, ids, offsets):
+            return opt.update(w, state, rows(w, ids, offsets))
+
+        return {
+            "jaxbag_bag_fwd_f32": _lowered(lambda w: jaxbag.embedding_bag(w, ids, offsets), w),
+            "jaxbag_rows_grad_f32": _lowered(rows, w, ids, offsets),
+            "jaxbag_unique_rows": _lowered(lambda i: jaxbag.unique_rows(i, 6), ids),
+            "jaxbag_sparse_adam_f32": _lowered(step, w, opt.init(w), ids, offsets),
+            "grad": _lowered(jax.grad(lambda w: jaxbag.embedding_bag(w, ids, offsets).sum()), w),
+        }
+
+    set_kernel(True)
+    for target, text in programs().items():
+        if target != "grad":
+            assert target in text, f"set_kernel(True): no {target} call"
+    set_kernel(False)
+    for target, text in programs().items():
+        assert "jaxbag_" not in text, f"set_kernel(False): {target}'s program calls a kernel"

@@ -847,3 +847,14 @@ def test_vmap_of_rows_pullback_and_update_equals_a_loop(mode, path):
     new, state = jax.jit(jax.vmap(opt.update))(tables, jax.vmap(opt.init)(tables), rg)
     check((new, state), [opt.update(tables[k], opt.init(tables[k]), jax.tree.map(lambda x: x[k], rg))
                          for k in range(s)])
+
+
+def test_embedding_bag_rows_defaults_are_embedding_bags():
+    """With no options the bags are embedding_bag's (its default mode, mean): the direct path
+    restates its options by name, and a wrong default there passed every other test."""
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(6, 3)).astype(np.float32))
+    ids = jnp.array([0, 5, 2, 2, 1], jnp.int32)
+    for args, kw in (((ids, jnp.array([0, 2])), {}), ((ids.reshape(1, 5),), {}),
+                     ((ids,), dict(segment_ids=jnp.array([0, 0, 1, 1, 1]), num_bags=2))):
+        bags, _ = jaxbag.embedding_bag_rows(w, *args, **kw)
+        np.testing.assert_allclose(bags, jaxbag.embedding_bag(w, *args, **kw), rtol=1e-6)

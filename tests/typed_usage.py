@@ -77,11 +77,17 @@ def collections(key: Array) -> None:
     out, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout)
     assert_type(out, dict[str, Array])
     assert_type(pullback(out), dict[str, jaxbag.RowGrads])
+    flat, _ = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, concat=True)
+    assert_type(flat, Array)
     opt = jaxbag.collection_optimizer(jaxbag.sparse_sgd(0.1), layout=layout)
     assert_type(opt, jaxbag.SparseOptimizer[Mapping[str, Array], Mapping[str, jaxbag.RowGrads]])
     model = jaxbag.nnx.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0))
     assert_type(model(jf), dict[str, Array])
     assert_type(model(jf, concat=True), Array)
+    linen_model = jaxbag.EmbeddingBagCollection(tables=tuple(tables))
+    bound = linen_model.bind(linen_model.init(key, jf))
+    assert_type(bound(jf), dict[str, Array])
+    assert_type(bound(jf, concat=True), Array)
 
 
 def sharding() -> None:

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,12 @@ from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbag._src import module_common, sharding, validation
+# (planner imports this module too: each refers to the other's names through the module object,
+# never at import time, so either may be imported first)
+from jaxbag._src import module_common, planner, sharding, validation
 from jaxbag._src.jagged import JaggedFeatures, pack_features
 from jaxbag._src.ops import embedding_bag
 
-if TYPE_CHECKING:  # pragma: no cover
-    from jaxbag._src.planner import ShardingPlan
 
 __all__ = [
     "CollectionLayout",
@@ -331,7 +331,7 @@ def collection_layout(
     tables: Sequence[TableConfig],
     *,
     stack: bool = True,
-    plan: ShardingPlan | None = None,
+    plan: planner.ShardingPlan | None = None,
 ) -> CollectionLayout:
     """Groups ``tables`` into parameter arrays: stacked by (width, dtype, mode) or one per table.
 
@@ -356,11 +356,10 @@ def collection_layout(
       >>> layout.feature_names, layout.output_features
       (('user', 'item', 'last_item', 'tag'), 28)
     """
-    from jaxbag._src.planner import ShardingPlan  # noqa: PLC0415  (the planner imports this module)
 
     tables = check_tables(tables)
     validation.check_bool("stack", stack)
-    if plan is not None and not isinstance(plan, ShardingPlan):
+    if plan is not None and not isinstance(plan, planner.ShardingPlan):
         raise TypeError(
             f"plan must be a jaxbag.sharding.ShardingPlan or None; got {plan!r} of type "
             f"{type(plan).__name__}. Make one with jaxbag.sharding.plan_sharding(tables, mesh, "
@@ -912,7 +911,7 @@ def feature_specs(jf: JaggedFeatures, batch_axis: Any) -> JaggedFeatures:
     return JaggedFeatures.tree_unflatten(aux, specs)
 
 
-def check_batch_shards(plan: ShardingPlan, jf: JaggedFeatures) -> None:
+def check_batch_shards(plan: planner.ShardingPlan, jf: JaggedFeatures) -> None:
     """The features are split as the plan splits the batch (``num_shards`` = batch-axis size)."""
     batch_axis = plan.batch_axis
     n_batch = sharding.axis_size(plan.mesh, batch_axis)

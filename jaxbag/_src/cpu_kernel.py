@@ -64,7 +64,7 @@ _SYMBOLS = {
 
 def _source() -> str:
     """The kernel's C++ source (``cpu_kernel.cc``, package data beside this module)."""
-    return importlib.resources.files(__package__).joinpath("cpu_kernel.cc").read_text()
+    return importlib.resources.files(__package__).joinpath("cpu_kernel.cc").read_text(encoding="utf-8")
 
 
 _kernel_lock = threading.Lock()
@@ -164,6 +164,16 @@ def _compiler_stamp(cxx: list[str]) -> str:
         return f"{path} ? ? {shlex.join(cxx)}"
 
 
+def _library_name(source: str, cxx: list[str]) -> str:
+    """The cached library's file name: a hash of everything the build depends on (the source,
+    jax and jaxlib versions, the compiler command, the CPU, the build recipe)."""
+    key = hashlib.sha256(
+        f"{source}\0{jax.__version__}\0{jaxlib.__version__}\0{cxx}\0{_cpu_fingerprint()}"
+        f"\0{_BUILD_RECIPE}".encode()
+    ).hexdigest()[:16]
+    return f"jaxbag_cpu_{key}.so"
+
+
 def _build_kernel() -> Path:
     """Compiles the kernel into the cache (once per source / jaxlib / CPU) and returns the .so.
 
@@ -179,12 +189,8 @@ def _build_kernel() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     include = jax.ffi.include_dir()
     source = _source()
-    key = hashlib.sha256(
-        f"{source}\0{jax.__version__}\0{jaxlib.__version__}\0{cxx}\0{_cpu_fingerprint()}"
-        f"\0{_BUILD_RECIPE}".encode()
-    ).hexdigest()[:16]
     out_dir = _cache_dir()
-    lib = out_dir / f"jaxbag_cpu_{key}.so"
+    lib = out_dir / _library_name(source, cxx)
     if _cached_ok(lib):
         return lib
     failed, stamp = lib.with_name(lib.name + ".failed"), _compiler_stamp(cxx)

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxbag._src import collection, sharding, validation
-from jaxbag._src.collection import TableConfig
 
 __all__ = ["PLACEMENTS", "ShardingPlan", "plan_sharding"]
 
@@ -116,7 +115,7 @@ class ShardingPlan:
         """``{table: kind}``: the shape of ``overrides`` (to tweak and plan again)."""
         return {name: kind for name, kind, _ in self.placements}
 
-    def device_bytes(self, tables: Sequence[TableConfig]) -> list[int]:
+    def device_bytes(self, tables: Sequence[collection.TableConfig]) -> list[int]:
         """Bytes of table storage on each of the ``n`` devices of ``axis_name`` (padding included)."""
         layout = collection.collection_layout(tables, plan=self)
         per = [0] * self.num_shards
@@ -126,7 +125,7 @@ class ShardingPlan:
                 per[i] += size
         return per
 
-    def describe(self, tables: Sequence[TableConfig]) -> str:
+    def describe(self, tables: Sequence[collection.TableConfig]) -> str:
         """A readable table of placements and per-device bytes.
 
         Args:
@@ -149,7 +148,7 @@ class ShardingPlan:
 
 
 def plan_sharding(
-    tables: Sequence[TableConfig],
+    tables: Sequence[collection.TableConfig],
     mesh: Mesh,
     *,
     axis_name: sharding.AxisName,

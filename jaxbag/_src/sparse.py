@@ -38,7 +38,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, Unpack, cast
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +51,6 @@ from jaxbag._src import (
     bag_terms, explicit, fast_forward, ops, segments, sparse_kernels, validation,
 )
 from jaxbag._src.dtypes import acc_dtype
-
-if TYPE_CHECKING:  # (annotations only: typing.Unpack for **kwargs is Python 3.12)
-    from typing_extensions import Unpack
 
 __all__ = [
     "LazyAdamState",
