@@ -165,6 +165,10 @@ def test_errors():
         jaxbag.collection_optimizer(jaxbag.sparse_sgd, layout=layout)
     with pytest.raises(TypeError, match=r"layout must be a jaxbag.CollectionLayout.*got list"):
         jaxbag.collection_optimizer(jaxbag.sparse_sgd(0.1), layout=TABLES)
+    # a collection optimizer given again: its init failed later with "params must be a dict"
+    per_collection = jaxbag.collection_optimizer(jaxbag.sparse_sgd(0.1), layout=layout)
+    with pytest.raises(TypeError, match=r"already a collection optimizer.*sparse_adam\(1e-3\), layout"):
+        jaxbag.collection_optimizer(per_collection, layout=layout)
     bad = jaxbag.JaggedFeatures.from_lists({**{f: [[1]] for f in VOCAB}, "user": [[30]]})
     with pytest.raises(IndexError, match=r"feature 'user' \(table 'user', num_embeddings=30\) has id 30"):
         jaxbag.embedding_bag_collection_rows(params, bad, layout=layout)

@@ -7,6 +7,7 @@ table, ``U_g`` the row slots of group ``g``.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
@@ -283,7 +284,8 @@ def collection_optimizer(
 
     Args:
       optimizer: :func:`jaxbag.sparse_sgd`, :func:`jaxbag.sparse_adagrad`,
-        :func:`jaxbag.sparse_adam`, or your own :class:`jaxbag.SparseOptimizer`.
+        :func:`jaxbag.sparse_adam`, or your own :class:`jaxbag.SparseOptimizer`: a per-table
+        one (one that ``collection_optimizer`` returned is a ``TypeError``).
       layout: the :class:`jaxbag.CollectionLayout` of the parameters.
 
     Returns:
@@ -304,6 +306,12 @@ def collection_optimizer(
         raise TypeError(
             f"optimizer must be a jaxbag.SparseOptimizer, e.g. jaxbag.sparse_adam(1e-3) (called); "
             f"got {optimizer!r}."
+        )
+    if optimizer.init in _COLLECTION_INITS:
+        raise TypeError(
+            "optimizer is already a collection optimizer (from jaxbag.collection_optimizer); pass "
+            "the per-table one it was made from: jaxbag.collection_optimizer(jaxbag.sparse_adam("
+            "1e-3), layout=layout)."
         )
     if not isinstance(layout, CollectionLayout):
         raise TypeError(
@@ -362,7 +370,12 @@ def collection_optimizer(
             new_params[name], new_state[name] = optimizer.update(*args)
         return new_params, new_state
 
+    _COLLECTION_INITS.add(init)
     return SparseOptimizer(init=init, update=update)
+
+
+# The init functions of the optimisers collection_optimizer made (not per-table ones).
+_COLLECTION_INITS: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 # -- optimizer states in a portable form (one state per table) ----------------------------------
