@@ -356,7 +356,6 @@ def collection_layout(
       >>> layout.feature_names, layout.output_features
       (('user', 'item', 'last_item', 'tag'), 28)
     """
-
     tables = check_tables(tables)
     validation.check_bool("stack", stack)
     if plan is not None and not isinstance(plan, planner.ShardingPlan):
