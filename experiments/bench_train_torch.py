@@ -38,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
@@ -130,17 +131,19 @@ class TorchLoop:
         def tensor(x):  # a writable float32 copy of a JAX array
             return torch.from_numpy(np.array(x, dtype=np.float32))
 
+        def linear(layer: nnx.Linear):  # torch's Linear with an nnx.Linear's weights
+            assert layer.bias is not None
+            out = torch.nn.Linear(layer.in_features, layer.out_features)
+            out.weight.copy_(tensor(layer.kernel[...]).T)
+            out.bias.copy_(tensor(layer.bias[...]))
+            return out
+
         layers: list[Any] = []
         with torch.no_grad():  # start from the JAX model's weights
             embed.weight.copy_(tensor(model.embed.embedding[...]))
             if model.hidden is not None:
-                hidden = torch.nn.Linear(mc.features, mc.hidden)
-                hidden.weight.copy_(tensor(model.hidden.kernel[...]).T)
-                hidden.bias.copy_(tensor(model.hidden.bias[...]))
-                layers += [torch.nn.Dropout(mc.dropout), hidden, torch.nn.ReLU()]
-            head = torch.nn.Linear(*model.head.kernel.shape)
-            head.weight.copy_(tensor(model.head.kernel[...]).T)
-            head.bias.copy_(tensor(model.head.bias[...]))
+                layers += [torch.nn.Dropout(mc.dropout), linear(model.hidden), torch.nn.ReLU()]
+            head = linear(model.head)
         layers += [torch.nn.Dropout(mc.dropout), head]
         self.embed, self.top = embed, torch.nn.Sequential(*layers)
         self.params = list(embed.parameters()) + list(self.top.parameters())
@@ -150,7 +153,7 @@ class TorchLoop:
             raise ValueError(f"the benchmark times AdamW/Adam; got config.optim.name={oc.name!r}")
         weight_decay = float(oc.weight_decay) if oc.name == "adamw" else 0.0
         dense = list(self.top.parameters()) if sparse else self.params
-        self.opts = [torch.optim.AdamW(dense, lr=float(oc.learning_rate), betas=(oc.b1, oc.b2),
+        self.opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=float(oc.learning_rate), betas=(oc.b1, oc.b2),
                                        eps=1e-8, weight_decay=weight_decay, **kwargs)]
         if sparse:  # lazy Adam on the table, as jaxbag.sparse_adam
             self.opts.append(torch.optim.SparseAdam(list(embed.parameters()),
@@ -275,7 +278,7 @@ def report(results: dict[str, Any], epochs: int) -> str:
     if default in med:
         lines.append(f"ratio jax / torch defaults ({default}): {med['jax'] / med[default]:.3f}")
     if torch_names:
-        best = min(torch_names, key=med.get)
+        best = min(torch_names, key=med.__getitem__)
         lines.append(f"ratio jax / fastest torch ({best}): {med['jax'] / med[best]:.3f}   "
                      "(target: <= 0.5)")
     return "\n".join(lines)

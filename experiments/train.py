@@ -52,8 +52,11 @@ def _featurize(
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """Per document: the ids, and the per-id weights (term weights) or None."""
     pairs = [featurizer.bag(t) for t in texts]
-    ids = [p[0] for p in pairs]
-    return ids, ([p[1] for p in pairs] if featurizer.weighted else None)
+    ids = [i for i, _ in pairs]
+    if not featurizer.weighted:
+        return ids, None
+    weights = [w for _, w in pairs if w is not None]  # Featurizer.bag: None iff unweighted
+    return ids, weights
 
 
 def _load_or_fit_featurizer(

@@ -157,6 +157,7 @@ def _unrolled_2d(p: Problem, mode: str, opts: Any) -> Forward | None:
             else:
                 row = jnp.where(m, row, 0.0)
                 total = row if total is None else total + row
+        assert total is not None  # idx has at least one column
         count = jnp.sum(mask.astype(w.dtype), axis=1)
         return _finish(total, count, mode)
 

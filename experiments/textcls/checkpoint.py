@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -114,7 +115,7 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
     params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
     nnx.replace_by_pure_dict(params, r.params)
     rng = jax.random.wrap_key_data(
-        np.asarray(r.rng["key_data"]), impl=jax.random.key_impl(fresh.rng)
+        jnp.asarray(r.rng["key_data"]), impl=jax.random.key_impl(fresh.rng)
     )
     return TrainState(params=params, opt_state=r.opt_state, rng=rng, epoch=epoch,
                       global_step=global_step)

@@ -425,12 +425,10 @@ def _load_train_test(
         return train, test, record
     if name in ("ag_news_csv", "jsonl"):
         loader = load_ag_news_csv if name == "ag_news_csv" else load_jsonl
-        kwargs = {
-            "num_classes": int(data_config["num_classes"]),
-            "class_names": tuple(data_config["class_names"]),
-        }
-        train = loader(data_config["train_path"], **kwargs)
-        test = loader(data_config["test_path"], **kwargs)
+        num_classes = int(data_config["num_classes"])
+        class_names = tuple(data_config["class_names"])
+        train = loader(data_config["train_path"], num_classes=num_classes, class_names=class_names)
+        test = loader(data_config["test_path"], num_classes=num_classes, class_names=class_names)
         record = {
             "dataset": name,
             "train_path": str(Path(data_config["train_path"]).resolve()),

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 
 class Metrics(NamedTuple):
@@ -22,7 +23,7 @@ class Metrics(NamedTuple):
 
     loss_sum: jax.Array
     correct: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
     @classmethod
     def zeros(cls) -> Metrics:
@@ -30,10 +31,10 @@ class Metrics(NamedTuple):
         return cls(*(jnp.zeros((), jnp.float32) for _ in range(3)))
 
     @classmethod
-    def from_batch(cls, per_example_loss: jax.Array, logits: jax.Array, labels: jax.Array,
-                   mask: jax.Array) -> Metrics:
+    def from_batch(cls, per_example_loss: jax.Array, logits: jax.Array, labels: ArrayLike,
+                   mask: ArrayLike) -> Metrics:
         """Metrics of one batch; ``mask`` (bool ``[B]``) drops the padding bags."""
-        m = mask.astype(jnp.float32)
+        m = jnp.asarray(mask).astype(jnp.float32)
         hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
         return cls(jnp.sum(per_example_loss * m), jnp.sum(hit * m), jnp.sum(m))
 
@@ -72,7 +73,7 @@ def misclassified(sources: Sequence[str], texts: Sequence[str], labels: np.ndarr
     ``{"source", "label", "predicted", "first_line"}`` (class names; the text's first
     non-empty line, at most 100 characters: a BBC article's headline)."""
     records = []
-    for i in np.nonzero(np.asarray(labels) != np.asarray(predictions))[0]:
+    for i in np.nonzero(np.asarray(labels) != np.asarray(predictions))[0].tolist():
         line = next((s.strip() for s in texts[i].splitlines() if s.strip()), "")
         records.append({
             "source": sources[i],

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import ArrayLike
 
 import jaxbag
 from experiments.textcls.tokenizer import UNKNOWN_ID
@@ -68,11 +69,11 @@ class FastText(nnx.Module):
 
     def __call__(
         self,
-        indices: jax.Array,
-        segment_ids: jax.Array,
+        indices: ArrayLike,
+        segment_ids: ArrayLike,
         *,
         num_bags: int,
-        weights: jax.Array | None = None,
+        weights: ArrayLike | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """Logits ``float32 [B, C]`` of a packed batch (``indices``, ``segment_ids`` ``int32 [N]``,

@@ -37,6 +37,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbag.sharding as jsh
+from experiments.textcls.model import FastText
 
 
 class ShardedEmbeddingBag(nnx.Module):
@@ -107,7 +108,7 @@ def make_mesh(sharding_config: Any) -> Mesh:
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def maybe_shard(model: nnx.Module, config: Any) -> nnx.Module:
+def maybe_shard(model: FastText, config: Any) -> FastText:
     """Puts ``model`` (an ``experiments.textcls.model.FastText``) on ``config.sharding``'s mesh.
 
     No-op when ``config`` has no ``sharding.mesh_shape``. Otherwise ``model.embed`` becomes a
@@ -128,7 +129,8 @@ def maybe_shard(model: nnx.Module, config: Any) -> nnx.Module:
     settings = embed.settings  # jaxbag.nnx.EmbeddingBag's options
     if settings.max_norm is not None or settings.scale_grad_by_freq:
         raise ValueError("the sharded classifier supports mode and padding_idx only.")
-    model.embed = ShardedEmbeddingBag(
+    # the same call as jaxbag.nnx.EmbeddingBag (duck-typed: FastText.embed is declared as that)
+    model.embed = ShardedEmbeddingBag(  # type: ignore[assignment]
         embed.embedding[...],
         mode=settings.mode,
         padding_idx=settings.padding_idx,

@@ -60,7 +60,9 @@ class Steps(NamedTuple):
 
 def split_model(model: FastText) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """``(graphdef, params, rest)`` of ``model``."""
-    return nnx.split(model, nnx.Param, ...)
+    graphdef, params, *others = nnx.split(model, nnx.Param, ...)
+    (rest,) = others  # two filters, two states
+    return graphdef, params, rest
 
 
 def make_steps(
@@ -124,7 +126,7 @@ def make_steps(
         return p, opt_state, metrics.merge(batch_metrics)
 
     def sparse_step(p, opt_state, metrics: Metrics, batch: Batch, key: jax.Array):
-        assert sparse_tx is not None
+        assert sparse_tx is not None and bag_mode is not None
         dense_opt, table_opt = opt_state
         table_state, others = nnx.split_state(p, TABLE, ...)
         (table,) = jax.tree.leaves(table_state)

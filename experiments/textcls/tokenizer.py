@@ -84,7 +84,7 @@ class Vocabulary:
         Ties are broken alphabetically (deterministic). ``max_size > 0`` caps the size,
         ``<unk>`` included.
         """
-        counts = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         for toks in token_lists:
             counts.update(toks)
         counts.pop(UNK, None)
