@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 256
     config.train.bucket_min_size = 4096  # smallest padded id count of a batch
     config.train.bucket_growth = 2.0  # ratio between padded id counts
+    # At most this many padded id counts (so train-step compilations) in a run: when the ladder
+    # above would need more for the run's batches, sizes fitted to them (jaxbag.fit_buckets).
+    config.train.max_buckets = 8
     config.train.stop_after_epochs = 0  # >0: stop after that epoch, as if killed (tests)
     config.train.max_checkpoints = 2
     config.train.progress_bar = True

@@ -97,7 +97,11 @@ def main(argv: list[str]) -> None:
     texts = argv[1:] or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise app.UsageError('give texts as arguments (or on stdin, one per line): "some text"')
-    results = Predictor(_WORKDIR.value).predict(texts)
+    try:
+        predictor = Predictor(_WORKDIR.value)
+    except FileNotFoundError as e:  # not a workdir, or not trained yet: the message says so
+        sys.exit(f"error: {e}")
+    results = predictor.predict(texts)
     for r in results:
         print(json.dumps(r) if _JSON.value else _format(r, _TOP.value))
 

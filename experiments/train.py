@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from experiments.textcls import artifacts, checkpoint, config_check, logs, sharded
-from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
+from experiments.textcls.batches import epoch_order, iterate_batches, num_batches, plan_buckets
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import (
     Metrics,
@@ -152,13 +152,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     train_step, eval_step = steps.train_step, steps.eval_step
     sync_each_step = sharded.one_step_in_flight(config)
+    # Padded id counts: at most max_buckets per step function over the whole run (every epoch's
+    # order is known now), so the train step compiles at most that many times, resumed or not.
+    ladder = {"min_size": tc.bucket_min_size, "growth": tc.bucket_growth}
+    orders = [epoch_order(len(train_ds), seed=config.seed, epoch=e)
+              for e in range(1, tc.num_epochs + 1)]
+    train_buckets = plan_buckets(train_bags, orders, batch_size=batch_size,
+                                 max_buckets=tc.max_buckets, **ladder)
+    test_buckets = plan_buckets(test_bags, [np.arange(len(test_ds))], batch_size=tc.eval_batch_size,
+                                max_buckets=tc.max_buckets, **ladder)
+    for name, fitted in (("train", train_buckets), ("test", test_buckets)):
+        if fitted is not None:
+            logging.info("%s batches: padded id counts fitted to the batches (the ladder from %d "
+                         "by %g needs more than %d): %s", name, tc.bucket_min_size,
+                         tc.bucket_growth, tc.max_buckets, fitted)
 
     def evaluate(p) -> tuple[dict[str, float], np.ndarray]:
         total, preds = Metrics.zeros(), []
         order = np.arange(len(test_ds))
         for batch in iterate_batches(test_bags, test_ds.labels, order, batch_size=tc.eval_batch_size,
-                                     min_size=tc.bucket_min_size, growth=tc.bucket_growth,
-                                     weights=test_weights):
+                                     weights=test_weights, bucket_sizes=test_buckets, **ladder):
             batch_metrics, batch_preds = eval_step(p, batch)
             total = total.merge(batch_metrics)
             preds.append(np.asarray(batch_preds)[np.asarray(batch.bags.bag_mask)])
@@ -168,15 +181,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     params, opt_state, global_step = state.params, state.opt_state, state.global_step
     stopped_early = False
     for epoch in range(state.epoch + 1, tc.num_epochs + 1):
-        order = epoch_order(len(train_ds), seed=config.seed, epoch=epoch)
+        order = orders[epoch - 1]
         metrics = sharded.replicate(Metrics.zeros(), config)
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{tc.num_epochs}",
                    disable=not tc.progress_bar, leave=True, dynamic_ncols=True, file=sys.stdout)
         compiled_before = compilations["train_step"]
         t_epoch = time.perf_counter()
         for i, batch in enumerate(iterate_batches(train_bags, train_ds.labels, order,
-                                                  batch_size=batch_size, min_size=tc.bucket_min_size,
-                                                  growth=tc.bucket_growth, weights=train_weights)):
+                                                  batch_size=batch_size, weights=train_weights,
+                                                  bucket_sizes=train_buckets, **ladder)):
             params, opt_state, metrics = train_step(params, opt_state, metrics, batch, state.rng,
                                                     np.int32(global_step))
             global_step += 1

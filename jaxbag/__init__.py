@@ -8,6 +8,7 @@ from jaxbag import nnx as nnx
 from jaxbag import sharding as sharding
 from jaxbag._src.batching import PackedBags as PackedBags
 from jaxbag._src.batching import bucket_size as bucket_size
+from jaxbag._src.batching import fit_buckets as fit_buckets
 from jaxbag._src.batching import geometric_buckets as geometric_buckets
 from jaxbag._src.batching import pack_bags as pack_bags
 from jaxbag._src.collection import CollectionLayout as CollectionLayout
@@ -71,6 +72,7 @@ __all__ = [
     "embedding_bag_collection",
     "embedding_bag_collection_rows",
     "embedding_bag_rows",
+    "fit_buckets",
     "geometric_buckets",
     "init_collection",
     "lengths_to_segment_ids",

@@ -1,4 +1,5 @@
-"""jaxbag.pack_bags / bucket_size / geometric_buckets: layout, values, errors, no recompiles; the
+"""jaxbag.pack_bags / bucket_size / geometric_buckets / fit_buckets: layout, values, errors, no
+recompiles; the
 segment-id helpers (offsets_to_segment_ids / lengths_to_segment_ids) on host int64 / uint64 input."""
 
 import jax
@@ -214,6 +215,77 @@ def test_no_recompile_over_many_ragged_batches(count_compiles):
     assert len(traces) == len(capacities) == len(compiles)
     assert len(capacities) <= len(jaxbag.geometric_buckets(batch_size * 60, min_size=min_size))
     assert len(totals) > 3 * len(capacities)
+
+
+def _padded_total(sizes, rungs):
+    return sum(min(r for r in rungs if r >= max(s, 1)) for s in sizes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=9), st.integers(1, 5))
+def test_fit_buckets_is_the_least_padding_ladder(sizes, max_buckets):
+    """Against every ladder of at most max_buckets rungs drawn from the sizes (the last one
+    the largest size): none pads less, and the fitted one is among them."""
+    import itertools
+
+    got = jaxbag.fit_buckets(sizes, max_buckets)
+    values = sorted({max(s, 1) for s in sizes})
+    assert list(got) == sorted(set(got)) and all(type(r) is int for r in got)
+    assert len(got) <= max_buckets and got[-1] == values[-1] and set(got) <= set(values)
+    least = min(
+        _padded_total(sizes, rest + (values[-1],))
+        for r in range(min(max_buckets, len(values)))
+        for rest in itertools.combinations(values[:-1], r)
+    )
+    assert _padded_total(sizes, got) == least
+
+
+def test_fit_buckets_hand_computed():
+    # 10 and 12 share 12 (2 ids of padding), 100 and 101 share 101, 900 alone
+    assert jaxbag.fit_buckets([10, 12, 100, 101, 900], max_buckets=3) == (12, 101, 900)
+    # two rungs: 5, 5, 40 pad to 600 (1,750 ids) rather than 600 to 3000 (2,400 more)
+    assert jaxbag.fit_buckets([3000, 40, 5, 5, 600], max_buckets=2) == (600, 3000)
+    assert jaxbag.fit_buckets(np.array([7, 5, 5], np.int64), max_buckets=8) == (5, 7)
+    assert jaxbag.fit_buckets([0, 0], max_buckets=2) == (1,)  # empty batches: the 1-id bucket
+    # repeats weigh: five 10s keep their rung (74 ids against 78 with 11), three 11s take it
+    assert jaxbag.fit_buckets([10] * 5 + [11, 12], max_buckets=2) == (10, 12)
+    assert jaxbag.fit_buckets([10, 11, 11, 11, 12], max_buckets=2) == (11, 12)  # 56 against 58
+
+
+def test_fit_buckets_bound_the_compilations_where_a_ladder_does_not(count_compiles):
+    """Batches spanning three decades of sizes: the powers-of-two ladder uses a rung per
+    octave, the fitted ladder compiles the step max_buckets times and pads less than the
+    ladder's own rungs would if cut to that many (every size still fits)."""
+    rng = np.random.default_rng(3)
+    weight = jnp.asarray(rng.normal(size=(50, 4)).astype(np.float32))
+    batches = [[rng.integers(0, 50, size=int(n))] for n in np.geomspace(2, 3000, 40).astype(int)]
+    sizes = [sum(len(b) for b in bags) for bags in batches]
+    rungs = jaxbag.fit_buckets(sizes, max_buckets=4)
+    assert len({jaxbag.bucket_size(n, min_size=1) for n in sizes}) > 10  # the ladder's rungs
+    f = jax.jit(lambda w, p: jaxbag.embedding_bag(w, p.indices, segment_ids=p.segment_ids,
+                                                  num_bags=p.num_bags, mode="sum"))
+    with count_compiles(f) as compiles:
+        for bags in batches:
+            p = jaxbag.pack_bags(bags, batch_size=1, bucket_sizes=rungs)
+            np.testing.assert_allclose(f(weight, p), np.asarray(weight)[bags[0]].sum(0)[None],
+                                       rtol=1e-5, atol=1e-4)
+    assert len(compiles) == len(rungs) == 4
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: jaxbag.fit_buckets([], 4), r"sizes must be a non-empty 1-D sequence of ints .*\(shape "
+     r"\(0,\), dtype float64\); e\.g\. jaxbag\.fit_buckets\(\[len\(ids\) for ids in batches\]"),
+    (lambda: jaxbag.fit_buckets([[1, 2]], 4), r"sizes must be a non-empty 1-D .*shape \(1, 2\)"),
+    (lambda: jaxbag.fit_buckets([1.5, 2.0], 4), r"sizes must be .* dtype float64"),
+    (lambda: jaxbag.fit_buckets([True, False], 4), r"sizes must be .* dtype bool"),
+    (lambda: jaxbag.fit_buckets([3, 8, -2], 4), r"sizes\[2\] = -2 is negative"),
+    (lambda: jaxbag.fit_buckets([3], 0), r"max_buckets must be a positive int, got 0; e\.g\. "
+     r"jaxbag\.fit_buckets\(sizes, max_buckets=8\)"),
+    (lambda: jaxbag.fit_buckets([3], jnp.int32(4)), r"max_buckets must be .*pass int\(x\)"),
+])
+def test_fit_buckets_errors_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 def test_bags_and_weights_may_be_jax_arrays():

@@ -144,6 +144,12 @@ def test_ag_news_csv_loader(tmp_path):
         ('"0","a","b"\n', r"bad\.csv:1: class index 0 out of range"),
         ('"x","a","b"\n', r"bad\.csv:1: class index must be an integer"),
         ('"1","a\nb","c"\n"2","d"\n', r"bad\.csv:3: expected 3 fields"),  # line of the row start
+        # an unclosed quote: without strict parsing it swallowed the two lines after it
+        ('"1","a","b\n2,c,d\n3,e,f\n', r"bad\.csv:1: malformed CSV .* read up to line 3\)"),
+        ('"1","a","b"\n"2","he said "hi"","c"\n', r"bad\.csv:2: malformed CSV"),  # was he said hi"
+        ('"1","a","b"\n"1_0","a","b"\n', r"bad\.csv:2: class index must be an integer"),  # int(): 10
+        ('"+2","a","b"\n', r"bad\.csv:1: class index must be an integer"),
+        ('"\u0661","a","b"\n', r"bad\.csv:1: class index must be an integer"),  # Arabic-Indic 1
         ("\n\n", r"bad\.csv: no rows"),
     ],
 )

@@ -126,6 +126,20 @@ def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
     assert [r["label"] for r in got] == [r["label"] for r in predictor.predict(["shares fell", "the match"])]
 
 
+def test_predict_before_training_says_so_without_a_traceback(smoke_run, tmp_path):
+    _, trained, _ = smoke_run
+    untrained = tmp_path / "untrained"  # the files a run writes before its first checkpoint
+    untrained.mkdir()
+    for name in (artifacts.CONFIG, artifacts.SPLIT, artifacts.VOCAB):
+        shutil.copy(trained / name, untrained / name)
+    for workdir, says in ((tmp_path / "nope", "config.json not found"),
+                          (untrained, "no checkpoints in")):
+        r = subprocess.run([sys.executable, "-m", "experiments.predict", "--workdir", str(workdir),
+                            "some text"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+
+
 @pytest.mark.slow
 def test_resume_after_a_stop_gives_identical_parameters(smoke_run, tmp_path):
     config, full_workdir, _ = smoke_run
@@ -196,20 +210,111 @@ def test_resume_may_change_how_the_run_reports(smoke_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_workdir(tmp_path):
-    """A typo that fails a run (here a bad model size, after config.json was written) used to
-    make every later run on the workdir a 'different config' error, with nothing to resume."""
-    bad = smoke.get_config()
-    bad.model.features = 0
-    with pytest.raises(ValueError):
-        train_and_evaluate(bad, tmp_path)
-    assert (tmp_path / artifacts.CONFIG).is_file() and not checkpoint.has_checkpoint(tmp_path)
+    """A run that fails after writing config.json, split.json and vocab.json but before its
+    first checkpoint (made here: another config's files without its checkpoint) used to make
+    every later run on the workdir a 'different config' error, with nothing to resume. Its
+    files are replaced, not reused: the vocabulary and split are this run's own."""
+    other = smoke.get_config()
+    other.model.features = 8
+    other.data.split_seed = 7
+    other.tokenizer.min_freq = 2
+    other.train.stop_after_epochs = 1
+    train_and_evaluate(other, tmp_path / "other")
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    for name in (artifacts.CONFIG, artifacts.SPLIT, artifacts.VOCAB):
+        shutil.copy(tmp_path / "other" / name, workdir / name)
     good = smoke.get_config()
     good.train.stop_after_epochs = 1
-    summary = train_and_evaluate(good, tmp_path)
-    assert summary["epochs"] == 1 and checkpoint.has_checkpoint(tmp_path)
-    assert json.loads((tmp_path / artifacts.CONFIG).read_text())["model"]["features"] == 16
-    with pytest.raises(ValueError, match=r"different config \(model.features: 16 -> 0"):
-        train_and_evaluate(bad, tmp_path)  # now there is a run to protect
+    summary = train_and_evaluate(good, workdir)
+    assert summary["epochs"] == 1 and checkpoint.has_checkpoint(workdir)
+    assert json.loads((workdir / artifacts.CONFIG).read_text())["model"]["features"] == 16
+    train_and_evaluate(good, tmp_path / "fresh")
+    for name in (artifacts.SPLIT, artifacts.VOCAB):
+        assert (workdir / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
+        assert (workdir / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    with pytest.raises(ValueError, match=r"different config \(data.split_seed: -1 -> 7"):
+        train_and_evaluate(other, workdir)  # now there is a run to protect
+
+
+@pytest.mark.slow
+def test_resume_without_config_json_is_refused(tmp_path):
+    """With config.json gone (deleted by hand), the comparison was skipped: the new config was
+    written, then the restore failed as a 'damaged checkpoint' (other shapes) or, with the same
+    shapes, went ahead and mixed two trainings."""
+    config = smoke.get_config()
+    config.train.stop_after_epochs = 1
+    train_and_evaluate(config, tmp_path)
+    (tmp_path / artifacts.CONFIG).unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    other = smoke.get_config()
+    other.optim.learning_rate = 0.5  # same shapes: nothing else would notice
+    with pytest.raises(ValueError, match=r"holds checkpoints but no config\.json.*Put back the "
+                       r"config\.json of that run, or use a new --workdir"):
+        train_and_evaluate(other, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_vocabulary_and_idf_come_from_the_training_split_only(smoke_run):
+    """The saved featurizer is the one fitted on the training texts: the test split's words
+    (and their document counts) are not in it."""
+    from experiments.textcls.data import load_splits
+    from experiments.textcls.tokenizer import Featurizer
+
+    config, workdir, _ = smoke_run
+    train_ds, test_ds, _ = load_splits(config.data, config.seed)
+    saved = json.loads((workdir / artifacts.VOCAB).read_text())
+    assert saved == Featurizer.fit(train_ds.texts, config.tokenizer).to_json()
+    assert saved != Featurizer.fit(train_ds.texts + test_ds.texts, config.tokenizer).to_json()
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_each_step_draws_its_own_dropout_mask(sparse):
+    """The step's dropout key is fold_in(rng, step): the same step number gives the same
+    update, another one another mask (a key without the step reused one mask all run)."""
+    import optax
+    from flax import nnx
+
+    import jaxbag
+    from experiments.textcls.batches import Batch
+    from experiments.textcls.metrics import Metrics
+    from experiments.textcls.model import FastText
+    from experiments.textcls.steps import make_steps, split_model
+
+    model = FastText(12, 3, features=16, dropout=0.5, rngs=nnx.Rngs(0))
+    steps = make_steps(model, optax.sgd(0.5), num_classes=3,
+                       sparse_tx=jaxbag.sparse_sgd(0.5) if sparse else None)
+    _, params, _ = split_model(model)
+    batch = Batch(jaxbag.pack_bags([[1, 4, 7], [2, 9], [3, 5]]), np.array([2, 1, 0], np.int32))
+
+    def one_step(step):
+        p = jax.tree.map(jax.numpy.copy, params)  # the step donates its inputs
+        p, _, _ = steps.train_step(p, steps.init_opt_state(p), Metrics.zeros(), batch,
+                                   jax.random.key(0), np.int32(step))
+        return np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
+
+    np.testing.assert_array_equal(one_step(3), one_step(3))
+    assert not np.allclose(one_step(3), one_step(4))
+
+
+def test_each_epoch_sees_its_own_order(tmp_path, monkeypatch):
+    """Epoch e trains in epoch_order(n, seed, e): a new shuffle each epoch, the same on resume."""
+    from experiments import train
+    from experiments.textcls.batches import epoch_order
+
+    orders = []
+    iterate_batches = train.iterate_batches
+
+    def spy(bags, labels, order, **kwargs):
+        if len(order) == 40:  # the training split (the test split has 10 articles)
+            orders.append(np.asarray(order).copy())
+        return iterate_batches(bags, labels, order, **kwargs)
+
+    monkeypatch.setattr(train, "iterate_batches", spy)
+    train_and_evaluate(_tiny_config(), tmp_path)
+    assert len(orders) == 2 and not np.array_equal(orders[0], orders[1])
+    for epoch, order in enumerate(orders, start=1):
+        np.testing.assert_array_equal(order, epoch_order(40, seed=0, epoch=epoch))
 
 
 @pytest.mark.parametrize("key, value", [("batch_size", 0), ("batch_size", -1), ("num_epochs", 0),
@@ -242,6 +347,24 @@ def test_nonpositive_counts_are_config_errors(tmp_path, key, value):
     ("train.bucket_growth", 1.0, "a finite number > 1", "2.0"),
     ("train.bucket_min_size", 0, "a positive int", "N with N >= 1"),
     ("data.validation_folds", 1, "0 (off) or >= 2", "5"),
+    # failed only after config.json, split.json and vocab.json were written
+    ("optim.name", "foo", "one of adamw, adam, adagrad, sgd", "adamw"),
+    ("optim.schedule", "foo", "one of constant, cosine, linear", "cosine"),
+    ("model.features", 0, "a positive int", "N with N >= 1"),
+    ("tokenizer.term_weights", "foo", "one of none, count, log, binary", "log"),
+    # trained silently (NaN parameters, a learning rate that unlearns, a negative as "none")
+    ("optim.learning_rate", -1.0, "a finite number > 0", "0.01"),
+    ("model.embed_init_scale", float("nan"), "a finite number >= 0", "0.1"),
+    ("model.hidden", -1, "an int >= 0", "N with N >= 0"),
+    ("tokenizer.min_freq", -5, "a positive int", "N with N >= 1"),
+    ("tokenizer.max_size", -1, "an int >= 0", "N with N >= 0"),
+    ("tokenizer.max_tokens", -1, "an int >= 0", "N with N >= 0"),
+    ("optim.warmup_steps", -5, "an int >= 0", "N with N >= 0"),
+    ("optim.weight_decay", -0.1, "a finite number >= 0", "0.0"),
+    ("optim.grad_clip", -1.0, "a finite number >= 0", "0.0 (off) or a norm > 0"),
+    ("optim.b2", 1.0, "a finite number in [0, 1)", "0.999"),
+    ("optim.momentum", -0.5, "a finite number in [0, 1)", "0.9"),
+    ("train.stop_after_epochs", -1, "an int >= 0", "N with N >= 0"),
 ])
 def test_bad_config_values_name_their_flag_before_anything_runs(tmp_path, key, value, allowed, fix):
     config = smoke.get_config()
@@ -270,6 +393,27 @@ def _jsonl_config(tmp_path, train_rows=8):
     config.data.num_classes, config.data.class_names = 2, ()
     config.train.progress_bar = config.train.plot = False
     return config
+
+
+@pytest.mark.parametrize("max_buckets", [3, 100])
+def test_a_run_compiles_its_steps_at_most_max_buckets_times(tmp_path, max_buckets):
+    """Documents of 2 to 2,000 words, one per batch: the ladder from bucket_min_size=1 reaches
+    a rung per power of two (10 sizes, so 10 compilations, with max_buckets=100). With
+    max_buckets=3 the run pads to 3 sizes fitted to its batches (it compiled 10 times before,
+    whatever the spec's bound of 8 said)."""
+    config = _jsonl_config(tmp_path)
+    lengths = np.geomspace(2, 2000, 12).astype(int)
+    for name, picked in (("train.jsonl", lengths), ("test.jsonl", lengths[::3])):
+        (tmp_path / name).write_text("".join(
+            json.dumps({"text": " ".join(f"w{j}" for j in range(n)), "label": i % 2}) + "\n"
+            for i, n in enumerate(picked)))
+    config.tokenizer.ngrams = 1
+    config.tokenizer.min_freq = 1
+    config.train.update(batch_size=1, eval_batch_size=1, num_epochs=2, bucket_min_size=1,
+                        max_buckets=max_buckets)
+    summary = train_and_evaluate(config, tmp_path / "w")
+    assert summary["compilations"]["train_step"] == min(max_buckets, 10)
+    assert summary["compilations"]["eval_step"] == min(max_buckets, 4)  # 4 test documents
 
 
 def test_user_file_configs_name_their_flag_before_anything_runs(tmp_path):
@@ -394,6 +538,10 @@ def test_unknown_key_message_lists_valid_keys():
             "--config.train.num_epochs=2"]
     errors = config_check.unknown_override_errors([a if not a.endswith(".py") else str(REPO / a)
                                                    for a in argv])
+    assert len(errors) == 1 and "Valid keys under 'config.optim'" in errors[0]
+    # the --config=PATH form names the same file
+    errors = config_check.unknown_override_errors(
+        ["prog", f"--config={REPO / 'configs/smoke.py'}", "--config.optim.lr=1"])
     assert len(errors) == 1 and "Valid keys under 'config.optim'" in errors[0]
 
 

@@ -69,11 +69,18 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resume_config(workdir: Path, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
     """Writes ``config.json``. When ``resuming`` (the workdir has a checkpoint), every field but
     :data:`RESUMABLE` must equal the ``config.json`` already there (checked before anything is
-    written); without a checkpoint, what an earlier run that failed before saving one left
+    written; a missing one is an error: nothing would say what the checkpoints were trained
+    with); without a checkpoint, what an earlier run that failed before saving one left
     behind is simply replaced."""
     path = workdir / CONFIG
     new = config_to_dict(config)
-    if resuming and path.is_file():
+    if resuming and not path.is_file():
+        raise ValueError(
+            f"{workdir} holds checkpoints but no {CONFIG}: the config they were trained with is "
+            f"unknown, so resuming could mix two trainings. Put back the {CONFIG} of that run, "
+            "or use a new --workdir."
+        )
+    if resuming:
         old, cur = _flatten(read_json(path)), _flatten(new)
         diffs = [k for k in sorted(set(old) | set(cur)) if k not in RESUMABLE and old.get(k) != cur.get(k)]
         if diffs:

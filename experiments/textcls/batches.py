@@ -36,6 +36,31 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
+def plan_buckets(
+    bags: Sequence[np.ndarray],
+    orders: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    min_size: int,
+    growth: float,
+    max_buckets: int,
+) -> tuple[int, ...] | None:
+    """The padded id counts of every batch the ``orders`` make (one order per epoch).
+
+    None (the geometric ladder from ``min_size`` by ``growth``) when those batches reach at
+    most ``max_buckets`` of its rungs; else the ``max_buckets`` sizes that pad them least
+    (``jaxbag.fit_buckets``). Either way a step jitted over the batches compiles at most
+    ``max_buckets`` times, and a resumed run gets the same sizes (the orders are seeded).
+    """
+    lengths = np.array([len(b) for b in bags], np.int64)
+    sizes = [int(lengths[order[s : s + batch_size]].sum())
+             for order in orders for s in range(0, len(order), batch_size)]
+    rungs = {jaxbag.bucket_size(n, min_size=min_size, growth=growth) for n in sizes}
+    if len(rungs) <= max_buckets:
+        return None
+    return jaxbag.fit_buckets(sizes, max_buckets)
+
+
 def iterate_batches(
     bags: Sequence[np.ndarray],
     labels: np.ndarray,
@@ -45,15 +70,19 @@ def iterate_batches(
     min_size: int,
     growth: float,
     weights: Sequence[np.ndarray] | None = None,
+    bucket_sizes: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """Batches of ``batch_size`` documents in ``order``; the last one is padded with
-    empty, masked bags, and every id array is padded to a geometric bucket size.
-    ``weights`` (one array per document, or None) are packed alongside the ids."""
+    empty, masked bags, and every id array is padded to a bucket size: one of
+    ``bucket_sizes`` (see :func:`plan_buckets`), or of the geometric ladder from
+    ``min_size`` by ``growth`` when it is None. ``weights`` (one array per document, or
+    None) are packed alongside the ids."""
     labels = np.asarray(labels, np.int32)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         packed = jaxbag.pack_bags(
-            [bags[i] for i in idx], batch_size=batch_size, min_size=min_size, growth=growth,
+            [bags[i] for i in idx], batch_size=batch_size, bucket_sizes=bucket_sizes,
+            min_size=min_size, growth=growth,
             weights=None if weights is None else [weights[i] for i in idx],
         )
         y = np.zeros(batch_size, np.int32)

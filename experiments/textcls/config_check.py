@@ -19,6 +19,8 @@ from typing import Any
 import ml_collections
 
 import jaxbag
+from experiments.textcls.optim import OPTIMIZERS, SCHEDULES
+from experiments.textcls.tokenizer import TERM_WEIGHTS
 
 
 def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -166,10 +168,38 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
         except ValueError as e:
             problems.append(str(e))
 
+    def number(key: str, value: Any, low: float, high: float = math.inf, *,
+               low_open: bool = False, fix: str) -> None:
+        """A finite number in [low, high) (or (low, high) with ``low_open``)."""
+        ok = _is_number(value) and (value > low if low_open else value >= low) and value < high
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g})" if high < math.inf else (
+            f"{'>' if low_open else '>='} {low:g}")
+        check(ok, key, value, f"a finite number {'in ' if high < math.inf else ''}{interval}", fix)
+
     train, data, tok, model = config["train"], config["data"], config["tokenizer"], config["model"]
+    optim = config["optim"]
     for key in ("num_epochs", "batch_size", "eval_batch_size", "max_checkpoints",
-                "log_every_steps", "bucket_min_size"):
+                "log_every_steps", "bucket_min_size", "max_buckets"):
         count(f"train.{key}", train[key])
+    count("train.stop_after_epochs", train["stop_after_epochs"], 0)
+    count("model.features", model["features"])
+    count("model.hidden", model["hidden"], 0)
+    number("model.embed_init_scale", model["embed_init_scale"], 0, fix="0.1")
+    count("tokenizer.min_freq", tok["min_freq"])
+    count("tokenizer.max_size", tok["max_size"], 0)
+    count("tokenizer.max_tokens", tok["max_tokens"], 0)
+    check(tok["term_weights"] in TERM_WEIGHTS, "tokenizer.term_weights", tok["term_weights"],
+          f"one of {', '.join(TERM_WEIGHTS)}", "log")
+    check(optim["name"] in OPTIMIZERS, "optim.name", optim["name"],
+          f"one of {', '.join(OPTIMIZERS)}", "adamw")
+    check(optim["schedule"] in SCHEDULES, "optim.schedule", optim["schedule"],
+          f"one of {', '.join(SCHEDULES)}", "cosine")
+    number("optim.learning_rate", optim["learning_rate"], 0, low_open=True, fix="0.01")
+    count("optim.warmup_steps", optim["warmup_steps"], 0)
+    number("optim.weight_decay", optim["weight_decay"], 0, fix="0.0")
+    number("optim.grad_clip", optim["grad_clip"], 0, fix="0.0 (off) or a norm > 0")
+    for key, fix in (("b1", "0.9"), ("b2", "0.999"), ("momentum", "0.9")):
+        number(f"optim.{key}", optim[key], 0, 1, fix=fix)
     count("seed", config["seed"], 0)
     split_seed = data["split_seed"]
     check(_is_int(split_seed) and split_seed >= -1, "data.split_seed", split_seed,

@@ -179,15 +179,17 @@ def load_ag_news_csv(
 
     Raises:
         DataError: missing file, bytes that are not UTF-8 (a byte-order mark is fine), a
-            row without exactly 3 fields, a non-integer or out-of-range class index, or no
-            rows at all (the message has ``file:line``). Fields may be of any length.
+            stray or unclosed quote, a row without exactly 3 fields, a class index that is not
+            ASCII digits or is out of range, or no rows at all (the message has ``file:line``,
+            the line a record starts on). Fields may be of any length.
     """
     p = _check_exists(path, "CSV file")
     names = _class_names(num_classes, class_names)
     c = len(names)
     texts, labels, sources = [], [], []
     with _csv_fields_of_any_size():
-        reader = csv.reader(io.StringIO(_read_utf8(p), newline=""))
+        # strict: a stray or unclosed quote is an error, not a field that swallows the lines after it
+        reader = csv.reader(io.StringIO(_read_utf8(p), newline=""), strict=True)
         start = 1
         try:
             for row in reader:
@@ -200,20 +202,23 @@ def load_ag_news_csv(
                         f"{p}:{line}: expected 3 fields \"class index\",\"title\",\"description\", "
                         f"got {len(row)}: {row!r:.120}"
                     )
-                try:
-                    cls = int(row[0].strip())
-                except ValueError:
+                label = row[0].strip()
+                if not (label.isascii() and label.isdigit()):  # int() would take "1_0", "+2", "١"
                     raise DataError(
                         f"{p}:{line}: class index must be an integer in 1..{c}, got {row[0]!r}"
-                    ) from None
+                    )
+                cls = int(label)
                 if not 1 <= cls <= c:
                     raise DataError(f"{p}:{line}: class index {cls} out of range 1..{c}")
                 title, desc = row[1].replace("\\", " "), row[2].replace("\\", " ")
                 texts.append(f"{title} {desc}".strip())
                 labels.append(cls - 1)
                 sources.append(f"{p.name}:{line}")
-        except csv.Error as e:
-            raise DataError(f"{p}:{reader.line_num}: malformed CSV: {e}") from None
+        except csv.Error as e:  # ``start``: the line the broken record starts on
+            raise DataError(
+                f"{p}:{start}: malformed CSV (the record starting on this line, read up to line "
+                f"{reader.line_num}): {e}; a quote inside a quoted field is written \"\""
+            ) from None
     if not texts:
         raise DataError(f"{p}: no rows")
     return TextDataset(tuple(texts), np.asarray(labels, np.int32), names, tuple(sources))

@@ -10,6 +10,9 @@ import optax
 
 import jaxbag
 
+OPTIMIZERS = ("adamw", "adam", "adagrad", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+
 
 def make_schedule(optim_config: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     """``constant``, ``cosine`` or ``linear`` decay to 0, after ``warmup_steps`` linear warmup."""
