@@ -433,6 +433,11 @@ def test_user_file_configs_name_their_flag_before_anything_runs(tmp_path):
                        r"config\.data\.class_names, \['a', 'b'\]\); got 3\. Pass "
                        r"--config\.data\.num_classes=2\."):
         train_and_evaluate(config, workdir)
+    # what --config.data.class_names=a,b gives (ml_collections reads one string)
+    config.data.num_classes, config.data.class_names = 2, ("a,b",)
+    with pytest.raises(ValueError, match=r"config\.data\.class_names must be a tuple of class names "
+                       r".*; got \('a,b',\)\. Pass --config\.data\.class_names=\"\('a', 'b'\)\"\."):
+        train_and_evaluate(config, workdir)
     with pytest.raises(ValueError, match=r"config\.data\.train_path must be an existing file \(no such "
                        r"file: .*data/ag_news/train\.csv\); got 'data/ag_news/train\.csv'\. Pass "
                        r"--config\.data\.train_path=PATH\.(.|\n)*config\.data\.test_path must be"):

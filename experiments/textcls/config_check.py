@@ -230,7 +230,12 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
         count("data.max_per_class", data["max_per_class"], 0)
     elif name in DATA_NAMES:  # files you supply
         num, names = data["num_classes"], tuple(data["class_names"])
-        if names:
+        if any("," in str(n) for n in names):  # --config.data.class_names=a,b gives ('a,b',)
+            split = [p.strip() for n in names for p in str(n).split(",")]
+            check(False, "data.class_names", names,
+                  "a tuple of class names (a name with a comma is taken for a list written "
+                  "without its tuple syntax)", '"' + repr(tuple(split)) + '"')
+        elif names:
             check(num in (0, len(names)), "data.num_classes", num,
                   f"0 or {len(names)} (the number of config.data.class_names, {list(names)})",
                   f"{len(names)}")
