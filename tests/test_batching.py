@@ -314,6 +314,30 @@ def test_sizes_given_as_arrays_get_the_int_hint(call, name):
         call()
 
 
+def test_ladder_edges_growth_near_one_or_huge_and_generator_buckets():
+    """A growth within rounding of 1 still climbs one id a rung (it would loop for ever), one
+    past float's range is computed exactly (OverflowError: cannot convert float infinity), a
+    bucket past int32 is refused by pack_bags (NumPy's 'Maximum allowed dimension exceeded'),
+    and bucket_sizes given as a generator are checked (the check saw the used-up generator:
+    2.5 was truncated to 2, True taken as 1)."""
+    assert jaxbag.bucket_size(3, min_size=1, growth=1 + 1e-13) == 3
+    assert jaxbag.geometric_buckets(3, min_size=1, growth=1 + 1e-13) == (1, 2, 3)
+    assert jaxbag.bucket_size(129, min_size=128, growth=1e308) == 128 * int(1e308)  # exactly
+    assert jaxbag.geometric_buckets(129, min_size=128, growth=1e308) == (128, 128 * int(1e308))
+    with pytest.raises(ValueError, match=r"the bucket for N=200 ids is N_pad=~1e202, past the "
+                       r"int32 positions .*growth=2\.0 or bucket_sizes=jaxbag\.geometric_buckets\(200\)"):
+        jaxbag.pack_bags([[1] * 200], growth=1e200)
+    for bad in ((2.5, 4), (True, 4)):
+        with pytest.raises(ValueError, match=rf"bucket_sizes must be .*got \({bad[0]}, 4\)"):
+            jaxbag.bucket_size(3, bucket_sizes=(x for x in bad))
+    assert jaxbag.bucket_size(3, bucket_sizes=(x for x in (2, 4))) == 4
+
+
+def test_pack_bags_reports_a_bad_id_before_an_overfull_bucket():
+    with pytest.raises(ValueError, match=r"bags\[1\]\[0\] = -3"):
+        jaxbag.pack_bags([[1] * 17, [-3]], bucket_sizes=(8, 16))
+
+
 def test_ladder_rungs_are_the_exact_ceilings():
     """100 * 1.1 is 110.00000000000001 in floating point, so the rung after 100 was 111."""
     assert jaxbag.geometric_buckets(200, min_size=100, growth=1.1) == (

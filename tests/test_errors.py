@@ -32,6 +32,16 @@ VALUE_CASES = {
         (ValueError,),
         [r"offsets\[0\]", r"\b1\b"],
     ),
+    "offsets0_negative": (
+        dict(indices=i32(0, 1, 2, 3), offsets=i32(-1, 2)),
+        (ValueError,),
+        [r"offsets\[0\] = -1 but the first bag must start at 0"],
+    ),
+    "two_segment_ids_unsorted": (
+        dict(indices=i32(0, 1), segment_ids=i32(1, 0), num_bags=2),
+        (ValueError,),
+        [r"segment_ids\[1\] = 0 is smaller than segment_ids\[0\] = 1", r"must be sorted"],
+    ),
     "offsets_decreasing": (
         dict(indices=i32(0, 1, 2, 3), offsets=i32(0, 3, 2, 4)),
         (ValueError,),
@@ -544,6 +554,14 @@ SEGMENT_CASES = {
                        [r"offsets\[1\] = 4 is past the end", r"N = 3"]),
     "num_indices_negative": (lambda: jaxbag.offsets_to_segment_ids(jnp.array([0]), -1), ValueError,
                              [r"num_indices must be a static int >= 0", r"-1"]),
+    # operator.index(True) is 1: taken as N = 1
+    "num_indices_bool": (lambda: jaxbag.offsets_to_segment_ids(jnp.array([0]), True), ValueError,
+                         [r"num_indices must be a static int >= 0 .*got True"]),
+    "lengths_num_indices_bool": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([1]), True),
+                                 ValueError, [r"num_indices must be a static int >= 0 .*got True"]),
+    # a Python int past int64: JAX's 'Error interpreting argument to stage as a JAX value'
+    "offsets_python_int_past_int64": (lambda: jaxbag.offsets_to_segment_ids([0, 2**70], 5),
+                                      ValueError, [r"offsets\[1\] = \d+ is past the end"]),
     "lengths_negative": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([-2, 3]), 5), ValueError,
                          [r"lengths\[0\] = -2 is negative"]),
     "lengths_float": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([1.5, 2.0]), 5), TypeError,
@@ -590,6 +608,7 @@ def test_segment_id_helpers_under_jit_follow_the_documented_rule():
     assert f(jnp.array([1, 2**31 - 1, 1]), 4).tolist() == [0, 1, 1, 1]
     g = jax.jit(jaxbag.offsets_to_segment_ids, static_argnums=1)
     assert g(jnp.array([0, 9, 2]), 4).tolist() == [0, 0, 1, 1]
+    assert g(jnp.array([0, -2]), 5).tolist() == [0, 0, 0, 0, 0]  # a negative offset too
     # valid input: the same eagerly and under jit, against a NumPy model
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -601,6 +620,38 @@ def test_segment_id_helpers_under_jit_follow_the_documented_rule():
         offs = np.concatenate([[0], np.cumsum(lens)[:-1]])
         want_o = np.where(want == len(lens), len(lens) - 1, want)  # no last offset: last bag runs on
         assert jaxbag.offsets_to_segment_ids(jnp.asarray(offs), n).tolist() == want_o.tolist()
+
+
+@pytest.mark.parametrize("check", ["embedding_bag", "validate"])
+@pytest.mark.parametrize("big", [2**70, -(2**70)])
+def test_python_ints_past_int64_are_named_as_out_of_range_ids(check, big):
+    """A list holding 2**70 became a NumPy object array, which JAX refused ('Error interpreting
+    argument to stage as a JAX value') without naming the argument or the position."""
+    call = {"embedding_bag": lambda: jaxbag.embedding_bag(W, [1, big, 2], [0]),
+            "validate": lambda: jaxbag.validate(V, [1, big, 2], [0])}[check]
+    _raises(IndexError, [r"indices\[1\] = -?\d+ is out of range", r"may stand for a larger"], call)
+
+
+@pytest.mark.parametrize("num_bags", [True, 1.0])
+def test_num_bags_must_be_an_int_in_every_form(num_bags):
+    """True == 1 and 1.0 == 1: with 2-D indices or offsets a bool or float num_bags passed (the
+    segment-ids form refused it)."""
+    _raises(ValueError, [rf"num_bags={num_bags!r} does not match 2-D indices"],
+            lambda: jaxbag.embedding_bag(W, i32(1, 2)[None], num_bags=num_bags))
+    _raises(ValueError, [rf"num_bags={num_bags!r} does not match offsets"],
+            lambda: jaxbag.embedding_bag(W, i32(1, 2), i32(0), num_bags=num_bags))
+    assert jaxbag.embedding_bag(W, i32(1, 2), i32(0), num_bags=np.int64(1)).shape == (1, D)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "sqrtn"])
+def test_2d_input_without_columns_gives_empty_bags(mode, jit):
+    """[B, 0] indices: B empty bags (zeros), not a ZeroDivisionError from the bag layout."""
+    f = lambda w, i: jaxbag.embedding_bag(w, i, mode=mode)  # noqa: E731
+    out = (jax.jit(f) if jit else f)(W, jnp.zeros((3, 0), jnp.int32))
+    np.testing.assert_array_equal(out, np.zeros((3, D), np.float32))
+    g = jax.grad(lambda w: jnp.sum(f(w, jnp.zeros((3, 0), jnp.int32))))(W)
+    np.testing.assert_array_equal(g, np.zeros_like(W))
 
 
 def test_small_argument_inconsistencies():

@@ -99,11 +99,32 @@ def test_id_errors_name_the_position_as_passed(call, match):
          r"num_shards must be an int >= 1 .*got num_shards=Array.*pass int\(x\)"),
         (lambda: JF.from_lists({"a": [[1], [[2], 3]]}), ValueError,
          r"features\['a'\]\[1\] must be a flat list of ids; got .* \(ragged\)"),
+        # Python's "'int' object is not iterable" / "object of type 'float' has no len()"
+        (lambda: JF.from_lists({"a": 5}), TypeError,
+         r"features\['a'\] must be a sequence of 1-D id sequences, got int; e\.g\. "
+         r"jaxbag\.JaggedFeatures\.from_lists\(\{'words': \[\[1, 2\], \[\], \[3\]\]\}\)"),
+        (lambda: JF.from_lists({"a": [[1]]}, weights={"a": 1.0}), TypeError,
+         r"weights\['a'\] must be a sequence of 1-D weight sequences, got float; e\.g\. .*weights="),
+        (lambda: JF.from_lists([[1], [2]]), TypeError,
+         r"features must be a mapping \{key: bags\}, got list"),
+        (lambda: JF.from_lists({"a": [[1]]}, weights=[[1.0]]), ValueError,
+         r"weights must have exactly the keys of features \('a',\); got list"),
+        # a reshape error later
+        (lambda: JF.from_lists({"a": [[1], [2], [3]]}, num_shards=2), ValueError,
+         r"num_shards=2 must divide the batch size B=3; pad the batch with empty examples"),
     ],
 )
 def test_builder_argument_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_feature_with_only_empty_bags_keeps_a_capacity_of_round_to():
+    """Its automatic capacity is round_to, not 0: the shape, so the compilation, stays the same
+    when a batch happens to have no id for it."""
+    jf = JF.from_lists({"a": [[1], [2, 3]], "b": [[], []]}, round_to=8)
+    assert jf.capacities == (8, 8)
+    assert JF.from_lists({"a": [[1], []], "b": [[], [4]]}, round_to=8).capacities == (8, 8)
 
 
 def test_builders_take_whole_number_weights_and_jax_arrays():
@@ -127,6 +148,9 @@ def test_builders_take_whole_number_weights_and_jax_arrays():
                                               r"got capacities=\(1\.9,\)"),
         (dict(capacities=jnp.array([4])), ValueError, r"capacities must hold .*pass int\(x\)"),
         (dict(num_shards=1.0), ValueError, r"num_shards must be an int >= 1 .*num_shards=1\.0"),
+        # (a reshape error later)
+        (dict(lengths=np.array([[2, 1, 0]]), num_shards=2), ValueError,
+         r"the batch size B=3 must be divisible by num_shards=2; pad the batch with empty examples"),
     ],
 )
 def test_constructor_refuses_non_float_weights_and_non_int_sizes(kwargs, error, match):

@@ -310,6 +310,34 @@ def test_include_last_offset_differs_from_torch_as_documented(jit):
         np.testing.assert_allclose(got[0], t[0].numpy(), rtol=1e-6)  # bag 0 agrees
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_weights_past_the_last_offset_get_no_gradient(mode, jit):
+    """Ids past the last offset are in no bag, so their per_sample_weights get a zero gradient
+    (torch 2.13's is not zero there: values from uninitialised memory, up to about 1e22 in a
+    review's runs; the README says so). Bag 0's weights agree with torch (which weighs only
+    sum)."""
+    w = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
+    ids, offsets = np.array([1, 2, 3, 5, 4], np.int32), np.array([0, 2, 3], np.int32)
+    psw = np.array([0.5, 2.0, 1.5, 3.0, 0.7], np.float32)
+
+    def f(p):
+        return jnp.sum(jaxbag.embedding_bag(jnp.asarray(w), ids, offsets, mode=mode,
+                                            per_sample_weights=p, include_last_offset=True) ** 2)
+
+    g = np.asarray((jax.jit(jax.grad(f)) if jit else jax.grad(f))(jnp.asarray(psw)))
+    np.testing.assert_array_equal(g[3:], 0.0)
+    assert np.all(g[:3] != 0.0)
+    if mode != "sum":
+        return
+    p = torch.tensor(psw, requires_grad=True)
+    t = F.embedding_bag(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(w),
+                        torch.from_numpy(offsets.astype(np.int64)), mode=mode,
+                        per_sample_weights=p, include_last_offset=True)
+    (t ** 2).sum().backward()
+    np.testing.assert_allclose(g[:3], p.grad.numpy()[:3], rtol=1e-5)
+
+
 def test_reference_matches_torch_directly():
     """The NumPy reference itself against torch on a ragged batch (guards the reference)."""
     from reference import embedding_bag_ref

@@ -21,6 +21,7 @@ arrays are handed to a jitted step), so nothing here is traced.
 
 from __future__ import annotations
 
+import fractions
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -122,6 +123,18 @@ def host_rows(x: Any) -> Any:
     """A JAX array of bags (or of their weights) as a NumPy one, its rows then read on the host
     one bag each; anything else as it is. Shared by :func:`pack_bags` and the builders."""
     return np.asarray(x) if isinstance(x, jax.Array) else x
+
+
+def bag_rows(x: Any, where: str, example: str, what: str = "id") -> Any:
+    """:func:`host_rows` of ``x``, which must be a sequence of bags (a 2-D array: one per row);
+    else a ``TypeError`` naming ``where`` and showing ``example``."""
+    rows = host_rows(x)
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (Sequence, np.ndarray)):
+        raise TypeError(
+            f"{where} must be a sequence of 1-D {what} sequences, got {type(rows).__name__}; "
+            f"e.g. {example}."
+        )
+    return rows
 
 
 def bag_ids(bag: object, where: str) -> np.ndarray:
@@ -291,6 +304,8 @@ def _next_rung(size: int, growth: float) -> int:
     of a whole number is that number: ``100 * 1.1`` is ``110.00000000000001`` in floating point,
     and its rung is 110, not 111."""
     x = size * growth
+    if not math.isfinite(x):  # growth=1e308: past float's range, so in exact arithmetic
+        return math.ceil(fractions.Fraction(growth) * size)
     whole = round(x)
     return max(size + 1, whole if abs(x - whole) <= 1e-12 * x else math.ceil(x))
 
@@ -482,16 +497,20 @@ def bucket_size(
 
 def _check_bucket_sizes(bucket_sizes: Sequence[int]) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(s) for s in bucket_sizes)
+        raw = tuple(bucket_sizes)  # once: a generator is used up by the first pass
+    except TypeError:
+        raw = bucket_sizes
+    try:
+        sizes = tuple(int(s) for s in raw)
         ok = len(sizes) > 0 and all(
-            not isinstance(s, bool) and isinstance(s, (int, np.integer)) for s in bucket_sizes
+            not isinstance(s, bool) and isinstance(s, (int, np.integer)) for s in raw
         )
     except (TypeError, ValueError):
         ok = False
     if not ok or any(s < 1 for s in sizes) or any(a >= b for a, b in itertools.pairwise(sizes)):
         raise ValueError(
             f"bucket_sizes must be a non-empty, strictly increasing sequence of positive "
-            f"ints, got {bucket_sizes!r}; e.g. bucket_sizes=(256, 512, 1024) or "
+            f"ints, got {raw!r}; e.g. bucket_sizes=(256, 512, 1024) or "
             "bucket_sizes=jaxbag.geometric_buckets(1024)."
         )
     return sizes
@@ -557,12 +576,7 @@ def pack_bags(
         >>> counted.weights.tolist()
         [3.0, 1.0, 0.0, 0.0]
     """
-    bags = host_rows(bags)
-    if isinstance(bags, (str, bytes)) or not isinstance(bags, (Sequence, np.ndarray)):
-        raise TypeError(
-            f"bags must be a sequence of 1-D id sequences, got {type(bags).__name__}; "
-            "e.g. jaxbag.pack_bags([[1, 2], [3]], batch_size=4)."
-        )
+    bags = bag_rows(bags, "bags", "jaxbag.pack_bags([[1, 2], [3]], batch_size=4)")
     num_real = len(bags)
     if batch_size is None:
         if num_real == 0:
@@ -586,8 +600,15 @@ def pack_bags(
     lengths = np.zeros(batch_size, dtype=np.int32)
     lengths[:num_real] = [a.size for a in arrays]
     total = int(lengths.sum(dtype=np.int64))
+    flat = checked_ids(arrays, lambda i: f"bags[{i}]")  # the ids' errors first
     n_pad = bucket_size(total, bucket_sizes=bucket_sizes, min_size=min_size, growth=growth)
-    flat = checked_ids(arrays, lambda i: f"bags[{i}]")
+    if n_pad > _INT32_MAX:
+        raise ValueError(
+            f"the bucket for N={total} ids is N_pad="
+            f"{n_pad if n_pad < 10**12 else f'~1e{len(str(n_pad)) - 1}'}, past the int32 positions the "
+            f"packed arrays index; choose a smaller bucket, e.g. growth=2.0 or "
+            f"bucket_sizes=jaxbag.geometric_buckets({max(total, 1)})."
+        )
     packed_weights = None if weights is None else _pack_weights(weights, lengths, num_real, n_pad)
 
     indices = np.zeros(n_pad, dtype=np.int32)

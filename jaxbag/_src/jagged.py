@@ -326,10 +326,17 @@ class JaggedFeatures:
           >>> jf.keys, jf.batch_size, jf.lengths.tolist()
           (('words', 'tags'), 3, [[2, 0, 1], [1, 1, 0]])
         """
+        example = "jaxbag.JaggedFeatures.from_lists({'words': [[1, 2], [], [3]]})"
+        if not isinstance(features, Mapping):
+            raise TypeError(
+                f"features must be a mapping {{key: bags}}, got {type(features).__name__}; e.g. "
+                f"{example}."
+            )
         keys = _check_keys(list(features))
         _check_num_shards(num_shards)
         bags = {k: [batching.bag_ids(x, f"features[{k!r}][{j}]")
-                    for j, x in enumerate(batching.host_rows(features[k]))] for k in keys}
+                    for j, x in enumerate(batching.bag_rows(features[k], f"features[{k!r}]", example))]
+                for k in keys}
         sizes = {k: len(v) for k, v in bags.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"every feature needs the same number of examples; got {sizes}.")
@@ -337,20 +344,25 @@ class JaggedFeatures:
         _check_num_shards(num_shards, b)
         flat_w = None
         if weights is not None:
-            if set(weights) != set(keys):
+            if not isinstance(weights, Mapping) or set(weights) != set(keys):
+                got = tuple(weights) if isinstance(weights, Mapping) else type(weights).__name__
                 raise ValueError(
-                    f"weights must have exactly the keys of features {keys}; got {tuple(weights)}."
+                    f"weights must have exactly the keys of features {keys}; got {got}."
                 )
+            w_example = ("jaxbag.JaggedFeatures.from_lists({'words': [[1, 2], [3]]}, "
+                         "weights={'words': [[0.5, 2.0], [1.0]]})")
+            w_rows = {k: batching.bag_rows(weights[k], f"weights[{k!r}]", w_example, "weight")
+                      for k in keys}
             for k in keys:
-                if len(weights[k]) != b:
+                if len(w_rows[k]) != b:
                     raise ValueError(
-                        f"weights[{k!r}] has {len(weights[k])} bags but features[{k!r}] has {b}: "
+                        f"weights[{k!r}] has {len(w_rows[k])} bags but features[{k!r}] has {b}: "
                         "give one list of weights per example, shaped as its ids."
                     )
             flat_w = np.concatenate([np.zeros(0, np.float32)] + [
                 batching.host_weights(w, f"weights[{k!r}][{j}]", len(bags[k][j]),
                                       f"features[{k!r}][{j}]")
-                for k in keys for j, w in enumerate(batching.host_rows(weights[k]))
+                for k in keys for j, w in enumerate(w_rows[k])
             ])
         lengths = np.array([[len(x) for x in bags[k]] for k in keys], np.int64).reshape(len(keys), b)
         flat = batching.checked_ids(

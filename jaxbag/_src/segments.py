@@ -213,7 +213,7 @@ def _check_not_clipped(name: str, raw: ArrayLike, x: Array, n: int) -> None:
 
 def _checked_num_indices(num_indices: int) -> int:
     try:  # anything with __index__ (a NumPy 0-d int array too); a tracer is not static
-        n = operator.index(num_indices)
+        n = -1 if isinstance(num_indices, (bool, np.bool_)) else operator.index(num_indices)
     except TypeError:
         n = -1
     if n < 0:
