@@ -247,9 +247,22 @@ def test_fit_buckets_hand_computed():
     assert jaxbag.fit_buckets([3000, 40, 5, 5, 600], max_buckets=2) == (600, 3000)
     assert jaxbag.fit_buckets(np.array([7, 5, 5], np.int64), max_buckets=8) == (5, 7)
     assert jaxbag.fit_buckets([0, 0], max_buckets=2) == (1,)  # empty batches: the 1-id bucket
+    assert jaxbag.fit_buckets([2**31 - 1, 2**31 - 2, 7], max_buckets=2) == (7, 2**31 - 1)
     # repeats weigh: five 10s keep their rung (74 ids against 78 with 11), three 11s take it
     assert jaxbag.fit_buckets([10] * 5 + [11, 12], max_buckets=2) == (10, 12)
     assert jaxbag.fit_buckets([10, 11, 11, 11, 12], max_buckets=2) == (11, 12)  # 56 against 58
+
+
+def test_fit_buckets_with_a_rung_to_spare_skips_the_search(monkeypatch):
+    """max_buckets >= the distinct sizes: every size its own rung, without the dynamic program
+    (2,000 distinct sizes took 32 s through it; its levels each call np.argmin)."""
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the dynamic program ran")
+
+    monkeypatch.setattr(np, "argmin", no_search)
+    assert jaxbag.fit_buckets(np.arange(2_000, 0, -1), 2_000) == tuple(range(1, 2_001))
+    assert jaxbag.fit_buckets([9, 4, 4, 0], 5) == (1, 4, 9)
 
 
 def test_fit_buckets_bound_the_compilations_where_a_ladder_does_not(count_compiles):
@@ -278,7 +291,14 @@ def test_fit_buckets_bound_the_compilations_where_a_ladder_does_not(count_compil
     (lambda: jaxbag.fit_buckets([[1, 2]], 4), r"sizes must be a non-empty 1-D .*shape \(1, 2\)"),
     (lambda: jaxbag.fit_buckets([1.5, 2.0], 4), r"sizes must be .* dtype float64"),
     (lambda: jaxbag.fit_buckets([True, False], 4), r"sizes must be .* dtype bool"),
-    (lambda: jaxbag.fit_buckets([3, 8, -2], 4), r"sizes\[2\] = -2 is negative"),
+    (lambda: jaxbag.fit_buckets([3, 8, -2], 4), r"sizes\[2\] = -2 is not an id count in "
+     r"\[0, 2\*\*31 - 1\]"),
+    (lambda: jaxbag.fit_buckets([3, -1], 4), r"sizes\[1\] = -1 is not an id count"),
+    # int64 costs overflowed (2**62 + 1 alone was 'best'); uint64 past int64 wrapped negative
+    (lambda: jaxbag.fit_buckets([2**62 + 1, 2**61, 1], 2), r"sizes\[0\] = 4611686018427387905 is "
+     r"not an id count .*pack_bags indexes them with int32"),
+    (lambda: jaxbag.fit_buckets(np.array([5, 2**64 - 1], np.uint64), 2),
+     r"sizes\[1\] = 18446744073709551615 is not an id count"),
     (lambda: jaxbag.fit_buckets([3], 0), r"max_buckets must be a positive int, got 0; e\.g\. "
      r"jaxbag\.fit_buckets\(sizes, max_buckets=8\)"),
     (lambda: jaxbag.fit_buckets([3], jnp.int32(4)), r"max_buckets must be .*pass int\(x\)"),

@@ -630,17 +630,24 @@ def test_python_ints_past_int64_are_named_as_out_of_range_ids(check, big):
     call = {"embedding_bag": lambda: jaxbag.embedding_bag(W, [1, big, 2], [0]),
             "validate": lambda: jaxbag.validate(V, [1, big, 2], [0])}[check]
     _raises(IndexError, [r"indices\[1\] = -?\d+ is out of range", r"may stand for a larger"], call)
+    _raises(IndexError, [r"indices\[1\] = -?\d+ is out of range"],  # NumPy ints among them
+            lambda: jaxbag.validate(V, [np.int64(1), big], [0]))
+    # with a float (or bool) among them: not an integer array, named
+    _raises(TypeError, [r"indices must be an integer array"],
+            lambda: jaxbag.validate(V, [1, big, 2.5], [0]))
 
 
-@pytest.mark.parametrize("num_bags", [True, 1.0])
+@pytest.mark.parametrize("num_bags", [True, 1.0, np.array(1), jnp.int32(1)])
 def test_num_bags_must_be_an_int_in_every_form(num_bags):
     """True == 1 and 1.0 == 1: with 2-D indices or offsets a bool or float num_bags passed (the
-    segment-ids form refused it)."""
-    _raises(ValueError, [rf"num_bags={num_bags!r} does not match 2-D indices"],
-            lambda: jaxbag.embedding_bag(W, i32(1, 2)[None], num_bags=num_bags))
-    _raises(ValueError, [rf"num_bags={num_bags!r} does not match offsets"],
-            lambda: jaxbag.embedding_bag(W, i32(1, 2), i32(0), num_bags=num_bags))
+    segment-ids form refused it); an array is a size given as an array, as elsewhere."""
+    hint = r".*pass int\(x\)" if isinstance(num_bags, (np.ndarray, jax.Array)) else ""
+    for call in (lambda: jaxbag.embedding_bag(W, i32(1, 2)[None], num_bags=num_bags),
+                 lambda: jaxbag.embedding_bag(W, i32(1, 2), i32(0), num_bags=num_bags)):
+        _raises(ValueError, [r"num_bags must be a static int or None; got num_bags=.*leave "
+                             r"num_bags=None\." + hint], call)
     assert jaxbag.embedding_bag(W, i32(1, 2), i32(0), num_bags=np.int64(1)).shape == (1, D)
+    assert jaxbag.embedding_bag(W, i32(1, 2)[None], num_bags=1).shape == (1, D)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

@@ -107,8 +107,11 @@ def test_id_errors_name_the_position_as_passed(call, match):
          r"weights\['a'\] must be a sequence of 1-D weight sequences, got float; e\.g\. .*weights="),
         (lambda: JF.from_lists([[1], [2]]), TypeError,
          r"features must be a mapping \{key: bags\}, got list"),
-        (lambda: JF.from_lists({"a": [[1]]}, weights=[[1.0]]), ValueError,
-         r"weights must have exactly the keys of features \('a',\); got list"),
+        (lambda: JF.from_lists({"a": [[1]]}, weights=[[1.0]]), TypeError,
+         r"weights must be a mapping \{key: weight lists\} with the keys of features \('a',\); "
+         r"got list"),
+        (lambda: JF.from_lists({"a": [[1]]}, weights={"b": [[1.0]]}), ValueError,
+         r"weights must have exactly the keys of features \('a',\); got \('b',\)"),
         # a reshape error later
         (lambda: JF.from_lists({"a": [[1], [2], [3]]}, num_shards=2), ValueError,
          r"num_shards=2 must divide the batch size B=3; pad the batch with empty examples"),

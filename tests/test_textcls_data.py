@@ -464,3 +464,22 @@ def test_epoch_order_differs_between_epochs_and_is_a_permutation():
     assert sorted(a.tolist()) == list(range(50)) and not np.array_equal(a, b)
     np.testing.assert_array_equal(a, epoch_order(50, seed=0, epoch=1))
     assert not np.array_equal(a, epoch_order(50, seed=1, epoch=1))
+
+
+def test_plan_buckets_keeps_the_ladder_up_to_max_buckets_rungs():
+    """Batches of 1, 2 and 5 ids (one document each) reach 3 rungs of the ladder from 1 by 2:
+    with max_buckets=3 the ladder is kept (None), with 2 the two sizes that pad least (2 and 5:
+    9 ids against 11 for 1 and 5), over every epoch's batches."""
+    from experiments.textcls.batches import iterate_batches, plan_buckets
+
+    bags = [np.arange(n, dtype=np.int32) for n in (1, 2, 5)]
+    ladder = {"min_size": 1, "growth": 2.0}
+    first = [np.array([0, 1, 2])]
+    assert plan_buckets(bags, first, batch_size=1, max_buckets=3, **ladder) is None
+    assert plan_buckets(bags, first, batch_size=1, max_buckets=2, **ladder) == (2, 5)
+    # two documents a batch: 3 and 5 ids, then 7 and 1 (rungs 4, 8, 8, 1): 3 and 7 pad least
+    orders = [np.array([0, 1, 2]), np.array([1, 2, 0])]
+    assert plan_buckets(bags, orders, batch_size=2, max_buckets=2, **ladder) == (3, 7)
+    sizes = [b.bags.capacity for b in iterate_batches(
+        bags, np.zeros(3, np.int32), orders[1], batch_size=2, bucket_sizes=(3, 7), **ladder)]
+    assert sizes == [7, 3]

@@ -185,7 +185,7 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
     count("model.features", model["features"])
     count("model.hidden", model["hidden"], 0)
     number("model.embed_init_scale", model["embed_init_scale"], 0, fix="0.1")
-    count("tokenizer.min_freq", tok["min_freq"])
+    count("tokenizer.min_freq", tok["min_freq"], 0)  # (0 keeps what 1 keeps)
     count("tokenizer.max_size", tok["max_size"], 0)
     count("tokenizer.max_tokens", tok["max_tokens"], 0)
     check(tok["term_weights"] in TERM_WEIGHTS, "tokenizer.term_weights", tok["term_weights"],
@@ -230,10 +230,10 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
         count("data.max_per_class", data["max_per_class"], 0)
     elif name in DATA_NAMES:  # files you supply
         num, names = data["num_classes"], tuple(data["class_names"])
-        if any("," in str(n) for n in names):  # --config.data.class_names=a,b gives ('a,b',)
+        if len(names) == 1 and "," in str(names[0]):  # --config.data.class_names=a,b: ('a,b',)
             split = [p.strip() for n in names for p in str(n).split(",")]
             check(False, "data.class_names", names,
-                  "a tuple of class names (a name with a comma is taken for a list written "
+                  "a tuple of class names (one name with a comma is taken for a list written "
                   "without its tuple syntax)", '"' + repr(tuple(split)) + '"')
         elif names:
             check(num in (0, len(names)), "data.num_classes", num,

@@ -179,7 +179,7 @@ def load_ag_news_csv(
 
     Raises:
         DataError: missing file, bytes that are not UTF-8 (a byte-order mark is fine), a
-            stray or unclosed quote, a row without exactly 3 fields, a class index that is not
+            quoted field left unclosed or with a stray quote inside, a row without exactly 3 fields, a class index that is not
             ASCII digits or is out of range, or no rows at all (the message has ``file:line``,
             the line a record starts on). Fields may be of any length.
     """
@@ -188,7 +188,8 @@ def load_ag_news_csv(
     c = len(names)
     texts, labels, sources = [], [], []
     with _csv_fields_of_any_size():
-        # strict: a stray or unclosed quote is an error, not a field that swallows the lines after it
+        # strict: a quoted field left unclosed (or with a stray quote inside) is an error, not a
+        # field that swallows the lines after it
         reader = csv.reader(io.StringIO(_read_utf8(p), newline=""), strict=True)
         start = 1
         try:

@@ -362,8 +362,8 @@ def fit_buckets(sizes: Sequence[int] | npt.ArrayLike, max_buckets: int) -> tuple
     the smallest bucket). 100k distinct sizes take about 2 s on one CPU core.
 
     Args:
-        sizes: ints >= 0, ``[M]``, e.g. the id count ``N`` of every batch of a run;
-            repeats count (a size seen often weighs more).
+        sizes: ints in ``[0, 2**31)``, ``[M]``, e.g. the id count ``N`` of every batch of a
+            run; repeats count (a size seen often weighs more).
         max_buckets: int >= 1. The most rungs to return (fewer when ``sizes`` has fewer
             distinct values).
 
@@ -372,8 +372,8 @@ def fit_buckets(sizes: Sequence[int] | npt.ArrayLike, max_buckets: int) -> tuple
         :func:`pack_bags` or :func:`bucket_size`.
 
     Raises:
-        ValueError: ``sizes`` is empty, not 1-D, or holds a negative or non-integer value,
-            or ``max_buckets`` is not a positive int.
+        ValueError: ``sizes`` is empty, not 1-D, or holds a non-integer value or one outside
+            ``[0, 2**31)``, or ``max_buckets`` is not a positive int.
 
     Examples:
         >>> import jaxbag
@@ -396,13 +396,18 @@ def fit_buckets(sizes: Sequence[int] | npt.ArrayLike, max_buckets: int) -> tuple
             f"{_short(sizes)} (shape {arr.shape}, dtype {arr.dtype}); e.g. "
             "jaxbag.fit_buckets([len(ids) for ids in batches], max_buckets=8)."
         )
-    if np.any(arr < 0):
-        pos = int(np.argmax(arr < 0))
+    bad = (arr < 0) | (arr > _INT32_MAX)
+    if np.any(bad):
+        pos = int(np.argmax(bad))
         raise ValueError(
-            f"sizes[{pos}] = {int(arr[pos])} is negative; sizes are id counts (>= 0)."
+            f"sizes[{pos}] = {int(arr[pos])} is not an id count in [0, 2**31 - 1] (a batch of "
+            "more ids cannot be packed: pack_bags indexes them with int32)."
         )
+    # (values <= 2**31 - 1 and fewer than 2**32 sizes: every cost below fits int64)
     values, counts = np.unique(np.maximum(arr.astype(np.int64), 1), return_counts=True)
     u = len(values)
+    if max_buckets >= u:  # a rung per distinct size: no padding
+        return tuple(int(v) for v in values)
     cum = np.concatenate([[0], np.cumsum(counts)])  # cum[q]: how many sizes are <= values[q-1]
     # best[q]: least padded total of the q smallest distinct sizes; cut[k][q]: where the last of
     # k rungs (values[q - 1]) starts covering. cost(p, q) = values[q-1] * (cum[q] - cum[p]) is

@@ -344,10 +344,14 @@ class JaggedFeatures:
         _check_num_shards(num_shards, b)
         flat_w = None
         if weights is not None:
-            if not isinstance(weights, Mapping) or set(weights) != set(keys):
-                got = tuple(weights) if isinstance(weights, Mapping) else type(weights).__name__
+            if not isinstance(weights, Mapping):
+                raise TypeError(
+                    f"weights must be a mapping {{key: weight lists}} with the keys of features "
+                    f"{keys}; got {type(weights).__name__}."
+                )
+            if set(weights) != set(keys):
                 raise ValueError(
-                    f"weights must have exactly the keys of features {keys}; got {got}."
+                    f"weights must have exactly the keys of features {keys}; got {tuple(weights)}."
                 )
             w_example = ("jaxbag.JaggedFeatures.from_lists({'words': [[1, 2], [3]]}, "
                          "weights={'words': [[0.5, 2.0], [1.0]]})")

@@ -145,6 +145,17 @@ def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int |
     return int(padding_idx) % num_embeddings
 
 
+def _check_static_num_bags(num_bags: object) -> None:
+    """``num_bags`` is None or a Python / NumPy int (``True == 1`` and ``1.0 == 1``, so a bool or
+    float would pass the comparison with ``B``)."""
+    if num_bags is not None and not is_static_int(num_bags, None):
+        raise ValueError(
+            f"num_bags must be a static int or None; got num_bags={num_bags!r}. With offsets or "
+            "2-D indices it is read from their shape: leave num_bags=None."
+            + static_int_hint(num_bags)
+        )
+
+
 @overload
 def as_ids(x: None) -> None: ...
 @overload
@@ -185,12 +196,15 @@ def as_ids(x: ArrayLike | None) -> Array | None:
         except jax.errors.TracerArrayConversionError:  # a list holding traced values (under jit)
             pass
         else:
-            if a.dtype == object and a.size and all(
-                isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in a.flat
-            ):  # Python ints past int64 ([1, 2**70]): clipped, so they stay out of range
-                info64 = np.iinfo(np.int64)
-                a = np.array([min(max(int(v), info64.min), info64.max) for v in a.flat],
-                             np.int64).reshape(a.shape)
+            if a.dtype == object and a.size:  # a Python int past int64 ([1, 2**70]) among them
+                if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in a.flat):
+                    # clipped, so it stays out of range (and is named as such)
+                    info64 = np.iinfo(np.int64)
+                    a = np.array([min(max(int(v), info64.min), info64.max) for v in a.flat],
+                                 np.int64).reshape(a.shape)
+                elif all(isinstance(v, (int, float, np.number)) for v in a.flat):
+                    # with a float or bool: a float array, which require_int names
+                    a = np.array([float(v) for v in a.flat]).reshape(a.shape)
             if a.dtype.kind in "iu" and a.dtype.itemsize > 4 and not jax.config.read("jax_enable_x64"):
                 # jnp.asarray would cast int64 to int32 with wrap-around (a warning, then id
                 # 2**32 + 1 reads row 1): clip first, so out of range stays out of range
@@ -287,9 +301,8 @@ def check_static(
                 f"segment_ids must be None when indices is 2-D [B, L] = {indices.shape} (each row "
                 "is a bag); pass 1-D indices with segment_ids instead."
             )
-        if num_bags is not None and (
-            not is_static_int(num_bags, None) or num_bags != indices.shape[0]
-        ):  # (True == 1 and 1.0 == 1: a bool or float would have passed)
+        _check_static_num_bags(num_bags)
+        if num_bags is not None and num_bags != indices.shape[0]:
             raise ValueError(
                 f"num_bags={num_bags!r} does not match 2-D indices of shape {indices.shape}; "
                 "leave num_bags=None for 2-D input."
@@ -315,7 +328,8 @@ def check_static(
                     "include_last_offset=True needs at least one offset (the end of the last bag); "
                     "got an empty offsets array."
                 )
-            if num_bags is not None and (not is_static_int(num_bags, None) or num_bags != b):
+            _check_static_num_bags(num_bags)
+            if num_bags is not None and num_bags != b:
                 raise ValueError(
                     f"num_bags={num_bags!r} does not match offsets of shape {offsets.shape} "
                     f"(include_last_offset={include_last_offset}, so B={b}); leave num_bags=None."
