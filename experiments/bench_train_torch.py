@@ -153,8 +153,9 @@ class TorchLoop:
             raise ValueError(f"the benchmark times AdamW/Adam; got config.optim.name={oc.name!r}")
         weight_decay = float(oc.weight_decay) if oc.name == "adamw" else 0.0
         dense = list(self.top.parameters()) if sparse else self.params
-        self.opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(dense, lr=float(oc.learning_rate), betas=(oc.b1, oc.b2),
-                                       eps=1e-8, weight_decay=weight_decay, **kwargs)]
+        self.opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+            dense, lr=float(oc.learning_rate), betas=(oc.b1, oc.b2), eps=1e-8,
+            weight_decay=weight_decay, **kwargs)]
         if sparse:  # lazy Adam on the table, as jaxbag.sparse_adam
             self.opts.append(torch.optim.SparseAdam(list(embed.parameters()),
                                                     lr=float(oc.learning_rate),

@@ -57,7 +57,8 @@ def train_step(
     if sparse:
         opt = torch.optim.SparseAdam([w], lr=lr)
     else:
-        kw: dict[str, Any] = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[variant]
+        kw: dict[str, Any] = {"default": {}, "foreach": {"foreach": True},
+                              "fused": {"fused": True}}[variant]
         opt = torch.optim.Adam([w], lr=lr, **kw)
 
     def f():

@@ -179,9 +179,10 @@ def load_ag_news_csv(
 
     Raises:
         DataError: missing file, bytes that are not UTF-8 (a byte-order mark is fine), a
-            quoted field left unclosed or with a stray quote inside, a row without exactly 3 fields, a class index that is not
-            ASCII digits or is out of range, or no rows at all (the message has ``file:line``,
-            the line a record starts on). Fields may be of any length.
+            quoted field left unclosed or with a stray quote inside, a row without exactly 3
+            fields, a class index that is not ASCII digits or is out of range, or no rows at
+            all (the message has ``file:line``, the line a record starts on). Fields may be of
+            any length.
     """
     p = _check_exists(path, "CSV file")
     names = _class_names(num_classes, class_names)

@@ -334,8 +334,8 @@ class JaggedFeatures:
             )
         keys = _check_keys(list(features))
         _check_num_shards(num_shards)
-        bags = {k: [batching.bag_ids(x, f"features[{k!r}][{j}]")
-                    for j, x in enumerate(batching.bag_rows(features[k], f"features[{k!r}]", example))]
+        rows = {k: batching.bag_rows(features[k], f"features[{k!r}]", example) for k in keys}
+        bags = {k: [batching.bag_ids(x, f"features[{k!r}][{j}]") for j, x in enumerate(rows[k])]
                 for k in keys}
         sizes = {k: len(v) for k, v in bags.items()}
         if len(set(sizes.values())) != 1:

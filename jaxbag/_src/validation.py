@@ -197,7 +197,8 @@ def as_ids(x: ArrayLike | None) -> Array | None:
             pass
         else:
             if a.dtype == object and a.size:  # a Python int past int64 ([1, 2**70]) among them
-                if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in a.flat):
+                ints = (isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in a.flat)
+                if all(ints):
                     # clipped, so it stays out of range (and is named as such)
                     info64 = np.iinfo(np.int64)
                     a = np.array([min(max(int(v), info64.min), info64.max) for v in a.flat],
