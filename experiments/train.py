@@ -55,7 +55,10 @@ def _featurize(
     ids = [i for i, _ in pairs]
     if not featurizer.weighted:
         return ids, None
-    weights = [w for _, w in pairs if w is not None]  # Featurizer.bag: None iff unweighted
+    weights = []
+    for _, w in pairs:  # Featurizer.bag: None exactly when unweighted
+        assert w is not None  # (a filter would misalign the weights with the ids)
+        weights.append(w)
     return ids, weights
 
 
@@ -159,7 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
               for e in range(1, tc.num_epochs + 1)]
     train_buckets = plan_buckets(train_bags, orders, batch_size=batch_size,
                                  max_buckets=tc.max_buckets, **ladder)
-    test_buckets = plan_buckets(test_bags, [np.arange(len(test_ds))], batch_size=tc.eval_batch_size,
+    test_order = np.arange(len(test_ds))  # evaluation's order, planned with the same
+    test_buckets = plan_buckets(test_bags, [test_order], batch_size=tc.eval_batch_size,
                                 max_buckets=tc.max_buckets, **ladder)
     for name, fitted in (("train", train_buckets), ("test", test_buckets)):
         if fitted is not None:
@@ -169,8 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     def evaluate(p) -> tuple[dict[str, float], np.ndarray]:
         total, preds = Metrics.zeros(), []
-        order = np.arange(len(test_ds))
-        for batch in iterate_batches(test_bags, test_ds.labels, order, batch_size=tc.eval_batch_size,
+        for batch in iterate_batches(test_bags, test_ds.labels, test_order,
+                                     batch_size=tc.eval_batch_size,
                                      weights=test_weights, bucket_sizes=test_buckets, **ladder):
             batch_metrics, batch_preds = eval_step(p, batch)
             total = total.merge(batch_metrics)
