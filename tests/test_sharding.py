@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
@@ -415,3 +417,130 @@ def test_an_empty_axis_name_is_refused():
                                            axis_name=())):
         with pytest.raises(ValueError, match="axis_name must name at least one mesh axis"):
             call()
+
+
+def _best_by_brute_force(tables, overrides, mesh, min_fill=0.75):
+    """The fewest bytes per device over every row/table choice of the tables not in
+    ``overrides``, each plan built by the planner's own assignment (``_assign``: table-wise
+    tables largest first onto the least loaded device, then ``min_fill``) and measured by
+    ``ShardingPlan.device_bytes`` (the stacked layout), not by the search's block model."""
+    import itertools
+
+    from jaxbag._src import planner
+
+    free = [t.name for t in tables if t.name not in overrides]
+    best = None
+    for choice in itertools.product(["row", "table"], repeat=len(free)):
+        kinds = {**overrides, **dict(zip(free, choice))}
+        plan = planner._assign(tables, kinds, overrides, mesh, "model", None, min_fill)
+        size = max(plan.device_bytes(tables))
+        best = size if best is None else min(best, size)
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.sampled_from([2, 3, 4]),
+    specs=st.lists(st.tuples(st.integers(1, 40), st.sampled_from([1, 2]),
+                             st.sampled_from([None, None, None, "row", "table", "replicated"])),
+                   min_size=1, max_size=6),
+    slack=st.sampled_from([0, 0, 1, 7]),
+)
+def test_planner_meets_every_budget_some_placement_meets(n, specs, slack):
+    """Groups of at most 12 free tables are searched exhaustively: whenever some choice of
+    row-/table-wise for the tables not in ``overrides`` fits the budget, plan_sharding returns a
+    plan that fits (it raised for tables of 11, 19, 39, 39 rows on 2 devices: it only tried the
+    k largest row-wise), and under the best such choice it raises, naming the best one."""
+    T = jaxbag.TableConfig
+    tables = [T(f"t{i}", v, d, (f"f{i}",)) for i, (v, d, _) in enumerate(specs)]
+    overrides = {f"t{i}": kind for i, (_, _, kind) in enumerate(specs) if kind is not None}
+    mesh = _fake_mesh((n,), ("model",))
+    best = _best_by_brute_force(tables, overrides, mesh)
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model", overrides=overrides,
+                             device_budget_bytes=best + slack)
+    assert max(plan.device_bytes(tables)) <= best + slack
+    assert all(plan.as_dict()[name] == kind for name, kind in overrides.items())
+    if best > 0:
+        with pytest.raises(ValueError, match=rf"device_budget_bytes={best - 1:,d}"):
+            jsh.plan_sharding(tables, mesh, axis_name="model", overrides=overrides,
+                              device_budget_bytes=best - 1)
+
+
+def test_planner_budget_cases_the_old_search_missed():
+    """Hand-computed, 2 devices, 4-byte rows. (1) Tables of 11, 19, 39, 39 rows: table-wise 39 +
+    19 = 58 rows on one device (232 B); the k largest row-wise never beat that; the two smallest
+    row-wise give 6 + 10 + 39 = 55 rows (220 B). (2) "a" (34 rows, forced table-wise) and "b" (36
+    rows, over the fair share, so row-wise by the threshold): 18 + 34 = 52 rows (416 B); keeping
+    "b" table-wise too gives 36 rows (288 B). (3) Under that, the error names the search's best
+    (every placement tried) and the fix."""
+    T = jaxbag.TableConfig
+    mesh2 = _fake_mesh((2,), ("model",))
+    tables = [T("a", 11, 1, ("a",)), T("b", 19, 1, ("b",)), T("c", 39, 1, ("c",)),
+              T("d", 39, 1, ("d",))]
+    assert max(jsh.plan_sharding(tables, mesh2, axis_name="model").device_bytes(tables)) == 232
+    plan = jsh.plan_sharding(tables, mesh2, axis_name="model", device_budget_bytes=220)
+    assert plan.as_dict() == {"a": "row", "b": "row", "c": "table", "d": "table"}
+    assert plan.device_bytes(tables) == [220, 220]
+    pair = [T("a", 34, 2, ("a",)), T("b", 36, 2, ("b",))]
+    plan = jsh.plan_sharding(pair, mesh2, axis_name="model", overrides={"a": "table"},
+                             device_budget_bytes=300)
+    assert plan.as_dict() == {"a": "table", "b": "table"} and plan.device_bytes(pair) == [288] * 2
+    with pytest.raises(ValueError, match=r"device_budget_bytes=287 .*the search's best placement "
+                       r"needs 288 \(every placement of the tables not in overrides was tried\)"
+                       r"\)\. Tables in overrides are never moved"):
+        jsh.plan_sharding(pair, mesh2, axis_name="model", overrides={"a": "table"},
+                          device_budget_bytes=287)
+
+
+def test_planner_search_pins():
+    """Exact outcomes of the budget search (each pinned against a mutant that survived the
+    property test's budgets): the greedy's fullest device (``_fullest``), the lower bound in the
+    error, a budget exactly at the lower bound, and which device each table-wise table gets."""
+    from jaxbag._src.planner import _fullest
+
+    T = jaxbag.TableConfig
+    # largest first on 3 devices: 6 | 4 | 4, then 4 joins a 4: 8 (not 6 + 4 = 10)
+    assert _fullest([6, 4, 4, 4], 3) == 8
+    assert _fullest([9, 7, 5], 3) == 9 and _fullest([5, 5, 5, 5, 5], 2) == 15
+    # the bound: ceil(sharded rows / n) per group + replicated rows: t0..t2 (width 1) hold 6 + 12
+    # (t2 replicated: 12 rows everywhere) -> ceil(18 / 4) = 5 rows + 12 = 17 rows, 68 B; t3
+    # (width 2): ceil(4 / 4) = 1 row of 8 B: 76 B in all
+    tables = [T("t0", 6, 1, ("a",)), T("t1", 12, 1, ("b",)), T("t2", 12, 1, ("c",)),
+              T("t3", 4, 2, ("d",))]
+    with pytest.raises(ValueError, match=r"needs less than 76\)"):
+        jsh.plan_sharding(tables, _fake_mesh((4,), ("model",)), axis_name="model",
+                          overrides={"t2": "replicated"}, device_budget_bytes=21)
+    # a budget equal to the lower bound is met when a placement reaches it: 5 tables of 5, 2, 4,
+    # 5, 5 rows on 3 devices, t1 replicated (2 rows): ceil(19 / 3) = 7 rows + 2 = 9 rows (36 B)
+    tables = [T(f"t{i}", v, 1, (f"f{i}",)) for i, v in enumerate([5, 2, 4, 5, 5])]
+    plan = jsh.plan_sharding(tables, _fake_mesh((3,), ("model",)), axis_name="model",
+                             overrides={"t1": "replicated"}, device_budget_bytes=36)
+    assert max(plan.device_bytes(tables)) == 36
+    # device indices: largest first onto the device with the fewest rows of the group, ties to
+    # the fewest bytes overall (the wide tables count), then the lowest index
+    tables = [T("t0", 9, 2, ("a",)), T("t1", 11, 1, ("b",)), T("t2", 2, 1, ("c",)),
+              T("t3", 5, 1, ("d",)), T("t4", 1, 1, ("e",)), T("t5", 4, 2, ("f",))]
+    plan = jsh.plan_sharding(tables, _fake_mesh((2,), ("model",)), axis_name="model",
+                             row_threshold_bytes=10**9, min_fill=0)
+    where = {name: shard for name, _, shard in plan.placements}
+    assert where == {"t0": 0, "t5": 1, "t1": 1, "t3": 0, "t2": 0, "t4": 0}, where
+
+
+def test_planner_numbers_are_checked():
+    mesh2 = _fake_mesh((2,), ("model",))
+    tables = [jaxbag.TableConfig("a", 10, 2, ("a",))]
+    for kwargs, error, match in [
+        (dict(device_budget_bytes="100"), TypeError, r"device_budget_bytes must be None or an int"
+                                                     r" >= 0 \(bytes\); got '100'"),
+        (dict(device_budget_bytes=1e9), TypeError, r"got 1000000000.0, e.g. device_budget_bytes"),
+        (dict(device_budget_bytes=-1), ValueError, r"device_budget_bytes must .* got -1"),
+        (dict(row_threshold_bytes=-1), ValueError, r"row_threshold_bytes must be None or a number"),
+        (dict(row_threshold_bytes=True), TypeError, r"row_threshold_bytes must .* got True"),
+        (dict(min_fill=2.0), ValueError, r"min_fill must be a number in \[0, 1\]; got 2.0"),
+        (dict(min_fill=float("nan")), ValueError, r"min_fill must .* got nan"),
+        (dict(min_fill="0.5"), TypeError, r"min_fill must .* got '0.5'"),
+    ]:
+        with pytest.raises(error, match=match):
+            jsh.plan_sharding(tables, mesh2, axis_name="model", **kwargs)
+    plan = jsh.plan_sharding(tables, mesh2, axis_name="model", row_threshold_bytes=1e9, min_fill=1)
+    assert plan.as_dict() == {"a": "row"}  # alone: min_fill sends it row-wise

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxbag._src import collection, sharding, validation
@@ -39,6 +41,15 @@ __all__ = ["PLACEMENTS", "ShardingPlan", "plan_sharding"]
 #: The placement kinds of a :class:`ShardingPlan` (``overrides`` values of :func:`plan_sharding`):
 #: rows split over the row axis, a whole table on one device, or a copy on every device.
 PLACEMENTS = ("row", "table", "replicated")
+
+# Groups with at most this many tables not in ``overrides`` are searched exhaustively
+# (``2**k`` choices) when a plan misses ``device_budget_bytes``.
+_EXACT_TABLES = 12
+# Bounds on the local search for larger groups: block evaluations, and evaluations times the
+# group's tables (an evaluation's cost).
+_LOCAL_SEARCH_STEPS = 20_000
+_LOCAL_SEARCH_WORK = 2_000_000
+_LOCAL_SEARCH_STARTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +183,14 @@ def plan_sharding(
         row-wise one at a time, largest first, until it fits (row-wise is the smallest sharded
         placement of a big table; small ones pad less table-wise). If none of those steps fits,
         each group (tables of one width, dtype and mode; its block does not depend on the other
-        groups) takes the smallest of: its ``k`` largest such tables row-wise (any ``k``) or one
-        alone, fewer moves on ties. If that does not fit either (or the budget is under
-        ``ceil(rows / n)`` per group, which no placement beats), it raises. The searches run
-        only when the plan built with the budget's rule (tables larger than the budget
-        row-wise) does not fit; one that fits is returned unchanged.
+        groups) is searched on its own over which of its tables not in ``overrides`` go row-wise
+        and which table-wise: every choice for a group of at most 12 such tables, else its
+        ``k`` largest table-wise tables row-wise (any ``k``), one alone or all, improved by a
+        bounded local search; the smallest block, fewest changes on ties. If that does not fit
+        either (or the budget is under ``ceil(rows / n)`` per group, which no placement beats),
+        it raises, saying the best placement found. The searches run only when the plan built
+        with the budget's rule (tables larger than the budget row-wise) does not fit; one that
+        fits is returned unchanged. ``min_fill`` applies to every plan searched.
       min_fill: table-wise tables of a group are kept only if they fill at least this fraction of
         the group's per-device blocks (else the group goes row-wise: less memory, same traffic).
 
@@ -198,6 +212,7 @@ def plan_sharding(
     """
     tables = collection.check_tables(tables)
     sharding.check_axes(mesh, axis_name, batch_axis)
+    _check_numbers(row_threshold_bytes, device_budget_bytes, min_fill)
     n = sharding.axis_size(mesh, axis_name)
     overrides = dict(overrides or {})
     names = {t.name for t in tables}
@@ -228,34 +243,60 @@ def plan_sharding(
     budget = device_budget_bytes
     if budget is None or max(plan.device_bytes(tables)) <= budget:
         return plan
-    # Over budget: which table-wise tables (not in overrides) to move row-wise. First the
-    # largest-first rule (the same plans as before the search existed, in O(group size) per
-    # step); if it never fits, the per-group search, which also undoes min_fill's moves (a group
-    # min_fill sent row-wise can fit once one table is out). Moves never touch overrides, and the
-    # found plan is rebuilt by _assign and checked with device_bytes before it is returned.
+    # Over budget: which tables not in overrides go row-wise. First the largest-first rule (the
+    # same plans as before the search existed, in O(group size) per step); if it never fits, the
+    # per-group search (exhaustive for small groups), which may also keep a table table-wise that
+    # the threshold sent row-wise, and undoes min_fill's moves (a group min_fill sent row-wise
+    # can fit once one table is out). Moves never touch overrides, and the found plan is rebuilt
+    # by _assign and checked with device_bytes before it is returned.
     def exact(kinds):
         plan = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
         return max(plan.device_bytes(tables))
 
     model = _BudgetModel(tables, overrides, n, min_fill, exact)
+    searched = None
     if model.lower_bound <= budget:  # else no placement fits (e.g. n = 1: all store the same)
-        for search, start in ((model.largest_first, plan.as_dict()), (model.per_group, kinds)):
-            found = search(start, budget)
-            if found is None:
-                continue
+        found = model.largest_first(plan.as_dict(), budget)
+        if found is None:
+            found, searched = model.per_group(kinds, budget)
+        if found is not None:
             candidate = _assign(tables, found, overrides, mesh, axis_name, batch_axis, min_fill)
             if max(candidate.device_bytes(tables)) <= budget:
                 return candidate
     per = plan.device_bytes(tables)
-    all_row = {t.name: overrides.get(t.name, "row") for t in tables}
-    all_row = _assign(tables, all_row, overrides, mesh, axis_name, batch_axis, min_fill)
+    if searched is None:
+        best = f"no placement of these tables and overrides needs less than {model.lower_bound:,d}"
+    else:
+        best = f"the search's best placement needs {searched:,d}" + (
+            " (every placement of the tables not in overrides was tried)"
+            if model.complete else f"; none needs less than {model.lower_bound:,d}"
+        )
     raise ValueError(
         f"the plan needs {max(per):,d} bytes of tables on one device, over "
-        f"device_budget_bytes={budget:,d} (per device: {per}; with every table "
-        f"not in overrides row-wise: {all_row.device_bytes(tables)}; no placement of these "
-        f"tables and overrides needs less than {model.lower_bound:,d}); place tables "
-        "row-wise rather than replicated or table-wise in overrides, or use more devices."
+        f"device_budget_bytes={budget:,d} (per device: {per}; {best}). Tables in overrides are "
+        "never moved: change their placements (row-wise stores least for a big table), raise "
+        "device_budget_bytes, or use more devices."
     )
+
+
+def _check_numbers(row_threshold_bytes, device_budget_bytes, min_fill) -> None:
+    """Raises unless the planner's numbers are what its docstring says (before any planning)."""
+    real = (int, float, np.integer, np.floating)
+    for name, value, ints, hi, example in (
+        ("row_threshold_bytes", row_threshold_bytes, False, None, "2**30"),
+        ("device_budget_bytes", device_budget_bytes, True, None, "2**30"),
+        ("min_fill", min_fill, False, 1, "0.75"),
+    ):
+        if value is None and name != "min_fill":
+            continue
+        what = "an int" if ints else "a number"
+        allowed = f"{what} >= 0" if hi is None else f"{what} in [0, {hi}]"
+        if name != "min_fill":
+            allowed = f"None or {allowed} (bytes)"
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer) if ints else real):
+            raise TypeError(f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}.")
+        if not (0 <= value and (hi is None or value <= hi)):  # (NaN fails too)
+            raise ValueError(f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}.")
 
 
 def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> ShardingPlan:
@@ -343,6 +384,7 @@ class _BudgetModel:
             g: by_name[m[0]].features * jnp.dtype(by_name[m[0]].dtype).itemsize
             for g, m in self.members.items()
         }
+        self.complete = True  # False once a search skipped a choice (see per_group)
         self.replicated = 0  # replicated tables of a group: one array with all their rows
         self.lower_bound = 0  # no plan stores less (see below)
         for g, members in self.members.items():
@@ -417,52 +459,83 @@ class _BudgetModel:
             cost[g] = new
         return None
 
-    def per_group(self, kinds, budget) -> dict[str, str] | None:
-        """Each group on its own (a group's block depends only on its own tables): from the
-        threshold's ``kinds`` (before ``min_fill``), the smallest block of moving its ``k``
-        largest free tables (table-wise, not in ``overrides``) row-wise, any ``k``, or one free
-        table alone; fewer moves on ties. The kinds if the groups' sum fits, else ``None``."""
-        out, total, n = dict(kinds), self.replicated, self.n
+    def per_group(self, kinds, budget) -> tuple[dict[str, str] | None, int | None]:
+        """Each group on its own (a group's block depends only on its own tables): which of its
+        free tables (not in ``overrides``) go row-wise, the others table-wise. A group with at
+        most ``_EXACT_TABLES`` free tables tries every choice (``2**k``); a larger one tries,
+        from the threshold's ``kinds``, its ``k`` largest table-wise free tables row-wise (any
+        ``k``), one alone, or all, then a bounded local search from the best few of those (flip
+        one table, or swap a row-wise and a table-wise one, while the block shrinks). Smallest
+        block first, fewest changes from ``kinds`` on ties.
+
+        Returns ``(kinds, total)``: the found kinds if the groups' sum ``total`` fits (else
+        ``None``), and ``total`` (``None`` if some group had no candidate: see the class)."""
+        out, total = dict(kinds), self.replicated
         for g, members in self.members.items():
             if all(kinds[name] == "replicated" for name in members):
                 continue
-            row0 = sum(self.padded[name] for name in members if kinds[name] == "row")
-            table_wise = [name for name in members if kinds[name] == "table"]
-            free = [name for name in table_wise if name not in self.overrides]
-            best = None  # (bytes, moves, moved tables)
-            bpr, rest = self.row_bytes[g], sum(self.rows[name] for name in table_wise)
+            free = [name for name in members if name not in self.overrides]
+            found = self._best_rows(g, members, free, kinds)
+            if found is None:
+                return None, None  # every candidate depends on the other groups (see the class)
+            size, _, row_set = found
+            total += size
+            for name in free:
+                out[name] = "row" if name in row_set else "table"
+        return (out if total <= budget else None), total
 
-            def consider(moved):
-                nonlocal best
-                gone = set(moved)
-                row = row0 + sum(self.padded[name] for name in moved)
-                size = self.block(g, row, [name for name in table_wise if name not in gone])[0]
-                if size is not None and (best is None or (size, len(moved)) < best[:2]):
-                    best = (size, len(moved), moved)
+    def _best_rows(self, g, members, free, kinds):
+        """``(bytes, changes, row-wise free tables)`` of group ``g``'s best choice, or ``None``."""
+        fixed_row = sum(self.padded[m] for m in members if self.overrides.get(m) == "row")
+        forced = {m for m in members if self.overrides.get(m) == "table"}
+        start = frozenset(m for m in free if kinds[m] == "row")
 
-            def beaten(rows, moves):  # no candidate of >= rows and >= moves beats best
-                return best is not None and (rows * bpr, moves) >= best[:2]
+        def score(row_set):
+            row = fixed_row + sum(self.padded[m] for m in row_set)
+            table_wise = [m for m in members if m in forced or (m in free and m not in row_set)]
+            size = self.block(g, row, table_wise)[0]
+            if size is None:
+                self.complete = False
+                return None
+            return size, len(row_set ^ start), row_set
 
-            # Lower bounds skip candidates: a move adds ceil(V / n) rows per device, and some
-            # device holds ceil(table-wise rows / n) at least (also when min_fill moves them);
-            # along k the bound never decreases, and the moves grow.
-            consider(free)  # all moved: what min_fill reaches too
-            padded = 0
-            for k in range(len(free)):
-                if beaten(row0 + padded + -(-rest // n), k):
-                    break
-                consider(free[:k])
-                padded += self.padded[free[k]]
-                rest -= self.rows[free[k]]
-            rest, seen = sum(self.rows[name] for name in table_wise), set()
-            for name in free:  # equal tables give equal blocks: one of each size
-                v = self.rows[name]
-                if v not in seen and not beaten(row0 + self.padded[name] + -(-(rest - v) // n), 1):
-                    consider([name])
-                seen.add(v)
-            if best is None:
-                return None  # every candidate depends on the other groups (see the class)
-            total += best[0]
-            for name in best[2]:
-                out[name] = "row"
-        return out if total <= budget else None
+        best = None
+
+        def consider(row_set):
+            nonlocal best
+            found = score(frozenset(row_set))
+            if found is not None and (best is None or found[:2] < best[:2]):
+                best = found
+            return found
+
+        if len(free) <= _EXACT_TABLES:
+            for r in range(len(free) + 1):
+                for row_set in itertools.combinations(free, r):
+                    consider(row_set)
+            return best
+        self.complete = False
+        table_wise = [m for m in free if m not in start]  # largest first
+        starts = [consider(free)]  # all row-wise: what min_fill reaches too
+        starts += [consider(start.union(table_wise[:k])) for k in range(len(table_wise) + 1)]
+        starts += [consider(start | {name}) for name in table_wise]
+        # local search from the best few of those: flip one free table, or swap a row-wise one
+        # with a table-wise one, while the block shrinks (first improvement; each step costs the
+        # group's size, and the steps are bounded so that a huge group stays fast)
+        evals = min(_LOCAL_SEARCH_STEPS, _LOCAL_SEARCH_WORK // len(members))
+        ranked = sorted({f[2]: f for f in starts if f is not None}.values(), key=lambda f: f[:2])
+        for current in ranked[:_LOCAL_SEARCH_STARTS]:
+            while evals > 0:
+                moves = itertools.chain(
+                    ({name} for name in free),
+                    ({a, b} for a, b in itertools.combinations(free, 2)
+                     if (a in current[2]) != (b in current[2])),
+                )
+                for move in itertools.islice(moves, evals):
+                    evals -= 1
+                    found = consider(current[2] ^ move)
+                    if found is not None and found[0] < current[0]:
+                        current = found
+                        break
+                else:
+                    break  # no move shrinks it (or the steps ran out)
+        return best

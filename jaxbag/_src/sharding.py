@@ -96,7 +96,10 @@ def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> 
         )
     rows, batch = axis_tuple(axis_name), axis_tuple(batch_axis)
     if not rows:
-        raise ValueError("axis_name must name at least one mesh axis; got an empty axis_name.")
+        raise ValueError(
+            f"axis_name must name at least one mesh axis; got axis_name={axis_name!r}, e.g. "
+            f"axis_name={tuple(mesh.shape)[-1]!r}."
+        )
     for name, axes in (("axis_name", rows), ("batch_axis", batch)):
         for a in axes:
             if a not in mesh.shape:
@@ -260,8 +263,8 @@ def pad_rows(weight: ArrayLike, multiple: int) -> Array:
     The new rows ``[V, V')`` are never looked up by valid ids (``< V``); pass ids as before.
 
     Args:
-      weight: ``float [V, D]``.
-      multiple: the number of shards.
+      weight: ``float [V, D]`` (or any ``[V, ...]``, e.g. an optimizer's per-row state).
+      multiple: the number of shards, an ``int >= 1``.
 
     Returns:
       ``[V', D]`` with ``V' = ceil(V / multiple) * multiple``.
@@ -272,6 +275,14 @@ def pad_rows(weight: ArrayLike, multiple: int) -> Array:
       (12, 2)
     """
     weight = jnp.asarray(weight)
+    if not validation.is_static_int(multiple, 1):
+        raise ValueError(
+            f"multiple must be an int >= 1 (the number of shards); got {multiple!r}, e.g. "
+            "pad_rows(weight, jaxbag.sharding.axis_size(mesh, 'model'))."
+            + validation.static_int_hint(multiple)
+        )
+    if weight.ndim == 0:
+        raise ValueError("weight must have rows ([V, D], or [V] per-row state); got a scalar.")
     extra = -weight.shape[0] % int(multiple)
     if extra == 0:
         return weight
