@@ -359,9 +359,18 @@ def test_state_errors():
     with pytest.raises(ValueError, match=r"tables \['user', 'user2'\] .* must have one structure"):
         jaxbag.pack_states(layout, {**per, "user2": sgd})
     with pytest.raises(ValueError, match=r"leaf 1 of the optimizer state of table 'user2' must "
-                                         r"have shape \(40, 4\); got \(40, 3\)"):
+                                         r"have rows of shape \[V\] or \[V, D=4\] .*got \[40, 3\]"):
         jaxbag.pack_states(layout, {**per, "user2": per["user2"]._replace(
             mu=jnp.zeros((40, 3)), nu=jnp.zeros((40, 3)))})
+    # the wrong table is named even when it is the group's first (its width was taken as the
+    # group's, and the right one blamed), and a table alone in its group is checked too
+    with pytest.raises(ValueError, match=r"state of table 'user' must have rows .*got \[30, 3\]"):
+        jaxbag.pack_states(layout, {**per, "user": per["user"]._replace(
+            mu=jnp.zeros((30, 3)), nu=jnp.zeros((30, 3)))})
+    lone = jaxbag.collection_layout([jaxbag.TableConfig("t", 5, 2, ("f",))])
+    adam = jaxbag.sparse_adam(0.1)
+    with pytest.raises(ValueError, match=r"table 't' must have rows .*\[V, D=2\].*got \[5, 5\]"):
+        jaxbag.pack_states(lone, {"t": adam.init(jnp.zeros((5, 5)))})
     with pytest.raises(ValueError, match=r"leaf 1 of the states packed into group 'user\+user2' "
                                          r"must have one dtype"):
         jaxbag.pack_states(layout, {**per, "user2": per["user2"]._replace(

@@ -858,3 +858,92 @@ def test_embedding_bag_rows_defaults_are_embedding_bags():
                      ((ids,), dict(segment_ids=jnp.array([0, 0, 1, 1, 1]), num_bags=2))):
         bags, _ = jaxbag.embedding_bag_rows(w, *args, **kw)
         np.testing.assert_allclose(bags, jaxbag.embedding_bag(w, *args, **kw), rtol=1e-6)
+
+
+@pytest.mark.parametrize("b1,b2", [(0.0, 0.999), (0.9, 0.0), (0.0, 0.0)])
+def test_sparse_adam_with_a_zero_beta_equals_torch(b1, b2, path):
+    """A beta of 0 (no first / second moment memory): the bias correction ``1 - 0 ** t`` is 1,
+    as torch's Python ``0.0 ** t``; a log(0) taken as 0 made it 0 (an infinite step)."""
+    rng = np.random.default_rng(11)
+    w0 = rng.standard_normal((V, D)).astype(np.float32)
+    tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    topt = torch.optim.SparseAdam([tw], lr=0.1, betas=(b1, b2))
+    opt = sparse.sparse_adam(0.1, b1, b2)
+    step = _mse_step_sparse_pad(opt, "sum", None)
+    w, st = jnp.asarray(w0), opt.init(jnp.asarray(w0))
+    for i in range(3):
+        ids, offsets = _batch(rng, n_bags=3, n_ids=7)
+        y = rng.standard_normal((3, D)).astype(np.float32)
+        topt.zero_grad()
+        out = F.embedding_bag(torch.from_numpy(ids.astype(np.int64)), tw,
+                              torch.from_numpy(offsets.astype(np.int64)), mode="sum", sparse=True)
+        torch.mean((out - torch.from_numpy(y)) ** 2).backward()
+        topt.step()
+        w, st = step(w, st, ids, offsets, y)
+        assert np.isfinite(np.asarray(w)).all()
+        np.testing.assert_allclose(w, tw.detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("form", ["offsets", "2d", "max", "max_norm"])
+def test_pullback_checks_its_cotangent(form, path):
+    """The cotangent must be the bags' float ``[B, D]``: a wrong batch size was taken silently,
+    and differently by the two paths (the kernel read zeros for a missing bag, XLA repeated the
+    last one); a wrong width gave ``[U, 1]`` gradients; a 1-D one an unpacking error."""
+    w = jnp.arange(10.0).reshape(5, 2)
+    kw = {"mode": "sum"}
+    if form == "2d":
+        ids, offs = jnp.array([[1, 2], [3, 4]]), None
+    else:
+        ids, offs = jnp.array([1, 2, 3]), jnp.array([0, 1])
+    if form == "max":
+        kw["mode"] = "max"
+    if form == "max_norm":
+        kw["max_norm"] = 1.0
+    bags, pullback = jaxbag.embedding_bag_rows(w, ids, offs, **kw)
+    assert bags.shape == (2, 2)
+    for g in (jnp.ones((1, 2)), jnp.ones((3, 2)), jnp.ones((2, 1)), jnp.ones((4,)),
+              jnp.ones((2, 2), jnp.int32)):
+        with pytest.raises(ValueError, match=rf"g must be the cotangent of the bags: float \[2, 2\] "
+                                             rf"\(the bags' \[B, D\]\); got {g.dtype} "
+                                             rf"\[{', '.join(map(str, g.shape))}\]"):
+            pullback(g)
+        with pytest.raises(ValueError, match=r"g must be the cotangent of the bags"):
+            jax.jit(pullback)(g)
+    assert pullback(jnp.ones((2, 2))).grads.shape[1] == 2
+
+
+def test_update_checks_the_row_dtype(path):
+    """Float rows were truncated by the kernel (1.7 updated row 1) and refused by XLA with a
+    message that did not name row_grads; bool rows were read as 0/1."""
+    opt = jaxbag.sparse_sgd(1.0)
+    w = jnp.zeros((5, 2))
+    for rows, grads in ((jnp.array([1.7, 3.2]), jnp.ones((2, 2))),
+                        (jnp.array([True, False]), jnp.ones((2, 2))),
+                        (jnp.array([1, 3]), jnp.ones((2, 2), jnp.int32))):
+        with pytest.raises(TypeError, match=rf"row_grads must hold integer rows and float grads; "
+                                            rf"got rows {rows.dtype} and grads {grads.dtype}"):
+            opt.update(w, opt.init(w), jaxbag.RowGrads(rows, grads))
+
+
+def test_optimizer_hyper_parameters_are_checked():
+    """As torch's optimisers: a negative accumulator start made every touched row NaN; negative
+    (or NaN) learning rates and eps, and a fractional chunk (truncated), were taken silently."""
+    for make, match in [
+        (lambda: jaxbag.sparse_adagrad(0.1, initial_accumulator_value=-1.0),
+         r"initial_accumulator_value must be a float >= 0; got -1.0"),
+        (lambda: jaxbag.sparse_adagrad(0.1, eps=-1e-8), r"eps must be a float >= 0; got -1e-08"),
+        (lambda: jaxbag.sparse_adam(-0.1), r"learning_rate must be a float >= 0; got -0.1"),
+        (lambda: jaxbag.sparse_adam(0.1, eps=float("nan")), r"eps must be a float >= 0; got nan"),
+        (lambda: jaxbag.sparse_sgd(float("nan")), r"learning_rate must be .* got nan"),
+        (lambda: jaxbag.sparse_sgd(0.1, chunk=1.5), r"chunk must be an int >= 1 .*got 1.5"),
+        (lambda: jaxbag.sparse_adam(0.1, chunk=0), r"chunk must be an int >= 1 .*got 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(TypeError, match=r"learning_rate must be a float >= 0; got '0.1'"):
+        jaxbag.sparse_sgd("0.1")
+    # a schedule is still taken as is, and 0 is allowed (a frozen table)
+    w = jnp.ones((3, 2))
+    opt = jaxbag.sparse_adagrad(optax.constant_schedule(0.0), initial_accumulator_value=0.0)
+    out, _ = opt.update(w, opt.init(w), jaxbag.RowGrads(jnp.array([1]), jnp.ones((1, 2))))
+    np.testing.assert_array_equal(out, w)

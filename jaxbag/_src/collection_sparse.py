@@ -509,8 +509,21 @@ def pack_states(layout: CollectionLayout, table_states: Mapping[str, Any]) -> di
                     f"leaf {i} of the states packed into group {g.name!r} must have one dtype; got "
                     f"{ {n: d.name for n, d in dtypes.items()} }."
                 )
+            # a leaf's rows are per-row scalars [V_t] or as wide as the group's rows [V_t, D]
+            shapes = {n: tuple(jnp.shape(a))[1:] for n, a in column.items()}
+            bad = [n for n in names if shapes[n] not in ((), (g.features,))]
+            if not bad:  # (both allowed, mixed: the first table's decides)
+                bad = [n for n in names if shapes[n] != shapes[names[0]]]
+            if bad:
+                raise ValueError(
+                    f"leaf {i} of the optimizer state of table {bad[0]!r} must have rows of shape "
+                    f"[V] or [V, D={g.features}] (the table's width), as the other tables of "
+                    f"group {g.name!r}; got {list(jnp.shape(column[bad[0]]))}. Make the state "
+                    f"with the optimizer's init(table) of table {bad[0]!r}."
+                )
+            row_shape = shapes[names[0]]
             leaves.append(collection.pack_group(
-                g, column, row_shape=tuple(jnp.shape(first))[1:], dtype=dtypes[names[0]],
+                g, column, row_shape=row_shape, dtype=dtypes[names[0]],
                 what=f"leaf {i} of the optimizer state of table"))
         placed = [_place_state_leaf(layout, g, a) for a in leaves]
         out[g.name] = jax.tree.unflatten(treedef, placed)

@@ -287,8 +287,8 @@ def _unique_sorted(keys: Array, num_embeddings: int, u: int) -> tuple[Array, Arr
     slot = jnp.cumsum(is_new, dtype=jnp.int32) - 1
     rows = jnp.full((u,), num_embeddings, jnp.int32).at[slot].set(srt, mode="drop")
     inverse = jnp.searchsorted(rows, keys, side="left", method="scan_unrolled").astype(jnp.int32)
+    # (rows holds the u smallest distinct keys, so a key past them searches to u itself)
     keep = ok & (inverse < u)
-    keep = keep & (jnp.take(rows, jnp.minimum(inverse, u - 1)) == keys)
     inverse = jnp.where(keep, inverse, jnp.int32(u))
     return rows, inverse
 
@@ -380,8 +380,8 @@ def embedding_bag_rows(
     )
     mesh = explicit.split_mesh(weight, indices, offsets, segment_ids, psw)
     if mesh is not None:
-        return _rows_explicit(mesh, weight, indices, offsets, size=size, padding_idx=padding_idx,
-                              **kwargs)
+        return _checked(*_rows_explicit(mesh, weight, indices, offsets, size=size,
+                                        padding_idx=padding_idx, **kwargs))
     seg = segments.bag_of_positions(indices, offsets, segment_ids)
     # The batch's rows are the ids that take part in a bag: not padding_idx, and not at a position
     # outside every bag (segment id >= B, past the last offset): such an id is padding, and a lazy
@@ -391,15 +391,34 @@ def embedding_bag_rows(
     rows, inverse = unique_rows(indices, num_embeddings, size=size, valid=valid.reshape(indices.shape))
     if kwargs.get("max_norm") is None and not kwargs.get("scale_grad_by_freq", False):
         # (the options that only the general path uses, at their defaults here, change nothing)
-        return _rows_direct(
+        return _checked(*_rows_direct(
             weight, indices, offsets, pad, rows, inverse, seg, layout,
             mode=kwargs.get("mode", "mean"), per_sample_weights=kwargs.get("per_sample_weights"),
             include_last_offset=kwargs.get("include_last_offset", False),
-            segment_ids=kwargs.get("segment_ids"))
+            segment_ids=kwargs.get("segment_ids")))
     overflow = None
     if size is not None and size < indices.size:  # valid ids past the U slots: no slot
         overflow = valid.reshape(indices.shape) & (inverse == size)
-    return _rows_local(weight, indices, offsets, rows, inverse, overflow, **kwargs)
+    return _checked(*_rows_local(weight, indices, offsets, rows, inverse, overflow, **kwargs))
+
+
+def _checked(
+    bags: Array, pullback: Callable[[Array], RowGrads]
+) -> tuple[Array, Callable[[Array], RowGrads]]:
+    """``pullback`` that first checks its cotangent: a float ``[B, D]``, the bags' shape (the
+    kernel and XLA paths would otherwise read a wrong-sized one differently, without a word)."""
+
+    def checked(g: Array) -> RowGrads:
+        g = jnp.asarray(g)
+        if g.shape != bags.shape or not jnp.issubdtype(g.dtype, jnp.floating):
+            raise ValueError(
+                f"g must be the cotangent of the bags: float {list(bags.shape)} (the bags' "
+                f"[B, D]); got {g.dtype} {list(g.shape)}. Call pullback(g) with g = the "
+                "gradient of the loss with respect to the bags, e.g. jax.grad(loss)(bags)."
+            )
+        return pullback(g)
+
+    return bags, checked
 
 
 def _rows_explicit(
@@ -572,8 +591,26 @@ def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array, jnp.dtype], Arra
     """``lr(count, dtype)``: the learning rate at step ``count`` as a scalar of ``dtype``."""
     if callable(learning_rate):
         return lambda count, dtype: jnp.asarray(learning_rate(count)).astype(dtype)
-    lr = float(learning_rate)
+    lr = _check_hyper("learning_rate", learning_rate, "0.01")
     return lambda count, dtype: jnp.asarray(lr, dtype)
+
+
+def _check_hyper(name: str, value: object, example: str) -> float:
+    """``float(value)`` if it is a real number >= 0 (as torch's optimisers ask), else raises."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float >= 0; got {value!r}, e.g. {name}={example}.")
+    if not float(value) >= 0:  # (NaN too)
+        raise ValueError(f"{name} must be a float >= 0; got {value!r}, e.g. {name}={example}.")
+    return float(value)
+
+
+def _check_chunk(chunk: object) -> int:
+    if not validation.is_static_int(chunk, 1):
+        raise ValueError(
+            f"chunk must be an int >= 1 (rows per step of the update loop); got {chunk!r}, e.g. "
+            "chunk=1024."
+        )
+    return int(chunk)
 
 
 @functools.lru_cache(maxsize=64)
@@ -605,6 +642,13 @@ def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: 
                 f"jaxbag.{maker}(...).init(table)."
             )
     rows, grads = row_grads
+    if not jnp.issubdtype(rows.dtype, jnp.integer) or not jnp.issubdtype(grads.dtype,
+                                                                         jnp.floating):
+        raise TypeError(
+            f"row_grads must hold integer rows and float grads; got rows {rows.dtype} and "
+            f"grads {grads.dtype}. Build it with embedding_bag_rows(...)'s pullback, or "
+            "jaxbag.RowGrads(rows.astype(jnp.int32), grads)."
+        )
     if rows.ndim != 1 or grads.ndim != 2 or grads.shape != (rows.shape[0], table.shape[1]):
         raise ValueError(
             f"row_grads must hold rows [U] and grads [U, D={table.shape[1]}]; got rows "
@@ -689,6 +733,7 @@ def sparse_sgd(learning_rate: ScalarOrSchedule, *, chunk: int = 1024) -> TableOp
       [[1.0, 1.0], [0.5, 0.5], [1.0, 1.0]]
     """
     lr_fn = _lr_fn(learning_rate)
+    chunk = _check_chunk(chunk)
 
     def init(table: Array) -> SgdState:
         del table
@@ -746,6 +791,10 @@ def sparse_adagrad(
       ([[-849.0, -1131.0], [0.0, 0.0]], [12.5, 0.0])
     """
     lr_fn = _lr_fn(learning_rate)
+    chunk = _check_chunk(chunk)
+    eps = _check_hyper("eps", eps, "1e-8")
+    initial_accumulator_value = _check_hyper(
+        "initial_accumulator_value", initial_accumulator_value, "0.0")
 
     def init(table: Array) -> RowwiseAdagradState:
         return RowwiseAdagradState(
@@ -815,6 +864,8 @@ def sparse_adam(
       [[0.0, 0.0], [-100.0, 100.0]]
     """
     lr_fn = _lr_fn(learning_rate)
+    chunk = _check_chunk(chunk)
+    eps = _check_hyper("eps", eps, "1e-8")
     b1f, b2f = float(b1), float(b2)
     c1, c2 = 1.0 - b1f, 1.0 - b2f  # in double, then one rounding (as torch's alpha=1 - beta)
     for name, b in (("b1", b1f), ("b2", b2f)):
