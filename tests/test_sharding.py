@@ -544,3 +544,51 @@ def test_planner_numbers_are_checked():
             jsh.plan_sharding(tables, mesh2, axis_name="model", **kwargs)
     plan = jsh.plan_sharding(tables, mesh2, axis_name="model", row_threshold_bytes=1e9, min_fill=1)
     assert plan.as_dict() == {"a": "row"}  # alone: min_fill sends it row-wise
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_padded_table_keeps_its_real_row_count(jit):
+    """``num_embeddings`` = the rows before ``pad_rows``: ``padding_idx=-1`` is the last real row
+    (it was the last padding row, so row 9 was summed into the bags), ids at or past it are out of
+    range (eagerly an IndexError naming 10, not the padded 12; under jit skipped), and the sparse
+    path's unused row slots (which hold 10, a padding row inside the last shard) are not rows of
+    the batch: only the touched rows change (on one device the only shard holds row 10)."""
+    mesh = _mesh1()
+    w = jnp.arange(20.0).reshape(10, 2)
+    wp = jsh.shard_table(jsh.pad_rows(w, 4), mesh, "model")
+    ids, offs = jnp.array([9, 1, 9, 2]), jnp.array([0, 2])
+    kw = dict(mesh=mesh, axis_name="model", num_embeddings=10)
+
+    def maybe_jit(f):
+        return jax.jit(f) if jit else f
+
+    got = maybe_jit(lambda w: jsh.embedding_bag(w, ids, offs, mode="mean", padding_idx=-1, **kw))(wp)
+    want = jaxbag.embedding_bag(w, ids, offs, mode="mean", padding_idx=-1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(want, [[2.0, 3.0], [4.0, 5.0]])  # row 9 skipped in both bags
+    far = jnp.array([10, 1, 11, 2])
+    if jit:
+        got = jax.jit(lambda w, i: jsh.embedding_bag(w, i, offs, mode="mean", **kw))(wp, far)
+        np.testing.assert_array_equal(got, w[jnp.array([1, 2])])
+    else:
+        with pytest.raises(IndexError, match=r"indices\[0\] = 10 is out of range for a table of "
+                                              r"num_embeddings=10"):
+            jsh.embedding_bag(wp, far, offs, mode="mean", **kw)
+    opt = jaxbag.sparse_adam(0.1)
+
+    def step(w, s):
+        bags, pb = jsh.embedding_bag_rows(w, jnp.array([9, 1, 3, 2]), offs, mode="sum",
+                                          padding_idx=-1, size=6, **kw)
+        g = pb(jnp.ones_like(bags))
+        return jsh.sparse_update(opt, w, s, g, mesh=mesh, axis_name="model"), g.rows
+
+    (w2, _), rows = maybe_jit(step)(wp, jsh.sparse_init(opt, wp, mesh=mesh, axis_name="model"))
+    assert sorted(rows.tolist()) == [1, 2, 3, 12, 12, 12]  # 12: this shard's "no row" (R)
+    bags, pb = jaxbag.embedding_bag_rows(w, jnp.array([9, 1, 3, 2]), offs, mode="sum",
+                                         padding_idx=-1, size=6)
+    w3, _ = opt.update(w, opt.init(w), pb(jnp.ones_like(bags)))
+    np.testing.assert_allclose(w2[:10], w3, rtol=1e-6)
+    np.testing.assert_array_equal(w2[10:], np.zeros((2, 2)))
+    for bad in (13, 0, 10.0, jnp.int32(10)):
+        with pytest.raises(ValueError, match=r"num_embeddings must be an int in \[1, 12\]"):
+            jsh.embedding_bag(wp, ids, offs, mesh=mesh, axis_name="model", num_embeddings=bad)

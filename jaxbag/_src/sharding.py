@@ -385,6 +385,19 @@ def embedding_bag_in_shard_map(
     return out.astype(local_weight.dtype)
 
 
+def _real_rows(num_embeddings: object, num_rows: int) -> int:
+    """``num_embeddings`` (the rows before :func:`pad_rows`), checked against the table's."""
+    if num_embeddings is None:
+        return num_rows
+    if not validation.is_static_int(num_embeddings, 1) or num_embeddings > num_rows:
+        raise ValueError(
+            f"num_embeddings must be an int in [1, {num_rows}] (the table's rows before "
+            f"pad_rows; the padded table has {num_rows}); got {num_embeddings!r}."
+            + validation.static_int_hint(num_embeddings)
+        )
+    return int(num_embeddings)
+
+
 def embedding_bag(
     weight: ArrayLike,
     indices: ArrayLike,
@@ -402,6 +415,7 @@ def embedding_bag(
     scale_grad_by_freq: bool = False,
     segment_ids: ArrayLike | None = None,
     num_bags: int | None = None,
+    num_embeddings: int | None = None,
 ) -> Array:
     """:func:`jaxbag.embedding_bag` with the table row-sharded over ``axis_name`` of ``mesh``.
 
@@ -443,6 +457,9 @@ def embedding_bag(
       scale_grad_by_freq: divide each row's gradient by its count in the (whole) batch.
       segment_ids: ``int [N]`` sorted bag ids (with ``num_bags``).
       num_bags: static ``B`` for ``segment_ids``.
+      num_embeddings: the table's real row count when ``weight`` was padded by
+        :func:`pad_rows` (``None``: all ``V`` rows): ids at or past it are out of range, and a
+        negative ``padding_idx`` counts from it (``-1`` is its last real row, not a padding row).
 
     Returns:
       ``[B, D]`` in ``weight.dtype``, sharded ``P(batch_axis, None)`` (replicated if ``None``).
@@ -471,7 +488,8 @@ def embedding_bag(
     validation.check_table(weight)
     validation.check_norm(max_norm, norm_type)
     check_axes(mesh, axis_name, batch_axis)
-    num_embeddings, features = weight.shape
+    num_rows, features = weight.shape
+    num_embeddings = _real_rows(num_embeddings, num_rows)
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
     # (Concrete ids closed over by a jitted function are still checked, eagerly.)
     layout = validation.check_arguments(
@@ -485,7 +503,7 @@ def embedding_bag(
         mode=mode,
         scale_grad_by_freq=scale_grad_by_freq,
     )
-    check_divisible_rows("weight", num_embeddings, mesh, axis_name)
+    check_divisible_rows("weight", num_rows, mesh, axis_name)
     n_batch = axis_size(mesh, batch_axis)
     b = layout.num_bags
     if b % n_batch:
@@ -611,6 +629,7 @@ def embedding_bag_rows(
     include_last_offset: bool = False,
     segment_ids: ArrayLike | None = None,
     num_bags: int | None = None,
+    num_embeddings: int | None = None,
 ) -> tuple[Array, Callable[[Array], sparse.RowGrads]]:
     """Row-sharded :func:`jaxbag.embedding_bag_rows`: bags plus a pullback to per-shard row grads.
 
@@ -628,10 +647,11 @@ def embedding_bag_rows(
     Args:
       weight: ``float [V, D]`` row-sharded table.
       indices, offsets, mode, per_sample_weights, padding_idx, include_last_offset, segment_ids,
-        num_bags: as :func:`embedding_bag` (``max_norm`` and ``scale_grad_by_freq`` are not
-        supported here). Unlike :func:`jaxbag.embedding_bag_rows`, which skips out-of-range ids
-        also eagerly, this checks them as :func:`embedding_bag` does: eagerly an ``IndexError``,
-        under ``jit`` skipped.
+        num_bags, num_embeddings: as :func:`embedding_bag` (``max_norm`` and
+        ``scale_grad_by_freq`` are not supported here). Unlike
+        :func:`jaxbag.embedding_bag_rows`, which skips out-of-range ids also eagerly, this
+        checks them as :func:`embedding_bag` does: eagerly an ``IndexError``, under ``jit``
+        skipped.
       mesh, axis_name, batch_axis: as :func:`embedding_bag`.
       size: ``U``, static row slots (``None``: ``min(N, V)`` with ``N`` the ids of the whole
         batch, always enough). Too small for a batch: eagerly a ``ValueError``; under ``jit`` the
@@ -670,8 +690,10 @@ def embedding_bag_rows(
         include_last_offset=include_last_offset,
         segment_ids=segment_ids,
         num_bags=num_bags,
+        num_embeddings=num_embeddings,
     )  # also runs every argument check
-    num_embeddings, features = weight.shape
+    num_rows, features = weight.shape
+    num_embeddings = _real_rows(num_embeddings, num_rows)
     pad = validation.normalize_padding_idx(padding_idx, num_embeddings)
     sparse.check_slots(indices, bag_terms.valid_positions(
         indices.reshape(-1), segments.bag_of_positions(indices, offsets, segment_ids),
@@ -727,7 +749,7 @@ def embedding_bag_rows(
         if indices.size == 0:  # no ids, no rows: every slot unused (shard_map would trip on it)
             n_shards = axis_size(mesh, axis_name)
             u = sparse.default_slots(0, num_embeddings) if size is None else size
-            rows = jnp.full((n_shards * u,), num_embeddings // n_shards, jnp.int32)
+            rows = jnp.full((n_shards * u,), num_rows // n_shards, jnp.int32)
             grads = jnp.zeros((n_shards * u, weight.shape[1]), acc)
             # (in the canonical form, as the shard_map path returns them)
             rows, grads = constrain((rows, grads), mesh, (
@@ -813,7 +835,8 @@ def local_row_grads(
     local_rows = rows
     if row_axes:
         local_rows = rows - (jax.lax.axis_index(row_axes) * r).astype(jnp.int32)
-    own = (local_rows >= 0) & (local_rows < r)
+    # (unused slots hold V: on a table padded by pad_rows, a row of the last shard)
+    own = (local_rows >= 0) & (local_rows < r) & (rows < num_embeddings)
     # in the accumulation dtype, so the vjp sums a row's gradient in float32 for bf16 / f16
     # tables (as jaxbag.embedding_bag_rows does), not in the table's dtype
     compact = jnp.take(local_weight, jnp.clip(local_rows, 0, r - 1), axis=0).astype(acc)
