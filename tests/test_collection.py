@@ -770,3 +770,154 @@ def test_outputs_follow_feature_names_whatever_the_groups_and_names():
     assert list(out) == ["q", "p", "o"]
     cat = jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True)
     assert cat.tolist() == [[6.0, 7.0, -6.0, -8.0, -10.0, 102.0, 103.0]]
+
+
+# -- review findings: dtypes, concat_features' input, the layout's type (each failed before) ---
+
+
+def test_table_dtype_none_and_float64_without_x64_are_refused():
+    """dtype=None silently became float64 (jnp.dtype(None)), and a float64 table without x64 was
+    created as float32 by init_collection and then refused by embedding_bag_collection as not
+    float64: the error told the user to do what they had done."""
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(TypeError, match=r"table 't': dtype must be a floating-point dtype "
+                                        r"\(float32, bfloat16, float16\); got dtype=None\. For "
+                                        r"example: TableConfig\('t', \.\.\., dtype=jnp\.float32\)"):
+        T("t", 5, 2, ("a",), dtype=None)
+    with pytest.raises(TypeError, match=r"table 't': dtype must be a floating-point dtype .*got "
+                                        r"dtype=int32"):
+        T("t", 5, 2, ("a",), dtype=jnp.int32)
+    for dtype in (jnp.float64, "float64", np.float64):
+        with pytest.raises(TypeError, match=r"table 't': dtype=float64 needs JAX's 64-bit mode, "
+                                            r"which is off .*as float32.*dtype=jnp\.float32.*"
+                                            r"jax_enable_x64"):
+            T("t", 5, 2, ("a",), dtype=dtype)
+    with jax.enable_x64(True):  # with x64 a float64 table works end to end
+        t64 = T("t", 5, 2, ("a",), dtype=jnp.float64, mode="sum")
+        layout = jaxbag.collection_layout([t64])
+        params = jaxbag.init_collection(layout, jax.random.key(0))
+        assert params["t"].dtype == jnp.float64
+        out = jaxbag.embedding_bag_collection(params, JF.from_lists({"a": [[1, 3]]}), layout=layout)
+        assert out["a"].dtype == jnp.float64
+        np.testing.assert_allclose(out["a"][0], params["t"][1] + params["t"][3])
+    # built under x64, used without it: refused when the layout is built, not after init
+    with pytest.raises(TypeError, match=r"table 't': dtype=float64 needs JAX's 64-bit mode"):
+        jaxbag.collection_layout([t64])
+
+
+def test_a_feature_listed_twice_in_one_table_is_named_as_such():
+    """The message said "feature 'a' is read by tables 't' and 't'"."""
+    with pytest.raises(ValueError, match=r"table 't': feature 'a' is listed twice in "
+                                         r"feature_names=\('a', 'a'\); list each feature once: "
+                                         r"feature_names=\('a',\)"):
+        T("t", 5, 2, ("a", "a"))
+    with pytest.raises(ValueError, match=r"feature 'b' is listed twice.*\('a', 'b'\)"):
+        T("t", 5, 2, ("a", "b", "b"))
+    with pytest.raises(ValueError, match="feature 'x' is read by tables 'a' and 'b'"):
+        jaxbag.collection_layout([T("a", 4, 2, ("x",)), T("b", 4, 2, ("x",))])
+
+
+def test_concat_features_checks_its_outputs():
+    """A feature output of the wrong width was concatenated silently ([2, 6] where
+    [B, output_features] = [2, 5] was promised), and a missing feature was a bare KeyError."""
+    layout = jaxbag.collection_layout([T("a", 4, 2, ("x",)), T("b", 4, 3, ("y",))])
+    x, y = jnp.ones((2, 2)), jnp.zeros((2, 3))
+    assert jaxbag.concat_features(layout, {"x": x, "y": y}).shape == (2, layout.output_features)
+    with pytest.raises(ValueError, match=r"outputs\['y'\] must be \[B, D\] = \[B, 3\] \(D the "
+                                         r"width of table 'b'\); got shape \(2, 4\)"):
+        jaxbag.concat_features(layout, {"x": x, "y": jnp.ones((2, 4))})
+    with pytest.raises(ValueError, match=r"outputs\['x'\] must be \[B, D\] = \[B, 2\].*got shape "
+                                         r"\(2,\)"):
+        jaxbag.concat_features(layout, {"x": jnp.ones(2), "y": y})
+    with pytest.raises(ValueError, match=r"outputs has no feature 'y': concat_features needs a "
+                                         r"\[B, 3\] array for every feature of the layout "
+                                         r"\['x', 'y'\]; got the features \['x'\]"):
+        jaxbag.concat_features(layout, {"x": x})
+    with pytest.raises(ValueError, match=r"outputs\['y'\] must be \[B, 3\] with the batch of "
+                                         r"outputs\['x'\], B=2; got shape \(3, 3\)"):
+        jaxbag.concat_features(layout, {"x": x, "y": jnp.zeros((3, 3))})
+    with pytest.raises(TypeError, match=r"outputs must be a dict \{feature: \[B, D_f\] array\}"):
+        jaxbag.concat_features(layout, [x, y])
+
+
+def test_functions_taking_a_layout_name_it_when_given_the_tables():
+    """layout=[TableConfig(...)] failed with AttributeError: 'list' object has no attribute
+    'feature_names'."""
+    tables = [T("a", 4, 2, ("x",))]
+    layout = jaxbag.collection_layout(tables)
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    jf = JF.from_lists({"x": [[1]]})
+    match = (r"{}: layout must be a jaxbag.CollectionLayout; got a list of TableConfig\. Build it "
+             r"from the tables once with layout = jaxbag.collection_layout\(tables\)")
+    with pytest.raises(TypeError, match=match.format("embedding_bag_collection")):
+        jaxbag.embedding_bag_collection(params, jf, layout=tables)
+    with pytest.raises(TypeError, match=match.format("init_collection")):
+        jaxbag.init_collection(tables, jax.random.key(0))
+    with pytest.raises(TypeError, match=match.format("pack_tables")):
+        jaxbag.pack_tables(tables, {"a": jnp.ones((4, 2))})
+    with pytest.raises(TypeError, match=match.format("unpack_tables")):
+        jaxbag.unpack_tables(tables, params)
+    with pytest.raises(TypeError, match=r"concat_features: layout must be a jaxbag.Collection"
+                                        r"Layout; got dict"):
+        jaxbag.concat_features({"x": 2}, {"x": jnp.ones((1, 2))})
+
+
+# -- from mutation testing: each fails on a seeded bug the suite missed ---------------------------
+
+
+def test_concat_of_one_narrow_dtype_keeps_it():
+    """Outputs that share one dtype are concatenated in it (bf16 tables: bf16), not float32."""
+    tables = [T("a", 4, 2, ("x",), dtype=jnp.bfloat16), T("b", 4, 3, ("y",), dtype=jnp.bfloat16)]
+    layout = jaxbag.collection_layout(tables)
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    jf = JF.from_lists({"x": [[1], [2]], "y": [[0, 3], []]})
+    out = jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 5)
+    mixed = jaxbag.concat_features(layout, {"x": jnp.ones((2, 2), jnp.bfloat16),
+                                            "y": jnp.ones((2, 3), jnp.float16)})
+    assert mixed.dtype == jnp.float32
+
+
+def test_concat_features_follows_the_layout_not_the_dicts_order():
+    layout = jaxbag.collection_layout([T("a", 4, 1, ("x",)), T("b", 4, 2, ("y", "z"))])
+    outputs = {"z": jnp.full((1, 2), 3.0), "y": jnp.full((1, 2), 2.0), "x": jnp.full((1, 1), 1.0)}
+    assert list(outputs) != list(layout.feature_names)
+    out = jaxbag.concat_features(layout, outputs)
+    assert out.tolist() == [[1.0, 2.0, 2.0, 3.0, 3.0]]
+
+
+def test_init_collection_does_not_depend_on_the_python_hash_seed():
+    """Each table's key is folded from a stable hash of its name (crc32), never Python's hash(),
+    which changes with PYTHONHASHSEED: the same key gave other tables in another process."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import jax, jaxbag\n"
+        "t = [jaxbag.TableConfig('user', 3, 2, ('u',)), jaxbag.TableConfig('item', 4, 2, ('i',))]\n"
+        "layout = jaxbag.collection_layout(t, stack=False)\n"
+        "p = jaxbag.init_collection(layout, jax.random.key(0))\n"
+        "print(repr({k: v.tolist() for k, v in sorted(p.items())}))\n"
+    )
+    runs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        runs.append(done.stdout)
+    assert runs[0] == runs[1]
+    layout = jaxbag.collection_layout(
+        [T("user", 3, 2, ("u",)), T("item", 4, 2, ("i",))], stack=False)
+    here = jaxbag.init_collection(layout, jax.random.key(0))
+    assert runs[0].strip() == repr({k: v.tolist() for k, v in sorted(here.items())})
+
+
+def test_pack_tables_casts_each_array_to_its_tables_dtype():
+    layout = jaxbag.collection_layout([T("t", 4, 2, ("x",), dtype=jnp.bfloat16, mode="sum")])
+    table = jnp.arange(8.0, dtype=jnp.float32).reshape(4, 2)
+    params = jaxbag.pack_tables(layout, {"t": table})
+    assert params["t"].dtype == jnp.bfloat16
+    out = jaxbag.embedding_bag_collection(params, JF.from_lists({"x": [[1, 2]]}), layout=layout)
+    assert out["x"].dtype == jnp.bfloat16 and out["x"].tolist() == [[6.0, 8.0]]

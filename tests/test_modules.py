@@ -641,3 +641,35 @@ def test_from_torch_of_a_state_dict_or_weight_is_trainable(form):
     assert np.asarray(grad["params"]["embedding"][1]).any()
     mod = jaxbag.nnx.EmbeddingBag.from_torch(source, mode="sum")
     assert not mod.frozen and isinstance(mod.embedding, nnx.Param)
+
+
+# -- review findings and mutation testing --------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_from_pretrained_of_an_int_list_shows_a_cast_that_works_for_lists(api):
+    """The hint was embeddings.astype(jnp.float32), which a list does not have."""
+    cls = jaxbag.EmbeddingBag if api == "linen" else jaxbag.nnx.EmbeddingBag
+    embeddings = [[1, 2], [3, 4]]
+    with pytest.raises(TypeError, match=r"embeddings must be a floating-point table; got dtype "
+                                        r"int\d+\. .*EmbeddingBag\.from_pretrained\("
+                                        r"jnp\.asarray\(embeddings, jnp\.float32\)\)"):
+        cls.from_pretrained(embeddings)
+    module = cls.from_pretrained(jnp.asarray(embeddings, jnp.float32), mode="sum")  # the hint
+    assert module.param_dtype == jnp.float32
+
+
+def test_nnx_frozen_pretrained_table_gets_no_gradient_through_split_state():
+    """A frozen table is a FrozenEmbedding and the call stops its gradient: differentiating the
+    whole split state (not only nnx.Param) gives it zeros."""
+    ids, offsets = jnp.array([0, 1, 4, 4], jnp.int32), jnp.array([0, 2], jnp.int32)
+    for freeze in (True, False):
+        g, state = nnx.split(jaxbag.nnx.EmbeddingBag.from_pretrained(
+            jnp.ones((5, 2)), freeze=freeze, mode="sum"))
+        grads = jax.grad(lambda s: nnx.merge(g, s)(ids, offsets).sum())(state)
+        d_table = grads["embedding"][...]
+        assert d_table.shape == (5, 2)
+        if freeze:
+            np.testing.assert_array_equal(d_table, np.zeros((5, 2), np.float32))
+        else:
+            np.testing.assert_array_equal(d_table[:, 0], [1.0, 1.0, 0.0, 0.0, 2.0])

@@ -71,7 +71,8 @@ class TableConfig:
         this table; several features may share one table, a feature uses one table.
       mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
       padding_idx: optional row skipped in every bag (negative counts from the end); starts at 0.
-      dtype: the table's dtype (float32, bfloat16, float16), also its outputs' dtype.
+      dtype: the table's dtype (float32, bfloat16, float16; float64 only with
+        ``jax_enable_x64``), also its outputs' dtype.
       embedding_init: ``(key, shape, dtype) -> [V, D]`` initialiser (flax's ``nn.Embed`` default).
 
     Examples:
@@ -94,9 +95,9 @@ class TableConfig:
         if isinstance(self.feature_names, str):
             object.__setattr__(self, "feature_names", (self.feature_names,))
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty str; got name={self.name!r}.")
+        object.__setattr__(self, "dtype", self._checked_dtype())
         for field in ("num_embeddings", "features"):
             v = getattr(self, field)
             if not validation.is_static_int(v, 1):
@@ -109,13 +110,35 @@ class TableConfig:
                 f"table {self.name!r}: feature_names must be a non-empty tuple of str; got "
                 f"{self.feature_names!r}, e.g. feature_names=('{self.name}',)."
             )
+        twice = sorted({f for f in self.feature_names if self.feature_names.count(f) > 1})
+        if twice:
+            once = tuple(dict.fromkeys(self.feature_names))
+            raise ValueError(
+                f"table {self.name!r}: feature {twice[0]!r} is listed twice in feature_names="
+                f"{self.feature_names!r}; list each feature once: feature_names={once!r}."
+            )
         try:
             validation.check_mode(self.mode)
             validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
         except ValueError as e:
             raise ValueError(f"table {self.name!r}: {e}") from e
-        if not jnp.issubdtype(self.dtype, jnp.floating):
-            raise TypeError(f"table {self.name!r}: dtype must be floating; got {self.dtype}.")
+
+    def _checked_dtype(self) -> np.dtype:
+        """``dtype`` as a NumPy dtype, or a TypeError: a float dtype that JAX can hold now."""
+        value = self.dtype
+        example = f"TableConfig({self.name!r}, ..., dtype=jnp.float32)"
+        try:  # (jnp.dtype(None) is float64: None must not silently mean that)
+            got = None if value is None else jnp.dtype(value)
+        except TypeError:
+            got = None
+        if got is None or not jnp.issubdtype(got, jnp.floating):
+            shown = repr(value) if got is None else got.name
+            raise TypeError(
+                f"table {self.name!r}: dtype must be a floating-point dtype (float32, bfloat16, "
+                f"float16); got dtype={shown}. For example: {example}."
+            )
+        check_x64(self.name, got)
+        return got
 
     @property
     def pad(self) -> int | None:
@@ -284,6 +307,18 @@ class CollectionLayout:
         return {k: NamedSharding(self.plan.mesh, s) for k, s in self.param_specs().items()}
 
 
+def check_x64(name: str, dtype: np.dtype) -> None:
+    """Raises unless JAX holds ``dtype`` as is now: without x64 a float64 table would be created
+    as float32 (by :func:`init_collection` and the modules) and then refused as not float64."""
+    held = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    if held != dtype:
+        raise TypeError(
+            f"table {name!r}: dtype={dtype.name} needs JAX's 64-bit mode, which is off (JAX would "
+            f"create the table as {held.name}). Use dtype=jnp.float32, or enable x64 before "
+            "building the tables: jax.config.update('jax_enable_x64', True)."
+        )
+
+
 def group_key(table: TableConfig) -> tuple[int, str, str]:
     """Tables with equal keys can be stacked: width, dtype and mode."""
     return (table.features, _dtype_name(table.dtype), table.mode)
@@ -315,6 +350,8 @@ def check_tables(tables: Sequence[TableConfig]) -> tuple[TableConfig, ...]:
     names = [t.name for t in tables]
     if len(set(names)) != len(names):
         raise ValueError(f"table names must be unique; got {names}.")
+    for t in tables:  # (x64 may have been switched off since the tables were built)
+        check_x64(t.name, t.dtype)
     seen: dict[str, str] = {}
     for t in tables:
         for f in t.feature_names:
@@ -456,11 +493,13 @@ def pack_tables(layout: CollectionLayout, tables: Mapping[str, Array]) -> dict[s
 
     Args:
       layout: the collection layout.
-      tables: ``{table name: [V_t, D_t]}`` for every table.
+      tables: ``{table name: [V_t, D_t]}`` for every table, each cast to its table's ``dtype``
+        (a float32 array for a bfloat16 table becomes bfloat16).
 
     Returns:
-      ``{group name: [num_rows, D]}`` (block padding rows are zeros). Under ``jax.jit`` with
-      ``out_shardings=layout.param_shardings()`` the result is created sharded.
+      ``{group name: [num_rows, D]}`` in the tables' dtypes (block padding rows are zeros).
+      Under ``jax.jit`` with ``out_shardings=layout.param_shardings()`` the result is created
+      sharded.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
@@ -470,6 +509,7 @@ def pack_tables(layout: CollectionLayout, tables: Mapping[str, Array]) -> dict[s
       >>> p["a+b"][:, 0].tolist()
       [0.0, 0.0, 1.0, 1.0, 1.0]
     """
+    check_layout("pack_tables", layout)
     check_table_keys(layout, tables, "tables", "[V_t, D_t] array")
     return {g.name: pack_group(g, tables) for g in layout.groups}
 
@@ -551,6 +591,7 @@ def unpack_tables(layout: CollectionLayout, params: Mapping[str, Array]) -> dict
       >>> {name: t.shape for name, t in tables.items()}
       {'a': (4, 2), 'b': (6, 2)}
     """
+    check_layout("unpack_tables", layout)
     check_params(layout, params, check_dtype=False)  # (each table keeps the array's dtype)
     rows = unpack_rows(layout, {g.name: [params[g.name]] for g in layout.groups})
     return {name: arrays[0] for name, arrays in rows.items()}
@@ -611,6 +652,7 @@ def init_collection(layout: CollectionLayout, key: Array) -> dict[str, Array]:
       {'a+b': (10, 2)}
     """
 
+    check_layout("init_collection", layout)
     # Always one jitted program, so the unsharded tables equal the sharded ones bit for bit
     # (eagerly, the initialisers can round differently from their fused jitted form).
     if layout.plan is None:
@@ -789,11 +831,15 @@ def concat_features(
 
     Args:
       layout: the collection layout.
-      outputs: ``{feature: [B, D_f]}``.
-      dtype: the output dtype; ``None``: the tables' dtype if they all share one, else float32.
+      outputs: ``{feature: [B, D_f]}`` for every feature of the layout (others are ignored).
+      dtype: the output dtype; ``None``: the outputs' dtype if they all share one, else float32.
 
     Returns:
       ``[B, layout.output_features]``.
+
+    Raises:
+      ValueError: a feature missing from ``outputs``, or an output that is not ``[B, D_f]``
+        (another width, or another ``B`` than the other features').
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
@@ -802,11 +848,57 @@ def concat_features(
       >>> jaxbag.concat_features(layout, {"y": jnp.ones((1, 3)), "x": jnp.zeros((1, 2))}).tolist()
       [[0.0, 0.0, 1.0, 1.0, 1.0]]
     """
+    check_layout("concat_features", layout)
     check_output_dtype(dtype)
+    check_outputs(layout, outputs)
     if dtype is None:
         dtypes = {jnp.dtype(outputs[f].dtype) for f in layout.feature_names}
         dtype = dtypes.pop() if len(dtypes) == 1 else jnp.float32
     return jnp.concatenate([outputs[f].astype(dtype) for f in layout.feature_names], axis=1)
+
+
+def check_outputs(layout: CollectionLayout, outputs: Mapping[str, Array]) -> None:
+    """``outputs`` holds a ``[B, D_f]`` array for every feature of ``layout``, with one ``B``."""
+    names = layout.feature_names
+    if not isinstance(outputs, Mapping):
+        raise TypeError(
+            f"outputs must be a dict {{feature: [B, D_f] array}} for the features {list(names)}; "
+            f"got {type(outputs).__name__}. Pass what jaxbag.embedding_bag_collection(params, "
+            "features, layout=layout) returns."
+        )
+    first = None
+    for f in names:
+        d = layout.table_of(f).features
+        if f not in outputs:
+            raise ValueError(
+                f"outputs has no feature {f!r}: concat_features needs a [B, {d}] array for every "
+                f"feature of the layout {list(names)}; got the features {list(outputs)}."
+            )
+        shape = tuple(jnp.shape(outputs[f]))
+        if len(shape) != 2 or shape[1] != d:
+            raise ValueError(
+                f"outputs[{f!r}] must be [B, D] = [B, {d}] (D the width of table "
+                f"{layout.table_of(f).name!r}); got shape {shape}."
+            )
+        if first is None:
+            first = (f, shape[0])
+        elif shape[0] != first[1]:
+            raise ValueError(
+                f"outputs[{f!r}] must be [B, {d}] with the batch of outputs[{first[0]!r}], "
+                f"B={first[1]}; got shape {shape}. Every feature's output has one row per example."
+            )
+
+
+def check_layout(fn: str, layout: Any) -> None:
+    """``layout`` is a :class:`CollectionLayout` (not, say, the list of tables it is built from)."""
+    if not isinstance(layout, CollectionLayout):
+        got = type(layout).__name__
+        if isinstance(layout, (list, tuple)) and any(isinstance(t, TableConfig) for t in layout):
+            got = f"a {got} of TableConfig"
+        raise TypeError(
+            f"{fn}: layout must be a jaxbag.CollectionLayout; got {got}. Build it from the tables "
+            "once with layout = jaxbag.collection_layout(tables), and pass layout=layout."
+        )
 
 
 @overload
@@ -866,6 +958,7 @@ def embedding_bag_collection(
       >>> jaxbag.embedding_bag_collection(params, jf, layout=layout, concat=True).shape
       (2, 8)
     """
+    check_layout("embedding_bag_collection", layout)
     validation.check_bool("concat", concat)
     check_output_dtype(dtype)
     check_features(layout, features)

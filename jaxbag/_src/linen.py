@@ -37,7 +37,8 @@ class EmbeddingBag(nn.Module):
       freeze: if true no gradient reaches the table (``stop_gradient``); an optimizer with weight
         decay still needs the table masked out (``optax.masked``).
       dtype: the computation dtype (the table is cast to it); ``None`` keeps ``param_dtype``.
-      param_dtype: the dtype of the ``embedding`` parameter.
+      param_dtype: the dtype of the ``embedding`` parameter (float64 needs ``jax_enable_x64``:
+        without it JAX creates the table in float32, with a warning, as for ``nn.Embed``).
       embedding_init: initialiser of the ``[V, D]`` ``embedding`` parameter (flax's ``nn.Embed``
         default).
 

@@ -157,8 +157,9 @@ def check_pretrained(embeddings: ArrayLike) -> Array:
         )
     if not jnp.issubdtype(table.dtype, jnp.floating):
         raise TypeError(
-            f"embeddings must be a floating-point table; got dtype {table.dtype}. Cast it first: "
-            "embeddings.astype(jnp.float32)."
+            f"embeddings must be a floating-point table; got dtype {table.dtype}. Cast it first "
+            "(an array or a nested list alike): EmbeddingBag.from_pretrained("
+            "jnp.asarray(embeddings, jnp.float32)); a torch tensor: embeddings.float()."
         )
     return jnp.array(table, copy=True)
 

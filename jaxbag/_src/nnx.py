@@ -48,7 +48,8 @@ class EmbeddingBag(nnx.Module):
       scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
       include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
       dtype: the computation dtype (the table is cast to it); ``None`` keeps ``param_dtype``.
-      param_dtype: the dtype of the ``embedding`` parameter.
+      param_dtype: the dtype of the ``embedding`` parameter (float64 needs ``jax_enable_x64``:
+        without it JAX creates the table in float32, with a warning, as for ``nn.Embed``).
       embedding_init: initialiser of the ``[V, D]`` table (flax's ``nnx.Embed`` default).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
 
