@@ -125,18 +125,17 @@ class TableConfig:
 
     def _checked_dtype(self) -> np.dtype:
         """``dtype`` as a NumPy dtype, or a TypeError: a float dtype that JAX can hold now."""
-        value = self.dtype
         example = f"TableConfig({self.name!r}, ..., dtype=jnp.float32)"
-        try:  # (jnp.dtype(None) is float64: None must not silently mean that)
-            got = None if value is None else jnp.dtype(value)
-        except TypeError:
-            got = None
-        if got is None or not jnp.issubdtype(got, jnp.floating):
-            shown = repr(value) if got is None else got.name
+        if self.dtype is None:  # (jnp.dtype(None) is float64: None must not silently mean that)
             raise TypeError(
                 f"table {self.name!r}: dtype must be a floating-point dtype (float32, bfloat16, "
-                f"float16); got dtype={shown}. For example: {example}."
+                f"float16); got dtype=None. For example: {example}."
             )
+        try:
+            validation.check_float_dtype("dtype", self.dtype, example)
+        except TypeError as e:
+            raise TypeError(f"table {self.name!r}: {e}") from None
+        got = jnp.dtype(self.dtype)
         check_x64(self.name, got)
         return got
 
