@@ -256,10 +256,13 @@ def plan_sharding(
     model = _BudgetModel(tables, overrides, n, min_fill, exact)
     searched = None
     if model.lower_bound <= budget:  # else no placement fits (e.g. n = 1: all store the same)
-        found = model.largest_first(plan.as_dict(), budget)
-        if found is None:
-            found, searched = model.per_group(kinds, budget)
-        if found is not None:
+        for search in ("largest_first", "per_group"):
+            if search == "largest_first":
+                found = model.largest_first(plan.as_dict(), budget)
+            else:
+                found, searched = model.per_group(kinds, budget)
+            if found is None:
+                continue
             candidate = _assign(tables, found, overrides, mesh, axis_name, batch_axis, min_fill)
             if max(candidate.device_bytes(tables)) <= budget:
                 return candidate
