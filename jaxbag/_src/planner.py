@@ -253,19 +253,21 @@ def plan_sharding(
         plan = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
         return max(plan.device_bytes(tables))
 
+    def fitting(found):  # the plan for the found kinds, if it fits
+        if found is None:
+            return None
+        candidate = _assign(tables, found, overrides, mesh, axis_name, batch_axis, min_fill)
+        return candidate if max(candidate.device_bytes(tables)) <= budget else None
+
     model = _BudgetModel(tables, overrides, n, min_fill, exact)
     searched = None
     if model.lower_bound <= budget:  # else no placement fits (e.g. n = 1: all store the same)
-        for search in ("largest_first", "per_group"):
-            if search == "largest_first":
-                found = model.largest_first(plan.as_dict(), budget)
-            else:
-                found, searched = model.per_group(kinds, budget)
-            if found is None:
-                continue
-            candidate = _assign(tables, found, overrides, mesh, axis_name, batch_axis, min_fill)
-            if max(candidate.device_bytes(tables)) <= budget:
-                return candidate
+        candidate = fitting(model.largest_first(plan.as_dict(), budget))
+        if candidate is None:
+            found, searched = model.per_group(kinds, budget)
+            candidate = fitting(found)
+        if candidate is not None:
+            return candidate
     per = plan.device_bytes(tables)
     if searched is None:
         best = f"no placement of these tables and overrides needs less than {model.lower_bound:,d}"
@@ -284,19 +286,17 @@ def plan_sharding(
 
 def _check_numbers(row_threshold_bytes, device_budget_bytes, min_fill) -> None:
     """Raises unless the planner's numbers are what its docstring says (before any planning)."""
-    real = (int, float, np.integer, np.floating)
-    for name, value, ints, hi, example in (
-        ("row_threshold_bytes", row_threshold_bytes, False, None, "2**30"),
-        ("device_budget_bytes", device_budget_bytes, True, None, "2**30"),
-        ("min_fill", min_fill, False, 1, "0.75"),
+    ints, real = (int, np.integer), (int, float, np.integer, np.floating)
+    for name, value, types, hi, allowed, example in (
+        ("row_threshold_bytes", row_threshold_bytes, real, None, "None or a number >= 0 (bytes)",
+         "2**30"),
+        ("device_budget_bytes", device_budget_bytes, ints, None, "None or an int >= 0 (bytes)",
+         "2**30"),
+        ("min_fill", min_fill, real, 1, "a number in [0, 1]", "0.75"),
     ):
-        if value is None and name != "min_fill":
+        if value is None and allowed.startswith("None"):
             continue
-        what = "an int" if ints else "a number"
-        allowed = f"{what} >= 0" if hi is None else f"{what} in [0, {hi}]"
-        if name != "min_fill":
-            allowed = f"None or {allowed} (bytes)"
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer) if ints else real):
+        if isinstance(value, bool) or not isinstance(value, types):
             raise TypeError(f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}.")
         if not (0 <= value and (hi is None or value <= hi)):  # (NaN fails too)
             raise ValueError(f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}.")
