@@ -645,6 +645,8 @@ def case_sparse():
         ("2d", "model", "data", "sum", (d["ids"], d["offs"]), {}),
         ("1d", "model", None, "sqrtn", (d["ids_s"],), dict(segment_ids=d["seg_s"], num_bags=B)),
         ("1d", "model", None, "max", (d["ids"], d["offs"]), {}),
+        # rows over both axes of the 2 x 4 mesh: shard i of the tuple holds rows [i R, (i+1) R)
+        ("2d", ("data", "model"), None, "sum", (d["ids"], d["offs"]), {}),
     ]
     rng = np.random.default_rng(7)
     gs = [jnp.asarray(rng.normal(size=(B, D)).astype(np.float32)) for _ in range(2)]
@@ -681,6 +683,12 @@ def case_sparse():
         opts["sgd"], w_sh, mesh=ms["1d"], axis_name="model"), pb(gs[0]), mesh=ms["1d"],
         axis_name="model"), "row_grads must hold per-shard local rows split over axis_name="
         "'model' (8 devices)", "single-device row grads fed to sparse_update")
+    # the same global rows replicated on the mesh (a NamedSharding, not split over the rows)
+    replicated = jax.device_put(pb(gs[0]), jax.sharding.NamedSharding(ms["1d"], P()))
+    expect_error(lambda: jsh.sparse_update(opts["sgd"], w_sh, jsh.sparse_init(
+        opts["sgd"], w_sh, mesh=ms["1d"], axis_name="model"), replicated, mesh=ms["1d"],
+        axis_name="model"), "row_grads must hold per-shard local rows split over axis_name="
+        "'model' (8 devices)", "replicated global row grads fed to sparse_update")
 
     for mname, axis, batch, mode, args, kw in configs:  # one jit per config, all optimisers
         mesh = ms[mname]
@@ -703,13 +711,13 @@ def case_sparse():
             close(got_w, ref_w, f"{tag} table", atol=1e-5)  # CPU kernel vs XLA rounding
             for a, b in zip(jax.tree.leaves(got_s), jax.tree.leaves(ref_s)):
                 close(a, b, f"{tag} state", atol=1e-5)
-            if got_w.sharding.spec not in (P("model", None), P("model")):
+            if got_w.sharding.spec not in (P(axis, None), P(axis)):
                 raise AssertionError(f"{tag}: table came back as {got_w.sharding.spec}")
             if np.allclose(np.asarray(got_w), np.asarray(d["w"])):
                 raise AssertionError(f"{tag}: nothing was updated")
         check_no_table_traffic(
-            compiled.as_text(), [(V, D)], f"sparse {mname}", row_group_size=4 if mname == "2d" else 8,
-            allow_int_gather=True,
+            compiled.as_text(), [(V, D)], f"sparse {mname} {axis}",
+            row_group_size=jsh.axis_size(mesh, axis), allow_int_gather=True,
         )
 
     # Ids at positions outside every bag (segment id >= B: padding) are not rows of the batch: a

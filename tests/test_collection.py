@@ -582,7 +582,8 @@ def test_jagged_features_numpy_int64_ids_are_not_wrapped_without_x64(dtype):
     jf = JF(["a"], np.array([2**32 + 1], dtype), np.array([[1]]), capacities=(1,))
     assert jf.values.dtype == jnp.int32 and int(jf.values[0]) == 2**31 - 1
     run = lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout)["a"]  # noqa: E731
-    with pytest.raises(IndexError, match=r"has id 2147483647 at position 0 .* ids must be in \[0, 10\)"
+    with pytest.raises(IndexError, match=r"has id 2147483647 in example 0 \(its id 0; "
+                                         r"features\.values\[0\]\); ids must be in \[0, 10\)"
                                          r"\. \(2147483647 may stand for a larger id"):
         run(params, jf)
     np.testing.assert_array_equal(jax.jit(run)(params, jf), np.zeros((1, 2)))
@@ -740,13 +741,21 @@ def test_nnx_collection_takes_stack():
 
 def test_eager_id_check_reads_every_shard():
     """Features split into num_shards blocks (no plan): an id out of range in the second block
-    is the collection's IndexError naming the feature, the id and that block (with the check
-    reading the first block's region for every block, only the op's error about a stacked id
-    -1 at indices[2] came, naming neither the feature nor the table)."""
+    is the collection's IndexError naming the feature, the id, its example, its place in that
+    example's bag and in ``values`` (with the check reading the first block's region for every
+    block, only the op's error about a stacked id -1 at indices[2] came, naming neither the
+    feature nor the table; then the place was a position within a shard)."""
     layout = jaxbag.collection_layout([T("a", 4, 2, ("x",), mode="sum")])
     params = {"a": jnp.arange(8.0).reshape(4, 2)}
     bad = JF.from_lists({"x": [[1], [2, 7]]}, num_shards=2)
-    with pytest.raises(IndexError, match=r"feature 'x' .*has id 7 at position 1 of shard 1"):
+    k = bad.shard_capacity + 1  # shard 1's region starts at T; 7 is its 2nd id
+    assert int(bad.values[k]) == 7
+    with pytest.raises(IndexError, match=rf"feature 'x' .*has id 7 in example 1 \(its id 1; "
+                                         rf"features\.values\[{k}\]\)"):
+        jaxbag.embedding_bag_collection(params, bad, layout=layout)
+    # three examples in one shard: the 2nd example's 3rd id
+    bad = JF.from_lists({"x": [[1], [2, 3, 9], [0]]})
+    with pytest.raises(IndexError, match=r"has id 9 in example 1 \(its id 2; features\.values\[3\]\)"):
         jaxbag.embedding_bag_collection(params, bad, layout=layout)
     ok = JF.from_lists({"x": [[1], [2, 3]]}, num_shards=2)
     np.testing.assert_array_equal(jaxbag.embedding_bag_collection(params, ok, layout=layout)["x"],

@@ -693,11 +693,16 @@ def check_features(layout: CollectionLayout, jf: JaggedFeatures) -> None:
                 ids = values[start : start + n]
                 bad = np.flatnonzero((ids < 0) | (ids >= table.num_embeddings))
                 if bad.size:
+                    p = int(bad[0])  # -> its example, and its place in that example's bag
+                    ends = np.cumsum(lengths[i, sh * bs : (sh + 1) * bs])
+                    k = int(np.searchsorted(ends, p, side="right"))
+                    within = p - (int(ends[k - 1]) if k else 0)
                     raise IndexError(
                         f"feature {f!r} (table {table.name!r}, num_embeddings="
-                        f"{table.num_embeddings}) has id {int(ids[bad[0]])} at position "
-                        f"{int(bad[0])} of shard {sh}; ids must be in [0, {table.num_embeddings})."
-                        + validation.clipped_id_note(values.dtype, int(ids[bad[0]]))
+                        f"{table.num_embeddings}) has id {int(ids[p])} in example {sh * bs + k} "
+                        f"(its id {within}; features.values[{start + p}]); ids must be in "
+                        f"[0, {table.num_embeddings})."
+                        + validation.clipped_id_note(values.dtype, int(ids[p]))
                     )
 
 
