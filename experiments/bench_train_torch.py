@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -293,14 +294,15 @@ def main(argv: list[str]) -> None:
     print(report(results, _EPOCHS.value))
 
 
-DEFAULT_CONFIG = "configs/bbc_news.py"
+# the repository's default config, wherever the benchmark is started from
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "bbc_news.py")
 
 
 def define_flags() -> None:
     global _CONFIG, _EPOCHS, _TORCH_IMPLS, _TORCH_THREADS
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None,
-        f"Config file (the model, data and optimiser to time; default {DEFAULT_CONFIG}).",
+        f"Config file (the model, data and optimiser to time; default configs/bbc_news.py).",
         lock_config=True)
     _EPOCHS = flags.DEFINE_integer("epochs", 7, "Timed epochs per loop (after one warm-up).")
     _TORCH_IMPLS = flags.DEFINE_list(

@@ -12,6 +12,7 @@ workdir resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -336,7 +337,14 @@ def main(argv: list[str]) -> None:
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir runs/bbc_news")
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # a bad config value, data file or workdir: its message says what and where (the
+        # checks run before training); the traceback only on request, for a bug
+        if os.environ.get("JAXBAG_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}\n(JAXBAG_TRACEBACK=1 shows the traceback)")
 
 
 if __name__ == "__main__":

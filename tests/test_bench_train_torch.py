@@ -80,3 +80,17 @@ def test_a_timed_epoch_that_compiled_is_left_out_of_the_median():
                                        "torch_default_threads": 2}, 5)
     assert "ratio jax / fastest torch (torch_fused_t1): 0.250" in report
     assert "jax: the train step compiled in timed epoch(s) [2, 4], left out of the median" in report
+
+
+def test_default_config_is_found_from_any_directory():
+    """The default config was the relative 'configs/bbc_news.py': started outside the
+    repository, the benchmark failed with 'config file not found' (naming a --config it was
+    not given)."""
+    from pathlib import Path
+
+    from experiments import bench_train_torch
+    from experiments.textcls import config_check
+
+    path = Path(bench_train_torch.DEFAULT_CONFIG)
+    assert path.is_absolute() and path.is_file() and path.name == "bbc_news.py"
+    assert config_check.config_path_from_argv(["prog", "--config", str(path)]) == str(path)

@@ -846,3 +846,17 @@ def test_2d_out_of_range_id_is_named_by_row_then_column(check):
             jaxbag.validate(5, ids)
         else:
             jaxbag.embedding_bag(w, ids)
+
+
+def test_ids_passed_first_in_torchs_order_get_a_hint():
+    """``embedding_bag(ids, table, offsets)`` (F.embedding_bag's order) said only that weight
+    must be 2-D: integer "weights" now also point at the argument order."""
+    table, ids = jnp.ones((4, 2), jnp.float32), jnp.array([1, 2])
+    for args, error in (((ids, table, jnp.array([0])), ValueError),
+                        ((jnp.array([[1, 2]]), table), TypeError)):
+        with pytest.raises(error, match=r"Integer values look like ids: jaxbag takes the table "
+                                        r"first, embedding_bag\(weight, indices, offsets\)"):
+            jaxbag.embedding_bag(*args)
+    with pytest.raises(ValueError, match=r"weight must be 2-D") as info:  # a float vector: no hint
+        jaxbag.embedding_bag(jnp.ones((3,)), ids, jnp.array([0]))
+    assert "look like ids" not in str(info.value)

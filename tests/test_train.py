@@ -891,3 +891,21 @@ def test_padding_bags_of_a_partial_batch_change_neither_the_step_nor_the_metrics
     assert all(jax.tree.leaves(moved)), "every parameter takes a step"
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                                          atol=1e-6), padded, alone)
+
+
+@pytest.mark.slow
+def test_entry_point_reports_a_bad_value_without_a_traceback(tmp_path):
+    """A bad config value is one 'error:' line and exit status 1 (it was a 24-line traceback);
+    JAXBAG_TRACEBACK=1 shows the traceback."""
+    args = ("--config", "configs/smoke.py", "--config.model.mode=avg", "--workdir", str(tmp_path))
+    bad = _run_entry_point(*args)
+    assert bad.returncode == 1, bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert re.search(r"^error: .*model\.mode", bad.stderr, re.M), bad.stderr
+    assert "JAXBAG_TRACEBACK=1 shows the traceback" in bad.stderr
+    import os
+
+    env = {**os.environ, "JAXBAG_TRACEBACK": "1"}
+    loud = subprocess.run([sys.executable, "-m", "experiments.train", *args], check=False,
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr

@@ -534,9 +534,11 @@ def pack_bags(
     """Packs variable-length id sequences into one static-shape, padded batch.
 
     The flat length is rounded up to a bucket (see :func:`bucket_size`) and the
-    number of bags is padded up to ``batch_size`` with empty, masked-out bags, so a
-    jitted consumer sees at most ``len(bucket ladder)`` distinct shapes. See
-    :class:`PackedBags` for the layout.
+    number of bags is padded up to ``batch_size`` with empty, masked-out bags. With a fixed
+    ``batch_size`` a jitted consumer sees at most ``len(bucket ladder)`` distinct shapes;
+    without one, ``B`` is each call's ``len(bags)``, so every new bag count is a new shape
+    (pass ``batch_size`` for a last, partial batch too). See :class:`PackedBags` for the
+    layout.
 
     Args:
         bags: a sequence of ``b <= B`` bags, each a 1-D sequence or array of

@@ -250,15 +250,22 @@ def require_int(name: str, x: Array) -> None:
 
 def check_table(table: Array, name: str = "weight") -> None:
     """Raises unless ``table`` is a 2-D ``[V, D]`` floating-point array with ``V >= 1``."""
+    # integer "weights": most likely ids passed first, in torch's F.embedding_bag order
+    swapped = (
+        f" Integer values look like ids: jaxbag takes the table first, embedding_bag({name}, "
+        "indices, offsets), where torch's F.embedding_bag(input, weight, offsets) takes the "
+        "ids first."
+        if name == "weight" and jnp.issubdtype(table.dtype, jnp.integer) else ""
+    )
     if table.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D [V, D] (one row per id); got shape {table.shape}. A single row "
-            f"of D features is {name}[None, :]."
+            f"of D features is {name}[None, :].{swapped}"
         )
     if not jnp.issubdtype(table.dtype, jnp.floating):
         raise TypeError(
             f"{name} must be a floating-point table; got dtype {table.dtype}. Cast it first: "
-            f"{name}.astype(jnp.float32)."
+            f"{name}.astype(jnp.float32).{swapped}"
         )
     if table.shape[0] == 0:  # (every id would be out of range; the gathers need a row)
         raise ValueError(
