@@ -302,7 +302,7 @@ def define_flags() -> None:
     global _CONFIG, _EPOCHS, _TORCH_IMPLS, _TORCH_THREADS
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None,
-        f"Config file (the model, data and optimiser to time; default configs/bbc_news.py).",
+        "Config file (the model, data and optimiser to time; default configs/bbc_news.py).",
         lock_config=True)
     _EPOCHS = flags.DEFINE_integer("epochs", 7, "Timed epochs per loop (after one warm-up).")
     _TORCH_IMPLS = flags.DEFINE_list(
