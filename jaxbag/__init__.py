@@ -46,6 +46,7 @@ from jaxbag._src.sparse import sparse_adam as sparse_adam
 from jaxbag._src.sparse import sparse_sgd as sparse_sgd
 from jaxbag._src.sparse import unique_rows as unique_rows
 from jaxbag._src.validation import MODES as MODES
+from jaxbag._src.validation import Mode as Mode
 from jaxbag._src.validation import validate as validate
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "JaggedFeatures",
     "LazyAdamState",
     "MODES",
+    "Mode",
     "PackedBags",
     "RowGrads",
     "RowwiseAdagradState",

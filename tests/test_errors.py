@@ -606,6 +606,10 @@ def test_segment_id_helpers_under_jit_follow_the_documented_rule():
     assert f(jnp.array([2, 2, 3]), 5).tolist() == [0, 0, 1, 1, 2]
     assert f(jnp.array([2**30, 2**30, 2**30]), 3).tolist() == [0, 0, 0]
     assert f(jnp.array([1, 2**31 - 1, 1]), 4).tolist() == [0, 1, 1, 1]
+    # N + 1 bags of length N: the first takes every position; a running sum of the clipped
+    # lengths that did not saturate at N would reach (N + 1) * N = 2**32 + 2**16 and wrap
+    n = 2**16
+    np.testing.assert_array_equal(f(jnp.full((n + 1,), n), n), np.zeros(n, np.int32))
     g = jax.jit(jaxbag.offsets_to_segment_ids, static_argnums=1)
     assert g(jnp.array([0, 9, 2]), 4).tolist() == [0, 0, 1, 1]
     assert g(jnp.array([0, -2]), 5).tolist() == [0, 0, 0, 0, 0]  # a negative offset too

@@ -290,6 +290,29 @@ def test_scale_grad_by_freq_counts_right(jit):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("form", ["segment_id_-1", "past_last_offset"])
+def test_scale_grad_by_freq_counts_only_positions_in_a_bag(form, jit):
+    """A position outside every bag (segment id -1, or past the last offset) is not an occurrence:
+    row 0, at two positions of which one is in a bag, gets the whole upstream gradient."""
+    weight, ids = table(), np.array([0, 0, 1], np.int32)
+    if form == "segment_id_-1":
+        kw = dict(segment_ids=jnp.array([-1, 0, 0], jnp.int32), num_bags=1)
+        ids, cot = np.array([0, 0, 1], np.int32), np.ones((1, D))
+    else:  # bag 0 = [1, 0], the id 0 after it is past the last offset
+        kw = dict(offsets=np.array([0, 2], np.int32), include_last_offset=True)
+        ids, cot = np.array([1, 0, 0], np.int32), np.ones((1, D))
+    offsets = kw.pop("offsets", None)
+    _, dw, _ = jax_value_and_grads(weight, ids, offsets, cot=cot, jit=jit, mode="sum",
+                                   scale_grad_by_freq=True, **kw)
+    expected = np.zeros((V, D))
+    expected[[0, 1]] = 1.0
+    np.testing.assert_allclose(dw, expected, rtol=1e-6)
+    ref_dw, _ = embedding_bag_ref_vjp(np.asarray(weight, np.float64), ids, offsets, cotangent=cot,
+                                      mode="sum", scale_grad_by_freq=True, **kw)
+    np.testing.assert_allclose(ref_dw, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_include_last_offset_differs_from_torch_as_documented(jit):
     """Ids past the last offset: torch 2.13 ignores them in sum, counts them in mean's divisor
     without adding their rows, and takes them into the max (the README's stated difference);

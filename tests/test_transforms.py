@@ -522,7 +522,7 @@ def test_check_grads(mode, weighted, form):
     check_grads(f, args, order=1, modes=["rev", "fwd"], eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "xla"])
+@pytest.mark.parametrize("impl", ["kernel", "xla", "reference"])
 @pytest.mark.parametrize("mode, psw", [
     ("mean", [0.1, 0.2, -0.3]),   # sums to exactly 0 in float32 (not in float64)
     ("sqrtn", [1e-23] * 3),       # squares underflow to 0 in float32
@@ -533,13 +533,16 @@ def test_zero_float32_divisor_gives_zeros_and_zero_gradients_on_every_path(mode,
     """The CPU kernel summed a weighted bag's divisor in float64 while the XLA formulation and
     the gradient rule sum it in float32: weights summing to 0 in float32 gave a huge bag
     (5.4e7) whose gradient was 0. The XLA formulation's sqrtn gave NaN weight gradients when the
-    squares summed to 0. Now both give the zero-divisor rule's zeros, value and gradients."""
+    squares summed to 0. Now both give the zero-divisor rule's zeros, value and gradients. (The
+    reference formulation, which max_norm takes, differentiates its divisor: sqrt's infinite
+    derivative at 0 must not reach the weights.)"""
     set_kernel(impl == "kernel")
     w = jnp.array([[1.0], [2.0], [3.0]], jnp.float32)
     ids, offsets, p = jnp.array([0, 1, 2]), jnp.array([0]), jnp.array(psw, jnp.float32)
+    extra = {"max_norm": 100.0} if impl == "reference" else {}  # (no row is renormed)
 
     def f(w, p):
-        return jaxbag.embedding_bag(w, ids, offsets, mode=mode, per_sample_weights=p)
+        return jaxbag.embedding_bag(w, ids, offsets, mode=mode, per_sample_weights=p, **extra)
 
     for fn in (f, jax.jit(f)):
         out = fn(w, p)
@@ -547,6 +550,48 @@ def test_zero_float32_divisor_gives_zeros_and_zero_gradients_on_every_path(mode,
         dw, dp = jax.grad(lambda w, p: fn(w, p).sum(), (0, 1))(w, p)
         np.testing.assert_array_equal(dw, np.zeros_like(w))
         np.testing.assert_array_equal(dp, np.zeros_like(p))
+
+
+# (the CPU kernel takes float32 tables only)
+ZERO_DIVISOR_PATHS = [("kernel", "float32")] + [
+    (path, dtype) for path in ("gather", "stream", "xla") for dtype in ("float32", "float16", "bfloat16")
+]
+
+
+@pytest.mark.parametrize("path,dtype", ZERO_DIVISOR_PATHS, ids=[f"{p}-{d}" for p, d in ZERO_DIVISOR_PATHS])
+@pytest.mark.parametrize("mode", ["mean", "sqrtn"])
+def test_zero_divisor_gives_positive_zeros_on_every_path(mode, path, dtype, set_kernel):
+    """A bag whose divisor is 0 is +0.0, value and tangents, as an empty bag, on every path. The
+    stream loop and the gather formulation (non-float32 tables, other platforms) multiplied the
+    bag's sum by a zero scale, so a negative sum gave -0.0 where the kernel gave +0.0."""
+    from jaxbag._src import fast_forward
+    from jaxbag._src.ops import embedding_bag_xla
+
+    set_kernel(path == "kernel")
+    w = jnp.array([[-1.0, -2.0], [3.0, -4.0]], dtype)
+    ids, offsets = jnp.array([0, 1, 0]), jnp.array([0, 2])
+    # bag 0 sums to [-4, 2] with a zero divisor; bag 1's only weight is 0 (a -0.0 product)
+    p = jnp.array([1.0, -1.0, 0.0] if mode == "mean" else [0.0, 0.0, -0.0], dtype)
+
+    def f(w, p):
+        kw = dict(mode=mode, per_sample_weights=p)
+        if path == "xla":
+            return embedding_bag_xla(w, ids, offsets, **kw)
+        if path == "stream":
+            return fast_forward.bag_reduce(w, ids, offsets=offsets, impl="stream", **kw)
+        return jaxbag.embedding_bag(w, ids, offsets, **kw)
+
+    results = {
+        "eager": f(w, p),
+        "jit": jax.jit(f)(w, p),
+        "vmap": jax.vmap(f, (0, None))(w[None], p)[0],
+        "jvp table": jax.jvp(lambda w: f(w, p), (w,), (-w,))[1],
+        "jvp weights": jax.jvp(lambda q: f(w, q), (p,), (jnp.ones_like(p),))[1],
+    }
+    for name, out in results.items():
+        out = np.asarray(out, np.float32)
+        np.testing.assert_array_equal(out, np.zeros((2, 2), np.float32), err_msg=name)
+        assert not np.signbit(out).any(), (name, out.tolist())
 
 
 @pytest.mark.parametrize("mode", ["mean", "sqrtn"])

@@ -31,6 +31,9 @@ def functional() -> None:
     assert_type(jaxbag.renorm(weight, ids, 1.0), Array)
     assert_type(jaxbag.cpu_kernel_status(), tuple[bool, str])
     jaxbag.validate(5, ids, jnp.array([0]), mode="sum")
+    modes: tuple[jaxbag.Mode, ...] = jaxbag.MODES  # a user's own wrapper names the type
+    for mode in modes:
+        jaxbag.embedding_bag(weight, ids, jnp.array([0]), mode=mode)
 
 
 def ragged() -> None:
@@ -114,3 +117,7 @@ def misuses(key: Array) -> None:
     per_collection = jaxbag.collection_optimizer(opt, layout=layout)
     jaxbag.collection_optimizer(per_collection, layout=layout)  # type: ignore[arg-type]
     jaxbag.EmbeddingBag(num_embeddings=5, features=2, mode=3)  # type: ignore[arg-type]
+    # mode is a Literal: a misspelt one is caught before the run, in every entry point
+    jaxbag.embedding_bag(weight, ids, jnp.array([0]), mode="avg")  # type: ignore[arg-type]
+    jaxbag.nnx.EmbeddingBag(5, 2, mode="average", rngs=nnx.Rngs(0))  # type: ignore[arg-type]
+    jaxbag.TableConfig("t", 5, 2, ("f",), mode="Sum")  # type: ignore[arg-type]

@@ -59,7 +59,7 @@ def _gather_rows(w: jax.Array, idx: jax.Array) -> jax.Array:
     )
 
 
-def _finish(total: jax.Array, count: jax.Array, mode: str) -> jax.Array:
+def _finish(total: jax.Array, count: jax.Array, mode: jaxbag.Mode) -> jax.Array:
     """Mean division / empty-bag zeroing of a ``[B, D]`` sum or max and its ``[B]`` counts."""
     if mode == "mean":
         return total / jnp.maximum(count, 1.0)[:, None]
@@ -68,21 +68,21 @@ def _finish(total: jax.Array, count: jax.Array, mode: str) -> jax.Array:
     return total
 
 
-def _jaxbag(p: Problem, mode: str, opts: Any) -> Forward:
+def _jaxbag(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward:
     def f(w, b):
         return jaxbag.embedding_bag(w, b["ids"], b["offsets"], mode=mode)
 
     return f
 
 
-def _xla(p: Problem, mode: str, opts: Any) -> Forward:
+def _xla(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward:
     def f(w, b):
         return ops.embedding_bag_xla(w, b["ids"], b["offsets"], mode=mode)
 
     return f
 
 
-def _stream(p: Problem, mode: str, opts: Any) -> Forward:
+def _stream(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward:
     nb = p.num_bags
 
     def f(w, b):
@@ -93,7 +93,7 @@ def _stream(p: Problem, mode: str, opts: Any) -> Forward:
     return f
 
 
-def _kernel(p: Problem, mode: str, opts: Any) -> Forward | None:
+def _kernel(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward | None:
     if not jaxbag.cpu_kernel_status()[0]:
         return None
 
@@ -103,7 +103,7 @@ def _kernel(p: Problem, mode: str, opts: Any) -> Forward | None:
     return f
 
 
-def _naive(p: Problem, mode: str, opts: Any, *, hints: bool = False) -> Forward:
+def _naive(p: Problem, mode: jaxbag.Mode, opts: Any, *, hints: bool = False) -> Forward:
     nb = p.num_bags
 
     def f(w, b):
@@ -124,7 +124,7 @@ def _naive(p: Problem, mode: str, opts: Any, *, hints: bool = False) -> Forward:
     return f
 
 
-def _padded_dense(p: Problem, mode: str, opts: Any) -> Forward:
+def _padded_dense(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward:
     def f(w, b):
         idx = b["padded"]
         mask = idx >= 0
@@ -139,7 +139,7 @@ def _padded_dense(p: Problem, mode: str, opts: Any) -> Forward:
     return f
 
 
-def _unrolled_2d(p: Problem, mode: str, opts: Any) -> Forward | None:
+def _unrolled_2d(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward | None:
     if p.max_len > int(opts.unroll_max):
         return None
 
@@ -164,7 +164,7 @@ def _unrolled_2d(p: Problem, mode: str, opts: Any) -> Forward | None:
     return f
 
 
-def _chunked_map(p: Problem, mode: str, opts: Any) -> Forward:
+def _chunked_map(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward:
     chunk = max(1, min(int(opts.chunk_bags), p.num_bags))
     nb = p.num_bags
     n_chunks = -(-nb // chunk)
@@ -189,7 +189,7 @@ def _chunked_map(p: Problem, mode: str, opts: Any) -> Forward:
     return f
 
 
-def _onehot(p: Problem, mode: str, opts: Any) -> Forward | None:
+def _onehot(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward | None:
     if mode == "max" or p.num_bags * p.num_embeddings > int(opts.onehot_max_elements):
         return None
     nb, v = p.num_bags, p.num_embeddings
@@ -202,7 +202,7 @@ def _onehot(p: Problem, mode: str, opts: Any) -> Forward | None:
     return f
 
 
-FORWARDS: dict[str, Callable[[Problem, str, Any], Forward | None]] = {
+FORWARDS: dict[str, Callable[[Problem, jaxbag.Mode, Any], Forward | None]] = {
     "jaxbag": _jaxbag,
     "xla": _xla,
     "kernel": _kernel,
@@ -216,7 +216,7 @@ FORWARDS: dict[str, Callable[[Problem, str, Any], Forward | None]] = {
 }
 
 
-def register_forward(name: str, builder: Callable[[Problem, str, Any], Forward | None], doc: str) -> None:
+def register_forward(name: str, builder: Callable[[Problem, jaxbag.Mode, Any], Forward | None], doc: str) -> None:
     """Adds an implementation (e.g. a compiled custom call) to the comparison."""
     FORWARDS[name] = builder
     FORWARD_DOC[name] = doc
@@ -234,7 +234,7 @@ def dense_fwd_bwd(fwd: Forward, cot: jax.Array) -> Callable[..., jax.Array]:
     return f
 
 
-def rows_fwd_bwd(p: Problem, mode: str, cot: jax.Array) -> Callable[..., sparse.RowGrads]:
+def rows_fwd_bwd(p: Problem, mode: jaxbag.Mode, cot: jax.Array) -> Callable[..., sparse.RowGrads]:
     """``(weight, batch) -> RowGrads`` via :func:`jaxbag.embedding_bag_rows` (no ``[V, D]``)."""
 
     def f(w, b):
@@ -264,7 +264,7 @@ def dense_train_step(fwd: Forward, targets: jax.Array, lr: float):
     return opt.init, step
 
 
-def sparse_train_step(p: Problem, mode: str, targets: jax.Array, lr: float):
+def sparse_train_step(p: Problem, mode: jaxbag.Mode, targets: jax.Array, lr: float):
     """``(weight, state, batch) -> (weight, state, loss)`` with ``jaxbag.sparse_adam`` (lazy)."""
     opt = sparse.sparse_adam(lr)
 

@@ -50,7 +50,7 @@ class FastText(nnx.Module):
         features: int,
         hidden: int = 0,
         dropout: float = 0.0,
-        mode: str = "mean",
+        mode: jaxbag.Mode = "mean",
         embed_init_scale: float = 0.5,
         unknown_id: int | None = None,
         rngs: nnx.Rngs,
@@ -105,7 +105,7 @@ def build_model(
         features=int(model_config["features"]),
         hidden=int(model_config["hidden"]),
         dropout=float(model_config["dropout"]),
-        mode=str(model_config["mode"]),
+        mode=model_config["mode"],  # (checked by jaxbag)
         embed_init_scale=float(model_config["embed_init_scale"]),
         unknown_id=UNKNOWN_ID if model_config["ignore_unknown"] else None,
         rngs=nnx.Rngs(params=seed),

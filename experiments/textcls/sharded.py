@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import jaxbag
 import jaxbag.sharding as jsh
 from experiments.textcls.model import FastText
 
@@ -53,7 +54,7 @@ class ShardedEmbeddingBag(nnx.Module):
         self,
         table: jax.Array,
         *,
-        mode: str,
+        mode: jaxbag.Mode,
         padding_idx: int | None,
         mesh: Mesh,
         axis_name: str,

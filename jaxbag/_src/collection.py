@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxbag._src import module_common, planner, sharding, validation
 from jaxbag._src.jagged import JaggedFeatures, pack_features
 from jaxbag._src.ops import embedding_bag
+from jaxbag._src.validation import Mode
 
 
 __all__ = [
@@ -86,7 +87,7 @@ class TableConfig:
     num_embeddings: int
     features: int
     feature_names: tuple[str, ...]
-    mode: str = "mean"
+    mode: Mode = "mean"
     padding_idx: int | None = None
     dtype: Any = jnp.float32
     embedding_init: Initializer = module_common.default_embed_init
@@ -205,7 +206,7 @@ class GroupLayout:
 
     name: str
     features: int
-    mode: str
+    mode: Mode
     dtype: Any
     slots: tuple[TableSlot, ...]
     num_shards: int

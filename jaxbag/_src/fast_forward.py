@@ -54,10 +54,10 @@ from jax import Array, lax
 
 from jaxbag._src import bag_terms, cpu_kernel, explicit, segments, validation
 from jaxbag._src.dtypes import acc_dtype, take_rows, take_tangent_rows
+from jaxbag._src.validation import Mode
 
 __all__ = ["Prep", "bag_reduce", "bag_reduce_with_arg"]
 
-_MODES = ("sum", "mean", "max", "sqrtn")
 _MODE_CODE = {"sum": 0, "mean": 1, "max": 2, "sqrtn": 3}
 _IMPLS = ("auto", "kernel", "stream")
 
@@ -89,12 +89,25 @@ class Prep:
         self.seg_c = jnp.clip(seg, 0, max(num_bags - 1, 0)).astype(jnp.int32)
         self.w = bag_terms.masked_weights(valid, psw, acc)
         self.den = bag_terms.bag_denominators(self.w, seg, num_bags, mode)
-        self.inv_den = None
+        self.inv_den = self.nonzero = None
         self.acc = acc
         if self.den is not None:
-            nonzero = self.den != 0
-            safe = jnp.where(nonzero, self.den, jnp.ones((), acc))
-            self.inv_den = jnp.where(nonzero, 1 / safe, jnp.zeros((), acc))
+            self.nonzero = self.den != 0
+            safe = jnp.where(self.nonzero, self.den, jnp.ones((), acc))
+            self.inv_den = jnp.where(self.nonzero, 1 / safe, jnp.zeros((), acc))
+
+    def divide(self, total: Array) -> Array:
+        """``total [B, D]`` divided by the bags' divisors (mean, sqrtn; unchanged for sum), +0.0
+        where a divisor is 0: a bag's zero scale times a negative sum would give -0.0, and the
+        kernel and :func:`jaxbag.embedding_bag_xla` give +0.0 (an empty bag's zeros)."""
+        if self.inv_den is None:
+            return total
+        return self.zero_where_no_divisor(total * self.inv_den[:, None])
+
+    def zero_where_no_divisor(self, x: Array) -> Array:
+        """``x [B, D]`` with the rows of bags whose divisor is 0 set to +0.0."""
+        assert self.nonzero is not None  # (mean and sqrtn only)
+        return jnp.where(self.nonzero[:, None], x, jnp.zeros((), x.dtype))
 
     def rows(self, table: Array) -> Array:
         """``[N, D]`` rows of ``table`` (the weight or its tangent) in the accumulation dtype at the
@@ -340,9 +353,7 @@ def _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew
         lambda: _stream(weight, ids, seg, prep.w, prep.valid, num_bags, mode, unroll),
         lambda: _chunked(weight, prep, seg, num_bags, mode, chunk),
     )
-    if prep.inv_den is not None:
-        total = total * prep.inv_den[:, None]
-    return total.astype(weight.dtype), arg
+    return prep.divide(total).astype(weight.dtype), arg
 
 
 def _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode):
@@ -363,9 +374,7 @@ def _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode):
         return jnp.where(arg < n, best, jnp.zeros((), acc)).astype(weight.dtype), arg
     total = jax.ops.segment_sum(rows * prep.w[:, None], seg, num_segments=num_bags,
                                 indices_are_sorted=True)
-    if prep.inv_den is not None:
-        total = total * prep.inv_den[:, None]
-    return total.astype(weight.dtype), jnp.full((num_bags, 1), n, jnp.int32)
+    return prep.divide(total).astype(weight.dtype), jnp.full((num_bags, 1), n, jnp.int32)
 
 
 def _primal(weight, psw, ids, bounds, cfg):
@@ -428,8 +437,8 @@ def _bag_reduce_jvp(cfg, primals, tangents):
             if out.dtype == acc:
                 out_acc = out
             else:  # the output before its rounding to bf16 / f16: d out / d w_k = (x_k - out) / den
-                out_acc = jax.ops.segment_sum(rows * prep.w[:, None], seg, num_segments=num_bags,
-                                              indices_are_sorted=True) * prep.inv_den[:, None]
+                out_acc = prep.divide(jax.ops.segment_sum(
+                    rows * prep.w[:, None], seg, num_segments=num_bags, indices_are_sorted=True))
             if mode == "mean":
                 d_den = jax.ops.segment_sum(dw, seg, num_segments=num_bags, indices_are_sorted=True)
             else:  # sqrtn: den = sqrt(sum w^2) -> d den = sum(w dw) / den
@@ -437,6 +446,8 @@ def _bag_reduce_jvp(cfg, primals, tangents):
                     prep.w * dw, seg, num_segments=num_bags, indices_are_sorted=True
                 ) * prep.inv_den
             t = t + (d_sum - out_acc * d_den[:, None]) * prep.inv_den[:, None]
+    if prep.nonzero is not None:  # a zero divisor's bag: +0.0 tangents, as its +0.0 output
+        t = prep.zero_where_no_divisor(t)
     return (out, arg), (t.astype(out.dtype), np.zeros(arg.shape, jax.dtypes.float0))
 
 
@@ -451,7 +462,7 @@ def bag_reduce(
     *,
     offsets: Array | None = None,
     include_last_offset: bool = False,
-    mode: str = "mean",
+    mode: Mode = "mean",
     per_sample_weights: Array | None = None,
     padding_idx: int | None = None,
     impl: str = "auto",
@@ -498,8 +509,8 @@ def bag_reduce(
       >>> bag_reduce(w, jnp.array([0, 2, 1]), offsets=jnp.array([0, 2]), mode="max").tolist()
       [[5.0, 6.0], [3.0, 4.0]]
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}; got mode={mode!r}.")
+    if mode not in validation.MODES:
+        raise ValueError(f"mode must be one of {validation.MODES}; got mode={mode!r}.")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}; got impl={impl!r}.")
     if mode == "max" and per_sample_weights is not None:

@@ -12,6 +12,7 @@ from jax.typing import ArrayLike
 
 from jaxbag._src import module_common as common
 from jaxbag._src import validation
+from jaxbag._src.validation import Mode
 
 __all__ = ["EmbeddingBag"]
 
@@ -55,7 +56,7 @@ class EmbeddingBag(nn.Module):
 
     num_embeddings: int
     features: int
-    mode: str = "mean"
+    mode: Mode = "mean"
     padding_idx: int | None = None
     max_norm: float | None = None
     norm_type: float = 2.0

@@ -17,6 +17,7 @@ from jax.typing import ArrayLike
 
 from jaxbag._src import validation
 from jaxbag._src.ops import embedding_bag
+from jaxbag._src.validation import Mode
 
 Initializer = Any  # (key, shape, dtype) -> Array, as flax's initializers
 _variance_scaling = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
@@ -34,7 +35,7 @@ class BagSettings:
 
     num_embeddings: int
     features: int
-    mode: str = "mean"
+    mode: Mode = "mean"
     padding_idx: int | None = None
     max_norm: float | None = None
     norm_type: float = 2.0

@@ -12,6 +12,7 @@ from jax.typing import ArrayLike
 
 from jaxbag._src import module_common as common
 from jaxbag._src import validation
+from jaxbag._src.validation import Mode
 
 __all__ = ["EmbeddingBag", "FrozenEmbedding"]
 
@@ -72,7 +73,7 @@ class EmbeddingBag(nnx.Module):
         num_embeddings: int,
         features: int,
         *,
-        mode: str = "mean",
+        mode: Mode = "mean",
         padding_idx: int | None = None,
         max_norm: float | None = None,
         norm_type: float = 2.0,

@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 
 from jaxbag._src import bag_terms, cpu_kernel, explicit, fast_forward, segments, validation
 from jaxbag._src.dtypes import acc_dtype, take_rows
+from jaxbag._src.validation import Mode
 
 __all__ = ["embedding_bag", "renorm"]
 
@@ -116,7 +117,7 @@ def reduce_bags(
     rows: Array,
     seg: Array,
     num_bags: int,
-    mode: str,
+    mode: Mode,
     *,
     valid: Array,
     weights: Array | None = None,
@@ -193,7 +194,7 @@ class BagOptions(TypedDict, total=False):
     """The keyword options of :func:`embedding_bag` that :func:`jaxbag.embedding_bag_rows` passes
     on (its ``**kwargs``, typed for type checkers; the same names and types as here)."""
 
-    mode: str
+    mode: Mode
     per_sample_weights: ArrayLike | None
     include_last_offset: bool
     max_norm: float | None
@@ -208,7 +209,7 @@ def embedding_bag(
     indices: ArrayLike,
     offsets: ArrayLike | None = None,
     *,
-    mode: str = "mean",
+    mode: Mode = "mean",
     per_sample_weights: ArrayLike | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
@@ -242,7 +243,7 @@ def embedding_bag(
       per_sample_weights: optional ``float`` weights of ``indices``' shape. ``sum``: sum(w * x) as
         torch; ``mean``: sum(w * x) / sum(w) and ``sqrtn``: sum(w * x) / sqrt(sum(w**2)), as
         TensorFlow's ``embedding_lookup_sparse``; not allowed with ``max``. A zero divisor
-        (weights summing to 0, all weights 0) gives zeros, as an empty bag.
+        (weights summing to 0, all weights 0) gives +0.0 zeros, as an empty bag.
       padding_idx: optional row in ``[-V, V)`` (negative counts from the end) whose ids are skipped:
         not summed, not counted in the mean, not a max candidate; that row gets no gradient.
       include_last_offset: ``offsets`` has ``B + 1`` entries, the last one the end of the last bag.
@@ -319,7 +320,7 @@ def _embedding_bag(
     indices: ArrayLike,
     offsets: ArrayLike | None = None,
     *,
-    mode: str = "mean",
+    mode: Mode = "mean",
     per_sample_weights: ArrayLike | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
@@ -371,6 +372,25 @@ def _embedding_bag(
             weight, indices, offsets, segment_ids, per_sample_weights)
 
     b = layout.num_bags
+    if not isinstance(b, int):  # a symbolic bag count (jax.export with shape polymorphism)
+        if not layout.two_d or scale_grad_by_freq:
+            raise ValueError(
+                f"A symbolic number of bags ({b}) is supported for 2-D indices [B, L] only, and "
+                "without scale_grad_by_freq (its counts span the whole batch); got "
+                + ("scale_grad_by_freq=True" if layout.two_d else
+                   f"offsets of shape {offsets.shape}" if offsets is not None else
+                   f"num_bags={num_bags!r}")
+                + ". Export with a fixed bag count (pad the batch with empty bags, e.g. "
+                "jaxbag.pack_bags(..., batch_size=B)) or pass the ids as [B, L] rows."
+            )
+        # each row is a bag: the op on one [1, L] row, batched (its batching rule keeps the
+        # batch size symbolic)
+        def one(row: Array, p: Array | None) -> Array:
+            return _embedding_bag(
+                weight, row[None], mode=mode, per_sample_weights=None if p is None else p[None],
+                padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type, fast=fast)[0]
+
+        return jax.vmap(one)(indices, per_sample_weights)
     ids = indices.reshape(-1)
     n = ids.shape[0]
     if b == 0 or n == 0:
@@ -382,7 +402,7 @@ def _embedding_bag(
         # gather + segment ops elsewhere); same values and gradients as the code below.
         kw: dict[str, Any] = dict(mode=mode, per_sample_weights=weights, padding_idx=pad)
         if layout.two_d:
-            starts = jnp.arange(0, n, indices.shape[1], dtype=jnp.int32)
+            starts = jnp.arange(b, dtype=jnp.int32) * indices.shape[1]
             return fast_forward.bag_reduce(weight, ids, offsets=starts, **kw)
         if offsets is not None:
             return fast_forward.bag_reduce(

@@ -31,7 +31,6 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxbag._src import collection, sharding, validation
@@ -286,20 +285,14 @@ def plan_sharding(
 
 def _check_numbers(row_threshold_bytes, device_budget_bytes, min_fill) -> None:
     """Raises unless the planner's numbers are what its docstring says (before any planning)."""
-    ints, real = (int, np.integer), (int, float, np.integer, np.floating)
-    for name, value, types, hi, allowed, example in (
-        ("row_threshold_bytes", row_threshold_bytes, real, None, "None or a number >= 0 (bytes)",
-         "2**30"),
-        ("device_budget_bytes", device_budget_bytes, ints, None, "None or an int >= 0 (bytes)",
-         "2**30"),
-        ("min_fill", min_fill, real, 1, "a number in [0, 1]", "0.75"),
-    ):
-        if value is None and allowed.startswith("None"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise TypeError(f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}.")
-        if not (0 <= value and (hi is None or value <= hi)):  # (NaN fails too)
-            raise ValueError(f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}.")
+    if row_threshold_bytes is not None:
+        validation.check_nonnegative("row_threshold_bytes", row_threshold_bytes, "2**30",
+                                     allowed="None or a number >= 0 (bytes)")
+    if device_budget_bytes is not None:
+        validation.check_nonnegative("device_budget_bytes", device_budget_bytes, "2**30",
+                                     allowed="None or an int >= 0 (bytes)", integer=True)
+    validation.check_nonnegative("min_fill", min_fill, "0.75", allowed="a number in [0, 1]",
+                                 maximum=1)
 
 
 def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> ShardingPlan:

@@ -223,6 +223,13 @@ def _checked_num_indices(num_indices: int) -> int:
     return n
 
 
+def row_segment_ids(num_rows: int, length: int) -> Array:
+    """``int32 [num_rows * length]``: the bag of each position of flattened ``[num_rows, length]``
+    ids, each row a bag (``0, 0, .., 1, 1, ..``; ``length`` may be a symbolic dimension)."""
+    rows = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+    return jnp.broadcast_to(rows, (num_rows, length)).reshape(-1)
+
+
 def bag_of_positions(indices: Array, offsets: Array | None, segment_ids: Array | None) -> Array:
     """``int [N]``: the bag of each position of the (flattened) ``indices``, whichever form.
 
@@ -230,11 +237,9 @@ def bag_of_positions(indices: Array, offsets: Array | None, segment_ids: Array |
     :func:`offsets_to_segment_ids` (the last offset, with ``include_last_offset``, starts the
     ignored segment ``B`` either way); else ``segment_ids`` itself.
     """
-    n = indices.size
     if indices.ndim == 2:
-        b, length = indices.shape
-        return jnp.repeat(jnp.arange(b, dtype=jnp.int32), length, total_repeat_length=n)
+        return row_segment_ids(*indices.shape)
     if offsets is not None:
-        return offsets_to_segment_ids_unchecked(offsets.reshape(-1), n)
+        return offsets_to_segment_ids_unchecked(offsets.reshape(-1), indices.size)
     assert segment_ids is not None
     return segment_ids.reshape(-1)

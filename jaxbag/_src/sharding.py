@@ -35,6 +35,7 @@ from jax.typing import ArrayLike
 
 from jaxbag._src import bag_terms, ops, segments, sparse, validation
 from jaxbag._src.dtypes import acc_dtype
+from jaxbag._src.validation import Mode
 
 __all__ = [
     "AxisName",
@@ -297,7 +298,7 @@ def embedding_bag_in_shard_map(
     num_bags: int,
     num_embeddings: int,
     axis_name: AxisName,
-    mode: str = "mean",
+    mode: Mode = "mean",
     per_sample_weights: Array | None = None,
     padding_idx: int | None = None,
     max_norm: float | None = None,
@@ -406,7 +407,7 @@ def embedding_bag(
     mesh: Mesh,
     axis_name: AxisName,
     batch_axis: AxisName | None = None,
-    mode: str = "mean",
+    mode: Mode = "mean",
     per_sample_weights: ArrayLike | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
@@ -531,9 +532,7 @@ def embedding_bag(
 
         def local_2d(lw, ids2, w2):
             ids = ids2.reshape(-1)
-            seg = jnp.repeat(
-                jnp.arange(b_loc, dtype=jnp.int32), length, total_repeat_length=b_loc * length
-            )
+            seg = segments.row_segment_ids(b_loc, length)
             inv = None
             if scale_grad_by_freq:
                 ok = (ids >= 0) & (ids < num_embeddings)
@@ -623,7 +622,7 @@ def embedding_bag_rows(
     axis_name: AxisName,
     batch_axis: AxisName | None = None,
     size: int | None = None,
-    mode: str = "mean",
+    mode: Mode = "mean",
     per_sample_weights: ArrayLike | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
@@ -720,9 +719,7 @@ def embedding_bag_rows(
         if two_d:
             ids = validation.to_int32(ids_in.reshape(-1), 0, num_embeddings - 1, -1)
             length = ids_in.shape[1]
-            seg = jnp.repeat(
-                jnp.arange(b_loc, dtype=jnp.int32), length, total_repeat_length=b_loc * length
-            )
+            seg = segments.row_segment_ids(b_loc, length)
             w = None if w is None else w.reshape(-1)
             # every position is in its row's bag (one bag for the validity check)
             valid = bag_terms.valid_positions(ids, jnp.zeros_like(ids), num_embeddings, 1, pad)
@@ -786,7 +783,7 @@ def local_row_grads(
     num_bags: int,
     num_embeddings: int,
     size: int | None,
-    mode: str,
+    mode: Mode,
     axis_name: AxisName | None,
     batch_axis: AxisName | None,
 ) -> tuple[Array, Array]:

@@ -51,6 +51,7 @@ from jaxbag._src import (
     bag_terms, explicit, fast_forward, ops, segments, sparse_kernels, validation,
 )
 from jaxbag._src.dtypes import acc_dtype
+from jaxbag._src.validation import Mode
 
 __all__ = [
     "LazyAdamState",
@@ -498,7 +499,7 @@ def _rows_direct(
     seg: Array,
     layout: validation.Layout,
     *,
-    mode: str,
+    mode: Mode,
     per_sample_weights: ArrayLike | None,
     include_last_offset: bool,
     segment_ids: ArrayLike | None,
@@ -591,17 +592,8 @@ def _lr_fn(learning_rate: ScalarOrSchedule) -> Callable[[Array, jnp.dtype], Arra
     """``lr(count, dtype)``: the learning rate at step ``count`` as a scalar of ``dtype``."""
     if callable(learning_rate):
         return lambda count, dtype: jnp.asarray(learning_rate(count)).astype(dtype)
-    lr = _check_hyper("learning_rate", learning_rate, "0.01")
+    lr = validation.check_nonnegative("learning_rate", learning_rate, "0.01")
     return lambda count, dtype: jnp.asarray(lr, dtype)
-
-
-def _check_hyper(name: str, value: object, example: str) -> float:
-    """``float(value)`` if it is a real number >= 0 (as torch's optimisers ask), else raises."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a float >= 0; got {value!r}, e.g. {name}={example}.")
-    if not float(value) >= 0:  # (NaN too)
-        raise ValueError(f"{name} must be a float >= 0; got {value!r}, e.g. {name}={example}.")
-    return float(value)
 
 
 def _check_chunk(chunk: object) -> int:
@@ -792,8 +784,8 @@ def sparse_adagrad(
     """
     lr_fn = _lr_fn(learning_rate)
     chunk = _check_chunk(chunk)
-    eps = _check_hyper("eps", eps, "1e-8")
-    initial_accumulator_value = _check_hyper(
+    eps = validation.check_nonnegative("eps", eps, "1e-8")
+    initial_accumulator_value = validation.check_nonnegative(
         "initial_accumulator_value", initial_accumulator_value, "0.0")
 
     def init(table: Array) -> RowwiseAdagradState:
@@ -865,7 +857,7 @@ def sparse_adam(
     """
     lr_fn = _lr_fn(learning_rate)
     chunk = _check_chunk(chunk)
-    eps = _check_hyper("eps", eps, "1e-8")
+    eps = validation.check_nonnegative("eps", eps, "1e-8")
     b1f, b2f = float(b1), float(b2)
     c1, c2 = 1.0 - b1f, 1.0 - b2f  # in double, then one rounding (as torch's alpha=1 - beta)
     for name, b in (("b1", b1f), ("b2", b2f)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, TypeGuard, cast, overload
+from typing import Any, Literal, TypeGuard, cast, get_args, overload
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,13 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbag._src import explicit
 
-__all__ = ["MODES", "validate"]
+__all__ = ["MODES", "Mode", "validate"]
 
+#: The type of ``mode``: a bag reduction (type checkers then catch ``mode="avg"``; a ``str``
+#: variable is checked when the call runs).
+Mode = Literal["sum", "mean", "max", "sqrtn"]
 #: The bag reductions ``mode`` accepts (:func:`jaxbag.embedding_bag`, the modules, ``TableConfig``).
-MODES = ("sum", "mean", "max", "sqrtn")
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 # The value checks take device arrays, and host copies of arrays split over an Explicit mesh.
 _Values = Array | np.ndarray
@@ -47,6 +50,20 @@ def static_int_hint(value: object) -> str:
     if isinstance(value, (jax.Array, np.ndarray)):
         return " Sizes fix shapes, so they must be Python ints, not arrays: pass int(x)."
     return ""
+
+
+def check_nonnegative(name: str, value: object, example: str, *, allowed: str = "a float >= 0",
+                      integer: bool = False, maximum: float | None = None) -> float:
+    """``float(value)`` if it is a real number (a Python or NumPy int with ``integer``; never a
+    bool) in ``[0, maximum]``, else a ``TypeError`` (not a number) or ``ValueError`` (out of
+    range, NaN) naming ``name``, the value, what is ``allowed`` and the correct call (``name=example``)."""
+    types = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    message = f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}."
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(message)
+    if not (float(value) >= 0 and (maximum is None or float(value) <= maximum)):  # (NaN too)
+        raise ValueError(message)
+    return float(value)
 
 
 def check_bool(name: str, value: object) -> None:
@@ -291,7 +308,7 @@ def check_static(
     segment_ids: Array | None,
     num_bags: int | None,
     include_last_offset: bool,
-    mode: str,
+    mode: Mode,
     scale_grad_by_freq: bool = False,
 ) -> Layout:
     """Checks everything that does not need values; returns the number of bags."""
@@ -552,7 +569,7 @@ def check_arguments(
     segment_ids: Array | None,
     num_bags: int | None,
     include_last_offset: bool,
-    mode: str,
+    mode: Mode,
     scale_grad_by_freq: bool = False,
     check_ids: bool = True,
 ) -> Layout:
@@ -575,7 +592,7 @@ def validate(
     indices: ArrayLike,
     offsets: ArrayLike | None = None,
     *,
-    mode: str = "mean",
+    mode: Mode = "mean",
     per_sample_weights: ArrayLike | None = None,
     padding_idx: int | None = None,
     include_last_offset: bool = False,
