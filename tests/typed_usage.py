@@ -121,3 +121,6 @@ def misuses(key: Array) -> None:
     jaxbag.embedding_bag(weight, ids, jnp.array([0]), mode="avg")  # type: ignore[arg-type]
     jaxbag.nnx.EmbeddingBag(5, 2, mode="average", rngs=nnx.Rngs(0))  # type: ignore[arg-type]
     jaxbag.TableConfig("t", 5, 2, ("f",), mode="Sum")  # type: ignore[arg-type]
+    tables = [jaxbag.TableConfig("t", 5, 2, ("f",))]
+    jaxbag.nnx.EmbeddingBagCollection(tables, plan="auto", rngs=nnx.Rngs(0))  # type: ignore[arg-type]
+    jaxbag.EmbeddingBagCollection(tables=tuple(tables), plan=layout)  # type: ignore[arg-type]

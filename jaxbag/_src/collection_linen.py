@@ -12,6 +12,7 @@ from jax import Array
 from jaxbag._src import collection, sharding
 from jaxbag._src.collection import CollectionLayout, TableConfig
 from jaxbag._src.jagged import JaggedFeatures
+from jaxbag._src.planner import ShardingPlan
 
 __all__ = ["EmbeddingBagCollection"]
 
@@ -62,7 +63,7 @@ class EmbeddingBagCollection(nn.Module):
 
     tables: Sequence[TableConfig]
     stack: bool = True
-    plan: Any = None
+    plan: ShardingPlan | None = None
     dtype: Any = None
 
     def __post_init__(self) -> None:

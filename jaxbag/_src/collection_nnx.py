@@ -11,6 +11,7 @@ from jax import Array
 from jaxbag._src import collection
 from jaxbag._src.collection import CollectionLayout, TableConfig
 from jaxbag._src.jagged import JaggedFeatures
+from jaxbag._src.planner import ShardingPlan
 
 __all__ = ["EmbeddingBagCollection"]
 
@@ -48,7 +49,7 @@ class EmbeddingBagCollection(nnx.Module):
         tables: Sequence[TableConfig],
         *,
         stack: bool = True,
-        plan: Any = None,
+        plan: ShardingPlan | None = None,
         dtype: Any = None,
         rngs: nnx.Rngs,
     ) -> None:
