@@ -372,13 +372,19 @@ def _embedding_bag(
             weight, indices, offsets, segment_ids, per_sample_weights)
 
     b = layout.num_bags
-    if not isinstance(b, int):  # a symbolic bag count (jax.export with shape polymorphism)
-        if not layout.two_d or scale_grad_by_freq:
+    # shape polymorphism (jax.export with symbolic dimensions)
+    if scale_grad_by_freq and not isinstance(indices.size, int):
+        raise ValueError(
+            f"scale_grad_by_freq needs a static number of ids (its counts search the batch's "
+            f"sorted ids); got indices of shape {indices.shape}. Export with a fixed number of "
+            "ids (pad them with padding_idx, or pack_bags(..., bucket_sizes=...)), or without "
+            "scale_grad_by_freq."
+        )
+    if not isinstance(b, int):  # a symbolic bag count
+        if not layout.two_d:
             raise ValueError(
-                f"A symbolic number of bags ({b}) is supported for 2-D indices [B, L] only, and "
-                "without scale_grad_by_freq (its counts span the whole batch); got "
-                + ("scale_grad_by_freq=True" if layout.two_d else
-                   f"offsets of shape {offsets.shape}" if offsets is not None else
+                f"A symbolic number of bags ({b}) is supported for 2-D indices [B, L] only; got "
+                + (f"offsets of shape {offsets.shape}" if offsets is not None else
                    f"num_bags={num_bags!r}")
                 + ". Export with a fixed bag count (pad the batch with empty bags, e.g. "
                 "jaxbag.pack_bags(..., batch_size=B)) or pass the ids as [B, L] rows."
