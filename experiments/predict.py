@@ -41,6 +41,7 @@ class Predictor:
         self.featurizer = Featurizer.from_json(artifacts.read_json(workdir / artifacts.VOCAB))
         self.class_names: list[str] = artifacts.read_json(workdir / artifacts.SPLIT)["class_names"]
         params, self.epoch = checkpoint.load_params(workdir)
+        self.num_epochs = int(config.train.num_epochs)
         model = build_model(
             config.model, num_embeddings=self.featurizer.num_embeddings,
             num_classes=len(self.class_names), seed=0,
@@ -97,10 +98,10 @@ def main(argv: list[str]) -> None:
     texts = argv[1:] or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise app.UsageError('give texts as arguments (or on stdin, one per line): "some text"')
-    try:
-        predictor = Predictor(_WORKDIR.value)
-    except FileNotFoundError as e:  # not a workdir, or not trained yet: the message says so
-        sys.exit(f"error: {e}")
+    predictor = logs.exit_on_user_error(Predictor, _WORKDIR.value)
+    if predictor.epoch < predictor.num_epochs:
+        print(f"note: {_WORKDIR.value} holds epoch {predictor.epoch} of {predictor.num_epochs}: "
+              "training has not finished (these are that epoch's predictions).", file=sys.stderr)
     results = predictor.predict(texts)
     for r in results:
         print(json.dumps(r) if _JSON.value else _format(r, _TOP.value))

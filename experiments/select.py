@@ -48,7 +48,8 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_colle
     """A copy of ``base`` with ``"a.b=v; c.d=w"`` applied (``base`` is not changed).
 
     Raises:
-        ValueError: an override that is not ``key=value`` or names an unknown key.
+        ValueError: an override that is not ``key=value``, names an unknown key or gives a
+            value of another type than the key's.
     """
     config = ml_collections.ConfigDict(base.to_dict())  # a deep copy
     for item in filter(None, (part.strip() for part in overrides.split(";"))):
@@ -64,7 +65,13 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_colle
         node = config
         for p in parents:
             node = node[p]
-        node[leaf] = _parse_value(value.strip())
+        try:
+            node[leaf] = _parse_value(value.strip())
+        except TypeError as e:  # (ml_collections: a value of another type than the key's)
+            raise ValueError(
+                f"candidate override {item!r}: {e}. Give a value of type "
+                f"{type(node[leaf]).__name__}, e.g. {key}={node[leaf]!r}."
+            ) from None
     return config
 
 
@@ -78,7 +85,12 @@ def variants(base: Any, overrides: Any, reference: str, where: str) -> dict[str,
         raise ValueError(f"config.reference={reference!r} is not in {where}: {list(overrides)}")
     base = ml_collections.ConfigDict(base)
     config_check.check_values(base, prefix="base.")
-    out = {name: apply_overrides(base, overrides[name]) for name in overrides}
+    out = {}
+    for name in overrides:
+        try:
+            out[name] = apply_overrides(base, overrides[name])
+        except ValueError as e:  # which candidate
+            raise ValueError(f"{where}[{name!r}] = {overrides[name]!r}: {e}") from None
     for name, config in out.items():
         config_check.check_values(config, prefix="base.", where=(
             f"{where}[{name!r}] = {overrides[name]!r} applied to config.base: "))
@@ -177,7 +189,7 @@ def study_main(run: Callable[[ml_collections.ConfigDict, str], Any], example: st
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         if config.value is None or not workdir.value:
             raise app.UsageError(f"--config and --workdir are required, e.g. {example}")
-        run(config.value, workdir.value)
+        logs.exit_on_user_error(run, config.value, workdir.value)
 
     app.run(main, flags_parser=parse_flags)
 

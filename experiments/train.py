@@ -12,7 +12,6 @@ workdir resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -276,7 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
         ls = tc.label_smoothing
         plot_curves(history, workdir / artifacts.PLOT, title=f"{config.data.name} (jaxbag fastText)",
-                    train_label=f"train (label smoothing {ls:g})" if ls else "train")
+                    train_label=f"train (label smoothing {ls:g})" if ls else "train",
+                    eval_label=(f"validation fold {config.data.validation_fold}"
+                                if config.data.validation_folds else "test"))
     artifacts.write_json(workdir / artifacts.SUMMARY, summary)
     errors = misclassified(test_ds.sources, test_ds.texts, test_ds.labels, preds,
                            train_ds.class_names)
@@ -337,14 +338,7 @@ def main(argv: list[str]) -> None:
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir runs/bbc_news")
-    try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # a bad config value, data file or workdir: its message says what and where (the
-        # checks run before training); the traceback only on request, for a bug
-        if os.environ.get("JAXBAG_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}\n(JAXBAG_TRACEBACK=1 shows the traceback)")
+    logs.exit_on_user_error(train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

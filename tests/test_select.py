@@ -1,6 +1,9 @@
 """Model selection by cross-validation on the training split (experiments/select.py)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import ml_collections
 import pytest
@@ -116,6 +119,34 @@ def test_a_bad_candidate_value_is_an_error_before_any_candidate_runs(tmp_path):
                        r"\[0, 1\); got 1\.5\. Pass --config\.base\.model\.dropout=0\.1\."):
         select.select(config, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_candidate_override_of_the_wrong_type_or_key_names_the_candidate(tmp_path):
+    """A value of another type than the key's gave ml_collections' bare TypeError (a traceback
+    from the study's command line), and neither error said which candidate it came from."""
+    config = _selection_config()
+    config.candidates.b = "model.dropout=0.1; model.features=abc"
+    with pytest.raises(ValueError, match=r"config\.candidates\['b'\] = 'model\.dropout=0\.1; "
+                       r"model\.features=abc': candidate override 'model\.features=abc': Could not "
+                       r"override field 'features'.*Give a value of type int, e\.g\. "
+                       r"model\.features=16\."):
+        select.select(config, tmp_path)
+    config.candidates.b = "model.featurs=8"
+    with pytest.raises(ValueError, match=r"config\.candidates\['b'\] = 'model\.featurs=8': unknown "
+                       r"config key 'config\.model\.featurs'"):
+        select.select(config, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_study_command_line_reports_a_bad_candidate_in_one_line(tmp_path):
+    """experiments.select (and experiments.splits, the same study_main) showed a traceback."""
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.select", "--config", "configs/bbc_news_selection.py",
+         "--workdir", str(tmp_path / "w"), "--config.candidates.sqrtn=model.features=abc"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: config.candidates['sqrtn'] = 'model.features=abc': "), r.stderr
+    assert not (tmp_path / "w").exists()
 
 
 # ---- behaviours pinned down by mutation testing (each test below failed on a seeded bug)

@@ -126,18 +126,52 @@ def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
     assert [r["label"] for r in got] == [r["label"] for r in predictor.predict(["shares fell", "the match"])]
 
 
-def test_predict_before_training_says_so_without_a_traceback(smoke_run, tmp_path):
+def _predict_cli(workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.predict", "--workdir", str(workdir),
+                           "some text"], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (see below)
+def test_predict_on_a_bad_workdir_says_so_without_a_traceback(smoke_run, tmp_path):
+    """A missing vocab.json gave a bare OS error; a damaged checkpoint ~150 lines of tracebacks
+    before its message; an invalid config.json a traceback."""
     _, trained, _ = smoke_run
     untrained = tmp_path / "untrained"  # the files a run writes before its first checkpoint
     untrained.mkdir()
     for name in (artifacts.CONFIG, artifacts.SPLIT, artifacts.VOCAB):
         shutil.copy(trained / name, untrained / name)
+    no_vocab, bad_config, damaged = (tmp_path / d for d in ("no_vocab", "bad_config", "damaged"))
+    for wd in (no_vocab, bad_config, damaged):
+        shutil.copytree(trained, wd)
+    (no_vocab / artifacts.VOCAB).unlink()
+    (bad_config / artifacts.CONFIG).write_text('{"model": ')
+    latest = max((p for p in (damaged / "checkpoints").iterdir() if p.name.isdigit()),
+                 key=lambda p: int(p.name))
+    _damage(latest, "truncated arrays")
     for workdir, says in ((tmp_path / "nope", "config.json not found"),
-                          (untrained, "no checkpoints in")):
-        r = subprocess.run([sys.executable, "-m", "experiments.predict", "--workdir", str(workdir),
-                            "some text"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          (untrained, "no checkpoints in"),
+                          (no_vocab, "vocab.json not found: " + str(no_vocab) + " is not a complete"),
+                          (bad_config, "config.json is not valid JSON"),
+                          (damaged, f"{latest.name} is damaged or unreadable")):
+        r = _predict_cli(workdir)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+
+
+def test_predict_says_when_training_has_not_finished(smoke_run, tmp_path):
+    """predict on a partly trained workdir gave no hint that the run had stopped early."""
+    config, trained, _ = smoke_run
+    partial = tmp_path / "partial"
+    shutil.copytree(trained, partial)
+    steps = sorted(int(p.name) for p in (partial / "checkpoints").iterdir() if p.name.isdigit())
+    shutil.rmtree(partial / "checkpoints" / str(steps[-1]))  # as if stopped before the last epoch
+    assert Predictor(partial).epoch == steps[-2] < Predictor(trained).num_epochs
+    done, part = _predict_cli(trained), _predict_cli(partial)
+    assert done.returncode == part.returncode == 0, part.stderr
+    assert "has not finished" not in done.stderr
+    assert (f"note: {partial} holds epoch {steps[-2]} of {config.train.num_epochs}: training has "
+            "not finished") in part.stderr
+    assert part.stdout.startswith("text: some text\npredicted: ")  # stdout stays the table
 
 
 @pytest.mark.slow
@@ -532,6 +566,47 @@ def test_split_json_records_the_bbc_root_portably_and_names_what_differs(tmp_pat
         artifacts.check_or_write_split(tmp_path, other, resuming=True)
 
 
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_resume_refuses_a_data_file_edited_in_place(tmp_path, which):
+    """split.json recorded a CSV / JSON-lines file's path and example count only: a file edited
+    in place between a kill and the resume (the same count, other labels) was trained on."""
+    config = _jsonl_config(tmp_path)
+    config.train.num_epochs, config.train.stop_after_epochs = 2, 1
+    train_and_evaluate(config, tmp_path / "w")
+    path = tmp_path / f"{which}.jsonl"
+    path.write_text(path.read_text().replace('"label": 0', '"label": 2').replace(
+        '"label": 1', '"label": 0').replace('"label": 2', '"label": 1'))
+    config.train.stop_after_epochs = 0
+    with pytest.raises(ValueError, match=rf"records a different train/test split than the data now "
+                       rf"loaded \({which}_sha256: '[0-9a-f]{{64}}' in split\.json -> "
+                       rf"'[0-9a-f]{{64}}' now\)"):
+        train_and_evaluate(config, tmp_path / "w")
+    path.write_text(path.read_text().replace('"label": 0', '"label": 2').replace(
+        '"label": 1', '"label": 0').replace('"label": 2', '"label": 1'))  # restored: resumes
+    assert train_and_evaluate(config, tmp_path / "w")["resumed_from_epoch"] == 1
+
+
+def test_the_plot_names_a_validation_fold_as_such(tmp_path, monkeypatch):
+    """With config.data.validation_folds the test_* metrics are a training fold's, but the plot
+    said "test"."""
+    from experiments.textcls import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    history = [{"epoch": e, "train_loss": 1.0 / e, "test_loss": 1.2 / e, "train_accuracy": 0.5,
+                "test_accuracy": 0.4} for e in (1, 2)]
+    for kw, want in (({}, "test"), ({"eval_label": "validation fold 1"}, "validation fold 1")):
+        plots.plot_curves(history, tmp_path / "p.png", **kw)
+        labels = {t.get_text() for ax in figures[-1].axes for t in ax.get_legend().get_texts()}
+        assert labels == {"train", want}
+    config = smoke.get_config()
+    config.data.validation_folds, config.data.validation_fold = 2, 1
+    config.train.num_epochs = 1
+    train_and_evaluate(config, tmp_path / "w")
+    labels = {t.get_text() for ax in figures[-1].axes for t in ax.get_legend().get_texts()}
+    assert labels == {"train (label smoothing 0.2)", "validation fold 1"}
+
+
 def test_unknown_key_message_lists_valid_keys():
     config = smoke.get_config()
     msg = config_check.unknown_key_message(config, "model.featurs", "--config.model.featurs=3")
@@ -909,3 +984,8 @@ def test_entry_point_reports_a_bad_value_without_a_traceback(tmp_path):
     loud = subprocess.run([sys.executable, "-m", "experiments.train", *args], check=False,
                           cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+    # an OSError too: a --workdir that is a file (FileExistsError from mkdir was a traceback)
+    (tmp_path / "a_file").write_text("")
+    bad = _run_entry_point("--config", "configs/smoke.py", "--workdir", str(tmp_path / "a_file"))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert re.search(r"^error: .*a_file", bad.stderr, re.M), bad.stderr

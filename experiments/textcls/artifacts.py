@@ -35,8 +35,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """A workdir's JSON file; a missing or damaged one is an error that says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {path.parent} is not a complete training workdir (experiments.train "
+            "writes it before the first epoch). Train into it again, or pass another --workdir."
+        )
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(
             f"{path} is not valid JSON ({e}); the workdir's files are written atomically, so it "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import io
 import json
@@ -362,6 +363,15 @@ def with_validation_fold(data_config: Mapping[str, Any], folds: int, fold: int,
             "validation_repeat": repeat}
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset, TextDataset, dict]:
     """Loads the train and evaluation sets described by ``config.data``.
 
@@ -440,6 +450,10 @@ def _load_train_test(
             "dataset": name,
             "train_path": str(Path(data_config["train_path"]).resolve()),
             "test_path": str(Path(data_config["test_path"]).resolve()),
+            # the contents too: a file edited in place between a kill and the resume must not
+            # mix two datasets in one run (the same count of other examples passed before)
+            "train_sha256": file_sha256(data_config["train_path"]),
+            "test_sha256": file_sha256(data_config["test_path"]),
             "class_names": list(train.class_names),
             "num_train": len(train),
             "num_test": len(test),

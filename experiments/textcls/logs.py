@@ -1,10 +1,41 @@
-"""Logging setup for the command-line entry points."""
+"""Logging and error reporting for the command-line entry points."""
 
 from __future__ import annotations
 
 import logging as std_logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from absl import logging
+
+from experiments.textcls.checkpoint import DamagedCheckpointError
+
+T = TypeVar("T")
+
+#: What a user can cause and fix (a bad config value, a data file, a workdir, a damaged
+#: checkpoint): each message says what and where, so a traceback would only bury it.
+USER_ERRORS = (ValueError, TypeError, OSError, DamagedCheckpointError)
+
+
+def exit_on_user_error(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``; a :data:`USER_ERRORS` exits with one ``error: ...`` line (status 1),
+    its traceback only with ``JAXBAG_TRACEBACK=1`` (for a bug).
+
+    The exit skips the interpreter's teardown (``os._exit``, after flushing both streams;
+    the run's files are written atomically, so nothing is left half-done): a failed checkpoint
+    read leaves tensorstore callbacks that reach orbax's closed event loop at teardown, a
+    screenful of "Event loop is closed" tracebacks under the message."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        if os.environ.get("JAXBAG_TRACEBACK"):
+            raise
+        print(f"error: {e}\n(JAXBAG_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def quiet_orbax(min_level: int = std_logging.WARNING) -> None:

@@ -18,14 +18,17 @@ def plot_curves(
     *,
     title: str = "",
     train_label: str = "train",
+    eval_label: str = "test",
 ) -> Path:
     """Writes train/test loss and accuracy per epoch to ``path`` and returns it.
 
-    ``train_label`` names the training curve (e.g. to say its loss is label-smoothed).
+    ``train_label`` names the training curve (e.g. to say its loss is label-smoothed),
+    ``eval_label`` the evaluation curve (the ``test_*`` metrics: a validation fold's when
+    ``config.data.validation_folds`` is set).
     """
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, label in (("train", train_label), ("test", "test")):
+    for split, label in (("train", train_label), ("test", eval_label)):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=label)
         ax_acc.plot(epochs, [100 * h[f"{split}_accuracy"] for h in history], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
