@@ -1,6 +1,8 @@
 """JaggedFeatures builders and constructor: ids, weights and sizes are checked as pack_bags checks
 them, and errors name the argument and the position as the caller passed it."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,3 +199,44 @@ def test_capacity_covers_the_fullest_shard_not_only_the_first(capacity):
                                                           [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]])
     with pytest.raises(ValueError, match="capacity"):
         jaxbag.JaggedFeatures.from_lists(feats, num_shards=2, capacity=2)
+
+
+def test_a_capacity_rule_bounds_the_shapes_and_so_the_compilations(count_compiles):
+    """capacity=None sizes each batch to its own id count (rounded to 8): 24 ragged batches
+    gave as many shapes as distinct counts, each a compilation. A rule (jaxbag.bucket_size, a
+    geometric ladder) gives a few shapes; the bags are the same either way."""
+    rng = np.random.default_rng(0)
+    batches = [{"w": [rng.integers(0, 50, rng.integers(0, 60)).tolist() for _ in range(8)],
+                "t": [rng.integers(0, 50, rng.integers(0, 3)).tolist() for _ in range(8)]}
+               for _ in range(24)]
+    table = jnp.asarray(rng.normal(size=(50, 4)), jnp.float32)
+
+    def bags(jf):
+        ids, seg, _ = jf.feature("w")
+        return jaxbag.embedding_bag(table, ids, segment_ids=seg, num_bags=8, mode="mean")
+
+    outs, shapes = {}, {}
+    for name, capacity in (("rounded", None), ("ladder", jaxbag.bucket_size)):
+        with count_compiles(bags) as compiles:
+            f = jax.jit(bags)
+            packed = [jaxbag.JaggedFeatures.from_lists(b, capacity=capacity) for b in batches]
+            outs[name] = [np.asarray(f(jf)) for jf in packed]
+        shapes[name] = {jf.capacities for jf in packed}
+        assert len(compiles) == len(shapes[name]), name  # (capacities are static: the pytree's)
+        for jf, b in zip(packed, batches):
+            assert jf.to_lists() == b
+    assert all(c in (128, 256, 512) for caps in shapes["ladder"] for c in caps), shapes["ladder"]
+    assert len(shapes["ladder"]) <= 2 < len(shapes["rounded"])
+    for a, b in zip(outs["rounded"], outs["ladder"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_capacity_rule_must_return_an_int_that_holds_the_ids():
+    feats = {"a": [[1, 2, 3], [4]]}
+    for rule, shown in ((lambda n: n - 1, "<lambda>"), (lambda n: float(n + 1), "<lambda>"),
+                        (str, "str")):
+        with pytest.raises(ValueError, match=rf"capacity='{re.escape(shown)}' gave .* for feature "
+                           r"'a' with 4 ids in one batch shard: a capacity rule must return an int "
+                           r">= its argument, e.g\. capacity=jaxbag\.bucket_size\."):
+            jaxbag.JaggedFeatures.from_lists(feats, capacity=rule)
+    assert jaxbag.JaggedFeatures.from_lists(feats, capacity=lambda n: n).capacities == (4,)

@@ -62,10 +62,23 @@ def _check_num_shards(num_shards: int, b: int | None = None) -> None:
         )
 
 
-def _capacity_for(
-    name: str, count: int, capacity: int | Mapping[str, int] | None, round_to: int
-) -> int:
-    """The static capacity of one feature (per shard): the given one, or ``count`` rounded up."""
+#: ``capacity`` of the ``from_*`` constructors: one int, ``{key: int}``, a rule
+#: ``ids -> capacity`` (``jaxbag.bucket_size``: a geometric ladder), or None (rounded up).
+Capacity = int | Mapping[str, int] | Callable[[int], int] | None
+
+
+def _capacity_for(name: str, count: int, capacity: Capacity, round_to: int) -> int:
+    """The static capacity of one feature (per shard): the given one, the rule's for ``count``,
+    or ``count`` rounded up."""
+    if callable(capacity):
+        cap = capacity(count)
+        if not validation.is_static_int(cap, count):
+            raise ValueError(
+                f"capacity={getattr(capacity, '__name__', capacity)!r} gave {cap!r} for feature "
+                f"{name!r} with {count} ids in one batch shard: a capacity rule must return an int "
+                f">= its argument, e.g. capacity=jaxbag.bucket_size."
+            )
+        return int(cap)
     if capacity is None:
         if not validation.is_static_int(round_to, 1):
             raise ValueError(
@@ -293,7 +306,7 @@ class JaggedFeatures:
         features: Mapping[str, Sequence[Sequence[int]]],
         *,
         weights: Mapping[str, Sequence[Sequence[float]]] | None = None,
-        capacity: int | Mapping[str, int] | None = None,
+        capacity: Capacity = None,
         num_shards: int = 1,
         round_to: int = 8,
     ) -> JaggedFeatures:
@@ -303,9 +316,12 @@ class JaggedFeatures:
           features: ``{key: bags}`` where ``bags`` holds ``B`` id lists (one per example; every
             feature the same ``B``). Key order is layout order.
           weights: optional ``{key: bags}`` of per-id weights, shaped as ``features`` (every key).
-          capacity: ids per feature per shard: one int for all, a ``{key: int}`` mapping, or
-            ``None`` (the largest count over shards, rounded up to ``round_to``). Fix it to keep
-            shapes, and so compilations, the same from batch to batch.
+          capacity: ids per feature per shard: one int for all, a ``{key: int}`` mapping, a
+            rule ``ids -> capacity`` applied to each feature's largest count over shards
+            (``capacity=jaxbag.bucket_size``: a geometric ladder, so a run sees a few shapes
+            and compiles a few times), or ``None`` (that count rounded up to ``round_to``: a new
+            shape, so a new compilation, whenever it changes). Fix it to keep shapes the same
+            from batch to batch.
           num_shards: ``S``, batch blocks (the size of the data-parallel mesh axis); divides ``B``.
           round_to: rounding of the automatic capacity.
 
@@ -384,7 +400,7 @@ class JaggedFeatures:
         lengths: ArrayLike | Sequence[int],
         *,
         weights: ArrayLike | Sequence[float] | None = None,
-        capacity: int | Mapping[str, int] | None = None,
+        capacity: Capacity = None,
         num_shards: int = 1,
         round_to: int = 8,
     ) -> JaggedFeatures:
@@ -455,7 +471,7 @@ class JaggedFeatures:
         offsets: ArrayLike | Sequence[int],
         *,
         weights: ArrayLike | Sequence[float] | None = None,
-        capacity: int | Mapping[str, int] | None = None,
+        capacity: Capacity = None,
         num_shards: int = 1,
         round_to: int = 8,
     ) -> JaggedFeatures:
@@ -520,7 +536,7 @@ class JaggedFeatures:
         )
 
     @classmethod
-    def _from_flat(cls, keys, flat, lengths, flat_w, *, capacity, num_shards, round_to):
+    def _from_flat(cls, keys, flat, lengths, flat_w, *, capacity: Capacity, num_shards, round_to):
         """The padded layout of checked ``int32`` ids ``flat`` (key-major), ``int64 [K, B]``
         lengths and optional ``float32`` weights ``flat_w`` of ``flat``'s shape."""
         if isinstance(capacity, Mapping) and set(capacity) - set(keys):
