@@ -427,3 +427,49 @@ def test_segment_helpers_name_the_real_value_past_int32(call, match):
     # values in range, of the same dtypes, still work
     assert jaxbag.offsets_to_segment_ids(np.array([0, 2], np.uint64), 3).tolist() == [0, 0, 1]
     assert jaxbag.lengths_to_segment_ids(np.array([2, 1], np.int64), 3).tolist() == [0, 0, 1]
+
+
+# ---- found by a review (and its surviving mutants): each case failed on the code it pins down
+
+
+def test_numpy_integer_scalars_mixed_with_python_ints_are_ids():
+    """NumPy reads [np.uint64(5), 7] as float64: the bag was refused as float ids, and for
+    np.uint64(2**63) the hint (astype(np.int64)) would have wrapped the id."""
+    assert jaxbag.pack_bags([[np.uint64(5), 7], [np.int8(2)]], bucket_sizes=[4]).indices.tolist() == [
+        5, 7, 2, 0]
+    jf = jaxbag.JaggedFeatures.from_lists({"a": [[np.uint64(3), 1], [np.int16(2)]]})
+    assert jf.to_lists() == {"a": [[3, 1], [2]]}
+    with pytest.raises(ValueError, match=r"bags\[0\]\[0\] = 9223372036854775808 does not fit in int32"):
+        jaxbag.pack_bags([[np.uint64(2**63), 1]])
+    # the largest id, held as a Python int in an object array, is in range
+    assert jaxbag.pack_bags([np.array([2**31 - 1], dtype=object)], bucket_sizes=[2]).indices.tolist() == [
+        2**31 - 1, 0]
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # a MemoryError (8 GiB of padding) before; the padding's segment id B must fit in int32
+        (lambda: jaxbag.pack_bags([[1]], batch_size=2**31 - 1), ValueError,
+         r"batch_size must be a positive int below 2\*\*31 - 1, got 2147483647"),
+        # "must be a non-empty 1-D sequence of ints ... dtype object" for ints past int64
+        (lambda: jaxbag.fit_buckets([3, 2**70], 1), ValueError,
+         r"sizes\[1\] = 1180591620717411303424 is not an id count in \[0, 2\*\*31 - 1\]"),
+        (lambda: jaxbag.pack_bags(np.array([1, 2, 3])), ValueError,
+         r"bags\[0\] = 1 is a single id, not a bag"),  # (was np.int64(1))
+        (lambda: jaxbag.pack_bags([[1]], bucket_sizes=(8, 8, 16)), ValueError,
+         r"strictly increasing sequence of positive ints, got \(8, 8, 16\)"),
+        (lambda: jaxbag.pack_bags([[1]], bucket_sizes=(0, 8)), ValueError,
+         r"strictly increasing sequence of positive ints, got \(0, 8\)"),
+        # complex weights: astype(float32) would drop the imaginary part
+        (lambda: jaxbag.pack_bags([[1]], weights=[[1 + 2j]]), TypeError,
+         r"weights\[0\] must hold numbers \(per-id weights\); got weights\[0\]\[0\] = \(1\+2j\)"),
+    ],
+)
+def test_review_found_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_fit_buckets_takes_an_object_array_of_small_ints():
+    assert jaxbag.fit_buckets(np.array([1, 2, 900], dtype=object), 2) == (2, 900)

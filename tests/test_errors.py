@@ -570,6 +570,9 @@ SEGMENT_CASES = {
                      [r"lengths must be an integer array", r"bool"]),
     "lengths_2d": (lambda: jaxbag.lengths_to_segment_ids(jnp.ones((2, 2), jnp.int32), 5), ValueError,
                    [r"lengths must be 1-D", r"\(2, 2\)"]),
+    # one past N (the bound itself, not only a sum far past it)
+    "lengths_one_past_n": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([2, 2]), 3), ValueError,
+                           [r"lengths sum to 4 > num_indices = 3"]),
     "lengths_past_n": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([2, 2, 3]), 5), ValueError,
                        [r"lengths sum to 7 > num_indices = 5", r"lengths\[2\]"]),
     "offsets_empty_with_last": (

@@ -240,3 +240,30 @@ def test_a_capacity_rule_must_return_an_int_that_holds_the_ids():
                            r">= its argument, e.g\. capacity=jaxbag\.bucket_size\."):
             jaxbag.JaggedFeatures.from_lists(feats, capacity=rule)
     assert jaxbag.JaggedFeatures.from_lists(feats, capacity=lambda n: n).capacities == (4,)
+
+
+@pytest.mark.parametrize("call, match", [
+    # one id too many was dropped silently if the check were "sum(lengths) > len(values)"
+    (lambda: jaxbag.JaggedFeatures.from_lengths(["a"], [1, 2, 3], [1, 1]),
+     r"values must hold sum\(lengths\)=2 ids; got 3\."),
+    # an extra weights key would be ignored if the check were "keys <= weights"
+    (lambda: jaxbag.JaggedFeatures.from_lists({"a": [[1], [2]]},
+                                              weights={"a": [[1.0], [1.0]], "b": [[1.0], [1.0]]}),
+     r"weights must have exactly the keys of features \('a',\); got \('a', 'b'\)"),
+    (lambda: jaxbag.JaggedFeatures.from_lists({"a": [[1, 2, 3], [4]]}, capacity=3),
+     r"feature 'a' has 4 ids in one batch shard but capacity=3; pass a larger capacity, e\.g\. "
+     r"capacity=\{'a': 4\}"),
+])
+def test_builder_checks_pinned_by_mutants(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_constructor_checks_pinned_by_mutants():
+    jf = jaxbag.JaggedFeatures.from_lists({"a": [[1], [2]]}, capacity=4)
+    with pytest.raises(ValueError, match=r"weights must have the shape of values \(4,\); got \(3,\)"):
+        jaxbag.JaggedFeatures(jf.keys, jf.values, jf.lengths, jnp.ones((3,), jnp.float32),
+                              capacities=jf.capacities)
+    with pytest.raises(ValueError, match=r"capacities must hold one int >= 0 per key \(1\); got "
+                                         r"capacities=\(2, 2\)"):
+        jaxbag.JaggedFeatures(jf.keys, jf.values, jf.lengths, None, capacities=(2, 2))

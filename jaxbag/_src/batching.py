@@ -162,7 +162,7 @@ def bag_ids(bag: object, where: str) -> np.ndarray:
         return a
     if a is not None and a.ndim == 0 and a.dtype.kind in "iu":
         raise ValueError(
-            f"{where} = {bag!r} is a single id, not a bag: each bag is a list of ids, e.g. "
+            f"{where} = {a.item()!r} is a single id, not a bag: each bag is a list of ids, e.g. "
             "[[1], [2]] for two bags of one id each."
         )
     if a is None or a.ndim != 1:
@@ -174,6 +174,10 @@ def bag_ids(bag: object, where: str) -> np.ndarray:
     if a.size == 0:
         return np.zeros(0, np.int64)  # NumPy reads [] as float64
     values = a.tolist()
+    if isinstance(bag, (list, tuple)) and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in bag):
+        # NumPy integer scalars mixed with Python ints: NumPy reads [np.uint64(5), 7] as float64
+        values = [int(x) for x in bag]
     if all(type(x) is int for x in values):  # (dtype object: Python ints, some past 64 bits)
         j = next((i for i, x in enumerate(values) if not 0 <= x <= _INT32_MAX), None)
         if j is None:  # (an object array of small ints)
@@ -389,6 +393,15 @@ def fit_buckets(sizes: Sequence[int] | npt.ArrayLike, max_buckets: int) -> tuple
             "jaxbag.fit_buckets(sizes, max_buckets=8)." + validation.static_int_hint(max_buckets)
         )
     arr = np.asarray(sizes)
+    if arr.dtype == object and arr.ndim == 1 and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr):
+        big = next((i for i, x in enumerate(arr) if not 0 <= x <= _INT32_MAX), None)
+        if big is not None:  # (ints past int64: NumPy holds them as objects)
+            raise ValueError(
+                f"sizes[{big}] = {int(arr[big])} is not an id count in [0, 2**31 - 1] (a batch "
+                "of more ids cannot be packed: pack_bags indexes them with int32)."
+            )
+        arr = arr.astype(np.int64)
     if arr.ndim != 1 or arr.size == 0 or not (
         np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_)
     ):
@@ -593,9 +606,9 @@ def pack_bags(
                 "batch_size for a batch of empty padding bags, e.g. jaxbag.pack_bags([], batch_size=32)."
             )
         batch_size = num_real
-    if not validation.is_static_int(batch_size, 1):
-        raise ValueError(
-            f"batch_size must be a positive int, got {batch_size!r}; "
+    if not validation.is_static_int(batch_size, 1) or batch_size >= _INT32_MAX:
+        raise ValueError(  # (the padding's segment id B must fit in int32)
+            f"batch_size must be a positive int below 2**31 - 1, got {batch_size!r}; "
             "e.g. jaxbag.pack_bags(bags, batch_size=32)." + validation.static_int_hint(batch_size)
         )
     if num_real > batch_size:
