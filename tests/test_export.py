@@ -49,15 +49,19 @@ for fn in (f, g):
 b, length = export.symbolic_shape("b, length")
 for mode, weighted, extra in [("sum", True, {}), ("mean", True, {"padding_idx": 2}),
                               ("max", False, {"max_norm": 0.5}), ("sqrtn", True, {"padding_idx": -1})]:
-    f = lambda w, i, p: jaxbag.embedding_bag(w, i, mode=mode, per_sample_weights=p if weighted else None, **extra)
+    f = lambda w, i, p: jaxbag.embedding_bag(
+        w, i, mode=mode, per_sample_weights=p if weighted else None, **extra)
     g = jax.grad(lambda w, i, p: jnp.sum(f(w, i, p) ** 2), (0, 2))
     r2 = jnp.asarray(rng.integers(0, 7, size=(4, 5)), jnp.int32)
     p2 = jnp.asarray(rng.uniform(0.5, 2.0, size=(4, 5)), jnp.float32)
     for fn in (f, g):
         for shape in [(b, 5), (b, length)]:
-            exp = export.export(jax.jit(fn))(*(jax.ShapeDtypeStruct(s, d) for s, d in
-                                              [(w.shape, w.dtype), (shape, jnp.int32), (shape, jnp.float32)]))
-            for i, p in [(r2, p2), (r2[:1], p2[:1])] + ([(r2[:, :2], p2[:, :2])] if shape[1] is length else []):
+            specs = [(w.shape, w.dtype), (shape, jnp.int32), (shape, jnp.float32)]
+            exp = export.export(jax.jit(fn))(*(jax.ShapeDtypeStruct(s, d) for s, d in specs))
+            cases = [(r2, p2), (r2[:1], p2[:1])]
+            if shape[1] is length:
+                cases.append((r2[:, :2], p2[:, :2]))
+            for i, p in cases:
                 jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6),
                              exp.call(w, i, p), fn(w, i, p))
 # what shape polymorphism does not support: the error says so and what to do instead

@@ -558,7 +558,8 @@ ZERO_DIVISOR_PATHS = [("kernel", "float32")] + [
 ]
 
 
-@pytest.mark.parametrize("path,dtype", ZERO_DIVISOR_PATHS, ids=[f"{p}-{d}" for p, d in ZERO_DIVISOR_PATHS])
+@pytest.mark.parametrize("path,dtype", ZERO_DIVISOR_PATHS,
+                         ids=[f"{p}-{d}" for p, d in ZERO_DIVISOR_PATHS])
 @pytest.mark.parametrize("mode", ["mean", "sqrtn"])
 def test_zero_divisor_gives_positive_zeros_on_every_path(mode, path, dtype, set_kernel):
     """A bag whose divisor is 0 is +0.0, value and tangents, as an empty bag, on every path. The

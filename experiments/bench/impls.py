@@ -216,7 +216,9 @@ FORWARDS: dict[str, Callable[[Problem, jaxbag.Mode, Any], Forward | None]] = {
 }
 
 
-def register_forward(name: str, builder: Callable[[Problem, jaxbag.Mode, Any], Forward | None], doc: str) -> None:
+def register_forward(
+    name: str, builder: Callable[[Problem, jaxbag.Mode, Any], Forward | None], doc: str
+) -> None:
     """Adds an implementation (e.g. a compiled custom call) to the comparison."""
     FORWARDS[name] = builder
     FORWARD_DOC[name] = doc

@@ -558,7 +558,8 @@ def pack_bags(
             non-negative integer ids in int32's range (lists, tuples, NumPy or JAX
             arrays; may be empty), or a 2-D array with one bag per row.
         batch_size: ``B``, the fixed number of bag slots; defaults to ``len(bags)``.
-            Must be ``>= len(bags)``.
+            Must be ``>= len(bags)`` and below ``2**31 - 1`` (the padding's segment id ``B``
+            is an int32).
         bucket_sizes: optional explicit increasing capacities to choose ``N_pad`` from.
         min_size: first rung of the default geometric ladder (the floor of ``N_pad``).
         growth: ratio of the default geometric ladder.

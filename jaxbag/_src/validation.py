@@ -56,7 +56,8 @@ def check_nonnegative(name: str, value: object, example: str, *, allowed: str = 
                       integer: bool = False, maximum: float | None = None) -> float:
     """``float(value)`` if it is a real number (a Python or NumPy int with ``integer``; never a
     bool) in ``[0, maximum]``, else a ``TypeError`` (not a number) or ``ValueError`` (out of
-    range, NaN) naming ``name``, the value, what is ``allowed`` and the correct call (``name=example``)."""
+    range, NaN) naming ``name``, the value, what is ``allowed`` and the correct call
+    (``name=example``)."""
     types = (int, np.integer) if integer else (int, float, np.integer, np.floating)
     message = f"{name} must be {allowed}; got {value!r}, e.g. {name}={example}."
     if isinstance(value, bool) or not isinstance(value, types):
