@@ -393,24 +393,19 @@ def fit_buckets(sizes: Sequence[int] | npt.ArrayLike, max_buckets: int) -> tuple
             "jaxbag.fit_buckets(sizes, max_buckets=8)." + validation.static_int_hint(max_buckets)
         )
     arr = np.asarray(sizes)
-    if arr.dtype == object and arr.ndim == 1 and all(
-            isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr):
-        big = next((i for i, x in enumerate(arr) if not 0 <= x <= _INT32_MAX), None)
-        if big is not None:  # (ints past int64: NumPy holds them as objects)
-            raise ValueError(
-                f"sizes[{big}] = {int(arr[big])} is not an id count in [0, 2**31 - 1] (a batch "
-                "of more ids cannot be packed: pack_bags indexes them with int32)."
-            )
-        arr = arr.astype(np.int64)
-    if arr.ndim != 1 or arr.size == 0 or not (
+    # Python ints past int64 make an object array: ints all the same, checked for range below
+    python_ints = arr.dtype == object and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr.reshape(-1))
+    if arr.ndim != 1 or arr.size == 0 or not (python_ints or (
         np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_)
-    ):
+    )):
         raise ValueError(
             f"sizes must be a non-empty 1-D sequence of ints (one id count per batch), got "
             f"{_short(sizes)} (shape {arr.shape}, dtype {arr.dtype}); e.g. "
             "jaxbag.fit_buckets([len(ids) for ids in batches], max_buckets=8)."
         )
-    bad = (arr < 0) | (arr > _INT32_MAX)
+    bad = np.asarray([not 0 <= x <= _INT32_MAX for x in arr]) if python_ints else (
+        (arr < 0) | (arr > _INT32_MAX))
     if np.any(bad):
         pos = int(np.argmax(bad))
         raise ValueError(
