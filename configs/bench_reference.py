@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train_repeats = 1  # timed train steps per round (the dense ones take ~0.5-2 s at V = 1M)
     config.memcpy_mb = 128  # buffer size of the memcpy bandwidth measurement
     config.torch = True  # torch baselines (F.embedding_bag dense and sparse=True, Adam, SparseAdam)
+    config.torch_device = "auto"  # auto (where JAX runs: cuda on a GPU), cpu or cuda
     config.check = True  # compare outputs / gradients / losses with numpy and torch
     config.plots = True
     config.learning_rate = 1e-3

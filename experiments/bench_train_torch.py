@@ -236,6 +236,10 @@ def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[
           f"{f' (term weights {featurizer.term_weights})' if featurizer.weighted else ''}; "
           f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
           f"(default {default_threads} threads)", flush=True)
+    if jax.default_backend() != "cpu":
+        print(f"note: JAX runs on {jax.default_backend()} and the torch loops on the CPU (this "
+              "benchmark compares CPU training loops): the ratios compare different hardware. "
+              "Run with JAX_PLATFORMS=cpu to compare like with like.", flush=True)
     total = epochs + 1
     loops: list[Any] = [JaxLoop(config, model, bags, weights, labels, total)]
     for threads in torch_threads:

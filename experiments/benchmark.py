@@ -3,14 +3,17 @@ r"""EmbeddingBag benchmark: jaxbag vs torch vs XLA formulations, forward / backw
     python -m experiments.benchmark --config configs/bench_reference.py --workdir runs/bench \
         [--config.repeats=20 --config.modes="('sum',)" ...]
 
-Everything runs in one process on whatever backend JAX has (CPU here). Each jax function is
-jit-compiled first (``lower().compile()``, timed apart from the runs), called once (reported as the
+Everything runs in one process on whatever backend JAX has (CPU here); torch runs on the same
+hardware (``config.torch_device='auto'``: CUDA when JAX runs on a GPU and torch sees one). Each
+jax function is jit-compiled first (``lower().compile()``, timed apart from the runs), called once (reported as the
 first call), warmed up, then timed ``repeats`` times with ``block_until_ready``. With
 ``rounds`` > 1 every implementation of a (shape, phase, mode) is measured that many times in turn
 (torch, jax 1, jax 2, ..., torch, jax 1, ...), so that a change of load on a shared machine falls
 on all of them alike; medians (and p10/p90) are over the timed calls of all rounds. torch runs
-with ``torch.set_num_threads`` set to the number of cores XLA's CPU thread pool uses. Memory: jax reports ``compiled.memory_analysis().temp_size_in_bytes``; torch
-the peak-RSS growth during its timed calls.
+with ``torch.set_num_threads`` set to the number of cores XLA's CPU thread pool uses; on CUDA
+each timed torch call ends with ``torch.cuda.synchronize``. Memory: jax reports
+``compiled.memory_analysis().temp_size_in_bytes``; torch the peak-RSS growth during its timed
+calls (on CUDA, the growth of its peak allocated device memory).
 
 Outputs in ``--workdir``: ``results.json`` (every measurement + machine info), ``table.txt`` (the
 printed table), ``reference.png`` and ``sweep_<name>.png``.
@@ -142,6 +145,7 @@ class Runner:
 
             self.torch = torch
             self.torch_impls = torch_impls
+            self.torch_device = torch_impls.resolve_device(config.torch_device, jax.default_backend())
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -155,7 +159,8 @@ class Runner:
     def _torch(self, fn, *, repeats=None):
         c = self.config
         return timing.time_torch(
-            fn, repeats=int(repeats or c.repeats), warmup=int(c.warmup), settle_s=float(c.settle_s)
+            fn, repeats=int(repeats or c.repeats), warmup=int(c.warmup), settle_s=float(c.settle_s),
+            device=self.torch_device,
         )
 
     def _log(self, rec: dict) -> None:
@@ -174,11 +179,11 @@ class Runner:
         ref = problems.reference_output(p, mode) if c.check else None
         w, batch = dev["weight"], dev["batch"]
         if self.torch is not None:
-            t_in = self.torch_impls.TorchInputs(p)
+            t_in = self.torch_impls.TorchInputs(p, self.torch_device)
             t, out = self._torch(self.torch_impls.forward(t_in, mode))
             rec = _timed(_record(p, "fwd", mode, "torch", "torch", extra), t)
             if ref is not None:
-                rec["max_abs_err"] = float(np.max(np.abs(out.numpy() - ref)))
+                rec["max_abs_err"] = float(np.max(np.abs(out.cpu().numpy() - ref)))
             self._log(rec)
         for name in c.fwd_impls:
             rec = _record(p, "fwd", mode, name, "jax", extra)
@@ -200,10 +205,10 @@ class Runner:
         w, batch, cot = dev["weight"], dev["batch"], dev["cotangent"]
         ref_grad = None
         if self.torch is not None:
-            t_in = self.torch_impls.TorchInputs(p)
+            t_in = self.torch_impls.TorchInputs(p, self.torch_device)
             t, g = self._torch(self.torch_impls.fwd_bwd(t_in, mode, sparse=False))
             self._log(_timed(_record(p, "fwd_bwd", mode, "torch", "torch", extra), t))
-            ref_grad = g.numpy() if c.check else None
+            ref_grad = g.cpu().numpy() if c.check else None
             del g
             if mode != "max":  # torch: sparse gradients are not supported with mode="max"
                 t, g = self._torch(self.torch_impls.fwd_bwd(t_in, mode, sparse=True))
@@ -247,7 +252,7 @@ class Runner:
         reps = int(c.train_repeats)
         losses = {}
         if self.torch is not None:
-            t_in = self.torch_impls.TorchInputs(p)
+            t_in = self.torch_impls.TorchInputs(p, self.torch_device)
             # Dense Adam in each of torch's implementations (its CPU default is the slow
             # per-tensor loop); "torch", the ratios' baseline, is the fastest of them.
             dense = []
@@ -383,6 +388,7 @@ def _add_ratios(results: list[dict[str, Any]], memcpy_gbps: float) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Runs the benchmark described by ``config``; writes and returns ``{"meta", "results"}``."""
     check_config(config)
+    runner = Runner(config)  # (resolves config.torch_device: an error before any work)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     threads = int(config.threads) or timing.thread_count()
@@ -397,13 +403,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         "loadavg_start": list(os.getloadavg()),
         "config": config.to_dict(),
     }
-    runner = Runner(config)
     if runner.torch is not None:
         runner.torch.set_num_threads(threads)
         meta["torch"] = runner.torch.__version__
         meta["torch_threads"] = runner.torch.get_num_threads()
+        meta["torch_device"] = runner.torch_device
+        if (runner.torch_device == "cuda") != (meta["backend"] == "gpu"):
+            print(f"note: JAX runs on {meta['backend']} and torch on {runner.torch_device}: the "
+                  "ratios compare different hardware.", flush=True)
     else:
-        meta["torch"] = meta["torch_threads"] = None
+        meta["torch"] = meta["torch_threads"] = meta["torch_device"] = None
     meta["memcpy_gbps"] = timing.memcpy_bandwidth(int(config.memcpy_mb))
     meta["impl_doc"] = dict(impls.FORWARD_DOC)
     t0 = time.perf_counter()

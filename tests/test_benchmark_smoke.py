@@ -36,6 +36,7 @@ def test_benchmark_smoke_run(tmp_path):
     out = benchmark.run(config, tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["threads"] >= 1 and data["meta"]["torch_threads"] == data["meta"]["threads"]
+    assert data["meta"]["torch_device"] == "cpu"  # "auto", with JAX on the CPU
     assert data["meta"]["memcpy_gbps"] > 0
     results = data["results"]
     assert len(results) == len(out["results"])
@@ -157,6 +158,10 @@ def test_benchmark_cli_locks_config(tmp_path):
     ({"repeats": 0}, r"config.repeats must be >= 1"),
     ({"rounds": 0}, r"config.rounds must be >= 1"),
     ({"train_impls": ("naive_sparse",)}, r"config.train_impls has unknown implementations \['naive_sparse'\]"),
+    ({"torch_device": "tpu"}, r"config.torch_device must be one of \('auto', 'cpu', 'cuda'\); got 'tpu'"),
+    # (the CPU build of torch the tests install sees no CUDA device)
+    ({"torch_device": "cuda"}, r"config.torch_device='cuda', but torch .* sees no CUDA device .*"
+                               r"Use --config.torch_device=cpu"),
 ])
 def test_benchmark_config_errors_before_any_work(tmp_path, override, match):
     """An unknown --config.only name ran nothing and exited 0; bad phases, modes or repeats failed
@@ -423,3 +428,48 @@ def test_gather_formulation_used_off_cpu(mode):
     lowered = jax.jit(lambda w_, i, s: bag_reduce(w_, i, s, B, mode=mode)).trace(w, ids, seg).lower(
         lowering_platforms=("cuda",))
     assert "custom_call" not in lowered.as_text() or "jaxbag" not in lowered.as_text()
+
+
+def test_torch_runs_where_jax_runs(monkeypatch):
+    """On a GPU machine the benchmark compared JAX on the GPU with torch on the CPU. ``auto`` now
+    puts torch on CUDA when JAX's backend is ``gpu`` and torch sees a CUDA device."""
+    import torch
+
+    from experiments.bench import torch_impls
+
+    assert torch_impls.resolve_device("auto", "cpu") == "cpu"
+    assert torch_impls.resolve_device("cpu", "gpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert torch_impls.resolve_device("auto", "gpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_impls.resolve_device("auto", "gpu") == "cuda"
+    assert torch_impls.resolve_device("auto", "cpu") == "cpu"
+    assert torch_impls.resolve_device("cuda", "cpu") == "cuda"
+
+
+def test_time_torch_on_cuda_waits_for_each_call(monkeypatch):
+    """torch's CUDA calls return once queued: a timed call must end with a synchronize, and the
+    memory is the growth of torch's peak allocated device memory (not the process RSS)."""
+    import torch
+
+    from experiments.bench import timing
+
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync", device)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: log.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5096)
+
+    def fn():
+        log.append(("call", None))
+        return len(log)
+
+    t, _ = timing.time_torch(fn, repeats=3, warmup=1, device="cuda")
+    assert t.repeats == 3 and len(t.times_ms) == 3 and t.temp_bytes == 4096
+    calls = [k for k, _ in log]
+    # the first call, the warm-up, then each timed call, each followed by a synchronize; the peak
+    # is reset after the warm-up
+    assert calls == ["sync", "call", "sync", "call", "sync", "reset",
+                     "call", "sync", "call", "sync", "call", "sync"]
+    assert all(d == "cuda" for k, d in log if k in ("sync", "reset"))

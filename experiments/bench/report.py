@@ -27,6 +27,7 @@ def format_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         (
             f"backend={meta['backend']} jax={meta['jax']} torch={meta['torch']} "
+            f"({meta.get('torch_device') or '-'}) "
             f"threads: xla={meta['threads']} torch={meta['torch_threads']}  "
             f"memcpy={meta['memcpy_gbps']:.1f} GB/s  load avg (1 min) at start/end: "
             f"{meta['loadavg_start'][0]:.1f}/{meta.get('loadavg_end', [float('nan')])[0]:.1f}"

@@ -22,10 +22,12 @@ class Timing:
       compile_s: lower + compile time (jax; 0 for torch).
       first_call_s: the first (warm-up) call after compiling.
       median_ms / p10_ms / p90_ms / min_ms: over ``repeats`` timed calls, each ended by
-        ``block_until_ready`` (jax) or a return (torch, synchronous on CPU).
+        ``block_until_ready`` (jax), a return (torch on the CPU, synchronous) or
+        ``torch.cuda.synchronize`` (torch on a CUDA device).
       repeats: the number of timed calls.
       temp_bytes: jax: ``compiled.memory_analysis().temp_size_in_bytes``; torch: peak RSS growth
-        during the timed calls (VmHWM after a reset, minus VmRSS before), or None if unknown.
+        during the timed calls (VmHWM after a reset, minus VmRSS before), or on CUDA the growth
+        of torch's peak allocated device memory; None if unknown.
       out_bytes: jax: output bytes not aliased to an input; torch: None.
       times_ms: every timed call, in order.
     """
@@ -139,26 +141,55 @@ def _reset_peak_rss() -> bool:
 
 
 def time_torch(
-    fn: Callable[[], Any], *, repeats: int, warmup: int, settle_s: float = 0.0
+    fn: Callable[[], Any], *, repeats: int, warmup: int, settle_s: float = 0.0, device: str = "cpu"
 ) -> tuple[Timing, Any]:
-    """Times a torch callable (already bound to its inputs); peak RSS growth as memory."""
+    """Times a torch callable (already bound to its inputs on ``device``).
+
+    On the CPU torch runs synchronously and memory is the peak-RSS growth. On a CUDA device each
+    call is ended by ``torch.cuda.synchronize`` (so a time covers the queued kernels, as
+    ``block_until_ready`` does for JAX) and memory is the growth of torch's peak allocated CUDA
+    memory during the timed calls."""
+    if device == "cpu":
+        def sync() -> None:
+            pass
+
+        def mem_start() -> int | None:
+            rss0 = _read_status_kb("VmRSS")
+            return rss0 if _reset_peak_rss() else None
+
+        def mem_growth(start: int) -> int | None:
+            hwm = _read_status_kb("VmHWM")
+            return None if hwm is None else max(hwm - start, 0) * 1024
+    else:
+        import torch
+
+        def sync() -> None:
+            torch.cuda.synchronize(device)
+
+        def mem_start() -> int | None:
+            torch.cuda.reset_peak_memory_stats(device)
+            return int(torch.cuda.memory_allocated(device))
+
+        def mem_growth(start: int) -> int | None:
+            return max(int(torch.cuda.max_memory_allocated(device)) - start, 0)
+
     time.sleep(settle_s)
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     first = time.perf_counter() - t0
     for _ in range(warmup):
         out = fn()
-    rss0 = _read_status_kb("VmRSS")
-    can_reset = _reset_peak_rss()
+    sync()
+    start = mem_start()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
+        sync()
         ts.append(time.perf_counter() - t0)
-    hwm = _read_status_kb("VmHWM")
-    temp = None
-    if can_reset and rss0 is not None and hwm is not None:
-        temp = max(hwm - rss0, 0) * 1024
+    temp = None if start is None else mem_growth(start)
     med, p10, p90, mn = _quantiles(ts)
     return Timing(0.0, first, med, p10, p90, mn, repeats, temp, None, _ms(ts)), out
 

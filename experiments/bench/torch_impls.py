@@ -12,15 +12,48 @@ import torch.nn.functional as F
 from experiments.bench.problems import Problem
 
 
-class TorchInputs:
-    """The problem's arrays as torch tensors (int64 ids/offsets, as torch prefers)."""
+#: ``config.torch_device`` values: ``auto`` runs torch where JAX runs (``cuda`` when JAX's backend
+#: is ``gpu`` and this torch build sees a CUDA device, else ``cpu``)
+DEVICES = ("auto", "cpu", "cuda")
 
-    def __init__(self, p: Problem):
-        self.weight = torch.from_numpy(p.weight)
-        self.ids = torch.from_numpy(p.ids.astype(np.int64))
-        self.offsets = torch.from_numpy(p.offsets.astype(np.int64))
-        self.cotangent = torch.from_numpy(p.cotangent)
-        self.targets = torch.from_numpy(p.targets)
+
+def resolve_device(requested: str, jax_backend: str) -> str:
+    """The torch device the baselines run on: ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+      ValueError: ``requested`` is not one of :data:`DEVICES`, or is ``"cuda"`` while this torch
+        build sees no CUDA device.
+    """
+    if requested not in DEVICES:
+        raise ValueError(f"config.torch_device must be one of {DEVICES}; got {requested!r}. For "
+                         "example --config.torch_device=auto (torch runs where JAX runs).")
+    if requested == "auto":
+        return "cuda" if jax_backend == "gpu" and torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config.torch_device='cuda', but torch {torch.__version__} sees no CUDA "
+                         "device (a CPU build, or no GPU). Use --config.torch_device=cpu.")
+    return requested
+
+
+def synchronize(device: str) -> None:
+    """Waits for the work queued on ``device`` (a no-op on the CPU, where torch runs synchronously)."""
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+
+
+class TorchInputs:
+    """The problem's arrays as torch tensors on ``device`` (int64 ids/offsets, as torch prefers)."""
+
+    def __init__(self, p: Problem, device: str = "cpu"):
+        def put(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(x).to(device)
+
+        self.weight = put(p.weight)
+        self.ids = put(p.ids.astype(np.int64))
+        self.offsets = put(p.offsets.astype(np.int64))
+        self.cotangent = put(p.cotangent)
+        self.targets = put(p.targets)
+        synchronize(device)
 
 
 def forward(t: TorchInputs, mode: str) -> Callable[[], Any]:
