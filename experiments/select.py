@@ -30,7 +30,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.textcls import artifacts, config_check, logs
+from experiments.textcls import artifacts, config_check, logs, runtime
 from experiments.textcls.data import with_validation_fold
 from experiments.train import parse_flags, train_and_evaluate
 
@@ -178,7 +178,9 @@ def format_table(rows: list[dict[str, Any]], reference: str, folds: int, repeats
 def study_main(run: Callable[[ml_collections.ConfigDict, str], Any], example: str) -> None:
     """The command line of a study (this module, ``experiments.splits``): ``--config``, a
     locked config file with dotted overrides, and ``--workdir``; calls ``run(config, workdir)``.
-    ``example`` (``"--config configs/x.py --workdir runs/x"``) is shown when one is missing."""
+    ``example`` (``"--config configs/x.py --workdir runs/x"``) is shown when one is missing.
+    Turns on XLA's deterministic GPU ops first (:mod:`experiments.textcls.runtime`)."""
+    runtime.request_deterministic_ops()  # (before JAX starts its backend)
     config = config_flags.DEFINE_config_file(
         "config", None, "Study config file (configs/*.py).", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "Directory for the runs and the table.")

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from experiments.textcls import artifacts, checkpoint, config_check, logs, sharded
+from experiments.textcls import artifacts, checkpoint, config_check, logs, runtime, sharded
 from experiments.textcls.batches import epoch_order, iterate_batches, num_batches, plan_buckets
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import (
@@ -342,5 +342,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    runtime.request_deterministic_ops()  # (before JAX starts its backend)
     define_flags()
     app.run(main, flags_parser=parse_flags)

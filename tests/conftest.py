@@ -5,6 +5,13 @@ import os
 # Multi-device tests run in a subprocess with their own XLA_FLAGS; keep this one small.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# On a GPU, XLA's scatter-adds use atomics whose order varies between runs and compilations;
+# the tests that compare two computations bit for bit (resume vs uninterrupted, module vs
+# functional core) hold there with deterministic ops, as the training entry points set them.
+from experiments.textcls.runtime import request_deterministic_ops  # noqa: E402
+
+request_deterministic_ops()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -45,9 +52,25 @@ def count_compiles():
     return _count_compiles
 
 
+#: The CPU kernel runs only when JAX's default backend is the CPU (a GPU process lowers the XLA
+#: path on every device): on a GPU machine its tests are skipped; CI runs on the CPU.
+ON_CPU = jax.default_backend() == "cpu"
+CPU_KERNEL_ONLY = pytest.mark.skipif(
+    not ON_CPU, reason=f"tests the CPU kernel; JAX's default backend is {jax.default_backend()}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cpu_kernel`` tests are skipped where JAX's default backend is not the CPU."""
+    for item in items:
+        if item.get_closest_marker("cpu_kernel") is not None:
+            item.add_marker(CPU_KERNEL_ONLY)
+
+
 def _set_kernel(monkeypatch, on: bool) -> None:
     from jaxbag._src import cpu_kernel
 
+    if on and not ON_CPU:
+        pytest.skip(f"tests the CPU kernel; JAX's default backend is {jax.default_backend()}")
     ok, why = cpu_kernel.cpu_kernel_status()  # (loads it, so the state below exists)
     if on:
         assert ok, why

@@ -151,6 +151,12 @@ def test_benchmark_cli_locks_config(tmp_path):
     assert "All valid keys: " in bad.stderr
 
 
+def _torch_sees_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 @pytest.mark.parametrize("override, match", [
     ({"only": ("nosuch",)}, r"config.only names \['nosuch'\], which are no shape or sweep; the names are \['tiny', 'V'\]"),
     ({"phases": ("fwd", "bwd")}, r"config phases must be a non-empty tuple of \('fwd', 'fwd_bwd', 'train'\)"),
@@ -159,9 +165,11 @@ def test_benchmark_cli_locks_config(tmp_path):
     ({"rounds": 0}, r"config.rounds must be >= 1"),
     ({"train_impls": ("naive_sparse",)}, r"config.train_impls has unknown implementations \['naive_sparse'\]"),
     ({"torch_device": "tpu"}, r"config.torch_device must be one of \('auto', 'cpu', 'cuda'\); got 'tpu'"),
-    # (the CPU build of torch the tests install sees no CUDA device)
-    ({"torch_device": "cuda"}, r"config.torch_device='cuda', but torch .* sees no CUDA device .*"
-                               r"Use --config.torch_device=cpu"),
+    # (the CPU build of torch the tests install sees no CUDA device; a CUDA build would run)
+    pytest.param({"torch_device": "cuda"},
+                 r"config.torch_device='cuda', but torch .* sees no CUDA device .*"
+                 r"Use --config.torch_device=cpu",
+                 marks=pytest.mark.skipif(_torch_sees_cuda(), reason="this torch sees a GPU")),
 ])
 def test_benchmark_config_errors_before_any_work(tmp_path, override, match):
     """An unknown --config.only name ran nothing and exited 0; bad phases, modes or repeats failed
@@ -222,9 +230,10 @@ def test_cpu_kernel_builds_here():
 
 @pytest.mark.parametrize(
     "mode,skewed,impl",
-    [("sum", False, "kernel"), ("mean", False, "kernel"), ("max", False, "kernel"),
-     ("sqrtn", True, "kernel"), ("sum", False, "stream"), ("sqrtn", False, "stream"),
-     ("mean", True, "stream"), ("max", True, "stream")],
+    [pytest.param(m, sk, "kernel", marks=pytest.mark.cpu_kernel)
+     for m, sk in (("sum", False), ("mean", False), ("max", False), ("sqrtn", True))]
+    + [("sum", False, "stream"), ("sqrtn", False, "stream"), ("mean", True, "stream"),
+       ("max", True, "stream")],
 )
 def test_bag_reduce_matches_embedding_bag(mode, skewed, impl):
     rng = np.random.default_rng(0 if skewed else 1)
@@ -264,6 +273,7 @@ def test_bag_reduce_matches_embedding_bag(mode, skewed, impl):
 
 
 @pytest.mark.parametrize("width", [1, 3, 4, 6, 16, 21, 32, 64, 100, 128, 200, 256, 300])
+@pytest.mark.cpu_kernel
 def test_kernel_every_row_width(width):
     # The kernel has one loop per width of 16-256 and blocks of 64, 16, 4 and 1 columns for other
     # widths; every mode, weights, padding, out-of-range ids, empty bags and positions past the
@@ -324,7 +334,7 @@ def test_stream_loop_with_closed_over_constants(mode, unroll):
                                    err_msg=f"lengths={lengths}")
 
 
-@pytest.mark.parametrize("impl", ["kernel", "stream", "auto"])
+@pytest.mark.parametrize("impl", [pytest.param("kernel", marks=pytest.mark.cpu_kernel), "stream", "auto"])
 def test_max_of_a_bag_of_minus_inf_rows_is_minus_inf(impl):
     """A bag whose rows are all -inf has max -inf, as jnp.max and torch (the stream loop took no
     row, since -inf > -inf is false, and returned the empty bag's zeros)."""
@@ -334,7 +344,7 @@ def test_max_of_a_bag_of_minus_inf_rows_is_minus_inf(impl):
     np.testing.assert_array_equal(out, [[1.0, 2.0], [-np.inf, -np.inf], [3.0, 4.0]])
 
 
-@pytest.mark.parametrize("impl", ["kernel", "stream"])
+@pytest.mark.parametrize("impl", [pytest.param("kernel", marks=pytest.mark.cpu_kernel), "stream"])
 def test_bag_reduce_offsets_layout_including_ill_formed(impl):
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((V, D)), jnp.float32)
@@ -357,7 +367,7 @@ def test_bag_reduce_offsets_layout_including_ill_formed(impl):
     np.testing.assert_allclose(out, np.stack(expect), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "stream"])
+@pytest.mark.parametrize("impl", [pytest.param("kernel", marks=pytest.mark.cpu_kernel), "stream"])
 def test_bag_reduce_hessian_and_max_ties(impl):
     rng = np.random.default_rng(4)
     w = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)

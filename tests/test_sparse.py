@@ -381,6 +381,7 @@ def test_update_rejects_a_state_made_for_another_table(make_opt, field, jit):
     assert getattr(new_state, field).dtype == jnp.bfloat16
 
 
+@pytest.mark.cpu_kernel
 def test_adam_kernel_refuses_moments_of_the_wrong_size():
     """The kernel itself checks the moments' size (the update's check comes first; this is the
     second line of defence for any other caller)."""

@@ -1,6 +1,7 @@
 """The text-classification experiment end to end on the smoke config (seconds)."""
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -989,3 +990,29 @@ def test_entry_point_reports_a_bad_value_without_a_traceback(tmp_path):
     bad = _run_entry_point("--config", "configs/smoke.py", "--workdir", str(tmp_path / "a_file"))
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
     assert re.search(r"^error: .*a_file", bad.stderr, re.M), bad.stderr
+
+
+def test_entry_point_asks_for_deterministic_gpu_ops():
+    """On a GPU a resumed run ended with other parameters than an uninterrupted one (XLA's
+    scatter-adds use atomics): ``python -m experiments.train`` adds XLA's deterministic-ops flag
+    before JAX starts, and keeps a user's own setting of it."""
+    from experiments.textcls import runtime
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert runtime.request_deterministic_ops(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + runtime.DETERMINISTIC_FLAG
+    assert not runtime.request_deterministic_ops(env)  # once only
+    mine = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
+    assert not runtime.request_deterministic_ops(mine) and mine["XLA_FLAGS"].endswith("=false")
+    empty: dict[str, str] = {}
+    assert runtime.request_deterministic_ops(empty) and empty["XLA_FLAGS"] == runtime.DETERMINISTIC_FLAG
+
+    code = ("import os, runpy, sys\n"
+            "sys.argv = ['train', '--config', 'configs/smoke.py', '--print_config']\n"
+            "try:\n    runpy.run_module('experiments.train', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('FLAGS=' + os.environ.get('XLA_FLAGS', ''))\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    assert "FLAGS=" + runtime.DETERMINISTIC_FLAG in out, out

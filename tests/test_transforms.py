@@ -310,6 +310,7 @@ def test_vmap_over_an_empty_batch(mode, path, set_kernel):
     assert jax.jit(jax.vmap(f))(tables, ids, offs).shape == (0, 2, D)
 
 
+@pytest.mark.cpu_kernel
 def test_vmap_of_the_kernel_is_one_call_not_a_loop():
     """vmap over the CPU kernel lowers to one kernel call on all rows' bags: JAX's default rule
     for an FFI call is a loop of one call per row (slower, and a loop cannot run over a batch

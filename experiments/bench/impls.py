@@ -94,7 +94,9 @@ def _stream(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward:
 
 
 def _kernel(p: Problem, mode: jaxbag.Mode, opts: Any) -> Forward | None:
-    if not jaxbag.cpu_kernel_status()[0]:
+    # (not applicable off the CPU backend: the kernel is used only there, and impl='kernel'
+    # raises on a GPU process)
+    if jax.default_backend() != "cpu" or not jaxbag.cpu_kernel_status()[0]:
         return None
 
     def f(w, b):
