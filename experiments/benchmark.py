@@ -5,8 +5,9 @@ r"""EmbeddingBag benchmark: jaxbag vs torch vs XLA formulations, forward / backw
 
 Everything runs in one process on whatever backend JAX has (CPU here); torch runs on the same
 hardware (``config.torch_device='auto'``: CUDA when JAX runs on a GPU and torch sees one). Each
-jax function is jit-compiled first (``lower().compile()``, timed apart from the runs), called once (reported as the
-first call), warmed up, then timed ``repeats`` times with ``block_until_ready``. With
+jax function is jit-compiled first (``lower().compile()``, timed apart from the runs), called
+once (reported as the first call), warmed up, then timed ``repeats`` times with
+``block_until_ready``. With
 ``rounds`` > 1 every implementation of a (shape, phase, mode) is measured that many times in turn
 (torch, jax 1, jax 2, ..., torch, jax 1, ...), so that a change of load on a shared machine falls
 on all of them alike; medians (and p10/p90) are over the timed calls of all rounds. torch runs
@@ -145,7 +146,8 @@ class Runner:
 
             self.torch = torch
             self.torch_impls = torch_impls
-            self.torch_device = torch_impls.resolve_device(config.torch_device, jax.default_backend())
+            self.torch_device = torch_impls.resolve_device(config.torch_device,
+                                                            jax.default_backend())
 
     # -- helpers -----------------------------------------------------------------------------------
 
