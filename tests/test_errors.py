@@ -601,6 +601,30 @@ def test_segment_id_helpers_check_their_arguments(name):
     _raises(error, patterns, call)
 
 
+def test_scalar_segment_sums_send_no_index_out_of_range():
+    """Bag counts and weight sums skip positions outside [0, B) by masking them and clipping their
+    index, not by an out-of-range scatter index: XLA's deterministic GPU scatter rewrite flattens
+    a vmapped scalar scatter's (row, segment) pairs before dropping out-of-range ones, so row r's
+    segment B landed on row r + 1's bag 0. Their values, even inf or NaN, add nothing."""
+    from jaxbag._src import segments
+
+    seg = jnp.array([-3, -1, 0, 0, 2, 3, 3, 9], jnp.int32)
+    vals = jnp.array([np.inf, np.nan, 1.0, 2.0, 4.0, 8.0, np.nan, -np.inf], jnp.float32)
+    for f in (segments.segment_sum_in_range, jax.jit(segments.segment_sum_in_range, static_argnums=2)):
+        assert f(vals, seg, 3).tolist() == [3.0, 0.0, 4.0]
+        out = f(vals, seg, 4)  # bag 3 holds a NaN: it propagates there
+        assert out[:3].tolist() == [3.0, 0.0, 4.0] and np.isnan(out[3])
+        assert f(vals, seg, 0).shape == (0,)
+    rows = jnp.stack([seg, jnp.array([0, 0, 1, 1, 1, 2, 5, 5], jnp.int32)])
+    got = jax.jit(jax.vmap(segments.segment_sum_in_range, (None, 0, None)), static_argnums=2)(
+        jnp.arange(8.0), rows, 3)
+    np.testing.assert_array_equal(got, [[5.0, 0.0, 4.0], [1.0, 9.0, 5.0]])
+    # out-of-range offsets mark an unread slot, under vmap too
+    offs = jnp.array([[0, 9, 2], [0, 2, -5]], jnp.int32)
+    g = jax.jit(jax.vmap(segments.offsets_to_segment_ids_unchecked, (0, None)), static_argnums=1)
+    assert g(offs, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+
+
 def test_segment_id_helpers_under_jit_follow_the_documented_rule():
     """Under jit (values unknown, unchecked): negative lengths count as 0, bags are cut at N, and
     lengths whose sum wraps int32 do not wrap; offsets outside [0, N] mark nothing."""

@@ -129,9 +129,7 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
     n = ids.shape[0]
     v, d = weight.shape
     acc = acc_dtype(weight.dtype)
-    lengths = jax.ops.segment_sum(
-        jnp.ones((n,), jnp.int32), seg, num_segments=num_bags, indices_are_sorted=True
-    )
+    lengths = segments.segment_sum_in_range(jnp.ones((n,), jnp.int32), seg, num_bags)
     first = jnp.sum(seg < 0, dtype=jnp.int32)  # ids before bag 0 (sorted segments)
     starts = first + jnp.cumsum(lengths, dtype=jnp.int32) - lengths
     max_len = jnp.max(lengths)
@@ -342,9 +340,7 @@ def _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew
     """The pure-XLA primal: (``[B, D]`` result in weight.dtype, arg)."""
     prep = Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
     n = ids.shape[0]
-    lengths = jax.ops.segment_sum(
-        jnp.ones((n,), jnp.int32), seg, num_segments=num_bags, indices_are_sorted=True
-    )
+    lengths = segments.segment_sum_in_range(jnp.ones((n,), jnp.int32), seg, num_bags)
     # Work of the stream loop (B * L) against the id count, in float to avoid int32 overflow.
     stream_work = jnp.max(lengths).astype(jnp.float32) * float(num_bags)
     use_stream = stream_work <= float(skew_limit) * float(max(n, 1))
@@ -440,11 +436,9 @@ def _bag_reduce_jvp(cfg, primals, tangents):
                 out_acc = prep.divide(jax.ops.segment_sum(
                     rows * prep.w[:, None], seg, num_segments=num_bags, indices_are_sorted=True))
             if mode == "mean":
-                d_den = jax.ops.segment_sum(dw, seg, num_segments=num_bags, indices_are_sorted=True)
+                d_den = segments.segment_sum_in_range(dw, seg, num_bags)
             else:  # sqrtn: den = sqrt(sum w^2) -> d den = sum(w dw) / den
-                d_den = jax.ops.segment_sum(
-                    prep.w * dw, seg, num_segments=num_bags, indices_are_sorted=True
-                ) * prep.inv_den
+                d_den = segments.segment_sum_in_range(prep.w * dw, seg, num_bags) * prep.inv_den
             t = t + (d_sum - out_acc * d_den[:, None]) * prep.inv_den[:, None]
     if prep.nonzero is not None:  # a zero divisor's bag: +0.0 tangents, as its +0.0 output
         t = prep.zero_where_no_divisor(t)

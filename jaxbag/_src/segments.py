@@ -82,11 +82,12 @@ def offsets_to_segment_ids(
 def offsets_to_segment_ids_unchecked(offsets: Array, num_indices: int) -> Array:
     """:func:`offsets_to_segment_ids` without argument checks (for callers that checked them)."""
     # Mark each bag start, then a running count gives the bag of every position. Out-of-range
-    # offsets are sent to position N + 1, which the scatter drops. (The last offset, with
-    # include_last_offset, starts the ignored segment B either way.)
+    # offsets are sent to position N, which is never read (an in-range index: see
+    # `segment_sum_in_range` for why no index is left for the scatter to drop). (The last
+    # offset, with include_last_offset, starts the ignored segment B either way.)
     offsets = unsplit(offsets)
-    starts = jnp.where((offsets >= 0) & (offsets <= num_indices), offsets, num_indices + 1)
-    marks = jnp.zeros(num_indices + 1, jnp.int32).at[starts].add(1, mode="drop")
+    starts = jnp.where((offsets >= 0) & (offsets <= num_indices), offsets, num_indices)
+    marks = jnp.zeros(num_indices + 1, jnp.int32).at[starts].add(1)
     return jnp.cumsum(marks[:num_indices], dtype=jnp.int32) - 1
 
 
@@ -151,6 +152,22 @@ def lengths_to_segment_ids_unchecked(lengths: Array, num_indices: int) -> Array:
     # a scatter-add at concatenate([replicated 0], ends split over one axis of a 2-D mesh).
     marks = jnp.zeros(num_indices + 1, jnp.int32).at[ends].add(1, mode="drop")
     return jnp.cumsum(marks[:num_indices], dtype=jnp.int32)
+
+
+def segment_sum_in_range(values: Array, seg: Array, num_bags: int) -> Array:
+    """``[B]`` sums of the 1-D ``values [N]`` by sorted ``seg [N]``; a position whose segment is
+    outside ``[0, B)`` adds nothing.
+
+    Unlike ``jax.ops.segment_sum``, no scatter index is out of range (those positions add an
+    exact zero to bag 0 or ``B - 1``, whose sign of zero may change). Out-of-range indices of a
+    scalar scatter under ``vmap`` are unsafe with ``--xla_gpu_deterministic_ops``: XLA's
+    deterministic scatter rewrite flattens each (row, segment) pair to ``row * B + segment``
+    before it drops out-of-range ones, so row ``r``'s segment ``B`` landed on row ``r + 1``'s
+    bag 0 (its windowed scatters check each index; its scalar ones do not)."""
+    inside = (seg >= 0) & (seg < num_bags)
+    values = jnp.where(inside, values, jnp.zeros((), values.dtype))
+    seg = jnp.clip(seg, 0, max(num_bags - 1, 0))
+    return jax.ops.segment_sum(values, seg, num_segments=num_bags, indices_are_sorted=True)
 
 
 def capped_ends(lengths: Array, cap: ArrayLike, axis: int = -1) -> Array:
