@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import re
 
 import jax
@@ -601,28 +602,49 @@ def test_segment_id_helpers_check_their_arguments(name):
     _raises(error, patterns, call)
 
 
-def test_scalar_segment_sums_send_no_index_out_of_range():
-    """Bag counts and weight sums skip positions outside [0, B) by masking them and clipping their
-    index, not by an out-of-range scatter index: XLA's deterministic GPU scatter rewrite flattens
-    a vmapped scalar scatter's (row, segment) pairs before dropping out-of-range ones, so row r's
-    segment B landed on row r + 1's bag 0. Their values, even inf or NaN, add nothing."""
+def test_segment_reductions_send_no_index_out_of_range():
+    """Positions outside [0, B) are reduced into two spare segments that are sliced off, not
+    given to the scatter as out-of-range indices: XLA's deterministic GPU scatter rewrite
+    flattens a vmapped scatter's indices before dropping out-of-range ones, so row r's segment B
+    landed on row r + 1's bag 0 (an H200 gave zeros there). On the CPU both ways give the same
+    values, so this checks the indices themselves, and that the library reduces by segment
+    through this one helper."""
+    import inspect
+
     from jaxbag._src import segments
 
-    seg = jnp.array([-3, -1, 0, 0, 2, 3, 3, 9], jnp.int32)
+    seg = jnp.array([-7, -1, 0, 0, 2, 3, 3, 9], jnp.int32)
+    for b in (0, 1, 3, 4):
+        ids = np.asarray(segments.spare_bag_ids(seg, b))
+        assert ids.min() >= 0 and ids.max() <= b + 1 and np.all(np.diff(ids) >= 0), (b, ids)
+        inside = (np.asarray(seg) >= 0) & (np.asarray(seg) < b)
+        np.testing.assert_array_equal(ids[inside], np.asarray(seg)[inside] + 1)
+    with jax.enable_x64(True):  # a wide dtype's values past int32 do not wrap into a bag
+        big = jnp.array([-2**40, 0, 1, 2**32, 2**33 + 1], jnp.int64)
+        assert segments.spare_bag_ids(big, 2).tolist() == [0, 1, 2, 3, 3]
     vals = jnp.array([np.inf, np.nan, 1.0, 2.0, 4.0, 8.0, np.nan, -np.inf], jnp.float32)
-    for f in (segments.segment_sum_in_range, jax.jit(segments.segment_sum_in_range, static_argnums=2)):
-        assert f(vals, seg, 3).tolist() == [3.0, 0.0, 4.0]
-        out = f(vals, seg, 4)  # bag 3 holds a NaN: it propagates there
-        assert out[:3].tolist() == [3.0, 0.0, 4.0] and np.isnan(out[3])
-        assert f(vals, seg, 0).shape == (0,)
+    f = jax.jit(segments.segment_reduce, static_argnums=(0, 3))
+    assert f(jax.ops.segment_sum, vals, seg, 3).tolist() == [3.0, 0.0, 4.0]
+    assert f(jax.ops.segment_max, vals, seg, 3).tolist() == [2.0, -np.inf, 4.0]
+    assert f(jax.ops.segment_sum, vals, seg, 0).shape == (0,)
     rows = jnp.stack([seg, jnp.array([0, 0, 1, 1, 1, 2, 5, 5], jnp.int32)])
-    got = jax.jit(jax.vmap(segments.segment_sum_in_range, (None, 0, None)), static_argnums=2)(
-        jnp.arange(8.0), rows, 3)
+    got = jax.vmap(lambda s_: segments.segment_reduce(jax.ops.segment_sum, jnp.arange(8.0), s_, 3))(rows)
     np.testing.assert_array_equal(got, [[5.0, 0.0, 4.0], [1.0, 9.0, 5.0]])
     # out-of-range offsets mark an unread slot, under vmap too
     offs = jnp.array([[0, 9, 2], [0, 2, -5]], jnp.int32)
     g = jax.jit(jax.vmap(segments.offsets_to_segment_ids_unchecked, (0, None)), static_argnums=1)
     assert g(offs, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    # no other module calls the segment reductions directly (sparse_kernels' slots are in range)
+    import jaxbag._src as src
+    for path in sorted(pathlib.Path(inspect.getfile(src)).parent.glob("*.py")):
+        text = "\n".join(l.split("#")[0] for l in path.read_text().splitlines())
+        calls = re.findall(r"jax\.ops\.segment_\w+\(", text)
+        if path.name == "segments.py":
+            assert not calls, calls  # (it receives the op as an argument)
+        elif path.name == "sparse_kernels.py":
+            assert calls == ["jax.ops.segment_sum("], calls
+        else:
+            assert not calls, (path.name, calls)
 
 
 def test_segment_id_helpers_under_jit_follow_the_documented_rule():

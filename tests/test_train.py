@@ -992,7 +992,7 @@ def test_entry_point_reports_a_bad_value_without_a_traceback(tmp_path):
     assert re.search(r"^error: .*a_file", bad.stderr, re.M), bad.stderr
 
 
-def test_entry_point_asks_for_deterministic_gpu_ops():
+def test_entry_point_asks_for_deterministic_gpu_ops(tmp_path):
     """On a GPU a resumed run ended with other parameters than an uninterrupted one (XLA's
     scatter-adds use atomics): ``python -m experiments.train`` adds XLA's deterministic-ops flag
     before JAX starts, and keeps a user's own setting of it."""
@@ -1016,3 +1016,19 @@ def test_entry_point_asks_for_deterministic_gpu_ops():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300, check=True).stdout
     assert "FLAGS=" + runtime.DETERMINISTIC_FLAG in out, out
+    # ... early enough to count: XLA reads XLA_FLAGS when JAX starts its backend, so a probe flag
+    # added by the same call must stop the run (an unknown flag) before its first step
+    probe = ("import os, runpy, sys\n"
+             "from experiments.textcls import runtime\n"
+             "real = runtime.request_deterministic_ops\n"
+             "def probe():\n"
+             "    real()\n"
+             "    os.environ['XLA_FLAGS'] += ' --xla_jaxbag_probe_flag=1'\n"
+             "runtime.request_deterministic_ops = probe\n"
+             "workdir, module = sys.argv[1:]\n"
+             "sys.argv = ['train', '--config', 'configs/smoke.py', '--workdir', workdir]\n"
+             "runpy.run_module(module, run_name='__main__')\n")
+    for module in ("experiments.train", "experiments.textcls.sharded"):
+        run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / module), module],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "xla_jaxbag_probe_flag" in run.stderr, (module, run.stderr[-2000:])

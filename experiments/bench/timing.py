@@ -148,7 +148,8 @@ def time_torch(
     On the CPU torch runs synchronously and memory is the peak-RSS growth. On a CUDA device each
     call is ended by ``torch.cuda.synchronize`` (so a time covers the queued kernels, as
     ``block_until_ready`` does for JAX) and memory is the growth of torch's peak allocated CUDA
-    memory during the timed calls."""
+    memory during the timed calls. On both, the previous call's output is alive while the next
+    one runs, so torch's figure includes one output (JAX's ``temp_bytes`` excludes outputs)."""
     if device == "cpu":
         def sync() -> None:
             pass

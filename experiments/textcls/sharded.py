@@ -191,7 +191,9 @@ def main() -> None:
     from absl import app
 
     from experiments import train
+    from experiments.textcls import runtime
 
+    runtime.request_deterministic_ops()  # (before JAX starts its backend, as experiments.train)
     train.define_flags()
     app.run(train.main, flags_parser=train.parse_flags)
 

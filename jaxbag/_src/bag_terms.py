@@ -9,6 +9,7 @@ three agree on empty bags, padding and out-of-range ids by construction.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -46,9 +47,9 @@ def bag_denominators(w: Array, seg: Array, num_bags: int, mode: str) -> Array | 
     ``"sqrtn"``: the L2 norm of its weights. An empty bag gets 0 (its output is 0).
     """
     if mode == "mean":
-        return segments.segment_sum_in_range(w, seg, num_bags)
+        return segments.segment_reduce(jax.ops.segment_sum, w, seg, num_bags)
     if mode == "sqrtn":
-        sq = segments.segment_sum_in_range(w * w, seg, num_bags)
+        sq = segments.segment_reduce(jax.ops.segment_sum, w * w, seg, num_bags)
         # sqrt's derivative is infinite at 0: a bag whose weights' squares sum to 0 (all zero,
         # or underflowing) would get NaN weight gradients instead of the zero-divisor rule's 0
         some = sq > 0

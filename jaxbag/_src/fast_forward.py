@@ -129,7 +129,7 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
     n = ids.shape[0]
     v, d = weight.shape
     acc = acc_dtype(weight.dtype)
-    lengths = segments.segment_sum_in_range(jnp.ones((n,), jnp.int32), seg, num_bags)
+    lengths = segments.segment_reduce(jax.ops.segment_sum, jnp.ones((n,), jnp.int32), seg, num_bags)
     first = jnp.sum(seg < 0, dtype=jnp.int32)  # ids before bag 0 (sorted segments)
     starts = first + jnp.cumsum(lengths, dtype=jnp.int32) - lengths
     max_len = jnp.max(lengths)
@@ -189,6 +189,8 @@ def _chunked(weight, prep: Prep, seg, num_bags, mode, chunk):
         return jnp.concatenate([x, jnp.full((pad,), fill, x.dtype)]).reshape(m, k)
 
     ids_c = split(prep.safe_ids, 0)
+    # Invalid positions (and the padding) go to a spare bag B, sliced off: an in-range index
+    # (see segments.segment_reduce), and not sorted (an invalid id may sit inside a bag).
     seg_c = split(jnp.where(prep.valid, seg.astype(jnp.int32), num_bags), num_bags)
     pos_c = jnp.arange(m * k, dtype=jnp.int32).reshape(m, k)
     if mode != "max":
@@ -197,26 +199,28 @@ def _chunked(weight, prep: Prep, seg, num_bags, mode, chunk):
         def add(total, xs):
             i, s_, w_ = xs
             rows = _gather_rows(weight, i).astype(acc) * w_[:, None]
-            return total.at[s_].add(rows, mode="drop", indices_are_sorted=True), None
+            return total.at[s_].add(rows), None
 
-        total, _ = lax.scan(add, jnp.zeros((num_bags, d), acc), (ids_c, seg_c, w_c))
-        return total, jnp.full((num_bags, 1), n, jnp.int32)
+        total, _ = lax.scan(add, jnp.zeros((num_bags + 1, d), acc), (ids_c, seg_c, w_c))
+        return total[:num_bags], jnp.full((num_bags, 1), n, jnp.int32)
 
     def best_of(total, xs):
         i, s_ = xs
         rows = _gather_rows(weight, i).astype(acc)
-        return total.at[s_].max(rows, mode="drop", indices_are_sorted=True), None
+        return total.at[s_].max(rows), None
 
-    best, _ = lax.scan(best_of, jnp.full((num_bags, d), -jnp.inf, acc), (ids_c, seg_c))
+    best, _ = lax.scan(best_of, jnp.full((num_bags + 1, d), -jnp.inf, acc), (ids_c, seg_c))
+    best = best[:num_bags]
 
     def first_of(arg, xs):
         i, s_, p_ = xs
         rows = _gather_rows(weight, i).astype(acc)
         hit = bag_terms.max_hits(rows, best[jnp.minimum(s_, num_bags - 1)])
         cand = jnp.where(hit & (s_ < num_bags)[:, None], p_[:, None], jnp.int32(n))
-        return arg.at[s_].min(cand, mode="drop", indices_are_sorted=True), None
+        return arg.at[s_].min(cand), None
 
-    arg, _ = lax.scan(first_of, jnp.full((num_bags, d), n, jnp.int32), (ids_c, seg_c, pos_c))
+    arg, _ = lax.scan(first_of, jnp.full((num_bags + 1, d), n, jnp.int32), (ids_c, seg_c, pos_c))
+    arg = arg[:num_bags]
     return jnp.where(arg < n, best, jnp.zeros((), acc)), arg
 
 
@@ -340,7 +344,7 @@ def _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew
     """The pure-XLA primal: (``[B, D]`` result in weight.dtype, arg)."""
     prep = Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
     n = ids.shape[0]
-    lengths = segments.segment_sum_in_range(jnp.ones((n,), jnp.int32), seg, num_bags)
+    lengths = segments.segment_reduce(jax.ops.segment_sum, jnp.ones((n,), jnp.int32), seg, num_bags)
     # Work of the stream loop (B * L) against the id count, in float to avoid int32 overflow.
     stream_work = jnp.max(lengths).astype(jnp.float32) * float(num_bags)
     use_stream = stream_work <= float(skew_limit) * float(max(n, 1))
@@ -361,15 +365,14 @@ def _gather_primal(weight, psw, ids, seg, num_bags, padding_idx, mode):
     rows = prep.rows(weight)
     if mode == "max":
         vals = jnp.where(prep.valid[:, None], rows, jnp.asarray(-jnp.inf, acc))
-        best = jax.ops.segment_max(vals, seg, num_segments=num_bags, indices_are_sorted=True)
+        best = segments.segment_reduce(jax.ops.segment_max, vals, seg, num_bags)
         hit = prep.valid[:, None] & bag_terms.max_hits(vals, best[prep.seg_c])
         pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
         arg = jnp.minimum(
-            jax.ops.segment_min(pos, seg, num_segments=num_bags, indices_are_sorted=True), n
+            segments.segment_reduce(jax.ops.segment_min, pos, seg, num_bags), n
         )
         return jnp.where(arg < n, best, jnp.zeros((), acc)).astype(weight.dtype), arg
-    total = jax.ops.segment_sum(rows * prep.w[:, None], seg, num_segments=num_bags,
-                                indices_are_sorted=True)
+    total = segments.segment_reduce(jax.ops.segment_sum, rows * prep.w[:, None], seg, num_bags)
     return prep.divide(total).astype(weight.dtype), jnp.full((num_bags, 1), n, jnp.int32)
 
 
@@ -420,12 +423,11 @@ def _bag_reduce_jvp(cfg, primals, tangents):
         else:
             coef = prep.w if prep.inv_den is None else prep.w * prep.inv_den[prep.seg_c]
             d_rows = prep.tangent_rows(d_weight) * coef[:, None]
-            t = t + jax.ops.segment_sum(d_rows, seg, num_segments=num_bags, indices_are_sorted=True)
+            t = t + segments.segment_reduce(jax.ops.segment_sum, d_rows, seg, num_bags)
     if psw is not None and not isinstance(d_psw, jax.custom_derivatives.SymbolicZero):
         dw = jnp.where(prep.valid, d_psw.astype(acc), jnp.zeros((), acc))
         rows = prep.rows(weight)
-        d_sum = jax.ops.segment_sum(rows * dw[:, None], seg, num_segments=num_bags,
-                                    indices_are_sorted=True)
+        d_sum = segments.segment_reduce(jax.ops.segment_sum, rows * dw[:, None], seg, num_bags)
         if mode == "sum":
             t = t + d_sum
         else:
@@ -433,12 +435,13 @@ def _bag_reduce_jvp(cfg, primals, tangents):
             if out.dtype == acc:
                 out_acc = out
             else:  # the output before its rounding to bf16 / f16: d out / d w_k = (x_k - out) / den
-                out_acc = prep.divide(jax.ops.segment_sum(
-                    rows * prep.w[:, None], seg, num_segments=num_bags, indices_are_sorted=True))
+                out_acc = prep.divide(segments.segment_reduce(
+                    jax.ops.segment_sum, rows * prep.w[:, None], seg, num_bags))
             if mode == "mean":
-                d_den = segments.segment_sum_in_range(dw, seg, num_bags)
+                d_den = segments.segment_reduce(jax.ops.segment_sum, dw, seg, num_bags)
             else:  # sqrtn: den = sqrt(sum w^2) -> d den = sum(w dw) / den
-                d_den = segments.segment_sum_in_range(prep.w * dw, seg, num_bags) * prep.inv_den
+                d_den = segments.segment_reduce(
+                    jax.ops.segment_sum, prep.w * dw, seg, num_bags) * prep.inv_den
             t = t + (d_sum - out_acc * d_den[:, None]) * prep.inv_den[:, None]
     if prep.nonzero is not None:  # a zero divisor's bag: +0.0 tangents, as its +0.0 output
         t = prep.zero_where_no_divisor(t)

@@ -144,16 +144,16 @@ def reduce_bags(
     acc = rows.dtype
     n, d = rows.shape
     held = valid if held is None else held
-    kw: dict[str, Any] = dict(num_segments=num_bags, indices_are_sorted=True)
     if mode == "max":
         vals = jnp.where(held[:, None], jax.lax.stop_gradient(rows), jnp.asarray(-jnp.inf, acc))
-        best = jax.ops.segment_max(vals, seg, **kw)
+        best = segments.segment_reduce(jax.ops.segment_max, vals, seg, num_bags)
         if axes:  # XLA:CPU's all-reduce max drops NaN: carry it separately
             any_nan = jax.lax.pmax(jnp.isnan(best).astype(jnp.int32), axes) > 0
             best = jnp.where(any_nan, jnp.asarray(jnp.nan, acc), jax.lax.pmax(best, axes))
         hit = held[:, None] & bag_terms.max_hits(vals, best[jnp.clip(seg, 0, max(num_bags - 1, 0))])
         pos = jnp.where(hit, jnp.arange(n, dtype=jnp.int32)[:, None], jnp.int32(n))
-        first = jnp.minimum(jax.ops.segment_min(pos, seg, **kw), n)  # empty: n, the zero row
+        # (empty: n, the zero row)
+        first = jnp.minimum(segments.segment_reduce(jax.ops.segment_min, pos, seg, num_bags), n)
         if axes:  # only the shard holding the first arg-max contributes
             first = jnp.where(first == jax.lax.pmin(first, axes), first, n)
         padded = jnp.concatenate([rows, jnp.zeros((1, d), acc)], axis=0)
@@ -163,7 +163,7 @@ def reduce_bags(
     zero = jnp.zeros((), acc)
     w = bag_terms.masked_weights(valid, weights, acc)
     w_held = w if held is valid else jnp.where(held, w, zero)
-    sums = jax.ops.segment_sum(rows * w_held[:, None], seg, **kw)
+    sums = segments.segment_reduce(jax.ops.segment_sum, rows * w_held[:, None], seg, num_bags)
     if axes:
         sums = jax.lax.psum(sums, axes)
     denom = bag_terms.bag_denominators(w, seg, num_bags, mode)

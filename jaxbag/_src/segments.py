@@ -18,6 +18,7 @@ or past the last offset get ``B``: both are outside ``[0, B)`` and so dropped by
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +84,8 @@ def offsets_to_segment_ids_unchecked(offsets: Array, num_indices: int) -> Array:
     """:func:`offsets_to_segment_ids` without argument checks (for callers that checked them)."""
     # Mark each bag start, then a running count gives the bag of every position. Out-of-range
     # offsets are sent to position N, which is never read (an in-range index: see
-    # `segment_sum_in_range` for why no index is left for the scatter to drop). (The last
-    # offset, with include_last_offset, starts the ignored segment B either way.)
+    # `segment_reduce` for why no index is left for the scatter to drop). (The last offset,
+    # with include_last_offset, starts the ignored segment B either way.)
     offsets = unsplit(offsets)
     starts = jnp.where((offsets >= 0) & (offsets <= num_indices), offsets, num_indices)
     marks = jnp.zeros(num_indices + 1, jnp.int32).at[starts].add(1)
@@ -154,20 +155,26 @@ def lengths_to_segment_ids_unchecked(lengths: Array, num_indices: int) -> Array:
     return jnp.cumsum(marks[:num_indices], dtype=jnp.int32)
 
 
-def segment_sum_in_range(values: Array, seg: Array, num_bags: int) -> Array:
-    """``[B]`` sums of the 1-D ``values [N]`` by sorted ``seg [N]``; a position whose segment is
-    outside ``[0, B)`` adds nothing.
+def spare_bag_ids(seg: Array, num_bags: int) -> Array:
+    """``int32 [N]`` ids for a reduction into ``B + 2`` segments: ``seg < 0`` -> 0, ``seg`` in
+    ``[0, B)`` -> ``seg + 1``, ``seg >= B`` -> ``B + 1``. Non-decreasing ``seg`` stay so."""
+    mid = seg.astype(jnp.int32) + 1  # (wrapped values of a wide dtype are replaced below)
+    out = jnp.where(seg >= num_bags, jnp.int32(num_bags + 1), mid)
+    return jnp.where(seg < 0, jnp.int32(0), out)
 
-    Unlike ``jax.ops.segment_sum``, no scatter index is out of range (those positions add an
-    exact zero to bag 0 or ``B - 1``, whose sign of zero may change). Out-of-range indices of a
-    scalar scatter under ``vmap`` are unsafe with ``--xla_gpu_deterministic_ops``: XLA's
-    deterministic scatter rewrite flattens each (row, segment) pair to ``row * B + segment``
-    before it drops out-of-range ones, so row ``r``'s segment ``B`` landed on row ``r + 1``'s
-    bag 0 (its windowed scatters check each index; its scalar ones do not)."""
-    inside = (seg >= 0) & (seg < num_bags)
-    values = jnp.where(inside, values, jnp.zeros((), values.dtype))
-    seg = jnp.clip(seg, 0, max(num_bags - 1, 0))
-    return jax.ops.segment_sum(values, seg, num_segments=num_bags, indices_are_sorted=True)
+
+def segment_reduce(op: Callable[..., Array], data: Array, seg: Array, num_bags: int) -> Array:
+    """``op(data, seg, num_segments=B)`` for ``op`` one of ``jax.ops.segment_sum`` /
+    ``segment_max`` / ``segment_min`` and sorted ``seg [N]``, positions outside ``[0, B)``
+    dropped: ``[B, ...]``.
+
+    They are reduced into two spare segments, which are sliced off, instead of being given to
+    the scatter as out-of-range indices: XLA's deterministic GPU scatter rewrite
+    (``--xla_gpu_deterministic_ops``) flattens the indices of a vmapped scatter before it drops
+    out-of-range ones, so row ``r``'s segment ``B`` landed on row ``r + 1``'s bag 0."""
+    out = op(data, spare_bag_ids(seg, num_bags), num_segments=num_bags + 2,
+             indices_are_sorted=True)
+    return out[1 : num_bags + 1]
 
 
 def capped_ends(lengths: Array, cap: ArrayLike, axis: int = -1) -> Array:

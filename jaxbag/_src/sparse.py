@@ -286,7 +286,7 @@ def _unique_sorted(keys: Array, num_embeddings: int, u: int) -> tuple[Array, Arr
     srt = jnp.sort(keys)
     is_new = jnp.concatenate([jnp.ones((1,), jnp.bool_), srt[1:] != srt[:-1]])
     slot = jnp.cumsum(is_new, dtype=jnp.int32) - 1
-    # slots past u go to a sink slot (an in-range index: see segments.segment_sum_in_range)
+    # slots past u go to a sink slot (an in-range index: see segments.segment_reduce)
     rows = jnp.full((u + 1,), num_embeddings, jnp.int32).at[jnp.minimum(slot, u)].set(srt)[:u]
     inverse = jnp.searchsorted(rows, keys, side="left", method="scan_unrolled").astype(jnp.int32)
     # (rows holds the u smallest distinct keys, so a key past them searches to u itself)
