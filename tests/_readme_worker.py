@@ -40,9 +40,9 @@ def run_blocks(readme: Path) -> int:
             exec(compile(code, f"README.md:{line}", "exec"), namespace)
         except Exception:
             traceback.print_exc()
-            print(f"FAILED: the block at README.md:{line}")
+            print(f"FAILED: the block at README.md:{line}", flush=True)
             return 1
-        print(f"ok: README.md:{line}")
+        print(f"ok: README.md:{line}", flush=True)
     print(f"{len(blocks)} blocks ran")
     return 0
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+
+import pytest
 
 import _readme_worker
 from _devices import run_on_8_devices
@@ -24,7 +27,13 @@ def test_the_readme_shows_the_prelude_its_blocks_start_from():
 
 
 def test_readme_python_blocks_run():
-    proc = run_on_8_devices(ROOT / "tests" / "_readme_worker.py")
+    try:
+        proc = run_on_8_devices(ROOT / "tests" / "_readme_worker.py")
+    except subprocess.TimeoutExpired as e:  # name the block that did not finish
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        done = [line for line in out.splitlines() if line.startswith("ok: ")]
+        pytest.fail(f"the README blocks timed out after {e.timeout} s; the last to finish: "
+                    f"{done[-1] if done else 'none'} (it runs the blocks in order)")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
     assert f"{len(_readme_worker.python_blocks((ROOT / 'README.md').read_text()))} blocks ran" in proc.stdout
 
