@@ -129,7 +129,8 @@ def _stream(weight, ids, seg, w, valid, num_bags, mode, unroll):
     n = ids.shape[0]
     v, d = weight.shape
     acc = acc_dtype(weight.dtype)
-    lengths = segments.segment_reduce(jax.ops.segment_sum, jnp.ones((n,), jnp.int32), seg, num_bags)
+    ones = jnp.ones((n,), jnp.int32)
+    lengths = segments.segment_reduce(jax.ops.segment_sum, ones, seg, num_bags)
     first = jnp.sum(seg < 0, dtype=jnp.int32)  # ids before bag 0 (sorted segments)
     starts = first + jnp.cumsum(lengths, dtype=jnp.int32) - lengths
     max_len = jnp.max(lengths)
@@ -344,7 +345,8 @@ def _xla_primal(weight, psw, ids, seg, num_bags, padding_idx, mode, unroll, skew
     """The pure-XLA primal: (``[B, D]`` result in weight.dtype, arg)."""
     prep = Prep(weight, ids, seg, psw, num_bags, padding_idx, mode)
     n = ids.shape[0]
-    lengths = segments.segment_reduce(jax.ops.segment_sum, jnp.ones((n,), jnp.int32), seg, num_bags)
+    ones = jnp.ones((n,), jnp.int32)
+    lengths = segments.segment_reduce(jax.ops.segment_sum, ones, seg, num_bags)
     # Work of the stream loop (B * L) against the id count, in float to avoid int32 overflow.
     stream_work = jnp.max(lengths).astype(jnp.float32) * float(num_bags)
     use_stream = stream_work <= float(skew_limit) * float(max(n, 1))

@@ -158,9 +158,7 @@ def lengths_to_segment_ids_unchecked(lengths: Array, num_indices: int) -> Array:
 def spare_bag_ids(seg: Array, num_bags: int) -> Array:
     """``int32 [N]`` ids for a reduction into ``B + 2`` segments: ``seg < 0`` -> 0, ``seg`` in
     ``[0, B)`` -> ``seg + 1``, ``seg >= B`` -> ``B + 1``. Non-decreasing ``seg`` stay so."""
-    mid = seg.astype(jnp.int32) + 1  # (wrapped values of a wide dtype are replaced below)
-    out = jnp.where(seg >= num_bags, jnp.int32(num_bags + 1), mid)
-    return jnp.where(seg < 0, jnp.int32(0), out)
+    return segment_ids_int32(seg, num_bags) + 1
 
 
 def segment_reduce(op: Callable[..., Array], data: Array, seg: Array, num_bags: int) -> Array:
@@ -193,9 +191,10 @@ def capped_ends(lengths: Array, cap: ArrayLike, axis: int = -1) -> Array:
 def segment_ids_int32(segment_ids: Array, num_bags: int) -> Array:
     """``int32`` segment ids, clipped to ``[-1, B]`` in their own dtype first, so padding stays
     padding (an int64 ``2**32`` would wrap to bag 0) and sorted ids stay sorted (the segment
-    reductions are told they are)."""
-    lo, hi = jnp.asarray(-1, segment_ids.dtype), jnp.asarray(num_bags, segment_ids.dtype)
-    return jnp.clip(segment_ids, lo, hi).astype(jnp.int32)
+    reductions are told they are). Any integer dtype, unsigned ones too."""
+    # (compared, not clipped, in their dtype: an unsigned dtype has no -1 to clip to)
+    out = jnp.where(segment_ids >= num_bags, jnp.int32(num_bags), segment_ids.astype(jnp.int32))
+    return jnp.where(segment_ids < 0, jnp.int32(-1), out)
 
 
 def _checked_1d(name: str, x: ArrayLike) -> Array:
