@@ -164,8 +164,10 @@ def time_torch(
     else:
         import torch
 
+        from experiments.bench.torch_impls import synchronize
+
         def sync() -> None:
-            torch.cuda.synchronize(device)
+            synchronize(device)
 
         def mem_start() -> int | None:
             torch.cuda.reset_peak_memory_stats(device)
