@@ -53,6 +53,15 @@ def modules(key: Array) -> None:
     layer = jaxbag.nnx.EmbeddingBag(5, 2, rngs=nnx.Rngs(0))
     assert_type(layer(ids), Array)
     assert isinstance(layer, nnx.Module) and isinstance(model, nn.Module)
+    # from_pretrained / from_torch take the settings as typed keywords
+    table = jnp.ones((5, 2))
+    pretrained = jaxbag.EmbeddingBag.from_pretrained(table, mode="sum", name="bag", sparse=False)
+    assert_type(pretrained, jaxbag.EmbeddingBag)
+    frozen = jaxbag.nnx.EmbeddingBag.from_pretrained(table, mode="max", rngs=nnx.Rngs(1))
+    assert_type(frozen, jaxbag.nnx.EmbeddingBag)
+    converted, _ = jaxbag.EmbeddingBag.from_torch(np.ones((5, 2), np.float32), freeze=True)
+    assert_type(converted, jaxbag.EmbeddingBag)
+    assert_type(jaxbag.nnx.EmbeddingBag.from_torch(table, padding_idx=0), jaxbag.nnx.EmbeddingBag)
 
 
 def sparse_training() -> None:
@@ -121,6 +130,10 @@ def misuses(key: Array) -> None:
     jaxbag.embedding_bag(weight, ids, jnp.array([0]), mode="avg")  # type: ignore[arg-type]
     jaxbag.nnx.EmbeddingBag(5, 2, mode="average", rngs=nnx.Rngs(0))  # type: ignore[arg-type]
     jaxbag.TableConfig("t", 5, 2, ("f",), mode="Sum")  # type: ignore[arg-type]
+    jaxbag.EmbeddingBag.from_pretrained(weight, mode="avg")  # type: ignore[arg-type]
+    jaxbag.nnx.EmbeddingBag.from_pretrained(weight, modes="sum")  # type: ignore[call-arg]
+    jaxbag.EmbeddingBag.from_torch(weight, rngs=nnx.Rngs(0))  # type: ignore[call-arg]  # NNX's
+    jaxbag.nnx.EmbeddingBag.from_torch(weight, padding_idx="0")  # type: ignore[arg-type]
     tables = [jaxbag.TableConfig("t", 5, 2, ("f",))]
     jaxbag.nnx.EmbeddingBagCollection(tables, plan="auto", rngs=nnx.Rngs(0))  # type: ignore[arg-type]
     jaxbag.EmbeddingBagCollection(tables=tuple(tables), plan=layout)  # type: ignore[arg-type]

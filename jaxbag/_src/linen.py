@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -15,6 +15,19 @@ from jaxbag._src import validation
 from jaxbag._src.validation import Mode
 
 __all__ = ["EmbeddingBag"]
+
+
+class PretrainedOptions(common.PretrainedOptions, total=False):
+    """``from_pretrained``'s keyword arguments: the settings, and linen's ``name`` / ``parent``."""
+
+    name: str | None
+    parent: Any
+
+
+class TorchOverrides(PretrainedOptions, total=False):
+    """``from_torch``'s overrides: ``from_pretrained``'s keyword arguments and ``freeze``."""
+
+    freeze: bool
 
 
 class EmbeddingBag(nn.Module):
@@ -132,7 +145,7 @@ class EmbeddingBag(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Any
+        cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Unpack[PretrainedOptions]
     ) -> EmbeddingBag:
         """A module whose ``embedding`` is initialised to ``embeddings [V, D]`` (torch's API).
 
@@ -155,18 +168,18 @@ class EmbeddingBag(nn.Module):
           [[4.0, 6.0]]
         """
         table = common.check_pretrained(embeddings)
-        common.check_pretrained_kwargs(kwargs)
-        kwargs.setdefault("param_dtype", table.dtype)
         return cls(
             num_embeddings=table.shape[0],
             features=table.shape[1],
             freeze=freeze,
             embedding_init=common.pretrained_init(table),
-            **kwargs,
+            **common.pretrained_kwargs(kwargs, table.dtype),
         )
 
     @classmethod
-    def from_torch(cls, source: Any, **overrides: Any) -> tuple[EmbeddingBag, dict]:
+    def from_torch(
+        cls, source: Any, **overrides: Unpack[TorchOverrides]
+    ) -> tuple[EmbeddingBag, dict]:
         """Converts a torch ``nn.EmbeddingBag`` (or its ``state_dict``, or a weight) to linen.
 
         Args:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -165,8 +165,25 @@ def check_pretrained(embeddings: ArrayLike) -> Array:
     return jnp.array(table, copy=True)
 
 
-def check_pretrained_kwargs(kwargs: dict[str, Any]) -> None:
-    """Refuses what ``from_pretrained`` / ``from_torch`` take from the table itself, and torch's
+class PretrainedOptions(TypedDict, total=False):
+    """The keyword arguments both modules' ``from_pretrained`` take (typed for type checkers):
+    the module's settings. ``num_embeddings``, ``features`` and ``embedding_init`` come from the
+    table; ``sparse`` is torch's flag (``False`` is accepted, ``True`` refused)."""
+
+    mode: Mode
+    padding_idx: int | None
+    max_norm: float | None
+    norm_type: float
+    scale_grad_by_freq: bool
+    include_last_offset: bool
+    dtype: Any
+    param_dtype: Any
+    sparse: bool
+
+
+def pretrained_kwargs(kwargs: Mapping[str, Any], table_dtype: Any) -> dict[str, Any]:
+    """The constructor arguments of ``from_pretrained`` / ``from_torch`` (``param_dtype``
+    defaulting to the table's ``table_dtype``). Refuses what they take from the table itself, and torch's
     ``sparse=True`` (``sparse=False``, torch's default, is dropped: it changes nothing)."""
     for name in ("num_embeddings", "features", "embedding_init"):
         if name in kwargs:
@@ -174,8 +191,11 @@ def check_pretrained_kwargs(kwargs: dict[str, Any]) -> None:
                 f"{name} comes from the table (embeddings [V, D]); got {name}={kwargs[name]!r} "
                 "as well. Drop it, or slice or pad the table first."
             )
-    if kwargs.pop("sparse", False):
+    options = {name: value for name, value in kwargs.items() if name != "sparse"}
+    if kwargs.get("sparse", False):
         raise ValueError(f"sparse=True: {_SPARSE_NOTE}")
+    options.setdefault("param_dtype", table_dtype)
+    return options
 
 
 _SPARSE_NOTE = (
@@ -292,7 +312,7 @@ def settings_from_torch(
             "or a [V, D] weight."
         )
     names = {f.name for f in dataclasses.fields(BagSettings)}
-    check_pretrained_kwargs(dict(overrides))
+    pretrained_kwargs(overrides, table.dtype)  # its checks, before BagSettings sees a bad name
     settings.update({k: v for k, v in overrides.items() if k in names})
     extra.update({k: v for k, v in overrides.items() if k not in names})
     return BagSettings(table.shape[0], table.shape[1], **settings), table, extra

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,18 @@ from jaxbag._src import validation
 from jaxbag._src.validation import Mode
 
 __all__ = ["EmbeddingBag", "FrozenEmbedding"]
+
+
+class PretrainedOptions(common.PretrainedOptions, total=False):
+    """``from_pretrained``'s keyword arguments: the settings, and ``rngs`` (not needed)."""
+
+    rngs: nnx.Rngs
+
+
+class TorchOverrides(PretrainedOptions, total=False):
+    """``from_torch``'s overrides: ``from_pretrained``'s keyword arguments and ``freeze``."""
+
+    freeze: bool
 
 
 class FrozenEmbedding(nnx.Variable):
@@ -153,7 +165,7 @@ class EmbeddingBag(nnx.Module):
 
     @classmethod
     def from_pretrained(
-        cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Any
+        cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Unpack[PretrainedOptions]
     ) -> EmbeddingBag:
         """A module holding ``embeddings [V, D]`` (torch's API).
 
@@ -178,21 +190,20 @@ class EmbeddingBag(nnx.Module):
         """
         validation.check_bool("freeze", freeze)
         table = common.check_pretrained(embeddings)
-        common.check_pretrained_kwargs(kwargs)
-        kwargs.setdefault("param_dtype", table.dtype)
-        kwargs.setdefault("rngs", nnx.Rngs(0))
+        options = common.pretrained_kwargs(kwargs, table.dtype)
+        options.setdefault("rngs", nnx.Rngs(0))
         module = cls(
             table.shape[0],
             table.shape[1],
             embedding_init=common.pretrained_init(table),
-            **kwargs,
+            **options,
         )
         if freeze:
             module.embedding = FrozenEmbedding(module.embedding[...])
         return module
 
     @classmethod
-    def from_torch(cls, source: Any, **overrides: Any) -> EmbeddingBag:
+    def from_torch(cls, source: Any, **overrides: Unpack[TorchOverrides]) -> EmbeddingBag:
         """Converts a torch ``nn.EmbeddingBag`` (or its ``state_dict``, or a weight) to NNX.
 
         Args:
