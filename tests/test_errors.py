@@ -647,6 +647,36 @@ def test_segment_reductions_send_no_index_out_of_range():
             assert not calls, (path.name, calls)
 
 
+_sgd = jaxbag.sparse_sgd(0.5)
+
+
+def test_row_scatters_send_invalid_rows_past_every_stacked_table():
+    """renorm's and the sparse optimisers' row scatters send an invalid row to 2**31 - 1, not to
+    V: XLA's deterministic GPU scatter rewrite flattens a vmapped scatter's (table, row) indices
+    to t * V + row before dropping out-of-range ones, so V would land on the next table's row 0.
+    On the CPU both give the same values, so this checks the index and the traced scatters."""
+    from jaxbag._src import segments
+
+    big = 2**31 - 1
+    rows = jnp.array([-3, 0, 4, 5, 7, big], jnp.int32)
+    assert segments.dropped_rows(rows, 5).tolist() == [big, 0, 4, big, big, big]
+    for v, tables in ((5, 3), (1000, 7), (2**20, 2**10 - 1)):  # T * V < 2**31
+        t = np.arange(tables, dtype=np.int64)
+        flat = ((t * v + big + 2**31) % 2**32) - 2**31  # the int32 sum, wrapped
+        assert np.all((flat < 0) | (flat >= tables * v)) and np.all(t * v + big >= tables * v)
+    w = jnp.array([[3.0, 4.0], [6.0, 8.0], [0.3, 0.4]])
+    ids = jnp.array([1, 3, -1])
+    for fn in (lambda w_, i_: jaxbag.renorm(w_, i_, 1.0),
+               lambda w_, i_: _sgd.update(w_, _sgd.init(w_), jaxbag.RowGrads(i_, jnp.ones((3, 2))))[0]):
+        assert str(big) in str(jax.make_jaxpr(fn)(w, ids)), "the scatter's fill row"
+        stacked = jnp.stack([w, w + 1.0])
+        got = jax.jit(jax.vmap(fn))(stacked, jnp.stack([ids, jnp.array([0, 2, 5])]))
+        np.testing.assert_allclose(got[0], fn(w, ids), rtol=1e-6)
+        np.testing.assert_allclose(got[1], fn(w + 1.0, jnp.array([0, 2, 5])), rtol=1e-6)
+    np.testing.assert_allclose(jaxbag.renorm(w, ids, 1.0), [[3.0, 4.0], [0.6, 0.8], [0.3, 0.4]],
+                               rtol=1e-6)
+
+
 def test_segment_id_helpers_under_jit_follow_the_documented_rule():
     """Under jit (values unknown, unchecked): negative lengths count as 0, bags are cut at N, and
     lengths whose sum wraps int32 do not wrap; offsets outside [0, N] mark nothing."""

@@ -464,7 +464,7 @@ def renorm(
     safe_ids = jnp.where(ok, ids, 0)
     rows = jnp.take(weight, safe_ids, axis=0).astype(acc_dtype(weight.dtype))
     new_rows = rows * _renorm_scale(rows, max_norm, norm_type)[:, None]
-    target = jnp.where(ok, ids, num_embeddings)  # dropped by the scatter
+    target = segments.dropped_rows(ids, num_embeddings)
     return weight.at[target].set(new_rows.astype(weight.dtype), mode="drop")
 
 

@@ -175,6 +175,20 @@ def segment_reduce(op: Callable[..., Array], data: Array, seg: Array, num_bags: 
     return out[1 : num_bags + 1]
 
 
+DROPPED_ROW = int(np.iinfo(np.int32).max)
+
+
+def dropped_rows(rows: Array, num_rows: int) -> Array:
+    """``rows`` with every entry outside ``[0, V)`` (``V = num_rows``) set to ``2**31 - 1``, an
+    index the table scatters drop (``mode="drop"``).
+
+    Not ``V``: XLA's deterministic GPU scatter rewrite flattens a vmapped scatter's (table, row)
+    indices to ``t * V + row`` before it drops out-of-range ones, so ``V`` would land on row 0
+    of the next table. ``t * V + 2**31 - 1`` is past every table (``T * V < 2**31``), or wraps
+    negative in int32."""
+    return jnp.where((rows >= 0) & (rows < num_rows), rows, DROPPED_ROW)
+
+
 def capped_ends(lengths: Array, cap: ArrayLike, axis: int = -1) -> Array:
     """``int32`` running sums of ``lengths`` along ``axis``, each length clipped to
     ``[0, cap]`` in its own dtype, widened to 32 bits (an int64 ``2**32`` must not wrap to 0, nor

@@ -681,8 +681,8 @@ def _update_rows(
     if u == 0:  # a batch without ids: nothing to update
         return tuple(arrays)
     num = arrays[0].shape[0]
-    fill = jnp.iinfo(jnp.int32).max  # out of range: dropped by the scatters
-    rows = jnp.where((rows >= 0) & (rows < num), rows, fill)  # (a negative row would wrap)
+    fill = segments.DROPPED_ROW  # (a negative row would wrap)
+    rows = segments.dropped_rows(rows, num)
     k = max(1, min(int(chunk), u))
     m = -(-u // k)
     pad = m * k - u
