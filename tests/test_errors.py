@@ -15,7 +15,7 @@ from jax.experimental import checkify
 
 import jaxbag
 from jaxbag._src import fast_forward
-from reference import embedding_bag_ref
+from reference import embedding_bag_ref, embedding_bag_ref_vjp
 
 V, D = 5, 2
 W = jnp.asarray(np.arange(V * D, dtype=np.float32).reshape(V, D) + 1.0)
@@ -342,13 +342,48 @@ def test_jit_ill_formed_bags_regroup_ids_only(form, impl, set_kernel):
         assert np.all(out >= 0) and np.all(out == np.round(out)), f"trial {trial}: {out}"
         assert np.all(read <= counts), (
             f"trial {trial}: an id counted twice or a row not in the batch\n{out}\n{counts}")
-        if seg is not None:  # an id counts only in the bag its segment id names: padding positions
-            # (segment id outside [0, B)) are never read (the kernel read them when unsorted ids
-            # put them inside another bag's position range)
+        if seg is not None:  # each id counts in the bag its segment id names, as in
+            # jax.ops.segment_sum; padding positions (segment id outside [0, B)) are never read
             for k in range(b):
                 own = (seg == k) & (ids >= 0) & (ids < v)
-                assert np.all(out[k] <= np.bincount(ids[own], minlength=v)), (
-                    f"trial {trial}, bag {k}: a row from outside the bag\n{out[k]}\n{ids}\n{seg}")
+                np.testing.assert_array_equal(
+                    out[k], np.bincount(ids[own], minlength=v),
+                    err_msg=f"trial {trial}, bag {k}: ids {ids}, segment ids {seg}")
+
+
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+@pytest.mark.parametrize("mode", jaxbag.MODES)
+def test_jit_unsorted_segment_ids_value_and_gradients_agree(mode, impl, set_kernel):
+    """Under jit on the CPU, unsorted segment ids group as jax.ops.segment_sum does, in the value
+    and in both gradients alike (the kernel looked for a bag's ids in the position range sorted
+    ids would give it: it left some out of the value, which the gradient counted). Against the
+    NumPy reference, max's arg-max (its gradient) in the caller's positions included."""
+    set_kernel(impl == "kernel")
+    rng = np.random.default_rng(3)
+    v, n, b, d = 7, 30, 5, 16
+    weight = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+    ct = rng.normal(size=(b, d)).astype(np.float32)
+    weighted = mode != "max"
+
+    def loss(w, psw, ids, seg):
+        out = jaxbag.embedding_bag(w, ids, segment_ids=seg, num_bags=b, mode=mode, padding_idx=2,
+                                   per_sample_weights=psw if weighted else None)
+        return jnp.sum(out * ct), out
+
+    f = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+    for trial in range(10):
+        ids = rng.integers(-1, v + 1, n).astype(np.int32)
+        seg = rng.integers(-1, b + 2, n).astype(np.int32)  # unsorted, some outside [0, B)
+        psw = rng.uniform(0.5, 2.0, n).astype(np.float32)
+        (_, out), (g_w, g_psw) = f(weight, psw, ids, seg)
+        opts = dict(mode=mode, padding_idx=2, segment_ids=seg, num_bags=b,
+                    per_sample_weights=psw if weighted else None, oob="drop")
+        np.testing.assert_allclose(out, embedding_bag_ref(weight, ids, **opts), rtol=1e-5, atol=1e-5)
+        opts.pop("oob")
+        want_w, want_psw = embedding_bag_ref_vjp(weight, ids, cotangent=ct, **opts)
+        np.testing.assert_allclose(g_w, want_w, rtol=1e-5, atol=1e-5, err_msg=f"trial {trial}")
+        if weighted:
+            np.testing.assert_allclose(g_psw, want_psw, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -207,10 +207,11 @@ ILL_FORMED = {
         [[0, 5, -1, 9, 3, 4, 6, 1], [2, 2, 7, 0, 1, 3, 5, 4], [1, 6, 3, 8, 0, 2, 2, 5]],
         [[2, 5, 5], [7, 0, 3], [0, 40, -3]],
     ),
-    # (ids, segment ids): negative and past-num_bags segment ids, gaps (empty bags)
+    # (ids, segment ids): negative and past-num_bags segment ids, gaps (empty bags), and one row
+    # of unsorted ids (each id counts in the bag its segment id names, as jax.ops.segment_sum)
     "segments": (
         [[0, 5, 1, 9, 3, 4, 6, 1], [2, 2, 7, 0, 1, 3, 5, 4], [1, 6, 3, -2, 0, 2, 2, 5]],
-        [[-1, 0, 0, 2, 2, 3, 4, 4], [0, 0, 0, 0, 1, 1, 1, 1], [-3, -1, 1, 1, 3, 3, 3, 9]],
+        [[-1, 0, 0, 2, 2, 3, 4, 4], [3, 0, 1, 0, -1, 3, 7, 1], [-3, -1, 1, 1, 3, 3, 3, 9]],
     ),
 }
 

@@ -22,9 +22,6 @@ struct Args {
   int64_t mode; int64_t pad;
   const int64_t* start;  // [B + 1]: bag b is positions [start[b], start[b + 1])
   float* out; int32_t* arg;
-  // unsorted segment ids [N] (layout 0), else nullptr: a position counts only in its own bag, so
-  // unsorted ids (unspecified grouping) never pull a padding position (or another bag's) into a bag
-  const int32_t* seg;
 };
 
 // Prefetches the first kBytes (capped at 1 KiB) of the row kAhead = 16 positions ahead (as
@@ -46,27 +43,24 @@ inline void Prefetch(const Args& a, int64_t p) {
   }
 }
 
-// Whether position p (id) counts in bag b: a valid id that is not padding and, for unsorted
-// segment ids (seg), of this bag. Callers copy the Args fields into locals first: read through a
-// reference or a struct in the loop, they kept GCC from holding the accumulators in registers.
-inline bool Take(int64_t id, int64_t V, int64_t pad, const int32_t* seg, int64_t p, int64_t b) {
-  return id >= 0 && id < V && id != pad && (seg == nullptr || seg[p] == b);
-}
+// Whether an id counts in its bag: a valid id that is not padding. Callers copy the Args fields
+// into locals first: read through a reference or a struct in the loop, they kept GCC from holding
+// the accumulators in registers.
+inline bool Take(int64_t id, int64_t V, int64_t pad) { return id >= 0 && id < V && id != pad; }
 
-// Calls body(p, row) for each position p of bag b in [n0, n1) that counts (Take), with row its
+// Calls body(p, row) for each position p in [n0, n1) (one bag) that counts (Take), with row its
 // columns from c0, prefetching ahead. kWhole: the block is the whole row (the prefetch width is
 // then compile-time too).
 template <int kW, bool kWhole, typename F>
-inline void ForRows(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, F&& body) {
+inline void ForRows(const Args& a, int64_t n0, int64_t n1, int64_t c0, F&& body) {
   const float* base = a.w + c0;
   const int64_t D = a.D;
   const int32_t* ids = a.ids;
-  const int32_t* seg = a.seg;
   const int64_t V = a.V, pad = a.pad;
   for (int64_t p = n0; p < n1; ++p) {
     Prefetch<kWhole ? kW * 4 : 0>(a, p);
     const int64_t id = ids[p];
-    if (Take(id, V, pad, seg, p, b)) body(p, base + id * D);
+    if (Take(id, V, pad)) body(p, base + id * D);
   }
 }
 
@@ -74,7 +68,7 @@ inline void ForRows(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0
 // and whether there are weights are compile-time, so the accumulators stay in registers and the
 // loop over positions carries only what its mode needs.
 template <int kW, int kMode, bool kWeighted, bool kWhole>
-inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o) {
+inline void SumBlock(const Args& a, int64_t n0, int64_t n1, int64_t c0, float* o) {
   float acc[kW] = {};
   // The divisor: a weighted bag's weights (squares for sqrtn) are summed in float32, as the XLA
   // formulation and the gradient rule sum them, so the value, its gradient and the zero-divisor
@@ -82,7 +76,7 @@ inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c
   // gradient). An unweighted bag's count is exact.
   float wden = 0.0f;
   int64_t count = 0;
-  ForRows<kW, kWhole>(a, b, n0, n1, c0, [&](int64_t p, const float* __restrict__ r) {
+  ForRows<kW, kWhole>(a, n0, n1, c0, [&](int64_t p, const float* __restrict__ r) {
     if constexpr (kWeighted) {
       const float c = a.psw[p];
       wden += kMode == kSqrtn ? c * c : c;
@@ -109,13 +103,13 @@ inline void SumBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c
 
 // max of one bag, columns [c0, c0 + kW), with the first arg-max position per column in g.
 template <int kW, bool kWhole>
-inline void MaxBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o,
+inline void MaxBlock(const Args& a, int64_t n0, int64_t n1, int64_t c0, float* o,
                      int32_t* g) {
   float acc[kW];
   int32_t arg[kW];
   for (int d = 0; d < kW; ++d) { acc[d] = 0.0f; arg[d] = static_cast<int32_t>(a.N); }
   bool any = false;
-  ForRows<kW, kWhole>(a, b, n0, n1, c0, [&](int64_t p, const float* __restrict__ r) {
+  ForRows<kW, kWhole>(a, n0, n1, c0, [&](int64_t p, const float* __restrict__ r) {
     const int32_t pp = static_cast<int32_t>(p);
     if (!any) {
       for (int d = 0; d < kW; ++d) { acc[d] = r[d]; arg[d] = pp; }
@@ -134,23 +128,23 @@ inline void MaxBlock(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c
 }
 
 template <int kW, int kMode, bool kWeighted, bool kWhole = false>
-inline void Block(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o,
+inline void Block(const Args& a, int64_t n0, int64_t n1, int64_t c0, float* o,
                   int32_t* g) {
   if constexpr (kMode == kMax) {
-    MaxBlock<kW, kWhole>(a, b, n0, n1, c0, o, g);
+    MaxBlock<kW, kWhole>(a, n0, n1, c0, o, g);
   } else {
-    SumBlock<kW, kMode, kWeighted, kWhole>(a, b, n0, n1, c0, o);
+    SumBlock<kW, kMode, kWeighted, kWhole>(a, n0, n1, c0, o);
   }
 }
 
 // Columns [c0, D) in blocks of kW, then of kW / 4, ..., 1 (a row width that is not 16-256).
 template <int kW, int kMode, bool kWeighted>
-inline void Blocks(const Args& a, int64_t b, int64_t n0, int64_t n1, int64_t c0, float* o,
+inline void Blocks(const Args& a, int64_t n0, int64_t n1, int64_t c0, float* o,
                    int32_t* g) {
   for (; c0 + kW <= a.D; c0 += kW) {
-    Block<kW, kMode, kWeighted>(a, b, n0, n1, c0, o + c0, g ? g + c0 : nullptr);
+    Block<kW, kMode, kWeighted>(a, n0, n1, c0, o + c0, g ? g + c0 : nullptr);
   }
-  if constexpr (kW > 1) Blocks<kW / 4, kMode, kWeighted>(a, b, n0, n1, c0, o, g);
+  if constexpr (kW > 1) Blocks<kW / 4, kMode, kWeighted>(a, n0, n1, c0, o, g);
 }
 
 // Bags [b0, b1): rows of 16-256 features in one block, other widths in blocks of 64, 16, 4, 1.
@@ -162,12 +156,12 @@ void BagsOf(const Args& a, int64_t b0, int64_t b1) {
     float* o = a.out + b * D;
     int32_t* g = kMode == kMax ? a.arg + b * D : nullptr;
     switch (D) {
-      case 16: Block<16, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
-      case 32: Block<32, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
-      case 64: Block<64, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
-      case 128: Block<128, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
-      case 256: Block<256, kMode, kWeighted, true>(a, b, n0, n1, 0, o, g); continue;
-      default: Blocks<64, kMode, kWeighted>(a, b, n0, n1, 0, o, g);
+      case 16: Block<16, kMode, kWeighted, true>(a, n0, n1, 0, o, g); continue;
+      case 32: Block<32, kMode, kWeighted, true>(a, n0, n1, 0, o, g); continue;
+      case 64: Block<64, kMode, kWeighted, true>(a, n0, n1, 0, o, g); continue;
+      case 128: Block<128, kMode, kWeighted, true>(a, n0, n1, 0, o, g); continue;
+      case 256: Block<256, kMode, kWeighted, true>(a, n0, n1, 0, o, g); continue;
+      default: Blocks<64, kMode, kWeighted>(a, n0, n1, 0, o, g);
     }
   }
 }
@@ -213,6 +207,31 @@ void ParallelRanges(ffi::ThreadPool& pool, int64_t n, int64_t chunks, F body) {
   while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+// Every bag of a.start, split over XLA's intra-op pool when there is enough work.
+void BagRanges(ffi::ThreadPool& pool, const Args& a) {
+  const int64_t B = a.B;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t span = a.start[B] - a.start[0];
+  const int64_t chunks =
+      (span * a.D < (int64_t{1} << 15) || threads == 1) ? 1 : std::min<int64_t>(B, 4 * threads);
+  if (chunks == 1) {
+    Bags(a, 0, B);
+    return;
+  }
+  // Bag boundaries splitting the ids evenly (balanced for skewed bags).
+  std::vector<int64_t> cuts(chunks + 1, B);
+  cuts[0] = 0;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = a.start[0] + span * c / chunks;
+    const int64_t b = std::upper_bound(a.start, a.start + B, target) - a.start - 1;
+    cuts[c] = std::min<int64_t>(B, std::max<int64_t>(cuts[c - 1], b));
+  }
+  // one chunk index per range (ParallelRanges returns once all are done: references stay valid)
+  ParallelRanges(pool, chunks, chunks, [&a, &cuts](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) Bags(a, cuts[c], cuts[c + 1]);
+  });
+}
+
 ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::S32> ids,
                   ffi::Buffer<ffi::S32> bounds, ffi::Buffer<ffi::F32> psw,
                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::S32> arg, int64_t mode,
@@ -235,10 +254,43 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
   std::vector<int64_t> start(B + 1, N);
   const int32_t* bd = bounds.typed_data();
   const int64_t K = static_cast<int64_t>(bounds.element_count());
-  if (layout == 0) {  // sorted segment ids [N]
+  const int32_t* id_data = ids.typed_data();
+  const float* psw_data = weighted ? psw.typed_data() : nullptr;
+  // Unsorted segment ids only (not checked under jit): the positions grouped by bag (pos[j] is
+  // the position at j), and the ids and weights in that order.
+  std::vector<int64_t> pos;
+  std::vector<int32_t> ids_by_bag;
+  std::vector<float> psw_by_bag;
+  if (layout == 0) {  // segment ids [N]
     if (K != N) return ffi::Error::InvalidArgument("jaxbag kernel: segment ids must be [N]");
-    for (int64_t b = 0; b <= B; ++b) {
-      start[b] = std::lower_bound(bd, bd + N, static_cast<int32_t>(b)) - bd;
+    bool sorted = true;
+    for (int64_t k = 1; k < N && sorted; ++k) sorted = bd[k] >= bd[k - 1];
+    if (sorted) {
+      for (int64_t b = 0; b <= B; ++b) {
+        start[b] = std::lower_bound(bd, bd + N, static_cast<int32_t>(b)) - bd;
+      }
+    } else {
+      // A stable counting sort by bag (positions outside [0, B) last, in no bag), so that each
+      // position counts in the bag its id names, as in jax.ops.segment_sum, the XLA path and
+      // the gradient rule, and a bag's first arg-max is still its first position.
+      std::vector<int64_t> next(B + 1, 0);
+      for (int64_t p = 0; p < N; ++p) {
+        if (bd[p] >= 0 && bd[p] < B) ++next[bd[p] + 1];
+      }
+      for (int64_t b = 0; b < B; ++b) next[b + 1] += next[b];
+      std::copy(next.begin(), next.end(), start.begin());
+      int64_t tail = start[B];
+      pos.resize(N);
+      ids_by_bag.resize(N);
+      if (weighted) psw_by_bag.resize(N);
+      for (int64_t p = 0; p < N; ++p) {
+        const int64_t j = bd[p] >= 0 && bd[p] < B ? next[bd[p]]++ : tail++;
+        pos[j] = p;
+        ids_by_bag[j] = id_data[p];
+        if (weighted) psw_by_bag[j] = psw_data[p];
+      }
+      id_data = ids_by_bag.data();
+      if (weighted) psw_data = psw_by_bag.data();
     }
   } else {  // offsets [K]: bag k starts at the k-th smallest offset in [0, N] (as segment ids do)
     std::vector<int64_t> offs;
@@ -249,35 +301,16 @@ ffi::Error BagFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight, ffi::Buffe
     std::sort(offs.begin(), offs.end());
     for (int64_t b = 0; b <= B && b < static_cast<int64_t>(offs.size()); ++b) start[b] = offs[b];
   }
-  Args a{weight.typed_data(), wd[0], wd[1], ids.typed_data(), weighted ? psw.typed_data() : nullptr,
-         N, B, mode, padding_idx, start.data(), out->typed_data(), arg->typed_data(),
-         nullptr};
-  if (layout == 0) {  // per-position bag checks only for unsorted ids (one sequential pass)
-    for (int64_t k = 1; k < N; ++k) {
-      if (bd[k] < bd[k - 1]) { a.seg = bd; break; }
+  Args a{weight.typed_data(), wd[0], wd[1], id_data, psw_data,
+         N, B, mode, padding_idx, start.data(), out->typed_data(), arg->typed_data()};
+  if (B == 0) return ffi::Error::Success();
+  BagRanges(pool, a);
+  if (mode == kMax && !pos.empty()) {  // arg-max positions back to the caller's order
+    int32_t* g = arg->typed_data();
+    for (int64_t k = 0; k < B * a.D; ++k) {
+      if (g[k] < N) g[k] = static_cast<int32_t>(pos[g[k]]);
     }
   }
-  if (B == 0) return ffi::Error::Success();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t span = start[B] - start[0];
-  const int64_t chunks =
-      (span * a.D < (int64_t{1} << 15) || threads == 1) ? 1 : std::min<int64_t>(B, 4 * threads);
-  if (chunks == 1) {
-    Bags(a, 0, B);
-    return ffi::Error::Success();
-  }
-  // Bag boundaries splitting the ids evenly (balanced for skewed bags).
-  std::vector<int64_t> cuts(chunks + 1, B);
-  cuts[0] = 0;
-  for (int64_t c = 1; c < chunks; ++c) {
-    const int64_t target = start[0] + span * c / chunks;
-    const int64_t b = std::upper_bound(start.begin(), start.begin() + B, target) - start.begin() - 1;
-    cuts[c] = std::min<int64_t>(B, std::max<int64_t>(cuts[c - 1], b));
-  }
-  // one chunk index per range (ParallelRanges returns once all are done: references stay valid)
-  ParallelRanges(pool, chunks, chunks, [&a, &cuts](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) Bags(a, cuts[c], cuts[c + 1]);
-  });
   return ffi::Error::Success();
 }
 
