@@ -573,6 +573,20 @@ def test_nnx_module_has_nnx_embed_size_attributes():
     assert m.embedding[...].shape == (m.num_embeddings, m.features)
 
 
+def test_nnx_settings_are_read_only_attributes_as_linens():
+    """bag.mode etc. read as the linen module's fields; assigning one is an AttributeError (it set
+    an attribute the call never read: m.mode = 'avg' changed nothing, without a word)."""
+    settings = dict(mode="sqrtn", padding_idx=-2, max_norm=1.5, norm_type=1.0,
+                    scale_grad_by_freq=True, include_last_offset=True)
+    m = jaxbag.nnx.EmbeddingBag(7, 3, **settings, rngs=nnx.Rngs(0))
+    lin = jaxbag.EmbeddingBag(7, 3, **settings)
+    for name, value in settings.items():
+        assert getattr(m, name) == getattr(lin, name) == value, name
+        with pytest.raises(AttributeError, match="no setter"):
+            setattr(m, name, value)
+    assert m.mode == "sqrtn"
+
+
 def test_a_float64_torch_table_without_x64_gives_a_float32_module():
     """The module said param_dtype=float64 while its parameter was float32 (JAX without x64)."""
     assert not jax.config.jax_enable_x64

@@ -621,3 +621,27 @@ def test_tiny_weights_get_finite_gradients_on_the_reference_path(mode):
     for name, g in grads.items():
         np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-5, atol=1e-6 * abs(want).max(),
                                    err_msg=name)
+
+
+def test_max_norm_derivatives_are_torchs_in_every_autodiff_mode():
+    """max_norm's rescaling is not differentiated (torch renorms in place, outside autograd): grad,
+    jvp and the Hessian all pass the renormed rows' derivative to the table unscaled. The true
+    derivative of the renormed lookup comes from differentiating through jaxbag.renorm:
+    for a row w of norm 5 > max_norm = 1, d(w / |w|) = (I - u u^T) / |w|, u = w / |w|."""
+    ids, offsets = jnp.array([0]), jnp.array([0])
+    w = jnp.array([[3.0, 4.0]])
+    tangent = jnp.array([[1.0, 0.0]])
+
+    def f(w_):
+        return jaxbag.embedding_bag(w_, ids, offsets, mode="sum", max_norm=1.0)
+
+    value, jvp = jax.jvp(f, (w,), (tangent,))
+    np.testing.assert_allclose(value, [[0.6, 0.8]], rtol=1e-6)
+    np.testing.assert_allclose(jvp, [[1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda w_: f(w_)[0, 0])(w), [[1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_array_equal(jax.hessian(lambda w_: f(w_)[0, 0])(w), np.zeros((1, 2, 1, 2)))
+
+    def true_f(w_):
+        return jaxbag.embedding_bag(jaxbag.renorm(w_, ids, 1.0), ids, offsets, mode="sum")
+
+    np.testing.assert_allclose(jax.jvp(true_f, (w,), (tangent,))[1], [[0.128, -0.096]], rtol=1e-5)

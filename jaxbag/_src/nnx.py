@@ -69,8 +69,8 @@ class EmbeddingBag(nnx.Module):
     Attributes:
       embedding: ``nnx.Param [V, D]`` (a :class:`FrozenEmbedding` for a frozen pretrained table).
       settings: the options passed on to :func:`jaxbag.embedding_bag` (``mode``,
-        ``padding_idx``, ...); ``num_embeddings`` and ``features`` are also attributes, as in
-        ``nnx.Embed``.
+        ``padding_idx``, ...), each also a read-only attribute (``bag.mode``), as the linen
+        module's; ``num_embeddings`` and ``features`` are attributes too, as in ``nnx.Embed``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag
@@ -124,6 +124,38 @@ class EmbeddingBag(nnx.Module):
     def features(self) -> int:
         """``D``, the width of each row."""
         return self.settings.features
+
+    # The settings, read-only as in linen (they live in ``settings``; assigning one is an error,
+    # not an attribute the call would ignore).
+    @property
+    def mode(self) -> Mode:
+        """``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``."""
+        return self.settings.mode
+
+    @property
+    def padding_idx(self) -> int | None:
+        """The row skipped in every bag, or ``None``."""
+        return self.settings.padding_idx
+
+    @property
+    def max_norm(self) -> float | None:
+        """The largest norm of a looked-up row, or ``None``."""
+        return self.settings.max_norm
+
+    @property
+    def norm_type(self) -> float:
+        """The p of the p-norm for ``max_norm``."""
+        return self.settings.norm_type
+
+    @property
+    def scale_grad_by_freq(self) -> bool:
+        """Whether each row's gradient is divided by its frequency in the batch."""
+        return self.settings.scale_grad_by_freq
+
+    @property
+    def include_last_offset(self) -> bool:
+        """Whether ``offsets`` has ``B + 1`` entries."""
+        return self.settings.include_last_offset
 
     @property
     def frozen(self) -> bool:

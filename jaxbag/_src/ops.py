@@ -254,7 +254,9 @@ def embedding_bag(
       max_norm: if set, every looked-up row with a ``norm_type``-norm above ``max_norm`` is scaled
         by ``max_norm / (norm + 1e-7)`` before reduction, as torch's forward does. The table itself
         is not changed (JAX is functional; :func:`jaxbag.renorm` returns the renormed table), and the
-        gradient is torch's: that of the renormed rows (torch renorms the weight in place first).
+        gradient is torch's: that of the renormed rows (torch renorms the weight in place first),
+        passed to the table unscaled. Every autodiff mode (``grad``, ``jvp``, ``hessian``) sees
+        it so: the rescaling is not differentiated, and a finite-difference check fails by design.
       norm_type: the p of the p-norm for ``max_norm`` (``float('inf')`` allowed).
       scale_grad_by_freq: divide each row's gradient by its number of occurrences in the batch (as
         ``torch.nn.Embedding``; torch 2.13's CPU ``embedding_bag`` uses a wrong count, see README).

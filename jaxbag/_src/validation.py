@@ -90,7 +90,8 @@ def check_float_dtype(name: str, value: object, example: str) -> None:
     if got is None or not jnp.issubdtype(got, jnp.floating):
         shown = repr(value) if got is None else got.name
         raise TypeError(
-            f"{name} must be a floating-point dtype (float32, bfloat16, float16, float64); got "
+            f"{name} must be a floating-point dtype (float32, bfloat16, float16, float64, "
+            f"float8_e4m3fn, ...); got "
             f"{name}={shown}. For example: {example}."
         )
 
