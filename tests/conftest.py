@@ -17,6 +17,14 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Property tests draw the same examples on every CI run (a failure there is reproducible, and a
+# mutant is caught or not by the tests, not by the draw); local runs keep drawing new ones.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")
+
 
 import contextlib  # noqa: E402
 import threading  # noqa: E402

@@ -10,6 +10,7 @@ from flax import linen as nn
 from flax import nnx
 
 import jaxbag
+from reference import embedding_bag_ref_vjp
 
 IDS = jnp.array([1, 2, 4, 5, 4, 0, 3], jnp.int32)
 OFFSETS = jnp.array([0, 2, 2, 5], jnp.int32)
@@ -83,6 +84,33 @@ def test_from_pretrained_freeze_linen():
     trainable = jaxbag.EmbeddingBag.from_pretrained(table, freeze=False, mode="sum")
     g = jax.grad(lambda p: trainable.apply(p, IDS, OFFSETS).sum())(variables)
     assert float(jnp.abs(g["params"]["embedding"]).sum()) > 0
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_frozen_table_gets_no_gradient_trainable_gets_the_reference(api, dtype):
+    """With a computation dtype as without: frozen, the table's gradient is exactly zero (the
+    freeze must not depend on the cast); trainable, it is the NumPy reference's."""
+    table = _table()
+    cot = np.random.default_rng(0).normal(size=(len(OFFSETS), table.shape[1])).astype(np.float32)
+
+    def table_grad(freeze):
+        if api == "linen":
+            m = jaxbag.EmbeddingBag.from_pretrained(table, freeze=freeze, mode="mean", dtype=dtype)
+            variables = m.init(jax.random.key(0), IDS, OFFSETS)
+            g = jax.grad(lambda v: jnp.sum(m.apply(v, IDS, OFFSETS).astype(jnp.float32) * cot))(
+                variables)
+            return g["params"]["embedding"]
+        m = jaxbag.nnx.EmbeddingBag.from_pretrained(table, freeze=freeze, mode="mean", dtype=dtype)
+        graph, state = nnx.split(m)  # every variable, the frozen table too
+        g = jax.grad(lambda st: jnp.sum(nnx.merge(graph, st)(IDS, OFFSETS).astype(jnp.float32)
+                                        * cot))(state)
+        return g["embedding"][...]
+
+    np.testing.assert_array_equal(table_grad(True), np.zeros(table.shape, np.float32))
+    want, _ = embedding_bag_ref_vjp(table, IDS, OFFSETS, cotangent=cot, mode="mean")
+    tol = 1e-6 if dtype is None else 1e-2  # (bf16 bags: the cotangent of a rounded output)
+    np.testing.assert_allclose(table_grad(False), want, rtol=tol, atol=tol)
 
 
 def test_from_pretrained_freeze_nnx_optimizer_leaves_table_alone():

@@ -80,7 +80,9 @@ def fixed_case(form, *, weighted, index_dtype, dtype, positive_weights):
     weight = jnp.asarray(rng.normal(size=(V, D)).astype(np.float32)).astype(dtype)
     extra = {}
     if form == "2d":
-        indices = np.array([[1, 6, 2, 2], [6, 6, 6, 6], [0, 5, 3, 6], [4, 4, 4, 1]], dtype=index_dtype)
+        # 5 x 4, not square: a swapped bags / length stride would not go unnoticed
+        indices = np.array([[1, 6, 2, 2], [6, 6, 6, 6], [0, 5, 3, 6], [4, 4, 4, 1], [2, 0, 6, 5]],
+                           dtype=index_dtype)
         offsets = None
     else:
         indices = np.array([1, 6, 2, 2, 6, 0, 5, 3, 4, 4, 1, 5], dtype=index_dtype)
@@ -148,6 +150,57 @@ def test_max_norm_vs_reference(mode, weighted, form, max_norm, norm_type, jit):
     check_against_ref(
         weight, indices, offsets, jit=jit, mode=mode, max_norm=max_norm, norm_type=norm_type, padding_idx=6, **extra
     )
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode,weighted", GRID, ids=[f"{m}-{'w' if w else 'u'}" for m, w in GRID])
+def test_float64_tables_compute_in_float64(mode, weighted, form, jit):
+    """Under x64 a float64 table is gathered, reduced and differentiated in float64: values and
+    gradients within 1e-12 of the reference, with rows 1e-9 apart that float32 cannot hold."""
+    with jax.enable_x64(True):
+        weight, indices, offsets, extra = fixed_case(
+            form, weighted=weighted, index_dtype=np.int32, dtype=jnp.float64, positive_weights=True
+        )
+        weight = weight + 1e-9 * jnp.arange(weight.size, dtype=jnp.float64).reshape(weight.shape)
+        psw = extra.pop("per_sample_weights", None)
+        static = dict(mode=mode, padding_idx=6, **{k: v for k, v in extra.items() if k != "segment_ids"})
+        seg = extra.get("segment_ids")
+
+        def f(w, p):
+            return jaxbag.embedding_bag(w, indices, offsets, per_sample_weights=p, segment_ids=seg, **static)
+
+        cot = np.random.default_rng(0).normal(size=jax.eval_shape(f, weight, psw).shape)
+        f_vjp = jax.jit(lambda w, p: jax.vjp(f, w, p)) if jit else (lambda w, p: jax.vjp(f, w, p))
+        out, pullback = f_vjp(weight, psw)
+        assert out.dtype == jnp.float64
+        ref_kw = dict(static, per_sample_weights=None if psw is None else to_f64(psw), segment_ids=seg)
+        np.testing.assert_allclose(out, embedding_bag_ref(to_f64(weight), indices, offsets, **ref_kw),
+                                   rtol=1e-12, atol=1e-12)
+        g_w, g_p = pullback(jnp.asarray(cot))
+        want_w, want_p = embedding_bag_ref_vjp(to_f64(weight), indices, offsets, cotangent=cot, **ref_kw)
+        assert g_w.dtype == jnp.float64
+        np.testing.assert_allclose(g_w, want_w, rtol=1e-12, atol=1e-12)
+        if psw is not None:
+            np.testing.assert_allclose(g_p, want_p, rtol=1e-12, atol=1e-12)
+
+
+NARROW_OPTION_CASES = [(m, o) for m in MODES for o in ("max_norm", "scale_grad_by_freq")
+                       if not (m == "max" and o == "scale_grad_by_freq")]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float8_e4m3fn"])
+@pytest.mark.parametrize("mode,option", NARROW_OPTION_CASES, ids=[f"{m}-{o}" for m, o in NARROW_OPTION_CASES])
+def test_narrow_tables_with_max_norm_or_scale_grad_by_freq(mode, option, dtype_name, jit):
+    """The path these options take (gather + segment ops) returns the table's dtype and the
+    reference's values for narrow tables too (the other grids run it in float32 only)."""
+    weight, indices, offsets, extra = fixed_case(
+        "segments", weighted=False, index_dtype=np.int32, dtype=DTYPES[dtype_name], positive_weights=True
+    )
+    opts = dict(max_norm=1.0) if option == "max_norm" else dict(scale_grad_by_freq=True)
+    check_against_ref(weight, indices, offsets, jit=jit, dtype_name=dtype_name, mode=mode, padding_idx=6,
+                      **opts, **extra)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

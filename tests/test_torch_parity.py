@@ -110,7 +110,8 @@ def case(form):
         kw = {"include_last_offset": True}
         return ids, offsets, offsets, kw, kw
     if form == "2d":
-        ids2 = np.array([[1, 2, 2, 7], [0, 3, 3, 3], [5, 5, 5, 5], [6, 1, 4, 2]], np.int64)
+        # 3 x 4, not square: a swapped bags / length stride would not go unnoticed
+        ids2 = np.array([[1, 2, 2, 7], [0, 3, 3, 3], [6, 1, 4, 2]], np.int64)
         return ids2, None, None, {}, {}
     if form == "segments":
         seg = np.array([0, 0, 0, 2, 3, 3, 3, 3, 4, 4, 4], np.int32)  # bag 1 empty, all ids < num_bags

@@ -447,8 +447,18 @@ def test_bf16_table_gradient_accumulates_in_float32(mode):
     np.testing.assert_array_equal(np.asarray(dw, np.float32)[0], [300.0, 300.0])
 
 
+TIE_PATHS = [("kernel", "float32"), ("xla", "float32"), ("max_norm", "float32"),
+             ("xla", "bfloat16"), ("max_norm", "bfloat16")]
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_max_grad_goes_to_first_occurrence_on_ties(jit):
+@pytest.mark.parametrize("form", ["offsets", "2d", "segments"])
+@pytest.mark.parametrize("path,dtype", TIE_PATHS, ids=[f"{p}-{d}" for p, d in TIE_PATHS])
+def test_max_grad_goes_to_first_occurrence_on_ties(path, dtype, form, jit, set_kernel):
+    """On every path (the CPU kernel; the XLA formulation other platforms and narrow tables get;
+    the max_norm path, whose norm bound here changes no row) and input form."""
+    if path != "max_norm":
+        set_kernel(path == "kernel")
     w = np.zeros((V, D), np.float32)
     w[1] = [5.0, 1.0, -1.0]
     w[2] = [5.0, 2.0, -1.0]  # ties with row 1 in features 0 and 2
@@ -457,13 +467,22 @@ def test_max_grad_goes_to_first_occurrence_on_ties(jit):
     offs = np.array([0, 2, 4], np.int32)  # bags [2 1] [1 2] [3 1]
     cot = np.array([[1.0, 10.0, 100.0], [2.0, 20.0, 200.0], [3.0, 30.0, 300.0]], np.float32)
 
+    bags = {"offsets": (ids, offs, {}), "2d": (ids.reshape(3, 2), None, {}),
+            "segments": (ids, None, dict(segment_ids=np.repeat(np.arange(3), 2), num_bags=3))}
+    i, o, extra = bags[form]
+    if path == "max_norm":
+        extra = dict(extra, max_norm=1e9)
+
     def loss(weight):
-        return jnp.sum(jaxbag.embedding_bag(weight, ids, offs, mode="max") * cot)
+        out = jaxbag.embedding_bag(weight, i, o, mode="max", **extra)
+        return jnp.sum(out.astype(jnp.float32) * cot)
 
     g = jax.grad(loss)
     if jit:
         g = jax.jit(g)
-    dw = np.asarray(g(jnp.asarray(w)))
+    dw = g(jnp.asarray(w, dtype))
+    assert dw.dtype == jnp.dtype(dtype)
+    dw = np.asarray(dw, np.float32)
     expected = np.zeros((V, D))
     expected[2] += [1.0, 10.0, 100.0]  # bag 0: row 2 first in features 0, 2; row 2 max in feature 1
     expected[1] += [2.0, 0.0, 200.0]  # bag 1: row 1 first in features 0, 2
