@@ -182,9 +182,10 @@ class PretrainedOptions(TypedDict, total=False):
 
 
 def pretrained_kwargs(kwargs: Mapping[str, Any], table_dtype: Any) -> dict[str, Any]:
-    """The constructor arguments of ``from_pretrained`` / ``from_torch`` (``param_dtype``
-    defaulting to the table's ``table_dtype``). Refuses what they take from the table itself, and torch's
-    ``sparse=True`` (``sparse=False``, torch's default, is dropped: it changes nothing)."""
+    """The constructor arguments of ``from_pretrained`` / ``from_torch``, ``param_dtype``
+    defaulting to the table's ``table_dtype``. Refuses what they take from the table itself,
+    and torch's ``sparse=True`` (``sparse=False``, torch's default, is dropped: it changes
+    nothing)."""
     for name in ("num_embeddings", "features", "embedding_init"):
         if name in kwargs:
             raise TypeError(

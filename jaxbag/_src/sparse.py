@@ -681,8 +681,8 @@ def _update_rows(
     if u == 0:  # a batch without ids: nothing to update
         return tuple(arrays)
     num = arrays[0].shape[0]
-    fill = segments.DROPPED_ROW  # (a negative row would wrap)
-    rows = segments.dropped_rows(rows, num)
+    fill = segments.DROPPED_ROW  # the padding slots' row, dropped by the scatters
+    rows = segments.dropped_rows(rows, num)  # (a negative row would wrap)
     k = max(1, min(int(chunk), u))
     m = -(-u // k)
     pad = m * k - u
