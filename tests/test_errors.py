@@ -451,10 +451,17 @@ def test_skipped_ids_never_leak_row_0(impl, mode, bad, set_kernel):
                             i32(0, 1), mode=mode,
                             per_sample_weights=None if psw is None else np.asarray(psw)[valid])
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6)
-    if psw is not None:  # the per-sample-weight gradient reads rows too
-        g_w, g_p = jax.jit(jax.grad(lambda w_, p: jnp.sum(f(w_, p)), argnums=(0, 1)))(jnp.asarray(w), psw)
-        assert np.all(np.isfinite(np.asarray(g_p))), g_p
-        assert np.all(np.isfinite(np.asarray(g_w))), g_w
+    # gradients (the per-sample-weight gradient reads rows too): the reference's on the valid
+    # positions, zero elsewhere, row 0 included
+    g_w, g_p = jax.jit(jax.grad(lambda w_, p: jnp.sum(f(w_, p)), argnums=(0, 1)))(jnp.asarray(w), psw)
+    want_w, want_p = embedding_bag_ref_vjp(
+        np.where(np.isfinite(w), w, 0.0), np.asarray(ids)[valid], i32(0, 1), cotangent=np.ones((2, 2)),
+        mode=mode, per_sample_weights=None if psw is None else np.asarray(psw)[valid])
+    np.testing.assert_allclose(np.asarray(g_w), want_w, rtol=1e-6, atol=1e-6)
+    if psw is not None:
+        full_p = np.zeros(7)
+        full_p[valid] = want_p
+        np.testing.assert_allclose(np.asarray(g_p), full_p, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
