@@ -23,19 +23,37 @@ def exit_on_user_error(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``; a :data:`USER_ERRORS` exits with one ``error: ...`` line (status 1),
     its traceback only with ``JAXBAG_TRACEBACK=1`` (for a bug).
 
-    The exit skips the interpreter's teardown (``os._exit``, after flushing both streams;
-    the run's files are written atomically, so nothing is left half-done): a failed checkpoint
-    read leaves tensorstore callbacks that reach orbax's closed event loop at teardown, a
-    screenful of "Event loop is closed" tracebacks under the message."""
+    A failed checkpoint read leaves tensorstore callbacks that reach orbax's closed event loop
+    ("Event loop is closed", reported through :func:`sys.unraisablehook` from another thread,
+    before or after the error reaches us). So while ``fn`` runs, such reports are held back:
+    after a user error they are dropped (shown with ``JAXBAG_TRACEBACK=1``) and the process exits
+    at once (``os._exit``, after flushing both streams; the run's files are written atomically,
+    so nothing is left half-done), as the interpreter's teardown would print more of them.
+    Otherwise they go to the previous hook once ``fn`` returns or raises."""
+    held: list[Any] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = held.append
+
+    def release() -> None:
+        sys.unraisablehook = previous
+        for report in held:
+            previous(report)
+
     try:
-        return fn(*args)
+        result = fn(*args)
     except USER_ERRORS as e:
         if os.environ.get("JAXBAG_TRACEBACK"):
+            release()
             raise
         print(f"error: {e}\n(JAXBAG_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    except BaseException:
+        release()
+        raise
+    release()
+    return result
 
 
 def quiet_orbax(min_level: int = std_logging.WARNING) -> None:
