@@ -47,6 +47,8 @@ class Predictor:
             num_classes=len(self.class_names), seed=0,
         )
         graphdef, state = nnx.split(model)
+        checkpoint.check_fits(checkpoint.checkpoint_dir(workdir) / str(self.epoch), params,
+                              nnx.to_pure_dict(state))
         nnx.replace_by_pure_dict(state, params)
         self.model = nnx.merge(graphdef, state)
 

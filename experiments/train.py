@@ -65,9 +65,10 @@ def _featurize(
 def _load_or_fit_featurizer(
     workdir: Path, texts: tuple[str, ...], tok_config: Any, *, resuming: bool
 ) -> Featurizer:
-    """The resumed run's ``vocab.json``, or a featurizer fitted on ``texts`` (and saved)."""
+    """The resumed run's ``vocab.json`` (there: ``artifacts.check_resume_config``), or a
+    featurizer fitted on ``texts`` (and saved)."""
     path = workdir / artifacts.VOCAB
-    if resuming and path.is_file():
+    if resuming:
         return Featurizer.from_json(artifacts.read_json(path))
     featurizer = Featurizer.fit(texts, tok_config)
     artifacts.write_json(path, featurizer.to_json())

@@ -273,21 +273,45 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_workdir
 
 
 @pytest.mark.slow
-def test_resume_without_config_json_is_refused(tmp_path):
+@pytest.mark.parametrize("name", [artifacts.CONFIG, artifacts.SPLIT, artifacts.VOCAB])
+def test_resume_without_a_run_file_is_refused(tmp_path, name):
     """With config.json gone (deleted by hand), the comparison was skipped: the new config was
     written, then the restore failed as a 'damaged checkpoint' (other shapes) or, with the same
-    shapes, went ahead and mixed two trainings."""
+    shapes, went ahead and mixed two trainings. Without split.json or vocab.json, the split was
+    rewritten and the vocabulary refitted from whatever data was there now."""
     config = smoke.get_config()
     config.train.stop_after_epochs = 1
     train_and_evaluate(config, tmp_path)
-    (tmp_path / artifacts.CONFIG).unlink()
+    (tmp_path / name).unlink()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     other = smoke.get_config()
-    other.optim.learning_rate = 0.5  # same shapes: nothing else would notice
-    with pytest.raises(ValueError, match=r"holds checkpoints but no config\.json.*Put back the "
-                       r"config\.json of that run, or use a new --workdir"):
+    if name == artifacts.CONFIG:
+        other.optim.learning_rate = 0.5  # same shapes: nothing else would notice
+    with pytest.raises(ValueError, match=rf"holds checkpoints but no {re.escape(name)}: .*Put back "
+                       rf"the {re.escape(name)} of that run, or use a new --workdir"):
         train_and_evaluate(other, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_vocabulary_edited_after_the_checkpoint_is_named_not_called_damage(smoke_run, tmp_path):
+    """A vocab.json changed in place (one word more) made resuming report the sound checkpoint
+    as "damaged" and say to delete it; predict loaded the table into a model one row longer."""
+    _, trained, _ = smoke_run
+    wd = tmp_path / "wd"
+    shutil.copytree(trained, wd)
+    vocab = json.loads((wd / artifacts.VOCAB).read_text())
+    vocab["tokens"].append("zzzz")
+    vocab["idf"].append(1.0)
+    (wd / artifacts.VOCAB).write_text(json.dumps(vocab))
+    rows = Predictor(trained).featurizer.num_embeddings
+    match = (rf"checkpoint {re.escape(str(wd.resolve() / 'checkpoints'))}/3 does not fit the model "
+             rf"this workdir's files describe \(\['embed'\]\['embedding'\]: \({rows}, 16\) saved, "
+             rf"\({rows + 1}, 16\) now\): vocab\.json \(or the data\) changed since the checkpoint "
+             r"was saved\. Put back the vocab\.json of that run, or use a new --workdir\.")
+    with pytest.raises(ValueError, match=match):
+        train_and_evaluate(smoke.get_config(), wd)
+    with pytest.raises(ValueError, match=match):
+        Predictor(wd)
 
 
 def test_vocabulary_and_idf_come_from_the_training_split_only(smoke_run):
@@ -833,6 +857,8 @@ def test_every_field_but_the_documented_ones_is_checked_on_resume(tmp_path):
                   "train.log_every_steps", "train.plot", "train.eval_batch_size"}
     config = smoke.get_config()
     artifacts.check_resume_config(tmp_path, config, resuming=False)
+    for name in (artifacts.SPLIT, artifacts.VOCAB):  # (their absence is refused on resume)
+        (tmp_path / name).write_text("{}")
     flat = artifacts._flatten(artifacts.config_to_dict(config))
     for key, value in flat.items():
         other = smoke.get_config()

@@ -75,16 +75,19 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(workdir: Path, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
     """Writes ``config.json``. When ``resuming`` (the workdir has a checkpoint), every field but
-    :data:`RESUMABLE` must equal the ``config.json`` already there (checked before anything is
-    written; a missing one is an error: nothing would say what the checkpoints were trained
-    with); without a checkpoint, what an earlier run that failed before saving one left
-    behind is simply replaced."""
+    :data:`RESUMABLE` must equal the ``config.json`` already there, and ``split.json`` and
+    ``vocab.json`` must be there too (checked before anything is written; a missing one is an
+    error: nothing would say what the checkpoints were trained with, and a refitted vocabulary
+    or a rewritten split would silently mix two datasets); without a checkpoint, what an
+    earlier run that failed before saving one left behind is simply replaced."""
     path = workdir / CONFIG
     new = config_to_dict(config)
-    if resuming and not path.is_file():
+    missing = [name for name in (CONFIG, SPLIT, VOCAB) if resuming and not (workdir / name).is_file()]
+    if missing:
+        names = " and ".join(missing)
         raise ValueError(
-            f"{workdir} holds checkpoints but no {CONFIG}: the config they were trained with is "
-            f"unknown, so resuming could mix two trainings. Put back the {CONFIG} of that run, "
+            f"{workdir} holds checkpoints but no {names}: what they were trained with is "
+            f"unknown, so resuming could mix two trainings. Put back the {names} of that run, "
             "or use a new --workdir."
         )
     if resuming:
@@ -121,9 +124,10 @@ def _shown(value: Any) -> str:
 
 def check_or_write_split(workdir: Path, record: Mapping[str, Any], *, resuming: bool) -> None:
     """Writes ``split.json``, or, when ``resuming``, checks that the existing one records the
-    same split (naming each field that differs)."""
+    same split (naming each field that differs; :func:`check_resume_config` has made sure
+    that it is there)."""
     path = workdir / SPLIT
-    if resuming and path.is_file():
+    if resuming:
         old, new = _portable_split(read_json(path)), _portable_split(record)
         diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if diffs:

@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from experiments.textcls.artifacts import VOCAB
+
 
 @dataclasses.dataclass
 class TrainState:
@@ -92,12 +94,46 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _params_metadata(step_dir: Path) -> Any:
+    """The stored params' tree of array metadata (``.shape``, ``.dtype``) of a step directory
+    (the handler reads the item's metadata only: the checkpointer warned about a missing
+    step-level metadata file on every predict)."""
+    meta = ocp.StandardCheckpointHandler().metadata(step_dir / "params")
+    return getattr(meta, "tree", meta)
+
+
+def check_fits(step_dir: Path, stored: Any, expected: Any) -> None:
+    """Raises ``ValueError`` when the parameters ``stored`` in ``step_dir`` (a tree of arrays or
+    array metadata) have other shapes than ``expected`` (the model this workdir's files describe):
+    the checkpoint is sound, but ``vocab.json`` (or the data) changed since it was saved."""
+    shapes = {jax.tree_util.keystr(k): tuple(m.shape)
+              for k, m in jax.tree_util.tree_leaves_with_path(stored)}
+    wrong = [(name, shapes.get(name), tuple(a.shape))
+             for name, a in ((jax.tree_util.keystr(k), a)
+                             for k, a in jax.tree_util.tree_leaves_with_path(expected))
+             if shapes.get(name) != tuple(a.shape)]
+    if wrong:
+        shown = "; ".join(f"{name}: {have} saved, {want} now" for name, have, want in wrong[:4])
+        raise ValueError(
+            f"checkpoint {step_dir} does not fit the model this workdir's files describe "
+            f"({shown}): {VOCAB} (or the data) changed since the checkpoint was saved. "
+            f"Put back the {VOCAB} of that run, or use a new --workdir."
+        )
+
+
 def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainState | None:
     """The latest checkpoint, restored into the structure of ``fresh``; ``None`` if none."""
     step = manager.latest_step()
     if step is None:
         return None
     pure = nnx.to_pure_dict(fresh.params)
+    step_dir = Path(manager.directory) / str(step)
+    try:
+        stored = _params_metadata(step_dir)
+    except Exception:  # (unreadable metadata: the restore below reports the damage)
+        stored = None
+    if stored is not None:
+        check_fits(step_dir, stored, pure)
     key_data = jax.random.key_data(fresh.rng)
     try:
         r = manager.restore(
@@ -149,11 +185,8 @@ def load_params(workdir: str | Path) -> tuple[dict, int]:
             )
         # Restored onto this process's first device, whatever mesh saved it: a table saved
         # row-sharded over 8 devices (experiments.textcls.sharded) loads in a 1-device process.
-        # (the handler reads the item's metadata only: the checkpointer warned about a missing
-        # step-level metadata file on every predict)
         try:
-            meta = ocp.StandardCheckpointHandler().metadata(checkpoint_dir(workdir) / str(step) / "params")
-            tree = getattr(meta, "tree", meta)
+            tree = _params_metadata(checkpoint_dir(workdir) / str(step))
             here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
             r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
