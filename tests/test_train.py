@@ -1059,6 +1059,62 @@ def test_exit_on_user_error_holds_back_reports_of_ignored_exceptions(outcome):
             assert r.stderr.index("Event loop is closed") < r.stderr.index("ValueError: checkpoint")
 
 
+def _sharded_smoke(**changes):
+    import ml_collections
+
+    from configs import bbc_news_sharded
+
+    config = smoke.get_config()
+    config.sharding = ml_collections.ConfigDict(bbc_news_sharded.get_config().sharding)
+    config.sharding.mesh_shape = (1, 1)
+    config.optim.sparse_embedding = False
+    for key, value in changes.items():
+        group, leaf = key.split("__")
+        config[group][leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"sharding__mesh_shape": "devices"}, r"config\.sharding\.mesh_shape=\(N, 1\) needs N devices, "
+     r"jax sees M\. On CPU simulate them: XLA_FLAGS=--xla_force_host_platform_device_count=N"),
+    ({"optim__sparse_embedding": True}, r"config\.sharding needs config\.optim\.sparse_embedding="
+     r"False: .* Pass --config\.optim\.sparse_embedding=false\."),
+    ({"sharding__axis_names": ("data",)}, r"config\.sharding\.axis_names must name each axis of "
+     r"mesh_shape=\(1, 1\); got \('data',\)\."),
+    ({"sharding__row_axis": "rows"}, r"config\.sharding\.row_axis must be one of \('data', 'model'\) "
+     r".*got 'rows'\. Pass --config\.sharding\.row_axis=model\."),
+    ({"sharding__batch_axis": "batch"}, r"config\.sharding\.batch_axis must be one of \('data', "
+     r"'model', ''\) .*got 'batch'"),
+    ({"sharding__mesh_shape": (2, 0)}, r"config\.sharding\.mesh_shape must be a tuple of positive "
+     r"ints \(devices per mesh axis\); got \(2, 0\)"),
+], ids=["too_few_devices", "sparse_table", "axis_names", "row_axis", "batch_axis", "empty_axis"])
+def test_a_sharding_config_that_cannot_run_is_refused_before_any_file(tmp_path, changes, says):
+    """A mesh needing more devices than jax sees was a RuntimeError traceback from the entry
+    point, and it and the sparse-table check came after config.json, split.json and vocab.json
+    were written; bad axis names failed inside jax."""
+    have = len(jax.devices())
+    if changes.get("sharding__mesh_shape") == "devices":
+        changes = {"sharding__mesh_shape": (have + 1, 1)}
+        says = says.replace("N", str(have + 1)).replace("M", str(have))
+    with pytest.raises(ValueError, match=says):
+        train_and_evaluate(_sharded_smoke(**changes), tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.slow
+def test_the_sharded_config_in_a_one_device_process_is_one_error_line(tmp_path):
+    """``experiments.train --config configs/bbc_news_sharded.py`` without simulated devices
+    ended in a RuntimeError traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                        "configs/bbc_news_sharded.py", "--workdir", str(tmp_path / "wd")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"^error: config\.sharding\.mesh_shape=\(2, 4\) needs 8 devices, jax sees 1\.",
+                     r.stderr, re.M), r.stderr
+    assert not (tmp_path / "wd").exists()
+
+
 def test_entry_point_asks_for_deterministic_gpu_ops(tmp_path):
     """On a GPU a resumed run ended with other parameters than an uninterrupted one (XLA's
     scatter-adds use atomics): ``python -m experiments.train`` adds XLA's deterministic-ops flag

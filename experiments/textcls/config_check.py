@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 import jaxbag
+from experiments.textcls import sharded
 from experiments.textcls.optim import OPTIMIZERS, SCHEDULES
 from experiments.textcls.tokenizer import TERM_WEIGHTS
 
@@ -254,6 +255,16 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
     if _is_int(k) and k >= 2:
         check(_is_int(i) and 0 <= i < k, "data.validation_fold", i, f"in [0, {k})", "0")
     count("data.validation_repeat", data["validation_repeat"], 0)
+    sharding = config.get("sharding")
+    if sharding is not None and sharding.get("mesh_shape"):  # (checked here: before any file)
+        if optim["sparse_embedding"]:
+            problems.append(
+                f"config.{prefix}sharding needs config.{prefix}optim.sparse_embedding=False: the "
+                "sharded classifier trains its row-sharded table with the dense optimizer. Pass "
+                f"--config.{prefix}optim.sparse_embedding=false.")
+        mesh = sharded.mesh_problem(sharding, key=f"config.{prefix}sharding")
+        if mesh is not None:
+            problems.append(mesh)
     return problems
 
 

@@ -94,18 +94,37 @@ class ShardedEmbeddingBag(nnx.Module):
         )
 
 
+def mesh_problem(sharding_config: Any, key: str = "config.sharding") -> str | None:
+    """Why ``sharding_config``'s mesh cannot be built in this process (``None``: it can);
+    ``key`` is where that config is (a study's ``config.base.sharding``)."""
+    shape, names = tuple(sharding_config.mesh_shape), tuple(sharding_config.axis_names)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape):
+        return (f"{key}.mesh_shape must be a tuple of positive ints (devices per mesh axis); got "
+                f"{shape!r}. Pass --{key}.mesh_shape=\"(2, 4)\".")
+    if len(names) != len(shape):
+        return (f"{key}.axis_names must name each axis of mesh_shape={shape}; got {names!r}. "
+                f"Pass --{key}.axis_names=\"('data', 'model')\" (one name per axis).")
+    for field, allowed in (("row_axis", names), ("batch_axis", names + ("",))):
+        if sharding_config[field] not in allowed:
+            return (f"{key}.{field} must be one of {allowed!r} (config.sharding.axis_names"
+                    f"{' or empty' if field == 'batch_axis' else ''}); got "
+                    f"{sharding_config[field]!r}. Pass --{key}.{field}={names[-1]}.")
+    need, have = math.prod(shape), len(jax.devices())
+    if have < need:
+        return (f"{key}.mesh_shape={shape} needs {need} devices, jax sees {have}. On CPU "
+                f"simulate them: XLA_FLAGS=--xla_force_host_platform_device_count={need} (set "
+                "before jax starts), or run python -m experiments.textcls.sharded.")
+    return None
+
+
 def make_mesh(sharding_config: Any) -> Mesh:
-    """The ``(data, model)`` mesh of ``config.sharding`` (Auto axes: jit propagates shardings)."""
+    """The ``(data, model)`` mesh of ``config.sharding`` (Auto axes: jit propagates shardings);
+    ``ValueError`` with :func:`mesh_problem`'s message if it cannot be built here."""
+    problem = mesh_problem(sharding_config)
+    if problem is not None:
+        raise ValueError(problem)
     shape = tuple(int(x) for x in sharding_config.mesh_shape)
     names = tuple(sharding_config.axis_names)
-    need = math.prod(shape)
-    have = len(jax.devices())
-    if have < need:
-        raise RuntimeError(
-            f"config.sharding.mesh_shape={shape} needs {need} devices, jax sees {have}. On CPU "
-            f"simulate them: XLA_FLAGS=--xla_force_host_platform_device_count={need} (set before "
-            "jax starts), or run python -m experiments.textcls.sharded."
-        )
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
 
 
@@ -117,15 +136,10 @@ def maybe_shard(model: FastText, config: Any) -> FastText:
     of the row-axis size), and every other parameter is replicated over the mesh. The model keeps
     its call signature, so the train and eval steps are unchanged.
     """
-    sc = _sharding_config(config)
+    sc = mesh_config(config)
     if sc is None:
         return model
-    if config.optim.sparse_embedding:
-        raise ValueError(
-            "config.sharding needs config.optim.sparse_embedding=False: the sharded classifier "
-            "trains its row-sharded table with the dense optimizer."
-        )
-    mesh = make_mesh(sc)
+    mesh = make_mesh(sc)  # (config.optim.sparse_embedding=False: checked with the config's values)
     embed = model.embed
     settings = embed.settings  # jaxbag.nnx.EmbeddingBag's options
     if settings.max_norm is not None or settings.scale_grad_by_freq:
@@ -143,7 +157,8 @@ def maybe_shard(model: FastText, config: Any) -> FastText:
     return model
 
 
-def _sharding_config(config: Any) -> Any:
+def mesh_config(config: Any) -> Any:
+    """``config.sharding`` when it asks for a mesh (a ``mesh_shape``), else ``None``."""
     sc = config.get("sharding") if hasattr(config, "get") else None
     return sc if sc is not None and sc.get("mesh_shape") else None
 
@@ -166,7 +181,7 @@ def replicate(tree: Any, config: Any) -> Any:
     sums) replicated over the mesh; passing fresh ones placed the same way keeps jit from
     compiling the step again for the first step and for each epoch's fresh metric sums.
     """
-    sc = _sharding_config(config)
+    sc = mesh_config(config)
     return tree if sc is None else _replicate_on(make_mesh(sc), tree)
 
 
@@ -183,7 +198,7 @@ def one_step_in_flight(config: Any) -> bool:
     with one step in flight, 1 of 112 (cause not found). GPU and TPU run each device's steps
     in order on its own stream and keep asynchronous dispatch.
     """
-    return _sharding_config(config) is not None and jax.default_backend() == "cpu"
+    return mesh_config(config) is not None and jax.default_backend() == "cpu"
 
 
 def main() -> None:
