@@ -681,6 +681,30 @@ def test_entry_point_overrides_and_unknown_keys(tmp_path):
     # a config file that does not exist: an error (it printed an internal object, exit 0)
     missing = _run_entry_point("--config", "configs/nope.py", "--print_config")
     assert missing.returncode != 0 and "config file not found: configs/nope.py" in missing.stderr
+    # an argument get_config() does not take: a TypeError traceback
+    extra = _run_entry_point("--config", "configs/smoke.py:foo", "--print_config")
+    assert extra.returncode == 1 and "Traceback" not in extra.stderr, extra.stderr
+    assert "get_config() of configs/smoke.py takes no argument" in extra.stderr, extra.stderr
+
+
+def test_config_specs_that_are_not_config_files_say_so(tmp_path, monkeypatch):
+    """``--config configs/__init__.py`` (no get_config) and ``--config configs/smoke.py:foo``
+    (an argument get_config does not take) were AttributeError / TypeError tracebacks."""
+    monkeypatch.chdir(REPO)  # (relative specs, as on the command line)
+    takes_arg = tmp_path / "takes_arg.py"
+    takes_arg.write_text("import ml_collections\n\ndef get_config(size):\n"
+                         "    return ml_collections.ConfigDict({'size': size})\n")
+    assert config_check.load_config_file(f"{takes_arg}:big").size == "big"
+    for spec, says in (("configs/__init__.py", "configs/__init__.py has no get_config(): it is not "
+                        "a config file"),
+                       ("configs/smoke.py:foo", "get_config() of configs/smoke.py takes no "
+                        "argument: pass configs/smoke.py without ':foo'"),
+                       (str(takes_arg), f"get_config() of {takes_arg} needs an argument: pass "
+                        f"{takes_arg}:ARG")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            config_check.load_config_file(spec)
+        assert config_check.unknown_override_errors(["train", "--config", spec]) == [
+            f"{says} (from --config {spec}); the configs are in configs/*.py"]
 
 
 def test_count_weighted_bags_give_the_same_logits_as_raw_bags():

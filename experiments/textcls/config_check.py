@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,7 +51,18 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(f"{p} has no get_config(): it is not a config file")
+    args = () if arg is None else (arg,)
+    try:
+        inspect.signature(get_config).bind(*args)
+    except TypeError:
+        raise ValueError(
+            f"get_config() of {p} needs an argument: pass {p}:ARG" if arg is None else
+            f"get_config() of {p} takes no argument: pass {p} without ':{arg}'"
+        ) from None
+    return get_config(*args)
 
 
 def _long(arg: str) -> str:
@@ -120,7 +132,7 @@ def unknown_override_errors(argv: Sequence[str], flag: str = "config") -> list[s
         return []
     try:
         config = load_config_file(spec)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         return [f"{e} (from --{flag} {spec}); the configs are in configs/*.py"]
     overrides = override_keys(argv, flag)
     messages = [unknown_key_message(config, key, arg) for key, arg in overrides]
