@@ -97,7 +97,9 @@ def main(argv: list[str]) -> None:
     logs.quiet_orbax()
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir runs/bbc_news")
-    texts = argv[1:] or [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    # every stdin line gets its result, blank ones too (an empty bag), so that the outputs
+    # line up with the inputs
+    texts = argv[1:] or [line.rstrip("\r\n") for line in sys.stdin]
     if not texts:
         raise app.UsageError('give texts as arguments (or on stdin, one per line): "some text"')
     predictor = logs.exit_on_user_error(Predictor, _WORKDIR.value)

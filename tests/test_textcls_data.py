@@ -147,6 +147,9 @@ def test_ag_news_csv_loader(tmp_path):
         # an unclosed quote: without strict parsing it swallowed the two lines after it
         ('"1","a","b\n2,c,d\n3,e,f\n', r"bad\.csv:1: malformed CSV .* read up to line 3\)"),
         ('"1","a","b"\n"2","he said "hi"","c"\n', r"bad\.csv:2: malformed CSV"),  # was he said hi"
+        # a space after a closing quote: the hint spoke of quotes inside a field only
+        ('"1","a","b" \n', r"bad\.csv:1: malformed CSV .*nothing may follow a field's closing quote "
+         r"but a comma or the line end"),
         ('"1","a","b"\n"1_0","a","b"\n', r"bad\.csv:2: class index must be an integer"),  # int(): 10
         ('"+2","a","b"\n', r"bad\.csv:1: class index must be an integer"),
         ('"\u0661","a","b"\n', r"bad\.csv:1: class index must be an integer"),  # Arabic-Indic 1
@@ -347,16 +350,22 @@ def test_tfidf_baseline_lists_the_articles_it_gets_wrong(capsys):
         assert arrow == "->" and predicted != label
 
 
-def test_tfidf_baseline_refuses_empty_seeds():
-    """--seeds '' died in statistics.mean (StatisticsError); now a usage error."""
+@pytest.mark.parametrize("args, says", [
+    (("--seeds", ""), "--seeds is empty"),  # it died in statistics.mean (StatisticsError)
+    (("--seeds", "0,x"), "--seeds must be ints (split seeds), e.g. --seeds 0,1,2; got 0,x"),
+    (("--test_fraction", "1.5"), "--test_fraction must be in (0, 1), e.g. 0.2; got 1.5"),
+])
+def test_tfidf_baseline_refuses_bad_flags_without_a_traceback(args, says):
+    """--seeds x and --test_fraction 1.5 were ValueError tracebacks."""
     import subprocess
     import sys
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-m", "experiments.textcls.tfidf_baseline", "--seeds", ""],
+    out = subprocess.run([sys.executable, "-m", "experiments.textcls.tfidf_baseline", *args],
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                          timeout=120, check=False)
-    assert out.returncode != 0 and "--seeds is empty" in out.stderr + out.stdout
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert says in out.stderr + out.stdout
 
 
 def test_idf_weights_follow_the_training_documents():

@@ -120,11 +120,13 @@ def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
     assert predictor.predict([""])[0]["label"] in predictor.class_names  # empty text: empty bag
     # texts on stdin, CRLF line ends: the '\r' is not part of the text
     out = subprocess.run([sys.executable, "-m", "experiments.predict", "--workdir", str(workdir),
-                          "--json"], input="shares fell\r\nthe match\r\n", cwd=REPO,
+                          "--json"], input="shares fell\r\n\r\nthe match\r\n", cwd=REPO,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     got = [json.loads(line) for line in out.splitlines()]
-    assert [r["text"] for r in got] == ["shares fell", "the match"]
-    assert [r["label"] for r in got] == [r["label"] for r in predictor.predict(["shares fell", "the match"])]
+    # one result per line, the blank one too (it was dropped: results no longer lined up)
+    texts = ["shares fell", "", "the match"]
+    assert [r["text"] for r in got] == texts
+    assert [r["label"] for r in got] == [r["label"] for r in predictor.predict(texts)]
 
 
 def _predict_cli(workdir: Path) -> subprocess.CompletedProcess:

@@ -220,7 +220,8 @@ def load_ag_news_csv(
         except csv.Error as e:  # ``start``: the line the broken record starts on
             raise DataError(
                 f"{p}:{start}: malformed CSV (the record starting on this line, read up to line "
-                f"{reader.line_num}): {e}; a quote inside a quoted field is written \"\""
+                f"{reader.line_num}): {e}; a quote inside a quoted field is written \"\", and "
+                "nothing may follow a field's closing quote but a comma or the line end"
             ) from None
     if not texts:
         raise DataError(f"{p}: no rows")
