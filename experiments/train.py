@@ -37,7 +37,7 @@ from experiments.textcls.metrics import (
 )
 
 from experiments.textcls.model import build_model
-from experiments.textcls.optim import make_optimizer, make_sparse_optimizer
+from experiments.textcls.optim import make_optimizer, make_sparse_optimizer, sparse_table_notes
 from experiments.textcls.steps import make_steps, split_model
 from experiments.textcls.tokenizer import Featurizer
 
@@ -125,6 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch = num_batches(len(train_ds), batch_size)
     total_steps = tc.num_epochs * steps_per_epoch
     compilations = {"train_step": 0, "eval_step": 0}  # traces = compilations
+    for note in sparse_table_notes(config.optim):
+        logging.warning(note)
     steps = make_steps(
         model, make_optimizer(config.optim, total_steps=total_steps),
         num_classes=num_classes, label_smoothing=tc.label_smoothing,

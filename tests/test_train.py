@@ -477,6 +477,59 @@ def test_a_run_compiles_its_steps_at_most_max_buckets_times(tmp_path, max_bucket
     assert summary["compilations"]["eval_step"] == min(max_buckets, 4)  # 4 test documents
 
 
+@pytest.mark.parametrize("data_name, key, value, allowed, fix", [
+    ("jsonl", "data.max_per_class", 40, "0 with data.name='jsonl' (it subsamples BBC News only)",
+     "0"),
+    ("ag_news_csv", "data.test_fraction", 0.1, "0.2 (its default) with data.name='ag_news_csv' "
+     "(data.test_path is the test split)", "0.2"),
+    ("bbc_news", "data.num_classes", 4, "0 with data.name='bbc_news' (its classes are its "
+     "directories)", "0"),
+    ("bbc_news", "data.class_names", ("a", "b"), "() with data.name='bbc_news' (its classes are "
+     "its directories)", '"()"'),
+    ("bbc_news", "optim.weight_decay", 0.1, "0.0 with optim.name='adam' (only adamw decays the "
+     "weights)", "0.0, or --config.optim.name=adamw"),
+])
+def test_values_another_setting_would_ignore_are_refused(tmp_path, data_name, key, value, allowed,
+                                                          fix):
+    """``--config.data.max_per_class`` on your own files, or ``--config.optim.weight_decay``
+    with adam, were accepted and silently ignored."""
+    config = _jsonl_config(tmp_path) if data_name != "bbc_news" else smoke.get_config()
+    config.data.name = data_name
+    config.optim.name = "adam"
+    section, _, field = key.rpartition(".")
+    config[section][field] = value
+    with pytest.raises(ValueError, match=rf"config\.{re.escape(key)} must be {re.escape(allowed)}; "
+                       rf"got {re.escape(repr(value))}\. Pass --config\.{re.escape(key)}="
+                       rf"{re.escape(fix)}\."):
+        train_and_evaluate(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    config[section][field] = smoke.get_config()[section][field] if data_name == "bbc_news" else (
+        _jsonl_config(tmp_path)[section][field])
+    assert config_check.value_problems(config) == []  # (the change alone was refused)
+
+
+def test_settings_that_reach_the_dense_head_only_say_so():
+    """With the sparse table (the default), sgd's momentum and adamw's weight decay move the
+    head only: the run's log says so, and how to train the table with them too."""
+    from experiments.textcls.optim import sparse_table_notes
+
+    def notes(**changes):
+        optim = smoke.get_config().optim
+        optim.update(changes)
+        return sparse_table_notes(optim)
+
+    assert notes() == [] and notes(name="sgd", momentum=0.0) == []
+    assert notes(name="sgd", sparse_embedding=False) == []
+    assert notes(name="adamw", weight_decay=0.1, sparse_embedding=False) == []
+    assert notes(name="sgd") == [
+        "optim.momentum=0.9 moves the dense head only: the sparse embedding table takes plain SGD "
+        "(jaxbag.sparse_sgd). --config.optim.sparse_embedding=false trains the table with it too."]
+    assert notes(name="adamw", weight_decay=0.1) == [
+        "optim.weight_decay=0.1 decays the dense head only: the sparse embedding table takes lazy "
+        "Adam without decay (jaxbag.sparse_adam, as torch's SparseAdam). "
+        "--config.optim.sparse_embedding=false trains the table with it too."]
+
+
 def test_user_file_configs_name_their_flag_before_anything_runs(tmp_path):
     """num_classes=0, a class_names/num_classes mismatch and the ag_news_csv default paths gave
     the loader's messages (num_classes must be >= 1, CSV file not found) without the flag."""

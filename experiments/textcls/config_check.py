@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 
 import jaxbag
+from configs import bbc_news
 from experiments.textcls import sharded
 from experiments.textcls.optim import OPTIMIZERS, SCHEDULES
 from experiments.textcls.tokenizer import TERM_WEIGHTS
@@ -145,6 +146,8 @@ def unknown_override_errors(argv: Sequence[str], flag: str = "config") -> list[s
 # messages would name its arguments (mode=..., jaxbag.bucket_size(...)) instead.
 
 DATA_NAMES = ("bbc_news", "ag_news_csv", "jsonl")
+# configs/bbc_news.py's, which the other datasets leave as it is
+DEFAULT_TEST_FRACTION = float(bbc_news.get_config().data.test_fraction)
 
 
 def _is_int(value: Any) -> bool:
@@ -210,6 +213,10 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
     number("optim.learning_rate", optim["learning_rate"], 0, low_open=True, fix="0.01")
     count("optim.warmup_steps", optim["warmup_steps"], 0)
     number("optim.weight_decay", optim["weight_decay"], 0, fix="0.0")
+    if _is_number(optim["weight_decay"]) and optim["weight_decay"] > 0:  # (else ignored)
+        check(optim["name"] == "adamw", "optim.weight_decay", optim["weight_decay"],
+              f"0.0 with optim.name={optim['name']!r} (only adamw decays the weights)",
+              "0.0, or --config.optim.name=adamw")
     number("optim.grad_clip", optim["grad_clip"], 0, fix="0.0 (off) or a norm > 0")
     for key, fix in (("b1", "0.9"), ("b2", "0.999"), ("momentum", "0.9")):
         number(f"optim.{key}", optim[key], 0, 1, fix=fix)
@@ -241,7 +248,18 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
         check(_is_number(frac) and 0 < frac < 1, "data.test_fraction", frac,
               "a number in (0, 1) (the share of each class held out for test)", "0.2")
         count("data.max_per_class", data["max_per_class"], 0)
+        # (fields of the other datasets, which would be silently ignored)
+        check(not data["class_names"], "data.class_names", data["class_names"],
+              "() with data.name='bbc_news' (its classes are its directories)", "\"()\"")
+        check(data["num_classes"] == 0, "data.num_classes", data["num_classes"],
+              "0 with data.name='bbc_news' (its classes are its directories)", "0")
     elif name in DATA_NAMES:  # files you supply
+        # (BBC News' fields, which would be silently ignored: the files are the split)
+        check(data["max_per_class"] == 0, "data.max_per_class", data["max_per_class"],
+              f"0 with data.name={name!r} (it subsamples BBC News only)", "0")
+        check(data["test_fraction"] == DEFAULT_TEST_FRACTION, "data.test_fraction",
+              data["test_fraction"], f"{DEFAULT_TEST_FRACTION} (its default) with data.name="
+              f"{name!r} (data.test_path is the test split)", str(DEFAULT_TEST_FRACTION))
         num, names = data["num_classes"], tuple(data["class_names"])
         if len(names) == 1 and "," in str(names[0]):  # --config.data.class_names=a,b: ('a,b',)
             split = [p.strip() for n in names for p in str(n).split(",")]

@@ -86,3 +86,20 @@ def make_sparse_optimizer(optim_config: Mapping[str, Any], total_steps: int) -> 
     raise ValueError(
         f"config.optim.name must be 'adamw', 'adam', 'adagrad' or 'sgd', got {name!r}"
     )
+
+
+def sparse_table_notes(optim_config: Mapping[str, Any]) -> list[str]:
+    """What of ``config.optim`` reaches the dense head only when the table is sparse
+    (``optim.sparse_embedding``): one line each, for the run's log."""
+    if not optim_config["sparse_embedding"]:
+        return []
+    name, notes = str(optim_config["name"]), []
+    off = "--config.optim.sparse_embedding=false trains the table with it too."
+    if name == "sgd" and float(optim_config["momentum"]) > 0:
+        notes.append(f"optim.momentum={optim_config['momentum']} moves the dense head only: the "
+                     f"sparse embedding table takes plain SGD (jaxbag.sparse_sgd). {off}")
+    if name == "adamw" and float(optim_config["weight_decay"]) > 0:
+        notes.append(f"optim.weight_decay={optim_config['weight_decay']} decays the dense head "
+                     "only: the sparse embedding table takes lazy Adam without decay "
+                     f"(jaxbag.sparse_adam, as torch's SparseAdam). {off}")
+    return notes
