@@ -646,6 +646,37 @@ def test_split_json_records_the_bbc_root_portably_and_names_what_differs(tmp_pat
         artifacts.check_or_write_split(tmp_path, other, resuming=True)
 
 
+def test_data_files_moved_between_a_kill_and_the_resume_still_resume(tmp_path):
+    """split.json and config.json held the data files' paths, and both were compared on resume:
+    the same bytes at another path were refused as "a different train/test split"."""
+    (tmp_path / "a").mkdir()
+    config = _jsonl_config(tmp_path / "a")
+    config.train.num_epochs = 2
+    whole = train_and_evaluate(config, tmp_path / "whole")
+    config.train.stop_after_epochs = 1
+    train_and_evaluate(config, tmp_path / "w")
+    before = (tmp_path / "a" / "train.jsonl").read_bytes()
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = _jsonl_config(tmp_path / "b")  # the same bytes, written again where they now are
+    moved.train.num_epochs = 2
+    assert (tmp_path / "b" / "train.jsonl").read_bytes() == before
+    resumed = train_and_evaluate(moved, tmp_path / "w")
+    assert resumed["resumed_from_epoch"] == 1
+    assert (resumed["test_loss"], resumed["test_accuracy"]) == (whole["test_loss"],
+                                                                whole["test_accuracy"])
+    split = json.loads((tmp_path / "w" / artifacts.SPLIT).read_text())
+    assert split["train_path"] == str((tmp_path / "b" / "train.jsonl").resolve())
+    assert json.loads((tmp_path / "w" / artifacts.CONFIG).read_text())["data"]["test_path"] == (
+        str(tmp_path / "b" / "test.jsonl"))
+    # moved and changed: the bytes decide
+    (tmp_path / "c").mkdir()
+    other = _jsonl_config(tmp_path / "c", train_rows=10)
+    other.train.num_epochs = 2
+    with pytest.raises(ValueError, match=r"records a different train/test split than the data now "
+                       r"loaded \(num_train: 8 in split\.json -> 10 now; train_sha256: "):
+        train_and_evaluate(other, tmp_path / "w")
+
+
 @pytest.mark.parametrize("which", ["train", "test"])
 def test_resume_refuses_a_data_file_edited_in_place(tmp_path, which):
     """split.json recorded a CSV / JSON-lines file's path and example count only: a file edited
@@ -930,10 +961,11 @@ def test_resume_with_dropout_continues_the_step_count(tmp_path, monkeypatch):
 
 
 def test_every_field_but_the_documented_ones_is_checked_on_resume(tmp_path):
-    """README: only stop_after_epochs, max_checkpoints, progress_bar, log_every_steps, plot and
-    eval_batch_size may change when a run resumes."""
+    """README: only stop_after_epochs, max_checkpoints, progress_bar, log_every_steps, plot,
+    eval_batch_size and the data files' paths may change when a run resumes."""
     may_change = {"train.stop_after_epochs", "train.max_checkpoints", "train.progress_bar",
-                  "train.log_every_steps", "train.plot", "train.eval_batch_size"}
+                  "train.log_every_steps", "train.plot", "train.eval_batch_size",
+                  "data.train_path", "data.test_path"}  # (files: split.json checks their bytes)
     config = smoke.get_config()
     artifacts.check_resume_config(tmp_path, config, resuming=False)
     for name in (artifacts.SPLIT, artifacts.VOCAB):  # (their absence is refused on resume)

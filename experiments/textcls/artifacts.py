@@ -26,6 +26,10 @@ PLOT = "curves.png"
 # sharding) must equal the workdir's config.json, or the run would mix two trainings.
 RESUMABLE = ("train.stop_after_epochs", "train.max_checkpoints", "train.progress_bar",
              "train.log_every_steps", "train.plot", "train.eval_batch_size")
+# Where your data files are may change too (moved or copied): ``split.json`` records their
+# SHA-256, and a resume with other bytes is refused by :func:`check_or_write_split`.
+MOVABLE = ("data.train_path", "data.test_path")
+_SPLIT_PATHS = ("train_path", "test_path")  # (their fields in split.json)
 
 def write_json(path: Path, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically (temp file + rename)."""
@@ -92,7 +96,8 @@ def check_resume_config(workdir: Path, config: ml_collections.ConfigDict, *, res
         )
     if resuming:
         old, cur = _flatten(read_json(path)), _flatten(new)
-        diffs = [k for k in sorted(set(old) | set(cur)) if k not in RESUMABLE and old.get(k) != cur.get(k)]
+        diffs = [k for k in sorted(set(old) | set(cur))
+                 if k not in RESUMABLE + MOVABLE and old.get(k) != cur.get(k)]
         if diffs:
             shown = "; ".join(
                 f"{k}: {old.get(k, '(absent)')!r} -> {cur.get(k, '(absent)')!r}" for k in diffs[:6]
@@ -100,8 +105,9 @@ def check_resume_config(workdir: Path, config: ml_collections.ConfigDict, *, res
             more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
             raise ValueError(
                 f"{workdir} holds a run made with a different config ({shown}{more}, against "
-                f"{path}); resuming would mix two trainings. Only {', '.join(RESUMABLE)} may change "
-                "on resume. Use a new --workdir, or the same config."
+                f"{path}); resuming would mix two trainings. Only {', '.join(RESUMABLE)} (and "
+                f"{' / '.join(MOVABLE)}, to files of the same bytes) may change on resume. Use a "
+                "new --workdir, or the same config."
             )
     write_json(path, new)
 
@@ -125,11 +131,13 @@ def _shown(value: Any) -> str:
 def check_or_write_split(workdir: Path, record: Mapping[str, Any], *, resuming: bool) -> None:
     """Writes ``split.json``, or, when ``resuming``, checks that the existing one records the
     same split (naming each field that differs; :func:`check_resume_config` has made sure
-    that it is there)."""
+    that it is there). Your data files may have moved: their SHA-256 decides, and the record
+    then gets their new paths."""
     path = workdir / SPLIT
     if resuming:
         old, new = _portable_split(read_json(path)), _portable_split(record)
-        diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diffs = [k for k in sorted(set(old) | set(new))
+                 if k not in _SPLIT_PATHS and old.get(k) != new.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: {_shown(old.get(k, '(absent)'))} in {SPLIT} -> "
                               f"{_shown(new.get(k, '(absent)'))} now" for k in diffs)
@@ -137,7 +145,8 @@ def check_or_write_split(workdir: Path, record: Mapping[str, Any], *, resuming: 
                 f"{path} records a different train/test split than the data now loaded ({shown}); "
                 "resuming would train on another split. Use a new --workdir, or the same data."
             )
-        return
+        if all(old.get(k) == new.get(k) for k in _SPLIT_PATHS):
+            return
     write_json(path, dict(record))
 
 
