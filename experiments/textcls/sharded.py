@@ -106,7 +106,7 @@ def mesh_problem(sharding_config: Any, key: str = "config.sharding") -> str | No
                 f"Pass --{key}.axis_names=\"('data', 'model')\" (one name per axis).")
     for field, allowed in (("row_axis", names), ("batch_axis", names + ("",))):
         if sharding_config[field] not in allowed:
-            return (f"{key}.{field} must be one of {allowed!r} (config.sharding.axis_names"
+            return (f"{key}.{field} must be one of {allowed!r} ({key}.axis_names"
                     f"{' or empty' if field == 'batch_axis' else ''}); got "
                     f"{sharding_config[field]!r}. Pass --{key}.{field}={names[-1]}.")
     need, have = math.prod(shape), len(jax.devices())

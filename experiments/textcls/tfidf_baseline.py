@@ -33,7 +33,8 @@ _SHOW_ERRORS: Any = None
 def tfidf_svc_predictions(train: TextDataset, evaluation: TextDataset) -> np.ndarray:
     """Labels ``[len(evaluation)]`` predicted by ``TfidfVectorizer(sublinear_tf=True)`` +
     ``LinearSVC(random_state=0)`` fitted on ``train`` (its dual solver draws coordinates at
-    random: unseeded, two fits of the same split differed by up to 5e-6 in the weights)."""
+    random: unseeded, fits of the same split under other NumPy global seeds differed by up to
+    5e-6 in the weights)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
 
