@@ -257,6 +257,41 @@ def test_planned_layout_on_one_device_equals_the_plain_path(axis_type, set_mesh,
         np.testing.assert_allclose(got[name], table, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("axis_type, batch_axis", [
+    (AxisType.Auto, "data"), (AxisType.Explicit, "data"), (AxisType.Auto, None)])
+@pytest.mark.parametrize("empty", ["cat", "query"])  # a replicated group, a row-wise one
+def test_a_planned_group_without_ids_this_batch_takes_a_sparse_step(axis_type, batch_axis, empty):
+    """Features sized to the batch (``capacity=lambda n: n``) with a group empty for the whole
+    batch: its capacity 0 made the planned sparse pullback raise ("unexpected JAX type ... for
+    argument to VJP function"), eagerly and under jit, while the forward pass and the plain
+    layout worked. Now the empty group's rows stay put and the others equal the plain path."""
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(axis_type,) * 2)
+    plan = jaxbag.sharding.plan_sharding(
+        TABLES, mesh, axis_name="model", batch_axis=batch_axis,
+        overrides={"item": "row", "user": "table", "cat": "replicated", "query": "row"})
+    planned = jaxbag.collection_layout(TABLES, plan=plan)
+    plain = jaxbag.collection_layout(TABLES, stack=False)
+    rng = np.random.default_rng(5)
+    lists = {f: [list(rng.integers(0, v, 1 + i % 3)) if f != empty else [] for i in range(4)]
+             for f, v in VOCAB.items()}
+    jf = jaxbag.JaggedFeatures.from_lists(lists, capacity=lambda n: n)
+    assert jf.capacities[list(jf.keys).index(empty)] == 0
+    with jax.set_mesh(mesh):
+        params = jaxbag.init_collection(planned, jax.random.key(0))
+        tables = jaxbag.unpack_tables(planned, params)
+        for layout, p in ((planned, params), (plain, tables)):
+            opt, step = _sin_step(jaxbag.sparse_sgd(0.5), layout)
+            stepped, _, _ = step(p, opt.init(p), jf)
+            if layout is planned:
+                got = jaxbag.unpack_tables(planned, stepped)
+            else:
+                want = stepped
+    for name, table in tables.items():
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+        moved = not np.array_equal(np.asarray(got[name]), np.asarray(table))
+        assert moved == (name != empty), name
+
+
 # -- optimizer states across layouts (pack_states / unpack_states) -----------------------------
 
 

@@ -854,8 +854,13 @@ def local_row_grads(
             owned=owned,
         )
 
-    out, vjp = jax.vjp(bag, compact)
-    (grads,) = vjp(g.astype(out.dtype))
+    if indices.shape[0] == 0 or num_bags == 0:
+        # (no ids: the bags are constant zeros, which vary over no axis while ``g`` varies over
+        # the batch axes, so the vjp would refuse the cotangent)
+        grads = jnp.zeros_like(compact)
+    else:
+        out, vjp = jax.vjp(bag, compact)
+        (grads,) = vjp(g.astype(out.dtype))
     # With batch_axis (or replicated ids), ``compact`` is the same on every replica of the batch
     # and the bags are not, so the transpose already sums the replicas' row gradients (an
     # all-reduce of [U, D] over batch_axis): every replica holds the whole batch's gradient.
