@@ -933,3 +933,39 @@ def test_pack_tables_casts_each_array_to_its_tables_dtype():
     assert params["t"].dtype == jnp.bfloat16
     out = jaxbag.embedding_bag_collection(params, JF.from_lists({"x": [[1, 2]]}), layout=layout)
     assert out["x"].dtype == jnp.bfloat16 and out["x"].tolist() == [[6.0, 8.0]]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_eager_gradients_under_an_explicit_context_mesh_stay_on_it(jit):
+    """Under ``jax.set_mesh`` with Explicit axes, an eager ``jax.grad`` of unplaced tables
+    came back on an Auto copy of the mesh (the next eager op on it raised "context mesh ...
+    should match the aval mesh"), and with a bfloat16 table ``jax.grad`` itself raised: the
+    lookup's gather resharded ids that only carried the context mesh in their type."""
+    import optax
+
+    mesh = jax.make_mesh((1, 1), ("data", "model"),
+                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    tables = [jaxbag.TableConfig("a", 8, 4, ("fa",)),
+              jaxbag.TableConfig("s", 8, 2, ("fs",), dtype=jnp.bfloat16, mode="max")]
+    layout = jaxbag.collection_layout(tables)
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    jf = jaxbag.JaggedFeatures.from_lists({"fa": [[1, 2], [3]], "fs": [[4], [5, 6]]})
+    head = jnp.arange(1.0, 7.0)
+
+    def loss(p):
+        x = jaxbag.embedding_bag_collection(p, jf, layout=layout, concat=True, dtype=jnp.float32)
+        return jnp.sum(x @ head)
+
+    want = jax.grad(loss)(params)  # no mesh
+    grad = jax.jit(jax.grad(loss)) if jit else jax.grad(loss)
+    with jax.set_mesh(mesh):
+        got = grad(params)
+        for name, g in got.items():
+            assert g.sharding.mesh.axis_types == mesh.axis_types, name
+            assert g.dtype == params[name].dtype, name
+        updates, _ = optax.sgd(0.1).update(got, optax.sgd(0.1).init(params))  # eager ops on it
+        jax.block_until_ready(optax.apply_updates(params, updates))
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name], np.float32),
+                                      np.asarray(want[name], np.float32))
+    assert float(np.abs(np.asarray(want["a"])).sum()) > 0

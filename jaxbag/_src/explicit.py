@@ -129,13 +129,18 @@ def gather(x: Any, *idx: Any) -> Any:
     leaves the output sharding unresolved: a sharding type error). Giving the gather its
     ``out_sharding`` resolves it, and ``vmap`` extends that over the batch axis: the indices'
     ``PartitionSpec``, then the unindexed dimensions of ``x`` as ``x`` splits them, over axes
-    the indices do not use. Off Explicit meshes (no mesh, Auto axes, inside ``auto_axes``) this
-    is the plain gather.
+    the indices do not use. Off Explicit meshes (no mesh, Auto axes, inside ``auto_axes``), and
+    for concrete indices that nothing splits, this is the plain gather.
     """
     ref = idx[0]
     sharding: Any = getattr(jax.typeof(ref), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or not explicit_axes(mesh):
+    # Concrete indices split over no axis only took the context mesh (jax.set_mesh) into their
+    # type, and cannot be rows of a vmapped batch: the plain gather (with out_sharding, an
+    # eager jax.grad of the table came back on an Auto copy of the mesh).
+    concrete = not any(isinstance(i, jax.core.Tracer) for i in idx)
+    if (mesh is None or mesh.empty or not explicit_axes(mesh)
+            or (concrete and split_mesh(x, *idx) is None)):
         return x.at[idx].get(mode="clip", wrap_negative_indices=False)
     shape = jax.numpy.broadcast_shapes(*(jax.numpy.shape(i) for i in idx))
     spec = tuple(sharding.spec) if jax.numpy.shape(ref) == shape else (None,) * len(shape)
