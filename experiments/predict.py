@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 import jaxbag
-from experiments.textcls import artifacts, checkpoint, logs
+from experiments.textcls import artifacts, checkpoint, logs, sharded
 from experiments.textcls.model import build_model
 from experiments.textcls.tokenizer import Featurizer
 
@@ -47,6 +47,9 @@ class Predictor:
             num_classes=len(self.class_names), seed=0,
         )
         graphdef, state = nnx.split(model)
+        table, rows = params["embed"]["embedding"], self.featurizer.num_embeddings
+        if table.shape[0] == sharded.saved_table_rows(config, rows) != rows:
+            params["embed"]["embedding"] = table[:rows]  # a sharded run's zero padding rows
         checkpoint.check_fits(checkpoint.checkpoint_dir(workdir) / str(self.epoch), params,
                               nnx.to_pure_dict(state))
         nnx.replace_by_pure_dict(state, params)

@@ -345,6 +345,24 @@ def test_update_rejects_mismatched_row_grads():
         opt.update(w, opt.init(w), sparse.RowGrads(jnp.array([0, 1]), jnp.zeros((2, 5))))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])  # (kernel / XLA on the CPU)
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_update_rejects_repeated_rows_eagerly(name, dtype):
+    """Two lookups' row gradients concatenated repeated row 1: float32 (the fused CPU kernel)
+    applied both gradients, bfloat16 (XLA's scatter) one of them, with no word. Out-of-range
+    rows (fill slots) may repeat."""
+    opt = {"sgd": sparse.sparse_sgd(1.0), "adagrad": sparse.sparse_adagrad(1.0),
+           "adam": sparse.sparse_adam(1.0)}[name]
+    w = jnp.zeros((4, 2), dtype)
+    rg = sparse.RowGrads(jnp.array([1, 3, 1], jnp.int32), jnp.ones((3, 2), jnp.float32))
+    with pytest.raises(ValueError, match=r"row_grads\.rows must be distinct; row 1 is at positions "
+                       r"\[0, 2\] .*Look the ids up in one embedding_bag_rows call"):
+        opt.update(w, opt.init(w), rg)
+    fill = sparse.RowGrads(jnp.array([1, 4, 4, -1, -1], jnp.int32), jnp.ones((5, 2), jnp.float32))
+    new, _ = opt.update(w, opt.init(w), fill)
+    assert np.flatnonzero(np.asarray(new, np.float32).any(axis=1)).tolist() == [1]
+
+
 def test_update_rejects_another_optimisers_state():
     """Another optimiser's state is a TypeError naming both states, not an AttributeError."""
     w = jnp.zeros((4, 3))

@@ -1212,6 +1212,20 @@ def test_a_sharding_config_that_cannot_run_is_refused_before_any_file(tmp_path, 
     assert not (tmp_path / "wd").exists()
 
 
+def test_predict_knows_the_rows_a_sharded_run_pads_its_table_to():
+    """A sharded run saves its table padded to a multiple of the row axis (10,073 rows as
+    10,076 on 4 devices): predict cuts the padding off, and refuses any other row count
+    (tests/_sharding_worker.py, case experiment, predicts on such a workdir)."""
+    from experiments.textcls import sharded
+
+    config = _sharded_smoke(sharding__mesh_shape=(2, 4))
+    assert sharded.saved_table_rows(config, 10073) == 10076
+    assert sharded.saved_table_rows(config, 10076) == 10076
+    config.sharding.row_axis = "data"
+    assert sharded.saved_table_rows(config, 10073) == 10074
+    assert sharded.saved_table_rows(smoke.get_config(), 10073) == 10073
+
+
 @pytest.mark.slow
 def test_the_sharded_config_in_a_one_device_process_is_one_error_line(tmp_path):
     """``experiments.train --config configs/bbc_news_sharded.py`` without simulated devices

@@ -157,6 +157,17 @@ def maybe_shard(model: FastText, config: Any) -> FastText:
     return model
 
 
+def saved_table_rows(config: Any, num_embeddings: int) -> int:
+    """The rows of the table a run of ``config`` saves: ``num_embeddings``, padded up to a
+    multiple of the row axis' devices when ``config.sharding`` asks for a mesh (as
+    :func:`maybe_shard` pads it)."""
+    sc = mesh_config(config)
+    if sc is None:
+        return num_embeddings
+    n = int(tuple(sc.mesh_shape)[tuple(sc.axis_names).index(sc.row_axis)])
+    return -(-num_embeddings // n) * n
+
+
 def mesh_config(config: Any) -> Any:
     """``config.sharding`` when it asks for a mesh (a ``mesh_shape``), else ``None``."""
     sc = config.get("sharding") if hasattr(config, "get") else None

@@ -107,7 +107,8 @@ class SparseOptimizer(NamedTuple, Generic[Params, Grads]):
       init: ``init(table [V, D]) -> state``, a pytree (a NamedTuple of arrays).
       update: ``update(table [V, D], state, row_grads: RowGrads) -> (table, state)``: updates only
         the rows in ``row_grads.rows`` (``rows`` must be distinct, as :func:`unique_rows` returns
-        them; rows outside ``[0, V)`` are skipped).
+        them: a repeated row is an error eagerly, and under ``jit`` whether its gradients are
+        summed or one of them wins depends on the path; rows outside ``[0, V)`` are skipped).
 
     jaxbag's own optimisers also take a table, state and row gradients split over Explicit mesh
     axes (their update runs as on an Auto mesh inside; the table and state keep their split),
@@ -647,6 +648,19 @@ def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: 
             f"row_grads must hold rows [U] and grads [U, D={table.shape[1]}]; got rows "
             f"{rows.shape} and grads {grads.shape}. Build it with embedding_bag_rows(...)'s pullback."
         )
+    if validation.is_concrete(rows):  # (under jit: the caller's promise, as documented)
+        r = np.asarray(rows)
+        r = r[(r >= 0) & (r < table.shape[0])]
+        uniq, counts = np.unique(r, return_counts=True)
+        if counts.size and counts.max() > 1:
+            row = int(uniq[np.argmax(counts > 1)])
+            at = np.flatnonzero(np.asarray(rows) == row).tolist()
+            raise ValueError(
+                f"row_grads.rows must be distinct; row {row} is at positions {at[:4]}"
+                f"{' ...' if len(at) > 4 else ''} (its gradients would not be summed on every "
+                "path). Look the ids up in one embedding_bag_rows call (its pullback gives each "
+                "row once), or sum the gradients of equal rows first."
+            )
 
 
 def _gather(x: Array, rows: Array) -> Array:
