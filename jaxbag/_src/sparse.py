@@ -649,12 +649,12 @@ def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: 
             f"{rows.shape} and grads {grads.shape}. Build it with embedding_bag_rows(...)'s pullback."
         )
     if validation.is_concrete(rows):  # (under jit: the caller's promise, as documented)
-        r = np.asarray(rows)
-        r = r[(r >= 0) & (r < table.shape[0])]
-        uniq, counts = np.unique(r, return_counts=True)
+        given = np.asarray(rows)
+        uniq, counts = np.unique(given[(given >= 0) & (given < table.shape[0])],
+                                 return_counts=True)
         if counts.size and counts.max() > 1:
             row = int(uniq[np.argmax(counts > 1)])
-            at = np.flatnonzero(np.asarray(rows) == row).tolist()
+            at = np.flatnonzero(given == row).tolist()
             raise ValueError(
                 f"row_grads.rows must be distinct; row {row} is at positions {at[:4]}"
                 f"{' ...' if len(at) > 4 else ''} (its gradients would not be summed on every "
