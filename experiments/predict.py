@@ -52,6 +52,7 @@ class Predictor:
             params["embed"]["embedding"] = table[:rows]  # a sharded run's zero padding rows
         checkpoint.check_fits(checkpoint.checkpoint_dir(workdir) / str(self.epoch), params,
                               nnx.to_pure_dict(state))
+        checkpoint.check_saved_vocab(workdir, self.epoch)  # an edit that kept the shapes
         nnx.replace_by_pure_dict(state, params)
         self.model = nnx.merge(graphdef, state)
 

@@ -296,25 +296,41 @@ def test_resume_without_a_run_file_is_refused(tmp_path, name):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-def test_a_vocabulary_edited_after_the_checkpoint_is_named_not_called_damage(smoke_run, tmp_path):
+@pytest.mark.parametrize("edit", ["one word more", "two words swapped"])
+def test_a_vocabulary_edited_after_the_checkpoint_is_named_not_called_damage(smoke_run, tmp_path,
+                                                                             edit):
     """A vocab.json changed in place (one word more) made resuming report the sound checkpoint
-    as "damaged" and say to delete it; predict loaded the table into a model one row longer."""
+    as "damaged" and say to delete it; predict loaded the table into a model one row longer.
+    An edit that keeps the table's shape (two words swapped; or one word more in a sharded run,
+    whose padded table keeps its rows) went unnoticed: words read rows trained for others."""
     _, trained, _ = smoke_run
     wd = tmp_path / "wd"
     shutil.copytree(trained, wd)
     vocab = json.loads((wd / artifacts.VOCAB).read_text())
-    vocab["tokens"].append("zzzz")
-    vocab["idf"].append(1.0)
+    if edit == "one word more":
+        vocab["tokens"].append("zzzz")
+        vocab["idf"].append(1.0)
+    else:
+        vocab["tokens"][1:3] = vocab["tokens"][2:0:-1]  # (row 0 is "<unk>")
     (wd / artifacts.VOCAB).write_text(json.dumps(vocab))
     rows = Predictor(trained).featurizer.num_embeddings
-    match = (rf"checkpoint {re.escape(str(wd.resolve() / 'checkpoints'))}/3 does not fit the model "
-             rf"this workdir's files describe \(\['embed'\]\['embedding'\]: \({rows}, 16\) saved, "
-             rf"\({rows + 1}, 16\) now\): vocab\.json \(or the data\) changed since the checkpoint "
-             r"was saved\. Put back the vocab\.json of that run, or use a new --workdir\.")
+    step_dir = re.escape(str(wd.resolve() / 'checkpoints')) + "/3"
+    if edit == "one word more":  # the shapes say more: they are named
+        match = (rf"checkpoint {step_dir} does not fit the model this workdir's files describe "
+                 rf"\(\['embed'\]\['embedding'\]: \({rows}, 16\) saved, \({rows + 1}, 16\) now\): "
+                 r"vocab\.json \(or the data\) changed since the checkpoint was saved\. Put back "
+                 r"the vocab\.json of that run, or use a new --workdir\.")
+    else:
+        match = (rf"checkpoint {step_dir} was saved with another vocab\.json \(SHA-256 "
+                 r"[0-9a-f]{12}\.\.\. then, [0-9a-f]{12}\.\.\. now\): vocab\.json changed since the "
+                 r"checkpoint was saved\. Put back the vocab\.json of that run, or use a new "
+                 r"--workdir\.")
     with pytest.raises(ValueError, match=match):
         train_and_evaluate(smoke.get_config(), wd)
     with pytest.raises(ValueError, match=match):
         Predictor(wd)
+    (wd / artifacts.VOCAB).write_bytes((trained / artifacts.VOCAB).read_bytes())  # put back
+    assert Predictor(wd).epoch == 3
 
 
 def test_vocabulary_and_idf_come_from_the_training_split_only(smoke_run):

@@ -5,7 +5,9 @@ A checkpoint (step = the number of finished epochs) holds four items:
 * ``params``: the model parameters as a pure nested dict (what ``predict`` loads);
 * ``opt_state``: the optax state (moments and step counts);
 * ``rng``: the raw key data of the training PRNG key (dropout keys are folded from it);
-* ``meta``: JSON ``{"epoch", "global_step"}``.
+* ``meta``: JSON ``{"epoch", "global_step", "vocab_sha256"}``; the last is the SHA-256 of the
+  workdir's ``vocab.json`` at save time, so that a vocabulary edited in place is named on resume
+  and by ``predict`` even when the table keeps its shape.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from experiments.textcls.artifacts import VOCAB
+from experiments.textcls.data import file_sha256
 
 
 @dataclasses.dataclass
@@ -58,14 +61,22 @@ def make_manager(workdir: str | Path, *, max_to_keep: int = 2, reader: bool = Fa
     )
 
 
+def _vocab_sha256(manager: ocp.CheckpointManager) -> str | None:
+    """The SHA-256 of the ``vocab.json`` beside the manager's ``checkpoints`` directory."""
+    path = Path(manager.directory).parent / VOCAB
+    return file_sha256(path) if path.is_file() else None
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
+    meta = {"epoch": state.epoch, "global_step": state.global_step,
+            "vocab_sha256": _vocab_sha256(manager)}
     manager.save(
         state.epoch,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(nnx.to_pure_dict(state.params)),
             opt_state=ocp.args.StandardSave(state.opt_state),
             rng=ocp.args.StandardSave({"key_data": jax.random.key_data(state.rng)}),
-            meta=ocp.args.JsonSave({"epoch": state.epoch, "global_step": state.global_step}),
+            meta=ocp.args.JsonSave(meta),
         ),
         force=True,
     )
@@ -121,6 +132,21 @@ def check_fits(step_dir: Path, stored: Any, expected: Any) -> None:
         )
 
 
+def check_vocab(manager: ocp.CheckpointManager, step: int, meta: Any) -> None:
+    """Raises ``ValueError`` when the checkpoint ``step`` (its restored ``meta``) was saved with
+    another ``vocab.json`` than the workdir holds now: an edit that keeps the table's shape
+    (words swapped, or rows a sharded run pads anyway) would otherwise map words to rows
+    trained for other words. Checkpoints without the digest are not checked."""
+    saved = meta.get("vocab_sha256") if isinstance(meta, dict) else None
+    now = _vocab_sha256(manager)
+    if saved is not None and saved != now:
+        raise ValueError(
+            f"checkpoint {Path(manager.directory) / str(step)} was saved with another {VOCAB} "
+            f"(SHA-256 {saved[:12]}... then, {str(now)[:12]}... now): {VOCAB} changed since the "
+            f"checkpoint was saved. Put back the {VOCAB} of that run, or use a new --workdir."
+        )
+
+
 def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainState | None:
     """The latest checkpoint, restored into the structure of ``fresh``; ``None`` if none."""
     step = manager.latest_step()
@@ -148,6 +174,7 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
         epoch, global_step = int(r.meta["epoch"]), int(r.meta["global_step"])
     except Exception as e:  # orbax/tensorstore/json errors of a damaged step directory
         raise _damaged(manager, step, e) from e
+    check_vocab(manager, step, r.meta)
     params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
     nnx.replace_by_pure_dict(params, r.params)
     rng = jax.random.wrap_key_data(
@@ -169,7 +196,8 @@ def has_checkpoint(workdir: str | Path) -> bool:
 
 
 def load_params(workdir: str | Path) -> tuple[dict, int]:
-    """The parameters (pure nested dict of NumPy arrays) of the latest checkpoint and its epoch."""
+    """The parameters (pure nested dict of NumPy arrays) of the latest checkpoint and its epoch.
+    (Check them with :func:`check_fits`, then :func:`check_saved_vocab`.)"""
     if not checkpoint_dir(workdir).is_dir():
         raise FileNotFoundError(
             f"no checkpoints in {checkpoint_dir(workdir)}; train first with "
@@ -195,3 +223,16 @@ def load_params(workdir: str | Path) -> tuple[dict, int]:
     finally:
         manager.close()
     return jax.tree.map(np.asarray, r.params), int(step)
+
+
+def check_saved_vocab(workdir: str | Path, step: int) -> None:
+    """:func:`check_vocab` for a reader (``predict``): checkpoint ``step`` of ``workdir``."""
+    manager = make_manager(workdir, reader=True)
+    try:
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # a damaged meta item
+            raise _damaged(manager, step, e) from e
+        check_vocab(manager, step, meta)
+    finally:
+        manager.close()
