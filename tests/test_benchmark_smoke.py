@@ -223,6 +223,34 @@ def _case(rng, lengths, n_tail=3, neg_head=0):
     return jnp.asarray(ids), jnp.asarray(seg.astype(np.int32))
 
 
+@pytest.mark.cpu_kernel
+def test_sparse_update_benchmark_runs_and_its_ratios_follow_its_medians():
+    """experiments.bench_sparse_update: both paths of every optimiser and dtype pair, checked to
+    agree before timing; each ratio is its row's medians'."""
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_sparse_update", "--num_embeddings", "300",
+         "--features", "8", "--rows", "16,40", "--rounds", "1", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tables = r.stdout.split("V=300 D=8 rows=")[1:]
+    assert [t.split(":")[0] for t in tables] == ["16", "40"], r.stdout
+    for table in tables:
+        rows = [line.split() for line in table.splitlines()[2:] if line.strip()]
+        assert [(x[0], x[1]) for x in rows] == [
+            ("sgd", "float32/default"), ("sgd", "bfloat16/default"),
+            *((name, pair) for name in ("adagrad", "adam")
+              for pair in ("float32/default", "bfloat16/default", "float32/bfloat16"))]
+        def follows(ratio: str, num: str, den: str) -> bool:  # (all printed rounded)
+            n, d, half = float(num), float(den), 0.0005  # ms to 3 decimals
+            step = 0.05 if len(ratio.split(".")[1]) == 1 else 0.005
+            return (n - half) / (d + half) - step <= float(ratio) <= (n + half) / (d - half) + step
+
+        for name, _, kernel, xla, xla_ratio, f32_ratio in rows:
+            f32_kernel = next(x[2] for x in rows if x[0] == name)
+            assert float(kernel) > 0 and float(xla) > 0
+            assert follows(xla_ratio, xla, kernel) and follows(f32_ratio, kernel, f32_kernel), table
+
+
 def test_cpu_kernel_builds_here():
     ok, why = cpu_kernel_status()
     assert ok, why  # this machine has a C++ compiler; see test_no_compiler_falls_back for the rest

@@ -308,7 +308,9 @@ def test_set_kernel_false_lowers_no_kernel_call(set_kernel):
             "jaxbag_bag_fwd_f32": _lowered(lambda w: jaxbag.embedding_bag(w, ids, offsets), w),
             "jaxbag_rows_grad_f32": _lowered(rows, w, ids, offsets),
             "jaxbag_unique_rows": _lowered(lambda i: jaxbag.unique_rows(i, 6), ids),
-            "jaxbag_sparse_adam_f32": _lowered(step, w, opt.init(w), ids, offsets),
+            "jaxbag_sparse_adam_f32_f32": _lowered(step, w, opt.init(w), ids, offsets),
+            "jaxbag_sparse_adam_bf16_f32": _lowered(step, w.astype(jnp.bfloat16),
+                                                opt.init(w.astype(jnp.bfloat16)), ids, offsets),
             "grad": _lowered(jax.grad(lambda w: jaxbag.embedding_bag(w, ids, offsets).sum()), w),
         }
 

@@ -457,14 +457,39 @@ ffi::Error UniqueRows(ffi::Buffer<ffi::S32> keys, ffi::ResultBuffer<ffi::S32> ro
   return ffi::Error::Success();
 }
 
+// Table storage of the row updates: float32, or bfloat16 (its bits, uint16_t), read and written
+// through float32. XLA:CPU scatters into a bfloat16 table by converting all of it to float32 and
+// back (O(V D) per step); the kernel touches only the rows.
+inline float Load(float x) { return x; }
+inline float Load(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void Store(float* p, float x) { *p = x; }
+inline void Store(uint16_t* p, float x) {  // round to nearest, ties to even (XLA's convert)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    *p = static_cast<uint16_t>((bits >> 16) | 0x40u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *p = static_cast<uint16_t>(bits >> 16);
+}
+
 // Lazy Adam (torch SparseAdam) on the rows; table, mu, nu are updated in place (aliased).
 // hyper = [step_size, b1, 1 - b1, b2, 1 - b2, eps] (1 - b rounded from double, as torch's alpha:
 // 1.0f - 0.999f is 1.3e-5 off 0.001f, which scaled every step by 6e-6).
-ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::F32> mu,
-                      ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::S32> rows,
+template <ffi::DataType T, ffi::DataType M>
+ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<T> table, ffi::Buffer<M> mu,
+                      ffi::Buffer<M> nu, ffi::Buffer<ffi::S32> rows,
                       ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> hyper,
-                      ffi::ResultBuffer<ffi::F32> table_out, ffi::ResultBuffer<ffi::F32> mu_out,
-                      ffi::ResultBuffer<ffi::F32> nu_out) {
+                      ffi::ResultBuffer<T> table_out, ffi::ResultBuffer<M> mu_out,
+                      ffi::ResultBuffer<M> nu_out) {
+  using S = ffi::NativeType<T>;
+  using SM = ffi::NativeType<M>;
   const auto td = table.dimensions();
   const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
   if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 6 ||
@@ -472,12 +497,12 @@ ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Bu
       static_cast<int64_t>(nu.element_count()) != V * D) {
     return ffi::Error::InvalidArgument("jaxbag sparse_adam: bad shapes");
   }
-  float* w = table_out->typed_data();
-  float* m = mu_out->typed_data();
-  float* v = nu_out->typed_data();
-  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(float) * V * D);
-  if (m != mu.typed_data()) std::memcpy(m, mu.typed_data(), sizeof(float) * V * D);
-  if (v != nu.typed_data()) std::memcpy(v, nu.typed_data(), sizeof(float) * V * D);
+  S* w = table_out->typed_data();
+  SM* m = mu_out->typed_data();
+  SM* v = nu_out->typed_data();
+  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(S) * V * D);
+  if (m != mu.typed_data()) std::memcpy(m, mu.typed_data(), sizeof(SM) * V * D);
+  if (v != nu.typed_data()) std::memcpy(v, nu.typed_data(), sizeof(SM) * V * D);
   const float* h = hyper.typed_data();
   const float step = h[0], b1 = h[1], c1 = h[2], b2 = h[3], c2 = h[4], eps = h[5];
   const int32_t* r = rows.typed_data();
@@ -495,38 +520,41 @@ ffi::Error SparseAdam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Bu
     }
     const int64_t row = r[u];
     if (row < 0 || row >= V) return;
-    float* wr = w + row * D;
-    float* mr = m + row * D;
-    float* vr = v + row * D;
+    S* wr = w + row * D;
+    SM* mr = m + row * D;
+    SM* vr = v + row * D;
     const float* gu = g + u * D;
-    for (int64_t d = 0; d < D; ++d) {
+    for (int64_t d = 0; d < D; ++d) {  // (the table takes the moments before their rounding)
       const float gd = gu[d];
-      const float mn = mr[d] * b1 + c1 * gd;
-      const float vn = vr[d] * b2 + c2 * (gd * gd);
-      mr[d] = mn;
-      vr[d] = vn;
-      wr[d] -= step * (mn / (std::sqrt(vn) + eps));
+      const float mn = Load(mr[d]) * b1 + c1 * gd;
+      const float vn = Load(vr[d]) * b2 + c2 * (gd * gd);
+      Store(mr + d, mn);
+      Store(vr + d, vn);
+      Store(wr + d, Load(wr[d]) - step * (mn / (std::sqrt(vn) + eps)));
     }
   });
   return ffi::Error::Success();
 }
 
 // fbgemm's row-wise Adagrad; hyper = [lr, eps].
-ffi::Error SparseAdagrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
-                         ffi::Buffer<ffi::F32> sum_sq, ffi::Buffer<ffi::S32> rows,
+template <ffi::DataType T, ffi::DataType M>
+ffi::Error SparseAdagrad(ffi::ThreadPool pool, ffi::Buffer<T> table,
+                         ffi::Buffer<M> sum_sq, ffi::Buffer<ffi::S32> rows,
                          ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> hyper,
-                         ffi::ResultBuffer<ffi::F32> table_out,
-                         ffi::ResultBuffer<ffi::F32> sum_sq_out) {
+                         ffi::ResultBuffer<T> table_out,
+                         ffi::ResultBuffer<M> sum_sq_out) {
+  using S = ffi::NativeType<T>;
+  using SM = ffi::NativeType<M>;
   const auto td = table.dimensions();
   const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
   if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 2 ||
       static_cast<int64_t>(sum_sq.element_count()) != V) {
     return ffi::Error::InvalidArgument("jaxbag sparse_adagrad: bad shapes");
   }
-  float* w = table_out->typed_data();
-  float* a = sum_sq_out->typed_data();
-  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(float) * V * D);
-  if (a != sum_sq.typed_data()) std::memcpy(a, sum_sq.typed_data(), sizeof(float) * V);
+  S* w = table_out->typed_data();
+  SM* a = sum_sq_out->typed_data();
+  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(S) * V * D);
+  if (a != sum_sq.typed_data()) std::memcpy(a, sum_sq.typed_data(), sizeof(SM) * V);
   const float lr = hyper.typed_data()[0], eps = hyper.typed_data()[1];
   const int32_t* r = rows.typed_data();
   const float* g = grads.typed_data();
@@ -543,26 +571,28 @@ ffi::Error SparseAdagrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table,
     const float* gu = g + u * D;
     float sq = 0.0f;
     for (int64_t d = 0; d < D; ++d) sq += gu[d] * gu[d];
-    const float acc = a[row] + sq / static_cast<float>(D);
-    a[row] = acc;
+    const float acc = Load(a[row]) + sq / static_cast<float>(D);
+    Store(a + row, acc);  // (the table takes the sum before its rounding)
     const float scale = lr / (std::sqrt(acc) + eps);
-    float* wr = w + row * D;
-    for (int64_t d = 0; d < D; ++d) wr[d] -= scale * gu[d];
+    S* wr = w + row * D;
+    for (int64_t d = 0; d < D; ++d) Store(wr + d, Load(wr[d]) - scale * gu[d]);
   });
   return ffi::Error::Success();
 }
 
 // SGD; hyper = [lr].
-ffi::Error SparseSgd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> rows,
+template <ffi::DataType T>
+ffi::Error SparseSgd(ffi::ThreadPool pool, ffi::Buffer<T> table, ffi::Buffer<ffi::S32> rows,
                      ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::F32> hyper,
-                     ffi::ResultBuffer<ffi::F32> table_out) {
+                     ffi::ResultBuffer<T> table_out) {
+  using S = ffi::NativeType<T>;
   const auto td = table.dimensions();
   const int64_t V = td[0], D = td[1], U = static_cast<int64_t>(rows.element_count());
   if (static_cast<int64_t>(grads.element_count()) != U * D || hyper.element_count() != 1) {
     return ffi::Error::InvalidArgument("jaxbag sparse_sgd: bad shapes");
   }
-  float* w = table_out->typed_data();
-  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(float) * V * D);
+  S* w = table_out->typed_data();
+  if (w != table.typed_data()) std::memcpy(w, table.typed_data(), sizeof(S) * V * D);
   const float lr = hyper.typed_data()[0];
   const int32_t* r = rows.typed_data();
   const float* g = grads.typed_data();
@@ -575,9 +605,9 @@ ffi::Error SparseSgd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> table, ffi::Buf
     }
     const int64_t row = r[u];
     if (row < 0 || row >= V) return;
-    float* wr = w + row * D;
+    S* wr = w + row * D;
     const float* gu = g + u * D;
-    for (int64_t d = 0; d < D; ++d) wr[d] -= lr * gu[d];
+    for (int64_t d = 0; d < D; ++d) Store(wr + d, Load(wr[d]) - lr * gu[d]);
   });
   return ffi::Error::Success();
 }
@@ -615,35 +645,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagRowsGradF32, RowsGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("is_max"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseAdamF32, SparseAdam,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The row updates: F32 / BF16 tables, with float32 or bfloat16 state (TABLE, STATE).
+#define JAXBAG_SPARSE_STATEFUL(SUFFIX, T, M)                                      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseAdam##SUFFIX, (SparseAdam<T, M>),     \
+                                ffi::Ffi::Bind()                                  \
+                                    .Ctx<ffi::ThreadPool>()                       \
+                                    .Arg<ffi::Buffer<T>>()                        \
+                                    .Arg<ffi::Buffer<M>>()                        \
+                                    .Arg<ffi::Buffer<M>>()                        \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                 \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Ret<ffi::Buffer<T>>()                        \
+                                    .Ret<ffi::Buffer<M>>()                        \
+                                    .Ret<ffi::Buffer<M>>());                      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseAdagrad##SUFFIX, (SparseAdagrad<T, M>), \
+                                ffi::Ffi::Bind()                                  \
+                                    .Ctx<ffi::ThreadPool>()                       \
+                                    .Arg<ffi::Buffer<T>>()                        \
+                                    .Arg<ffi::Buffer<M>>()                        \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                 \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Ret<ffi::Buffer<T>>()                        \
+                                    .Ret<ffi::Buffer<M>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseAdagradF32, SparseAdagrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define JAXBAG_SPARSE_SGD(SUFFIX, T)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseSgd##SUFFIX, SparseSgd<T>,            \
+                                ffi::Ffi::Bind()                                  \
+                                    .Ctx<ffi::ThreadPool>()                       \
+                                    .Arg<ffi::Buffer<T>>()                        \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                 \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Ret<ffi::Buffer<T>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbagSparseSgdF32, SparseSgd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+JAXBAG_SPARSE_STATEFUL(F32F32, ffi::F32, ffi::F32)
+JAXBAG_SPARSE_STATEFUL(F32BF16, ffi::F32, ffi::BF16)
+JAXBAG_SPARSE_STATEFUL(BF16F32, ffi::BF16, ffi::F32)
+JAXBAG_SPARSE_STATEFUL(BF16BF16, ffi::BF16, ffi::BF16)
+JAXBAG_SPARSE_SGD(F32, ffi::F32)
+JAXBAG_SPARSE_SGD(BF16, ffi::BF16)

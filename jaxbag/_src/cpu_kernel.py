@@ -50,15 +50,30 @@ __all__ = [
 BAG_FORWARD = "jaxbag_bag_fwd_f32"
 ROWS_GRAD = "jaxbag_rows_grad_f32"
 UNIQUE_ROWS = "jaxbag_unique_rows"
-SPARSE_UPDATE = {"adam": "jaxbag_sparse_adam_f32", "adagrad": "jaxbag_sparse_adagrad_f32",
-                 "sgd": "jaxbag_sparse_sgd_f32"}
+# Fused row updates: (kind, table dtype, state dtype) -> (target, handler symbol). Tables and
+# state of float32 or bfloat16; SGD has no state (its state dtype: None).
+_SHORT = {"float32": "F32", "bfloat16": "BF16"}
+
+
+def _update_names(kind: str, table: str, state: str | None) -> tuple[str, str]:
+    suffix = _SHORT[table] + (_SHORT[state] if state else "")  # e.g. BF16F32
+    parts = [_SHORT[table]] + ([_SHORT[state]] if state else [])
+    return ("_".join(["jaxbag_sparse", kind, *parts]).lower(),
+            f"JaxbagSparse{kind.capitalize()}{suffix}")
+
+
+_UPDATES = {
+    (kind, table, state): _update_names(kind, table, state)
+    for kind in ("adam", "adagrad", "sgd")
+    for table in _SHORT
+    for state in ((None,) if kind == "sgd" else tuple(_SHORT))
+}
+SPARSE_UPDATE = {key: target for key, (target, _) in _UPDATES.items()}
 _SYMBOLS = {
     BAG_FORWARD: "JaxbagBagFwdF32",
     ROWS_GRAD: "JaxbagRowsGradF32",
     UNIQUE_ROWS: "JaxbagUniqueRows",
-    SPARSE_UPDATE["adam"]: "JaxbagSparseAdamF32",
-    SPARSE_UPDATE["adagrad"]: "JaxbagSparseAdagradF32",
-    SPARSE_UPDATE["sgd"]: "JaxbagSparseSgdF32",
+    **dict(_UPDATES.values()),
 }
 
 

@@ -3,8 +3,9 @@
 Used by :mod:`jaxbag._src.sparse`: the row-gradient scatter (the pullback of the bag reduction
 onto the touched rows), distinct ids (hash + radix sort) and fused in-place SGD / row-wise
 Adagrad / lazy Adam updates of the touched rows. The kernels are built and loaded by
-:mod:`jaxbag._src.cpu_kernel`; where they do not apply (not float32, not the CPU backend, inside
-``shard_map``, or unavailable) the XLA formulation runs, with the same values.
+:mod:`jaxbag._src.cpu_kernel`; where they do not apply (not float32 (the updates: float32 or
+bfloat16 tables and state), not the CPU backend, inside ``shard_map``, or unavailable)
+the XLA formulation runs, with the same values.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
     Args:
       kind: ``"adam"`` (arrays: table, mu, nu; hyper: step_size, b1, 1 - b1, b2, 1 - b2, eps),
         ``"adagrad"`` (table, sum_sq; lr, eps) or ``"sgd"`` (table; lr).
-      arrays: the float32 table and state arrays.
+      arrays: the table and state arrays. The kernel takes float32 or bfloat16 ones (XLA:CPU
+        scatters into a bfloat16 array by converting all of it: O(V D) per step); other dtypes
+        take ``xla_fallback``.
       rows: ``int32 [U]`` distinct rows (out of range: skipped).
       grads: ``float32 [U, D]``.
       hyper: ``k`` float32 scalar hyper-parameters (traced: a schedule's learning rate).
@@ -109,7 +112,10 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
         return tuple(xla_fallback(args[:k], args[k], args[k + 1], args[k + 2:]))
 
     args = (*arrays, rows, grads, *hyper)
-    if cpu_kernel.in_shard_map(rows, *hyper) or not cpu_kernel.kernel_ok(*arrays, grads):
+    table, *state = (jnp.dtype(a.dtype).name for a in arrays)
+    key = (kind, table, state[0] if state and len(set(state)) == 1 else None)
+    if (key not in cpu_kernel.SPARSE_UPDATE or cpu_kernel.in_shard_map(*arrays, rows, grads, *hyper)
+            or not cpu_kernel.kernel_ok(jax.ShapeDtypeStruct((), jnp.float32))):
         return explicit.batch_as_auto(fallback)(*args)
 
     def kernel(*args):
@@ -117,13 +123,15 @@ def fused_row_update(kind: str, arrays: tuple[Array, ...], rows: Array, grads: A
         call = jax.ffi.ffi_call(
             # (each output typed as its input: on an Explicit-axes mesh the spec is part of the
             # type, and a step that returned P() for P(None, None) would compile again)
-            cpu_kernel.SPARSE_UPDATE[kind],
+            cpu_kernel.SPARSE_UPDATE[key],
             tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.typeof(a).sharding)
                   for a in arrs),
             input_output_aliases={i: i for i in range(k)}, vmap_method="sequential",
         )
         rows32 = validation.to_int32(args[k], 0, arrs[0].shape[0] - 1, -1)  # int64: no wrap
-        return tuple(call(*arrs, rows32, args[k + 1], jnp.stack(args[k + 2:])))
+        # (float32 or bfloat16 tables update in float32: the fallback casts the grads too)
+        grads32 = args[k + 1].astype(jnp.float32)
+        return tuple(call(*arrs, rows32, grads32, jnp.stack(args[k + 2:])))
 
     return explicit.batch_as_auto(
         lambda *a: lax.platform_dependent(*a, cpu=kernel, default=fallback))(*args)
