@@ -887,6 +887,21 @@ def test_max_norm_and_norm_type_must_be_real_numbers(kw):
     jaxbag.embedding_bag(w, ids, offs, max_norm=float("inf"), norm_type=float("inf"))  # allowed
 
 
+def test_a_traced_norm_type_is_refused_by_name_a_traced_max_norm_works():
+    """A traced norm_type reached the Python branches on its value: TracerBoolConversionError."""
+    w, ids, offs = jnp.ones((4, 2), jnp.float32), jnp.array([0, 1]), jnp.array([0])
+    match = (r"norm_type must be a static number: it picks the norm's formula .*got a traced "
+             r"value.*static_argnames='norm_type'")
+    with pytest.raises(ValueError, match=match):
+        jax.jit(lambda p: jaxbag.embedding_bag(w, ids, offs, max_norm=1.0, norm_type=p))(3.0)
+    with pytest.raises(ValueError, match=match):
+        jax.jit(lambda p: jaxbag.renorm(w, ids, 1.0, p))(3.0)
+    got = jax.jit(lambda m: jaxbag.embedding_bag(w, ids, offs, max_norm=m, norm_type=3.0))(0.5)
+    want = jaxbag.embedding_bag(w, ids, offs, max_norm=0.5, norm_type=3.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(want, jaxbag.embedding_bag(w, ids, offs))  # the rows were rescaled
+
+
 @pytest.mark.parametrize("max_norm", [0.0, -1.0])
 def test_max_norm_zero_or_negative_is_torchs(max_norm):
     """torch accepts them (0 zeroes the touched rows, a negative one flips them); so does

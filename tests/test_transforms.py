@@ -379,6 +379,29 @@ GRAD_MODES = [("sum", False), ("sum", True), ("mean", False), ("mean", True), ("
               ("max", False)]
 
 
+@pytest.mark.parametrize("path", ["kernel", "gather"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "sqrtn"])
+def test_linear_transpose_of_the_linearization_is_the_vjp(mode, path, set_kernel):
+    """The op is linear in the table for these modes; as the README says, transposing the op
+    itself raises (its custom_vmap wrapper has no transpose rule) and its linearization
+    transposes to the vjp."""
+    set_kernel(path == "kernel")
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+    ids, offsets = jnp.array([0, 4, 4, 2, 5], jnp.int32), jnp.array([0, 2, 2], jnp.int32)
+    ct = jnp.asarray(rng.standard_normal((3, 3)), jnp.float32)
+
+    def f(w_):
+        return jaxbag.embedding_bag(w_, ids, offsets, mode=mode)
+
+    with pytest.raises(NotImplementedError, match="custom_vmap_call"):
+        jax.linear_transpose(f, w)(ct)
+    (got,) = jax.linear_transpose(jax.linearize(f, w)[1], w)(ct)
+    (want,) = jax.vjp(f, w)[1](ct)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.abs(np.asarray(got)).sum() > 0
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("option,form", OPTION_FORMS, ids=[f"{o}-{f}" for o, f in OPTION_FORMS])
 @pytest.mark.parametrize("mode,weighted", GRAD_MODES, ids=[f"{m}-{'w' if w else 'u'}" for m, w in GRAD_MODES])

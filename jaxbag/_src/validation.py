@@ -127,7 +127,8 @@ def check_norm(max_norm: float | None, norm_type: float) -> None:
     Any sign is allowed, as in torch: ``max_norm <= 0`` scales every touched row to that norm
     (a negative one flips it), ``norm_type`` is torch's p (``0`` counts non-zeros, ``inf`` is the
     largest magnitude, ``-inf`` the smallest). Python, NumPy and concrete JAX scalars are
-    checked; a traced one (``jit`` over ``max_norm``) passes unchecked.
+    checked; a traced ``max_norm`` (``jit`` over it) passes unchecked. ``norm_type`` must be
+    static: it picks the norm's formula.
     """
     def number(value: Any) -> bool:
         if isinstance(value, (bool, np.bool_, str)) or np.ndim(value) != 0:
@@ -139,6 +140,13 @@ def check_norm(max_norm: float | None, norm_type: float) -> None:
         except (TypeError, ValueError):
             return False
 
+    if isinstance(norm_type, jax.core.Tracer):
+        raise ValueError(
+            f"norm_type must be a static number: it picks the norm's formula (p = 0, inf, -inf "
+            f"or another p); got a traced value, norm_type={norm_type!r}. Pass a Python float, "
+            "e.g. jax.jit(f, static_argnames='norm_type') for a function f that takes it "
+            "(max_norm may be traced)."
+        )
     for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
         if (value is not None or name == "norm_type") and not number(value):
             raise ValueError(
