@@ -219,7 +219,7 @@ class Runner:
         for name in c.grad_impls:
             rec = _record(p, "fwd_bwd", mode, name, "jax", extra)
             if name == "jaxbag_rows":
-                t, rg = self._jax(impls.rows_fwd_bwd(p, mode, cot), (w, batch))
+                t, (_, rg) = self._jax(impls.rows_fwd_bwd(p, mode, cot), (w, batch))
                 _timed(rec, t)
                 if ref_grad is not None:
                     rows, grads = impls.rowgrads_to_dense_at(rg, p.num_embeddings)
@@ -238,7 +238,7 @@ class Runner:
                 rec["skipped"] = "not applicable" if builder is not None else "unknown impl"
                 self._log(rec)
                 continue
-            t, g = self._jax(impls.dense_fwd_bwd(fwd, cot), (w, batch))
+            t, (_, g) = self._jax(impls.dense_fwd_bwd(fwd, cot), (w, batch))
             _timed(rec, t)
             if ref_grad is not None:
                 rec["max_abs_err"] = float(np.max(np.abs(np.asarray(g) - ref_grad)))

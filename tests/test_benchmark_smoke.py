@@ -251,6 +251,27 @@ def test_sparse_update_benchmark_runs_and_its_ratios_follow_its_medians():
             assert follows(xla_ratio, xla, kernel) and follows(f32_ratio, kernel, f32_kernel), table
 
 
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_the_timed_forward_backward_runs_the_forward(mode):
+    """The dense forward+backward returned the gradient alone: for sum and mean, whose gradient
+    does not read the bags, XLA dropped the forward (no kernel call), unlike torch's timed
+    fwd_bwd. Both programs now compute and return the bags."""
+    from experiments import benchmark
+    from experiments.bench import impls, problems
+
+    p = problems.make_problem("t", 50, 4, 3, 12)
+    dev = benchmark.device_inputs(p)
+    w, batch, cot = dev["weight"], dev["batch"], dev["cotangent"]
+    for fn in (impls.dense_fwd_bwd(impls.FORWARDS["jaxbag"](p, mode, None), cot),
+               impls.rows_fwd_bwd(p, mode, cot)):
+        text = jax.jit(fn).lower(w, batch).compile().as_text()
+        assert "jaxbag_bag_fwd_f32" in text or mode == "max" and "jaxbag_rows_grad" in text, text
+        bags, _ = fn(w, batch)
+        np.testing.assert_allclose(
+            bags, jaxbag.embedding_bag(w, batch["ids"], batch["offsets"], mode=mode), rtol=1e-6)
+
+
 def test_cpu_kernel_builds_here():
     ok, why = cpu_kernel_status()
     assert ok, why  # this machine has a C++ compiler; see test_no_compiler_falls_back for the rest

@@ -229,21 +229,28 @@ def register_forward(
 # ---- forward + backward -------------------------------------------------------------------------
 
 
-def dense_fwd_bwd(fwd: Forward, cot: jax.Array) -> Callable[..., jax.Array]:
-    """``(weight, batch) -> d sum(fwd * cot) / d weight``, a dense ``[V, D]`` gradient."""
+def dense_fwd_bwd(fwd: Forward, cot: jax.Array) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``(weight, batch) -> (bags, d sum(bags * cot) / d weight)``, a dense ``[V, D]`` gradient.
+
+    The bags are returned as torch's ``fwd_bwd`` computes them: with the gradient alone, XLA
+    dropped the forward of the linear modes (sum, mean), whose gradient does not read it."""
 
     def f(w, b):
-        return jax.grad(lambda w_: jnp.sum(fwd(w_, b) * cot))(w)
+        bags, pullback = jax.vjp(lambda w_: fwd(w_, b), w)
+        (grad,) = pullback(cot.astype(bags.dtype))
+        return bags, grad
 
     return f
 
 
-def rows_fwd_bwd(p: Problem, mode: jaxbag.Mode, cot: jax.Array) -> Callable[..., sparse.RowGrads]:
-    """``(weight, batch) -> RowGrads`` via :func:`jaxbag.embedding_bag_rows` (no ``[V, D]``)."""
+def rows_fwd_bwd(p: Problem, mode: jaxbag.Mode, cot: jax.Array
+                 ) -> Callable[..., tuple[jax.Array, sparse.RowGrads]]:
+    """``(weight, batch) -> (bags, RowGrads)`` via :func:`jaxbag.embedding_bag_rows` (no
+    ``[V, D]``), the bags returned as in :func:`dense_fwd_bwd`."""
 
     def f(w, b):
         bags, pullback = sparse.embedding_bag_rows(w, b["ids"], b["offsets"], mode=mode)
-        return pullback(cot.astype(bags.dtype))
+        return bags, pullback(cot.astype(bags.dtype))
 
     return f
 
