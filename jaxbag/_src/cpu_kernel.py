@@ -56,10 +56,9 @@ _SHORT = {"float32": "F32", "bfloat16": "BF16"}
 
 
 def _update_names(kind: str, table: str, state: str | None) -> tuple[str, str]:
-    suffix = _SHORT[table] + (_SHORT[state] if state else "")  # e.g. BF16F32
-    parts = [_SHORT[table]] + ([_SHORT[state]] if state else [])
+    parts = [_SHORT[table]] + ([_SHORT[state]] if state else [])  # e.g. BF16, F32
     return ("_".join(["jaxbag_sparse", kind, *parts]).lower(),
-            f"JaxbagSparse{kind.capitalize()}{suffix}")
+            f"JaxbagSparse{kind.capitalize()}{''.join(parts)}")
 
 
 _UPDATES = {

@@ -142,7 +142,7 @@ def check_norm(max_norm: float | None, norm_type: float) -> None:
 
     if isinstance(norm_type, jax.core.Tracer):
         raise ValueError(
-            f"norm_type must be a static number: it picks the norm's formula (p = 0, inf, -inf "
+            "norm_type must be a static number: it picks the norm's formula (p = 0, inf, -inf "
             f"or another p); got a traced value, norm_type={norm_type!r}. Pass a Python float, "
             "e.g. jax.jit(f, static_argnames='norm_type') for a function f that takes it "
             "(max_norm may be traced)."
