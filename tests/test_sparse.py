@@ -463,15 +463,18 @@ def _bf16_step_memory(make_opt, table_dtype, state_dtype, big_v=1 << 18, d=64, n
     return step.lower(*args).compile().memory_analysis(), bf16_bytes
 
 
-@pytest.mark.parametrize("table_dtype, state_dtype", [(jnp.bfloat16, jnp.float32),
-                                                      (jnp.float32, jnp.bfloat16)])
-@pytest.mark.parametrize("make_opt", [sparse.sparse_sgd, sparse.sparse_adagrad, sparse.sparse_adam])
-def test_bf16_updates_cost_the_rows_touched(make_opt, table_dtype, state_dtype, set_kernel):
+_BF16_CASES = [  # (optimizer, table dtype, state dtype): SGD has no state to cast
+    (name, table, state) for name in ("sgd", "adagrad", "adam")
+    for table, state in (("bfloat16", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16"))
+    if name != "sgd" or state == "float32"]
+
+
+@pytest.mark.parametrize("name, table_dtype, state_dtype", _BF16_CASES)
+def test_bf16_updates_cost_the_rows_touched(name, table_dtype, state_dtype, set_kernel):
     """XLA:CPU scatters into a bfloat16 array by converting all of it to float32 and back: a step
     on a bfloat16 table (or bfloat16 moments) cost O(V D) (81 ms at V = 1M, D = 64, 512 rows;
     float32: 0.04 ms). The kernel has bfloat16 variants that touch the rows only."""
-    if make_opt is sparse.sparse_sgd and table_dtype == jnp.float32:
-        table_dtype = jnp.bfloat16  # (no state)
+    make_opt = getattr(sparse, f"sparse_{name}")
     set_kernel(True)
     mem, bf16_bytes = _bf16_step_memory(make_opt, table_dtype, state_dtype)
     assert mem.temp_size_in_bytes < bf16_bytes // 20, mem
@@ -485,16 +488,11 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return np.asarray(jnp.asarray(np.asarray(x, np.float32), jnp.bfloat16), np.float64)
 
 
-@pytest.mark.parametrize("table_dtype, state_dtype", [("bfloat16", "float32"),
-                                                      ("bfloat16", "bfloat16"),
-                                                      ("float32", "bfloat16")])
-@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("name, table_dtype, state_dtype", _BF16_CASES)
 def test_bf16_updates_match_numpy_on_both_paths(name, table_dtype, state_dtype, path):
     """bfloat16 tables and state (moments cast to bfloat16 to save memory): each step computes in
     float32, the table from the new state before its rounding, and rounds what it stores to
     bfloat16 (nearest, ties to even), on the kernel and the XLA path alike."""
-    if name == "sgd" and state_dtype == "bfloat16" and table_dtype == "float32":
-        state_dtype = "float32"  # (SGD has no state: the float32 table once more)
     rng = np.random.default_rng(11)
     opt = {"sgd": sparse.sparse_sgd(0.05), "adagrad": sparse.sparse_adagrad(0.05),
            "adam": sparse.sparse_adam(0.05)}[name]
