@@ -112,8 +112,20 @@ def test_predict_needs_only_the_workdir_and_agrees_with_evaluation(smoke_run):
     texts, label_ids = _test_split(config, workdir)
     labels = [predictor.class_names[y] for y in label_ids]
     results = predictor.predict(texts)
-    accuracy = np.mean([r["label"] == y for r, y in zip(results, labels)])
-    assert accuracy == pytest.approx(summary["test_accuracy"])  # eager, other batching: same answer
+    # Eager, other batching: the same answer per article, but for near-ties, which float32
+    # summation order may tip either way (none seen so far; they are left out, not failed).
+    split = json.loads((workdir / artifacts.SPLIT).read_text())
+    errors = [json.loads(line) for line in (workdir / artifacts.ERRORS).read_text().splitlines()]
+    evaluated = {e["source"]: e["predicted"] for e in errors}  # the misclassified ones
+    margins = [np.diff(sorted(r["scores"].values())[-2:])[0] for r in results]
+    clear = [i for i, m in enumerate(margins) if m > 1e-4]
+    assert len(clear) >= len(results) - 2, margins
+    for i in clear:
+        source = split["test"][i]
+        assert results[i]["label"] == evaluated.get(source, labels[i]), source
+    if len(clear) == len(results):
+        accuracy = np.mean([r["label"] == y for r, y in zip(results, labels)])
+        assert accuracy == pytest.approx(summary["test_accuracy"])
     for r in results[:3]:
         assert sum(r["scores"].values()) == pytest.approx(1.0, abs=1e-5)
         assert r["label"] == max(r["scores"], key=r["scores"].get)
