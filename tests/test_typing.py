@@ -1,12 +1,17 @@
 """jaxbag ships ``py.typed``: its annotations are what users' type checkers see. mypy (the
 ``[tool.mypy]`` settings of pyproject.toml) must pass on the library, on a user's calls of
 the public API (``typed_usage.py``: the types each call returns, and misuses refused), and on
-the experiments and configs (the library's first user)."""
+the experiments and configs (the library's first user). pyright (``[tool.pyright]``, run by the
+``basedpyright`` package, which brings its own Node.js) must pass on the library and on
+``typed_usage.py`` too, and refuse each misuse there."""
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
+import tokenize
 import typing
 from pathlib import Path
 
@@ -29,6 +34,47 @@ def test_mypy_passes_on_the_library_a_users_calls_and_the_experiments(tmp_path):
         cwd=ROOT, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def _pyright(*args: str) -> subprocess.CompletedProcess[str]:
+    # basedpyright's console script lies beside this interpreter (the dev extra installs it)
+    exe = Path(sys.executable).with_name("basedpyright")
+    return subprocess.run([str(exe), "--pythonpath", sys.executable, *args],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_pyright_passes_on_the_library_and_a_users_calls():
+    """Before: 32 errors in the library (``jax.core`` used without importing it, variables
+    possibly unbound on paths pyright could not rule out, ``auto_axes`` read as its decorator
+    form); ``typed_usage.py``'s ``assert_type`` lines are checked by pyright's rules too."""
+    proc = _pyright("jaxbag", "tests/typed_usage.py")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "0 errors" in proc.stdout, proc.stdout[-2000:]
+
+
+def _ignored_lines(path: Path) -> set[int]:
+    """The lines of ``path`` whose code ends with a ``# type: ignore[...]`` comment."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    return {t.start[0] for t in tokens
+            if t.type == tokenize.COMMENT and t.string.startswith("# type: ignore")}
+
+
+def test_pyright_refuses_each_misuse(tmp_path):
+    """With ``# type: ignore`` comments switched off, pyright reports an error on exactly the
+    lines that carry one (``typed_usage.misuses``): each misuse is refused by pyright as by
+    mypy (whose ``warn_unused_ignores`` checks the same lines), and nothing else is."""
+    usage = ROOT / "tests" / "typed_usage.py"
+    config = tmp_path / "pyrightconfig.json"
+    config.write_text(json.dumps({"typeCheckingMode": "standard", "pythonVersion": "3.11",
+                                  "enableTypeIgnoreComments": False, "extraPaths": [str(ROOT)]}))
+    proc = _pyright("-p", str(config), "--outputjson", str(usage))
+    report = json.loads(proc.stdout)
+    flagged = {d["range"]["start"]["line"] + 1 for d in report["generalDiagnostics"]
+               if d["severity"] == "error"}
+    expected = _ignored_lines(usage)
+    assert len(expected) >= 15, expected
+    assert flagged == expected, {"not refused": sorted(expected - flagged),
+                                 "unexpected": sorted(flagged - expected)}
 
 
 def test_the_typed_calls_run():

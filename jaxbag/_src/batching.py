@@ -514,6 +514,7 @@ def _check_bucket_sizes(bucket_sizes: Sequence[int]) -> tuple[int, ...]:
         raw = tuple(bucket_sizes)  # once: a generator is used up by the first pass
     except TypeError:
         raw = bucket_sizes
+    sizes: tuple[int, ...] = ()
     try:
         sizes = tuple(int(s) for s in raw)
         ok = len(sizes) > 0 and all(
@@ -651,16 +652,16 @@ def _pack_weights(
     num_real: int,
     n_pad: int,
 ) -> np.ndarray:
-    weights = host_rows(weights)
-    is_seq = isinstance(weights, (Sequence, np.ndarray)) and not isinstance(weights, (str, bytes))
-    if not is_seq or len(weights) != num_real:  # (a 2-D array is one row per bag, as for bags)
-        got = len(weights) if is_seq else type(weights).__name__
+    rows = host_rows(weights)
+    is_seq = isinstance(rows, (Sequence, np.ndarray)) and not isinstance(rows, (str, bytes))
+    if not is_seq or len(rows) != num_real:  # (a 2-D array is one row per bag, as for bags)
+        got = len(rows) if is_seq else type(rows).__name__
         raise ValueError(
             f"weights must be a sequence with one 1-D weight sequence per bag ({num_real}), "
             f"got {got}; e.g. jaxbag.pack_bags([[1, 2]], weights=[[0.5, 0.5]])."
         )
     parts = [host_weights(w, f"weights[{i}]", int(lengths[i]), f"bags[{i}]")
-             for i, w in enumerate(weights)]
+             for i, w in enumerate(rows)]
     out = np.zeros(n_pad, dtype=np.float32)
     total = int(lengths.sum(dtype=np.int64))
     if total:

@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jaxlib
+import jaxlib.version
 from jax import Array
 
 __all__ = [
@@ -78,7 +78,7 @@ _SYMBOLS = {
 
 def _source() -> str:
     """The kernel's C++ source (``cpu_kernel.cc``, package data beside this module)."""
-    return importlib.resources.files(__package__).joinpath("cpu_kernel.cc").read_text(encoding="utf-8")
+    return importlib.resources.files(__name__.rpartition(".")[0]).joinpath("cpu_kernel.cc").read_text(encoding="utf-8")
 
 
 _kernel_lock = threading.Lock()
@@ -182,7 +182,7 @@ def _library_name(source: str, cxx: list[str]) -> str:
     """The cached library's file name: a hash of everything the build depends on (the source,
     jax and jaxlib versions, the compiler command, the CPU, the build recipe)."""
     key = hashlib.sha256(
-        f"{source}\0{jax.__version__}\0{jaxlib.__version__}\0{cxx}\0{_cpu_fingerprint()}"
+        f"{source}\0{jax.__version__}\0{jaxlib.version.__version__}\0{cxx}\0{_cpu_fingerprint()}"
         f"\0{_BUILD_RECIPE}".encode()
     ).hexdigest()[:16]
     return f"jaxbag_cpu_{key}.so"
@@ -211,7 +211,7 @@ def _build_kernel() -> Path:
     try:
         first, _, earlier = failed.read_text().partition("\n")
     except OSError:
-        first = None
+        first, earlier = None, ""
     if first == stamp:
         raise RuntimeError(
             f"an earlier build with the same compiler failed (remembered in {failed}: delete it "

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax.core import Tracer
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 __all__ = [
@@ -36,7 +37,7 @@ def explicit_axes(mesh: Any) -> tuple[str, ...]:
 def explicit_mesh(x: Any) -> Any:
     """The (abstract) mesh whose Explicit axes split ``x``, or ``None`` (not an array, not split,
     or split over Auto / Manual axes only)."""
-    if not isinstance(x, jax.Array | jax.core.Tracer):
+    if not isinstance(x, jax.Array | Tracer):
         return None
     sharding: Any = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
@@ -54,7 +55,7 @@ def split_mesh(*xs: Any) -> Any:
 def _tracing() -> bool:
     """Whether a JAX transformation is tracing here (an operation on constants then gives a
     ``Tracer``; JAX has no public query for it)."""
-    return isinstance(jax.numpy.zeros((), jax.numpy.bool_), jax.core.Tracer)
+    return isinstance(jax.numpy.zeros((), jax.numpy.bool_), Tracer)
 
 
 def eager_mesh_context(*xs: Any) -> contextlib.AbstractContextManager:
@@ -65,7 +66,7 @@ def eager_mesh_context(*xs: Any) -> contextlib.AbstractContextManager:
     if not jax.sharding.get_abstract_mesh().empty or _tracing():
         return contextlib.nullcontext()
     for x in xs:
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) \
+        if isinstance(x, jax.Array) and not isinstance(x, Tracer) \
                 and explicit_mesh(x) is not None:
             sharding: Any = x.sharding  # a NamedSharding: explicit_mesh found its mesh
             return jax.set_mesh(sharding.mesh)
@@ -83,7 +84,7 @@ def run_as_auto(fn: Callable[..., Any], mesh: Any, out_sharding: Any, *args: Any
 
 def on_explicit_mesh(x: Any) -> bool:
     """Whether ``x`` is a concrete array placed on a mesh with Explicit axes (split or not)."""
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+    if not isinstance(x, jax.Array) or isinstance(x, Tracer):
         return False
     mesh = getattr(x.sharding, "mesh", None)
     return mesh is not None and AxisType.Explicit in getattr(mesh, "axis_types", ())
@@ -138,7 +139,7 @@ def gather(x: Any, *idx: Any) -> Any:
     # Concrete indices split over no axis only took the context mesh (jax.set_mesh) into their
     # type, and cannot be rows of a vmapped batch: the plain gather (with out_sharding, an
     # eager jax.grad of the table came back on an Auto copy of the mesh).
-    concrete = not any(isinstance(i, jax.core.Tracer) for i in idx)
+    concrete = not any(isinstance(i, Tracer) for i in idx)
     if (mesh is None or mesh.empty or not explicit_axes(mesh)
             or (concrete and split_mesh(x, *idx) is None)):
         return x.at[idx].get(mode="clip", wrap_negative_indices=False)
@@ -156,7 +157,7 @@ def _explicit_context(args: tuple) -> bool:
     """Whether the mesh of one of ``args`` has Explicit axes (inside ``vmap`` too: a row of a
     split batch keeps its mesh in its type; a context mesh alone splits nothing)."""
     meshes = [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
-              for a in args if isinstance(a, jax.Array | jax.core.Tracer)]
+              for a in args if isinstance(a, jax.Array | Tracer)]
     return any(m is not None and not m.empty and explicit_axes(m) for m in meshes)
 
 
@@ -180,17 +181,18 @@ def batch_as_auto(
     reverse-mode derivative, and JAX's batching needs no help there).
     """
     custom_rule = rule is not None
-    if rule is None:
-        def rule(axis_size, in_batched, *args):
-            # (the batched function carries this rule too, for a vmap around this one)
-            return batch_as_auto(jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched),
-                                          axis_size=axis_size))(*args)
 
+    def default_rule(axis_size, in_batched, *args):
+        # (the batched function carries this rule too, for a vmap around this one)
+        return batch_as_auto(jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched),
+                                      axis_size=axis_size))(*args)
+
+    vmap_rule = default_rule if rule is None else rule
     batchable = jax.custom_batching.custom_vmap(fn)
 
     @batchable.def_vmap
     def batched(axis_size, in_batched, *args):
-        run = functools.partial(rule, axis_size, in_batched)
+        run = functools.partial(vmap_rule, axis_size, in_batched)
         split = [a for a, b in zip(args, in_batched) if b and explicit_mesh(a) is not None]
         if split:
             mesh = explicit_mesh(split[0])
@@ -202,7 +204,7 @@ def batch_as_auto(
             row = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype)
                    for a, b in zip(args, in_batched)]
             out_struct = jax.eval_shape(fn, *row)
-            run = functools.partial(rule, axis_size // math.prod(mesh.shape[a] for a in manual),
+            run = functools.partial(vmap_rule, axis_size // math.prod(mesh.shape[a] for a in manual),
                                     in_batched)
             rest = tuple(a for a in explicit_axes(mesh) if a not in manual)
             if rest:  # (inside: every result whole over the other axes)

@@ -564,7 +564,7 @@ class JaggedFeatures:
             for i in range(k):
                 lo, hi = runs[i, s]
                 values[pos : pos + hi - lo] = flat[lo:hi]
-                if weights is not None:
+                if weights is not None and flat_w is not None:
                     weights[pos : pos + hi - lo] = flat_w[lo:hi]
                 pos += caps[i]
         return cls(

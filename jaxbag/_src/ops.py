@@ -5,6 +5,7 @@ Legend: ``V`` rows in the table, ``D`` features, ``N`` ids, ``B`` bags, ``L`` id
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import jax
@@ -371,8 +372,10 @@ def _embedding_bag(
 
         # (only the Explicit axes: the Manual ones of an enclosing shard_map stay Manual)
         axes = explicit.explicit_axes(out_sharding.mesh)
-        return jax.sharding.auto_axes(whole, axes=axes, out_sharding=out_sharding)(
-            weight, indices, offsets, segment_ids, per_sample_weights)
+        # (typed here: type checkers read auto_axes' return as its decorator form's too)
+        auto: Callable[..., Any] = jax.sharding.auto_axes(
+            whole, axes=axes, out_sharding=out_sharding)
+        return auto(weight, indices, offsets, segment_ids, per_sample_weights)
 
     b = layout.num_bags
     # shape polymorphism (jax.export with symbolic dimensions)

@@ -365,7 +365,7 @@ class _BudgetModel:
     skip the state.
     """
 
-    def __init__(self, tables, overrides, n, min_fill, exact):
+    def __init__(self, tables: Sequence[collection.TableConfig], overrides, n, min_fill, exact):
         self.n, self.min_fill, self.overrides, self.exact = n, min_fill, overrides, exact
         self.seen: dict[tuple, tuple[int | None, list[str]]] = {}
         self.order = [t.name for t in sorted(tables, key=lambda t: -t.nbytes)]  # the move order
@@ -480,7 +480,7 @@ class _BudgetModel:
                 out[name] = "row" if name in row_set else "table"
         return (out if total <= budget else None), total
 
-    def _best_rows(self, g, members, free, kinds):
+    def _best_rows(self, g, members, free, kinds) -> tuple[int, int, frozenset[str]] | None:
         """``(bytes, changes, row-wise free tables)`` of group ``g``'s best choice, or ``None``."""
         fixed_row = sum(self.padded[m] for m in members if self.overrides.get(m) == "row")
         forced = {m for m in members if self.overrides.get(m) == "table"}
@@ -495,7 +495,7 @@ class _BudgetModel:
                 return None
             return size, len(row_set ^ start), row_set
 
-        best = None
+        best: tuple[int, int, frozenset[str]] | None = None
 
         def consider(row_set):
             nonlocal best

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.core import Tracer
 from jax.typing import ArrayLike
 
 from jaxbag._src import validation
@@ -230,7 +231,7 @@ def _check_not_clipped(name: str, raw: ArrayLike, x: Array, n: int) -> None:
     entry of ``raw`` to ``x``'s range (int32 without x64): such an offset or length is past any
     ``N``, and the later checks would show the clipped ``2147483647`` instead. Concrete host
     values only (a traced or signed JAX ``raw`` is never clipped)."""
-    if isinstance(raw, jax.core.Tracer) or (isinstance(raw, jax.Array) and raw.dtype.kind == "i"):
+    if isinstance(raw, Tracer) or (isinstance(raw, jax.Array) and raw.dtype.kind == "i"):
         return
     try:
         a = np.asarray(raw)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
+from jax.core import Tracer
 from jax.sharding import NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
@@ -251,6 +252,7 @@ def unique_rows(
             f"num_embeddings must be a positive Python int (V, the table's rows); got "
             f"num_embeddings={num_embeddings!r}. For a table: unique_rows(ids, table.shape[0])."
         )
+    num_embeddings = int(num_embeddings)
     if valid is not None:
         valid = jnp.asarray(valid)
         if valid.shape != indices.shape or valid.dtype != jnp.bool_:
@@ -464,7 +466,7 @@ def _per_row(table: Array, ndim: int) -> dict[str, NamedSharding]:
     if mesh is None:
         return {}
     spec = (tuple(jax.typeof(table).sharding.spec) + (None,) * ndim)[:ndim]
-    if isinstance(table, jax.core.Tracer):  # (under jit: only within jax.set_mesh, as JAX asks)
+    if isinstance(table, Tracer):  # (under jit: only within jax.set_mesh, as JAX asks)
         if jax.sharding.get_abstract_mesh().empty:
             return {}
         return {"out_sharding": NamedSharding(mesh, PartitionSpec(*spec))}
@@ -560,6 +562,7 @@ def _rows_local(
     acc = acc_dtype(weight.dtype)
     local = jnp.take(weight, rows, axis=0, mode="fill", fill_value=0).astype(acc)
     local = jnp.concatenate([local, jnp.zeros((1, weight.shape[1]), acc)], axis=0)
+    extra = None
     if overflow is not None:
         own = jnp.arange(u + 1, u + 1 + indices.size, dtype=inverse.dtype).reshape(indices.shape)
         inverse = jnp.where(overflow, own, inverse)
@@ -567,7 +570,7 @@ def _rows_local(
                                                fill_value=0).astype(acc))
 
     def bag(table: Array) -> Array:
-        if overflow is not None:
+        if extra is not None:
             table = jnp.concatenate([table, extra], axis=0)
         return ops.embedding_bag(table, inverse, offsets, padding_idx=u, **kwargs)
 

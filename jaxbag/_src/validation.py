@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.core import Tracer
 from jax.experimental import checkify
 from jax.typing import ArrayLike, DTypeLike
 
@@ -71,7 +72,7 @@ def check_bool(name: str, value: object) -> None:
     """Raises unless ``value`` is a Python or NumPy bool (or a concrete 0-d bool array): a flag
     given as a string (``"False"`` from a config file) or a number would otherwise switch the
     option on by its truthiness. A traced bool cannot choose the computation: refused too."""
-    if isinstance(value, np.ndarray | jax.Array) and not isinstance(value, jax.core.Tracer):
+    if isinstance(value, np.ndarray | jax.Array) and not isinstance(value, Tracer):
         if value.ndim == 0 and value.dtype == np.bool_:
             return  # a concrete 0-d bool array (np.array(True), jnp.bool_(True))
     if not isinstance(value, (bool, np.bool_)):
@@ -98,7 +99,7 @@ def check_float_dtype(name: str, value: object, example: str) -> None:
 
 def is_concrete(*xs: object) -> bool:
     """Whether none of ``xs`` is a tracer (i.e. their values are known now)."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+    return not any(isinstance(x, Tracer) for x in xs)
 
 
 def check_mode(mode: str) -> None:
@@ -133,14 +134,14 @@ def check_norm(max_norm: float | None, norm_type: float) -> None:
     def number(value: Any) -> bool:
         if isinstance(value, (bool, np.bool_, str)) or np.ndim(value) != 0:
             return False
-        if isinstance(value, jax.core.Tracer):
+        if isinstance(value, Tracer):
             return True
         try:
             return not np.isnan(float(value))
         except (TypeError, ValueError):
             return False
 
-    if isinstance(norm_type, jax.core.Tracer):
+    if isinstance(norm_type, Tracer):
         raise ValueError(
             "norm_type must be a static number: it picks the norm's formula (p = 0, inf, -inf "
             f"or another p); got a traced value, norm_type={norm_type!r}. Pass a Python float, "
