@@ -10,11 +10,13 @@ featurizer), ``split.json`` (class names) and the latest checkpoint's parameters
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -22,7 +24,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 import jaxbag
-from experiments.textcls import artifacts, checkpoint, logs, sharded
+from experiments.textcls import artifacts, checkpoint, data, logs, sharded
 from experiments.textcls.model import build_model
 from experiments.textcls.tokenizer import Featurizer
 
@@ -88,6 +90,25 @@ def _format(result: dict[str, Any], top: int) -> str:
     return "\n".join(lines)
 
 
+def read_texts(args: Sequence[str], stdin: TextIO) -> list[str]:
+    """The texts to classify: the arguments, or else ``stdin``'s lines (each line a text,
+    blank ones too, so that the outputs line up with the inputs). Bytes that are not UTF-8
+    are an error naming the argument or the line (``data.decode_utf8``), not text with
+    lone surrogates (how Python decodes them in argv, and in stdin under a C.UTF-8 locale)
+    that loses the word they are in and is not valid JSON."""
+    for i, arg in enumerate(args, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            data.decode_utf8(os.fsencode(arg), f"argument {i}", "pass UTF-8 text", lines=False)
+            raise  # (decode_utf8 raised; this only keeps the type checker informed)
+    if args:
+        return list(args)
+    text = data.decode_utf8(stdin.buffer.read(), "<stdin>",
+                            "re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE`")
+    return [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
+
+
 def define_flags() -> None:
     """Defines --workdir, --json, --top (only when run as a program)."""
     global _WORKDIR, _JSON, _TOP
@@ -101,9 +122,7 @@ def main(argv: list[str]) -> None:
     logs.quiet_orbax()
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir runs/bbc_news")
-    # every stdin line gets its result, blank ones too (an empty bag), so that the outputs
-    # line up with the inputs
-    texts = argv[1:] or [line.rstrip("\r\n") for line in sys.stdin]
+    texts = logs.exit_on_user_error(read_texts, argv[1:], sys.stdin)
     if not texts:
         raise app.UsageError('give texts as arguments (or on stdin, one per line): "some text"')
     predictor = logs.exit_on_user_error(Predictor, _WORKDIR.value)

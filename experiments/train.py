@@ -114,6 +114,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         featurizer.num_embeddings - len(featurizer.vocab),
         float(np.mean([b.size for b in train_bags])) if train_bags else 0.0,
     )
+    copies = test_ds.copies_of(train_ds)
+    if copies:
+        logging.info("%d of the %d test texts are also in the training split (e.g. %s)",
+                     len(copies), len(test_ds), ", ".join(copies[:3]))
+    missing = train_ds.missing_classes()
+    if missing:
+        logging.warning(
+            "no training example has class %s (of %s): the model cannot learn to predict it. "
+            "Check the training file's labels (a class left out, or numbered from another base)",
+            ", ".join(repr(m) for m in missing), list(train_ds.class_names))
 
     # Model, optimiser, state.
     model = build_model(
@@ -324,7 +334,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(1)
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:
+    except (flags.Error, ValueError) as e:  # (config_flags raises ValueError: --noconfig.k=v)
         print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
         print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
         sys.exit(1)

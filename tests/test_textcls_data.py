@@ -162,9 +162,47 @@ def test_ag_news_csv_errors_name_file_and_line(tmp_path, content, match):
         data.load_ag_news_csv(f)
 
 
+def test_csv_classes_without_names_are_named_as_the_file_numbers_them(tmp_path):
+    """A CSV numbers its classes 1..C: without class_names they were named "0".."C-1", so
+    predict, the confusion matrix and errors.jsonl called the file's class 2 "1"."""
+    f = _write(tmp_path / "bin.csv", '"1","bad","awful"\n"2","good","great"\n')
+    ds = data.load_ag_news_csv(f, num_classes=2, class_names=())
+    assert ds.class_names == ("1", "2") and ds.labels.tolist() == [0, 1]
+    j = _write(tmp_path / "bin.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    assert data.load_jsonl(j, num_classes=2).class_names == ("0", "1")  # JSON lines: 0..C-1
+
+
+def test_repeated_class_names_are_refused(tmp_path):
+    """('a', 'a') trained with a matrix headed "a a", and predict's scores lost a class."""
+    f = _write(tmp_path / "bin.csv", '"1","bad","awful"\n"2","good","great"\n')
+    with pytest.raises(data.DataError, match=r"class_names \['a', 'a'\] repeats \['a'\]"):
+        data.load_ag_news_csv(f, num_classes=2, class_names=("a", "a"))
+    j = _write(tmp_path / "d.jsonl", '{"text": "x", "label": "a"}\n')
+    with pytest.raises(data.DataError, match=r"repeats \['a'\]"):
+        data.load_jsonl(j, class_names=("a", "b", "a"))
+
+
+def test_missing_classes_names_the_classes_no_example_has(tmp_path):
+    j = _write(tmp_path / "d.jsonl", '{"text": "x", "label": 0}\n{"text": "y", "label": 2}\n')
+    assert data.load_jsonl(j, num_classes=4).missing_classes() == ["1", "3"]
+    assert data.load_jsonl(j, num_classes=3).subset([0]).missing_classes() == ["1", "2"]
+    assert data.load_jsonl(j, class_names=("a", "b", "c")).subset([0, 1]).missing_classes() == ["b"]
+
+
+def test_copies_of_lists_the_texts_the_other_split_holds(tmp_path):
+    j = _write(tmp_path / "d.jsonl", "".join(json.dumps({"text": t, "label": 0}) + "\n" for t in (
+        "a  b", "c", "a b\n", "d", "a\tb c")))
+    ds = data.load_jsonl(j, num_classes=1)
+    train, test = ds.subset([0, 1]), ds.subset([2, 3, 4])
+    assert test.copies_of(train) == ["d.jsonl:3"]  # whitespace runs are one space; not "a b c"
+    assert train.copies_of(test) == ["d.jsonl:1"]
+
+
 def test_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(data.DataError, match=r"CSV file not found: .*nope\.csv"):
         data.load_ag_news_csv(tmp_path / "nope.csv")
+    with pytest.raises(data.DataError, match=r"CSV file .* is a directory; give a file in it"):
+        data.load_ag_news_csv(tmp_path)  # (it said "no such file")
     with pytest.raises(data.DataError, match=r"JSON-lines file not found"):
         data.load_jsonl(tmp_path / "nope.jsonl", num_classes=2)
     with pytest.raises(data.DataError, match="no CSV file given"):
@@ -263,7 +301,7 @@ def test_load_splits_for_csv_configs(tmp_path):
            "test_path": str(tmp_path / "te.csv"), "num_classes": 4, "class_names": ()}
     train, test, record = data.load_splits(cfg, seed=0)
     assert (len(train), len(test)) == (2, 1) and test.labels.tolist() == [3]
-    assert record["num_train"] == 2 and record["class_names"] == ["0", "1", "2", "3"]
+    assert record["num_train"] == 2 and record["class_names"] == ["1", "2", "3", "4"]  # (1-based)
     with pytest.raises(ValueError, match="config.data.name must be one of"):
         data.load_splits({**cfg, "name": "imdb"}, seed=0)
 

