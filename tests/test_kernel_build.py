@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import jaxbag
 from jaxbag._src import cpu_kernel, fast_forward
 
 
@@ -245,6 +246,9 @@ def test_the_kernel_is_not_built_for_another_backend(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(cpu_kernel, "_load_kernel", lambda: pytest.fail("the kernel was built"))
     assert not cpu_kernel.kernel_ok(jnp.ones((2, 2), jnp.float32))
+    # nor by the status, which said (True, "loaded ...") there, for a kernel no call would use
+    ok, why = jaxbag.cpu_kernel_status()
+    assert not ok and why.startswith("JAX's default backend is gpu: jaxbag runs XLA ops there")
 
 
 def test_the_kernel_says_no_arg_max_outside_max_mode():

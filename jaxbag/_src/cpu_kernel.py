@@ -333,6 +333,9 @@ def cpu_kernel_status() -> tuple[bool, str]:
     Set ``JAXBAG_DISABLE_CPU_KERNEL=1`` to never use it. Without it every call takes the
     pure-XLA path (same values and gradients).
 
+    In a process whose default backend is not the CPU it returns ``(False, ...)`` without
+    building anything: every call there takes the XLA path.
+
     Returns:
       ``(available, message)``.
 
@@ -342,6 +345,10 @@ def cpu_kernel_status() -> tuple[bool, str]:
       >>> isinstance(ok, bool) and isinstance(why, str)
       True
     """
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return False, (f"JAX's default backend is {backend}: jaxbag runs XLA ops there (the C++ "
+                       "kernel is for the CPU backend and is not built)")
     ok = _load_kernel()
     return ok, str(_kernel_state.get("reason", ""))
 

@@ -33,8 +33,7 @@ bags of the rows' ids laid end to end (bag ``B`` of a row holds its ids outside 
 its first offset, past its last one, or of an out-of-range segment id; it is dropped). JAX's
 default rule for an FFI call is a loop of ``S`` calls, which also cannot run over a batch axis
 split over an Explicit mesh axis. Flat positions past int32 fall back to that loop. (Unsorted
-segment ids, whose grouping is unspecified, may group differently under ``vmap`` than in a loop:
-the kernel looks for a bag's ids where sorted ids would put them, now in the flat list.)
+segment ids are grouped under ``vmap`` as in a loop: see the README, "The CPU kernel".)
 
 Differentiation: :func:`bag_reduce` is a ``jax.custom_jvp`` whose tangent rule is the linear
 gather+segment-sum formulation, so forward mode works and reverse mode is its transpose: the usual
@@ -99,7 +98,7 @@ class Prep:
     def divide(self, total: Array) -> Array:
         """``total [B, D]`` divided by the bags' divisors (mean, sqrtn; unchanged for sum), +0.0
         where a divisor is 0: a bag's zero scale times a negative sum would give -0.0, and the
-        kernel and :func:`jaxbag.embedding_bag_xla` give +0.0 (an empty bag's zeros)."""
+        kernel and ``jaxbag._src.ops.embedding_bag_xla`` give +0.0 (an empty bag's zeros)."""
         if self.inv_den is None:
             return total
         return self.zero_where_no_divisor(total * self.inv_den[:, None])
