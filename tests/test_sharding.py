@@ -592,3 +592,66 @@ def test_a_padded_table_keeps_its_real_row_count(jit):
     for bad in (13, 0, 10.0, jnp.int32(10)):
         with pytest.raises(ValueError, match=r"num_embeddings must be an int in \[1, 12\]"):
             jsh.embedding_bag(wp, ids, offs, mesh=mesh, axis_name="model", num_embeddings=bad)
+
+
+def test_embedding_bag_in_shard_map_checks_its_arguments_as_embedding_bag():
+    """The shard_map building block took ``mode="median"`` as sum, ignored ``padding_idx=-1``
+    (no id equals -1), and ignored ``per_sample_weights`` with ``mode="max"``: its static
+    arguments are checked as ``jaxbag.embedding_bag`` checks them (same messages), and a negative
+    ``padding_idx`` counts from the end (from ``num_embeddings``)."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _mesh1()
+    w = jnp.arange(16.0).reshape(8, 2)
+    ids, seg, offs = jnp.array([7, 1, 3]), jnp.array([0, 0, 1]), jnp.array([0, 2])
+
+    def run(**kw):
+        def local(lw, i, s):
+            return jsh.embedding_bag_in_shard_map(lw, i, s, num_bags=2, num_embeddings=8,
+                                                  axis_name="model", **kw)
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("model", None), P(), P()),
+                                     out_specs=P()))(w, ids, seg)
+
+    for pad in (-1, 7, -8, 0):
+        np.testing.assert_array_equal(
+            run(mode="sum", padding_idx=pad),
+            jaxbag.embedding_bag(w, ids, offs, mode="sum", padding_idx=pad))
+    weights = jnp.ones(3)
+    for kw in (dict(mode="median"), dict(mode="max", per_sample_weights=weights),
+               dict(mode="sum", padding_idx=8), dict(mode="sum", padding_idx=1.0),
+               dict(mode="sum", per_sample_weights=jnp.ones(2))):
+        with pytest.raises((ValueError, TypeError)) as want:
+            jaxbag.embedding_bag(w, ids, offs, **kw)
+        with pytest.raises(type(want.value)) as got:
+            run(**kw)
+        assert str(got.value) == str(want.value)
+
+
+def test_a_repeated_mesh_axis_is_refused():
+    """``("model", "model")`` counted the 4-device axis twice (16 devices: the planner planned for
+    them), then JAX raised DuplicateSpecError far from the call. Refused by every axis check,
+    naming the argument; an unknown batch_axis's hint names batch_axis (it said axis_name)."""
+    mesh = _fake_mesh((2, 4), ("data", "model"))
+    tables = [jaxbag.TableConfig("a", 100, 8, ("fa",)), jaxbag.TableConfig("b", 40, 8, ("fb",))]
+    w, ids = jnp.ones((16, 2), jnp.float32), jnp.zeros((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"axis=\('model', 'model'\) names mesh axis 'model' "
+                                         r"more than once; name each axis once, e.g. axis='model'\."):
+        jsh.axis_size(mesh, ("model", "model"))
+    for call, name, value in [
+        (lambda: jsh.plan_sharding(tables, mesh, axis_name=("model", "model")), "axis_name",
+         "('model', 'model')"),
+        (lambda: jsh.plan_sharding(tables, mesh, axis_name="model",
+                                   batch_axis=("data", "data")), "batch_axis", "('data', 'data')"),
+        (lambda: jsh.shard_table(w, mesh, ("model", "model")), "axis_name", "('model', 'model')"),
+        (lambda: jsh.embedding_bag(w, ids, mesh=mesh, axis_name="model",
+                                   batch_axis=("data", "data")), "batch_axis", "('data', 'data')"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name}={value}".replace("(", r"\(").replace(
+                ")", r"\)") + r" names mesh axis '\w+' more than once; name each axis once"):
+            call()
+    with pytest.raises(ValueError, match=r"batch_axis='dta' is not an axis of the mesh, whose "
+                                         r"axes are \('data', 'model'\); e.g. batch_axis='data'"):
+        jsh.plan_sharding(tables, mesh, axis_name="model", batch_axis="dta")
+    with pytest.raises(ValueError, match=r"axis_name='modl' is not an axis .* e.g. "
+                                         r"axis_name='model'"):
+        jsh.plan_sharding(tables, mesh, axis_name="modl")
