@@ -655,3 +655,28 @@ def test_a_repeated_mesh_axis_is_refused():
     with pytest.raises(ValueError, match=r"axis_name='modl' is not an axis .* e.g. "
                                          r"axis_name='model'"):
         jsh.plan_sharding(tables, mesh, axis_name="modl")
+
+
+def test_a_sharding_plan_normalises_lists_to_tuples():
+    """A plan is static (hashed by jit as part of the layout): ``axis_name=["model"]`` or list
+    placements made an unhashable plan that failed deep inside JAX. Lists where the API documents
+    tuples become tuples on construction; a table name that is not a str is refused."""
+    mesh = _fake_mesh((2, 4), ("data", "model"))
+    tables = [jaxbag.TableConfig("a", 13, 3, ("fa",)), jaxbag.TableConfig("b", 7, 3, ("fb",))]
+    plan = jsh.plan_sharding(tables, mesh, axis_name=["model"], batch_axis=["data"])
+    assert (plan.axis_name, plan.batch_axis) == (("model",), ("data",))
+    hash(jaxbag.collection_layout(tables, plan=plan))
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model", batch_axis="data")
+    for placements in (list(plan.placements), [list(p) for p in plan.placements]):
+        edited = dataclasses.replace(plan, placements=placements)
+        assert edited == plan and hash(edited) == hash(plan)
+        hash(jaxbag.collection_layout(tables, plan=edited))
+    edited = dataclasses.replace(plan, placements=(("a", "table", np.int64(1)), ("b", "row", None)))
+    assert edited.placements == (("a", "table", 1), ("b", "row", None))
+    assert type(edited.placements[0][2]) is int
+    with pytest.raises(TypeError, match=r"placements\[0\] = \(1, 'row', None\): the table name "
+                                        r"must be a str .*got 1 of type int"):
+        dataclasses.replace(plan, placements=((1, "row", None),))
+    with pytest.raises(TypeError, match=r"placements must be a tuple of \(table name, kind, "
+                                        r"device index or None\); got 'a'"):
+        dataclasses.replace(plan, placements="a")

@@ -62,7 +62,8 @@ class ShardingPlan:
       placements: ``(table name, "row" | "table" | "replicated", device index or None)``.
 
     Build it with :func:`plan_sharding`; edited by hand (``dataclasses.replace``), it is checked
-    on construction.
+    on construction, and lists given for the axes or the placements become tuples (a plan is
+    static: ``jit`` hashes it).
 
     Examples:
       >>> import jax, jaxbag, jaxbag.sharding
@@ -80,10 +81,23 @@ class ShardingPlan:
     placements: tuple[tuple[str, str, int | None], ...]
 
     def __post_init__(self) -> None:
-        # A plan may be built or edited by hand (dataclasses.replace): check it as the planner would.
+        # A plan may be built or edited by hand (dataclasses.replace): check it as the planner
+        # would. It is static (jit hashes it with the layout): lists where tuples are documented
+        # become tuples (a list made an unhashable plan, refused deep inside JAX).
+        for field in ("axis_name", "batch_axis"):
+            value = getattr(self, field)
+            if isinstance(value, list):
+                object.__setattr__(self, field, tuple(value))
+        if not isinstance(self.placements, (tuple, list)):
+            raise TypeError(
+                "placements must be a tuple of (table name, kind, device index or None); got "
+                f"{self.placements!r}, e.g. placements=(('big', 'row', None), ('small', 'table', "
+                "0))."
+            )
         sharding.check_axes(self.mesh, self.axis_name, self.batch_axis)
         n = self.num_shards
         seen = set()
+        normalised = []
         for i, entry in enumerate(self.placements):
             try:
                 name, kind, shard = entry
@@ -91,6 +105,12 @@ class ShardingPlan:
                 raise ValueError(
                     f"placements[{i}] = {entry!r} must be (table name, kind, device index or None)."
                 ) from None
+            entry = tuple(entry)
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"placements[{i}] = {entry!r}: the table name must be a str (a "
+                    f"TableConfig's name); got {name!r} of type {type(name).__name__}."
+                )
             if kind not in PLACEMENTS:
                 raise ValueError(
                     f"placements[{i}] = {entry!r}: kind {kind!r} is not one of {PLACEMENTS}."
@@ -108,6 +128,8 @@ class ShardingPlan:
             if name in seen:
                 raise ValueError(f"placements[{i}]: table {name!r} is placed twice.")
             seen.add(name)
+            normalised.append((name, kind, None if shard is None else int(shard)))
+        object.__setattr__(self, "placements", tuple(normalised))
 
     @property
     def num_shards(self) -> int:
