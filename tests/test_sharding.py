@@ -680,3 +680,40 @@ def test_a_sharding_plan_normalises_lists_to_tuples():
     with pytest.raises(TypeError, match=r"placements must be a tuple of \(table name, kind, "
                                         r"device index or None\); got 'a'"):
         dataclasses.replace(plan, placements="a")
+
+
+def test_sparse_init_and_update_check_their_arguments():
+    """A 1-D table was an IndexError, a list table an AttributeError, another optimiser's state a
+    shard_map pytree error, an optax optimiser silently gave EmptyState: each is refused first,
+    naming ``optimizer``, ``table`` or ``state``."""
+    import optax
+
+    mesh = _mesh1()
+    kw = dict(mesh=mesh, axis_name="model")
+    w = jsh.shard_table(jnp.arange(16.0).reshape(8, 2), mesh, "model")
+    sgd, adam = jaxbag.sparse_sgd(0.1), jaxbag.sparse_adam(0.1)
+    bags, pb = jsh.embedding_bag_rows(w, jnp.array([[7, 1], [3, 3]]), mode="sum", **kw)
+    rg = pb(jnp.ones_like(bags))
+    for bad in (optax.sgd(0.1), jaxbag.sparse_adam, "adam"):
+        with pytest.raises(TypeError, match=r"optimizer must be a jaxbag.SparseOptimizer, e.g. "
+                                            r"jaxbag.sparse_adam\(1e-3\) \(called\); got"):
+            jsh.sparse_init(bad, w, **kw)
+        with pytest.raises(TypeError, match=r"optimizer must be a jaxbag.SparseOptimizer"):
+            jsh.sparse_update(bad, w, jsh.sparse_init(sgd, w, **kw), rg, **kw)
+    with pytest.raises(ValueError, match=r"table must be 2-D \[V, D\] \(one row per id\); got "
+                                         r"shape \(8,\)"):
+        jsh.sparse_init(sgd, jnp.ones(8), **kw)
+    with pytest.raises(TypeError, match=r"table must be a \[V, D\] array .*got list"):
+        jsh.sparse_init(sgd, [[1.0]] * 8, **kw)
+    with pytest.raises(TypeError, match=r"table must be a \[V, D\] array .*got list"):
+        jsh.sparse_update(sgd, [[1.0]] * 8, jsh.sparse_init(sgd, w, **kw), rg, **kw)
+    with pytest.raises(TypeError, match=r"state does not match optimizer.init's structure for "
+                                        r"this table: expected SgdState\(count=\(\)\); got "
+                                        r"LazyAdamState\(count=\(\), mu=\(8, 2\), nu=\(8, 2\)\)"):
+        jsh.sparse_update(sgd, w, jsh.sparse_init(adam, w, **kw), rg, **kw)
+    small = jsh.sparse_init(adam, jsh.shard_table(jnp.zeros((4, 2)), mesh, "model"), **kw)
+    with pytest.raises(ValueError, match=r"state does not match optimizer.init's shapes for this "
+                                         r"table: expected LazyAdamState\(count=\(\), mu=\(8, 2\)"):
+        jsh.sparse_update(adam, w, small, rg, **kw)
+    state = jsh.sparse_init(adam, w, **kw)  # the right ones pass
+    jsh.sparse_update(adam, w, state, rg, **kw)

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -905,6 +906,34 @@ def local_row_grads(
     return jnp.where(own, local_rows, jnp.int32(r)), grads.astype(acc)
 
 
+def check_sparse_table(optimizer: object, table: object) -> None:
+    """Raises unless ``optimizer`` is a jaxbag sparse optimiser and ``table`` a ``[V, D]`` float
+    array (the checks of :func:`sparse_init` and :func:`sparse_update`, before any work)."""
+    sparse.check_optimizer(optimizer)
+    if not isinstance(table, jax.Array | np.ndarray):
+        raise TypeError(
+            "table must be a [V, D] array (a jax.Array, placed row-sharded with "
+            f"jaxbag.sharding.shard_table(weight, mesh, axis_name)); got {type(table).__name__}."
+        )
+    validation.check_table(table, "table")
+
+
+def check_sparse_state(optimizer: sparse.TableOptimizer, table: Array, state: Any) -> None:
+    """Raises unless ``state`` has the structure (type, fields) and leaf shapes that
+    ``optimizer.init(table)`` gives (dtypes may differ: moments kept in another float dtype)."""
+    want = sparse.state_spec(optimizer.init, tuple(table.shape), jnp.dtype(table.dtype))
+    want_shapes, got_shapes = jax.tree.map(jnp.shape, want), jax.tree.map(jnp.shape, state)
+    same_tree = jax.tree.structure(want) == jax.tree.structure(state)
+    if not same_tree or want_shapes != got_shapes:
+        error = ValueError if same_tree else TypeError
+        raise error(
+            f"state does not match optimizer.init's {'shapes' if same_tree else 'structure'} for "
+            f"this table: expected {want_shapes}; got {got_shapes} (leaf shapes shown). Make it "
+            "for this optimizer and table: state = jaxbag.sharding.sparse_init(optimizer, table, "
+            "mesh=mesh, axis_name=axis_name) (after switching optimisers, init a new state)."
+        )
+
+
 def _state_specs(optimizer: sparse.TableOptimizer, local_table: Any, axis_name: AxisName) -> Any:
     """Scalars replicated, every other leaf split by rows (the optimisers' per-row state)."""
     shapes = jax.eval_shape(optimizer.init, local_table)
@@ -926,6 +955,11 @@ def sparse_init(
       The optimiser state; ``[V]``/``[V, D]`` leaves sharded ``P(axis_name)``, scalars replicated
       (in the form a jitted :func:`sparse_update` returns them: :func:`table_shardings`).
 
+    Raises:
+      TypeError, ValueError: ``optimizer`` is not a :class:`jaxbag.SparseOptimizer` (an optax
+        one, say), ``table`` is not a ``[V, D]`` float array, bad axes, or ``V`` not divisible
+        by the size of ``axis_name`` (before any work).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding as jsh
       >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -934,6 +968,7 @@ def sparse_init(
       >>> type(state).__name__, state.sum_sq.shape
       ('RowwiseAdagradState', (4,))
     """
+    check_sparse_table(optimizer, table)
     check_axes(mesh, axis_name, None)
     check_divisible_rows("table", table.shape[0], mesh, axis_name)
     n = axis_size(mesh, axis_name)
@@ -964,6 +999,11 @@ def sparse_update(
     Returns:
       ``(table, state)`` updated; donate both to ``jit`` to update in place.
 
+    Raises:
+      TypeError, ValueError: as :func:`sparse_init`, plus a ``state`` whose structure or leaf
+        shapes are not those ``optimizer.init`` gives this table (another optimiser's, another
+        table's), and ``row_grads`` not split over ``axis_name`` (before any work).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding as jsh
       >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -979,6 +1019,8 @@ def sparse_update(
       >>> w[:, 0].tolist()
       [0.0, -0.5, 0.0, -1.0]
     """
+    check_sparse_table(optimizer, table)
+    check_sparse_state(optimizer, table, state)
     check_axes(mesh, axis_name, None)
     check_divisible_rows("table", table.shape[0], mesh, axis_name)
     check_split_rows(row_grads, mesh, axis_name)
