@@ -717,3 +717,30 @@ def test_sparse_init_and_update_check_their_arguments():
         jsh.sparse_update(adam, w, small, rg, **kw)
     state = jsh.sparse_init(adam, w, **kw)  # the right ones pass
     jsh.sparse_update(adam, w, state, rg, **kw)
+
+
+def test_planner_overrides_and_plan_tables_are_checked():
+    """Overrides given as a string or a list were read by dict() ("dictionary update sequence
+    element #0 has length 1"); a 3-table plan's describe() of 2 tables was a bare KeyError, and
+    collection_layout of 2 tables silently ignored the third placement."""
+    mesh = _fake_mesh((2, 4), ("data", "model"))
+    T = jaxbag.TableConfig
+    tables = [T("a", 100, 8, ("fa",)), T("b", 40, 8, ("fb",)), T("c", 30, 8, ("fc",))]
+    for bad in ("a", ["a"], [("a", "row")]):
+        with pytest.raises(TypeError, match=r"overrides must be a mapping \{table name: 'row' \| "
+                                            r"'table' \| 'replicated'\}; got .*, e.g. "
+                                            r"overrides=\{'a': 'row'\}"):
+            jsh.plan_sharding(tables, mesh, axis_name="model", overrides=bad)
+    with pytest.raises(ValueError, match=r"overrides names unknown tables \[1\]"):
+        jsh.plan_sharding(tables, mesh, axis_name="model", overrides={1: "row"})
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model")
+    extra = (r"the plan places tables \['c'\] that are not among the tables given "
+             r"\['a', 'b'\]; pass the tables it was made for")
+    for call in (lambda: plan.describe(tables[:2]), lambda: plan.device_bytes(tables[:2]),
+                 lambda: jaxbag.collection_layout(tables[:2], plan=plan)):
+        with pytest.raises(ValueError, match=extra):
+            call()
+    small = jsh.plan_sharding(tables[:2], mesh, axis_name="model")
+    with pytest.raises(ValueError, match=r"the plan has no placement for tables \['c'\]"):
+        small.describe(tables)
+    assert "per device" in plan.describe(tables)

@@ -161,12 +161,15 @@ class ShardingPlan:
         """A readable table of placements and per-device bytes.
 
         Args:
-          tables: the tables the plan was made for.
+          tables: the tables the plan was made for (a ``ValueError`` names any it does not
+            place, or that it places but are not given).
 
         Returns:
           One line for the mesh and axes, one per table (bytes and placement), one with the
           bytes on each device of ``axis_name``.
         """
+        tables = collection.check_tables(tables)
+        check_plan_tables(self, tables)
         lines = [
             f"mesh {dict(self.mesh.shape)}, tables over {self.axis_name!r}, batch over "
             f"{self.batch_axis!r}"
@@ -177,6 +180,26 @@ class ShardingPlan:
             lines.append(f"  {name:<20} {by_name[name].nbytes:>14,d} B  {where}")
         lines.append(f"  per device: {self.device_bytes(tables)}")
         return "\n".join(lines)
+
+
+def check_plan_tables(plan: ShardingPlan, tables: Sequence[collection.TableConfig]) -> None:
+    """Raises unless ``plan`` places exactly ``tables`` (by name), as it does the tables it was
+    made for: a missing placement, or one of a table not given (ignored otherwise)."""
+    placed = [name for name, _, _ in plan.placements]
+    given = [t.name for t in tables]
+    missing = [name for name in given if name not in placed]
+    if missing:
+        raise ValueError(
+            f"the plan has no placement for tables {missing}; build it from the same tables: "
+            "jaxbag.sharding.plan_sharding(tables, mesh, axis_name=...)."
+        )
+    extra = [name for name in placed if name not in given]
+    if extra:
+        raise ValueError(
+            f"the plan places tables {extra} that are not among the tables given {given}; pass "
+            "the tables it was made for, or plan these: jaxbag.sharding.plan_sharding(tables, "
+            "mesh, axis_name=...)."
+        )
 
 
 def plan_sharding(
@@ -219,6 +242,7 @@ def plan_sharding(
       A :class:`ShardingPlan`; pass it to :func:`jaxbag.collection_layout` or the modules.
 
     Raises:
+      TypeError: ``overrides`` is not a mapping ``{table name: kind}``.
       ValueError: unknown tables or placements in ``overrides``, bad axes, or over budget.
 
     Examples:
@@ -235,6 +259,11 @@ def plan_sharding(
     sharding.check_axes(mesh, axis_name, batch_axis)
     _check_numbers(row_threshold_bytes, device_budget_bytes, min_fill)
     n = sharding.axis_size(mesh, axis_name)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(
+            f"overrides must be a mapping {{table name: {' | '.join(map(repr, PLACEMENTS))}}}; "
+            f"got {overrides!r}, e.g. overrides={{{tables[0].name!r}: 'row'}}."
+        )
     overrides = dict(overrides or {})
     names = {t.name for t in tables}
     unknown = sorted(set(overrides) - names)
