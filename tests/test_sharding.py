@@ -472,7 +472,7 @@ def test_planner_budget_cases_the_old_search_missed():
     row-wise give 6 + 10 + 39 = 55 rows (220 B). (2) "a" (34 rows, forced table-wise) and "b" (36
     rows, over the fair share, so row-wise by the threshold): 18 + 34 = 52 rows (416 B); keeping
     "b" table-wise too gives 36 rows (288 B). (3) Under that, the error names the search's best
-    (every placement tried) and the fix."""
+    (every row-/table-wise choice tried; devices chosen greedily) and the fix."""
     T = jaxbag.TableConfig
     mesh2 = _fake_mesh((2,), ("model",))
     tables = [T("a", 11, 1, ("a",)), T("b", 19, 1, ("b",)), T("c", 39, 1, ("c",)),
@@ -486,8 +486,9 @@ def test_planner_budget_cases_the_old_search_missed():
                              device_budget_bytes=300)
     assert plan.as_dict() == {"a": "table", "b": "table"} and plan.device_bytes(pair) == [288] * 2
     with pytest.raises(ValueError, match=r"device_budget_bytes=287 .*the search's best placement "
-                       r"needs 288 \(every placement of the tables not in overrides was tried\)"
-                       r"\)\. Tables in overrides are never moved"):
+                       r"needs 288: every row-wise / table-wise choice of the tables not in "
+                       r"overrides was tried, but .*greedily.*\)\. Tables in overrides are never "
+                       r"moved"):
         jsh.plan_sharding(pair, mesh2, axis_name="model", overrides={"a": "table"},
                           device_budget_bytes=287)
 
@@ -744,3 +745,64 @@ def test_planner_overrides_and_plan_tables_are_checked():
     with pytest.raises(ValueError, match=r"the plan has no placement for tables \['c'\]"):
         small.describe(tables)
     assert "per device" in plan.describe(tables)
+
+
+def test_min_fill_never_makes_a_plan_larger():
+    """min_fill sent every group that fills its blocks poorly row-wise, "strictly smaller": not
+    when its tables have fewer rows than devices (row-wise costs ceil(V / n) rows per device per
+    table). 8 devices, five 3-row tables of 64 floats and an 80k-row one: row-wise 5 rows per
+    device (2,561,280 B in all), table-wise 3 (2,560,768 B). Now a group moves only when that
+    stores no more; a lone table still goes row-wise, and no plan is larger than min_fill=0's."""
+    import random
+
+    T = jaxbag.TableConfig
+    mesh8 = _fake_mesh((8,), ("model",))
+    tables = [T(f"enum{i}", 3, 64, (f"f{i}",)) for i in range(5)] + [T("big", 80_000, 64, ("g",))]
+    plan = jsh.plan_sharding(tables, mesh8, axis_name="model")
+    assert plan.device_bytes(tables) == [(10_000 + 3) * 64 * 4] * 8 == [2_560_768] * 8
+    assert {plan.as_dict()[f"enum{i}"] for i in range(5)} == {"table"}
+    lone = [T("a", 100, 4, ("a",))]
+    plan = jsh.plan_sharding(lone, mesh8, axis_name="model", row_threshold_bytes=10**9)
+    assert plan.as_dict() == {"a": "row"} and plan.device_bytes(lone) == [13 * 16] * 8
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.choice([2, 3, 4, 8])
+        tables = [T(f"t{i}", rng.randint(1, 30), rng.choice([1, 2]), (f"f{i}",))
+                  for i in range(rng.randint(1, 7))]
+        overrides = {t.name: "table" for t in tables if rng.random() < 0.2}
+        mesh = _fake_mesh((n,), ("model",))
+        sizes = [max(jsh.plan_sharding(tables, mesh, axis_name="model", overrides=overrides,
+                                       row_threshold_bytes=threshold, min_fill=fill)
+                     .device_bytes(tables)) for threshold in (None, 10**9) for fill in (0.75, 0)]
+        assert sizes[0] <= sizes[1] and sizes[2] <= sizes[3], (n, tables, overrides, sizes)
+
+
+def test_the_budget_error_says_what_was_searched():
+    """The error said "every placement of the tables not in overrides was tried", but only the
+    row-/table-wise choice is searched; each table-wise table's device is chosen greedily. 2
+    devices, one-column tables of 21, 23, 10, 15, 23 rows: largest first gives 23 + 21 | 23 + 15
+    + 10 = 48 rows (192 B; the best row/table choice 188 B), while 21 + 10 + 15 | 23 + 23 = 46
+    rows (184 B) fits: the error says the assignment is greedy and shows a hand-built plan."""
+    T = jaxbag.TableConfig
+    mesh = _fake_mesh((2,), ("model",))
+    tables = [T(f"t{i}", v, 1, (f"f{i}",)) for i, v in enumerate([21, 23, 10, 15, 23])]
+    with pytest.raises(ValueError) as error:
+        jsh.plan_sharding(tables, mesh, axis_name="model", device_budget_bytes=184)
+    message = str(error.value)
+    assert "every placement" not in message
+    assert ("the search's best placement needs 188: every row-wise / table-wise choice of the "
+            "tables not in overrides was tried, but each table-wise table's device is chosen "
+            "greedily (largest first onto the least loaded device), which can miss a tighter "
+            "packing)") in message, message
+    assert ("or build the plan by hand: plan = dataclasses.replace(jaxbag.sharding.plan_sharding("
+            "tables, mesh, axis_name='model'), placements=(('t0', 'table', 0), ('t1', 'table', "
+            "1), ...)); print(plan.device_bytes(tables)).") in message, message
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model")
+    hand = dataclasses.replace(plan, placements=(
+        ("t0", "table", 0), ("t1", "table", 1), ("t2", "table", 0), ("t3", "table", 0),
+        ("t4", "table", 1)))
+    assert hand.device_bytes(tables) == [184, 184]
+    # under the bound no plan helps: no hand-built one is suggested
+    with pytest.raises(ValueError, match=r"needs less than 184\)\. Tables in overrides are never "
+                                         r"moved: .* or use more devices\.$"):
+        jsh.plan_sharding(tables, mesh, axis_name="model", device_budget_bytes=183)
