@@ -384,6 +384,7 @@ def embedding_bag_in_shard_map(
             f"num_embeddings must be an int >= 1 (V, the table's global rows); got "
             f"{num_embeddings!r}." + validation.static_int_hint(num_embeddings)
         )
+    num_embeddings = int(num_embeddings)
     padding_idx = validation.normalize_padding_idx(padding_idx, num_embeddings)
     validation.check_static(
         num_embeddings=num_embeddings, indices=indices, offsets=None,
@@ -923,7 +924,8 @@ def check_sparse_state(optimizer: sparse.TableOptimizer, table: Array, state: An
     ``optimizer.init(table)`` gives (dtypes may differ: moments kept in another float dtype)."""
     want = sparse.state_spec(optimizer.init, tuple(table.shape), jnp.dtype(table.dtype))
     want_shapes, got_shapes = jax.tree.map(jnp.shape, want), jax.tree.map(jnp.shape, state)
-    same_tree = jax.tree.structure(want) == jax.tree.structure(state)
+    want_tree: Any = jax.tree.structure(want)  # (PyTreeDef's stub types no ==)
+    same_tree = want_tree == jax.tree.structure(state)
     if not same_tree or want_shapes != got_shapes:
         error = ValueError if same_tree else TypeError
         raise error(
