@@ -189,13 +189,14 @@ def check_plan_tables(plan: ShardingPlan, tables: Sequence[collection.TableConfi
     made for: a missing placement, or one of a table not given (ignored otherwise)."""
     placed = [name for name, _, _ in plan.placements]
     given = [t.name for t in tables]
-    missing = [name for name in given if name not in placed]
+    placed_set, given_set = set(placed), set(given)
+    missing = [name for name in given if name not in placed_set]
     if missing:
         raise ValueError(
             f"the plan has no placement for tables {missing}; build it from the same tables: "
             "jaxbag.sharding.plan_sharding(tables, mesh, axis_name=...)."
         )
-    extra = [name for name in placed if name not in given]
+    extra = [name for name in placed if name not in given_set]
     if extra:
         raise ValueError(
             f"the plan places tables {extra} that are not among the tables given {given}; pass "

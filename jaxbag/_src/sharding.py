@@ -80,6 +80,9 @@ def axis_size(mesh: Mesh, axis: AxisName | None) -> int:
     Returns:
       The product of the sizes of the named axes.
 
+    Raises:
+      ValueError: ``axis`` names a mesh axis more than once (its devices would count twice).
+
     Examples:
       >>> import jax, jaxbag.sharding
       >>> mesh = jax.make_mesh((1,), ("model",))
