@@ -472,7 +472,7 @@ def test_planner_budget_cases_the_old_search_missed():
     row-wise give 6 + 10 + 39 = 55 rows (220 B). (2) "a" (34 rows, forced table-wise) and "b" (36
     rows, over the fair share, so row-wise by the threshold): 18 + 34 = 52 rows (416 B); keeping
     "b" table-wise too gives 36 rows (288 B). (3) Under that, the error names the search's best
-    (every placement tried) and the fix."""
+    (every row-/table-wise choice tried; devices chosen greedily) and the fix."""
     T = jaxbag.TableConfig
     mesh2 = _fake_mesh((2,), ("model",))
     tables = [T("a", 11, 1, ("a",)), T("b", 19, 1, ("b",)), T("c", 39, 1, ("c",)),
@@ -486,8 +486,9 @@ def test_planner_budget_cases_the_old_search_missed():
                              device_budget_bytes=300)
     assert plan.as_dict() == {"a": "table", "b": "table"} and plan.device_bytes(pair) == [288] * 2
     with pytest.raises(ValueError, match=r"device_budget_bytes=287 .*the search's best placement "
-                       r"needs 288 \(every placement of the tables not in overrides was tried\)"
-                       r"\)\. Tables in overrides are never moved"):
+                       r"needs 288: every row-wise / table-wise choice of the tables not in "
+                       r"overrides was tried, but .*greedily.*\)\. Tables in overrides are never "
+                       r"moved"):
         jsh.plan_sharding(pair, mesh2, axis_name="model", overrides={"a": "table"},
                           device_budget_bytes=287)
 
@@ -592,3 +593,216 @@ def test_a_padded_table_keeps_its_real_row_count(jit):
     for bad in (13, 0, 10.0, jnp.int32(10)):
         with pytest.raises(ValueError, match=r"num_embeddings must be an int in \[1, 12\]"):
             jsh.embedding_bag(wp, ids, offs, mesh=mesh, axis_name="model", num_embeddings=bad)
+
+
+def test_embedding_bag_in_shard_map_checks_its_arguments_as_embedding_bag():
+    """The shard_map building block took ``mode="median"`` as sum, ignored ``padding_idx=-1``
+    (no id equals -1), and ignored ``per_sample_weights`` with ``mode="max"``: its static
+    arguments are checked as ``jaxbag.embedding_bag`` checks them (same messages), and a negative
+    ``padding_idx`` counts from the end (from ``num_embeddings``)."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _mesh1()
+    w = jnp.arange(16.0).reshape(8, 2)
+    ids, seg, offs = jnp.array([7, 1, 3]), jnp.array([0, 0, 1]), jnp.array([0, 2])
+
+    def run(**kw):
+        def local(lw, i, s):
+            return jsh.embedding_bag_in_shard_map(lw, i, s, num_bags=2, num_embeddings=8,
+                                                  axis_name="model", **kw)
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("model", None), P(), P()),
+                                     out_specs=P()))(w, ids, seg)
+
+    for pad in (-1, 7, -8, 0):
+        np.testing.assert_array_equal(
+            run(mode="sum", padding_idx=pad),
+            jaxbag.embedding_bag(w, ids, offs, mode="sum", padding_idx=pad))
+    weights = jnp.ones(3)
+    for kw in (dict(mode="median"), dict(mode="max", per_sample_weights=weights),
+               dict(mode="sum", padding_idx=8), dict(mode="sum", padding_idx=1.0),
+               dict(mode="sum", per_sample_weights=jnp.ones(2))):
+        with pytest.raises((ValueError, TypeError)) as want:
+            jaxbag.embedding_bag(w, ids, offs, **kw)
+        with pytest.raises(type(want.value)) as got:
+            run(**kw)
+        assert str(got.value) == str(want.value)
+
+
+def test_a_repeated_mesh_axis_is_refused():
+    """``("model", "model")`` counted the 4-device axis twice (16 devices: the planner planned for
+    them), then JAX raised DuplicateSpecError far from the call. Refused by every axis check,
+    naming the argument; an unknown batch_axis's hint names batch_axis (it said axis_name)."""
+    mesh = _fake_mesh((2, 4), ("data", "model"))
+    tables = [jaxbag.TableConfig("a", 100, 8, ("fa",)), jaxbag.TableConfig("b", 40, 8, ("fb",))]
+    w, ids = jnp.ones((16, 2), jnp.float32), jnp.zeros((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"axis=\('model', 'model'\) names mesh axis 'model' "
+                                         r"more than once; name each axis once, e.g. axis='model'\."):
+        jsh.axis_size(mesh, ("model", "model"))
+    for call, name, value in [
+        (lambda: jsh.plan_sharding(tables, mesh, axis_name=("model", "model")), "axis_name",
+         "('model', 'model')"),
+        (lambda: jsh.plan_sharding(tables, mesh, axis_name="model",
+                                   batch_axis=("data", "data")), "batch_axis", "('data', 'data')"),
+        (lambda: jsh.shard_table(w, mesh, ("model", "model")), "axis_name", "('model', 'model')"),
+        (lambda: jsh.embedding_bag(w, ids, mesh=mesh, axis_name="model",
+                                   batch_axis=("data", "data")), "batch_axis", "('data', 'data')"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{name}={value}".replace("(", r"\(").replace(
+                ")", r"\)") + r" names mesh axis '\w+' more than once; name each axis once"):
+            call()
+    with pytest.raises(ValueError, match=r"batch_axis='dta' is not an axis of the mesh, whose "
+                                         r"axes are \('data', 'model'\); e.g. batch_axis='data'"):
+        jsh.plan_sharding(tables, mesh, axis_name="model", batch_axis="dta")
+    with pytest.raises(ValueError, match=r"axis_name='modl' is not an axis .* e.g. "
+                                         r"axis_name='model'"):
+        jsh.plan_sharding(tables, mesh, axis_name="modl")
+
+
+def test_a_sharding_plan_normalises_lists_to_tuples():
+    """A plan is static (hashed by jit as part of the layout): ``axis_name=["model"]`` or list
+    placements made an unhashable plan that failed deep inside JAX. Lists where the API documents
+    tuples become tuples on construction; a table name that is not a str is refused."""
+    mesh = _fake_mesh((2, 4), ("data", "model"))
+    tables = [jaxbag.TableConfig("a", 13, 3, ("fa",)), jaxbag.TableConfig("b", 7, 3, ("fb",))]
+    plan = jsh.plan_sharding(tables, mesh, axis_name=["model"], batch_axis=["data"])
+    assert (plan.axis_name, plan.batch_axis) == (("model",), ("data",))
+    hash(jaxbag.collection_layout(tables, plan=plan))
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model", batch_axis="data")
+    for placements in (list(plan.placements), [list(p) for p in plan.placements]):
+        edited = dataclasses.replace(plan, placements=placements)
+        assert edited == plan and hash(edited) == hash(plan)
+        hash(jaxbag.collection_layout(tables, plan=edited))
+    edited = dataclasses.replace(plan, placements=(("a", "table", np.int64(1)), ("b", "row", None)))
+    assert edited.placements == (("a", "table", 1), ("b", "row", None))
+    assert type(edited.placements[0][2]) is int
+    with pytest.raises(TypeError, match=r"placements\[0\] = \(1, 'row', None\): the table name "
+                                        r"must be a str .*got 1 of type int"):
+        dataclasses.replace(plan, placements=((1, "row", None),))
+    with pytest.raises(TypeError, match=r"placements must be a tuple of \(table name, kind, "
+                                        r"device index or None\); got 'a'"):
+        dataclasses.replace(plan, placements="a")
+
+
+def test_sparse_init_and_update_check_their_arguments():
+    """A 1-D table was an IndexError, a list table an AttributeError, another optimiser's state a
+    shard_map pytree error, an optax optimiser silently gave EmptyState: each is refused first,
+    naming ``optimizer``, ``table`` or ``state``."""
+    import optax
+
+    mesh = _mesh1()
+    kw = dict(mesh=mesh, axis_name="model")
+    w = jsh.shard_table(jnp.arange(16.0).reshape(8, 2), mesh, "model")
+    sgd, adam = jaxbag.sparse_sgd(0.1), jaxbag.sparse_adam(0.1)
+    bags, pb = jsh.embedding_bag_rows(w, jnp.array([[7, 1], [3, 3]]), mode="sum", **kw)
+    rg = pb(jnp.ones_like(bags))
+    for bad in (optax.sgd(0.1), jaxbag.sparse_adam, "adam"):
+        with pytest.raises(TypeError, match=r"optimizer must be a jaxbag.SparseOptimizer, e.g. "
+                                            r"jaxbag.sparse_adam\(1e-3\) \(called\); got"):
+            jsh.sparse_init(bad, w, **kw)
+        with pytest.raises(TypeError, match=r"optimizer must be a jaxbag.SparseOptimizer"):
+            jsh.sparse_update(bad, w, jsh.sparse_init(sgd, w, **kw), rg, **kw)
+    with pytest.raises(ValueError, match=r"table must be 2-D \[V, D\] \(one row per id\); got "
+                                         r"shape \(8,\)"):
+        jsh.sparse_init(sgd, jnp.ones(8), **kw)
+    with pytest.raises(TypeError, match=r"table must be a \[V, D\] array .*got list"):
+        jsh.sparse_init(sgd, [[1.0]] * 8, **kw)
+    with pytest.raises(TypeError, match=r"table must be a \[V, D\] array .*got list"):
+        jsh.sparse_update(sgd, [[1.0]] * 8, jsh.sparse_init(sgd, w, **kw), rg, **kw)
+    with pytest.raises(TypeError, match=r"state does not match optimizer.init's structure for "
+                                        r"this table: expected SgdState\(count=\(\)\); got "
+                                        r"LazyAdamState\(count=\(\), mu=\(8, 2\), nu=\(8, 2\)\)"):
+        jsh.sparse_update(sgd, w, jsh.sparse_init(adam, w, **kw), rg, **kw)
+    small = jsh.sparse_init(adam, jsh.shard_table(jnp.zeros((4, 2)), mesh, "model"), **kw)
+    with pytest.raises(ValueError, match=r"state does not match optimizer.init's shapes for this "
+                                         r"table: expected LazyAdamState\(count=\(\), mu=\(8, 2\)"):
+        jsh.sparse_update(adam, w, small, rg, **kw)
+    state = jsh.sparse_init(adam, w, **kw)  # the right ones pass
+    jsh.sparse_update(adam, w, state, rg, **kw)
+
+
+def test_planner_overrides_and_plan_tables_are_checked():
+    """Overrides given as a string or a list were read by dict() ("dictionary update sequence
+    element #0 has length 1"); a 3-table plan's describe() of 2 tables was a bare KeyError, and
+    collection_layout of 2 tables silently ignored the third placement."""
+    mesh = _fake_mesh((2, 4), ("data", "model"))
+    T = jaxbag.TableConfig
+    tables = [T("a", 100, 8, ("fa",)), T("b", 40, 8, ("fb",)), T("c", 30, 8, ("fc",))]
+    for bad in ("a", ["a"], [("a", "row")]):
+        with pytest.raises(TypeError, match=r"overrides must be a mapping \{table name: 'row' \| "
+                                            r"'table' \| 'replicated'\}; got .*, e.g. "
+                                            r"overrides=\{'a': 'row'\}"):
+            jsh.plan_sharding(tables, mesh, axis_name="model", overrides=bad)
+    with pytest.raises(ValueError, match=r"overrides names unknown tables \[1\]"):
+        jsh.plan_sharding(tables, mesh, axis_name="model", overrides={1: "row"})
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model")
+    extra = (r"the plan places tables \['c'\] that are not among the tables given "
+             r"\['a', 'b'\]; pass the tables it was made for")
+    for call in (lambda: plan.describe(tables[:2]), lambda: plan.device_bytes(tables[:2]),
+                 lambda: jaxbag.collection_layout(tables[:2], plan=plan)):
+        with pytest.raises(ValueError, match=extra):
+            call()
+    small = jsh.plan_sharding(tables[:2], mesh, axis_name="model")
+    with pytest.raises(ValueError, match=r"the plan has no placement for tables \['c'\]"):
+        small.describe(tables)
+    assert "per device" in plan.describe(tables)
+
+
+def test_min_fill_never_makes_a_plan_larger():
+    """min_fill sent every group that fills its blocks poorly row-wise, "strictly smaller": not
+    when its tables have fewer rows than devices (row-wise costs ceil(V / n) rows per device per
+    table). 8 devices, five 3-row tables of 64 floats and an 80k-row one: row-wise 5 rows per
+    device (2,561,280 B in all), table-wise 3 (2,560,768 B). Now a group moves only when that
+    stores no more; a lone table still goes row-wise, and no plan is larger than min_fill=0's."""
+    import random
+
+    T = jaxbag.TableConfig
+    mesh8 = _fake_mesh((8,), ("model",))
+    tables = [T(f"enum{i}", 3, 64, (f"f{i}",)) for i in range(5)] + [T("big", 80_000, 64, ("g",))]
+    plan = jsh.plan_sharding(tables, mesh8, axis_name="model")
+    assert plan.device_bytes(tables) == [(10_000 + 3) * 64 * 4] * 8 == [2_560_768] * 8
+    assert {plan.as_dict()[f"enum{i}"] for i in range(5)} == {"table"}
+    lone = [T("a", 100, 4, ("a",))]
+    plan = jsh.plan_sharding(lone, mesh8, axis_name="model", row_threshold_bytes=10**9)
+    assert plan.as_dict() == {"a": "row"} and plan.device_bytes(lone) == [13 * 16] * 8
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.choice([2, 3, 4, 8])
+        tables = [T(f"t{i}", rng.randint(1, 30), rng.choice([1, 2]), (f"f{i}",))
+                  for i in range(rng.randint(1, 7))]
+        overrides = {t.name: "table" for t in tables if rng.random() < 0.2}
+        mesh = _fake_mesh((n,), ("model",))
+        sizes = [max(jsh.plan_sharding(tables, mesh, axis_name="model", overrides=overrides,
+                                       row_threshold_bytes=threshold, min_fill=fill)
+                     .device_bytes(tables)) for threshold in (None, 10**9) for fill in (0.75, 0)]
+        assert sizes[0] <= sizes[1] and sizes[2] <= sizes[3], (n, tables, overrides, sizes)
+
+
+def test_the_budget_error_says_what_was_searched():
+    """The error said "every placement of the tables not in overrides was tried", but only the
+    row-/table-wise choice is searched; each table-wise table's device is chosen greedily. 2
+    devices, one-column tables of 21, 23, 10, 15, 23 rows: largest first gives 23 + 21 | 23 + 15
+    + 10 = 48 rows (192 B; the best row/table choice 188 B), while 21 + 10 + 15 | 23 + 23 = 46
+    rows (184 B) fits: the error says the assignment is greedy and shows a hand-built plan."""
+    T = jaxbag.TableConfig
+    mesh = _fake_mesh((2,), ("model",))
+    tables = [T(f"t{i}", v, 1, (f"f{i}",)) for i, v in enumerate([21, 23, 10, 15, 23])]
+    with pytest.raises(ValueError) as error:
+        jsh.plan_sharding(tables, mesh, axis_name="model", device_budget_bytes=184)
+    message = str(error.value)
+    assert "every placement" not in message
+    assert ("the search's best placement needs 188: every row-wise / table-wise choice of the "
+            "tables not in overrides was tried, but each table-wise table's device is chosen "
+            "greedily (largest first onto the least loaded device), which can miss a tighter "
+            "packing)") in message, message
+    assert ("or build the plan by hand: plan = dataclasses.replace(jaxbag.sharding.plan_sharding("
+            "tables, mesh, axis_name='model'), placements=(('t0', 'table', 0), ('t1', 'table', "
+            "1), ...)); print(plan.device_bytes(tables)).") in message, message
+    plan = jsh.plan_sharding(tables, mesh, axis_name="model")
+    hand = dataclasses.replace(plan, placements=(
+        ("t0", "table", 0), ("t1", "table", 1), ("t2", "table", 0), ("t3", "table", 0),
+        ("t4", "table", 1)))
+    assert hand.device_bytes(tables) == [184, 184]
+    # under the bound no plan helps: no hand-built one is suggested
+    with pytest.raises(ValueError, match=r"needs less than 184\)\. Tables in overrides are never "
+                                         r"moved: .* or use more devices\.$"):
+        jsh.plan_sharding(tables, mesh, axis_name="model", device_budget_bytes=183)

@@ -377,7 +377,8 @@ def collection_layout(
       stack: stack tables of equal width, dtype and mode into one array (one gather per group);
         ``False`` keeps one array per table and does one lookup per feature (the plain path).
       plan: optional :class:`jaxbag.sharding.ShardingPlan` (from
-        :func:`jaxbag.sharding.plan_sharding`); implies ``stack=True``.
+        :func:`jaxbag.sharding.plan_sharding`); implies ``stack=True``. It must place exactly
+        ``tables`` (a ``ValueError`` names a table it lacks, or one it places that is not given).
 
     Returns:
       A hashable :class:`CollectionLayout`.
@@ -420,13 +421,8 @@ def collection_layout(
 
     placement = {}
     if plan is not None:
+        planner.check_plan_tables(plan, tables)
         placement = {name: (kind, shard) for name, kind, shard in plan.placements}
-        missing = [t.name for t in tables if t.name not in placement]
-        if missing:
-            raise ValueError(
-                f"the plan has no placement for tables {missing}; build it from the same tables: "
-                "jaxbag.sharding.plan_sharding(tables, mesh, axis_name=...)."
-            )
     buckets: dict[tuple, list[TableConfig]] = {}
     for t in tables:
         kind = placement.get(t.name, ("table", 0))[0]

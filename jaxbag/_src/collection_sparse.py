@@ -21,7 +21,7 @@ from jaxbag._src import bag_terms, collection, sharding, validation
 from jaxbag._src.collection import CollectionLayout
 from jaxbag._src.jagged import JaggedFeatures, pack_features
 from jaxbag._src.sparse import (
-    RowGrads, SparseOptimizer, TableOptimizer, check_slots, embedding_bag_rows,
+    RowGrads, SparseOptimizer, TableOptimizer, check_optimizer, check_slots, embedding_bag_rows,
 )
 
 
@@ -302,11 +302,7 @@ def collection_optimizer(
       'LazyAdamState'
     """
 
-    if not isinstance(optimizer, SparseOptimizer):
-        raise TypeError(
-            f"optimizer must be a jaxbag.SparseOptimizer, e.g. jaxbag.sparse_adam(1e-3) (called); "
-            f"got {optimizer!r}."
-        )
+    check_optimizer(optimizer)
     if optimizer.init in _COLLECTION_INITS:
         raise TypeError(
             "optimizer is already a collection optimizer (from jaxbag.collection_optimizer); pass "

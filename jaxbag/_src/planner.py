@@ -14,8 +14,10 @@ share ``total bytes / n``, i.e. a table that could not be balanced whole) or
 ``device_budget_bytes``; otherwise table-wise, greedily largest-first onto the least loaded device
 among tables of its group (same width, dtype and mode: they share one stacked array, whose per
 device block is as large as its fullest device). A group whose table-wise tables cannot fill the
-devices' blocks evenly (``min_fill``; e.g. a lone table) goes row-wise instead, which then stores
-less and communicates the same. ``overrides`` forces a placement per table.
+devices' blocks evenly (``min_fill``; e.g. a lone table) goes row-wise instead, if that stores no
+more (row-wise costs ``ceil(V_t / n)`` rows per device per table: more than the table-wise block
+when many tables have fewer rows than devices, and such a group stays table-wise); the traffic is
+the same. ``overrides`` forces a placement per table.
 
 Cost model of this implementation (be aware): every device of ``axis_name`` receives all ids of
 a group and masks those outside its rows (SPMD, no id routing), so compute per device is the same
@@ -62,7 +64,8 @@ class ShardingPlan:
       placements: ``(table name, "row" | "table" | "replicated", device index or None)``.
 
     Build it with :func:`plan_sharding`; edited by hand (``dataclasses.replace``), it is checked
-    on construction.
+    on construction, and lists given for the axes or the placements become tuples (a plan is
+    static: ``jit`` hashes it).
 
     Examples:
       >>> import jax, jaxbag, jaxbag.sharding
@@ -80,10 +83,23 @@ class ShardingPlan:
     placements: tuple[tuple[str, str, int | None], ...]
 
     def __post_init__(self) -> None:
-        # A plan may be built or edited by hand (dataclasses.replace): check it as the planner would.
+        # A plan may be built or edited by hand (dataclasses.replace): check it as the planner
+        # would. It is static (jit hashes it with the layout): lists where tuples are documented
+        # become tuples (a list made an unhashable plan, refused deep inside JAX).
+        for field in ("axis_name", "batch_axis"):
+            value = getattr(self, field)
+            if isinstance(value, list):
+                object.__setattr__(self, field, tuple(value))
+        if not isinstance(self.placements, (tuple, list)):
+            raise TypeError(
+                "placements must be a tuple of (table name, kind, device index or None); got "
+                f"{self.placements!r}, e.g. placements=(('big', 'row', None), ('small', 'table', "
+                "0))."
+            )
         sharding.check_axes(self.mesh, self.axis_name, self.batch_axis)
         n = self.num_shards
         seen = set()
+        normalised = []
         for i, entry in enumerate(self.placements):
             try:
                 name, kind, shard = entry
@@ -91,6 +107,12 @@ class ShardingPlan:
                 raise ValueError(
                     f"placements[{i}] = {entry!r} must be (table name, kind, device index or None)."
                 ) from None
+            entry = tuple(entry)
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"placements[{i}] = {entry!r}: the table name must be a str (a "
+                    f"TableConfig's name); got {name!r} of type {type(name).__name__}."
+                )
             if kind not in PLACEMENTS:
                 raise ValueError(
                     f"placements[{i}] = {entry!r}: kind {kind!r} is not one of {PLACEMENTS}."
@@ -108,6 +130,8 @@ class ShardingPlan:
             if name in seen:
                 raise ValueError(f"placements[{i}]: table {name!r} is placed twice.")
             seen.add(name)
+            normalised.append((name, kind, None if shard is None else int(shard)))
+        object.__setattr__(self, "placements", tuple(normalised))
 
     @property
     def num_shards(self) -> int:
@@ -139,12 +163,15 @@ class ShardingPlan:
         """A readable table of placements and per-device bytes.
 
         Args:
-          tables: the tables the plan was made for.
+          tables: the tables the plan was made for (a ``ValueError`` names any it does not
+            place, or that it places but are not given).
 
         Returns:
           One line for the mesh and axes, one per table (bytes and placement), one with the
           bytes on each device of ``axis_name``.
         """
+        tables = collection.check_tables(tables)
+        check_plan_tables(self, tables)
         lines = [
             f"mesh {dict(self.mesh.shape)}, tables over {self.axis_name!r}, batch over "
             f"{self.batch_axis!r}"
@@ -155,6 +182,27 @@ class ShardingPlan:
             lines.append(f"  {name:<20} {by_name[name].nbytes:>14,d} B  {where}")
         lines.append(f"  per device: {self.device_bytes(tables)}")
         return "\n".join(lines)
+
+
+def check_plan_tables(plan: ShardingPlan, tables: Sequence[collection.TableConfig]) -> None:
+    """Raises unless ``plan`` places exactly ``tables`` (by name), as it does the tables it was
+    made for: a missing placement, or one of a table not given (ignored otherwise)."""
+    placed = [name for name, _, _ in plan.placements]
+    given = [t.name for t in tables]
+    placed_set, given_set = set(placed), set(given)
+    missing = [name for name in given if name not in placed_set]
+    if missing:
+        raise ValueError(
+            f"the plan has no placement for tables {missing}; build it from the same tables: "
+            "jaxbag.sharding.plan_sharding(tables, mesh, axis_name=...)."
+        )
+    extra = [name for name in placed if name not in given_set]
+    if extra:
+        raise ValueError(
+            f"the plan places tables {extra} that are not among the tables given {given}; pass "
+            "the tables it was made for, or plan these: jaxbag.sharding.plan_sharding(tables, "
+            "mesh, axis_name=...)."
+        )
 
 
 def plan_sharding(
@@ -185,18 +233,26 @@ def plan_sharding(
         groups) is searched on its own over which of its tables not in ``overrides`` go row-wise
         and which table-wise: every choice for a group of at most 12 such tables, else its
         ``k`` largest table-wise tables row-wise (any ``k``), one alone or all, improved by a
-        bounded local search; the smallest block, fewest changes on ties. If that does not fit
-        either (or the budget is under ``ceil(rows / n)`` per group, which no placement beats),
-        it raises, saying the best placement found. The searches run only when the plan built
-        with the budget's rule (tables larger than the budget row-wise) does not fit; one that
-        fits is returned unchanged. ``min_fill`` applies to every plan searched.
+        bounded local search; the smallest block, fewest changes on ties. Which device each
+        table-wise table goes to is not searched: it is chosen greedily (largest first onto the
+        least loaded device of its group), which can miss a tighter packing. If that does not
+        fit either (or the budget is under ``ceil(rows / n)`` per group, which no placement
+        beats), it raises, saying the best placement found. The searches run only when the plan
+        built with the budget's rule (tables larger than the budget row-wise) does not fit; one
+        that fits is returned unchanged. ``min_fill`` applies to every plan searched. When the
+        budget is tight, a plan built by hand may fit where the search's does not: set the
+        devices yourself, ``plan = dataclasses.replace(plan, placements=(("a", "table", 0),
+        ("b", "table", 1), ...))`` (checked on construction), and read
+        ``plan.device_bytes(tables)``.
       min_fill: table-wise tables of a group are kept only if they fill at least this fraction of
-        the group's per-device blocks (else the group goes row-wise: less memory, same traffic).
+        the group's per-device blocks; else the group goes row-wise, if that stores no more
+        (the same traffic; many tables with fewer rows than devices stay table-wise).
 
     Returns:
       A :class:`ShardingPlan`; pass it to :func:`jaxbag.collection_layout` or the modules.
 
     Raises:
+      TypeError: ``overrides`` is not a mapping ``{table name: kind}``.
       ValueError: unknown tables or placements in ``overrides``, bad axes, or over budget.
 
     Examples:
@@ -213,6 +269,11 @@ def plan_sharding(
     sharding.check_axes(mesh, axis_name, batch_axis)
     _check_numbers(row_threshold_bytes, device_budget_bytes, min_fill)
     n = sharding.axis_size(mesh, axis_name)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(
+            f"overrides must be a mapping {{table name: {' | '.join(map(repr, PLACEMENTS))}}}; "
+            f"got {overrides!r}, e.g. overrides={{{tables[0].name!r}: 'row'}}."
+        )
     overrides = dict(overrides or {})
     names = {t.name for t in tables}
     unknown = sorted(set(overrides) - names)
@@ -248,17 +309,13 @@ def plan_sharding(
     # the threshold sent row-wise, and undoes min_fill's moves (a group min_fill sent row-wise
     # can fit once one table is out). Moves never touch overrides, and the found plan is rebuilt
     # by _assign and checked with device_bytes before it is returned.
-    def exact(kinds):
-        plan = _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill)
-        return max(plan.device_bytes(tables))
-
     def fitting(found):  # the plan for the found kinds, if it fits
         if found is None:
             return None
         candidate = _assign(tables, found, overrides, mesh, axis_name, batch_axis, min_fill)
         return candidate if max(candidate.device_bytes(tables)) <= budget else None
 
-    model = _BudgetModel(tables, overrides, n, min_fill, exact)
+    model = _BudgetModel(tables, overrides, n, min_fill)
     searched = None
     if model.lower_bound <= budget:  # else no placement fits (e.g. n = 1: all store the same)
         candidate = fitting(model.largest_first(plan.as_dict(), budget))
@@ -268,18 +325,31 @@ def plan_sharding(
         if candidate is not None:
             return candidate
     per = plan.device_bytes(tables)
+    fixes = "raise device_budget_bytes, or use more devices."
     if searched is None:
         best = f"no placement of these tables and overrides needs less than {model.lower_bound:,d}"
     else:
-        best = f"the search's best placement needs {searched:,d}" + (
-            " (every placement of the tables not in overrides was tried)"
-            if model.complete else f"; none needs less than {model.lower_bound:,d}"
+        greedy = ("each table-wise table's device is chosen greedily (largest first onto the "
+                  "least loaded device)")
+        best = f"the search's best placement needs {searched:,d}: " + (
+            "every row-wise / table-wise choice of the tables not in overrides was tried, but "
+            f"{greedy}, which can miss a tighter packing"
+            if model.complete else
+            f"a heuristic search of the row-wise / table-wise choices (a group has more than "
+            f"{_EXACT_TABLES} tables not in overrides), and {greedy}; none needs less than "
+            f"{model.lower_bound:,d}"
+        )
+        example = ", ".join(f"({t.name!r}, 'table', {i % n})" for i, t in enumerate(tables[:2]))
+        fixes = (
+            "raise device_budget_bytes, use more devices, or build the plan by hand: plan = "
+            "dataclasses.replace(jaxbag.sharding.plan_sharding(tables, mesh, axis_name="
+            f"{axis_name!r}), placements=({example}{', ...' if len(tables) > 2 else ''})); "
+            "print(plan.device_bytes(tables))."
         )
     raise ValueError(
         f"the plan needs {max(per):,d} bytes of tables on one device, over "
         f"device_budget_bytes={budget:,d} (per device: {per}; {best}). Tables in overrides are "
-        "never moved: change their placements (row-wise stores least for a big table), raise "
-        "device_budget_bytes, or use more devices."
+        "never moved: change their placements (row-wise stores least for a big table), " + fixes
     )
 
 
@@ -296,9 +366,23 @@ def _check_numbers(row_threshold_bytes, device_budget_bytes, min_fill) -> None:
 
 
 def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> ShardingPlan:
-    """The plan for ``kinds`` (``{table: kind}``): device indices of the table-wise tables."""
+    """The plan for ``kinds`` (``{table: kind}``): ``min_fill``'s moves, then the device indices of
+    the table-wise tables."""
     kinds = dict(kinds)
     n = sharding.axis_size(mesh, axis_name)
+    key = {t.name: collection.group_key(t) for t in tables}
+    rows = {t.name: t.num_embeddings for t in tables}
+    padded = {t.name: -(-t.num_embeddings // n) for t in tables}  # row-wise, per device
+    largest_first = sorted(tables, key=lambda t: -t.nbytes)
+    # min_fill first, group by group: it depends only on the group's rows (_min_fill), not on
+    # which device gets which table.
+    table_wise: dict[tuple, list[str]] = {}
+    for t in largest_first:
+        if kinds[t.name] == "table":
+            table_wise.setdefault(key[t.name], []).append(t.name)
+    for names in table_wise.values():
+        for name in _min_fill(names, rows, padded, overrides, n, min_fill)[1]:
+            kinds[name] = "row"
     # Table-wise: largest first onto the device with the fewest rows of this group so far (its
     # stacked array's block is as big as the fullest device); ties -> fewest bytes overall, then
     # lowest index (round-robin for equal tables).
@@ -306,30 +390,47 @@ def _assign(tables, kinds, overrides, mesh, axis_name, batch_axis, min_fill) -> 
     # row-wise tables weigh the same on every device
     device_total = [sum(t.nbytes // n for t in tables if kinds[t.name] == "row")] * n
     group_rows: dict[tuple, list[int]] = {}
-    key = {t.name: collection.group_key(t) for t in tables}
-    table_wise = [t for t in tables if kinds[t.name] == "table"]
-    for t in sorted(table_wise, key=lambda t: -t.nbytes):
-        rows = group_rows.setdefault(key[t.name], [0] * n)
-        best = min(range(n), key=lambda i: (rows[i], device_total[i], i))
+    for t in largest_first:
+        if kinds[t.name] != "table":
+            continue
+        loads = group_rows.setdefault(key[t.name], [0] * n)
+        best = min(range(n), key=lambda i: (loads[i], device_total[i], i))
         shard_of[t.name] = best
-        rows[best] += t.num_embeddings
+        loads[best] += t.num_embeddings
         device_total[best] += t.nbytes
-    # A group whose table-wise tables do not fill the devices' blocks (e.g. one table alone)
-    # would pad every other device with unused rows: row-wise is then strictly smaller (same
-    # communication), so such groups go row-wise unless the placement was forced.
-    for gkey, rows in group_rows.items():
-        members = [t for t in table_wise if key[t.name] == gkey]
-        if n > 1 and sum(rows) < min_fill * n * max(rows):
-            for t in members:
-                if t.name not in overrides:
-                    kinds[t.name] = "row"
-                    shard_of.pop(t.name, None)
     return ShardingPlan(
         mesh=mesh,
         axis_name=axis_name,
         batch_axis=batch_axis,
         placements=tuple((t.name, kinds[t.name], shard_of.get(t.name)) for t in tables),
     )
+
+
+def _min_fill(
+    table_wise: Sequence[str], rows: Mapping[str, int], padded: Mapping[str, int],
+    overrides: Mapping[str, str], n: int, min_fill: float,
+) -> tuple[int, list[str]]:
+    """The ``min_fill`` rule for one group's table-wise tables (largest first): ``(rows per
+    device they take, the tables it sends row-wise)``.
+
+    Tables that fill less than ``min_fill`` of the group's per-device blocks (e.g. one table
+    alone: every other device pads its block with unused rows) go row-wise, all but those forced
+    table-wise by ``overrides`` -- only if that stores no more: row-wise costs ``ceil(V / n)``
+    rows on every device per table, more than a table-wise block when many tables have fewer
+    rows than devices. The forced tables left are placed after the move (``_assign``), so their
+    block is ``_fullest`` of their rows alone.
+    """
+    if not table_wise:
+        return 0, []
+    sizes = [rows[name] for name in table_wise]
+    top = _fullest(sizes, n)
+    if n > 1 and sum(sizes) < min_fill * n * top:
+        moved = [name for name in table_wise if name not in overrides]
+        kept = [rows[name] for name in table_wise if name in overrides]
+        after = sum(padded[name] for name in moved) + (_fullest(kept, n) if kept else 0)
+        if moved and after <= top:
+            return after, moved
+    return top, []
 
 
 def _fullest(rows: list[int], n: int) -> int:
@@ -357,17 +458,13 @@ class _BudgetModel:
 
     Every device of ``axis_name`` holds the same bytes: per group one block of its row-wise tables'
     ``ceil(V / n)`` rows plus the fullest device's table-wise rows (``_fullest``; the ``min_fill``
-    rule applied), per replicated group all its rows. Moving a table changes only its group's
-    block, so a search step costs that group's size, not the collection's. One case depends on
-    the other groups: a group that ``min_fill`` sends row-wise while it keeps tables forced
-    table-wise by ``overrides`` (their devices were chosen next to the others);
-    :meth:`group_bytes` returns ``None`` for it and the searches ask ``exact`` (``_assign``) or
-    skip the state.
+    rule applied: ``_min_fill``), per replicated group all its rows. Moving a table changes only
+    its group's block, so a search step costs that group's size, not the collection's.
     """
 
-    def __init__(self, tables: Sequence[collection.TableConfig], overrides, n, min_fill, exact):
-        self.n, self.min_fill, self.overrides, self.exact = n, min_fill, overrides, exact
-        self.seen: dict[tuple, tuple[int | None, list[str]]] = {}
+    def __init__(self, tables: Sequence[collection.TableConfig], overrides, n, min_fill):
+        self.n, self.min_fill, self.overrides = n, min_fill, overrides
+        self.seen: dict[tuple, tuple[int, list[str]]] = {}
         self.order = [t.name for t in sorted(tables, key=lambda t: -t.nbytes)]  # the move order
         self.rows = {t.name: t.num_embeddings for t in tables}
         self.padded = {t.name: -(-t.num_embeddings // n) for t in tables}  # row-wise, per device
@@ -394,7 +491,7 @@ class _BudgetModel:
                 self.lower_bound += max(-(-sharded // n), 1) * self.row_bytes[g]
         self.lower_bound += self.replicated
 
-    def group_bytes(self, g, kinds) -> tuple[int | None, list[str]]:
+    def group_bytes(self, g, kinds) -> tuple[int, list[str]]:
         """(bytes of group ``g``'s sharded block, its tables ``min_fill`` sends row-wise)."""
         members = self.members[g]
         if all(kinds[name] == "replicated" for name in members):
@@ -402,37 +499,22 @@ class _BudgetModel:
         row = sum(self.padded[name] for name in members if kinds[name] == "row")
         return self.block(g, row, [name for name in members if kinds[name] == "table"])
 
-    def block(self, g, row, table_wise) -> tuple[int | None, list[str]]:
+    def block(self, g, row, table_wise) -> tuple[int, list[str]]:
         """``group_bytes`` from ``row`` (rows of the row-wise tables per device) and the
         table-wise tables, largest first."""
         key = (g, row, tuple(table_wise))
         if key not in self.seen:  # the two searches meet the same states
-            self.seen[key] = self._block(g, row, table_wise)
+            top, moved = _min_fill(table_wise, self.rows, self.padded, self.overrides, self.n,
+                                   self.min_fill)
+            self.seen[key] = max(row + top, 1) * self.row_bytes[g], moved
         return self.seen[key]
-
-    def _block(self, g, row, table_wise):
-        top, moved = 0, []
-        if table_wise:
-            rows = [self.rows[name] for name in table_wise]
-            top = _fullest(rows, self.n)
-            if sum(rows) < self.min_fill * self.n * top:  # the min_fill rule of _assign
-                moved = [name for name in table_wise if name not in self.overrides]
-                if moved and len(moved) < len(table_wise):
-                    return None, moved
-                if moved:
-                    row += sum(self.padded[name] for name in moved)
-                    top = 0
-        return max(row + top, 1) * self.row_bytes[g], moved
 
     def largest_first(self, kinds, budget) -> dict[str, str] | None:
         """The rule of old: from the plan's ``kinds``, table-wise tables not in ``overrides`` go
         row-wise one at a time, largest first (a group that ``min_fill`` sends row-wise stays so),
         until the plan fits; the fitting step's kinds, or ``None``."""
         kinds = dict(kinds)
-        start = {g: self.group_bytes(g, kinds)[0] for g in self.members}
-        cost = {g: c for g, c in start.items() if c is not None}
-        if len(cost) < len(start):
-            return None  # not met: kinds come from _assign, min_fill's moves made
+        cost = {g: self.group_bytes(g, kinds)[0] for g in self.members}
         total = self.replicated + sum(cost.values())
         for name in self.order:
             if name in self.overrides or kinds[name] != "table":
@@ -440,22 +522,15 @@ class _BudgetModel:
             kinds[name] = "row"
             g = self.key[name]
             new, moved = self.group_bytes(g, kinds)
-            if new is None:
-                fits = self.exact(kinds) <= budget
-            else:
-                fits = total - cost[g] + new <= budget
-            if fits:
+            if total - cost[g] + new <= budget:
                 return kinds
             for m in moved:
                 kinds[m] = "row"
-            if moved:
-                new = self.group_bytes(g, kinds)[0]
-            assert new is not None  # (unknown only while min_fill has tables to move)
             total += new - cost[g]
             cost[g] = new
         return None
 
-    def per_group(self, kinds, budget) -> tuple[dict[str, str] | None, int | None]:
+    def per_group(self, kinds, budget) -> tuple[dict[str, str] | None, int]:
         """Each group on its own (a group's block depends only on its own tables): which of its
         free tables (not in ``overrides``) go row-wise, the others table-wise. A group with at
         most ``_EXACT_TABLES`` free tables tries every choice (``2**k``); a larger one tries,
@@ -465,42 +540,36 @@ class _BudgetModel:
         block first, fewest changes from ``kinds`` on ties.
 
         Returns ``(kinds, total)``: the found kinds if the groups' sum ``total`` fits (else
-        ``None``), and ``total`` (``None`` if some group had no candidate: see the class)."""
+        ``None``), and ``total``."""
         out, total = dict(kinds), self.replicated
         for g, members in self.members.items():
             if all(kinds[name] == "replicated" for name in members):
                 continue
             free = [name for name in members if name not in self.overrides]
-            found = self._best_rows(g, members, free, kinds)
-            if found is None:
-                return None, None  # every candidate depends on the other groups (see the class)
-            size, _, row_set = found
+            size, _, row_set = self._best_rows(g, members, free, kinds)
             total += size
             for name in free:
                 out[name] = "row" if name in row_set else "table"
         return (out if total <= budget else None), total
 
-    def _best_rows(self, g, members, free, kinds) -> tuple[int, int, frozenset[str]] | None:
-        """``(bytes, changes, row-wise free tables)`` of group ``g``'s best choice, or ``None``."""
+    def _best_rows(self, g, members, free, kinds) -> tuple[int, int, frozenset[str]]:
+        """``(bytes, changes, row-wise free tables)`` of group ``g``'s best choice."""
         fixed_row = sum(self.padded[m] for m in members if self.overrides.get(m) == "row")
         forced = {m for m in members if self.overrides.get(m) == "table"}
         start = frozenset(m for m in free if kinds[m] == "row")
 
-        def score(row_set):
+        def score(row_set) -> tuple[int, int, frozenset[str]]:
             row = fixed_row + sum(self.padded[m] for m in row_set)
             table_wise = [m for m in members if m in forced or (m in free and m not in row_set)]
             size = self.block(g, row, table_wise)[0]
-            if size is None:
-                self.complete = False
-                return None
             return size, len(row_set ^ start), row_set
 
         best: tuple[int, int, frozenset[str]] | None = None
 
-        def consider(row_set):
+        def consider(row_set) -> tuple[int, int, frozenset[str]]:
             nonlocal best
             found = score(frozenset(row_set))
-            if found is not None and (best is None or found[:2] < best[:2]):
+            if best is None or found[:2] < best[:2]:
                 best = found
             return found
 
@@ -508,6 +577,7 @@ class _BudgetModel:
             for r in range(len(free) + 1):
                 for row_set in itertools.combinations(free, r):
                     consider(row_set)
+            assert best is not None  # (the empty choice, at least)
             return best
         self.complete = False
         table_wise = [m for m in free if m not in start]  # largest first
@@ -518,7 +588,7 @@ class _BudgetModel:
         # with a table-wise one, while the block shrinks (first improvement; each step costs the
         # group's size, and the steps are bounded so that a huge group stays fast)
         evals = min(_LOCAL_SEARCH_STEPS, _LOCAL_SEARCH_WORK // len(members))
-        ranked = sorted({f[2]: f for f in starts if f is not None}.values(), key=lambda f: f[:2])
+        ranked = sorted({f[2]: f for f in starts}.values(), key=lambda f: f[:2])
         for current in ranked[:_LOCAL_SEARCH_STARTS]:
             while evals > 0:
                 moves = itertools.chain(
@@ -529,9 +599,10 @@ class _BudgetModel:
                 for move in itertools.islice(moves, evals):
                     evals -= 1
                     found = consider(current[2] ^ move)
-                    if found is not None and found[0] < current[0]:
+                    if found[0] < current[0]:
                         current = found
                         break
                 else:
                     break  # no move shrinks it (or the steps ran out)
+        assert best is not None  # (every start was considered)
         return best

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -79,17 +80,34 @@ def axis_size(mesh: Mesh, axis: AxisName | None) -> int:
     Returns:
       The product of the sizes of the named axes.
 
+    Raises:
+      ValueError: ``axis`` names a mesh axis more than once (its devices would count twice).
+
     Examples:
       >>> import jax, jaxbag.sharding
       >>> mesh = jax.make_mesh((1,), ("model",))
       >>> jaxbag.sharding.axis_size(mesh, "model")
       1
     """
-    return math.prod(int(mesh.shape[a]) for a in axis_tuple(axis))
+    axes = axis_tuple(axis)
+    check_unique_axes("axis", axis, axes)
+    return math.prod(int(mesh.shape[a]) for a in axes)
+
+
+def check_unique_axes(name: str, axis: object, axes: tuple[str, ...]) -> None:
+    """Raises unless the mesh axes ``axes`` (of the argument ``name`` = ``axis``) are distinct: a
+    repeated axis would count its devices twice (and JAX refuses the ``PartitionSpec`` later)."""
+    repeated = [a for i, a in enumerate(axes) if a in axes[:i]]
+    if repeated:
+        once = tuple(dict.fromkeys(axes))
+        raise ValueError(
+            f"{name}={axis!r} names mesh axis {repeated[0]!r} more than once; name each axis "
+            f"once, e.g. {name}={once[0] if len(once) == 1 else once!r}."
+        )
 
 
 def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> None:
-    """Raises if the axes are unknown to ``mesh`` or overlap."""
+    """Raises if the axes are unknown to ``mesh``, repeated or overlap."""
     if not isinstance(mesh, Mesh):
         raise TypeError(
             f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}. Build one with "
@@ -101,13 +119,17 @@ def check_axes(mesh: Mesh, axis_name: AxisName, batch_axis: AxisName | None) -> 
             f"axis_name must name at least one mesh axis; got axis_name={axis_name!r}, e.g. "
             f"axis_name={tuple(mesh.shape)[-1]!r}."
         )
-    for name, axes in (("axis_name", rows), ("batch_axis", batch)):
+    for name, value, axes in (("axis_name", axis_name, rows), ("batch_axis", batch_axis, batch)):
         for a in axes:
             if a not in mesh.shape:
+                # (the batch over an axis the rows are not split over)
+                free = [m for m in mesh.shape if name == "axis_name" or m not in rows]
+                example = (free or list(mesh.shape))[-1 if name == "axis_name" else 0]
                 raise ValueError(
                     f"{name}={a!r} is not an axis of the mesh, whose axes are "
-                    f"{tuple(mesh.shape)}; e.g. axis_name={tuple(mesh.shape)[-1]!r}."
+                    f"{tuple(mesh.shape)}; e.g. {name}={example!r}."
                 )
+        check_unique_axes(name, value, axes)
     if set(rows) & set(batch):
         raise ValueError(
             f"axis_name={axis_name!r} and batch_axis={batch_axis!r} must be different mesh axes "
@@ -326,7 +348,8 @@ def embedding_bag_in_shard_map(
       axis_name: the mesh axis (or tuple) the rows are split over.
       mode: ``"sum"``, ``"mean"``, ``"max"`` or ``"sqrtn"``.
       per_sample_weights: optional ``float [N]`` (not with ``max``).
-      padding_idx: optional global padding row in ``[0, V)``, skipped everywhere.
+      padding_idx: optional global padding row in ``[-V, V)``, skipped everywhere (negative
+        counts from ``num_embeddings``, as :func:`jaxbag.embedding_bag`).
       max_norm: optional max norm of looked-up rows (as :func:`jaxbag.embedding_bag`).
       norm_type: the p of the p-norm for ``max_norm``.
       inverse_freq: optional ``float [N]`` gradient scale per id (``scale_grad_by_freq``).
@@ -337,6 +360,12 @@ def embedding_bag_in_shard_map(
 
     Returns:
       ``[B, D]`` bags in ``local_weight.dtype``, replicated over ``axis_name``.
+
+    Raises:
+      ValueError, TypeError: the static checks of :func:`jaxbag.embedding_bag`, with its
+        messages (``mode``, ``padding_idx``, ``per_sample_weights``: not with ``max``, the shape
+        of ``indices``; ``segment_ids`` of ``indices``' shape, a static ``num_bags``), before any
+        work.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag.sharding as jsh
@@ -350,7 +379,21 @@ def embedding_bag_in_shard_map(
       >>> f(jnp.arange(8.0).reshape(4, 2), jnp.array([3, 1, 3]), jnp.array([0, 0, 1])).tolist()
       [[8.0, 10.0], [6.0, 7.0]]
     """
+    # The static checks of jaxbag.embedding_bag (same helpers, same messages), before any work.
+    validation.check_table(local_weight, "local_weight")
     validation.check_norm(max_norm, norm_type)
+    if not validation.is_static_int(num_embeddings, 1):
+        raise ValueError(
+            f"num_embeddings must be an int >= 1 (V, the table's global rows); got "
+            f"{num_embeddings!r}." + validation.static_int_hint(num_embeddings)
+        )
+    num_embeddings = int(num_embeddings)
+    padding_idx = validation.normalize_padding_idx(padding_idx, num_embeddings)
+    validation.check_static(
+        num_embeddings=num_embeddings, indices=indices, offsets=None,
+        per_sample_weights=per_sample_weights, segment_ids=segment_ids, num_bags=num_bags,
+        include_last_offset=False, mode=mode,
+    )
     r, d = local_weight.shape
     n = indices.shape[0]
     if num_bags == 0 or n == 0:
@@ -867,6 +910,35 @@ def local_row_grads(
     return jnp.where(own, local_rows, jnp.int32(r)), grads.astype(acc)
 
 
+def check_sparse_table(optimizer: object, table: object) -> None:
+    """Raises unless ``optimizer`` is a jaxbag sparse optimiser and ``table`` a ``[V, D]`` float
+    array (the checks of :func:`sparse_init` and :func:`sparse_update`, before any work)."""
+    sparse.check_optimizer(optimizer)
+    if not isinstance(table, jax.Array | np.ndarray):
+        raise TypeError(
+            "table must be a [V, D] array (a jax.Array, placed row-sharded with "
+            f"jaxbag.sharding.shard_table(weight, mesh, axis_name)); got {type(table).__name__}."
+        )
+    validation.check_table(table, "table")
+
+
+def check_sparse_state(optimizer: sparse.TableOptimizer, table: Array, state: Any) -> None:
+    """Raises unless ``state`` has the structure (type, fields) and leaf shapes that
+    ``optimizer.init(table)`` gives (dtypes may differ: moments kept in another float dtype)."""
+    want = sparse.state_spec(optimizer.init, tuple(table.shape), jnp.dtype(table.dtype))
+    want_shapes, got_shapes = jax.tree.map(jnp.shape, want), jax.tree.map(jnp.shape, state)
+    want_tree: Any = jax.tree.structure(want)  # (PyTreeDef's stub types no ==)
+    same_tree = want_tree == jax.tree.structure(state)
+    if not same_tree or want_shapes != got_shapes:
+        error = ValueError if same_tree else TypeError
+        raise error(
+            f"state does not match optimizer.init's {'shapes' if same_tree else 'structure'} for "
+            f"this table: expected {want_shapes}; got {got_shapes} (leaf shapes shown). Make it "
+            "for this optimizer and table: state = jaxbag.sharding.sparse_init(optimizer, table, "
+            "mesh=mesh, axis_name=axis_name) (after switching optimisers, init a new state)."
+        )
+
+
 def _state_specs(optimizer: sparse.TableOptimizer, local_table: Any, axis_name: AxisName) -> Any:
     """Scalars replicated, every other leaf split by rows (the optimisers' per-row state)."""
     shapes = jax.eval_shape(optimizer.init, local_table)
@@ -888,6 +960,11 @@ def sparse_init(
       The optimiser state; ``[V]``/``[V, D]`` leaves sharded ``P(axis_name)``, scalars replicated
       (in the form a jitted :func:`sparse_update` returns them: :func:`table_shardings`).
 
+    Raises:
+      TypeError, ValueError: ``optimizer`` is not a :class:`jaxbag.SparseOptimizer` (an optax
+        one, say), ``table`` is not a ``[V, D]`` float array, bad axes, or ``V`` not divisible
+        by the size of ``axis_name`` (before any work).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding as jsh
       >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -896,6 +973,7 @@ def sparse_init(
       >>> type(state).__name__, state.sum_sq.shape
       ('RowwiseAdagradState', (4,))
     """
+    check_sparse_table(optimizer, table)
     check_axes(mesh, axis_name, None)
     check_divisible_rows("table", table.shape[0], mesh, axis_name)
     n = axis_size(mesh, axis_name)
@@ -926,6 +1004,11 @@ def sparse_update(
     Returns:
       ``(table, state)`` updated; donate both to ``jit`` to update in place.
 
+    Raises:
+      TypeError, ValueError: as :func:`sparse_init`, plus a ``state`` whose structure or leaf
+        shapes are not those ``optimizer.init`` gives this table (another optimiser's, another
+        table's), and ``row_grads`` not split over ``axis_name`` (before any work).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag, jaxbag.sharding as jsh
       >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -941,6 +1024,8 @@ def sparse_update(
       >>> w[:, 0].tolist()
       [0.0, -0.5, 0.0, -1.0]
     """
+    check_sparse_table(optimizer, table)
+    check_sparse_state(optimizer, table, state)
     check_axes(mesh, axis_name, None)
     check_divisible_rows("table", table.shape[0], mesh, axis_name)
     check_split_rows(row_grads, mesh, axis_name)

@@ -610,8 +610,18 @@ def _check_chunk(chunk: object) -> int:
     return int(chunk)
 
 
+def check_optimizer(optimizer: object) -> None:
+    """Raises unless ``optimizer`` is a :class:`SparseOptimizer` (an optax transformation has an
+    ``init`` and an ``update`` too, but takes dense gradients: its state would not be per-row)."""
+    if not isinstance(optimizer, SparseOptimizer):
+        raise TypeError(
+            f"optimizer must be a jaxbag.SparseOptimizer, e.g. jaxbag.sparse_adam(1e-3) (called); "
+            f"got {optimizer!r}."
+        )
+
+
 @functools.lru_cache(maxsize=64)
-def _state_spec(init: Callable[[Array], Any], shape: tuple[int, ...], dtype: jnp.dtype) -> Any:
+def state_spec(init: Callable[[Array], Any], shape: tuple[int, ...], dtype: jnp.dtype) -> Any:
     """The shapes and dtypes of ``init``'s state for a table (cached: an eager update checks it
     on every call)."""
     return jax.eval_shape(init, jax.ShapeDtypeStruct(shape, dtype))
@@ -623,7 +633,7 @@ def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: 
     type, and every leaf's shape: the fused CPU kernel reads and writes the moments at the
     table's row offsets, so a state made for a smaller table must never reach it)."""
     validation.check_table(table, "table")
-    want = _state_spec(init, table.shape, jnp.dtype(table.dtype))
+    want = state_spec(init, table.shape, jnp.dtype(table.dtype))
     if not isinstance(state, type(want)):
         raise TypeError(
             f"state must be the {type(want).__name__} that jaxbag.{maker}(...).init(table) "

@@ -276,7 +276,7 @@ def require_int(name: str, x: Array) -> None:
         )
 
 
-def check_table(table: Array, name: str = "weight") -> None:
+def check_table(table: Array | np.ndarray, name: str = "weight") -> None:
     """Raises unless ``table`` is a 2-D ``[V, D]`` floating-point array with ``V >= 1``."""
     # integer "weights": most likely ids passed first, in torch's F.embedding_bag order
     swapped = (
