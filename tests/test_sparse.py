@@ -399,6 +399,25 @@ def test_update_rejects_a_state_made_for_another_table(make_opt, field, jit):
     assert getattr(new_state, field).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("make_opt, field", [(sparse.sparse_adam, "mu"),
+                                             (sparse.sparse_adam, "nu"),
+                                             (sparse.sparse_adagrad, "sum_sq")])
+def test_update_rejects_moments_of_an_integer_dtype(make_opt, field, jit):
+    """int32 moments were accepted on both paths: each step rounded them back to 0, so Adam took
+    the first step's size every step (-0.238 after 3 steps instead of -0.3), with no error."""
+    opt = make_opt(0.1)
+    update = jax.jit(opt.update) if jit else opt.update
+    table = jnp.zeros((4, 2))
+    state = opt.init(table)
+    bad = state._replace(**{field: getattr(state, field).astype(jnp.int32)})
+    rg = sparse.RowGrads(jnp.array([1]), jnp.array([[0.5, -0.5]]))
+    with pytest.raises(TypeError, match=rf"state\.{field} has dtype int32; it must be a float dtype "
+                                        rf"\(float32 as jaxbag\.{make_opt.__name__}\(\.\.\.\)"
+                                        rf"\.init\(table\) makes it"):
+        update(table, bad, rg)
+
+
 @pytest.mark.cpu_kernel
 def test_adam_kernel_refuses_moments_of_the_wrong_size():
     """The kernel itself checks the moments' size (the update's check comes first; this is the

@@ -640,13 +640,21 @@ def _check_table(table: Array, state: Any, init: Callable[[Array], Any], maker: 
             f"returns; got {type(state).__name__}. Each sparse optimiser takes its own init's "
             "state (after switching optimisers, init a new state)."
         )
-    for name in want._fields:  # (shapes only: moments kept in another float dtype are fine)
+    for name in want._fields:  # (moments kept in another float dtype are fine)
         got, w = getattr(state, name), getattr(want, name)
         if jnp.shape(got) != w.shape:
             raise ValueError(
                 f"state.{name} has shape {jnp.shape(got)}; for a table of shape {table.shape} it "
                 f"must be {w.shape}. The state belongs to another table: make this table's with "
                 f"jaxbag.{maker}(...).init(table)."
+            )
+        got_dtype = jnp.result_type(got)
+        if jnp.issubdtype(w.dtype, jnp.floating) and not jnp.issubdtype(got_dtype, jnp.floating):
+            # (an int moment rounded every step to 0: Adam stood still with no error)
+            raise TypeError(
+                f"state.{name} has dtype {got_dtype}; it must be a float dtype ({w.dtype} as "
+                f"jaxbag.{maker}(...).init(table) makes it, or e.g. bfloat16 to save memory). "
+                f"Cast it back, e.g. state._replace({name}=state.{name}.astype(jnp.float32))."
             )
     rows, grads = row_grads
     if not jnp.issubdtype(rows.dtype, jnp.integer) or not jnp.issubdtype(grads.dtype,
