@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -626,6 +627,25 @@ def test_embedding_bag_in_shard_map_checks_its_arguments_as_embedding_bag():
         with pytest.raises(type(want.value)) as got:
             run(**kw)
         assert str(got.value) == str(want.value)
+
+
+def test_a_mesh_axis_that_is_not_a_name_is_refused():
+    """axis_name=5 was "'int' object is not iterable" (TypeError from inside tuple()), and
+    axis_size with an unknown axis a bare KeyError."""
+    mesh = _fake_mesh((2, 4), ("data", "model"))
+    tables = [jaxbag.TableConfig("a", 100, 8, ("fa",))]
+    for bad in (5, ("model", 5)):
+        for call in (lambda: jsh.plan_sharding(tables, mesh, axis_name=bad),
+                     lambda: jsh.shard_table(jnp.ones((8, 2)), mesh, bad),
+                     lambda: jsh.plan_sharding(tables, mesh, axis_name="model", batch_axis=bad)):
+            with pytest.raises(TypeError, match=r"a mesh axis \(axis_name, batch_axis\) must be a "
+                               rf"name or a tuple of names \(str\); got {re.escape(repr(bad))}, "
+                               r"e\.g\. axis_name='model'"):
+                call()
+    with pytest.raises(ValueError, match=r"axis='modl': 'modl' is not an axis of the mesh, whose "
+                                         r"axes are \('data', 'model'\); e\.g\. axis='model'\."):
+        jsh.axis_size(mesh, "modl")
+    assert jsh.axis_size(mesh, ["data", "model"]) == 8  # (a list is a sequence of names)
 
 
 def test_a_repeated_mesh_axis_is_refused():

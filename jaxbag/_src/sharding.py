@@ -23,7 +23,7 @@ its row, so the gradient reaches exactly the row the single-device op picks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -54,12 +54,19 @@ AxisName = str | tuple[str, ...]
 
 
 def axis_tuple(axis: AxisName | None) -> tuple[str, ...]:
-    """``axis`` as a tuple of mesh axis names (``()`` for ``None``)."""
+    """``axis`` as a tuple of mesh axis names (``()`` for ``None``); raises ``TypeError`` for
+    anything else than a name or a sequence of names."""
     if axis is None:
         return ()
     if isinstance(axis, str):
         return (axis,)
-    return tuple(axis)
+    axes = tuple(axis) if isinstance(axis, Sequence) else None
+    if axes is None or not all(isinstance(a, str) for a in axes):
+        raise TypeError(
+            f"a mesh axis (axis_name, batch_axis) must be a name or a tuple of names (str); got "
+            f"{axis!r}, e.g. axis_name='model' or axis_name=('data', 'model')."
+        )
+    return axes
 
 
 def spec_entry(axis: AxisName | None) -> str | tuple[str, ...] | None:
@@ -90,6 +97,12 @@ def axis_size(mesh: Mesh, axis: AxisName | None) -> int:
       1
     """
     axes = axis_tuple(axis)
+    unknown = [a for a in axes if a not in mesh.shape]
+    if unknown:
+        raise ValueError(
+            f"axis={axis!r}: {unknown[0]!r} is not an axis of the mesh, whose axes are "
+            f"{tuple(mesh.shape)}; e.g. axis={tuple(mesh.shape)[-1]!r}."
+        )
     check_unique_axes("axis", axis, axes)
     return math.prod(int(mesh.shape[a]) for a in axes)
 
