@@ -826,6 +826,14 @@ def test_config_specs_that_are_not_config_files_say_so(tmp_path, monkeypatch):
             config_check.load_config_file(spec)
         assert config_check.unknown_override_errors(["train", "--config", spec]) == [
             f"{says} (from --config {spec}); the configs are in configs/*.py"]
+    # a file that is not valid Python: a SyntaxError traceback from importlib, before the flags
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    return {'a': 1\n\nx = )\n")
+    says = f"{broken}:4: the config file is not valid Python ("
+    with pytest.raises(ValueError, match=re.escape(says)):
+        config_check.load_config_file(str(broken))
+    [error] = config_check.unknown_override_errors(["train", "--config", str(broken)])
+    assert error.startswith(says) and error.endswith("the configs are in configs/*.py"), error
 
 
 def test_count_weighted_bags_give_the_same_logits_as_raw_bags():

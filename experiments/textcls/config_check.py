@@ -51,7 +51,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(f"_config_check_{p.stem}", p)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:  # (a traceback into importlib, before the flags were parsed)
+        raise ValueError(
+            f"{p}:{e.lineno}: the config file is not valid Python ({e.msg}): {(e.text or '').strip()}"
+        ) from None
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ValueError(f"{p} has no get_config(): it is not a config file")
