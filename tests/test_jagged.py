@@ -140,6 +140,28 @@ def test_builders_take_whole_number_weights_and_jax_arrays():
     assert ok.to_lists() == {"a": [[3], [2**31 - 1]]}
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("as_jax", [False, True])
+def test_builders_and_pack_bags_take_bfloat16_and_float8_weights(dtype, as_jax):
+    """bfloat16 / float8_* (ml_dtypes, NumPy kind 'V') were refused as "must hold numbers" by
+    every builder; they are cast to float32 as float16 is, to the values float32 gives them."""
+    w = np.array([0.3, -1.7, 2.5, 240.0], dtype)
+    ref = w.astype(np.float32)  # the reference: the same narrow values, widened
+    assert ref.tolist() != [0.0] * 4
+    w = jnp.asarray(w) if as_jax else w
+    packed = jaxbag.pack_bags([[1, 2], [3, 4]], weights=[w[:2], w[2:]], bucket_sizes=[4])
+    assert packed.weights.dtype == np.float32
+    np.testing.assert_array_equal(packed.weights, ref)
+    built = [
+        JF.from_lists({"a": [[1, 2], [3, 4]]}, weights={"a": [w[:2], w[2:]]}, capacity=4),
+        JF.from_lengths(["a"], [1, 2, 3, 4], [2, 2], weights=w, capacity=4),
+        JF.from_offsets(["a"], [1, 2, 3, 4], [0, 2, 4], weights=w, capacity=4),
+    ]
+    for jf in built:
+        assert jf.weights.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(jf.weights), ref)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

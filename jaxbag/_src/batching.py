@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 
@@ -240,8 +241,9 @@ def host_weights(
     w: object, where: str, length: int | None = None, of: str = ""
 ) -> np.ndarray:
     """Per-id weights as ``float32``, shared by :func:`pack_bags` and the ``JaggedFeatures``
-    builders: numbers only (bool, int, float), and no finite value that float32 cannot hold
-    (it would become ``inf`` silently).
+    builders: numbers only (bool, int, float, and the narrow floats of ``ml_dtypes`` that JAX
+    uses: bfloat16, float8_*), and no finite value that float32 cannot hold (it would become
+    ``inf`` silently).
 
     Args:
       w: a list, tuple, NumPy or JAX array of weights.
@@ -266,7 +268,8 @@ def host_weights(
         raise ValueError(f"{where} must be {must}; got {shape}.")
     if src.size == 0:
         return np.zeros(src.shape, np.float32)
-    if src.dtype.kind not in "biuf":
+    # (bfloat16 and float8_* are NumPy dtypes of kind 'V': floats all the same, within float32)
+    if src.dtype.kind not in "biuf" and not jnp.issubdtype(src.dtype, jnp.floating):
         j = next((i for i, x in enumerate(src.reshape(-1).tolist())
                   if not isinstance(x, bool | int | float)), 0)
         at = "".join(f"[{i}]" for i in np.unravel_index(j, src.shape))
@@ -559,7 +562,8 @@ def pack_bags(
         bucket_sizes: optional explicit increasing capacities to choose ``N_pad`` from.
         min_size: first rung of the default geometric ladder (the floor of ``N_pad``).
         growth: ratio of the default geometric ladder.
-        weights: optional per-id weights (numbers float32 can hold), one 1-D sequence
+        weights: optional per-id weights (numbers float32 can hold; bfloat16 and float8
+            arrays too, all cast to float32), one 1-D sequence
             per bag with the bag's length, or a 2-D array with one row per bag, as for
             ``bags`` (e.g. word counts of a bag of unique ids, for ``mode="mean"`` or
             ``"sum"`` with ``per_sample_weights``).
