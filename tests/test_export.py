@@ -100,6 +100,7 @@ def test_export_with_the_kernel_off_holds_only_xla_ops():
     assert "EXPORTED" in _run(disable=True)
 
 
+@pytest.mark.cpu_kernel  # (off the CPU the kernel is off by design: nothing to refuse)
 def test_export_with_the_kernel_on_is_refused_by_jax():
     """What the README says happens without the variable (if jax ever accepts the custom call,
     or the kernel stops being used on CPU, this test says the README needs updating)."""
