@@ -869,6 +869,14 @@ def test_functions_taking_a_layout_name_it_when_given_the_tables():
         jaxbag.pack_tables(tables, {"a": jnp.ones((4, 2))})
     with pytest.raises(TypeError, match=match.format("unpack_tables")):
         jaxbag.unpack_tables(tables, params)
+    # (these three reached an AttributeError too: 'feature_names', 'groups', 'tables')
+    with pytest.raises(TypeError, match=match.format("embedding_bag_collection_rows")):
+        jaxbag.embedding_bag_collection_rows(params, jf, layout=tables)
+    state = jaxbag.collection_optimizer(jaxbag.sparse_adam(0.1), layout=layout).init(params)
+    with pytest.raises(TypeError, match=match.format("unpack_states")):
+        jaxbag.unpack_states(tables, state)
+    with pytest.raises(TypeError, match=match.format("pack_states")):
+        jaxbag.pack_states(tables, jaxbag.unpack_states(layout, state))
     with pytest.raises(TypeError, match=r"concat_features: layout must be a jaxbag.Collection"
                                         r"Layout; got dict"):
         jaxbag.concat_features({"x": 2}, {"x": jnp.ones((1, 2))})

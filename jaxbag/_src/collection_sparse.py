@@ -96,6 +96,7 @@ def embedding_bag_collection_rows(
     Raises:
       IndexError / ValueError: as :func:`jaxbag.embedding_bag_collection` (eagerly, an id outside
         its table; under ``jit`` such an id is skipped and touches no row).
+      TypeError: ``layout`` that is not a :class:`jaxbag.CollectionLayout` (e.g. the tables).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag
@@ -115,6 +116,7 @@ def embedding_bag_collection_rows(
       >>> [round(x, 4) for x in params["item"][:, 0].tolist()]
       [0.0, 1.9, 3.9, 5.8, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0]
     """
+    collection.check_layout("embedding_bag_collection_rows", layout)
     validation.check_bool("concat", concat)
     collection.check_output_dtype(dtype)
     collection.check_features(layout, features)
@@ -399,6 +401,8 @@ def unpack_states(layout: CollectionLayout, state: Mapping[str, Any]) -> dict[st
     Raises:
       KeyError / ValueError: a group missing from ``state``; a non-scalar leaf whose leading
         dimension is not the group's ``num_rows`` (names the group and the leaf).
+      TypeError: ``layout`` that is not a :class:`jaxbag.CollectionLayout` (e.g. the tables), or
+        ``state`` that is not a mapping.
 
     Examples:
       >>> import jax, jaxbag
@@ -410,6 +414,7 @@ def unpack_states(layout: CollectionLayout, state: Mapping[str, Any]) -> dict[st
       >>> {name: s.sum_sq.shape for name, s in per_table.items()}
       {'a': (4,), 'b': (6,)}
     """
+    collection.check_layout("unpack_states", layout)
     names = [g.name for g in layout.groups]
     if not isinstance(state, Mapping) or sorted(state) != sorted(names):
         got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
@@ -469,6 +474,7 @@ def pack_states(layout: CollectionLayout, table_states: Mapping[str, Any]) -> di
     Raises:
       KeyError / ValueError: missing or unknown tables; states of one group with different
         structures, scalars or row dtypes; a leaf with rows whose shape does not fit its table.
+      TypeError: ``layout`` that is not a :class:`jaxbag.CollectionLayout` (e.g. the tables).
 
     Examples:
       >>> import jax, jaxbag
@@ -481,6 +487,7 @@ def pack_states(layout: CollectionLayout, table_states: Mapping[str, Any]) -> di
       >>> {name: s.mu.shape for name, s in moved.items()}
       {'a': (4, 2), 'b': (6, 2)}
     """
+    collection.check_layout("pack_states", layout)
     collection.check_table_keys(layout, table_states, "table_states", "optimizer state")
     out = {}
     for g in layout.groups:
