@@ -192,6 +192,18 @@ def test_errors():
         opt.update(params, state, {k: v for k, v in row_grads.items() if k != "cat"})
     with pytest.raises(ValueError, match=r"state must have one entry per group"):
         opt.update(params, {**state, "extra": state["cat"]}, row_grads)
+    # one group's entry: sorted() sorted a NamedTuple's arrays (a broadcasting error, or an
+    # array's truth value is ambiguous)
+    names = r"\['item', 'user\+user2', 'cat', 'query'\]"
+    with pytest.raises(TypeError, match=r"row_grads must be a dict \{group name: RowGrads\} with "
+                                        r"one entry per group " + names + r"; got RowGrads\. Pass "
+                                        r"the dict pullback\(cotangent\) returns.*\{'item': row_grads\}"):
+        opt.update(params, state, row_grads["cat"])
+    adam = jaxbag.collection_optimizer(jaxbag.sparse_adam(0.1), layout=layout)
+    with pytest.raises(TypeError, match=r"state must be a dict \{group name: state\} .*; got "
+                                        r"LazyAdamState\. Pass the dict opt.init\(params\) "
+                                        r"returns.*\{'item': state\}"):
+        adam.update(params, adam.init(params)["cat"], row_grads)
     with pytest.raises(KeyError, match=r"params has no array for the groups \['user\+user2', 'cat', 'query'\]"):
         opt.init({"item": params["item"]})
 

@@ -292,8 +292,9 @@ def collection_optimizer(
 
     Returns:
       A ``SparseOptimizer`` whose ``init`` takes ``{group name: [V_g, D_g]}`` and whose
-      ``update(params, state, row_grads) -> (params, state)`` takes ``{group name: RowGrads}``;
-      donate ``params`` and ``state`` to ``jit`` to update in place.
+      ``update(params, state, row_grads) -> (params, state)`` takes ``{group name: RowGrads}``
+      and the ``{group name: state}`` of ``init`` (one group's ``RowGrads`` or state alone is a
+      ``TypeError``); donate ``params`` and ``state`` to ``jit`` to update in place.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxbag
@@ -346,7 +347,16 @@ def collection_optimizer(
     ) -> tuple[dict[str, Array], dict[str, Any]]:
         collection.check_params(layout, params)
         names = [g.name for g in layout.groups]
-        for what, tree in (("state", state), ("row_grads", row_grads)):
+        for what, tree, entry, source in (
+            ("state", state, "state", "opt.init(params)"),
+            ("row_grads", row_grads, "RowGrads", "pullback(cotangent)"),
+        ):
+            if not isinstance(tree, Mapping):  # (sorted() of a NamedTuple sorts its arrays)
+                raise TypeError(
+                    f"{what} must be a dict {{group name: {entry}}} with one entry per group "
+                    f"{names}; got {type(tree).__name__}. Pass the dict {source} returns, not "
+                    f"one group's entry; wrap a single group's as {{{names[0]!r}: {what}}}."
+                )
             if sorted(tree) != sorted(names):
                 raise ValueError(
                     f"{what} must have one entry per group {names}; got {sorted(tree)}. Build it "
