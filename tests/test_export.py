@@ -81,6 +81,23 @@ for args, kw, expected in refused:
         raise AssertionError("exported")
     except ValueError as e:
         assert all(x in str(e) for x in expected), e
+# a collection: exported with a fixed B it runs; with a symbolic B it is refused (int() of the
+# symbolic lengths.shape[1] raised InconclusiveDimensionOperation from inside pack_features)
+layout = jaxbag.collection_layout([jaxbag.TableConfig("a", 6, 2, ("x",), mode="sum")])
+params = jaxbag.init_collection(layout, jax.random.key(0))
+jf = jaxbag.JaggedFeatures.from_lists({"x": [[1, 2], [0]]}, capacity=8)
+coll = jax.jit(lambda p, j: jaxbag.embedding_bag_collection(p, j, layout=layout))
+exp = export.export(coll)(params, jf)
+np.testing.assert_allclose(exp.call(params, jf)["x"], coll(params, jf)["x"], rtol=1e-6)
+spec = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(jf), [
+    jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((1, b), jnp.int32)])
+try:
+    export.export(coll)(params, spec)
+    raise AssertionError("exported")
+except ValueError as e:
+    assert all(x in str(e) for x in [
+        "JaggedFeatures needs a static batch size B; got lengths of shape (1, b), a symbolic B=b",
+        "export with a fixed B", "pad each batch with empty examples"]), e
 print("EXPORTED")
 """
 

@@ -192,9 +192,9 @@ class JaggedFeatures:
             raise ValueError(
                 f"lengths must have shape [K, B] = [{k}, B]; got {self.lengths.shape}."
             )
-        if self.lengths.shape[1] % s:
+        if self.batch_size % s:
             raise ValueError(
-                f"the batch size B={self.lengths.shape[1]} must be divisible by "
+                f"the batch size B={self.batch_size} must be divisible by "
                 f"num_shards={s}; pad the batch with empty examples."
             )
         if self.values.shape != (s * t,):
@@ -270,8 +270,17 @@ class JaggedFeatures:
 
     @property
     def batch_size(self) -> int:
-        """``B``: the number of examples."""
-        return int(self.lengths.shape[1])
+        """``B``: the number of examples (a static int: a symbolic ``B`` is a ``ValueError``)."""
+        b = self.lengths.shape[1]
+        if not isinstance(b, (int, np.integer)):  # jax.export's symbolic shapes
+            raise ValueError(
+                f"JaggedFeatures needs a static batch size B; got lengths of shape "
+                f"{tuple(self.lengths.shape)}, a symbolic B={b}. Its layout (and so every "
+                "collection op) is compiled for one B: export with a fixed B, e.g. lengths "
+                f"jax.ShapeDtypeStruct(({len(self._keys)}, 64), jnp.int32), and pad each batch "
+                "with empty examples ([]) to that B."
+            )
+        return int(b)
 
     @property
     def shard_capacity(self) -> int:
