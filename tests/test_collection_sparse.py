@@ -454,3 +454,22 @@ def test_planned_size_too_small_is_an_error_eagerly():
                                          r"size=3 row slots are too few"):
         jaxbag.embedding_bag_collection_rows(params, jf, layout=planned, size={"item": 3})
     jaxbag.embedding_bag_collection_rows(params, jf, layout=planned, size={"item": 4})  # enough
+
+
+@pytest.mark.parametrize("planned", [False, True])
+def test_a_cotangent_of_nested_lists_is_read_as_its_array(planned):
+    """A cotangent given as nested lists was 'must have the output's shape (6, 4); got ()' (its
+    shape read with getattr(..., 'shape', ())): its shape is checked as an array's, and it pulls
+    back as the array (with a plan too, where it goes into a shard_map)."""
+    layout = _one_device_plan(AxisType.Auto)[1] if planned else jaxbag.collection_layout(TABLES)
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    out, pullback = jaxbag.embedding_bag_collection_rows(params, _batch(np.random.default_rng(2)),
+                                                         layout=layout)
+    rng = np.random.default_rng(3)
+    ct = {f: rng.normal(size=v.shape).astype(np.float32) for f, v in out.items()}
+    want = pullback({f: jnp.asarray(v) for f, v in ct.items()})
+    got = pullback({f: v.tolist() for f, v in ct.items()})
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    with pytest.raises(ValueError, match=r"cotangent\['user'\] must have the output's shape "
+                                         r"\(6, 4\); got \(6, 3\)"):
+        pullback({**ct, "user": np.ones((6, 3)).tolist()})

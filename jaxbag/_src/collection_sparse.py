@@ -13,6 +13,7 @@ from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -263,10 +264,10 @@ def _split_cotangent(layout: CollectionLayout, cotangent: Any, b: int, concat: b
             f"{sorted(cotangent)}."
         )
     for f, d in widths.items():
-        got = tuple(getattr(cotangent[f], "shape", ()))
+        got = tuple(np.shape(cotangent[f]))  # (nested lists too: they are arrays below)
         if got != (b, d):
             raise ValueError(f"cotangent[{f!r}] must have the output's shape {(b, d)}; got {got}.")
-    return dict(cotangent)
+    return {f: jnp.asarray(cotangent[f]) for f in widths}
 
 
 def collection_optimizer(
