@@ -289,3 +289,59 @@ def test_constructor_checks_pinned_by_mutants():
     with pytest.raises(ValueError, match=r"capacities must hold one int >= 0 per key \(1\); got "
                                          r"capacities=\(2, 2\)"):
         jaxbag.JaggedFeatures(jf.keys, jf.values, jf.lengths, None, capacities=(2, 2))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: JF("user", [1, 2, 3, 4], [[1, 1, 1, 1]], capacities=(4,)),
+    lambda: JF.from_lengths("user", [1, 2, 3, 4], [1, 1, 1, 1]),
+    lambda: JF.from_offsets("user", [1, 2, 3, 4], [0, 1, 2, 3, 4]),
+])
+def test_a_str_as_keys_is_refused_not_split_into_letters(call):
+    """keys="user" became the four features ('u', 's', 'e', 'r') with B=1 (then "features
+    ['user'] ... missing from the input" from a collection)."""
+    with pytest.raises(TypeError, match=r"keys must be a sequence of feature names, not a str; "
+                                        r"got keys='user'\. For one feature pass a list: "
+                                        r"keys=\['user'\]"):
+        call()
+    assert JF.from_lengths(["user"], [1, 2, 3, 4], [1, 1, 1, 1]).batch_size == 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # AttributeError: 'NoneType' object has no attribute 'shape' / 'ndim'
+    (dict(values=None), r"values must be integer ids, int \[S \* T\]; got None\. For example "
+                        r"values=np\.array\(\[4, 1, 0, 0\]\)"),
+    (dict(lengths=None), r"lengths must be integer counts, int \[K, B\]; got None\. For example "
+                         r"lengths=np\.array\(\[\[2, 0\]\]\)"),
+    # TypeError: 'NoneType' object is not iterable
+    (dict(keys=None), r"keys must be a non-empty sequence of str; got keys=None\. For example "
+                      r"keys=\['words', 'tags'\]"),
+    # JAX's "Value 'a' with dtype <U1 is not a valid JAX array type", naming no argument
+    (dict(weights=["a", 1.0, 1.0, 1.0]), r"weights must be floating-point per-id weights, float "
+                                         r"\[S \* T\], or None; got weights\[0\] = 'a' \(dtype <U"),
+    (dict(values=[1, None, 0, 0]), r"values must be integer ids.*got values\[1\] = None \(dtype "
+                                   r"object\)"),
+    (dict(lengths=np.array([["2", "1"]])), r"lengths must be integer counts.*got lengths\[0\]\[0\] "
+                                           r"= '2'"),
+])
+def test_constructor_names_a_none_or_non_number_leaf(kwargs, match):
+    args = dict(keys=["a"], values=np.array([1, 2, 3, 0]), lengths=np.array([[2, 1]]),
+                capacities=(4,))
+    with pytest.raises(TypeError, match=match):
+        JF(**{**args, **kwargs})
+    # ints past int64 in a list (dtype object) still reach as_ids, which clips them
+    assert JF(["a"], [1, 2**70, 3, 0], [[2, 1]], capacities=(4,)).values.tolist()[1] == 2**31 - 1
+
+
+@pytest.mark.parametrize("call, match", [
+    # flattened silently: [[0, 1], [2, 2]] read as the offsets [0, 1, 2, 2]
+    (lambda: JF.from_offsets(["x"], [3, 4], [[0, 1], [2, 2]]),
+     r"offsets must be 1-D: TorchRec's \[K \* B \+ 1\] offsets, key-major; got shape \(2, 2\)\. "
+     r"For example offsets=\[0, 2, 3\]"),
+    (lambda: JF.from_offsets(["x"], [], 0), r"offsets must be 1-D.*got shape \(\)"),
+    # a scalar was one bag of one feature, though the docstring says [K * B] or [K, B]
+    (lambda: JF.from_lengths(["x"], [3], 1),
+     r"lengths must be \[K \* B\] or \[K, B\] with K=1 keys \(key-major\); got shape \(\)"),
+])
+def test_offsets_and_lengths_of_another_rank_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -120,6 +120,16 @@ def _plain(x: object) -> object:
     return x.item() if isinstance(x, np.generic) else x
 
 
+def first_non_number(a: np.ndarray) -> tuple[str, object] | None:
+    """``(position, value)`` of the first element of ``a`` that is not a Python bool, int or
+    float as ``tolist()`` reads it (``("[1][0]", 'a')``: a str, None, a complex), or ``None``;
+    for errors about arrays of a non-number dtype (str, object)."""
+    for j, x in enumerate(a.reshape(-1).tolist()):
+        if not isinstance(x, bool | int | float):
+            return "".join(f"[{i}]" for i in np.unravel_index(j, a.shape)), _plain(a.reshape(-1)[j])
+    return None
+
+
 def host_rows(x: Any) -> Any:
     """A JAX array of bags (or of their weights) as a NumPy one, its rows then read on the host
     one bag each; anything else as it is. Shared by :func:`pack_bags` and the builders."""
@@ -270,13 +280,10 @@ def host_weights(
         return np.zeros(src.shape, np.float32)
     # (bfloat16 and float8_* are NumPy dtypes of kind 'V': floats all the same, within float32)
     if src.dtype.kind not in "biuf" and not jnp.issubdtype(src.dtype, jnp.floating):
-        j = next((i for i, x in enumerate(src.reshape(-1).tolist())
-                  if not isinstance(x, bool | int | float)), 0)
-        at = "".join(f"[{i}]" for i in np.unravel_index(j, src.shape))
+        at, value = first_non_number(src) or ("[0]" * src.ndim, _plain(src.reshape(-1)[0]))
         raise TypeError(
-            f"{where} must hold numbers (per-id weights); got {where}{at} = "
-            f"{_plain(src.reshape(-1)[j])!r} (dtype {src.dtype}). For example "
-            "weights=[[0.5, 1.0], [2.0]]."
+            f"{where} must hold numbers (per-id weights); got {where}{at} = {value!r} (dtype "
+            f"{src.dtype}). For example weights=[[0.5, 1.0], [2.0]]."
         )
     if src.dtype.itemsize <= 4 or src.dtype.kind != "f" or (np.abs(src) <= _F32_MAX).all():
         return src.astype(np.float32)  # (no int64 is past float32's range)

@@ -39,12 +39,44 @@ __all__ = ["JaggedFeatures"]
 
 
 def _check_keys(keys: Sequence[str]) -> tuple[str, ...]:
+    """``keys`` as a tuple: a non-empty sequence of distinct str. A str itself is refused, not
+    read as one name (``tuple("user")`` is four one-letter features, and the number of keys
+    decides how ``lengths [K * B]`` is read)."""
+    if isinstance(keys, str):
+        raise TypeError(
+            f"keys must be a sequence of feature names, not a str; got keys={keys!r}. For one "
+            f"feature pass a list: keys=[{keys!r}]."
+        )
+    if keys is None or not np.iterable(keys):
+        raise TypeError(
+            f"keys must be a non-empty sequence of str; got keys={keys!r}. For example "
+            "keys=['words', 'tags']."
+        )
     keys = tuple(keys)
     if not keys or not all(isinstance(k, str) for k in keys):
         raise TypeError(f"keys must be a non-empty sequence of str; got keys={keys!r}.")
     if len(set(keys)) != len(keys):
         raise ValueError(f"keys must be distinct; got keys={keys!r}.")
     return keys
+
+
+def _check_numbers(name: str, x: object, want: str, example: str) -> None:
+    """A leaf given to the constructor: not None, and numbers (checked before ``as_ids`` /
+    ``jnp.asarray``, whose errors name neither the argument nor what it should hold)."""
+    if x is None:
+        raise TypeError(f"{name} must be {want}; got None. For example {name}={example}.")
+    if isinstance(x, jax.Array):  # (tracers too)
+        return
+    try:
+        a = np.asarray(x)
+    except (ValueError, jax.errors.TracerArrayConversionError):  # ragged; traced values in a list
+        return  # (left to the conversion, and the shape checks)
+    bad = batching.first_non_number(a) if a.dtype.kind in "USO" else None
+    if bad is not None:
+        raise TypeError(
+            f"{name} must be {want}; got {name}{bad[0]} = {bad[1]!r} (dtype {a.dtype}). For "
+            f"example {name}={example}."
+        )
 
 
 def _check_num_shards(num_shards: int, b: int | None = None) -> None:
@@ -152,7 +184,9 @@ class JaggedFeatures:
         """Wraps arrays already in the padded layout (see the class docstring); checks shapes.
 
         Args:
-          keys: ``K`` distinct feature names.
+          keys: ``K`` distinct feature names, a list or tuple of str (a single str is a
+            ``TypeError``, not one name as in ``TableConfig``'s ``feature_names``: pass
+            ``keys=["user"]``).
           values: ``int [S * T]`` ids in the padded layout.
           lengths: ``int [K, B]`` bag lengths.
           weights: optional ``float [S * T]`` (a floating-point dtype).
@@ -160,9 +194,11 @@ class JaggedFeatures:
           num_shards: ``S``, an int dividing ``B``.
 
         Raises:
-          TypeError / ValueError: non-int ``capacities`` or ``num_shards``, non-integer ``values``
-            or ``lengths``, non-float ``weights``, shapes that do not match; with concrete
-            ``lengths`` also a negative length or a feature overflowing its capacity in a shard.
+          TypeError / ValueError: ``keys`` that is a str, non-int ``capacities`` or
+            ``num_shards``, ``None`` or non-integer ``values`` or ``lengths``, non-float
+            ``weights`` (a non-number named with its position), shapes that do not match; with
+            concrete ``lengths`` also a negative length or a feature overflowing its capacity in
+            a shard.
             Values are not checked (they may be traced).
         """
         self._keys = _check_keys(keys)
@@ -178,6 +214,11 @@ class JaggedFeatures:
         _check_num_shards(num_shards)
         self._capacities = tuple(int(c) for c in caps)
         self._num_shards = int(num_shards)
+        _check_numbers("values", values, "integer ids, int [S * T]", "np.array([4, 1, 0, 0])")
+        _check_numbers("lengths", lengths, "integer counts, int [K, B]", "np.array([[2, 0]])")
+        if weights is not None:
+            _check_numbers("weights", weights, "floating-point per-id weights, float [S * T], or "
+                           "None", "np.array([0.5, 2.0, 0.0, 0.0], np.float32)")
         # as the ops: narrow and unsigned ints widened, NumPy int64 clipped (not wrapped) to int32
         self.values = validation.as_ids(values)
         self.lengths = validation.as_ids(lengths)
@@ -416,7 +457,8 @@ class JaggedFeatures:
         """Builds the padded layout from TorchRec's flat (unpadded) ``KeyedJaggedTensor`` arrays.
 
         Args:
-          keys: ``K`` feature names.
+          keys: ``K`` feature names, a list or tuple of str (a single str is a ``TypeError``;
+            for one feature pass ``keys=["user"]``).
           values: ``int [sum(lengths)]`` ids in ``[0, 2**31)``, key-major then example-major,
             no padding.
           lengths: ``int [K * B]`` (or ``[K, B]``) ids per feature and example.
@@ -427,7 +469,8 @@ class JaggedFeatures:
           A :class:`JaggedFeatures`.
 
         Raises:
-          TypeError / ValueError: non-integer values or lengths, ``lengths`` of another shape,
+          TypeError / ValueError: ``keys`` that is a str, non-integer values or lengths,
+            ``lengths`` of another shape (a scalar too),
             a negative length or lengths not summing to ``len(values)``, an id negative or past
             int32, weights not of ``values``' shape or overflowing float32 (each naming the
             position, e.g. ``values[3] = -1``), and bad ``num_shards``.
@@ -443,7 +486,7 @@ class JaggedFeatures:
         lengths = np.asarray(lengths)
         if lengths.size and (lengths.dtype == np.bool_ or not np.issubdtype(lengths.dtype, np.integer)):
             raise TypeError(f"lengths must be integer counts; got dtype {lengths.dtype}.")
-        if lengths.size % len(keys) or lengths.ndim > 2 or (
+        if lengths.size % len(keys) or lengths.ndim not in (1, 2) or (
             lengths.ndim == 2 and lengths.shape[0] != len(keys)
         ):
             raise ValueError(
@@ -487,7 +530,7 @@ class JaggedFeatures:
         """As :meth:`from_lengths`, with TorchRec's ``offsets [K * B + 1]`` instead of lengths.
 
         Args:
-          keys: ``K`` feature names.
+          keys: ``K`` feature names, as :meth:`from_lengths`.
           values: ``int [offsets[-1]]`` flat ids, key-major.
           offsets: ``int [K * B + 1]`` non-decreasing, starting at 0.
           weights, capacity, num_shards, round_to: as :meth:`from_lengths`.
@@ -496,8 +539,9 @@ class JaggedFeatures:
           A :class:`JaggedFeatures`.
 
         Raises:
-          TypeError / ValueError: non-integer offsets, offsets not starting at 0 or decreasing
-            (naming the position), not ``K * B + 1`` of them, ``offsets[-1] != len(values)``,
+          TypeError / ValueError: non-integer offsets, offsets not 1-D, not starting at 0 or
+            decreasing (naming the position), not ``K * B + 1`` of them,
+            ``offsets[-1] != len(values)``,
             and the errors of :meth:`from_lengths` about ``values`` and ``weights``.
 
         Examples:
@@ -513,7 +557,12 @@ class JaggedFeatures:
                 "np.asarray(offsets, np.int64)."
             )
         keys = _check_keys(keys)
-        offsets = offsets.reshape(-1)  # (compared in their own dtype: a uint64 never wraps)
+        if offsets.ndim != 1:  # (a [K, B + 1] array is not K * B + 1 positions: not flattened)
+            raise ValueError(
+                f"offsets must be 1-D: TorchRec's [K * B + 1] offsets, key-major; got shape "
+                f"{offsets.shape}. For example offsets=[0, 2, 3] for one feature and two examples."
+            )
+        # (offsets are compared in their own dtype: a uint64 never wraps)
         if offsets.size < 1 or offsets[0] != 0:
             first = offsets.tolist()[:1]
             raise ValueError(
