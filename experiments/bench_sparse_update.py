@@ -12,7 +12,8 @@ so there a bf16 step costs O(V D) whatever the rows; the kernel touches the rows
 variants take turns round by round (a busy machine slows them alike); the medians of all rounds
 are printed, with each XLA step's ratio to the kernel's and each kernel step's to the float32
 kernel's. Before timing, both paths' tables after one step are compared (they must agree within
-one bfloat16 rounding).
+one bfloat16 rounding). Bad flag values (``--rounds 0``, ``--rows`` above ``--num_embeddings``)
+and stray arguments are refused before any work, in one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from absl import app, flags
 
 import jaxbag
+from experiments.textcls import logs
 from jaxbag._src import cpu_kernel
 
 _V = flags.DEFINE_integer("num_embeddings", 1_000_000, "Table rows V.")
@@ -142,18 +144,51 @@ def report(medians: dict[tuple, float], n: int, v: int, d: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def check_args(v: int, d: int, rows: list[str], rounds: int, repeats: int) -> list[int]:
+    """Checks the flags before any work; returns ``--rows`` as ints.
+
+    Raises:
+        ValueError: naming the flag, the value, what is allowed and an example.
+    """
+    for flag, value, example in (("num_embeddings", v, "1000000"), ("features", d, "64"),
+                                 ("rounds", rounds, "5"), ("repeats", repeats, "5")):
+        if value < 1:
+            raise ValueError(f"--{flag} must be an int >= 1; got {value}. Pass e.g. "
+                             f"--{flag} {example}.")
+    out = []
+    for r in rows:
+        try:
+            n = int(r)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= v:
+            raise ValueError(f"--rows must be ints in [1, --num_embeddings={v}] (distinct rows "
+                             f"per step); got {r!r}. Pass e.g. --rows {min(512, v)},{min(4096, v)}.")
+        out.append(n)
+    if not out:
+        raise ValueError("--rows is empty: nothing to time. Pass e.g. --rows 512,4096.")
+    return out
+
+
+def run(v: int, d: int, rows: list[str], rounds: int, repeats: int) -> None:
+    """Checks the flags, checks that both paths agree, then times and prints the tables."""
+    counts = check_args(v, d, rows, rounds, repeats)
     ok, why = cpu_kernel.cpu_kernel_status()
     if jax.default_backend() != "cpu" or not ok:
-        raise app.UsageError(f"needs JAX on the CPU with jaxbag's CPU kernel ({why})")
-    v, d = _V.value, _D.value
+        raise ValueError(f"needs JAX on the CPU with jaxbag's CPU kernel ({why})")
     check_paths_agree(min(v, 1000), d)
-    for n in (int(r) for r in _ROWS.value):
+    for n in counts:
         medians = {}
         for name in OPTIMIZERS:
-            medians.update(measure(name, v, d, n, _ROUNDS.value, _REPEATS.value))
+            medians.update(measure(name, v, d, n, rounds, repeats))
         print(report(medians, n, v, d), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:  # (absl passes what is not a flag through)
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logs.exit_on_user_error(run, _V.value, _D.value, list(_ROWS.value), _ROUNDS.value,
+                            _REPEATS.value)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 r"""Per-epoch training time: jaxbag (JAX/NNX) vs the equivalent PyTorch EmbeddingBag loop.
 
     python -m experiments.bench_train_torch --config configs/bbc_news.py [--epochs 7] \
-        [--torch_impls default,foreach,fused] [--torch_threads 1,2] [--config.model.features=128 ...]
+        [--torch_impls default,foreach,fused] [--torch_threads 1,2] [--settle_s 0.1] \
+        [--config.model.features=128 ...]
 
 Both frameworks train the same model (EmbeddingBag -> [hidden] -> Linear, the same
 initial weights, copied from the JAX model), with the same optimiser (AdamW, same
 learning-rate schedule, betas, eps and weight decay), the same label smoothing, on
 the same batches: the documents of every batch and their order come from the same
-``epoch_order(seed, epoch)``. Each loop builds its own batch inputs from the
-featurized documents inside the timed loop (JAX: ``jaxbag.pack_bags`` into static
-bucketed shapes; torch: ``indices`` + ``offsets`` tensors, no padding needed). With
+``epoch_order(seed, epoch)``, for the epochs ``1 .. epochs + 1`` of a training run. Each loop
+builds its own batch inputs from the featurized documents inside the timed loop (JAX:
+``jaxbag.pack_bags`` into static bucketed shapes, the padded sizes planned as
+``experiments.train`` plans them, at most ``config.train.max_buckets``: the same
+``batches.plan_epochs``; torch: ``indices`` + ``offsets`` tensors, no padding needed). With
 weighted bags (``config.tokenizer.term_weights`` count/log, or ``idf``) both get the same
 distinct ids and weights (torch's EmbeddingBag takes ``per_sample_weights`` only in
 ``sum`` mode, so its weighted mean, or ``sqrtn``, is a sum with pre-normalised weights: the
@@ -21,17 +24,25 @@ Torch's AdamW is timed with each implementation in ``--torch_impls`` (``default`
 torch's choice on CPU, a per-tensor loop; ``foreach``; ``fused``) and each intra-op
 thread count in ``--torch_threads``. Every loop runs one untimed warm-up epoch (JAX
 compiles there), then the loops take turns epoch by epoch (so a busy, shared machine
-slows them alike) for ``--epochs`` timed epochs. A timed JAX epoch in which the train
+slows them alike) for ``--epochs`` timed epochs, each after a ``--settle_s`` sleep (so that
+the previous loop's worker threads are idle). A timed JAX epoch in which the train
 step compiled (a batch shape first met then) is left out of JAX's median and named in
 the report. The medians are printed, and the
 ratio of JAX's median to that of the torch default (2 threads on this machine,
-torch's default AdamW) and to the fastest torch variant.
+torch's default AdamW) and to the fastest torch variant, with the load average at the start
+and the end, and a warning where the timings do not measure the loops (:func:`timing_warnings`:
+on a loaded machine torch's extra threads spin-wait for cores, and its 2-thread epochs took
+50x its 1-thread ones).
+
+Bad flag values (``--epochs 0``, an unknown ``--torch_impls`` name, ``--torch_threads 0``) are
+refused before any work, in one ``error:`` line.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +53,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from experiments.textcls.batches import epoch_order, iterate_batches, num_batches
+from experiments.bench.timing import load_average, settle
+from experiments.textcls.batches import epoch_order, iterate_batches, num_batches, plan_epochs
+from experiments.textcls import logs
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import Metrics
 from experiments.textcls.model import FastText, build_model
@@ -54,10 +67,14 @@ _CONFIG: Any = None
 _EPOCHS: Any = None
 _TORCH_IMPLS: Any = None
 _TORCH_THREADS: Any = None
+_SETTLE_S: Any = None
+
+TORCH_IMPLS = ("default", "foreach", "fused")  # torch's AdamW implementations
 
 
 class JaxLoop:
-    """The training loop of ``experiments.train`` (same steps, batching and optimiser)."""
+    """The training loop of ``experiments.train`` (same steps, batching and optimiser), for
+    epochs ``1 .. total_epochs``."""
 
     name = "jax"
 
@@ -77,15 +94,18 @@ class JaxLoop:
         self.opt_state = steps.init_opt_state(self.params)
         self.rng = jax.random.key(0)
         self.step = 0
+        # experiments.train's plan: at most config.train.max_buckets padded sizes (compilations)
+        self.orders, self.bucket_sizes = plan_epochs(bags, config.train, seed=config.seed,
+                                                     epochs=range(1, total_epochs + 1))
 
     def run_epoch(self, epoch: int) -> tuple[float, float, float]:
         tc = self.config.train
         t0 = time.perf_counter()
         metrics = Metrics.zeros()
-        order = epoch_order(len(self.bags), seed=self.config.seed, epoch=epoch)
+        order = self.orders[epoch - 1]
         for batch in iterate_batches(self.bags, self.labels, order, batch_size=tc.batch_size,
                                      min_size=tc.bucket_min_size, growth=tc.bucket_growth,
-                                     weights=self.weights):
+                                     weights=self.weights, bucket_sizes=self.bucket_sizes):
             self.params, self.opt_state, metrics = self.train_step(
                 self.params, self.opt_state, metrics, batch, self.rng, np.int32(self.step))
             self.step += 1
@@ -200,14 +220,53 @@ class TorchLoop:
         return time.perf_counter() - t0, loss_sum / len(order), correct / len(order)
 
 
+def check_args(epochs: Any, torch_impls: Sequence[str], torch_threads: Sequence[Any],
+               settle_s: Any = 0.0) -> list[int]:
+    """Checks the benchmark's arguments before any work; returns the thread counts as ints
+    (``--torch_threads`` gives strings).
+
+    Raises:
+        ValueError: naming the flag, the value, what is allowed and an example.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"--epochs must be an int >= 1 (timed epochs per loop, after one "
+                         f"warm-up); got {epochs!r}. Pass e.g. --epochs 7.")
+    unknown = [i for i in torch_impls if i not in TORCH_IMPLS]
+    if unknown:
+        raise ValueError(f"--torch_impls names unknown AdamW implementations {unknown}; known: "
+                         f"{', '.join(TORCH_IMPLS)}. Pass e.g. --torch_impls default,fused.")
+    threads = []
+    for t in torch_threads:
+        try:
+            n = int(t)
+        except (TypeError, ValueError):
+            n = 0
+        if isinstance(t, bool) or isinstance(t, float) or n < 1:
+            raise ValueError(f"--torch_threads must be ints >= 1 (torch intra-op threads); got "
+                             f"{t!r}. Pass e.g. --torch_threads 1,2.")
+        threads.append(n)
+    if isinstance(settle_s, bool) or not isinstance(settle_s, (int, float)) or not (
+            0 <= settle_s < float("inf")):
+        raise ValueError(f"--settle_s must be a number of seconds >= 0; got {settle_s!r}. "
+                         "Pass e.g. --settle_s 0.1.")
+    return threads
+
+
 def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[str],
-              torch_threads: list[int]) -> dict[str, Any]:
-    """Runs the loops (warm-up, then ``epochs`` interleaved timed epochs).
+              torch_threads: Sequence[int | str], settle_s: float = 0.0) -> dict[str, Any]:
+    """Runs the loops (warm-up, then ``epochs`` interleaved timed epochs, each after a
+    ``settle_s`` sleep).
 
     Returns:
         ``{"num_train": n, "loops": {name: {"times": [...], "loss": l, "accuracy": a}},
-        "compilations": k, "torch_default_threads": t}`` (loss/accuracy of the last epoch).
+        "compilations": k, "torch_default_threads": t, "loadavg_start": [...],
+        "loadavg_end": [...]}`` (loss/accuracy of the last epoch).
+
+    Raises:
+        ValueError: a bad argument (:func:`check_args`) or a config torch cannot match, before
+            any work.
     """
+    threads = check_args(epochs, torch_impls, torch_threads, settle_s)
     import torch
 
     if config.optim.sparse_embedding and config.optim.grad_clip > 0:
@@ -221,6 +280,7 @@ def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[
             "config.model.mode='max' with the sparse table: torch's EmbeddingBag(sparse=True) has "
             "no max mode. Add --config.optim.sparse_embedding=false."
         )
+    loadavg_start = load_average()
     train_ds, _, _ = load_splits(config.data, config.seed)
     featurizer = Featurizer.fit(train_ds.texts, config.tokenizer)
     pairs = [featurizer.bag(t) for t in train_ds.texts]
@@ -242,23 +302,53 @@ def benchmark(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[
               "Run with JAX_PLATFORMS=cpu to compare like with like.", flush=True)
     total = epochs + 1
     loops: list[Any] = [JaxLoop(config, model, bags, weights, labels, total)]
-    for threads in torch_threads:
+    for n in threads:
         for impl in torch_impls:
-            loops.append(TorchLoop(config, model, bags, weights, labels, total, impl, threads))
+            loops.append(TorchLoop(config, model, bags, weights, labels, total, impl, n))
     out: dict[str, Any] = {l.name: {"times": [], "compiled": []} for l in loops}
     jax_loop = loops[0]
-    for epoch in range(total):  # epoch 0: warm-up, untimed
+    for epoch in range(1, total + 1):  # a training run's epochs; the first: warm-up, untimed
         for loop in loops:
+            settle(settle_s)
             before = jax_loop.compilations.get("train_step", 0)
             seconds, loss, acc = loop.run_epoch(epoch)
-            if epoch > 0:
+            if epoch > 1:
                 out[loop.name]["times"].append(seconds)
                 if jax_loop.compilations.get("train_step", 0) > before:  # (the JAX loop only)
-                    out[loop.name]["compiled"].append(epoch)
+                    out[loop.name]["compiled"].append(epoch - 1)  # (the timed epoch's number)
             out[loop.name].update(loss=loss, accuracy=acc)
     torch.set_num_threads(default_threads)
     return {"num_train": len(bags), "loops": out, "compilations": loops[0].compilations["train_step"],
-            "torch_default_threads": default_threads}
+            "torch_default_threads": default_threads, "loadavg_start": loadavg_start,
+            "loadavg_end": load_average()}
+
+
+#: Above this ratio a timing is flagged by :func:`timing_warnings`.
+SUSPECT_RATIO = 2.0
+
+
+def timing_warnings(medians: Mapping[str, float], mins: Mapping[str, float]) -> list[str]:
+    """What makes these timings no measure of the loops: a torch loop with more threads whose
+    median is over :data:`SUSPECT_RATIO` times the 1-thread median of the same implementation
+    (its threads spin-wait for cores that other jobs hold: 2.0 s against 0.04 s per epoch on a
+    loaded machine), and a loop whose median is over that ratio times its fastest epoch (the
+    load changed during the run). ``medians`` / ``mins``: seconds per epoch, by loop name."""
+    out = []
+    for name, med in medians.items():
+        impl, _, threads = name.rpartition("_t")
+        one = medians.get(f"{impl}_t1")
+        if name.startswith("torch_") and threads != "1" and one and med > SUSPECT_RATIO * one:
+            out.append(f"{name}'s median epoch ({med:.3f}s) is {med / one:.1f}x {impl}_t1's "
+                       f"({one:.3f}s): its threads wait for cores that other work holds (OpenMP "
+                       f"spin-waiting), so {name} measures the machine's load, not torch. Rerun on "
+                       "a quiet machine, or leave it out (--torch_threads 1).")
+    for name, med in medians.items():
+        low = mins.get(name)
+        if low and med > SUSPECT_RATIO * low:
+            out.append(f"{name}'s median epoch ({med:.3f}s) is {med / low:.1f}x its fastest "
+                       f"({low:.3f}s): the machine's load changed during the run. Rerun on a "
+                       "quiet machine.")
+    return out
 
 
 def report(results: dict[str, Any], epochs: int) -> str:
@@ -278,7 +368,12 @@ def report(results: dict[str, Any], epochs: int) -> str:
                      f"{100 * r['accuracy']:>9.2f}%")
     lines.append(f"(median/min of {epochs} interleaved epochs after 1 warm-up; "
                  f"jax train_step compiled {results['compilations']} times)")
+    if "loadavg_start" in results:
+        lines.append(f"load average (1 min) at start/end: {results['loadavg_start'][0]:.1f}/"
+                     f"{results['loadavg_end'][0]:.1f}")
     lines.extend(notes)
+    mins = {name: min(r["times"]) for name, r in results["loops"].items()}
+    lines.extend(f"warning: {w}" for w in timing_warnings(med, mins))
     torch_names = [k for k in med if k.startswith("torch_")]
     default = f"torch_default_t{results['torch_default_threads']}"
     if default in med:
@@ -290,12 +385,17 @@ def report(results: dict[str, Any], epochs: int) -> str:
     return "\n".join(lines)
 
 
+def run(config: ml_collections.ConfigDict, epochs: int, torch_impls: list[str],
+        torch_threads: list[str], settle_s: float) -> None:
+    """:func:`benchmark`, then its :func:`report` printed."""
+    print(report(benchmark(config, epochs, torch_impls, torch_threads, settle_s), epochs))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    results = benchmark(_CONFIG.value, _EPOCHS.value, list(_TORCH_IMPLS.value),
-                        [int(t) for t in _TORCH_THREADS.value])
-    print(report(results, _EPOCHS.value))
+    logs.exit_on_user_error(run, _CONFIG.value, _EPOCHS.value, list(_TORCH_IMPLS.value),
+                            list(_TORCH_THREADS.value), _SETTLE_S.value)
 
 
 # the repository's default config, wherever the benchmark is started from
@@ -303,17 +403,20 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "bbc_news
 
 
 def define_flags() -> None:
-    global _CONFIG, _EPOCHS, _TORCH_IMPLS, _TORCH_THREADS
+    global _CONFIG, _EPOCHS, _TORCH_IMPLS, _TORCH_THREADS, _SETTLE_S
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None,
         "Config file (the model, data and optimiser to time; default configs/bbc_news.py).",
         lock_config=True)
     _EPOCHS = flags.DEFINE_integer("epochs", 7, "Timed epochs per loop (after one warm-up).")
     _TORCH_IMPLS = flags.DEFINE_list(
-        "torch_impls", ["default", "foreach", "fused"],
-        "torch AdamW implementations to time: default, foreach, fused.")
+        "torch_impls", list(TORCH_IMPLS),
+        f"torch AdamW implementations to time: {', '.join(TORCH_IMPLS)}.")
     _TORCH_THREADS = flags.DEFINE_list(
-        "torch_threads", ["1", "2"], "torch intra-op thread counts to time.")
+        "torch_threads", ["1", "2"], "torch intra-op thread counts to time (ints >= 1).")
+    _SETTLE_S = flags.DEFINE_float(
+        "settle_s", 0.1, "Sleep before each epoch of each loop (seconds), so that the previous "
+        "loop's worker threads are idle.")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -16,6 +16,11 @@ each timed torch call ends with ``torch.cuda.synchronize``. Memory: jax reports
 ``compiled.memory_analysis().temp_size_in_bytes``; torch the peak-RSS growth during its timed
 calls (on CUDA, the growth of its peak allocated device memory).
 
+Every result is checked (``config.check``: forward against float64 NumPy, gradients against
+torch's, train steps against torch's loss after the same steps): one whose ``max_abs_err`` is
+above :func:`check_limit` is marked ``!`` in the table, listed in a warning, and the command
+exits with status 1 once the table and ``results.json`` are written.
+
 Outputs in ``--workdir``: ``results.json`` (every measurement + machine info), ``table.txt`` (the
 printed table), ``reference.png`` and ``sweep_<name>.png``.
 """
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import platform
 import sys
 import time
@@ -39,6 +43,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.bench import impls, problems, report, timing
+from experiments.textcls import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a benchmark config (configs/bench_*.py).", lock_config=True
@@ -115,6 +120,29 @@ def _timed(rec: dict, t: timing.Timing) -> dict:
     return rec
 
 
+#: The checks' tolerance: a result fails when its ``max_abs_err`` exceeds this times the largest
+#: magnitude of what it is compared with (at least 1). float32 rounding grows with the values:
+#: the sweep's sums of ~512 N(0, 1) rows (magnitudes to ~100) differ from float64 by ~1e-4.
+CHECK_TOL = 1e-4
+
+
+def _checked(rec: dict, err: float, reference: Any) -> None:
+    """Records a check: the error and the scale of the reference (its largest magnitude)."""
+    rec["max_abs_err"] = float(err)
+    rec["check_scale"] = float(np.max(np.abs(reference), initial=0.0))
+
+
+def check_limit(rec: dict[str, Any]) -> float:
+    """The largest ``max_abs_err`` that passes: :data:`CHECK_TOL` x max(1, the reference's
+    largest magnitude)."""
+    return CHECK_TOL * max(1.0, float(rec.get("check_scale", 1.0)))
+
+
+def failed_checks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results whose check failed (``max_abs_err`` above :func:`check_limit`; a NaN too)."""
+    return [r for r in results if "max_abs_err" in r and not r["max_abs_err"] <= check_limit(r)]
+
+
 def device_inputs(p: problems.Problem) -> dict[str, Any]:
     """The problem's arrays on the default device, once per problem, with every copy finished.
 
@@ -185,7 +213,7 @@ class Runner:
             t, out = self._torch(self.torch_impls.forward(t_in, mode))
             rec = _timed(_record(p, "fwd", mode, "torch", "torch", extra), t)
             if ref is not None:
-                rec["max_abs_err"] = float(np.max(np.abs(out.cpu().numpy() - ref)))
+                _checked(rec, np.max(np.abs(out.cpu().numpy() - ref)), ref)
             self._log(rec)
         for name in c.fwd_impls:
             rec = _record(p, "fwd", mode, name, "jax", extra)
@@ -198,7 +226,7 @@ class Runner:
             t, out = self._jax(fwd, (w, batch))
             _timed(rec, t)
             if ref is not None:
-                rec["max_abs_err"] = float(np.max(np.abs(np.asarray(out) - ref)))
+                _checked(rec, np.max(np.abs(np.asarray(out) - ref)), ref)
             self._log(rec)
             del out
 
@@ -228,7 +256,7 @@ class Runner:
                     mask = np.ones(p.num_embeddings, bool)
                     mask[rows] = False
                     err = max(float(err), float(np.max(np.abs(ref_grad[mask]), initial=0.0)))
-                    rec["max_abs_err"] = err
+                    _checked(rec, err, ref_grad)
                 self._log(rec)
                 del rg
                 continue
@@ -241,7 +269,7 @@ class Runner:
             t, (_, g) = self._jax(impls.dense_fwd_bwd(fwd, cot), (w, batch))
             _timed(rec, t)
             if ref_grad is not None:
-                rec["max_abs_err"] = float(np.max(np.abs(np.asarray(g) - ref_grad)))
+                _checked(rec, np.max(np.abs(np.asarray(g) - ref_grad)), ref_grad)
             self._log(rec)
             del g
         del ref_grad
@@ -302,7 +330,7 @@ class Runner:
             _timed(rec, t)
             rec["final_loss"] = float(out[2])
             if baseline in losses:
-                rec["max_abs_err"] = abs(rec["final_loss"] - losses[baseline])
+                _checked(rec, abs(rec["final_loss"] - losses[baseline]), losses[baseline])
             self._log(rec)
             del out, w, state
             gc.collect()
@@ -362,9 +390,11 @@ def _merge_records(recs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     rec = dict(first)
     rec.update(dataclasses.asdict(timing.merge(
         [timing.Timing(**{k: r[k] for k in _TIMING_FIELDS}) for r in recs])))
-    errs = [r["max_abs_err"] for r in recs if "max_abs_err" in r]
-    if errs:
-        rec["max_abs_err"] = max(errs)
+    checked = [r for r in recs if "max_abs_err" in r]
+    if checked:  # the round that failed worst (a NaN first)
+        worst = max(checked, key=lambda r: (not r["max_abs_err"] <= check_limit(r),
+                                            r["max_abs_err"] / check_limit(r)))
+        rec["max_abs_err"], rec["check_scale"] = worst["max_abs_err"], worst["check_scale"]
     return rec
 
 
@@ -402,7 +432,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         "machine": platform.processor() or platform.machine(),
         "cores": timing.thread_count(),
         "threads": threads,
-        "loadavg_start": list(os.getloadavg()),
+        "loadavg_start": timing.load_average(),
         "config": config.to_dict(),
     }
     if runner.torch is not None:
@@ -420,9 +450,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     t0 = time.perf_counter()
     runner.run()
     meta["wall_s"] = time.perf_counter() - t0
-    meta["loadavg_end"] = list(os.getloadavg())
+    meta["loadavg_end"] = timing.load_average()
     meta["peak_rss_bytes"] = timing.max_rss_bytes()
     _add_ratios(runner.results, meta["memcpy_gbps"])
+    failed = failed_checks(runner.results)
+    for r in failed:
+        r["check_failed"] = True
+    meta["failed_checks"] = len(failed)
     table = report.format_table(runner.results, meta)
     print(table, flush=True)
     (workdir / "table.txt").write_text(table + "\n")
@@ -430,7 +464,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     if config.plots:
         meta["plots"] = report.plot(workdir, runner.results, [s.to_dict() for s in config.sweeps])
         report.write_json(workdir / "results.json", runner.results, meta)
+    if failed:
+        print(f"warning: {len(failed)} result(s) failed their check (max_abs_err above "
+              f"{CHECK_TOL:g} x max(1, the reference's magnitude); marked '!' in "
+              f"{workdir / 'table.txt'}): " + "; ".join(
+                  f"{r['shape']} {r['phase']} {r['mode']} {r['impl']}: {r['max_abs_err']:.2e} > "
+                  f"{check_limit(r):.2e}" for r in failed), file=sys.stderr, flush=True)
     return {"meta": meta, "results": runner.results}
+
+
+def run_checked(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """:func:`run`; then exits with status 1 if a result failed its check (the table and
+    ``results.json`` are written first, with the failures marked)."""
+    if run(config, workdir)["meta"]["failed_checks"]:
+        sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
@@ -438,7 +485,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required.")
-    run(_CONFIG.value, _WORKDIR.value)
+    logs.exit_on_user_error(run_checked, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,26 @@ model.features=128"``. Each candidate is trained ``config.folds`` times (times
 training split and evaluated on the remaining one (``config.data.validation_folds``),
 so every training document is predicted once per repeat by a model that did not see
 it (whose vocabulary and idf come from its own training folds only). The
-candidates are ranked by that cross-validated accuracy (then by validation loss), and
-each is compared with ``config.reference`` fold by fold (paired differences).
+candidates are ranked by that cross-validated accuracy (then by validation loss), the
+first is named the ``winner``, and each is compared with ``config.reference`` fold by fold
+(paired differences).
+
+Every candidate is cross-validated on the same training split and folds, those of
+``config.base``: a candidate may not override ``data.*`` (the split, the dataset; the study
+sets the validation fields itself), and one that overrides ``seed`` keeps the base's split
+(``data.split_seed`` is pinned to the base's split seed; its own seed still varies the
+initialisation and the batch order). Otherwise its folds would hold test articles.
 
 The workdir gets one sub-workdir per (candidate, fold) (a finished one is not run
-again, so a killed selection resumes), ``selection.json`` and ``selection.md``.
+again, so a killed selection resumes), ``selection.json`` and ``selection.md`` (an earlier
+run's are removed when the training starts, so a run that fails leaves none behind).
 """
 
 from __future__ import annotations
 
 import ast
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.textcls import artifacts, config_check, logs, runtime
-from experiments.textcls.data import with_validation_fold
+from experiments.textcls.data import split_seed_of, with_validation_fold
 from experiments.train import parse_flags, train_and_evaluate
 
 def _parse_value(text: str) -> Any:
@@ -44,6 +52,16 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _items(overrides: str) -> Iterator[str]:
+    """The ``key=value`` items of ``"a.b=v; c.d=w"``."""
+    return filter(None, (part.strip() for part in overrides.split(";")))
+
+
+def override_keys(overrides: str) -> list[str]:
+    """The dotted keys that ``"a.b=v; c=w"`` sets: ``["a.b", "c"]``."""
+    return [item.partition("=")[0].strip() for item in _items(overrides)]
+
+
 def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_collections.ConfigDict:
     """A copy of ``base`` with ``"a.b=v; c.d=w"`` applied (``base`` is not changed).
 
@@ -52,7 +70,7 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_colle
             value of another type than the key's.
     """
     config = ml_collections.ConfigDict(base.to_dict())  # a deep copy
-    for item in filter(None, (part.strip() for part in overrides.split(";"))):
+    for item in _items(overrides):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
@@ -75,11 +93,16 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: str) -> ml_colle
     return config
 
 
-def variants(base: Any, overrides: Any, reference: str, where: str) -> dict[str, ml_collections.ConfigDict]:
+def variants(base: Any, overrides: Any, reference: str, where: str, *,
+             fixed: Sequence[str] = (), why: str = "") -> dict[str, ml_collections.ConfigDict]:
     """``{name: base with overrides[name] applied}``, every one checked before anything runs.
 
+    ``fixed``: keys (``"seed"``) and groups (``"data"``: every ``data.*`` key) that the study
+    keeps the same for every variant; ``why`` says why, in the error.
+
     Raises:
-        ValueError: ``reference`` is not one of the names, or an override is invalid.
+        ValueError: ``reference`` is not one of the names, or an override is invalid or sets
+            a ``fixed`` key.
     """
     if reference not in overrides:
         raise ValueError(f"config.reference={reference!r} is not in {where}: {list(overrides)}")
@@ -91,10 +114,52 @@ def variants(base: Any, overrides: Any, reference: str, where: str) -> dict[str,
             out[name] = apply_overrides(base, overrides[name])
         except ValueError as e:  # which candidate
             raise ValueError(f"{where}[{name!r}] = {overrides[name]!r}: {e}") from None
+        refused = [k for k in override_keys(overrides[name])
+                   if any(k == f or k.startswith(f + ".") for f in fixed)]
+        if refused:
+            raise ValueError(f"{where}[{name!r}] = {overrides[name]!r} overrides "
+                             f"{', '.join(refused)}: {why}")
     for name, config in out.items():
         config_check.check_values(config, prefix="base.", where=(
             f"{where}[{name!r}] = {overrides[name]!r} applied to config.base: "))
     return out
+
+
+def same_split(candidate: ml_collections.ConfigDict,
+               base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``candidate`` on ``base``'s train/test split and folds: when its own ``seed`` would move
+    them (``data.split_seed=-1`` follows ``config.seed``), a copy with ``data.split_seed`` pinned
+    to ``base``'s split seed; else ``candidate`` itself (its config, and so its runs, unchanged)."""
+    seed = split_seed_of(base.data, base.seed)
+    if split_seed_of(candidate.data, candidate.seed) == seed:
+        return candidate
+    config = ml_collections.ConfigDict(candidate.to_dict())
+    config.data.split_seed = seed
+    return config
+
+
+#: Why a candidate may not override ``data.*`` (the split, the dataset, the validation folds).
+SAME_FOLDS = (
+    "every candidate is cross-validated on the same training split and folds, those of "
+    "config.base.data (config.folds and config.repeats set the validation fields), so that no "
+    "test article is in a fold and the folds pair up with the reference's. Drop the override; "
+    "to study another split or dataset, change config.base.data for the whole study (e.g. "
+    "--config.base.data.test_fraction=0.1)."
+)
+
+
+def candidate_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """``{name: the candidate's training config}`` (before :func:`fold_config`), all checked
+    before anything runs, every one on ``config.base``'s split (:func:`same_split`).
+
+    Raises:
+        ValueError: a bad count, reference or override, or a candidate that overrides ``data.*``.
+    """
+    config_check.require_int(config.repeats, "repeats", 1, "N (seeded CV partitions, N >= 1)")
+    config_check.require_int(config.folds, "folds", 2, "k (k-fold cross-validation, k >= 2)")
+    candidates = variants(config.base, config.candidates, config.reference, "config.candidates",
+                          fixed=("data",), why=SAME_FOLDS)
+    return {name: same_split(c, config.base) for name, c in candidates.items()}
 
 
 def fold_config(candidate: ml_collections.ConfigDict, folds: int, fold: int, repeat: int = 0):
@@ -122,12 +187,12 @@ def run_or_reuse(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, 
 
 
 def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
-    """Cross-validates every candidate; returns the rows of the table, best first."""
+    """Cross-validates every candidate; returns the rows of the table, best first (the
+    ``winner``, named in ``selection.json`` / ``selection.md``)."""
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
-    config_check.require_int(config.repeats, "repeats", 1, "N (seeded CV partitions, N >= 1)")
-    config_check.require_int(config.folds, "folds", 2, "k (k-fold cross-validation, k >= 2)")
-    candidates = variants(config.base, config.candidates, config.reference, "config.candidates")
+    candidates = candidate_configs(config)
+    remove_reports(workdir, SELECTION_REPORTS)  # (an earlier config's: not this run's)
     names = list(candidates)
     rows = []
     for name in names:
@@ -150,13 +215,26 @@ def select(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[
         row["folds_better"] = sum(d > 0 for d in diffs)
         row["folds_worse"] = sum(d < 0 for d in diffs)
     rows.sort(key=lambda r: (-r["accuracy"], r["loss"]))
+    winner = rows[0]["name"]  # the rule: the highest cross-validated accuracy (then lower loss)
     artifacts.write_json(workdir / "selection.json", {
         "folds": config.folds, "repeats": config.repeats, "base_seed": config.base.seed,
-        "rows": rows})
+        "winner": winner, "rule": WINNER_RULE, "rows": rows})
     table = format_table(rows, reference["name"], config.folds, config.repeats)
-    (workdir / "selection.md").write_text(table + "\n")
+    table += f"\n\nwinner: **{winner}** ({WINNER_RULE})"
+    artifacts.write_text(workdir / "selection.md", table + "\n")
     print(table)
     return rows
+
+
+WINNER_RULE = "the highest cross-validated accuracy; a tie goes to the lower CV loss"
+SELECTION_REPORTS = ("selection.json", "selection.md")
+
+
+def remove_reports(workdir: Path, names: Sequence[str]) -> None:
+    """Removes a study's report files left in ``workdir`` by an earlier run (a run with another
+    config that fails before writing its own would leave them looking like its result)."""
+    for name in names:
+        (workdir / name).unlink(missing_ok=True)
 
 
 def format_table(rows: list[dict[str, Any]], reference: str, folds: int, repeats: int) -> str:

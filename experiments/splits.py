@@ -10,8 +10,12 @@ on the very same splits, and prints per model the mean test accuracy, its spread
 splits reach ``config.threshold``, and the paired difference to ``config.reference`` (same
 split, so the split's difficulty cancels). It measures; it never feeds back into a config.
 
+Every model, and the SVM, is tested on the same splits, those of ``config.base.data``: a model
+may not override ``data.*`` or ``seed`` (the study sets the seed of each split itself).
+
 The workdir gets one sub-workdir per (model, split) (a finished one is not run again, so a
-killed study resumes), ``splits.json`` and ``splits.md``.
+killed study resumes), ``splits.json`` and ``splits.md`` (an earlier run's are removed when the
+training starts, so a run that fails leaves none behind).
 """
 
 from __future__ import annotations
@@ -23,10 +27,18 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from experiments.select import run_or_reuse, study_main, variants
+from experiments.select import remove_reports, run_or_reuse, study_main, variants
 from experiments.textcls import artifacts, config_check
 
 TFIDF_SVC = "tfidf_svc"
+REPORTS = ("splits.json", "splits.md")
+#: Why a model may not override ``data.*`` or ``seed``.
+SAME_SPLITS = (
+    "every model and the TF-IDF + LinearSVC reference are tested on the same splits, those of "
+    "config.base.data with split k drawn by seed k (the study sets config.seed itself), so that "
+    "the rows pair up. Drop the override; to study another dataset or test fraction, change "
+    "config.base.data for the whole study (e.g. --config.base.data.test_fraction=0.1)."
+)
 
 
 def split_config(model: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -66,15 +78,16 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
     config = ml_collections.FrozenConfigDict(config)
     workdir = Path(workdir).resolve()
     config_check.require_int(config.num_splits, "num_splits", 1, "N (splits of seeds 0..N-1)")
-    models = variants(config.base, config.models, config.reference, "config.models")
-    for name, model in {"base": config.base, **models}.items():
-        if model.data.split_seed != -1:
-            where = "config.base" if name == "base" else f"config.models[{name!r}]"
-            raise ValueError(
-                f"{where} sets data.split_seed={model.data.split_seed}, but this study draws split "
-                "k from seed k for every model and the SVM alike (split_seed=-1); drop the "
-                "override (to study one split, use experiments.train with --config.seed)."
-            )
+    config_check.require_fraction(config.threshold, "threshold", "0.98")
+    models = variants(config.base, config.models, config.reference, "config.models",
+                      fixed=("data", "seed"), why=SAME_SPLITS)
+    if config.base.data.split_seed != -1:
+        raise ValueError(
+            f"config.base sets data.split_seed={config.base.data.split_seed}, but this study draws "
+            "split k from seed k for every model and the SVM alike (split_seed=-1); drop the "
+            "override (to study one split, use experiments.train with --config.seed)."
+        )
+    remove_reports(workdir, REPORTS)  # (an earlier config's: not this run's)
     names = list(models)
     seeds = range(config.num_splits)
     accs: dict[str, list[float]] = {}
@@ -93,7 +106,7 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[s
               "reference": config.reference, "rows": rows, "accuracies": accs}
     artifacts.write_json(workdir / "splits.json", result)
     table = format_table(rows, config.reference, config.num_splits, config.threshold)
-    (workdir / "splits.md").write_text(table + "\n")
+    artifacts.write_text(workdir / "splits.md", table + "\n")
     print(table)
     return result
 

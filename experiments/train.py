@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from experiments.textcls import artifacts, checkpoint, config_check, logs, runtime, sharded
-from experiments.textcls.batches import epoch_order, iterate_batches, num_batches, plan_buckets
+from experiments.textcls.batches import iterate_batches, num_batches, plan_buckets, plan_epochs
 from experiments.textcls.data import load_splits
 from experiments.textcls.metrics import (
     Metrics,
@@ -171,10 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # Padded id counts: at most max_buckets per step function over the whole run (every epoch's
     # order is known now), so the train step compiles at most that many times, resumed or not.
     ladder = {"min_size": tc.bucket_min_size, "growth": tc.bucket_growth}
-    orders = [epoch_order(len(train_ds), seed=config.seed, epoch=e)
-              for e in range(1, tc.num_epochs + 1)]
-    train_buckets = plan_buckets(train_bags, orders, batch_size=batch_size,
-                                 max_buckets=tc.max_buckets, **ladder)
+    orders, train_buckets = plan_epochs(train_bags, tc, seed=config.seed,
+                                        epochs=range(1, tc.num_epochs + 1))
     test_order = np.arange(len(test_ds))  # evaluation's order, planned with the same
     test_buckets = plan_buckets(test_bags, [test_order], batch_size=tc.eval_batch_size,
                                 max_buckets=tc.max_buckets, **ladder)

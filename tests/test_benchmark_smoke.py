@@ -74,8 +74,10 @@ def test_benchmark_smoke_run(tmp_path):
     # torch; train: final loss vs torch's after the same number of Adam steps).
     checked = [r for r in measured if "max_abs_err" in r]
     assert len(checked) > 30
-    for r in checked:
-        assert r["max_abs_err"] < 1e-4, r
+    for r in checked:  # (the tolerance a real run checks with)
+        assert r["max_abs_err"] <= benchmark.check_limit(r) and not r.get("check_failed"), r
+    assert out["meta"]["failed_checks"] == 0 and "failed their check" not in \
+        (tmp_path / "table.txt").read_text()
     fwd = [r for r in measured if r["phase"] == "fwd"]
     assert all(r["gbps"] > 0 for r in fwd)
     sweep = [r for r in measured if r.get("sweep") == "V"]
@@ -149,6 +151,53 @@ def test_benchmark_cli_locks_config(tmp_path):
     assert bad.returncode != 0
     assert "unknown config key 'config.no_such_field'" in bad.stderr  # with the valid keys
     assert "All valid keys: " in bad.stderr
+    # a bad value: one error line (it was a ValueError traceback)
+    bad = subprocess.run(base + quick + ["--config.rounds=0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert "error: config.rounds must be >= 1; got 0." in bad.stderr
+
+
+def test_a_wrong_result_fails_the_run_after_the_table_is_written(tmp_path, monkeypatch, capsys):
+    """Every result was said to be checked, but max_abs_err was only written into the table: a
+    wrong implementation was timed and reported as if right, and the run exited 0."""
+    from configs import bench_smoke
+    from experiments import benchmark
+    from experiments.bench import impls
+
+    naive = impls.FORWARDS["naive"]
+
+    def off_by_a_little(p, mode, options):  # 1e-3 of every bag off: a bug, not rounding
+        fwd = naive(p, mode, options)
+        return lambda w, batch: fwd(w, batch) + 1e-3
+
+    monkeypatch.setitem(impls.FORWARDS, "naive", off_by_a_little)
+    config = bench_smoke.get_config()
+    config.update(dict(sweeps=(), phases=("fwd",), modes=("sum",), fwd_impls=("naive", "stream"),
+                       torch=False, plots=False, rounds=1))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.run_checked(config, tmp_path)
+    assert exit_info.value.code == 1
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert rows["naive"]["check_failed"] and not rows["stream"].get("check_failed")
+    assert rows["naive"]["max_abs_err"] == pytest.approx(1e-3, rel=0.01)
+    table = (tmp_path / "table.txt").read_text()
+    assert [line.split()[0] for line in table.splitlines() if line.rstrip().endswith("!")] == ["naive"]
+    assert "! 1 result(s) failed their check" in table
+    err = capsys.readouterr().err
+    assert "warning: 1 result(s) failed their check" in err and "tiny fwd sum naive: 1.00e-03 >" in err
+
+
+def test_the_check_tolerance_grows_with_the_values():
+    """float32 rounding grows with the magnitudes: the sweep's sums of ~512 rows differ from
+    float64 by ~1e-4; a wrong result is far above the limit at any scale."""
+    from experiments import benchmark
+
+    assert benchmark.check_limit({"check_scale": 0.5}) == benchmark.CHECK_TOL
+    assert benchmark.check_limit({"check_scale": 100.0}) == pytest.approx(100 * benchmark.CHECK_TOL)
+    rows = [{"max_abs_err": 9.6e-5, "check_scale": 90.0}, {"max_abs_err": 2e-4, "check_scale": 0.9},
+            {"max_abs_err": float("nan"), "check_scale": 1.0}, {"phase": "fwd"}]
+    assert benchmark.failed_checks(rows) == rows[1:3]
 
 
 def _torch_sees_cuda() -> bool:
@@ -249,6 +298,37 @@ def test_sparse_update_benchmark_runs_and_its_ratios_follow_its_medians():
             f32_kernel = next(x[2] for x in rows if x[0] == name)
             assert float(kernel) > 0 and float(xla) > 0
             assert follows(xla_ratio, xla, kernel) and follows(f32_ratio, kernel, f32_kernel), table
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # numpy's ValueError from rng.choice, after the minutes of the correctness check
+    (dict(v=1000, rows=["2000"]), r"--rows must be ints in \[1, --num_embeddings=1000\] \(distinct "
+                                  r"rows per step\); got '2000'\. Pass e\.g\. --rows 512,1000\."),
+    (dict(rows=["abc"]), r"--rows must be ints in \[1, --num_embeddings=1000000\] .*; got 'abc'"),
+    (dict(rows=[]), r"--rows is empty: nothing to time"),
+    # statistics.median of no times: StatisticsError after compiling every variant
+    (dict(rounds=0), r"--rounds must be an int >= 1; got 0\. Pass e\.g\. --rounds 5\."),
+    (dict(repeats=0), r"--repeats must be an int >= 1; got 0\."),
+    (dict(v=0, rows=["1"]), r"--num_embeddings must be an int >= 1; got 0\."),
+])
+def test_sparse_update_benchmark_refuses_bad_flags_before_any_work(monkeypatch, kwargs, match):
+    from experiments import bench_sparse_update as bench
+
+    monkeypatch.setattr(bench, "check_paths_agree", lambda *a: pytest.fail("ran before the check"))
+    args = dict(v=1_000_000, d=64, rows=["512"], rounds=5, repeats=5) | kwargs
+    with pytest.raises(ValueError, match=match):
+        bench.run(**args)
+    assert bench.check_args(**dict(args, v=1000, rows=["16", "1000"], rounds=1, repeats=1)) == [16, 1000]
+
+
+def test_sparse_update_benchmark_refuses_stray_arguments():
+    """`del argv`: a mistyped flag without its dashes (`rows 16`) was ignored and the defaults ran."""
+    from absl import app
+
+    from experiments import bench_sparse_update as bench
+
+    with pytest.raises(app.UsageError, match=r"unexpected arguments: \['rows', '16'\]"):
+        bench.main(["bench_sparse_update", "rows", "16"])
 
 
 @pytest.mark.cpu_kernel

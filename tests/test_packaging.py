@@ -94,7 +94,8 @@ def test_the_sdist_carries_what_the_tests_import(built):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for path in ("LICENSE", "Makefile", ".ci/run", "pyproject.toml", "README.md",
                  "tests/conftest.py", "tests/reference.py", "tests/_devices.py",
-                 "configs/bbc_news.py", "experiments/train.py"):
+                 "configs/bbc_news.py", "configs/bbc_news_selection_base.json",
+                 "experiments/train.py"):
         assert path in names, path
     tests_here = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("*.py")}
     assert tests_here <= names, sorted(tests_here - names)

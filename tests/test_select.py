@@ -53,10 +53,52 @@ def test_every_candidate_of_the_shipped_selection_config_is_valid():
         assert (name == config.reference) == (overrides == "")
 
 
+def _leaf_types(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaf_types(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = type(v)
+    return out
+
+
 def test_the_default_config_is_the_selected_candidate():
+    """The frozen base the selection ran (configs/bbc_news_selection_base.json) with the
+    winner's overrides is exactly configs/bbc_news.py: values and the type of every leaf."""
     config = bbc_news_selection.get_config()
     chosen = select.apply_overrides(config.base, config.candidates[bbc_news.SELECTED])
-    assert chosen.to_dict() == bbc_news.get_config().to_dict()
+    default = bbc_news.get_config()
+    assert chosen.to_dict() == default.to_dict()
+    assert _leaf_types(chosen.to_dict()) == _leaf_types(default.to_dict())  # (1 == 1.0, () != [])
+
+
+def test_an_edit_of_the_default_config_fails_the_selection_check(monkeypatch):
+    """The selection's base was the live bbc_news.get_config() with four fields reverted, so the
+    check above compared the default with itself: 50 epochs, 256 features, another learning rate
+    or bigrams in configs/bbc_news.py still passed. The base is now the frozen file."""
+    original = bbc_news.get_config
+
+    def drifted():
+        c = original()
+        c.train.num_epochs = 50
+        return c
+
+    monkeypatch.setattr(bbc_news, "get_config", drifted)
+    config = bbc_news_selection.get_config()
+    chosen = select.apply_overrides(config.base, config.candidates[bbc_news.SELECTED])
+    assert chosen.train.num_epochs == 10  # the selection ran 10 epochs, whatever the default says
+    assert chosen.to_dict() != bbc_news.get_config().to_dict()
+
+
+def test_the_frozen_base_loads_with_the_configs_types():
+    base = bbc_news_selection.get_config().base
+    assert base.data.class_names == () and isinstance(base.data.class_names, tuple)
+    assert isinstance(base.tokenizer.num_buckets, int) and isinstance(base.optim.b2, float)
+    assert isinstance(base.model.dropout, float) and base.model.ignore_unknown is True
+    # the starting point of the selection, as documented
+    assert (base.tokenizer.term_weights, base.tokenizer.idf, base.model.mode,
+            base.train.label_smoothing) == ("count", False, "mean", 0.1)
 
 
 @pytest.mark.slow
@@ -181,3 +223,82 @@ def test_select_statistics_and_ranking_from_the_fold_summaries(tmp_path, monkeyp
     assert ref["train_time_s"] == pytest.approx(2.0)
     assert (ref["folds_better"], ref["folds_worse"], ref["diff_vs_reference"]) == (0, 0, 0.0)
     assert (rows[0]["folds_better"], rows[0]["folds_worse"]) == (1, 1)
+
+
+def _fake_folds(accuracy):
+    """A run_or_reuse that trains nothing: ``accuracy[candidate]``, and the configs it got."""
+    seen = {}
+
+    def run_or_reuse(config, workdir):
+        seen[workdir.parent.name, workdir.name] = config
+        return {"test_accuracy": accuracy[workdir.parent.name], "test_loss": 0.5,
+                "train_time_s": 1.0}
+
+    return run_or_reuse, seen
+
+
+def test_select_names_the_winner_and_it_is_the_top_of_the_ranking(tmp_path, monkeypatch, capsys):
+    """The rule (the top candidate wins) was only a sort: the outputs did not say which won."""
+    fake, _ = _fake_folds({"default": 0.8, "better": 0.9, "worse": 0.7})
+    monkeypatch.setattr(select, "run_or_reuse", fake)
+    config = _selection_config()
+    config.candidates = ml_collections.ConfigDict(
+        {"default": "", "worse": "model.features=4", "better": "model.features=8"})
+    rows = select.select(config, tmp_path)
+    saved = json.loads((tmp_path / "selection.json").read_text())
+    assert saved["winner"] == rows[0]["name"] == saved["rows"][0]["name"] == "better"
+    assert "winner: **better**" in (tmp_path / "selection.md").read_text()
+    assert "winner: **better**" in capsys.readouterr().out
+
+
+def test_a_candidate_with_another_seed_keeps_the_base_split(tmp_path, monkeypatch):
+    """split_seed=-1 splits by config.seed: a candidate "seed=1" was cross-validated on the split
+    of seed 1, whose folds held most of the base's test articles (357 of 444 on BBC News). Its
+    split (and folds) are now the base's; its seed still varies the initialisation."""
+    from experiments.textcls.data import load_splits
+
+    fake, seen = _fake_folds({"default": 0.8, "seed_1": 0.8})
+    monkeypatch.setattr(select, "run_or_reuse", fake)
+    config = _selection_config()
+    config.candidates = ml_collections.ConfigDict({"default": "", "seed_1": "seed=1"})
+    select.select(config, tmp_path)
+    base_train, base_test, _ = load_splits(config.base.data, config.base.seed)
+    test_articles = set(base_test.sources)  # (files: BBC News holds some texts twice)
+    for (name, run), fold_config in seen.items():
+        train, held_out, _ = load_splits(fold_config.data, fold_config.seed)
+        assert not test_articles & (set(train.sources) | set(held_out.sources)), (name, run)
+        assert set(train.sources) | set(held_out.sources) == set(base_train.sources)
+        other = seen["default" if name == "seed_1" else "seed_1", run]
+        assert held_out.sources == load_splits(other.data, other.seed)[1].sources  # paired
+    assert {c.seed for (name, _), c in seen.items() if name == "seed_1"} == {1}
+
+
+@pytest.mark.parametrize("overrides", [
+    "data.test_fraction=0.1", "seed=1; data.split_seed=1", "data.validation_folds=3"])
+@pytest.mark.parametrize("name", ["other", "default"])  # the reference too
+def test_a_candidate_may_not_change_the_data(tmp_path, monkeypatch, overrides, name):
+    monkeypatch.setattr(select, "run_or_reuse", lambda *a: pytest.fail("a candidate ran"))
+    config = _selection_config()
+    config.candidates[name] = overrides
+    key = overrides.rpartition(";")[2].split("=")[0].strip()
+    with pytest.raises(ValueError, match=(
+            rf"config\.candidates\['{name}'\] = '{re.escape(overrides)}' overrides {key}: every "
+            r"candidate is cross-validated on the same training split and folds, those of "
+            r"config\.base\.data .* Drop the override")):
+        select.select(config, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_rerun_leaves_no_report_of_an_earlier_config(tmp_path, monkeypatch):
+    """selection.md / .json of an earlier config stayed when a rerun with another config failed
+    partway, and read as the new run's result."""
+    for name in ("selection.md", "selection.json"):
+        (tmp_path / name).write_text("an earlier config's table\n")
+
+    def killed(config, workdir):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(select, "run_or_reuse", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        select.select(_selection_config(), tmp_path)
+    assert not (tmp_path / "selection.md").exists() and not (tmp_path / "selection.json").exists()

@@ -1,6 +1,7 @@
 """Test accuracy over many seeded splits (experiments/splits.py)."""
 
 import json
+import re
 
 import ml_collections
 import pytest
@@ -59,7 +60,8 @@ def test_bad_study_configs_fail_before_training(tmp_path):
         splits.run_splits(config, tmp_path)
     config.base.data.split_seed = -1
     config.models.fixed = "data.split_seed=3"
-    with pytest.raises(ValueError, match=r"config.models\['fixed'\] sets data.split_seed=3"):
+    with pytest.raises(ValueError, match=r"config.models\['fixed'\] = 'data.split_seed=3' "
+                       r"overrides data.split_seed: every model and the TF-IDF"):
         splits.run_splits(config, tmp_path)
     del config.models["fixed"]
     # num_splits=0 trained nothing and died in statistics.fmean (StatisticsError)
@@ -68,6 +70,53 @@ def test_bad_study_configs_fail_before_training(tmp_path):
                        r"Pass --config\.num_splits=N "):
         splits.run_splits(config, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.parametrize("overrides", [
+    "data.test_fraction=0.1", "data.max_per_class=100", "model.features=8; seed=3"])
+@pytest.mark.parametrize("name", ["tutorial_recipe", "default"])  # the reference too
+def test_a_model_may_not_change_the_data_or_the_seed(tmp_path, monkeypatch, overrides, name):
+    """Only data.split_seed was refused: a model with data.test_fraction=0.1 was tested on other
+    test articles than the others and the SVM (config.base.data), and still paired with them;
+    a seed override was silently replaced by the split's."""
+    monkeypatch.setattr(splits, "run_or_reuse", lambda *a: pytest.fail("a model ran"))
+    config = bbc_news_splits.get_config()
+    config.models[name] = overrides
+    key = overrides.rpartition(";")[2].split("=")[0].strip()
+    with pytest.raises(ValueError, match=(
+            rf"config\.models\['{name}'\] = '{overrides}' overrides {key}: every model and the "
+            r"TF-IDF \+ LinearSVC reference are tested on the same splits, those of "
+            r"config\.base\.data .* Drop the override")):
+        splits.run_splits(config, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("threshold", [98, -0.1, float("nan")])
+def test_the_threshold_is_a_fraction(tmp_path, monkeypatch, threshold):
+    """--config.threshold=98 (a percentage) counted no split and printed 'splits >= 9800.0%'."""
+    monkeypatch.setattr(splits, "run_or_reuse", lambda *a: pytest.fail("a model ran"))
+    config = bbc_news_splits.get_config()
+    config.threshold = threshold
+    with pytest.raises(ValueError, match=(
+            rf"config\.threshold must be a fraction in \[0, 1\] \(0\.98 for 98%\); got "
+            rf"{re.escape(repr(float(threshold)))}\. Pass --config\.threshold=0\.98\.")):
+        splits.run_splits(config, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_rerun_leaves_no_report_of_an_earlier_config(tmp_path, monkeypatch):
+    """splits.md / .json of an earlier config stayed when a rerun with another config failed
+    partway, and read as the new run's result."""
+    for name in ("splits.md", "splits.json"):
+        (tmp_path / name).write_text("an earlier config's table\n")
+
+    def killed(config, workdir):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(splits, "run_or_reuse", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        splits.run_splits(bbc_news_splits.get_config(), tmp_path)
+    assert not (tmp_path / "splits.md").exists() and not (tmp_path / "splits.json").exists()
 
 
 @pytest.mark.slow

@@ -64,8 +64,13 @@ def format_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"{_fmt(r.get('x_torch_sparse'), '9.2f')}{_fmt(r.get('gbps'), '7.1f')}"
                 f"{_fmt(None if r.get('gbps') is None else 100 * r['gbps'] / meta['memcpy_gbps'], '6.0f')}"
                 f"{_fmt(r.get('compile_s'), '10.2f')}{_mb(r.get('temp_bytes')):>9}"
-                f"{_fmt(r.get('max_abs_err'), '9.1e')}"
+                f"{_fmt(r.get('max_abs_err'), '9.1e')}{'!' if r.get('check_failed') else ''}"
             )
+    failed = [r for r in results if r.get("check_failed")]
+    if failed:
+        lines.append("")
+        lines.append(f"! {len(failed)} result(s) failed their check (max err above the tolerance): "
+                     "their times are of a wrong computation.")
     return "\n".join(lines)
 
 

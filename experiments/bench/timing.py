@@ -56,6 +56,19 @@ def merge(timings: list[Timing]) -> Timing:
                   max(temps) if temps else None, first.out_bytes, times)
 
 
+def settle(seconds: float) -> None:
+    """Sleeps ``seconds`` before a measurement, so that the worker threads of what ran before
+    (torch's OpenMP pool, XLA's Eigen pool: they spin a while after their work) are idle."""
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages (``os.getloadavg``): recorded at the start
+    and end of a benchmark, as a measure of what else ran."""
+    return list(os.getloadavg())
+
+
 def _ms(ts: list[float]) -> list[float]:
     return [t * 1e3 for t in ts]
 
@@ -99,7 +112,7 @@ def time_jax(
     temp = None if mem is None else int(mem.temp_size_in_bytes)
     out_b = None if mem is None else int(mem.output_size_in_bytes - mem.alias_size_in_bytes)
 
-    time.sleep(settle_s)
+    settle(settle_s)
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     first = time.perf_counter() - t0
@@ -176,7 +189,7 @@ def time_torch(
         def mem_growth(start: int) -> int | None:
             return max(int(torch.cuda.max_memory_allocated(device)) - start, 0)
 
-    time.sleep(settle_s)
+    settle(settle_s)
     sync()
     t0 = time.perf_counter()
     out = fn()

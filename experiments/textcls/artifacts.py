@@ -38,6 +38,13 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Writes ``text``, atomically (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> Any:
     """A workdir's JSON file; a missing or damaged one is an error that says what to do."""
     path = Path(path)

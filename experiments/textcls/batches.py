@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +59,25 @@ def plan_buckets(
     if len(rungs) <= max_buckets:
         return None
     return jaxbag.fit_buckets(sizes, max_buckets)
+
+
+def plan_epochs(
+    bags: Sequence[np.ndarray], train_config: Any, *, seed: int, epochs: Sequence[int]
+) -> tuple[list[np.ndarray], tuple[int, ...] | None]:
+    """The example order of each of ``epochs`` (:func:`epoch_order`) and the padded id counts of
+    their batches (:func:`plan_buckets` with ``config.train``'s batch size, ladder and
+    ``max_buckets``): how ``experiments.train`` batches a run (epochs ``1..num_epochs``), and so
+    the JAX loop of ``experiments.bench_train_torch``.
+
+    Returns:
+        ``(orders, bucket_sizes)``: one order per epoch, in ``epochs``' order; the sizes to pass
+        to :func:`iterate_batches` (None: the geometric ladder).
+    """
+    tc = train_config
+    orders = [epoch_order(len(bags), seed=seed, epoch=e) for e in epochs]
+    sizes = plan_buckets(bags, orders, batch_size=tc.batch_size, min_size=tc.bucket_min_size,
+                         growth=tc.bucket_growth, max_buckets=tc.max_buckets)
+    return orders, sizes
 
 
 def iterate_batches(

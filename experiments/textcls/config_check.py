@@ -174,6 +174,13 @@ def require_int(value: Any, key: str, minimum: int, fix: str | None = None) -> N
         raise ValueError(_problem(key, value, allowed, fix or f"N with N >= {minimum}"))
 
 
+def require_fraction(value: Any, key: str, fix: str) -> None:
+    """Raises ``ValueError`` naming ``--config.<key>`` unless ``value`` is a number in [0, 1]
+    (a fraction: 98% is 0.98, not 98)."""
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError(_problem(key, value, "a fraction in [0, 1] (0.98 for 98%)", fix))
+
+
 def value_problems(config: Mapping[str, Any], prefix: str = "") -> list[str]:
     """One message per bad value of a training config (``configs/bbc_news.py``'s fields);
     ``prefix`` is where that config is in a study's config (``"base."``)."""

@@ -406,6 +406,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def split_seed_of(data_config: Mapping[str, Any], seed: int) -> int:
+    """The seed of the train/test split and the validation folds: ``config.data.split_seed``,
+    or ``seed`` (``config.seed``) when it is negative (-1, the default)."""
+    split_seed = int(data_config.get("split_seed", -1))
+    return split_seed if split_seed >= 0 else int(seed)
+
+
 def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset, TextDataset, dict]:
     """Loads the train and evaluation sets described by ``config.data``.
 
@@ -421,9 +428,7 @@ def load_splits(data_config: Mapping[str, Any], seed: int) -> tuple[TextDataset,
         ``(train, evaluation, record)`` where ``record`` is the JSON-able description of
         the split written to ``split.json`` (dataset, seed, file lists, validation fold).
     """
-    split_seed = int(data_config.get("split_seed", -1))
-    if split_seed >= 0:  # the split stays put while config.seed varies the model
-        seed = split_seed
+    seed = split_seed_of(data_config, seed)  # (split_seed: the split stays put as config.seed varies)
     train, test, record = _load_train_test(data_config, seed)
     validation = _validation_split(train, data_config, seed)
     if validation is None:
