@@ -490,6 +490,26 @@ def test_nnx_module_matches_functional_core_and_trains():
 
 
 @pytest.mark.parametrize("stack", [True, False])
+def test_nnx_collection_tabulates(stack):
+    """nnx.tabulate wraps an nnx.Dict's methods: the call iterated self.embeddings.items() there
+    and recursed (RecursionError). It reads the groups by the layout's static names now."""
+    tabs = small_tables()
+    feats, _ = batch(tabs, seed=6)
+    jf = jaxbag.JaggedFeatures.from_lists(feats)
+    model = NnxCollection(tabs, stack=stack, rngs=nnx.Rngs(0))
+    n = sum(model.embeddings[g.name][...].size for g in model.layout.groups)
+    text = nnx.tabulate(model, jf, console_kwargs={"width": 250})
+    assert "EmbeddingBagCollection" in text and f"Total Parameters: {n:,}" in text
+    for f in model.layout.feature_names:  # the outputs column: {feature: [B, D_f]}
+        assert f"{f}: " in text
+    out = model(jf, concat=True)  # the module still works after tabulate
+    want = jaxbag.embedding_bag_collection(
+        {g.name: model.embeddings[g.name][...] for g in model.layout.groups}, jf,
+        layout=model.layout, concat=True)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("stack", [True, False])
 def test_padding_values_are_never_read_nor_checked(stack):
     """Values past a feature's real ids (its padding) are never read: an out-of-range value there
     is no error eagerly, and the result equals the one under jit."""

@@ -93,7 +93,9 @@ class EmbeddingBagCollection(nnx.Module):
         Returns:
           The pooled features.
         """
-        params = {name: p[...] for name, p in self.embeddings.items()}
+        # Read by the layout's static group names, not self.embeddings.items(): nnx.tabulate
+        # wraps an nnx.Dict's methods, and iterating it there recursed (RecursionError).
+        params = {g.name: self.embeddings[g.name][...] for g in self.layout.groups}
         return collection.embedding_bag_collection(
             params, features, layout=self.layout, concat=concat, dtype=self.dtype
         )
