@@ -715,3 +715,38 @@ def test_nnx_frozen_pretrained_table_gets_no_gradient_through_split_state():
             np.testing.assert_array_equal(d_table, np.zeros((5, 2), np.float32))
         else:
             np.testing.assert_array_equal(d_table[:, 0], [1.0, 1.0, 0.0, 0.0, 2.0])
+
+
+@pytest.mark.parametrize("max_norm", [jnp.array(1.5), np.float32(1.5), np.array(1.5), 1.5])
+def test_a_concrete_max_norm_is_kept_as_a_python_float(max_norm):
+    """max_norm=jnp.array(1.5) passed the checks, then made the linen module unhashable: hash()
+    failed and nn.jit(EmbeddingBag) raised 'iteration over a 0-d array'. Both modules keep a
+    concrete max_norm (and norm_type) as a Python float."""
+    lin = jaxbag.EmbeddingBag(10, 4, mode="sum", max_norm=max_norm, norm_type=jnp.array(2.0))
+    m = jaxbag.nnx.EmbeddingBag(10, 4, mode="sum", max_norm=max_norm, norm_type=np.float64(2),
+                                rngs=nnx.Rngs(0))
+    for mod in (lin, m):
+        assert type(mod.max_norm) is float and mod.max_norm == 1.5
+        assert type(mod.norm_type) is float and mod.norm_type == 2.0
+    assert type(m.settings.max_norm) is float
+    assert hash(lin) == hash(jaxbag.EmbeddingBag(10, 4, mode="sum", max_norm=1.5))
+    variables = lin.init(jax.random.key(0), IDS, OFFSETS)
+    want = jaxbag.embedding_bag(variables["params"]["embedding"], IDS, OFFSETS, mode="sum",
+                                max_norm=1.5)
+
+    class Parent(nn.Module):
+        @nn.compact
+        def __call__(self, ids, offsets):
+            return nn.jit(jaxbag.EmbeddingBag)(10, 4, mode="sum", max_norm=max_norm)(ids, offsets)
+
+    parent = Parent()
+    pv = parent.init(jax.random.key(0), IDS, OFFSETS)
+    (table,) = jax.tree.leaves(pv)
+    np.testing.assert_allclose(
+        parent.apply(pv, IDS, OFFSETS),
+        jaxbag.embedding_bag(table, IDS, OFFSETS, mode="sum", max_norm=1.5), rtol=1e-6)
+    # a module as a static jit argument
+    out = jax.jit(lambda mod, v: mod.apply(v, IDS, OFFSETS), static_argnums=0)(lin, variables)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    m.embedding[...] = variables["params"]["embedding"]
+    np.testing.assert_allclose(nnx.jit(lambda mod: mod(IDS, OFFSETS))(m), want, rtol=1e-6)

@@ -44,8 +44,9 @@ class EmbeddingBag(nn.Module):
       max_norm: optional; a looked-up row whose ``norm_type``-norm exceeds it is scaled down to
         it (torch's forward, see :func:`jaxbag.embedding_bag`). Unlike torch, the stored
         ``embedding`` is not renormed in place (JAX arrays are immutable): :func:`jaxbag.renorm`
-        returns the renormed table.
-      norm_type: the p of the p-norm for ``max_norm``.
+        returns the renormed table. A NumPy or JAX scalar is stored as a Python float (the
+        module stays hashable, as ``nn.jit`` and static ``jit`` arguments need).
+      norm_type: the p of the p-norm for ``max_norm`` (stored as a Python float too).
       scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
       include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
       freeze: if true no gradient reaches the table (``stop_gradient``); an optimizer with weight
@@ -97,8 +98,10 @@ class EmbeddingBag(nn.Module):
     def __post_init__(self) -> None:
         # Settings that can never work raise when the module is built, not at its first init
         # (deep inside a parent model's), as the NNX module and the collections do.
-        self.settings.check()
-        self.settings.check_dtypes(self.dtype, self.param_dtype)
+        settings = self.settings.checked()
+        # a concrete max_norm / norm_type as Python floats: every field must be hashable
+        self.max_norm, self.norm_type = settings.max_norm, settings.norm_type
+        settings.check_dtypes(self.dtype, self.param_dtype)
         validation.check_bool("freeze", self.freeze)
         super().__post_init__()
 

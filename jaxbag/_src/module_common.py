@@ -55,6 +55,17 @@ class BagSettings:
         validation.check_norm(self.max_norm, self.norm_type)
         validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
 
+    def checked(self) -> BagSettings:
+        """:meth:`check`, then the settings with a concrete ``max_norm`` and ``norm_type`` as
+        Python floats: a JAX or NumPy scalar there (``max_norm=jnp.array(1.0)``) made a linen
+        module unhashable (``hash``, ``nn.jit``, a module as a static ``jit`` argument) and the
+        NNX module's static settings hold an array. A traced ``max_norm`` is kept as given."""
+        self.check()
+        max_norm = self.max_norm
+        if max_norm is not None and validation.is_concrete(max_norm):
+            max_norm = float(max_norm)
+        return dataclasses.replace(self, max_norm=max_norm, norm_type=float(self.norm_type))
+
     @staticmethod
     def check_dtypes(dtype: Any, param_dtype: Any) -> None:
         """Raises unless ``param_dtype`` (and ``dtype``, unless ``None``) is a float dtype: an int

@@ -57,7 +57,8 @@ class EmbeddingBag(nnx.Module):
       max_norm: optional; a looked-up row whose ``norm_type``-norm exceeds it is scaled down to
         it (torch's forward, see :func:`jaxbag.embedding_bag`). Unlike torch, the stored
         ``embedding`` is not renormed in place: :func:`jaxbag.renorm` returns the renormed table.
-      norm_type: the p of the p-norm for ``max_norm``.
+        A NumPy or JAX scalar is kept as a Python float.
+      norm_type: the p of the p-norm for ``max_norm`` (kept as a Python float too).
       scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
       include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
       dtype: the computation dtype (the table is cast to it); ``None`` keeps ``param_dtype``.
@@ -105,8 +106,7 @@ class EmbeddingBag(nnx.Module):
             norm_type=norm_type,
             scale_grad_by_freq=scale_grad_by_freq,
             include_last_offset=include_last_offset,
-        )
-        self.settings.check()
+        ).checked()  # (a concrete max_norm / norm_type as Python floats)
         self.settings.check_dtypes(dtype, param_dtype)
         self.dtype = dtype
         self.param_dtype = param_dtype
