@@ -750,3 +750,32 @@ def test_a_concrete_max_norm_is_kept_as_a_python_float(max_norm):
     np.testing.assert_allclose(out, want, rtol=1e-6)
     m.embedding[...] = variables["params"]["embedding"]
     np.testing.assert_allclose(nnx.jit(lambda mod: mod(IDS, OFFSETS))(m), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("init", [None, "normal", jnp.ones((10, 4))])
+def test_embedding_init_must_be_callable(init):
+    """embedding_init=None failed at init with "'NoneType' object is not callable", naming no
+    argument; now both modules refuse it when built."""
+    match = (r"embedding_init must be an initialiser, a callable \(key, shape, dtype\).*got "
+             r"embedding_init=.* of type .*embedding_init=jax.nn.initializers.normal\(0.02\)"
+             r".*from_pretrained\(table\)")
+    with pytest.raises(TypeError, match=match):
+        jaxbag.EmbeddingBag(10, 4, embedding_init=init)
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBag(10, 4, embedding_init=init, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("rngs", [0, jax.random.key(0), None])
+def test_nnx_modules_need_an_nnx_rngs(rngs):
+    """rngs=0 raised AttributeError: 'int' object has no attribute 'params'."""
+    tables = [jaxbag.TableConfig("a", 5, 4, ("a",))]
+    match = r"rngs must be an nnx.Rngs with a params stream; got rngs=.* of type "
+    with pytest.raises(TypeError, match=match + r".*EmbeddingBag\(10, 4, rngs=nnx.Rngs\(0\)\)"):
+        jaxbag.nnx.EmbeddingBag(10, 4, rngs=rngs)
+    with pytest.raises(TypeError, match=match + r".*EmbeddingBagCollection\(tables, rngs="):
+        jaxbag.nnx.EmbeddingBagCollection(tables, rngs=rngs)
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBag.from_pretrained(jnp.ones((5, 4)), rngs=rngs)
+    if rngs is not None and not isinstance(rngs, int):
+        with pytest.raises(TypeError, match=r"\(from a key: rngs=nnx.Rngs\(key\)\)"):
+            jaxbag.nnx.EmbeddingBag(10, 4, rngs=rngs)

@@ -11,6 +11,7 @@ from jax import Array
 from jaxbag._src import collection
 from jaxbag._src.collection import CollectionLayout, TableConfig
 from jaxbag._src.jagged import JaggedFeatures
+from jaxbag._src.module_common import check_rngs
 from jaxbag._src.planner import ShardingPlan
 
 __all__ = ["EmbeddingBagCollection"]
@@ -54,6 +55,7 @@ class EmbeddingBagCollection(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         collection.check_output_dtype(dtype)
+        check_rngs(rngs, "jaxbag.nnx.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0))")
         self.layout: CollectionLayout = collection.collection_layout(
             tables, stack=stack, plan=plan
         )

@@ -103,6 +103,7 @@ class EmbeddingBag(nn.Module):
         self.max_norm, self.norm_type = settings.max_norm, settings.norm_type
         settings.check_dtypes(self.dtype, self.param_dtype)
         validation.check_bool("freeze", self.freeze)
+        common.check_embedding_init(self.embedding_init, "jaxbag.EmbeddingBag")
         super().__post_init__()
 
     def setup(self) -> None:

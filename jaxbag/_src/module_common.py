@@ -81,6 +81,37 @@ class BagSettings:
         return d
 
 
+def _shown(value: Any) -> str:
+    """``name=value`` as an error shows it: an array by its shape and dtype, not its values."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def check_embedding_init(init: Any, module: str) -> None:
+    """Raises unless ``init`` is callable (``None`` or an array failed at init with
+    "'NoneType' object is not callable", naming no argument). ``module`` names the class in the
+    example (``"jaxbag.EmbeddingBag"``)."""
+    if not callable(init):
+        raise TypeError(
+            "embedding_init must be an initialiser, a callable (key, shape, dtype) -> [V, D] "
+            f"array; got embedding_init={_shown(init)} of type {type(init).__name__}. For example "
+            f"{module}(10, 4, embedding_init=jax.nn.initializers.normal(0.02)), or leave it out "
+            f"for Flax's Embed default; for a given table use {module}.from_pretrained(table)."
+        )
+
+
+def check_rngs(rngs: Any, call: str) -> None:
+    """Raises unless ``rngs`` is an ``nnx.Rngs`` (an int or a key failed with "'int' object has
+    no attribute 'params'"); ``call`` is a correct call, with ``rngs=nnx.Rngs(0)``."""
+    if not isinstance(rngs, nnx.Rngs):
+        hint = " (from a key: rngs=nnx.Rngs(key))" if isinstance(rngs, jax.Array) else ""
+        raise TypeError(
+            f"rngs must be an nnx.Rngs with a params stream; got rngs={_shown(rngs)} of type "
+            f"{type(rngs).__name__}. For example {call}{hint}."
+        )
+
+
 def table_init(init: Initializer, padding_idx: int | None, num_embeddings: int) -> Initializer:
     """Wraps ``init``: the table it returns must have the requested ``[V, D]`` shape (a wrong one
     would make a module whose ``num_embeddings`` / ``features`` are not its table's), and the

@@ -108,6 +108,8 @@ class EmbeddingBag(nnx.Module):
             include_last_offset=include_last_offset,
         ).checked()  # (a concrete max_norm / norm_type as Python floats)
         self.settings.check_dtypes(dtype, param_dtype)
+        common.check_embedding_init(embedding_init, "jaxbag.nnx.EmbeddingBag")
+        common.check_rngs(rngs, "jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0))")
         self.dtype = dtype
         self.param_dtype = param_dtype
         init = common.table_init(embedding_init, padding_idx, num_embeddings)
