@@ -779,3 +779,126 @@ def test_nnx_modules_need_an_nnx_rngs(rngs):
     if rngs is not None and not isinstance(rngs, int):
         with pytest.raises(TypeError, match=r"\(from a key: rngs=nnx.Rngs\(key\)\)"):
             jaxbag.nnx.EmbeddingBag(10, 4, rngs=rngs)
+
+
+def _attend_both(table, query, **kw):
+    """attend of the linen and the NNX module holding ``table`` (trainable)."""
+    lin = jaxbag.EmbeddingBag.from_pretrained(table, freeze=False, **kw)
+    variables = lin.init(jax.random.key(0), query, method="attend")
+    m = jaxbag.nnx.EmbeddingBag.from_pretrained(table, freeze=False, **kw)
+    return lin.apply(variables, query, method="attend"), m.attend(query)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16])
+def test_attend_gives_flax_embeds_tied_logits(dtype):
+    """attend(query) is query @ embedding.T, as flax's nn.Embed.attend and nnx.Embed.attend,
+    linen and NNX alike, whatever the leading shape of query."""
+    table = _table(10, 4)
+    query = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    got_lin, got_nnx = _attend_both(table, query, dtype=dtype)
+    want = np.asarray(query, np.float64) @ np.asarray(table, np.float64).T  # [2, 3, 10]
+    assert got_lin.shape == got_nnx.shape == (2, 3, 10)
+    assert got_lin.dtype == got_nnx.dtype == (dtype or jnp.float32)
+    np.testing.assert_array_equal(got_lin, got_nnx)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got_lin, np.float64), want, rtol=tol, atol=tol)
+    flax_lin = nn.Embed(10, 4, dtype=dtype).apply({"params": {"embedding": table}}, query,
+                                                  method="attend")
+    embed = nnx.Embed(10, 4, dtype=dtype, rngs=nnx.Rngs(0))
+    embed.embedding[...] = table
+    for theirs in (flax_lin, embed.attend(query)):
+        assert theirs.dtype == got_lin.dtype
+        np.testing.assert_array_equal(theirs, got_lin)
+    # the stored table as is: max_norm does not rescale it, the padding row has its logit
+    capped, _ = _attend_both(table, query, max_norm=0.1, padding_idx=0)
+    np.testing.assert_array_equal(capped, _attend_both(table, query)[0])
+
+
+def test_attend_dtype_follows_the_module_dtype_as_nnx_embed():
+    """dtype=None casts the query to the table's dtype (nnx.Embed); linen's nn.Embed promotes to
+    jnp.result_type instead, which differs only for a query wider than the table (documented)."""
+    table = _table(6, 3).astype(jnp.bfloat16)
+    query = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32).reshape(2, 3)
+    lin_out, nnx_out = _attend_both(table, query)
+    embed = nnx.Embed(6, 3, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    embed.embedding[...] = table
+    assert lin_out.dtype == nnx_out.dtype == embed.attend(query).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(lin_out, embed.attend(query))
+    with jax.numpy_dtype_promotion("standard"):  # (strict promotion refuses result_type)
+        linen_embed = nn.Embed(6, 3).apply({"params": {"embedding": table}}, query,
+                                           method="attend")
+    assert linen_embed.dtype == jnp.float32  # (the documented difference)
+    # an int query becomes the table's dtype; dtype= casts both, as flax
+    ints = jnp.array([[1, 0, 2]])
+    assert _attend_both(table, ints)[1].dtype == jnp.bfloat16
+    for out in _attend_both(table, query, dtype=jnp.float32):
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(
+            out, query @ table.astype(jnp.float32).T)
+
+
+def test_attend_under_jit_and_grad_and_frozen_tables():
+    table = _table(7, 4)
+    query = jax.random.normal(jax.random.key(2), (3, 4))
+    cot = jax.random.normal(jax.random.key(3), (3, 7))
+    lin = jaxbag.EmbeddingBag.from_pretrained(table, freeze=False, padding_idx=0)
+    variables = lin.init(jax.random.key(0), query, method="attend")
+    m = jaxbag.nnx.EmbeddingBag.from_pretrained(table, freeze=False, padding_idx=0)
+    eager = lin.apply(variables, query, method="attend")
+    np.testing.assert_array_equal(
+        jax.jit(lambda v, q: lin.apply(v, q, method="attend"))(variables, query), eager)
+    np.testing.assert_array_equal(nnx.jit(lambda mod, q: mod.attend(q))(m, query), eager)
+    # gradients: d/dtable = cot.T @ query, d/dquery = cot @ table (NumPy, float64)
+    want_table = np.asarray(cot, np.float64).T @ np.asarray(query, np.float64)
+    want_query = np.asarray(cot, np.float64) @ np.asarray(table, np.float64)
+    g_lin, g_q = jax.jit(jax.grad(
+        lambda v, q: jnp.sum(lin.apply(v, q, method="attend") * cot), argnums=(0, 1)))(
+        variables, query)
+    g_nnx = nnx.jit(nnx.grad(lambda mod: jnp.sum(mod.attend(query) * cot)))(m)
+    np.testing.assert_allclose(g_lin["params"]["embedding"], want_table, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_nnx["embedding"][...], want_table, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_q, want_query, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(g_lin["params"]["embedding"][0])).sum() > 0  # the padding row too
+    # a frozen table gets none, as in the bags
+    frozen = jaxbag.EmbeddingBag.from_pretrained(table)
+    g = jax.grad(lambda v: jnp.sum(frozen.apply(v, query, method="attend") * cot))(variables)
+    np.testing.assert_array_equal(g["params"]["embedding"], np.zeros_like(table))
+    nnx_frozen = jaxbag.nnx.EmbeddingBag.from_pretrained(table)
+    assert "embedding" not in nnx.grad(lambda mod: jnp.sum(mod.attend(query) * cot))(nnx_frozen)
+
+
+def test_attend_checks_the_query_width():
+    lin = jaxbag.EmbeddingBag(10, 4)
+    m = jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0))
+    match = (r"query must be \[\.\.\., features\] = \[\.\.\., 4\].*got query of shape \(2, 3\)"
+             r".*bag.attend\(jnp.ones\(\(2, 4\)\)\)")
+    with pytest.raises(ValueError, match=match):
+        m.attend(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=match):
+        lin.init(jax.random.key(0), jnp.ones((2, 3)), method="attend")
+    with pytest.raises(ValueError, match=r"got query of shape \(\)"):
+        m.attend(1.0)
+
+
+def test_nnx_embedding_metadata_as_nnx_embed():
+    """nnx.Embed's embedding_metadata (nnx.Param metadata, e.g. the sharding): the same argument,
+    kept by from_pretrained's frozen table."""
+    m = jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0), embedding_metadata={"note": "words"})
+    embed = nnx.Embed(10, 4, rngs=nnx.Rngs(0), embedding_metadata={"note": "words"})
+    assert m.embedding.get_metadata() == embed.embedding.get_metadata()
+    assert m.embedding.get_metadata()["note"] == "words"
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec("model", None)
+    with jax.set_mesh(mesh):
+        for freeze in (False, True):
+            p = jaxbag.nnx.EmbeddingBag.from_pretrained(
+                _table(), freeze=freeze, padding_idx=1,
+                embedding_metadata={"out_sharding": ("model", None)})
+            assert p.embedding.get_metadata()["out_sharding"] == ("model", None)
+            assert p.embedding[...].sharding.spec == spec and p.frozen == freeze
+            specs = nnx.get_partition_spec(nnx.state(p))
+            assert jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, type(spec))) == [spec]
+            np.testing.assert_array_equal(p.embedding[...], _table())
+    with pytest.raises(TypeError, match=r"embedding_metadata must be a mapping .*got "
+                                        r"embedding_metadata=\['model'\].*out_sharding"):
+        jaxbag.nnx.EmbeddingBag(10, 4, embedding_metadata=["model"], rngs=nnx.Rngs(0))

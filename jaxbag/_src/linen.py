@@ -147,6 +147,37 @@ class EmbeddingBag(nn.Module):
             num_bags=num_bags,
         )
 
+    def attend(self, query: ArrayLike) -> Array:
+        """Tied-weight logits: the inner product of each query vector with every row of the
+        table, as ``flax.linen.Embed.attend`` (an output layer sharing the input's embedding).
+
+        The stored table is used as is: ``max_norm`` does not rescale its rows (renorm them
+        first with ``jaxbag.renorm(table, jnp.arange(V), max_norm)`` if wanted), the
+        ``padding_idx`` row gets a logit as any other row (mask it if it must never be
+        predicted) and, unlike in the bags, a gradient; with ``freeze`` no gradient reaches the
+        table, as in ``__call__``.
+
+        Args:
+          query: ``float [..., D]`` (any leading shape).
+
+        Returns:
+          ``[..., V]`` logits ``query @ embedding.T``, in ``dtype`` (``None``: the table's
+          ``param_dtype``; query and table are both cast to it, as ``nnx.Embed.attend``; linen's
+          ``nn.Embed`` with ``dtype=None`` promotes to ``jnp.result_type(query, table)``, which
+          differs for a query wider than the table, e.g. float32 against bfloat16).
+
+        Raises:
+          ValueError: ``query``'s last dimension is not ``D``.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, jaxbag
+          >>> bag = jaxbag.EmbeddingBag(num_embeddings=10, features=4)
+          >>> variables = bag.init(jax.random.key(0), jnp.ones((3, 4)), method="attend")
+          >>> bag.apply(variables, jnp.ones((2, 3, 4)), method="attend").shape
+          (2, 3, 10)
+        """
+        return common.attend(self.embedding, query, dtype=self.dtype, freeze=self.freeze)
+
     @classmethod
     def from_pretrained(
         cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Unpack[PretrainedOptions]

@@ -291,6 +291,30 @@ def apply_bag(
     )
 
 
+def attend(table: Array, query: ArrayLike, *, dtype: Any, freeze: bool) -> Array:
+    """Both modules' ``attend``: ``query [..., D] @ table.T -> [..., V]``, as Flax's
+    ``Embed.attend``, on the stored table as is (no ``max_norm``, the padding row a row as any
+    other).
+
+    ``query`` and the table are cast to ``dtype`` (``None``: the table's dtype, as ``nnx.Embed``;
+    linen's ``nn.Embed`` with ``dtype=None`` takes ``jnp.result_type(query, table)`` instead,
+    which differs only for a query of a wider dtype than the table). A frozen table gets no
+    gradient, as in the bags.
+    """
+    query = jnp.asarray(query)
+    features = table.shape[1]
+    if query.ndim == 0 or query.shape[-1] != features:
+        raise ValueError(
+            f"query must be [..., features] = [..., {features}] (a vector per position, as wide "
+            f"as the table's rows); got query of shape {tuple(query.shape)}. For example "
+            f"bag.attend(jnp.ones((2, {features}))) gives [2, num_embeddings] logits."
+        )
+    if freeze:
+        table = jax.lax.stop_gradient(table)
+    dtype = table.dtype if dtype is None else dtype
+    return jnp.dot(jnp.asarray(query, dtype), jnp.asarray(table, dtype).T)
+
+
 # ----------------------------------------------------------------------------- torch interop
 # Duck-typed so that torch is only imported when a torch module is actually built.
 
