@@ -195,6 +195,16 @@ class EmbeddingBag(nn.Module):
         Returns:
           The module; ``module.init(key, ...)["params"]["embedding"]`` equals ``embeddings``.
 
+        Note:
+          The module's initialiser holds the table, so ``jax.jit(module.init)`` (or a parent
+          model's jitted init) compiles it into the program as a constant: a 400,000 x 64
+          float32 table gives a 205 MB HLO and a slow compilation (an eager ``module.init`` only
+          copies it). For a big table skip the init: the variables are
+          ``{"params": {"embedding": table}}`` (what :meth:`from_torch` returns). Inside a parent
+          model, use a plain ``EmbeddingBag(V, D, freeze=True, ...)``, init the parent (jitted, or
+          ``jax.eval_shape(model.init, ...)`` for the structure alone) and put the table at the
+          bag's path in ``variables["params"]``.
+
         Examples:
           >>> import jax, jax.numpy as jnp, jaxbag
           >>> m = jaxbag.EmbeddingBag.from_pretrained(jnp.arange(6.0).reshape(3, 2), mode="sum")
