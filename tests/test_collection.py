@@ -490,6 +490,63 @@ def test_nnx_module_matches_functional_core_and_trains():
 
 
 @pytest.mark.parametrize("stack", [True, False])
+def test_nnx_collection_tabulates(stack):
+    """nnx.tabulate wraps an nnx.Dict's methods: the call iterated self.embeddings.items() there
+    and recursed (RecursionError). It reads the groups by the layout's static names now."""
+    tabs = small_tables()
+    feats, _ = batch(tabs, seed=6)
+    jf = jaxbag.JaggedFeatures.from_lists(feats)
+    model = NnxCollection(tabs, stack=stack, rngs=nnx.Rngs(0))
+    n = sum(model.embeddings[g.name][...].size for g in model.layout.groups)
+    text = nnx.tabulate(model, jf, console_kwargs={"width": 250})
+    assert "EmbeddingBagCollection" in text and f"Total Parameters: {n:,}" in text
+    # the input by its leaves' names (JaggedFeatures flattens with GetAttrKey paths)
+    assert f"values: int32[{jf.values.shape[0]}]" in _plain(text)
+    assert f"lengths: int32[{len(jf.keys)},{B}]" in _plain(text)
+    for f in model.layout.feature_names:  # the outputs column: {feature: [B, D_f]}
+        assert f"{f}: " in text
+    out = model(jf, concat=True)  # the module still works after tabulate
+    want = jaxbag.embedding_bag_collection(
+        {g.name: model.embeddings[g.name][...] for g in model.layout.groups}, jf,
+        layout=model.layout, concat=True)
+    np.testing.assert_array_equal(out, want)
+
+
+def _plain(text):
+    """A rich table without its colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linen_collection_tabulates_a_jagged_features_input(weighted):
+    """Flax's linen tabulate renders an input dataclass by its fields and anything else with
+    yaml.safe_dump: a JaggedFeatures raised RepresenterError ('cannot represent an object')."""
+    tabs = [t for t in small_tables() if t.mode != "max"]  # (max tables take no weights)
+    feats, ws = batch(tabs, seed=7, weights=weighted)
+    jf = jaxbag.JaggedFeatures.from_lists(feats, weights=ws)
+    model = jaxbag.EmbeddingBagCollection(tables=tuple(tabs))
+    n_values, k = jf.values.shape[0], len(jf.keys)
+    weights = f"float32[{n_values}]" if weighted else "None"
+    for text in (
+        model.tabulate(jax.random.key(0), jf, console_kwargs={"width": 250}),
+        nn.tabulate(model, jax.random.key(0), console_kwargs={"width": 250})(jf, concat=True),
+    ):
+        text = _plain(text)
+        assert "EmbeddingBagCollection" in text
+        assert f"values: int32[{n_values}]" in text and f"lengths: int32[{k},{B}]" in text
+        assert f"weights: {weights}" in text
+        for g in model.layout.groups:  # the params column
+            assert f"{g.name}: " in text
+    assert f"float32[{B},{model.layout.output_features}]" in text  # concat=True's output
+    # nnx.tabulate too (without a keyword argument: flax 0.12's nnx input rendering fails on any
+    # custom pytree argument next to one, a flax.struct.dataclass as well)
+    nnx_text = _plain(nnx.tabulate(NnxCollection(tabs, rngs=nnx.Rngs(0)), jf,
+                                   console_kwargs={"width": 250}))
+    assert f"values: int32[{n_values}]" in nnx_text
+    assert (f"weights: float32[{n_values}]" in nnx_text) == weighted
+
+
+@pytest.mark.parametrize("stack", [True, False])
 def test_padding_values_are_never_read_nor_checked(stack):
     """Values past a feature's real ids (its padding) are never read: an out-of-range value there
     is no error eagerly, and the result equals the one under jit."""

@@ -206,6 +206,34 @@ def test_constructor_checks_leave_jit_vmap_and_tree_map_working():
     assert jax.tree.map(str, jf).capacities == jf.capacities
 
 
+def test_its_leaves_are_named_fields_and_nothing_else_changed():
+    """For Flax's tabulate JaggedFeatures is a dataclass whose fields are its leaves, and its key
+    paths name them (they were [0], [1], [2]); equality, hashing, repr, the constructor's checks
+    and the pytree are as before."""
+    import dataclasses
+
+    jf = JF.from_lists({"a": [[1, 2], [3]], "b": [[4], []]}, weights={"a": [[1.0, 2.0], [3.0]],
+                                                                     "b": [[0.5], []]})
+    assert dataclasses.is_dataclass(jf)
+    assert [f.name for f in dataclasses.fields(jf)] == ["values", "lengths", "weights"]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(jf)]
+    assert paths == [".values", ".lengths", ".weights"]
+    leaves, treedef = jax.tree.flatten(jf)
+    assert [x is y for x, y in zip(leaves, (jf.values, jf.lengths, jf.weights))] == [True] * 3
+    back = jax.tree.unflatten(treedef, leaves)
+    assert back.to_lists() == jf.to_lists() and back.capacities == jf.capacities
+    # identity equality and hashing (no field-wise __eq__ over arrays), the hand-written repr
+    twin = JF.from_lists({"a": [[1, 2], [3]], "b": [[4], []]})
+    assert jf == jf and jf != twin and hash(jf) == hash(jf) and len({jf, twin}) == 2
+    assert repr(twin) == ("JaggedFeatures(keys=('a', 'b'), batch_size=2, capacities=(8, 8), "
+                          "num_shards=1, weighted=False)")
+    with pytest.raises(TypeError, match="keys must be a sequence of feature names, not a str"):
+        JF("a", [1], [[1]], capacities=(1,))
+    with pytest.raises(TypeError, match="missing"):  # no generated __init__ with the fields
+        JF(values=jf.values, lengths=jf.lengths, weights=jf.weights)  # type: ignore[call-arg]
+    assert jax.jit(lambda j: j.with_values(j.values + 1))(jf).values.tolist()[:3] == [2, 3, 4]
+
+
 @pytest.mark.parametrize("capacity", [None, 3])
 def test_capacity_covers_the_fullest_shard_not_only_the_first(capacity):
     """With num_shards > 1 the automatic capacity is the largest count over the shards, and an

@@ -715,3 +715,218 @@ def test_nnx_frozen_pretrained_table_gets_no_gradient_through_split_state():
             np.testing.assert_array_equal(d_table, np.zeros((5, 2), np.float32))
         else:
             np.testing.assert_array_equal(d_table[:, 0], [1.0, 1.0, 0.0, 0.0, 2.0])
+
+
+@pytest.mark.parametrize("max_norm", [jnp.array(1.5), np.float32(1.5), np.array(1.5), 1.5])
+def test_a_concrete_max_norm_is_kept_as_a_python_float(max_norm):
+    """max_norm=jnp.array(1.5) passed the checks, then made the linen module unhashable: hash()
+    failed and nn.jit(EmbeddingBag) raised 'iteration over a 0-d array'. Both modules keep a
+    concrete max_norm (and norm_type) as a Python float."""
+    lin = jaxbag.EmbeddingBag(10, 4, mode="sum", max_norm=max_norm, norm_type=jnp.array(2.0))
+    m = jaxbag.nnx.EmbeddingBag(10, 4, mode="sum", max_norm=max_norm, norm_type=np.float64(2),
+                                rngs=nnx.Rngs(0))
+    for mod in (lin, m):
+        assert type(mod.max_norm) is float and mod.max_norm == 1.5
+        assert type(mod.norm_type) is float and mod.norm_type == 2.0
+    assert type(m.settings.max_norm) is float
+    assert hash(lin) == hash(jaxbag.EmbeddingBag(10, 4, mode="sum", max_norm=1.5))
+    variables = lin.init(jax.random.key(0), IDS, OFFSETS)
+    want = jaxbag.embedding_bag(variables["params"]["embedding"], IDS, OFFSETS, mode="sum",
+                                max_norm=1.5)
+
+    class Parent(nn.Module):
+        @nn.compact
+        def __call__(self, ids, offsets):
+            return nn.jit(jaxbag.EmbeddingBag)(10, 4, mode="sum", max_norm=max_norm)(ids, offsets)
+
+    parent = Parent()
+    pv = parent.init(jax.random.key(0), IDS, OFFSETS)
+    (table,) = jax.tree.leaves(pv)
+    np.testing.assert_allclose(
+        parent.apply(pv, IDS, OFFSETS),
+        jaxbag.embedding_bag(table, IDS, OFFSETS, mode="sum", max_norm=1.5), rtol=1e-6)
+    # a module as a static jit argument
+    out = jax.jit(lambda mod, v: mod.apply(v, IDS, OFFSETS), static_argnums=0)(lin, variables)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    m.embedding[...] = variables["params"]["embedding"]
+    np.testing.assert_allclose(nnx.jit(lambda mod: mod(IDS, OFFSETS))(m), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("init", [None, "normal", jnp.ones((10, 4))])
+def test_embedding_init_must_be_callable(init):
+    """embedding_init=None failed at init with "'NoneType' object is not callable", naming no
+    argument; now both modules refuse it when built."""
+    match = (r"embedding_init must be an initialiser, a callable \(key, shape, dtype\).*got "
+             r"embedding_init=.* of type .*embedding_init=jax.nn.initializers.normal\(0.02\)"
+             r".*from_pretrained\(table\)")
+    with pytest.raises(TypeError, match=match):
+        jaxbag.EmbeddingBag(10, 4, embedding_init=init)
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBag(10, 4, embedding_init=init, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("rngs", [0, jax.random.key(0), None])
+def test_nnx_modules_need_an_nnx_rngs(rngs):
+    """rngs=0 raised AttributeError: 'int' object has no attribute 'params'."""
+    tables = [jaxbag.TableConfig("a", 5, 4, ("a",))]
+    match = r"rngs must be an nnx.Rngs with a params stream; got rngs=.* of type "
+    with pytest.raises(TypeError, match=match + r".*EmbeddingBag\(10, 4, rngs=nnx.Rngs\(0\)\)"):
+        jaxbag.nnx.EmbeddingBag(10, 4, rngs=rngs)
+    with pytest.raises(TypeError, match=match + r".*EmbeddingBagCollection\(tables, rngs="):
+        jaxbag.nnx.EmbeddingBagCollection(tables, rngs=rngs)
+    with pytest.raises(TypeError, match=match):
+        jaxbag.nnx.EmbeddingBag.from_pretrained(jnp.ones((5, 4)), rngs=rngs)
+    if rngs is not None and not isinstance(rngs, int):
+        with pytest.raises(TypeError, match=r"\(from a key: rngs=nnx.Rngs\(key\)\)"):
+            jaxbag.nnx.EmbeddingBag(10, 4, rngs=rngs)
+
+
+def _attend_both(table, query, **kw):
+    """attend of the linen and the NNX module holding ``table`` (trainable)."""
+    lin = jaxbag.EmbeddingBag.from_pretrained(table, freeze=False, **kw)
+    variables = lin.init(jax.random.key(0), query, method="attend")
+    m = jaxbag.nnx.EmbeddingBag.from_pretrained(table, freeze=False, **kw)
+    return lin.apply(variables, query, method="attend"), m.attend(query)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16])
+def test_attend_gives_flax_embeds_tied_logits(dtype):
+    """attend(query) is query @ embedding.T, as flax's nn.Embed.attend and nnx.Embed.attend,
+    linen and NNX alike, whatever the leading shape of query."""
+    table = _table(10, 4)
+    query = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    got_lin, got_nnx = _attend_both(table, query, dtype=dtype)
+    want = np.asarray(query, np.float64) @ np.asarray(table, np.float64).T  # [2, 3, 10]
+    assert got_lin.shape == got_nnx.shape == (2, 3, 10)
+    assert got_lin.dtype == got_nnx.dtype == (dtype or jnp.float32)
+    np.testing.assert_array_equal(got_lin, got_nnx)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got_lin, np.float64), want, rtol=tol, atol=tol)
+    flax_lin = nn.Embed(10, 4, dtype=dtype).apply({"params": {"embedding": table}}, query,
+                                                  method="attend")
+    embed = nnx.Embed(10, 4, dtype=dtype, rngs=nnx.Rngs(0))
+    embed.embedding[...] = table
+    for theirs in (flax_lin, embed.attend(query)):
+        assert theirs.dtype == got_lin.dtype
+        np.testing.assert_array_equal(theirs, got_lin)
+    # the stored table as is: max_norm does not rescale it, the padding row has its logit
+    capped, _ = _attend_both(table, query, max_norm=0.1, padding_idx=0)
+    np.testing.assert_array_equal(capped, _attend_both(table, query)[0])
+
+
+def test_attend_dtype_follows_the_module_dtype_as_nnx_embed():
+    """dtype=None casts the query to the table's dtype (nnx.Embed); linen's nn.Embed promotes to
+    jnp.result_type instead, which differs only for a query wider than the table (documented)."""
+    table = _table(6, 3).astype(jnp.bfloat16)
+    query = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32).reshape(2, 3)
+    lin_out, nnx_out = _attend_both(table, query)
+    embed = nnx.Embed(6, 3, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    embed.embedding[...] = table
+    assert lin_out.dtype == nnx_out.dtype == embed.attend(query).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(lin_out, embed.attend(query))
+    with jax.numpy_dtype_promotion("standard"):  # (strict promotion refuses result_type)
+        linen_embed = nn.Embed(6, 3).apply({"params": {"embedding": table}}, query,
+                                           method="attend")
+    assert linen_embed.dtype == jnp.float32  # (the documented difference)
+    # an int query becomes the table's dtype; dtype= casts both, as flax
+    ints = jnp.array([[1, 0, 2]])
+    assert _attend_both(table, ints)[1].dtype == jnp.bfloat16
+    for out in _attend_both(table, query, dtype=jnp.float32):
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(
+            out, query @ table.astype(jnp.float32).T)
+
+
+def test_attend_under_jit_and_grad_and_frozen_tables():
+    table = _table(7, 4)
+    query = jax.random.normal(jax.random.key(2), (3, 4))
+    cot = jax.random.normal(jax.random.key(3), (3, 7))
+    lin = jaxbag.EmbeddingBag.from_pretrained(table, freeze=False, padding_idx=0)
+    variables = lin.init(jax.random.key(0), query, method="attend")
+    m = jaxbag.nnx.EmbeddingBag.from_pretrained(table, freeze=False, padding_idx=0)
+    eager = lin.apply(variables, query, method="attend")
+    np.testing.assert_array_equal(
+        jax.jit(lambda v, q: lin.apply(v, q, method="attend"))(variables, query), eager)
+    np.testing.assert_array_equal(nnx.jit(lambda mod, q: mod.attend(q))(m, query), eager)
+    # gradients: d/dtable = cot.T @ query, d/dquery = cot @ table (NumPy, float64)
+    want_table = np.asarray(cot, np.float64).T @ np.asarray(query, np.float64)
+    want_query = np.asarray(cot, np.float64) @ np.asarray(table, np.float64)
+    g_lin, g_q = jax.jit(jax.grad(
+        lambda v, q: jnp.sum(lin.apply(v, q, method="attend") * cot), argnums=(0, 1)))(
+        variables, query)
+    g_nnx = nnx.jit(nnx.grad(lambda mod: jnp.sum(mod.attend(query) * cot)))(m)
+    np.testing.assert_allclose(g_lin["params"]["embedding"], want_table, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_nnx["embedding"][...], want_table, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_q, want_query, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(g_lin["params"]["embedding"][0])).sum() > 0  # the padding row too
+    # a frozen table gets none, as in the bags
+    frozen = jaxbag.EmbeddingBag.from_pretrained(table)
+    g = jax.grad(lambda v: jnp.sum(frozen.apply(v, query, method="attend") * cot))(variables)
+    np.testing.assert_array_equal(g["params"]["embedding"], np.zeros_like(table))
+    nnx_frozen = jaxbag.nnx.EmbeddingBag.from_pretrained(table)
+    assert "embedding" not in nnx.grad(lambda mod: jnp.sum(mod.attend(query) * cot))(nnx_frozen)
+
+
+def test_attend_checks_the_query_width():
+    lin = jaxbag.EmbeddingBag(10, 4)
+    m = jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0))
+    match = (r"query must be \[\.\.\., features\] = \[\.\.\., 4\].*got query of shape \(2, 3\)"
+             r".*bag.attend\(jnp.ones\(\(2, 4\)\)\)")
+    with pytest.raises(ValueError, match=match):
+        m.attend(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=match):
+        lin.init(jax.random.key(0), jnp.ones((2, 3)), method="attend")
+    with pytest.raises(ValueError, match=r"got query of shape \(\)"):
+        m.attend(1.0)
+
+
+def test_nnx_embedding_metadata_as_nnx_embed():
+    """nnx.Embed's embedding_metadata (nnx.Param metadata, e.g. the sharding): the same argument,
+    kept by from_pretrained's frozen table."""
+    m = jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0), embedding_metadata={"note": "words"})
+    embed = nnx.Embed(10, 4, rngs=nnx.Rngs(0), embedding_metadata={"note": "words"})
+    assert m.embedding.get_metadata() == embed.embedding.get_metadata()
+    assert m.embedding.get_metadata()["note"] == "words"
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec("model", None)
+    with jax.set_mesh(mesh):
+        for freeze in (False, True):
+            p = jaxbag.nnx.EmbeddingBag.from_pretrained(
+                _table(), freeze=freeze, padding_idx=1,
+                embedding_metadata={"out_sharding": ("model", None)})
+            assert p.embedding.get_metadata()["out_sharding"] == ("model", None)
+            assert p.embedding[...].sharding.spec == spec and p.frozen == freeze
+            specs = nnx.get_partition_spec(nnx.state(p))
+            assert jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, type(spec))) == [spec]
+            np.testing.assert_array_equal(p.embedding[...], _table())
+    with pytest.raises(TypeError, match=r"embedding_metadata must be a mapping .*got "
+                                        r"embedding_metadata=\['model'\].*out_sharding"):
+        jaxbag.nnx.EmbeddingBag(10, 4, embedding_metadata=["model"], rngs=nnx.Rngs(0))
+
+
+def test_a_big_pretrained_table_skips_the_jitted_init_as_documented():
+    """from_pretrained's initialiser holds the table, so jit(init) compiles it in as a constant
+    (documented: 205 MB of HLO for 400k x 64). The documented way round: a plain frozen bag in
+    the parent model, a jitted init without the table, then the table put at the bag's path."""
+    table = _table(20_000, 8)
+
+    class Parent(nn.Module):
+        bag: nn.Module
+
+        @nn.compact
+        def __call__(self, ids, offsets):
+            return nn.Dense(2)(self.bag(ids, offsets))
+
+    pretrained = Parent(jaxbag.EmbeddingBag.from_pretrained(table, mode="sum"))
+    plain = Parent(jaxbag.EmbeddingBag(20_000, 8, mode="sum", freeze=True))
+    hlo_bytes = [len(jax.jit(p.init).lower(jax.random.key(0), IDS, OFFSETS).as_text())
+                 for p in (pretrained, plain)]
+    assert hlo_bytes[0] > table.nbytes > 10 * hlo_bytes[1]  # the table is in the first program
+    variables = jax.jit(plain.init)(jax.random.key(0), IDS, OFFSETS)
+    variables["params"]["bag"]["embedding"] = table
+    want = pretrained.apply(pretrained.init(jax.random.key(0), IDS, OFFSETS), IDS, OFFSETS)
+    np.testing.assert_allclose(plain.apply(variables, IDS, OFFSETS), want, rtol=1e-6)
+    # on its own the module's variables are {"params": {"embedding": table}}: no init needed
+    bag = jaxbag.EmbeddingBag.from_pretrained(table, mode="sum")
+    np.testing.assert_array_equal(bag.apply({"params": {"embedding": table}}, IDS, OFFSETS),
+                                  jaxbag.embedding_bag(table, IDS, OFFSETS, mode="sum"))

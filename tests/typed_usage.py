@@ -52,12 +52,17 @@ def modules(key: Array) -> None:
     model.apply(variables, ids)  # (flax types apply's result loosely)
     layer = jaxbag.nnx.EmbeddingBag(5, 2, rngs=nnx.Rngs(0))
     assert_type(layer(ids), Array)
+    assert_type(layer.attend(jnp.ones((3, 2))), Array)  # tied-weight logits [3, 5]
+    model.apply(variables, jnp.ones((3, 2)), method="attend")
+    meta = jaxbag.nnx.EmbeddingBag(5, 2, rngs=nnx.Rngs(0), embedding_metadata={"note": "x"})
+    assert_type(meta, jaxbag.nnx.EmbeddingBag)
     assert isinstance(layer, nnx.Module) and isinstance(model, nn.Module)
     # from_pretrained / from_torch take the settings as typed keywords
     table = jnp.ones((5, 2))
     pretrained = jaxbag.EmbeddingBag.from_pretrained(table, mode="sum", name="bag", sparse=False)
     assert_type(pretrained, jaxbag.EmbeddingBag)
-    frozen = jaxbag.nnx.EmbeddingBag.from_pretrained(table, mode="max", rngs=nnx.Rngs(1))
+    frozen = jaxbag.nnx.EmbeddingBag.from_pretrained(table, mode="max", rngs=nnx.Rngs(1),
+                                                     embedding_metadata={"note": "x"})
     assert_type(frozen, jaxbag.nnx.EmbeddingBag)
     converted, _ = jaxbag.EmbeddingBag.from_torch(np.ones((5, 2), np.float32), freeze=True)
     assert_type(converted, jaxbag.EmbeddingBag)

@@ -11,6 +11,7 @@ from jax import Array
 from jaxbag._src import collection
 from jaxbag._src.collection import CollectionLayout, TableConfig
 from jaxbag._src.jagged import JaggedFeatures
+from jaxbag._src.module_common import check_rngs
 from jaxbag._src.planner import ShardingPlan
 
 __all__ = ["EmbeddingBagCollection"]
@@ -54,6 +55,7 @@ class EmbeddingBagCollection(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         collection.check_output_dtype(dtype)
+        check_rngs(rngs, "jaxbag.nnx.EmbeddingBagCollection(tables, rngs=nnx.Rngs(0))")
         self.layout: CollectionLayout = collection.collection_layout(
             tables, stack=stack, plan=plan
         )
@@ -93,7 +95,9 @@ class EmbeddingBagCollection(nnx.Module):
         Returns:
           The pooled features.
         """
-        params = {name: p[...] for name, p in self.embeddings.items()}
+        # Read by the layout's static group names, not self.embeddings.items(): nnx.tabulate
+        # wraps an nnx.Dict's methods, and iterating it there recursed (RecursionError).
+        params = {g.name: self.embeddings[g.name][...] for g in self.layout.groups}
         return collection.embedding_bag_collection(
             params, features, layout=self.layout, concat=concat, dtype=self.dtype
         )

@@ -25,6 +25,7 @@ holds a complete ``JaggedFeatures`` of its own examples.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -135,7 +136,11 @@ def _capacity_for(name: str, count: int, capacity: Capacity, round_to: int) -> i
     return int(cap)
 
 
-@jax.tree_util.register_pytree_node_class
+# A dataclass only in name (no generated __init__, __eq__ or __repr__: the constructor's checks,
+# identity equality and hashing, and the repr below stay as they are): its fields are the leaves,
+# so Flax's tabulate (which renders a dataclass by its fields) can show them.
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(init=False, eq=False, repr=False)
 class JaggedFeatures:
     """A batch of ``B`` examples with ``K`` ragged id features, padded to static shapes.
 
@@ -145,7 +150,11 @@ class JaggedFeatures:
     A pytree: ``values``, ``lengths`` and ``weights`` are its leaves; ``keys``, ``capacities`` and
     ``num_shards`` are static (changing them recompiles a jitted function, changing the ids does
     not). Build it on the host with :meth:`from_lists`, :meth:`from_lengths` or
-    :meth:`from_offsets`; pass it to jitted functions as any other argument.
+    :meth:`from_offsets`; pass it to jitted functions as any other argument. Its key paths name
+    the leaves (``.values``), and it is a dataclass whose fields are the leaves (only for tools
+    that render dataclasses by their fields, as Flax's ``tabulate``; ``__init__``, equality by
+    identity and the repr are its own, and ``dataclasses.replace`` does not apply: use
+    :meth:`with_values` or ``jax.tree.map``).
 
     Attributes:
       keys: ``K`` feature names (static).
@@ -170,6 +179,10 @@ class JaggedFeatures:
       >>> jf.to_lists()["words"]
       [[4, 1], [], [2, 2, 7]]
     """
+
+    values: Array
+    lengths: Array
+    weights: Array | None
 
     def __init__(
         self,
@@ -285,6 +298,12 @@ class JaggedFeatures:
             self._capacities,
             self._num_shards,
         )
+
+    def tree_flatten_with_keys(self):
+        # the leaves by name (jf.values, ...) in key paths, error messages and nnx.tabulate
+        leaves, aux = self.tree_flatten()
+        names = ("values", "lengths", "weights")
+        return tuple(zip(map(jax.tree_util.GetAttrKey, names), leaves)), aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):

@@ -44,8 +44,9 @@ class EmbeddingBag(nn.Module):
       max_norm: optional; a looked-up row whose ``norm_type``-norm exceeds it is scaled down to
         it (torch's forward, see :func:`jaxbag.embedding_bag`). Unlike torch, the stored
         ``embedding`` is not renormed in place (JAX arrays are immutable): :func:`jaxbag.renorm`
-        returns the renormed table.
-      norm_type: the p of the p-norm for ``max_norm``.
+        returns the renormed table. A NumPy or JAX scalar is stored as a Python float (the
+        module stays hashable, as ``nn.jit`` and static ``jit`` arguments need).
+      norm_type: the p of the p-norm for ``max_norm`` (stored as a Python float too).
       scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
       include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
       freeze: if true no gradient reaches the table (``stop_gradient``); an optimizer with weight
@@ -97,9 +98,12 @@ class EmbeddingBag(nn.Module):
     def __post_init__(self) -> None:
         # Settings that can never work raise when the module is built, not at its first init
         # (deep inside a parent model's), as the NNX module and the collections do.
-        self.settings.check()
-        self.settings.check_dtypes(self.dtype, self.param_dtype)
+        settings = self.settings.checked()
+        # a concrete max_norm / norm_type as Python floats: every field must be hashable
+        self.max_norm, self.norm_type = settings.max_norm, settings.norm_type
+        settings.check_dtypes(self.dtype, self.param_dtype)
         validation.check_bool("freeze", self.freeze)
+        common.check_embedding_init(self.embedding_init, "jaxbag.EmbeddingBag")
         super().__post_init__()
 
     def setup(self) -> None:
@@ -143,6 +147,37 @@ class EmbeddingBag(nn.Module):
             num_bags=num_bags,
         )
 
+    def attend(self, query: ArrayLike) -> Array:
+        """Tied-weight logits: the inner product of each query vector with every row of the
+        table, as ``flax.linen.Embed.attend`` (an output layer sharing the input's embedding).
+
+        The stored table is used as is: ``max_norm`` does not rescale its rows (renorm them
+        first with ``jaxbag.renorm(table, jnp.arange(V), max_norm)`` if wanted), the
+        ``padding_idx`` row gets a logit as any other row (mask it if it must never be
+        predicted) and, unlike in the bags, a gradient; with ``freeze`` no gradient reaches the
+        table, as in ``__call__``.
+
+        Args:
+          query: ``float [..., D]`` (any leading shape).
+
+        Returns:
+          ``[..., V]`` logits ``query @ embedding.T``, in ``dtype`` (``None``: the table's
+          ``param_dtype``; query and table are both cast to it, as ``nnx.Embed.attend``; linen's
+          ``nn.Embed`` with ``dtype=None`` promotes to ``jnp.result_type(query, table)``, which
+          differs for a query wider than the table, e.g. float32 against bfloat16).
+
+        Raises:
+          ValueError: ``query``'s last dimension is not ``D``.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, jaxbag
+          >>> bag = jaxbag.EmbeddingBag(num_embeddings=10, features=4)
+          >>> variables = bag.init(jax.random.key(0), jnp.ones((3, 4)), method="attend")
+          >>> bag.apply(variables, jnp.ones((2, 3, 4)), method="attend").shape
+          (2, 3, 10)
+        """
+        return common.attend(self.embedding, query, dtype=self.dtype, freeze=self.freeze)
+
     @classmethod
     def from_pretrained(
         cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Unpack[PretrainedOptions]
@@ -159,6 +194,16 @@ class EmbeddingBag(nn.Module):
 
         Returns:
           The module; ``module.init(key, ...)["params"]["embedding"]`` equals ``embeddings``.
+
+        Note:
+          The module's initialiser holds the table, so ``jax.jit(module.init)`` (or a parent
+          model's jitted init) compiles it into the program as a constant: a 400,000 x 64
+          float32 table gives a 205 MB HLO and a slow compilation (an eager ``module.init`` only
+          copies it). For a big table skip the init: the variables are
+          ``{"params": {"embedding": table}}`` (what :meth:`from_torch` returns). Inside a parent
+          model, use a plain ``EmbeddingBag(V, D, freeze=True, ...)``, init the parent (jitted, or
+          ``jax.eval_shape(model.init, ...)`` for the structure alone) and put the table at the
+          bag's path in ``variables["params"]``.
 
         Examples:
           >>> import jax, jax.numpy as jnp, jaxbag

@@ -55,6 +55,17 @@ class BagSettings:
         validation.check_norm(self.max_norm, self.norm_type)
         validation.normalize_padding_idx(self.padding_idx, self.num_embeddings)
 
+    def checked(self) -> BagSettings:
+        """:meth:`check`, then the settings with a concrete ``max_norm`` and ``norm_type`` as
+        Python floats: a JAX or NumPy scalar there (``max_norm=jnp.array(1.0)``) made a linen
+        module unhashable (``hash``, ``nn.jit``, a module as a static ``jit`` argument) and the
+        NNX module's static settings hold an array. A traced ``max_norm`` is kept as given."""
+        self.check()
+        max_norm = self.max_norm
+        if max_norm is not None and validation.is_concrete(max_norm):
+            max_norm = float(max_norm)
+        return dataclasses.replace(self, max_norm=max_norm, norm_type=float(self.norm_type))
+
     @staticmethod
     def check_dtypes(dtype: Any, param_dtype: Any) -> None:
         """Raises unless ``param_dtype`` (and ``dtype``, unless ``None``) is a float dtype: an int
@@ -68,6 +79,37 @@ class BagSettings:
         d = dataclasses.asdict(self)
         del d["num_embeddings"], d["features"]
         return d
+
+
+def _shown(value: Any) -> str:
+    """``name=value`` as an error shows it: an array by its shape and dtype, not its values."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def check_embedding_init(init: Any, module: str) -> None:
+    """Raises unless ``init`` is callable (``None`` or an array failed at init with
+    "'NoneType' object is not callable", naming no argument). ``module`` names the class in the
+    example (``"jaxbag.EmbeddingBag"``)."""
+    if not callable(init):
+        raise TypeError(
+            "embedding_init must be an initialiser, a callable (key, shape, dtype) -> [V, D] "
+            f"array; got embedding_init={_shown(init)} of type {type(init).__name__}. For example "
+            f"{module}(10, 4, embedding_init=jax.nn.initializers.normal(0.02)), or leave it out "
+            f"for Flax's Embed default; for a given table use {module}.from_pretrained(table)."
+        )
+
+
+def check_rngs(rngs: Any, call: str) -> None:
+    """Raises unless ``rngs`` is an ``nnx.Rngs`` (an int or a key failed with "'int' object has
+    no attribute 'params'"); ``call`` is a correct call, with ``rngs=nnx.Rngs(0)``."""
+    if not isinstance(rngs, nnx.Rngs):
+        hint = " (from a key: rngs=nnx.Rngs(key))" if isinstance(rngs, jax.Array) else ""
+        raise TypeError(
+            f"rngs must be an nnx.Rngs with a params stream; got rngs={_shown(rngs)} of type "
+            f"{type(rngs).__name__}. For example {call}{hint}."
+        )
 
 
 def table_init(init: Initializer, padding_idx: int | None, num_embeddings: int) -> Initializer:
@@ -247,6 +289,30 @@ def apply_bag(
         num_bags=num_bags,
         **settings.op_kwargs(),
     )
+
+
+def attend(table: Array, query: ArrayLike, *, dtype: Any, freeze: bool) -> Array:
+    """Both modules' ``attend``: ``query [..., D] @ table.T -> [..., V]``, as Flax's
+    ``Embed.attend``, on the stored table as is (no ``max_norm``, the padding row a row as any
+    other).
+
+    ``query`` and the table are cast to ``dtype`` (``None``: the table's dtype, as ``nnx.Embed``;
+    linen's ``nn.Embed`` with ``dtype=None`` takes ``jnp.result_type(query, table)`` instead,
+    which differs only for a query of a wider dtype than the table). A frozen table gets no
+    gradient, as in the bags.
+    """
+    query = jnp.asarray(query)
+    features = table.shape[1]
+    if query.ndim == 0 or query.shape[-1] != features:
+        raise ValueError(
+            f"query must be [..., features] = [..., {features}] (a vector per position, as wide "
+            f"as the table's rows); got query of shape {tuple(query.shape)}. For example "
+            f"bag.attend(jnp.ones((2, {features}))) gives [2, num_embeddings] logits."
+        )
+    if freeze:
+        table = jax.lax.stop_gradient(table)
+    dtype = table.dtype if dtype is None else dtype
+    return jnp.dot(jnp.asarray(query, dtype), jnp.asarray(table, dtype).T)
 
 
 # ----------------------------------------------------------------------------- torch interop

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Unpack
 
 import jax
@@ -18,9 +20,11 @@ __all__ = ["EmbeddingBag", "FrozenEmbedding"]
 
 
 class PretrainedOptions(common.PretrainedOptions, total=False):
-    """``from_pretrained``'s keyword arguments: the settings, and ``rngs`` (not needed)."""
+    """``from_pretrained``'s keyword arguments: the settings, ``rngs`` (not needed) and
+    ``embedding_metadata``."""
 
     rngs: nnx.Rngs
+    embedding_metadata: Mapping[str, Any]
 
 
 class TorchOverrides(PretrainedOptions, total=False):
@@ -57,7 +61,8 @@ class EmbeddingBag(nnx.Module):
       max_norm: optional; a looked-up row whose ``norm_type``-norm exceeds it is scaled down to
         it (torch's forward, see :func:`jaxbag.embedding_bag`). Unlike torch, the stored
         ``embedding`` is not renormed in place: :func:`jaxbag.renorm` returns the renormed table.
-      norm_type: the p of the p-norm for ``max_norm``.
+        A NumPy or JAX scalar is kept as a Python float.
+      norm_type: the p of the p-norm for ``max_norm`` (kept as a Python float too).
       scale_grad_by_freq: divide each row's gradient by its frequency in the batch.
       include_last_offset: ``offsets`` has ``B + 1`` entries (torch's flag).
       dtype: the computation dtype (the table is cast to it); ``None`` keeps ``param_dtype``.
@@ -65,6 +70,9 @@ class EmbeddingBag(nnx.Module):
         without it JAX creates the table in float32, with a warning, as for ``nn.Embed``).
       embedding_init: initialiser of the ``[V, D]`` table (flax's ``nnx.Embed`` default).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
+      embedding_metadata: metadata of the ``embedding`` variable, passed to ``nnx.Param`` as
+        ``nnx.Embed``'s (e.g. ``{"out_sharding": ("model", None)}``, under a mesh); kept by
+        :meth:`from_pretrained`'s frozen table.
 
     Attributes:
       embedding: ``nnx.Param [V, D]`` (a :class:`FrozenEmbedding` for a frozen pretrained table).
@@ -95,6 +103,7 @@ class EmbeddingBag(nnx.Module):
         param_dtype: Any = jnp.float32,
         embedding_init: common.Initializer = common.default_embed_init,
         rngs: nnx.Rngs,
+        embedding_metadata: Mapping[str, Any] = MappingProxyType({}),
     ) -> None:
         self.settings = common.BagSettings(
             num_embeddings=num_embeddings,
@@ -105,14 +114,21 @@ class EmbeddingBag(nnx.Module):
             norm_type=norm_type,
             scale_grad_by_freq=scale_grad_by_freq,
             include_last_offset=include_last_offset,
-        )
-        self.settings.check()
+        ).checked()  # (a concrete max_norm / norm_type as Python floats)
         self.settings.check_dtypes(dtype, param_dtype)
+        common.check_embedding_init(embedding_init, "jaxbag.nnx.EmbeddingBag")
+        common.check_rngs(rngs, "jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0))")
+        if not isinstance(embedding_metadata, Mapping):
+            raise TypeError(
+                "embedding_metadata must be a mapping of nnx.Param metadata; got "
+                f"embedding_metadata={embedding_metadata!r}. For example jaxbag.nnx.EmbeddingBag("
+                "10, 4, embedding_metadata={'out_sharding': ('model', None)}, rngs=nnx.Rngs(0))."
+            )
         self.dtype = dtype
         self.param_dtype = param_dtype
         init = common.table_init(embedding_init, padding_idx, num_embeddings)
         self.embedding: nnx.Variable = nnx.Param(
-            init(rngs.params(), (num_embeddings, features), param_dtype)
+            init(rngs.params(), (num_embeddings, features), param_dtype), **embedding_metadata
         )
 
     @property
@@ -195,6 +211,35 @@ class EmbeddingBag(nnx.Module):
             num_bags=num_bags,
         )
 
+    def attend(self, query: ArrayLike) -> Array:
+        """Tied-weight logits: the inner product of each query vector with every row of the
+        table, as ``flax.nnx.Embed.attend`` (an output layer sharing the input's embedding).
+
+        The stored table is used as is: ``max_norm`` does not rescale its rows (renorm them
+        first with ``jaxbag.renorm(table, jnp.arange(V), max_norm)`` if wanted), and the
+        ``padding_idx`` row gets a logit as any other row (mask it if it must never be
+        predicted) and, unlike in the bags, a gradient. A frozen table (a
+        :class:`FrozenEmbedding`) gets none, as in ``__call__``.
+
+        Args:
+          query: ``float [..., D]`` (any leading shape).
+
+        Returns:
+          ``[..., V]`` logits ``query @ embedding.T``, in ``dtype`` (``None``: the table's
+          dtype; query and table are both cast to it, as ``nnx.Embed.attend``).
+
+        Raises:
+          ValueError: ``query``'s last dimension is not ``D``.
+
+        Examples:
+          >>> import jax.numpy as jnp, jaxbag
+          >>> from flax import nnx
+          >>> bag = jaxbag.nnx.EmbeddingBag(10, 4, rngs=nnx.Rngs(0))
+          >>> bag.attend(jnp.ones((2, 3, 4))).shape
+          (2, 3, 10)
+        """
+        return common.attend(self.embedding[...], query, dtype=self.dtype, freeze=self.frozen)
+
     @classmethod
     def from_pretrained(
         cls, embeddings: ArrayLike, freeze: bool = True, **kwargs: Unpack[PretrainedOptions]
@@ -205,8 +250,8 @@ class EmbeddingBag(nnx.Module):
           embeddings: ``float [V, D]`` table (an array, or a torch tensor or parameter: copied).
           freeze: if true (default, as torch) the table is a :class:`FrozenEmbedding`, not an
             ``nnx.Param``: no gradient reaches it and optimizers leave it alone.
-          **kwargs: the other constructor arguments (``mode``, ``padding_idx``, ...); ``rngs`` is
-            not needed. The padding row is not zeroed (as torch). ``num_embeddings``,
+          **kwargs: the other constructor arguments (``mode``, ``padding_idx``,
+            ``embedding_metadata``, ...); ``rngs`` is not needed. The padding row is not zeroed (as torch). ``num_embeddings``,
             ``features`` and ``embedding_init`` come from the table; torch's ``sparse=False`` is
             accepted, ``sparse=True`` refused (no module option: see ``embedding_bag_rows`` and
             the sparse optimisers).
@@ -230,8 +275,10 @@ class EmbeddingBag(nnx.Module):
             embedding_init=common.pretrained_init(table),
             **options,
         )
-        if freeze:
-            module.embedding = FrozenEmbedding(module.embedding[...])
+        if freeze:  # (with the Param's metadata: embedding_metadata, sharding)
+            module.embedding = FrozenEmbedding(
+                module.embedding[...], **module.embedding.get_metadata()
+            )
         return module
 
     @classmethod
