@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags
 
 import jaxbag
+from experiments.bench.flag_values import int_list
 from experiments.textcls import logs
 from jaxbag._src import cpu_kernel
 
@@ -155,16 +156,8 @@ def check_args(v: int, d: int, rows: list[str], rounds: int, repeats: int) -> li
         if value < 1:
             raise ValueError(f"--{flag} must be an int >= 1; got {value}. Pass e.g. "
                              f"--{flag} {example}.")
-    out = []
-    for r in rows:
-        try:
-            n = int(r)
-        except ValueError:
-            n = 0
-        if not 1 <= n <= v:
-            raise ValueError(f"--rows must be ints in [1, --num_embeddings={v}] (distinct rows "
-                             f"per step); got {r!r}. Pass e.g. --rows {min(512, v)},{min(4096, v)}.")
-        out.append(n)
+    out = int_list("rows", rows, ok=lambda n: 1 <= n <= v, example=f"{min(512, v)},{min(4096, v)}",
+                   allowed=f"ints in [1, --num_embeddings={v}] (distinct rows per step)")
     if not out:
         raise ValueError("--rows is empty: nothing to time. Pass e.g. --rows 512,4096.")
     return out

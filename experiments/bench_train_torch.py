@@ -53,6 +53,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from experiments.bench.flag_values import int_list
 from experiments.bench.timing import load_average, settle
 from experiments.textcls.batches import epoch_order, iterate_batches, num_batches, plan_epochs
 from experiments.textcls import logs
@@ -235,16 +236,8 @@ def check_args(epochs: Any, torch_impls: Sequence[str], torch_threads: Sequence[
     if unknown:
         raise ValueError(f"--torch_impls names unknown AdamW implementations {unknown}; known: "
                          f"{', '.join(TORCH_IMPLS)}. Pass e.g. --torch_impls default,fused.")
-    threads = []
-    for t in torch_threads:
-        try:
-            n = int(t)
-        except (TypeError, ValueError):
-            n = 0
-        if isinstance(t, bool) or isinstance(t, float) or n < 1:
-            raise ValueError(f"--torch_threads must be ints >= 1 (torch intra-op threads); got "
-                             f"{t!r}. Pass e.g. --torch_threads 1,2.")
-        threads.append(n)
+    threads = int_list("torch_threads", torch_threads, ok=lambda n: n >= 1, example="1,2",
+                       allowed="ints >= 1 (torch intra-op threads)")
     if isinstance(settle_s, bool) or not isinstance(settle_s, (int, float)) or not (
             0 <= settle_s < float("inf")):
         raise ValueError(f"--settle_s must be a number of seconds >= 0; got {settle_s!r}. "

@@ -271,34 +271,3 @@ def test_a_candidate_with_another_seed_keeps_the_base_split(tmp_path, monkeypatc
         other = seen["default" if name == "seed_1" else "seed_1", run]
         assert held_out.sources == load_splits(other.data, other.seed)[1].sources  # paired
     assert {c.seed for (name, _), c in seen.items() if name == "seed_1"} == {1}
-
-
-@pytest.mark.parametrize("overrides", [
-    "data.test_fraction=0.1", "seed=1; data.split_seed=1", "data.validation_folds=3"])
-@pytest.mark.parametrize("name", ["other", "default"])  # the reference too
-def test_a_candidate_may_not_change_the_data(tmp_path, monkeypatch, overrides, name):
-    monkeypatch.setattr(select, "run_or_reuse", lambda *a: pytest.fail("a candidate ran"))
-    config = _selection_config()
-    config.candidates[name] = overrides
-    key = overrides.rpartition(";")[2].split("=")[0].strip()
-    with pytest.raises(ValueError, match=(
-            rf"config\.candidates\['{name}'\] = '{re.escape(overrides)}' overrides {key}: every "
-            r"candidate is cross-validated on the same training split and folds, those of "
-            r"config\.base\.data .* Drop the override")):
-        select.select(config, tmp_path)
-    assert not any(tmp_path.iterdir())
-
-
-def test_a_failed_rerun_leaves_no_report_of_an_earlier_config(tmp_path, monkeypatch):
-    """selection.md / .json of an earlier config stayed when a rerun with another config failed
-    partway, and read as the new run's result."""
-    for name in ("selection.md", "selection.json"):
-        (tmp_path / name).write_text("an earlier config's table\n")
-
-    def killed(config, workdir):
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(select, "run_or_reuse", killed)
-    with pytest.raises(RuntimeError, match="killed"):
-        select.select(_selection_config(), tmp_path)
-    assert not (tmp_path / "selection.md").exists() and not (tmp_path / "selection.json").exists()

@@ -72,22 +72,43 @@ def test_bad_study_configs_fail_before_training(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
-@pytest.mark.parametrize("overrides", [
-    "data.test_fraction=0.1", "data.max_per_class=100", "model.features=8; seed=3"])
-@pytest.mark.parametrize("name", ["tutorial_recipe", "default"])  # the reference too
-def test_a_model_may_not_change_the_data_or_the_seed(tmp_path, monkeypatch, overrides, name):
-    """Only data.split_seed was refused: a model with data.test_fraction=0.1 was tested on other
-    test articles than the others and the SVM (config.base.data), and still paired with them;
-    a seed override was silently replaced by the split's."""
-    monkeypatch.setattr(splits, "run_or_reuse", lambda *a: pytest.fail("a model ran"))
-    config = bbc_news_splits.get_config()
-    config.models[name] = overrides
+_SELECT_DATA = (r"every candidate is cross-validated on the same training split and folds, "
+                r"those of config\.base\.data .* Drop the override")
+_SPLITS_DATA = (r"every model and the TF-IDF \+ LinearSVC reference are tested on the same "
+                r"splits, those of config\.base\.data .* Drop the override")
+
+
+@pytest.mark.parametrize("study, overrides", [
+    *[("select", o) for o in ("data.test_fraction=0.1", "seed=1; data.split_seed=1",
+                              "data.validation_folds=3")],
+    *[("splits", o) for o in ("data.test_fraction=0.1", "data.max_per_class=100",
+                              "model.features=8; seed=3")],
+])
+@pytest.mark.parametrize("reference", [False, True])  # the reference too
+def test_a_study_variant_may_not_change_the_data(tmp_path, monkeypatch, study, overrides,
+                                                 reference):
+    """select: a candidate's data.* (seed=1 alone is allowed: it keeps the base's split).
+    splits: only data.split_seed was refused; a model with data.test_fraction=0.1 was tested on
+    other test articles than the others and the SVM (config.base.data), and still paired with
+    them; a seed override was silently replaced by the split's."""
+    if study == "select":
+        module, run, where, why = select, select.select, "candidates", _SELECT_DATA
+        config = bbc_news_selection.get_config()
+        config.folds, config.repeats = 2, 1
+        config.candidates = ml_collections.ConfigDict({"default": "", "other": "model.features=8"})
+        config.reference = "default"
+        name = "default" if reference else "other"
+        getattr(config, where)[name] = overrides
+    else:
+        module, run, where, why = splits, splits.run_splits, "models", _SPLITS_DATA
+        config = bbc_news_splits.get_config()
+        name = config.reference if reference else "tutorial_recipe"
+        config.models[name] = overrides
+    monkeypatch.setattr(module, "run_or_reuse", lambda *a: pytest.fail("a variant ran"))
     key = overrides.rpartition(";")[2].split("=")[0].strip()
     with pytest.raises(ValueError, match=(
-            rf"config\.models\['{name}'\] = '{overrides}' overrides {key}: every model and the "
-            r"TF-IDF \+ LinearSVC reference are tested on the same splits, those of "
-            r"config\.base\.data .* Drop the override")):
-        splits.run_splits(config, tmp_path)
+            rf"config\.{where}\['{name}'\] = '{re.escape(overrides)}' overrides {key}: {why}")):
+        run(config, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -104,19 +125,24 @@ def test_the_threshold_is_a_fraction(tmp_path, monkeypatch, threshold):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_failed_rerun_leaves_no_report_of_an_earlier_config(tmp_path, monkeypatch):
-    """splits.md / .json of an earlier config stayed when a rerun with another config failed
-    partway, and read as the new run's result."""
-    for name in ("splits.md", "splits.json"):
+@pytest.mark.parametrize("study", ["select", "splits"])
+def test_a_failed_rerun_leaves_no_report_of_an_earlier_config(tmp_path, monkeypatch, study):
+    """selection.md / .json (splits.md / .json) of an earlier config stayed when a rerun with
+    another config failed partway, and read as the new run's result."""
+    module, run, config, names = {
+        "select": (select, select.select, bbc_news_selection.get_config(), select.SELECTION_REPORTS),
+        "splits": (splits, splits.run_splits, bbc_news_splits.get_config(), splits.REPORTS),
+    }[study]
+    for name in names:
         (tmp_path / name).write_text("an earlier config's table\n")
 
     def killed(config, workdir):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(splits, "run_or_reuse", killed)
+    monkeypatch.setattr(module, "run_or_reuse", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        splits.run_splits(bbc_news_splits.get_config(), tmp_path)
-    assert not (tmp_path / "splits.md").exists() and not (tmp_path / "splits.json").exists()
+        run(config, tmp_path)
+    assert names and not any((tmp_path / name).exists() for name in names)
 
 
 @pytest.mark.slow
