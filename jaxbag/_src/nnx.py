@@ -251,10 +251,10 @@ class EmbeddingBag(nnx.Module):
           freeze: if true (default, as torch) the table is a :class:`FrozenEmbedding`, not an
             ``nnx.Param``: no gradient reaches it and optimizers leave it alone.
           **kwargs: the other constructor arguments (``mode``, ``padding_idx``,
-            ``embedding_metadata``, ...); ``rngs`` is not needed. The padding row is not zeroed (as torch). ``num_embeddings``,
-            ``features`` and ``embedding_init`` come from the table; torch's ``sparse=False`` is
-            accepted, ``sparse=True`` refused (no module option: see ``embedding_bag_rows`` and
-            the sparse optimisers).
+            ``embedding_metadata``, ...); ``rngs`` is not needed. The padding row is not zeroed
+            (as torch). ``num_embeddings``, ``features`` and ``embedding_init`` come from the
+            table; torch's ``sparse=False`` is accepted, ``sparse=True`` refused (no module
+            option: see ``embedding_bag_rows`` and the sparse optimisers).
 
         Returns:
           The module.
