@@ -32,10 +32,8 @@ MOVABLE = ("data.train_path", "data.test_path")
 _SPLIT_PATHS = ("train_path", "test_path")  # (their fields in split.json)
 
 def write_json(path: Path, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON, atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Writes ``obj`` as indented JSON, atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -179,10 +177,8 @@ def read_metrics(workdir: Path, *, up_to_epoch: int) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Writes one JSON object per line, atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
-    os.replace(tmp, path)
+    """Writes one JSON object per line, atomically (:func:`write_text`)."""
+    write_text(path, "".join(json.dumps(dict(r)) + "\n" for r in rows))
 
 
 def append_metrics(workdir: Path, row: Mapping[str, Any]) -> None:
