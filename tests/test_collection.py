@@ -498,7 +498,7 @@ def test_nnx_collection_tabulates(stack):
     jf = jaxbag.JaggedFeatures.from_lists(feats)
     model = NnxCollection(tabs, stack=stack, rngs=nnx.Rngs(0))
     n = sum(model.embeddings[g.name][...].size for g in model.layout.groups)
-    text = nnx.tabulate(model, jf, console_kwargs={"width": 250})
+    text = _nnx_tabulate(model, jf, console_kwargs={"width": 250})
     assert "EmbeddingBagCollection" in text and f"Total Parameters: {n:,}" in text
     # the input by its leaves' names (JaggedFeatures flattens with GetAttrKey paths)
     assert f"values: int32[{jf.values.shape[0]}]" in _plain(text)
@@ -510,6 +510,23 @@ def test_nnx_collection_tabulates(stack):
         {g.name: model.embeddings[g.name][...] for g in model.layout.groups}, jf,
         layout=model.layout, concat=True)
     np.testing.assert_array_equal(out, want)
+
+
+def _nnx_tabulate(model, *args, **kwargs):
+    """nnx.tabulate, then undo what it leaves behind: flax 0.12 wraps the methods of every class
+    in the graph and "restores" them with setattr, so inherited methods (nnx.Module's
+    set_attributes, ...) end up in each class's own __dict__ for the rest of the process."""
+    classes = {type(node) for _, node in nnx.iter_graph(model)}
+    before = {cls: dict(vars(cls)) for cls in classes}
+    try:
+        return nnx.tabulate(model, *args, **kwargs)
+    finally:
+        for cls, attrs in before.items():
+            for name in set(vars(cls)) - set(attrs):
+                delattr(cls, name)
+            for name, value in attrs.items():
+                if vars(cls).get(name, value) is not value:
+                    setattr(cls, name, value)
 
 
 def _plain(text):
@@ -540,8 +557,8 @@ def test_linen_collection_tabulates_a_jagged_features_input(weighted):
     assert f"float32[{B},{model.layout.output_features}]" in text  # concat=True's output
     # nnx.tabulate too (without a keyword argument: flax 0.12's nnx input rendering fails on any
     # custom pytree argument next to one, a flax.struct.dataclass as well)
-    nnx_text = _plain(nnx.tabulate(NnxCollection(tabs, rngs=nnx.Rngs(0)), jf,
-                                   console_kwargs={"width": 250}))
+    nnx_text = _plain(_nnx_tabulate(NnxCollection(tabs, rngs=nnx.Rngs(0)), jf,
+                                    console_kwargs={"width": 250}))
     assert f"values: int32[{n_values}]" in nnx_text
     assert (f"weights: float32[{n_values}]" in nnx_text) == weighted
 

@@ -108,6 +108,10 @@ def _public_callables():
             obj = getattr(mod, name)
             if isinstance(obj, type):
                 for attr, member in vars(obj).items():
+                    # (jaxbag's own methods: nnx.tabulate leaves flax's inherited ones in the
+                    # class __dict__ of every module it tabulated)
+                    if not getattr(member, "__module__", "").startswith("jaxbag."):
+                        continue
                     if callable(member) and (not attr.startswith("_") or attr in ("__init__", "__call__")):
                         yield f"{mod.__name__}.{name}.{attr}", member
             elif callable(obj) and typing.get_origin(obj) is None:  # (not a type alias: Mode)
