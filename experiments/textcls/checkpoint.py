@@ -5,9 +5,11 @@ A checkpoint (step = the number of finished epochs) holds four items:
 * ``params``: the model parameters as a pure nested dict (what ``predict`` loads);
 * ``opt_state``: the optax state (moments and step counts);
 * ``rng``: the raw key data of the training PRNG key (dropout keys are folded from it);
-* ``meta``: JSON ``{"epoch", "global_step", "vocab_sha256"}``; the last is the SHA-256 of the
-  workdir's ``vocab.json`` at save time, so that a vocabulary edited in place is named on resume
-  and by ``predict`` even when the table keeps its shape.
+* ``meta``: JSON ``{"epoch", "global_step", "vocab_sha256", "rng_impl"}``: ``vocab_sha256`` is
+  the SHA-256 of the workdir's ``vocab.json`` at save time, so that a vocabulary edited in place
+  is named on resume and by ``predict`` even when the table keeps its shape; ``rng_impl`` names
+  the PRNG implementation of the key (``threefry2x32``, ``rbg``, ...), so that a resume under
+  another ``JAX_DEFAULT_PRNG_IMPL`` is named as that, not as a damaged checkpoint.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _vocab_sha256(manager: ocp.CheckpointManager) -> str | None:
 
 def save(manager: ocp.CheckpointManager, state: TrainState) -> None:
     meta = {"epoch": state.epoch, "global_step": state.global_step,
-            "vocab_sha256": _vocab_sha256(manager)}
+            "vocab_sha256": _vocab_sha256(manager), "rng_impl": _rng_impl(state.rng)}
     manager.save(
         state.epoch,
         args=ocp.args.Composite(
@@ -132,6 +134,25 @@ def check_fits(step_dir: Path, stored: Any, expected: Any) -> None:
         )
 
 
+def _rng_impl(key: jax.Array) -> str:
+    return str(jax.random.key_impl(key))
+
+
+def check_rng_impl(step_dir: Path, meta: Any, fresh_rng: jax.Array) -> None:
+    """Raises ``ValueError`` when the checkpoint in ``step_dir`` (its restored ``meta``) holds a
+    key of another PRNG implementation than this process makes (``jax_default_prng_impl``): its
+    key data has another shape, which orbax reports as a shape error of a sound checkpoint.
+    Checkpoints without the name are not checked."""
+    saved = meta.get("rng_impl") if isinstance(meta, dict) else None
+    now = _rng_impl(fresh_rng)
+    if saved is not None and saved != now:
+        raise ValueError(
+            f"checkpoint {step_dir} holds a {saved} PRNG key and this process makes {now} keys "
+            f"(jax_default_prng_impl): resume with JAX_DEFAULT_PRNG_IMPL={saved}, or use a new "
+            f"--workdir."
+        )
+
+
 def check_vocab(manager: ocp.CheckpointManager, step: int, meta: Any) -> None:
     """Raises ``ValueError`` when the checkpoint ``step`` (its restored ``meta``) was saved with
     another ``vocab.json`` than the workdir holds now: an edit that keeps the table's shape
@@ -160,6 +181,12 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
         stored = None
     if stored is not None:
         check_fits(step_dir, stored, pure)
+    try:  # meta first: what it names (another PRNG, another vocabulary) is no damage
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+        raise _damaged(manager, step, e) from e
+    check_rng_impl(step_dir, meta, fresh.rng)
+    check_vocab(manager, step, meta)
     key_data = jax.random.key_data(fresh.rng)
     try:
         r = manager.restore(
@@ -174,7 +201,6 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
         epoch, global_step = int(r.meta["epoch"]), int(r.meta["global_step"])
     except Exception as e:  # orbax/tensorstore/json errors of a damaged step directory
         raise _damaged(manager, step, e) from e
-    check_vocab(manager, step, r.meta)
     params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
     nnx.replace_by_pure_dict(params, r.params)
     rng = jax.random.wrap_key_data(

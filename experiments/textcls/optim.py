@@ -64,7 +64,8 @@ def make_sparse_optimizer(optim_config: Mapping[str, Any], total_steps: int) -> 
     """The row-wise optimiser of the embedding table when ``optim.sparse_embedding`` is set.
 
     ``adamw``/``adam`` -> ``jaxbag.sparse_adam`` (lazy Adam, as torch's ``SparseAdam``: no
-    weight decay, moments of untouched rows stay put); ``sgd`` -> ``jaxbag.sparse_sgd``
+    weight decay, moments of untouched rows stay put, ``eps`` outside the bias correction where
+    the dense optax AdamW adds it inside); ``sgd`` -> ``jaxbag.sparse_sgd``
     (exactly dense SGD without momentum); ``adagrad`` -> ``jaxbag.sparse_adagrad``
     (row-wise). Same learning-rate schedule as the dense parameters.
     """
