@@ -724,8 +724,71 @@ def test_sparse_adam_matches_torch_in_float32_to_rounding(set_kernel):
 
 
 def test_sparse_adam_rejects_betas_outside_0_1():
-    with pytest.raises(ValueError, match=r"b2 must be in \[0, 1\).*b2=1.0"):
-        sparse.sparse_adam(0.1, b2=1.0)
+    """As torch's 'Invalid beta parameter': betas outside [0, 1) are refused (a negative one
+    would train on: its bias correction comes out as 1, a wrong step without a word)."""
+    for kw in ({"b2": 1.0}, {"b1": -0.5}, {"b2": -0.1}):
+        (name, value), = kw.items()
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\).*{name}={value}"):
+            sparse.sparse_adam(0.1, **kw)
+
+
+def test_size_too_small_never_lets_the_padding_id_into_a_bag(path):
+    """Under jit, with max_norm and too few row slots, the ids past the slots are read directly
+    from the table: a padding_idx id among them must still count as nothing."""
+    w = jnp.arange(30.0).reshape(10, 3)
+    ids, offs = jnp.array([7, 1, 3, 9, 2]), jnp.array([0, 3])
+    kw = dict(mode="sum", padding_idx=2, max_norm=1e6)
+    with pytest.raises(ValueError, match=r"size=3 row slots are too few: this batch has 4 distinct ids"):
+        sparse.embedding_bag_rows(w, ids, offs, size=3, **kw)
+
+    @jax.jit
+    def run(w):
+        bags, pb = sparse.embedding_bag_rows(w, ids, offs, size=3, **kw)
+        return bags, pb(jnp.ones_like(bags))
+
+    bags, g = run(w)
+    wn = np.arange(30.0).reshape(10, 3)
+    np.testing.assert_array_equal(bags, np.stack([wn[7] + wn[1] + wn[3], wn[9]]))
+    np.testing.assert_array_equal(g.rows, [1, 3, 7])  # (9 overflowed, 2 is padding)
+    np.testing.assert_array_equal(g.grads, np.ones((3, 3)))
+
+
+def test_an_empty_batch_touches_no_row(path):
+    """No ids: every row slot is the 'no row' V, so an optimiser step moves nothing (slots of
+    row 0 would take a zero gradient: Adam's moments and table rows decay)."""
+    rows, inv = sparse.unique_rows(jnp.zeros((0,), jnp.int32), 4, size=2)
+    assert rows.tolist() == [4, 4] and inv.shape == (0,)
+    opt = jaxbag.sparse_adam(0.1)
+
+    @jax.jit
+    def step(w, state, ids, offs):
+        bags, pb = jaxbag.embedding_bag_rows(w, ids, offs, mode="sum", size=2)
+        return opt.update(w, state, pb(jnp.ones_like(bags)))
+
+    w0 = jnp.arange(8.0).reshape(4, 2)
+    w1, s1 = step(w0, opt.init(w0), jnp.array([0, 0]), jnp.array([0, 1]))
+    np.testing.assert_allclose(w1[0], [-0.1, 0.9], rtol=1e-6)
+    w2, s2 = step(w1, s1, jnp.zeros((0,), jnp.int32), jnp.array([0, 0]))
+    np.testing.assert_array_equal(w2, w1)
+    np.testing.assert_array_equal(s2.mu, s1.mu)
+    np.testing.assert_array_equal(s2.nu, s1.nu)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("grad_dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_row_grads_update_a_float32_table(name, grad_dtype, path):
+    """Row gradients of a half-precision loss on a float32 table: the same update as float32
+    gradients of the same values (the kernel takes float32 buffers only)."""
+    opt = {"sgd": jaxbag.sparse_sgd, "adagrad": jaxbag.sparse_adagrad, "adam": jaxbag.sparse_adam}[name](0.5)
+    w = jnp.zeros((4, 2), jnp.float32)
+    rows, g = jnp.array([3, 0]), jnp.array([[1.0, -2.0], [0.5, 4.0]])  # (exact in both dtypes)
+    want, _ = opt.update(w, opt.init(w), jaxbag.RowGrads(rows, g))
+    got, _ = opt.update(w, opt.init(w), jaxbag.RowGrads(rows, g.astype(grad_dtype)))
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(got)[1:3], 0.0)
+    if name == "sgd":
+        np.testing.assert_array_equal(got, np.array([[-0.25, -2.0], [0, 0], [0, 0], [-0.5, 1.0]]))
 
 
 @pytest.mark.parametrize("kw", [dict(mode="mean"), dict(mode="mean", max_norm=1.5),
