@@ -35,17 +35,19 @@ _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @contextlib.contextmanager
-def _count_compiles(fun):
-    """Counts XLA compilations of ``jax.jit(fun)`` in this thread while the block runs.
+def _count_compiles(fun=None):
+    """Counts XLA compilations of ``jax.jit(fun)`` (of anything: ``fun=None``) in this thread
+    while the block runs.
 
     ``PjitFunction._cache_size()`` is not a compile count: the C++ cache is an LRU over all
     jitted functions (8192), so in a long-lived test process a function's entry can be evicted
     while its first call traces (it then reported 0 after 3 calls)."""
-    name, tid, counts = f"jit({fun.__name__})", threading.get_ident(), []
+    name, tid, counts = None if fun is None else f"jit({fun.__name__})", threading.get_ident(), []
 
     def listener(event, duration, **kw):
-        if event == _BACKEND_COMPILE and kw.get("fun_name") == name and threading.get_ident() == tid:
-            counts.append(duration)
+        if (event == _BACKEND_COMPILE and name in (None, kw.get("fun_name"))
+                and threading.get_ident() == tid):
+            counts.append(kw.get("fun_name"))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -56,7 +58,8 @@ def _count_compiles(fun):
 
 @pytest.fixture
 def count_compiles():
-    """``with count_compiles(f) as n: ...``: ``len(n)`` XLA compilations of ``jax.jit(f)``."""
+    """``with count_compiles(f) as n: ...``: ``len(n)`` XLA compilations of ``jax.jit(f)``
+    (``count_compiles()``: of anything; ``n`` holds the compiled functions' names)."""
     return _count_compiles
 
 
