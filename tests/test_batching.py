@@ -365,6 +365,26 @@ def test_ladder_rungs_are_the_exact_ceilings():
     assert jaxbag.bucket_size(110, min_size=100, growth=1.1) == 110
     assert jaxbag.geometric_buckets(1000, min_size=10, growth=1.5)[:4] == (10, 15, 23, 35)
     assert jaxbag.geometric_buckets(2**40, min_size=2**30, growth=2.0)[-1] == 2**40
+    # the noise is relative to the product (an absolute 1e-12 gave 110001 after 100000)
+    assert jaxbag.geometric_buckets(125_000, min_size=100_000, growth=1.1) == (
+        100_000, 110_000, 121_000, 133_100)
+    assert jaxbag.bucket_size(110_000, min_size=100_000, growth=1.1) == 110_000
+    # and a real fraction is never noise: 100000000007 * 1.3 = 130000000009.1 (a relative 1e-12
+    # tolerance gave 130000000009, smaller than the product)
+    assert jaxbag.geometric_buckets(130_000_000_010, min_size=100_000_000_007, growth=1.3) == (
+        100_000_000_007, 130_000_000_010)
+
+
+def test_packing_edge_cases_keep_their_dtypes_and_values():
+    """An empty batch with weights (no bag to concatenate), bool weights (documented as numbers),
+    and int32 lengths, as every other index array."""
+    p = jaxbag.pack_bags([[1, 2], [3]], batch_size=3, bucket_sizes=(4,))
+    assert p.lengths.dtype == np.int32 and p.lengths.tolist() == [2, 1, 0]
+    empty = jaxbag.pack_bags([], batch_size=2, weights=[], bucket_sizes=(4,))
+    assert empty.weights.dtype == np.float32 and empty.weights.tolist() == [0.0] * 4
+    assert empty.bag_mask.tolist() == [False, False]
+    flags = jaxbag.pack_bags([[1, 2]], weights=[[True, False]], bucket_sizes=(3,))
+    assert flags.weights.dtype == np.float32 and flags.weights.tolist() == [1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize(

@@ -314,14 +314,15 @@ def _check_ladder_args(min_size: int, growth: float) -> None:
 
 
 def _next_rung(size: int, growth: float) -> int:
-    """``ceil(size * growth)`` (at least ``size + 1``), where a product within a relative 1e-12
-    of a whole number is that number: ``100 * 1.1`` is ``110.00000000000001`` in floating point,
-    and its rung is 110, not 111."""
+    """``ceil(size * growth)`` (at least ``size + 1``), where a product within 4 units in the
+    last place of a whole number is that number (its rounding noise): ``100 * 1.1`` is
+    ``110.00000000000001`` in floating point, and its rung is 110, not 111. (A relative 1e-12
+    took real fractions for noise past 1e11: ``100000000007 * 1.3`` gave 130000000009.)"""
     x = size * growth
     if not math.isfinite(x):  # growth=1e308: past float's range, so in exact arithmetic
         return math.ceil(fractions.Fraction(growth) * size)
     whole = round(x)
-    return max(size + 1, whole if abs(x - whole) <= 1e-12 * x else math.ceil(x))
+    return max(size + 1, whole if abs(x - whole) <= 4 * math.ulp(x) else math.ceil(x))
 
 
 def geometric_buckets(
