@@ -183,6 +183,7 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
         check_fits(step_dir, stored, pure)
     try:  # meta first: what it names (another PRNG, another vocabulary) is no damage
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        epoch, global_step = int(meta["epoch"]), int(meta["global_step"])
     except Exception as e:
         raise _damaged(manager, step, e) from e
     check_rng_impl(step_dir, meta, fresh.rng)
@@ -195,10 +196,8 @@ def restore_latest(manager: ocp.CheckpointManager, fresh: TrainState) -> TrainSt
                 params=ocp.args.StandardRestore(_abstract(pure)),
                 opt_state=ocp.args.StandardRestore(_abstract(fresh.opt_state)),
                 rng=ocp.args.StandardRestore(_abstract({"key_data": key_data})),
-                meta=ocp.args.JsonRestore(),
             ),
         )
-        epoch, global_step = int(r.meta["epoch"]), int(r.meta["global_step"])
     except Exception as e:  # orbax/tensorstore/json errors of a damaged step directory
         raise _damaged(manager, step, e) from e
     params = jax.tree.map(lambda x: x, fresh.params)  # a copy to fill in
