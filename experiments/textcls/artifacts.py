@@ -33,6 +33,7 @@ RESUMABLE = ("train.stop_after_epochs", "train.max_checkpoints", "train.progress
 MOVABLE = ("data.train_path", "data.test_path")
 _SPLIT_PATHS = ("train_path", "test_path")  # (their fields in split.json)
 
+
 class WorkdirBusyError(OSError):
     """Another process is training in the workdir (the message names it)."""
 
