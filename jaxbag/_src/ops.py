@@ -275,11 +275,11 @@ def embedding_bag(
     Raises:
       TypeError, ValueError, IndexError: on bad input, before any work is done, naming the argument
         and the first offending position. Ids at padding positions (segment id outside ``[0, B)``,
-        at or past the last offset) are never read, so their values are not checked. Value checks
-        (ids in range, offsets well formed, segment ids sorted) need concrete values: under
-        ``jit``/``vmap`` an out-of-range id is skipped as ``padding_idx`` is (it reads no row, is not
-        counted in a mean, is no max candidate), ill-formed
-        offsets only regroup ids (each in at most one bag; which one, and the gradient, are
+        at or past the last offset, any id when ``offsets`` is empty) are never read, so their
+        values are not checked. Value checks (ids in range, offsets well formed, segment ids
+        sorted) need concrete values: under ``jit``/``vmap`` an out-of-range id is skipped as
+        ``padding_idx`` is (it reads no row, is not counted in a mean, is no max candidate),
+        ill-formed offsets only regroup ids (each in at most one bag; which one, and the gradient, are
         unspecified), and unsorted segment ids are grouped as ``jax.ops.segment_sum`` groups them
         on the CPU (each id in the bag its segment id names; unspecified on other backends); use
         :func:`jaxbag.validate` with :mod:`jax.experimental.checkify` to check them there.

@@ -451,7 +451,9 @@ def _in_bags(
     outside ``[0, B)``, past the last offset) are padding: never read, so never out of range."""
     if segment_ids is not None:
         return (segment_ids >= 0) & (segment_ids < num_bags)
-    if offsets is not None and include_last_offset and offsets.shape[0] > 0:
+    if offsets is not None and offsets.shape[0] == 0:  # no bag at all (as torch: no error)
+        return jnp.zeros(n, dtype=bool)
+    if offsets is not None and include_last_offset:
         return jnp.arange(n, dtype=offsets.dtype) < offsets[-1]
     return None
 
