@@ -147,6 +147,27 @@ STATIC_CASES = {
         (ValueError,),
         [r"scale_grad_by_freq"],
     ),
+    # the whole shape is compared, not only the leading dimension
+    "per_sample_weights_wrong_width_2d": (
+        dict(indices=np.zeros((2, 3), np.int32), mode="sum", per_sample_weights=np.ones((2, 4), np.float32)),
+        (ValueError,),
+        [r"per_sample_weights must have the shape of indices", r"\(2, 4\)"],
+    ),
+    "per_sample_weights_2d_for_1d_indices": (
+        dict(indices=i32(0, 1), offsets=i32(0), mode="sum", per_sample_weights=np.ones((2, 1), np.float32)),
+        (ValueError,),
+        [r"per_sample_weights must have the shape of indices", r"\(2, 1\)"],
+    ),
+    "segment_ids_wrong_shape": (
+        dict(indices=i32(0, 1, 2), segment_ids=i32(0, 0), num_bags=1),
+        (ValueError,),
+        [r"segment_ids must have the shape of indices \(3,\); got \(2,\)"],
+    ),
+    "negative_num_bags": (
+        dict(indices=i32(0, 1), segment_ids=i32(0, 0), num_bags=-1),
+        (ValueError,),
+        [r"num_bags must be >= 0; got num_bags=-1"],
+    ),
 }
 
 
@@ -192,7 +213,8 @@ def _validate_kwargs(kw):
 
 @pytest.mark.parametrize("name", list(VALUE_CASES) + [
     "per_sample_weights_wrong_shape", "2d_with_offsets", "float_indices", "float_offsets",
-    "padding_idx_too_large", "padding_idx_too_negative"])
+    "padding_idx_too_large", "padding_idx_too_negative", "per_sample_weights_wrong_width_2d",
+    "per_sample_weights_2d_for_1d_indices", "segment_ids_wrong_shape", "negative_num_bags"])
 def test_validate_eager(name):
     kw, types, patterns = {**VALUE_CASES, **STATIC_CASES}[name]
     kw = _validate_kwargs(kw)
@@ -420,6 +442,29 @@ def test_out_of_range_ids_at_padding_positions_are_not_errors(name):
         jaxbag.embedding_bag(W, mode="sum", **inside, **static)
     err, _ = checkify.checkify(jax.jit(f))(W, inside)
     assert err.get() is not None and "out of range" in err.get()
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["offsets", "segment_ids"])
+def test_with_no_bags_no_id_is_read_so_none_is_an_error(segments):
+    """B = 0 (empty offsets, as torch allows, or num_bags=0): every id is at a padding position,
+    so eager calls, jit and validate agree: a [0, D] result and no error."""
+    kw = (dict(segment_ids=i32(0, 0), num_bags=0) if segments else dict(offsets=i32()))
+    ids = i32(V + 4, 1)
+    eager = jaxbag.embedding_bag(W, ids, mode="sum", **kw)
+    jitted = jax.jit(lambda w, i: jaxbag.embedding_bag(w, i, mode="sum", **kw))(W, ids)
+    assert eager.shape == jitted.shape == (0, D)
+    assert jaxbag.validate(V, ids, **kw) is None
+
+    def f(w, i):
+        jaxbag.validate(w.shape[0], i, **kw)
+        return jaxbag.embedding_bag(w, i, mode="sum", **kw)
+
+    err, _ = checkify.checkify(jax.jit(f))(W, ids)
+    assert err.get() is None, err.get()
+    # one bag [0, 2) makes the same id an error
+    with pytest.raises(IndexError, match=rf"indices\[0\] = {V + 4} is out of range"):
+        jaxbag.validate(V, ids, **(dict(segment_ids=i32(0, 0), num_bags=1) if segments
+                                   else dict(offsets=i32(0))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -812,7 +857,7 @@ def test_mixed_int32_int64_inputs_under_x64_and_strict_promotion(id_dtype, pos_d
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         w = jnp.asarray(rng.normal(size=(9, 3)), jnp.float32)
-        ids = jnp.array([1, 4, 4, 0, 8], id_dtype)
+        ids = jnp.array([1, 8, 4, 0, 8], id_dtype)  # id V - 1 in a bag and past the last offset
         offs = jnp.array([0, 2, 4], pos_dtype)
         seg = jnp.array([0, 0, 1, 1, 2], pos_dtype)
         want = embedding_bag_ref(np.asarray(w, np.float64), np.asarray(ids)[:4], np.array([0, 2]),
