@@ -755,6 +755,10 @@ def test_table_config_errors_name_the_table_and_show_the_fix():
         T("a", 4, 2, ("x",), padding_idx=4)
     with pytest.raises(ValueError, match=r"table 'a': num_embeddings.*pass int\(x\)"):
         T("a", jnp.int32(4), 2, ("x",))
+    for names in (None, 5):  # (tuple(None) said only "'NoneType' object is not iterable")
+        with pytest.raises(TypeError, match=rf"table 'a': feature_names must be a non-empty tuple "
+                                            rf"of str; got {names}, e.g. feature_names=\('a',\)"):
+            T("a", 4, 2, names)
     one = T("a", 4, 2, ("x",))
     for make in (lambda: jaxbag.collection_layout(one),
                  lambda: NnxCollection(one, rngs=nnx.Rngs(0)),
@@ -1051,3 +1055,66 @@ def test_eager_gradients_under_an_explicit_context_mesh_stay_on_it(jit):
         np.testing.assert_array_equal(np.asarray(got[name], np.float32),
                                       np.asarray(want[name], np.float32))
     assert float(np.abs(np.asarray(want["a"])).sum()) > 0
+
+
+def test_init_collection_keys_follow_table_names_not_positions():
+    """A table's initial values depend on the key and its name only: reordering the tables or
+    adding one does not re-initialise the others (a key from the table's position passed)."""
+    a, b, c = T("a", 5, 3, ("x",)), T("b", 6, 3, ("y",)), T("c", 4, 3, ("z",))
+    key = jax.random.key(0)
+
+    def tables(ts):
+        layout = jaxbag.collection_layout(ts)
+        return jaxbag.unpack_tables(layout, jaxbag.init_collection(layout, key))
+
+    ab, ba, cab = tables([a, b]), tables([b, a]), tables([c, a, b])
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(ab[name], ba[name])
+        np.testing.assert_array_equal(ab[name], cab[name])
+
+
+@pytest.mark.parametrize("lists, where", [
+    ({"x": [[1], [7, 2]]}, r"in example 1 \(its id 0; features\.values\[1\]\)"),
+    ({"x": [[1, 2], [], [9]]}, r"in example 2 \(its id 0; features\.values\[2\]\)"),
+])
+def test_eager_id_error_names_the_first_id_of_a_later_example(lists, where):
+    """The bad id is the first of its example (its position equals the previous examples' end):
+    searchsorted(side="left") named the example before, at its last id."""
+    layout = jaxbag.collection_layout([T("a", 4, 2, ("x",), mode="sum")])
+    with pytest.raises(IndexError, match=where):
+        jaxbag.embedding_bag_collection({"a": jnp.zeros((4, 2))}, JF.from_lists(lists), layout=layout)
+
+
+def test_eager_id_check_of_split_features_reads_only_each_shards_ids():
+    """num_shards=2: the check of shard 0's 'x' reads its one id, not the 'y' id after it (50,
+    valid for 'y''s table, out of range for 'x''s): reading past it raised a false IndexError."""
+    layout = jaxbag.collection_layout([T("a", 4, 2, ("x",), mode="sum"),
+                                       T("b", 100, 2, ("y",), mode="sum")])
+    params = jaxbag.pack_tables(layout, {"a": jnp.arange(8.0).reshape(4, 2), "b": jnp.ones((100, 2))})
+    jf = JF.from_lists({"x": [[1], [2]], "y": [[50], [60]]}, num_shards=2,
+                       capacity={"x": 1, "y": 1})  # values [1, 50 | 2, 60]
+    out = jaxbag.embedding_bag_collection(params, jf, layout=layout)
+    np.testing.assert_array_equal(out["x"], [[2.0, 3.0], [4.0, 5.0]])
+
+
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("batch_axis, match", [
+    (None, r"batch_axis=None \(replicated batch\).*num_shards=2"),
+    ("data", r"batch_axis='data' \(1 devices\).*num_shards=2"),
+])
+def test_planned_lookup_refuses_features_split_unlike_the_plan(rows, batch_axis, match):
+    tables = [T("a", 5, 3, ("x",), mode="sum"), T("b", 6, 3, ("y",), mode="sum")]
+    mesh = jax.make_mesh((1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    plan = jaxbag.sharding.plan_sharding(tables, mesh, axis_name="model", batch_axis=batch_axis)
+    layout = jaxbag.collection_layout(tables, plan=plan)
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    fn = jaxbag.embedding_bag_collection_rows if rows else jaxbag.embedding_bag_collection
+    with pytest.raises(ValueError, match=match):
+        fn(params, JF.from_lists({"x": [[1], [2, 3]], "y": [[0], []]}, num_shards=2), layout=layout)
+
+
+@pytest.mark.parametrize("dtype, itemsize", [(jnp.float32, 4), (jnp.bfloat16, 2), (jnp.float16, 2)])
+def test_table_nbytes_follows_its_dtype(dtype, itemsize):
+    """The planner sizes tables by nbytes (its threshold and device budget)."""
+    t = T("t", 10, 3, ("x",), dtype=dtype)
+    assert t.nbytes == 10 * 3 * itemsize == t.init(jax.random.key(0)).nbytes

@@ -473,3 +473,48 @@ def test_a_cotangent_of_nested_lists_is_read_as_its_array(planned):
     with pytest.raises(ValueError, match=r"cotangent\['user'\] must have the output's shape "
                                          r"\(6, 4\); got \(6, 3\)"):
         pullback({**ct, "user": np.ones((6, 3)).tolist()})
+
+
+@pytest.mark.parametrize("stack", [True, False])
+def test_rows_of_weighted_features_equal_the_dense_path(stack):
+    """Per-id weights reach both the bags and the row gradients (no other test here weighs ids:
+    dropping them passed)."""
+    tables = [T("a", 5, 3, ("x",), mode="mean", padding_idx=1), T("b", 6, 3, ("y", "z"), mode="mean"),
+              T("c", 4, 2, ("w",), mode="sqrtn"), T("d", 7, 3, ("v",), mode="sum")]
+    lists = {"x": [[0, 4, 1], [1]], "y": [[2, 2], [2, 5, 0]], "z": [[], [5]], "w": [[3], [3, 0, 1]],
+             "v": [[6, 1], [0]]}
+    weights = {f: [[0.5 + i for i in range(len(bag))] for bag in v] for f, v in lists.items()}
+    jf = jaxbag.JaggedFeatures.from_lists(lists, weights=weights)
+    layout = jaxbag.collection_layout(tables, stack=stack)
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    ct = {f: jax.random.normal(jax.random.key(i), (2, layout.table_of(f).features))
+          for i, f in enumerate(layout.feature_names)}
+
+    def loss(p):
+        out = jaxbag.embedding_bag_collection(p, jf, layout=layout)
+        return sum(jnp.sum(out[f] * ct[f]) for f in out)
+
+    dense = jax.grad(loss)(params)
+    want = jaxbag.embedding_bag_collection(params, jf, layout=layout)
+    out, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout)
+    for f in want:
+        np.testing.assert_allclose(out[f], want[f], rtol=1e-6, atol=1e-6)
+    for name, rg in pullback(ct).items():
+        got = np.zeros(params[name].shape)
+        rows = np.asarray(rg.rows)
+        ok = rows < got.shape[0]
+        np.add.at(got, rows[ok], np.asarray(rg.grads)[ok])
+        np.testing.assert_allclose(got, dense[name], rtol=1e-5, atol=1e-6)
+
+
+def test_concat_pullback_refuses_a_cotangent_of_another_shape():
+    """A [B, W + 1] cotangent was silently cut to width W."""
+    layout = jaxbag.collection_layout([T("a", 5, 3, ("x",), mode="sum"), T("b", 6, 2, ("y",))])
+    params = jaxbag.init_collection(layout, jax.random.key(0))
+    jf = jaxbag.JaggedFeatures.from_lists({"x": [[1], [2, 3]], "y": [[0], []]})
+    out, pullback = jaxbag.embedding_bag_collection_rows(params, jf, layout=layout, concat=True)
+    assert out.shape == (2, 5)
+    pullback(jnp.ones((2, 5)))  # the output's shape: fine
+    for shape in [(2, 6), (2, 4), (3, 5), (10,)]:
+        with pytest.raises(ValueError, match=r"shape of the concatenated output \(2, 5\)"):
+            pullback(jnp.ones(shape))

@@ -373,3 +373,66 @@ def test_constructor_names_a_none_or_non_number_leaf(kwargs, match):
 def test_offsets_and_lengths_of_another_rank_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_duplicate_keys_are_refused():
+    """A second "a" would be unreachable: ``index("a")`` finds the first."""
+    with pytest.raises(ValueError, match=r"keys must be distinct; got keys=\('a', 'a'\)"):
+        JF.from_lengths(["a", "a"], [1, 2], [1, 1])
+    with pytest.raises(ValueError, match=r"keys must be distinct"):
+        JF(["a", "a"], np.array([1, 2]), np.array([[1], [1]]), capacities=(1, 1))
+
+
+def test_a_feature_may_have_capacity_zero():
+    jf = JF.from_lists({"a": [[1], [2]], "b": [[], []]}, capacity={"a": 2, "b": 0})
+    assert jf.capacities == (2, 0)
+    assert jf.to_lists() == {"a": [[1], [2]], "b": [[], []]}
+    assert jf.feature("b")[0].shape == (0,)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # lengths of another number of features
+    (dict(keys=["a", "b"], values=np.array([1, 2, 0, 0]), lengths=np.array([[1, 1]]), capacities=(2, 2)),
+     r"lengths must have shape \[K, B\] = \[2, B\]; got \(1, 2\)"),
+    # values longer than the layout (as well as shorter)
+    (dict(keys=["a"], values=np.array([1, 2, 3, 0, 0]), lengths=np.array([[2, 1]]), capacities=(4,)),
+     r"values must have shape \[num_shards \* sum\(capacities\)\] = \[4\]; got \(5,\)"),
+    # the first negative length is named, not the last
+    (dict(keys=["a", "b"], values=np.zeros(8, np.int32), lengths=np.array([[1, -1], [-2, 0]]),
+          capacities=(4, 4)),
+     r"lengths must be >= 0; got lengths\[0, 1\] = -1 \(feature 'a', example 1\)"),
+    # shard 1 overflows (its 3 ids of "a" would run into "b"), not only shard 0; by its sum,
+    # or by one length alone
+    (dict(keys=["a", "b"], values=np.zeros(8, np.int32), lengths=np.array([[1, 1, 2, 1], [0] * 4]),
+          capacities=(2, 2), num_shards=2),
+     r"feature 'a' has 3 ids in shard 1 but capacity 2"),
+    (dict(keys=["a", "b"], values=np.zeros(8, np.int32), lengths=np.array([[1, 3], [0, 0]]),
+          capacities=(2, 2), num_shards=2),
+     r"feature 'a' has 3 ids in shard 1 but capacity 2"),
+    # NumPy int64 lengths past int32 (x64 off) are named by their value, not their int32 clip
+    (dict(keys=["a"], values=np.array([1, 2, 3, 0]), lengths=np.array([[2, -2**40]]), capacities=(4,)),
+     r"lengths\[0, 1\] = -1099511627776 \(feature 'a'"),
+    (dict(keys=["a"], values=np.array([1, 2, 3, 0]), lengths=np.array([[2**40, 1]]), capacities=(4,)),
+     r"feature 'a' has 1099511627777 ids in shard 0 but capacity 4"),
+    (dict(keys=["a"], values=np.array([1, 2, 3, 0]), lengths=np.array([[2**63, 2**63]], U64),
+          capacities=(4,)),
+     r"feature 'a' has 18446744073709551616 ids in shard 0"),
+])
+def test_constructor_checks_shapes_and_lengths(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        JF(**kwargs)
+
+
+@pytest.mark.parametrize("lengths, where", [
+    ([1, 1, 1, 0, 0, -1], r"lengths\[5\]"),  # [K * B]: key-major, K=2, B=3
+    (np.array([[1, 1, 1], [0, 0, -1]]), r"lengths\[1, 2\]"),  # [K, B] as passed
+])
+def test_from_lengths_names_a_bad_length_where_the_caller_put_it(lengths, where):
+    with pytest.raises(ValueError, match=where + r" = -1 \(feature 'b', example 2\) is negative"):
+        JF.from_lengths(["a", "b"], [1, 2, 3], lengths)
+
+
+def test_from_lengths_refuses_lengths_summing_past_the_values_by_name():
+    """Each length <= len(values), but together more ids than there are."""
+    with pytest.raises(ValueError, match=r"values must hold sum\(lengths\)=4 ids; got 3\."):
+        JF.from_lengths(["a"], [1, 2, 3], [2, 2])

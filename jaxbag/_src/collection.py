@@ -93,11 +93,17 @@ class TableConfig:
     embedding_init: Initializer = module_common.default_embed_init
 
     def __post_init__(self) -> None:
-        if isinstance(self.feature_names, str):
-            object.__setattr__(self, "feature_names", (self.feature_names,))
-        object.__setattr__(self, "feature_names", tuple(self.feature_names))
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty str; got name={self.name!r}.")
+        names = self.feature_names
+        if isinstance(names, str):
+            names = (names,)
+        if not np.iterable(names):  # (None, 5: tuple() would say only "not iterable")
+            raise TypeError(
+                f"table {self.name!r}: feature_names must be a non-empty tuple of str; got "
+                f"{names!r}, e.g. feature_names=('{self.name}',)."
+            )
+        object.__setattr__(self, "feature_names", tuple(names))
         object.__setattr__(self, "dtype", self._checked_dtype())
         for field in ("num_embeddings", "features"):
             v = getattr(self, field)

@@ -261,34 +261,39 @@ class JaggedFeatures:
         if not jnp.issubdtype(self.lengths.dtype, jnp.integer):
             raise TypeError(f"lengths must be integer counts; got dtype {self.lengths.dtype}.")
         if validation.is_concrete(self.lengths):
-            self._check_lengths_fit()
+            self._check_lengths_fit(lengths)  # (as passed: as_ids clips NumPy int64 to int32)
         if self.weights is not None and self.weights.shape != self.values.shape:
             raise ValueError(
                 f"weights must have the shape of values {self.values.shape}; "
                 f"got {self.weights.shape}."
             )
 
-    def _check_lengths_fit(self) -> None:
+    def _check_lengths_fit(self, lengths: ArrayLike) -> None:
         """Each length >= 0, and each feature's ids of a shard within its capacity (else they
-        would run into the next feature's region)."""
+        would run into the next feature's region). ``lengths``: ``[K, B]`` as the caller passed
+        them, so that an error shows the value given, not ``as_ids``' int32 clip of it."""
         with jax.ensure_compile_time_eval():
-            lengths = np.asarray(self.lengths)
+            lengths = np.asarray(lengths).reshape(self.lengths.shape)
         if (lengths < 0).any():
             i, j = np.argwhere(lengths < 0)[0]
             raise ValueError(
                 f"lengths must be >= 0; got lengths[{i}, {j}] = {int(lengths[i, j])} (feature "
                 f"{self._keys[i]!r}, example {j})."
             )
-        bs = lengths.shape[1] // self._num_shards
-        for i, key in enumerate(self._keys):
-            for sh in range(self._num_shards):
-                n = int(lengths[i, sh * bs : (sh + 1) * bs].sum())
-                if n > self._capacities[i]:
+        s = self._num_shards
+        bs = lengths.shape[1] // s
+        for i, (key, cap) in enumerate(zip(self._keys, self._capacities)):
+            row = lengths[i]
+            if (row <= cap).all():  # (each length small: int64 sums cannot wrap)
+                sums = [int(n) for n in row.astype(np.int64).reshape(s, bs).sum(axis=1)]
+            else:  # exact sums of lengths of any size and dtype (one of them is an error)
+                sums = [sum(int(v) for v in row[sh * bs : (sh + 1) * bs]) for sh in range(s)]
+            for sh, n in enumerate(sums):
+                if n > cap:
                     raise ValueError(
-                        f"feature {key!r} has {n} ids in shard {sh} but capacity "
-                        f"{self._capacities[i]}: its lengths must sum to at most its capacity in "
-                        "every shard. Build it with JaggedFeatures.from_lists / from_lengths, "
-                        "which size the capacities."
+                        f"feature {key!r} has {n} ids in shard {sh} but capacity {cap}: its "
+                        "lengths must sum to at most its capacity in every shard. Build it with "
+                        "JaggedFeatures.from_lists / from_lengths, which size the capacities."
                     )
 
     # -- pytree ---------------------------------------------------------------------------------
@@ -512,6 +517,7 @@ class JaggedFeatures:
                 f"lengths must be [K * B] or [K, B] with K={len(keys)} keys (key-major); got shape "
                 f"{lengths.shape}."
             )
+        flat_in = lengths.ndim == 1  # (errors name a position as the caller passed it)
         lengths = lengths.reshape(len(keys), -1)
         values = batching.bag_ids(values, "values")
         n = values.shape[0]
@@ -521,9 +527,8 @@ class JaggedFeatures:
             v = lengths[i, b]
             rule = ("is negative: lengths must be >= 0 (0 for an empty bag)" if v < 0 else
                     f"is more than the {n} ids of values: lengths must sum to len(values)")
-            raise ValueError(
-                f"lengths[{i * lengths.shape[1] + b}] = {v} (feature {keys[i]!r}, example {b}) {rule}."
-            )
+            at = f"{i * lengths.shape[1] + b}" if flat_in else f"{i}, {b}"
+            raise ValueError(f"lengths[{at}] = {v} (feature {keys[i]!r}, example {b}) {rule}.")
         lengths = lengths.astype(np.int64)
         if lengths.sum() != n:
             raise ValueError(f"values must hold sum(lengths)={int(lengths.sum())} ids; got {n}.")
