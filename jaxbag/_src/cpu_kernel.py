@@ -4,7 +4,7 @@ The source is ``cpu_kernel.cc`` beside this module. On the first call that can u
 table on the CPU backend), it is compiled with the system C++ compiler against the XLA FFI
 headers shipped in jaxlib, into a cache keyed by the source, jax / jaxlib versions, compiler and
 CPU; later processes load the cached library. Every kernel has an XLA fallback that gives the
-same values: a missing compiler, a failed build or ``JAXBAG_DISABLE_CPU_KERNEL=1`` only costs
+same values up to float rounding (README, "The CPU kernel"): a missing compiler, a failed build or ``JAXBAG_DISABLE_CPU_KERNEL=1`` only costs
 speed (said once per process by a warning, and by :func:`cpu_kernel_status`).
 
 The library holds the bag forward (:mod:`jaxbag._src.fast_forward`) and the sparse training

@@ -279,10 +279,11 @@ def embedding_bag(
         values are not checked. Value checks (ids in range, offsets well formed, segment ids
         sorted) need concrete values: under ``jit``/``vmap`` an out-of-range id is skipped as
         ``padding_idx`` is (it reads no row, is not counted in a mean, is no max candidate),
-        ill-formed offsets only regroup ids (each in at most one bag; which one, and the gradient, are
-        unspecified), and unsorted segment ids are grouped as ``jax.ops.segment_sum`` groups them
-        on the CPU (each id in the bag its segment id names; unspecified on other backends); use
-        :func:`jaxbag.validate` with :mod:`jax.experimental.checkify` to check them there.
+        ill-formed offsets only regroup ids (each in at most one bag; which one, and the
+        gradient, are unspecified), and unsorted segment ids are grouped as
+        ``jax.ops.segment_sum`` groups them on the CPU (each id in the bag its segment id names;
+        unspecified on other backends); use :func:`jaxbag.validate` with
+        :mod:`jax.experimental.checkify` to check them there.
 
     Examples:
       >>> import jax.numpy as jnp, jaxbag

@@ -5,7 +5,8 @@ onto the touched rows), distinct ids (hash + radix sort) and fused in-place SGD 
 Adagrad / lazy Adam updates of the touched rows. The kernels are built and loaded by
 :mod:`jaxbag._src.cpu_kernel`; where they do not apply (not float32 (the updates: float32 or
 bfloat16 tables and state), not the CPU backend, inside ``shard_map``, or unavailable)
-the XLA formulation runs, with the same values.
+the XLA formulation runs, with the same values up to float rounding (the updated rows within
+a few ulp of the update: the fused kernels compute in another order than XLA's ops).
 """
 
 from __future__ import annotations
