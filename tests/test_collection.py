@@ -1118,3 +1118,19 @@ def test_table_nbytes_follows_its_dtype(dtype, itemsize):
     """The planner sizes tables by nbytes (its threshold and device budget)."""
     t = T("t", 10, 3, ("x",), dtype=dtype)
     assert t.nbytes == 10 * 3 * itemsize == t.init(jax.random.key(0)).nbytes
+
+
+def test_nnx_collection_params_carry_the_plans_sharding_metadata():
+    """The NNX collection's parameters carry the plan's specs as ``out_sharding`` metadata (what
+    nnx.get_partition_spec reads). init_collection already places the arrays, so the 8-device
+    test of their shardings passed without it."""
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    tables = (T("user", 8, 4, ("user",)), T("item", 6, 4, ("item",)))
+    plan = jaxbag.sharding.plan_sharding(tables, mesh, axis_name="model")
+    m = NnxCollection(tables, plan=plan, rngs=nnx.Rngs(0))
+    got = nnx.get_partition_spec(nnx.state(m))["embeddings"]
+    specs = m.layout.param_specs()
+    assert set(specs) == {g.name for g in m.layout.groups} == set(m.embeddings)
+    for name, spec in specs.items():
+        assert got[name].get_value() == spec
+        assert m.embeddings[name].get_metadata()["out_sharding"] == spec

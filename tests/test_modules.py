@@ -8,6 +8,7 @@ import pytest
 import torch
 from flax import linen as nn
 from flax import nnx
+from flax import struct
 
 import jaxbag
 from reference import embedding_bag_ref_vjp
@@ -64,14 +65,68 @@ def test_init_shapes_names_dtypes_and_zero_padding_row(api):
     np.testing.assert_array_equal(np.asarray(out[1], np.float32), np.zeros(3, np.float32))
 
 
-def test_dtype_casts_the_computation():
-    mod = jaxbag.EmbeddingBag(10, 4, dtype=jnp.bfloat16)
-    variables = mod.init(jax.random.key(0), IDS, OFFSETS)
-    assert variables["params"]["embedding"].dtype == jnp.float32
-    out = mod.apply(variables, IDS, OFFSETS)
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_dtype_casts_the_computation(api):
+    """The table is kept in param_dtype and cast to dtype for the lookup (the NNX module was
+    untested: a table made in dtype, or dtype ignored in the call, passed)."""
+    if api == "linen":
+        mod = jaxbag.EmbeddingBag(10, 4, dtype=jnp.bfloat16)
+        variables = mod.init(jax.random.key(0), IDS, OFFSETS)
+        table = variables["params"]["embedding"]
+        out = mod.apply(variables, IDS, OFFSETS)
+    else:
+        nmod = jaxbag.nnx.EmbeddingBag(10, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        table = nmod.embedding[...]
+        out = nmod(IDS, OFFSETS)
+    assert table.dtype == jnp.float32
     assert out.dtype == jnp.bfloat16
-    ref = jaxbag.embedding_bag(variables["params"]["embedding"].astype(jnp.bfloat16), IDS, OFFSETS)
+    ref = jaxbag.embedding_bag(table.astype(jnp.bfloat16), IDS, OFFSETS)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+def test_default_init_is_flax_embeds():
+    """Both modules start from the table flax's nn.Embed / nnx.Embed draw for the same key."""
+    key = jax.random.key(3)
+    lin = jaxbag.EmbeddingBag(50, 8).init(key, IDS, OFFSETS)["params"]["embedding"]
+    np.testing.assert_array_equal(lin, nn.Embed(50, 8).init(key, IDS)["params"]["embedding"])
+    got = jaxbag.nnx.EmbeddingBag(50, 8, rngs=nnx.Rngs(3)).embedding[...]
+    np.testing.assert_array_equal(got, nnx.Embed(50, 8, rngs=nnx.Rngs(3)).embedding[...])
+
+
+def test_a_pretrained_linen_module_cloned_to_another_shape_is_an_error():
+    m = jaxbag.EmbeddingBag.from_pretrained(jnp.ones((6, 2)))
+    with pytest.raises(ValueError, match="pretrained embeddings have shape"):
+        m.clone(num_embeddings=4).init(jax.random.key(0), IDS % 4, OFFSETS)
+
+
+class _Box(struct.PyTreeNode, nn.meta.AxisMetadata):
+    """A linen metadata box that is not nn.Partitioned (a user's own)."""
+
+    value: jax.Array
+    tag: str = struct.field(pytree_node=False, default="t")
+
+    def unbox(self):
+        return self.value
+
+    def replace_boxed(self, val):
+        return self.replace(value=val)
+
+    def add_axis(self, index, params):
+        return self
+
+    def remove_axis(self, index, params):
+        return self
+
+
+def test_padding_idx_with_any_linen_metadata_box_keeps_the_box():
+    def init(key, shape, dtype):
+        return _Box(jnp.ones(shape, dtype))
+
+    m = jaxbag.EmbeddingBag(5, 2, padding_idx=1, embedding_init=init)
+    box = m.init(jax.random.key(0), jnp.array([1, 2]), jnp.array([0]))["params"]["embedding"]
+    assert isinstance(box, _Box) and box.tag == "t"
+    np.testing.assert_array_equal(box.value[1], np.zeros(2, np.float32))
+    np.testing.assert_array_equal(box.value[0], np.ones(2, np.float32))
 
 
 def test_from_pretrained_freeze_linen():
@@ -314,6 +369,9 @@ def test_torch_sparse_is_not_dropped_silently():
     with pytest.raises(ValueError, match=r"sparse=True"):
         jaxbag.EmbeddingBag.from_pretrained(np.ones((3, 2), np.float32), sparse=True)
     assert jaxbag.EmbeddingBag.from_pretrained(np.ones((3, 2), np.float32), sparse=False).freeze
+    for make in (jaxbag.EmbeddingBag.from_pretrained, jaxbag.nnx.EmbeddingBag.from_pretrained):
+        with pytest.raises(TypeError, match=r"sparse must be a bool \(True or False\); got sparse='no'"):
+            make(np.ones((3, 2), np.float32), sparse="no")  # (was "sparse=True: ...")
 
 
 def test_a_frozen_torch_table_stays_frozen():
