@@ -4,8 +4,9 @@ The source is ``cpu_kernel.cc`` beside this module. On the first call that can u
 table on the CPU backend), it is compiled with the system C++ compiler against the XLA FFI
 headers shipped in jaxlib, into a cache keyed by the source, jax / jaxlib versions, compiler and
 CPU; later processes load the cached library. Every kernel has an XLA fallback that gives the
-same values up to float rounding (README, "The CPU kernel"): a missing compiler, a failed build or ``JAXBAG_DISABLE_CPU_KERNEL=1`` only costs
-speed (said once per process by a warning, and by :func:`cpu_kernel_status`).
+same values up to float rounding (README, "The CPU kernel"): a missing compiler, a failed build
+or ``JAXBAG_DISABLE_CPU_KERNEL=1`` only costs speed (said once per process by a warning, and by
+:func:`cpu_kernel_status`).
 
 The library holds the bag forward (:mod:`jaxbag._src.fast_forward`) and the sparse training
 path's kernels (:mod:`jaxbag._src.sparse_kernels`): distinct ids (hash + radix sort), the

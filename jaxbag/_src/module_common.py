@@ -235,8 +235,9 @@ def pretrained_kwargs(kwargs: Mapping[str, Any], table_dtype: Any) -> dict[str, 
                 "as well. Drop it, or slice or pad the table first."
             )
     options = {name: value for name, value in kwargs.items() if name != "sparse"}
-    validation.check_bool("sparse", kwargs.get("sparse", False))
-    if kwargs.get("sparse", False):
+    sparse = kwargs.get("sparse", False)
+    validation.check_bool("sparse", sparse)
+    if sparse:
         raise ValueError(f"sparse=True: {_SPARSE_NOTE}")
     options.setdefault("param_dtype", table_dtype)
     return options

@@ -448,7 +448,8 @@ def _in_bags(
     include_last_offset: bool,
 ) -> _Values | None:
     """``bool [N]``: the positions inside a bag (``None``: all). The ids elsewhere (segment id
-    outside ``[0, B)``, past the last offset) are padding: never read, so never out of range."""
+    outside ``[0, B)``, past the last offset, every id when ``offsets`` is empty) are padding: never
+    read, so never out of range."""
     if segment_ids is not None:
         return (segment_ids >= 0) & (segment_ids < num_bags)
     if offsets is not None and offsets.shape[0] == 0:  # no bag at all (as torch: no error)
