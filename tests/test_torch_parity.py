@@ -1,6 +1,8 @@
 """Live parity with PyTorch (CPU): outputs and gradients (weight and per_sample_weights).
 
 torch runs in float64 on the same table values; jaxbag runs in float32, eagerly and under jax.jit.
+Also: float64 tables under x64 against torch in float64 (to 1e-12), and bfloat16 / float16 tables
+against torch's own half-precision embedding_bag (each within one rounding of the exact result).
 Documented differences, handled here:
 
 * sqrtn and weighted mean do not exist in torch: they are built from torch ops
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import jaxbag
-from reference import assert_close, embedding_bag_ref_vjp, magnitude_ref, renorm_ref
+from reference import RTOL, assert_close, embedding_bag_ref_vjp, magnitude_ref, renorm_ref
 
 V, D = 8, 4
 STATIC = ("mode", "padding_idx", "include_last_offset", "max_norm", "norm_type", "scale_grad_by_freq", "num_bags")
@@ -46,34 +48,37 @@ def _jitted_value_and_grads(static_items, jit):
     return jax.jit(f) if jit else f
 
 
-def jax_value_and_grads(weight, indices, offsets=None, *, cot, jit, psw=None, segment_ids=None, **static):
+def jax_value_and_grads(weight, indices, offsets=None, *, cot, jit, psw=None, segment_ids=None,
+                        dtype="float32", **static):
     f = _jitted_value_and_grads(tuple(sorted(static.items())), jit)
     (_, out), (dw, dpsw) = f(
-        jnp.asarray(weight, jnp.float32),
-        None if psw is None else jnp.asarray(psw, jnp.float32),
+        jnp.asarray(weight, dtype),
+        None if psw is None else jnp.asarray(psw, dtype),
         indices,
         offsets,
         segment_ids,
-        jnp.asarray(cot, jnp.float32),
+        jnp.asarray(cot, dtype),
     )
-    return np.asarray(out), np.asarray(dw), None if dpsw is None else np.asarray(dpsw)
+    assert out.dtype == dw.dtype == jnp.dtype(dtype), (out.dtype, dw.dtype, dtype)
+    as64 = functools.partial(np.asarray, dtype=np.float64)
+    return as64(out), as64(dw), None if dpsw is None else as64(dpsw)
 
 
-def torch_value_and_grads(weight, indices, offsets=None, *, cot, psw=None, mode, **kw):
-    """torch.nn.functional.embedding_bag in float64 (sqrtn / weighted mean built from torch ops).
+def torch_value_and_grads(weight, indices, offsets=None, *, cot, psw=None, mode, dtype=torch.float64, **kw):
+    """torch.nn.functional.embedding_bag in ``dtype`` (sqrtn / weighted mean built from torch ops).
 
-    Returns (out, d_weight, d_psw, weight after the forward).
+    Returns (out, d_weight, d_psw, weight after the forward), as float64 NumPy arrays.
     """
-    w = torch.tensor(np.asarray(weight, np.float64), requires_grad=True)
+    w = torch.tensor(np.asarray(weight, np.float64)).to(dtype).requires_grad_()
     idx = torch.tensor(np.asarray(indices, np.int64))
     off = None if offsets is None else torch.tensor(np.asarray(offsets, np.int64))
-    p = None if psw is None else torch.tensor(np.asarray(psw, np.float64), requires_grad=True)
+    p = None if psw is None else torch.tensor(np.asarray(psw, np.float64)).to(dtype).requires_grad_()
     if mode in ("sum", "max") or (mode == "mean" and p is None):
         out = F.embedding_bag(idx, w, off, mode=mode, per_sample_weights=p, **kw)
     else:
         # mean (weighted) / sqrtn: weighted sum divided by a torch-computed per-bag weight statistic.
         num = F.embedding_bag(idx, w, off, mode="sum", per_sample_weights=p, **kw)
-        ones = torch.ones((w.shape[0], 1), dtype=torch.float64)
+        ones = torch.ones((w.shape[0], 1), dtype=dtype)
         kw2 = {k: v for k, v in kw.items() if k in ("padding_idx", "include_last_offset")}
         if mode == "mean":
             den = F.embedding_bag(idx, ones, off, mode="sum", per_sample_weights=p, **kw2)
@@ -82,13 +87,13 @@ def torch_value_and_grads(weight, indices, offsets=None, *, cot, psw=None, mode,
                 F.embedding_bag(idx, ones, off, mode="sum", per_sample_weights=None if p is None else p * p, **kw2)
             )
         out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
-    (out * torch.tensor(np.asarray(cot, np.float64))).sum().backward()
-    return (
-        out.detach().numpy(),
-        w.grad.numpy(),
-        None if p is None else p.grad.numpy(),
-        w.detach().numpy(),
-    )
+    assert out.dtype == dtype, (out.dtype, dtype)
+    (out * torch.tensor(np.asarray(cot, np.float64)).to(dtype)).sum().backward()
+
+    def as64(t):
+        return t.detach().to(torch.float64).numpy()
+
+    return as64(out), as64(w.grad), None if p is None else as64(p.grad), as64(w)
 
 
 def table(seed=0, scale=1.0):
@@ -128,28 +133,33 @@ def num_bags_of(ids, offsets, kw):
     return len(offsets) - (1 if kw.get("include_last_offset") else 0)
 
 
-def compare(weight, ids, offsets, torch_offsets, jkw, tkw, *, mode, psw=None, jit, padding_idx=None, **opts):
+def compare(weight, ids, offsets, torch_offsets, jkw, tkw, *, mode, psw=None, jit, padding_idx=None,
+            dtype="float32", torch_dtype=torch.float64, **opts):
+    """jaxbag with a ``dtype`` table against torch with a ``torch_dtype`` one: values and gradients
+    within ``RTOL[dtype]`` (relative to the reduction's magnitude; float32 gradients 1e-5)."""
     b = num_bags_of(ids, offsets, jkw)
     cot = np.random.default_rng(5).normal(size=(b, D))
     static = {k: v for k, v in jkw.items() if k in STATIC}
     seg = jkw.get("segment_ids")
     out, dw, dpsw = jax_value_and_grads(
         weight, ids, offsets, cot=cot, jit=jit, psw=psw, segment_ids=seg, mode=mode, padding_idx=padding_idx,
-        **static, **opts,
+        dtype=dtype, **static, **opts,
     )
     t_out, t_dw, t_dpsw, _ = torch_value_and_grads(
-        weight, ids, torch_offsets, cot=cot, psw=psw, mode=mode, padding_idx=padding_idx, **tkw, **opts
+        weight, ids, torch_offsets, cot=cot, psw=psw, mode=mode, padding_idx=padding_idx, dtype=torch_dtype,
+        **tkw, **opts
     )
     mag_kw = {k: v for k, v in opts.items() if k in ("max_norm", "norm_type")}
     mag = magnitude_ref(
         weight, ids, offsets, mode=mode, per_sample_weights=psw, padding_idx=padding_idx,
         **{k: v for k, v in jkw.items()}, **mag_kw,
     )
-    assert_close(out, t_out, mag, "float32", err_msg="forward vs torch")
-    np.testing.assert_allclose(dw, t_dw, rtol=1e-5, atol=2e-5 * (np.abs(t_dw).max() + 1e-6), err_msg="d_weight")
+    assert_close(out, t_out, mag, dtype, err_msg="forward vs torch")
+    rtol = 1e-5 if dtype == "float32" else RTOL[dtype]
+    np.testing.assert_allclose(dw, t_dw, rtol=rtol, atol=2 * rtol * (np.abs(t_dw).max() + 1e-6), err_msg="d_weight")
     if psw is not None:
         np.testing.assert_allclose(
-            dpsw, t_dpsw, rtol=1e-5, atol=2e-5 * (np.abs(t_dpsw).max() + 1e-6), err_msg="d_per_sample_weights"
+            dpsw, t_dpsw, rtol=rtol, atol=2 * rtol * (np.abs(t_dpsw).max() + 1e-6), err_msg="d_per_sample_weights"
         )
     return t_out, t_dw, t_dpsw
 
@@ -174,6 +184,43 @@ def test_parity(mode, weighted, form, padding_idx, jit):
     ids, offsets, t_off, jkw, tkw = case(form)
     psw = weights_for(ids, mode) if weighted else None
     compare(table(), ids, offsets, t_off, jkw, tkw, mode=mode, psw=psw, jit=jit, padding_idx=padding_idx)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode,weighted", MODES_W, ids=MODE_IDS)
+def test_parity_float64_under_x64(mode, weighted, form, jit):
+    """A float64 table under x64 against torch in float64, to 1e-12: the rows differ by 1e-9
+    steps that a float32 computation anywhere on the way would lose (padding_idx -1 is in the
+    bags)."""
+    padding_idx = -1
+    ids, offsets, t_off, jkw, tkw = case(form)
+    psw = weights_for(ids, mode) if weighted else None
+    weight = table() + 1e-9 * np.arange(V * D).reshape(V, D)
+    with jax.enable_x64(True):
+        compare(weight, ids, offsets, t_off, jkw, tkw, mode=mode, psw=psw, jit=jit, padding_idx=padding_idx,
+                dtype="float64")
+
+
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_NATIVE_W = [("sum", False), ("sum", True), ("mean", False), ("max", False)]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", sorted(HALF))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mode,weighted", TORCH_NATIVE_W, ids=[f"{m}-{'w' if w else 'u'}" for m, w in TORCH_NATIVE_W])
+def test_parity_half_precision(mode, weighted, form, dtype, jit):
+    """bfloat16 / float16 tables against torch's own half-precision embedding_bag (the modes torch
+    has): both results are one rounding of the exact value, so they agree within the dtype's
+    tolerance, and so do the gradients (padding_idx 3 is in the bags)."""
+    ids, offsets, t_off, jkw, tkw = case(form)
+    weight = np.asarray(jnp.asarray(table(), dtype), np.float64)  # values both sides hold exactly
+    psw = None
+    if weighted:
+        psw = np.asarray(jnp.asarray(weights_for(ids, mode), dtype), np.float64)
+    compare(weight, ids, offsets, t_off, jkw, tkw, mode=mode, psw=psw, jit=jit, padding_idx=3,
+            dtype=dtype, torch_dtype=HALF[dtype])
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
