@@ -878,6 +878,30 @@ def test_mixed_int32_int64_inputs_under_x64_and_strict_promotion(id_dtype, pos_d
                                    rtol=1e-6)
 
 
+def test_ids_past_int64_under_x64_are_named_as_possibly_clipped():
+    """Under x64, uint64 ids and Python ints past int64 are clipped to int64's maximum (as ids
+    past int32 are without x64): the error showed 9223372036854775807 with no word that it may
+    stand for a larger id. embedding_bag, validate and the collection now say so; an id of
+    int64's own range gets no note."""
+    top = 2**63 - 1
+    note = rf"{top} may stand for a larger id: uint64 ids and Python ints past int64's range"
+    with jax.enable_x64(True):
+        w = jnp.arange(8.0, dtype=jnp.float32).reshape(4, 2)
+        for ids in (np.array([1, 2**64 - 3], np.uint64), [1, 2**70]):
+            _raises(IndexError, [rf"indices\[1\] = {top} is out of range", note],
+                    lambda ids=ids: jaxbag.embedding_bag(w, ids, np.array([0]), mode="sum"))
+            _raises(IndexError, [rf"indices\[1\] = {top} is out of range", note],
+                    lambda ids=ids: jaxbag.validate(4, ids, np.array([0])))
+        msg = _raises(IndexError, [r"indices\[0\] = 4294967297 is out of range"],
+                      lambda: jaxbag.embedding_bag(w, np.array([2**32 + 1]), np.array([0])))
+        assert "may stand for" not in msg
+        layout = jaxbag.collection_layout([jaxbag.TableConfig("a", 4, 2, ("a",), mode="sum")])
+        jf = jaxbag.JaggedFeatures(["a"], np.array([1, 2**64 - 3], np.uint64), np.array([[2]]),
+                                   capacities=(2,))
+        _raises(IndexError, [rf"has id {top} in example 0", note],
+                lambda: jaxbag.embedding_bag_collection({"a": w}, jf, layout=layout))
+
+
 def test_numpy_int64_ids_past_int32_are_not_wrapped_without_x64():
     """Without x64, jnp.asarray casts NumPy int64 to int32 with wrap-around (and a warning), so
     id 2**32 + 1 read row 1, eagerly and silently; a padding segment id 2**33 became bag 0. Now

@@ -564,10 +564,18 @@ def raise_value_problems(
 
 def clipped_id_note(dtype: DTypeLike, value: int) -> str:
     """A note for an error that shows id ``value`` of an array of ``dtype``: ``""``, or, where the
-    value may be :func:`as_ids`' clip of a wider or unsigned id (int32's bounds, x64 off), so."""
-    info = np.iinfo(np.int32)
-    if dtype != jnp.int32 or value not in (info.min, info.max) or jax.config.read("jax_enable_x64"):
+    value may be :func:`as_ids`' clip of a wider or unsigned id, so: int32's bounds with x64 off,
+    int64's with it on (uint64 ids, Python ints past int64)."""
+    x64 = bool(jax.config.read("jax_enable_x64"))
+    wide = np.dtype(np.int64 if x64 else np.int32)
+    info = np.iinfo(wide)
+    if dtype != wide or value not in (info.min, info.max):
         return ""
+    if x64:
+        return (
+            f" ({value} may stand for a larger id: uint64 ids and Python ints past int64's range "
+            "are clipped to it.)"
+        )
     return (
         f" ({value} may stand for a larger id: without jax_enable_x64, int64 and unsigned ids "
         "past int32's range are clipped to it.)"
