@@ -1365,7 +1365,7 @@ def case_vmap_explicit():
         # mode i + 2 f (+ 1 on the XLA path)
         combos = [(layout, form, MODES[(i + 2 * f + (not kernel)) % len(MODES)])
                   for f, form in enumerate(forms.items()) for i, layout in enumerate(layouts)]
-        for (table, wspec, w_axis, bspec), (form, (ids, offsets)), mode in combos:
+        for c, ((table, wspec, w_axis, bspec), (form, (ids, offsets)), mode) in enumerate(combos):
             psw = rng.random(ids.shape).astype(np.float32)
             tag = f"vmap, kernel={kernel}, {wspec} table, {bspec} rows, {form} ids, {mode}"
             extra = () if offsets is None else (jnp.asarray(offsets),)
@@ -1395,10 +1395,18 @@ def case_vmap_explicit():
                 ps = jax.device_put(psw, NamedSharding(mesh, bspec))
                 got = jax.jit(jax.vmap(one, in_axes=(w_axis, 0, 0)))(ts, xs, ps)
                 gt, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(ts, ps, xs)
+                # eagerly too: JAX refuses an eager shard_map over some of a mesh's Explicit
+                # axes ("out_specs refers to 'model'"), so the rule's shard_map is jitted
+                eager = jax.vmap(one, in_axes=(w_axis, 0, 0))(ts, xs, ps)
+                if c < 2:  # (a replicated and a column-split table; eager grads are slow)
+                    eager_g = jax.grad(loss, argnums=(0, 1))(ts, ps, xs)
+                    close(eager_g[0], want_gt, f"{tag}: eager gradient of the vmap, table")
+                    close(eager_g[1], want_gp, f"{tag}: eager gradient of the vmap, psw")
                 per_example = jax.jit(jax.vmap(
                     jax.grad(lambda t, i, p, one=one: jnp.sum(jnp.sin(one(t, i, p)))),
                     in_axes=(w_axis, 0, 0)))(ts, xs, ps)
             close(got, want, f"{tag}: bags")
+            close(eager, want, f"{tag}: eager bags")
             close(gt, want_gt, f"{tag}: gradient of the vmap, table")
             close(gp, want_gp, f"{tag}: gradient of the vmap, per_sample_weights")
             close(per_example, np.stack(loop_gt), f"{tag}: per-example table gradients")
@@ -1554,9 +1562,13 @@ def check_sparse_vmap(mesh, what):
     # without a context mesh (jax.set_mesh): the Explicit mesh is known from the arguments only
     same(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids)), want_unique,
          "unique_rows without set_mesh")
+    same(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u))(split(ids)), want_unique,
+         "eager unique_rows without set_mesh")
     with jax.set_mesh(mesh):
         same(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids)),
              want_unique, "unique_rows")
+        same(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u))(split(ids)), want_unique,
+             "eager unique_rows")
     for mode in ("mean", "max"):
         want = stacked([jax.jit(example, static_argnums=4)(w, ids[k], offs[k], g[k], mode)
                         for k in range(s)])
@@ -1564,9 +1576,11 @@ def check_sparse_vmap(mesh, what):
             lambda t: jaxbag.embedding_bag(t, i, o, mode=mode), t)[1](gg)[0])(w, ids[k], offs[k], g[k])
             for k in range(s)])
         with jax.set_mesh(mesh):
-            got = jax.jit(jax.vmap(functools.partial(example, mode=mode), (None, 0, 0, 0)))(
-                jax.device_put(w, NamedSharding(mesh, P())), split(ids), split(offs), split(g))
+            args = (jax.device_put(w, NamedSharding(mesh, P())), split(ids), split(offs), split(g))
+            got = jax.jit(jax.vmap(functools.partial(example, mode=mode), (None, 0, 0, 0)))(*args)
+            eager = jax.vmap(functools.partial(example, mode=mode), (None, 0, 0, 0))(*args)
         same(got, want, f"embedding_bag_rows, {mode}")
+        same(eager, want, f"eager embedding_bag_rows, {mode}")
         rows, grads = (np.asarray(x) for x in got[1])
         for k in range(s):
             keep = rows[k] < V
@@ -1579,7 +1593,9 @@ def check_sparse_vmap(mesh, what):
         with jax.set_mesh(mesh):
             state = jax.tree.map(split, jax.vmap(opt.init)(tables))  # placed as the tables
             new = jax.jit(jax.vmap(opt.update))(split(tables), state, jax.tree.map(split, row_grads))
+            eager = jax.vmap(opt.update)(split(tables), state, jax.tree.map(split, row_grads))
         same(new, want, make.__name__)
+        same(eager, want, f"eager {make.__name__}")
     # a vmap nested in the one over the split batch: each level batches through the same rule
     # (it was a sharding type error: the inner level's loop sliced the split rows)
     inner = ids.reshape(s, 3, 3)

@@ -212,10 +212,12 @@ def batch_as_auto(
                 run = jax.sharding.auto_axes(run, axes=rest, out_sharding=whole)
             if manual:  # each device its rows; the unbatched arguments whole
                 in_specs = tuple(batch if b else PartitionSpec() for b in in_batched)
-                run = jax.shard_map(
+                # (jitted: an eager shard_map over some of the Explicit axes of a mesh that has
+                # others is refused by JAX, "out_specs refers to 'model'"; traced it is fine)
+                run = jax.jit(jax.shard_map(
                     run, mesh=mesh, in_specs=in_specs,
                     out_specs=jax.tree.map(lambda _: batch, out_struct), axis_names=set(manual),
-                    check_vma=False)
+                    check_vma=False))
         out = run(*args)
         return out, jax.tree.map(lambda _: True, out)
 

@@ -483,7 +483,8 @@ def bag_reduce(
 
     Args:
       weight: ``float [V, D]`` table.
-      ids: ``int [N]`` ids.
+      ids: ``int [N]`` ids of a signed dtype of at least 32 bits (widen narrower or unsigned
+        ones first, as :func:`jaxbag._src.validation.as_ids` does: ``V = 300`` wraps in uint8).
       segment_ids: ``int [N]`` non-decreasing bag of each id.
       num_bags: static ``B`` (with ``segment_ids``; with ``offsets`` it is ``len(offsets)``, minus
         one with ``include_last_offset``).
