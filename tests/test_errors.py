@@ -663,6 +663,12 @@ SEGMENT_CASES = {
                            [r"lengths sum to 4 > num_indices = 3"]),
     "lengths_past_n": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([2, 2, 3]), 5), ValueError,
                        [r"lengths sum to 7 > num_indices = 5", r"lengths\[2\]"]),
+    # the bag that passes N, not the one whose running sum reaches it exactly
+    "lengths_past_n_after_exactly_n": (
+        lambda: jaxbag.lengths_to_segment_ids(jnp.array([2, 3, 1]), 5), ValueError,
+        [r"lengths sum to 6 > num_indices = 5 \(the bags up to lengths\[2\] already need 6 ids\)"]),
+    "lengths_minus_one": (lambda: jaxbag.lengths_to_segment_ids(jnp.array([-1, 3]), 5), ValueError,
+                          [r"lengths\[0\] = -1 is negative"]),
     "offsets_empty_with_last": (
         lambda: jaxbag.offsets_to_segment_ids(jnp.zeros((0,), jnp.int32), 2, include_last_offset=True),
         ValueError, [r"include_last_offset=True needs at least one offset"]),  # gave [-1, -1]

@@ -528,6 +528,61 @@ def test_planner_search_pins():
     assert where == {"t0": 0, "t5": 1, "t1": 1, "t3": 0, "t2": 0, "t4": 0}, where
 
 
+def test_planner_rules_at_their_bounds():
+    """Pins from a mutation test of the planner (each failed to be noticed by the tests above;
+    every plan here is what the documented rules give, hand-checked):
+
+    * a table exactly at ``device_budget_bytes`` is not "larger", and a plan exactly at the
+      budget fits (returned unchanged);
+    * ``min_fill`` moves a group row-wise when that stores no more, equal included (a lone
+      1-row table on 2 devices: 1 row each way), and tables in ``overrides`` count in the
+      group's fill (three forced 5-row tables fill 3 devices, so the 15-row one goes row-wise
+      at 5 rows per device, not onto a device as a 20-row block);
+    * ``device_bytes`` and the budget use the table's itemsize (bfloat16: 2 bytes);
+    * the largest-first step returns its first plan that fits (148 B here, though the search
+      would find 144 B), keeps the tables ``min_fill`` moved row-wise, and counts a group's
+      replicated rows;
+    * the search's ties go to the fewest changes from the threshold's choices."""
+    T = jaxbag.TableConfig
+    m1, m2, m3, m4 = (_fake_mesh((n,), ("model",)) for n in (1, 2, 3, 4))
+
+    def plan(tables, mesh, **kw):
+        p = jsh.plan_sharding(tables, mesh, axis_name="model", **kw)
+        return p.as_dict(), p.device_bytes(tables)
+
+    two = [T("a", 100, 1, ("a",)), T("b", 100, 1, ("b",))]  # 400 B each
+    assert plan(two, m2, device_budget_bytes=400) == ({"a": "table", "b": "table"}, [400, 400])
+    assert plan([T("a", 1, 4, ("a",))], m2, row_threshold_bytes=10**9) == ({"a": "row"}, [16, 16])
+    forced = [T("a", 5, 1, ("a",)), T("b", 5, 1, ("b",)), T("c", 5, 1, ("c",)), T("f", 15, 1, ("f",))]
+    assert plan(forced, m3, row_threshold_bytes=10**9,
+                overrides={"a": "table", "b": "table", "c": "table"}) == (
+        {"a": "table", "b": "table", "c": "table", "f": "row"}, [40, 40, 40])
+    for dtype in (jnp.bfloat16, jnp.float16):
+        half = [T("a", 10, 4, ("a",), dtype=dtype)]
+        assert plan(half, m1, device_budget_bytes=80) == ({"a": "table"}, [80])
+
+    def tabs(spec):
+        return [T(f"t{i}", v, d, (f"f{i}",)) for i, (v, d) in enumerate(spec)]
+
+    first = tabs([(9, 1), (4, 1), (14, 2), (15, 1), (19, 1), (4, 2), (16, 1)])
+    assert plan(first, m3, device_budget_bytes=148) == (
+        {"t0": "table", "t1": "table", "t2": "row", "t3": "table", "t4": "row", "t5": "row",
+         "t6": "table"}, [148] * 3)
+    moved = tabs([(v, 1) for v in (1, 15, 28, 18, 13, 24, 15, 28, 16)])
+    assert plan(moved, m3, overrides={"t0": "table"}, device_budget_bytes=220) == (
+        {"t0": "table", "t1": "row", "t2": "table", "t3": "row", "t4": "table", "t5": "row",
+         "t6": "row", "t7": "table", "t8": "table"}, [212] * 3)
+    replicated = tabs([(20, 2), (34, 1), (13, 2), (30, 1)])
+    assert plan(replicated, m4, overrides={"t0": "replicated", "t1": "table"},
+                device_budget_bytes=399, min_fill=0) == (
+        {"t0": "replicated", "t1": "table", "t2": "row", "t3": "row"}, [360] * 4)
+    ties = tabs([(7, 1), (31, 1), (14, 2), (37, 1), (6, 2), (9, 2)])
+    got, per_device = plan(ties, m2, overrides={"t1": "table"}, row_threshold_bytes=40,
+                           device_budget_bytes=295)
+    assert got == {"t0": "table", "t1": "table", "t2": "row", "t3": "table", "t4": "row",
+                   "t5": "row"} and max(per_device) == 272
+
+
 def test_planner_numbers_are_checked():
     mesh2 = _fake_mesh((2,), ("model",))
     tables = [jaxbag.TableConfig("a", 10, 2, ("a",))]
