@@ -567,9 +567,8 @@ def clipped_id_note(dtype: DTypeLike, value: int) -> str:
     value may be :func:`as_ids`' clip of a wider or unsigned id, so: int32's bounds with x64 off,
     int64's with it on (uint64 ids, Python ints past int64)."""
     x64 = bool(jax.config.read("jax_enable_x64"))
-    wide = np.dtype(np.int64 if x64 else np.int32)
-    info = np.iinfo(wide)
-    if dtype != wide or value not in (info.min, info.max):
+    info = np.iinfo(np.int64) if x64 else np.iinfo(np.int32)
+    if dtype != info.dtype or value not in (info.min, info.max):
         return ""
     if x64:
         return (
