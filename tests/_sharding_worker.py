@@ -1559,16 +1559,13 @@ def check_sparse_vmap(mesh, what):
         return jax.tree.map(lambda *xs: np.stack(xs), *results)
 
     want_unique = stacked([jaxbag.unique_rows(ids[k], V, size=u) for k in range(s)])
+    unique = jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u))
     # without a context mesh (jax.set_mesh): the Explicit mesh is known from the arguments only
-    same(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids)), want_unique,
-         "unique_rows without set_mesh")
-    same(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u))(split(ids)), want_unique,
-         "eager unique_rows without set_mesh")
+    same(jax.jit(unique)(split(ids)), want_unique, "unique_rows without set_mesh")
+    same(unique(split(ids)), want_unique, "eager unique_rows without set_mesh")
     with jax.set_mesh(mesh):
-        same(jax.jit(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u)))(split(ids)),
-             want_unique, "unique_rows")
-        same(jax.vmap(lambda i: jaxbag.unique_rows(i, V, size=u))(split(ids)), want_unique,
-             "eager unique_rows")
+        same(jax.jit(unique)(split(ids)), want_unique, "unique_rows")
+        same(unique(split(ids)), want_unique, "eager unique_rows")
     for mode in ("mean", "max"):
         want = stacked([jax.jit(example, static_argnums=4)(w, ids[k], offs[k], g[k], mode)
                         for k in range(s)])
@@ -1577,8 +1574,8 @@ def check_sparse_vmap(mesh, what):
             for k in range(s)])
         with jax.set_mesh(mesh):
             args = (jax.device_put(w, NamedSharding(mesh, P())), split(ids), split(offs), split(g))
-            got = jax.jit(jax.vmap(functools.partial(example, mode=mode), (None, 0, 0, 0)))(*args)
-            eager = jax.vmap(functools.partial(example, mode=mode), (None, 0, 0, 0))(*args)
+            batched = jax.vmap(functools.partial(example, mode=mode), (None, 0, 0, 0))
+            got, eager = jax.jit(batched)(*args), batched(*args)
         same(got, want, f"embedding_bag_rows, {mode}")
         same(eager, want, f"eager embedding_bag_rows, {mode}")
         rows, grads = (np.asarray(x) for x in got[1])
@@ -1592,8 +1589,8 @@ def check_sparse_vmap(mesh, what):
                                    jax.tree.map(lambda x: x[k], row_grads)) for k in range(s)])
         with jax.set_mesh(mesh):
             state = jax.tree.map(split, jax.vmap(opt.init)(tables))  # placed as the tables
-            new = jax.jit(jax.vmap(opt.update))(split(tables), state, jax.tree.map(split, row_grads))
-            eager = jax.vmap(opt.update)(split(tables), state, jax.tree.map(split, row_grads))
+            args = (split(tables), state, jax.tree.map(split, row_grads))
+            new, eager = jax.jit(jax.vmap(opt.update))(*args), jax.vmap(opt.update)(*args)
         same(new, want, make.__name__)
         same(eager, want, f"eager {make.__name__}")
     # a vmap nested in the one over the split batch: each level batches through the same rule
